@@ -1,0 +1,27 @@
+"""hwaware: a hardware-aware compiler and autotuning plugin for PyTorch, on Apache TVM.
+
+Public API (everything else is internal):
+- `compile(model, example_inputs, target=..., db=..., trials=...)` -> `CompiledModel`
+- `tune(model, example_inputs, target=..., trials=..., db=...)` -> `SessionSummary`
+- `load(directory)` -> `CompiledModel`
+- `get_target(name)`, `list_targets()`, `Target`
+- `TuningDatabase`
+`torch.compile(model, backend="hwaware")` works after install without importing this package.
+"""
+
+from hwaware.db import TuningDatabase
+from hwaware.pipeline import compile, tune
+from hwaware.runtime import CompiledModel, load
+from hwaware.target import Target, get_target, list_targets
+
+__all__ = [
+    "CompiledModel",
+    "Target",
+    "TuningDatabase",
+    "compile",
+    "get_target",
+    "list_targets",
+    "load",
+    "tune",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""Stage 5, build: kernels -> one TVM library, and a measured choice of implementation per kernel.
+
+Goes in: a `Partition`, the target, the tuning database and example inputs. Comes out: a
+`CompiledModel`. For each kernel:
+1. import its small FX graph into Relax (a kernel that fails to import stays in PyTorch);
+2. a kernel whose contraction has no tuned record stays in PyTorch (TVM without a schedule is
+   ~25x slower than eager; PyTorch's own kernel is the sensible default);
+3. build the rest into one library: tuned records from the database, a rule-based default
+   schedule for element-wise and reduction kernels;
+4. run each TVM kernel on the real intermediate values of the example inputs: a result that
+   differs from PyTorch's keeps the kernel in PyTorch (with a warning); otherwise time both,
+   interleaved, and keep the faster. Every timing goes into the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hwaware.db import TuningDatabase
+from hwaware.partition import CONTRACTIONS, Partition
+from hwaware.program import Program
+from hwaware.runtime import BuildInfo, CompiledModel, run_kernel_in_torch
+from hwaware.target import Target
+
+log = logging.getLogger(__name__)
+
+RTOL, ATOL = 1e-3, 1e-4
+CONTRACTION_FAMILIES = set(CONTRACTIONS.values())
+
+
+class KernelMismatchWarning(UserWarning):
+    """A TVM kernel's output differed from PyTorch's; the kernel runs in PyTorch instead."""
+
+
+@dataclass
+class KernelTasks:
+    """A kernel imported into Relax, with the fused TIR workloads its build will contain."""
+
+    function: Any
+    workloads: dict[str, Any]  # workload hash -> IRModule
+    heavy: set[str]  # hashes of workloads holding a contraction
+
+
+def kernel_inputs(program: Program, example_inputs: list[torch.Tensor]) -> dict[str, list[Any]]:
+    """Run the whole program in PyTorch once, keeping each kernel's real input values."""
+    slots: list[Any] = [None] * program.num_slots
+    for slot, x in zip(program.input_slots, example_inputs, strict=True):
+        slots[slot] = x
+    captured: dict[str, list[Any]] = {}
+    from hwaware.runtime import _op_action, _torch_kernel_action
+    from hwaware.program import KernelStep
+
+    with torch.no_grad():
+        for step in program.steps:
+            if isinstance(step, KernelStep):
+                spec = program.kernels[step.kernel]
+                captured[spec.name] = [slots[i] for i in spec.inputs]
+                _torch_kernel_action(spec.steps, program.constants)(slots)
+            else:
+                _op_action(step, program.constants)(slots)
+    return captured
+
+
+def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target
+                   ) -> dict[str, KernelTasks]:
+    """Each kernel graph -> Relax function + its fused workloads. Failures stay in PyTorch."""
+    from hwaware import tvm_compat
+
+    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    imported = {}
+    for name, graph in part.kernel_graphs.items():
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(graph, tuple(inputs[name]), strict=False)
+            function = tvm_compat.import_torch_program(exported)
+            fused = tvm_compat.fuse_for_tuning(tvm_compat.module_of_functions({"main": function}),
+                                               tgt)
+        except Exception as err:  # the importer raises many error types
+            log.debug("kernel %s stays in PyTorch: import failed: %s", name, err)
+            warnings.warn(f"hwaware: kernel {name} could not be imported into TVM "
+                          f"({type(err).__name__}); it runs in PyTorch", stacklevel=2)
+            continue
+        workloads, heavy = {}, set()
+        for func in tvm_compat.prim_funcs(fused).values():
+            workload = tvm_compat.workload_of(func)
+            key = tvm_compat.workload_hash(workload)
+            workloads[key] = workload
+            if part.program.kernels[name].family in CONTRACTION_FAMILIES and \
+                    tvm_compat.is_contraction(workload):
+                heavy.add(key)
+        imported[name] = KernelTasks(function, workloads, heavy)
+    return imported
+
+
+def build(part: Partition, target: Target, db: TuningDatabase | None,
+          example_inputs: list[torch.Tensor], info: BuildInfo, measure: bool = True,
+          repeats: int = 30) -> CompiledModel:
+    """Build the library and choose, per kernel, TVM or PyTorch (see module docstring)."""
+    from hwaware import tvm_compat
+
+    program = part.program
+    inputs = kernel_inputs(program, example_inputs)
+    imported = import_kernels(part, inputs, target)
+    candidates = {n: k for n, k in imported.items() if _has_schedules(k, db, target)}
+    for spec in program.kernels.values():
+        spec.impl = "torch"
+    if not candidates:
+        return CompiledModel(program, None, info)
+    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()})
+    executable = tvm_compat.build_executable(mod, tgt, adapter)
+    if not target.can_run_here:
+        for name in candidates:  # build-only target: the library is for the device
+            program.kernels[name].impl = "tvm"
+        return CompiledModel(program, executable, info, target.kind)
+    vm = tvm_compat.make_vm(executable, target.kind)
+    for name in candidates:
+        call = tvm_compat.torch_callable(vm, name)
+        _choose(program, name, call, inputs[name], db, target, measure, repeats)
+    return CompiledModel(program, executable, info, target.kind)
+
+
+def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
+    from hwaware.tvm_compat import TVM_VERSION
+
+    if not kernel.heavy:
+        return True
+    if db is None:
+        return False
+    return all(db.top_records(h, TVM_VERSION, target.key, 1) for h in kernel.heavy)
+
+
+def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs: list[Any],
+            db: TuningDatabase | None, target: Target, measure: bool, repeats: int) -> None:
+    spec = program.kernels[name]
+    expected = run_kernel_in_torch(program, name, inputs)
+    got = call(*inputs)
+    if not _all_close(got, expected):
+        warnings.warn(f"hwaware: TVM kernel {name} ({spec.family}) differs from PyTorch; "
+                      "it runs in PyTorch", KernelMismatchWarning, stacklevel=3)
+        return
+    if not measure:
+        spec.impl = "tvm"
+        return
+    tvm_us, torch_us = time_interleaved(
+        [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)], repeats
+    )
+    spec.tvm_us, spec.torch_us = tvm_us, torch_us
+    spec.impl = "tvm" if tvm_us <= torch_us else "torch"
+    if db is not None:
+        db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
+        db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
+
+
+def _all_close(got: list[Any], expected: list[Any]) -> bool:
+    if len(got) != len(expected):
+        return False
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            return False
+        if e.dtype.is_floating_point:
+            if not torch.allclose(g, e, rtol=RTOL, atol=ATOL, equal_nan=True):
+                return False
+        elif not torch.equal(g, e):
+            return False
+    return True
+
+
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
+    """Median microseconds of each function, run round-robin so noise hits all alike."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        samples: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                samples[i].append((time.perf_counter() - start) * 1e6)
+    return [statistics.median(s) for s in samples]

@@ -1,0 +1,126 @@
+"""Stage 1, capture: a PyTorch model (or a Dynamo FX graph) -> one static ATen FX graph.
+
+Goes in: an `nn.Module` with example inputs, or the `GraphModule` + example inputs Dynamo hands a
+backend. Comes out: a `Captured` graph whose nodes call ATen ops (`torch.ops.aten.*`), whose
+weights are `get_attr` constants, and whose every value carries its shape and dtype in
+`node.meta["val"]`, plus the input signature that calls are checked against.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one graph input; calls are checked against it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @staticmethod
+    def of(t: torch.Tensor) -> TensorSpec:
+        return TensorSpec(tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclass
+class Captured:
+    """A captured model: an ATen graph with constant weights, and its calling convention."""
+
+    graph_module: fx.GraphModule
+    input_specs: list[TensorSpec]
+    out_spec: pytree.TreeSpec
+    name: str
+    example_inputs: list[torch.Tensor]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a static graph."""
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str = "") -> Captured:
+    """Export `model` on `example_inputs` to a static ATen graph with weights as constants."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    flat_inputs = [x for x in pytree.tree_leaves(example_inputs)]
+    bad = [type(x).__name__ for x in flat_inputs if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise TypeError(f"example inputs must be tensors, got {', '.join(bad)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, tuple(example_inputs), strict=False)
+    except Exception as err:  # torch raises many types; name the model and the cause
+        raise CaptureError(
+            f"could not capture {name or type(model).__name__} as a static graph: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    finally:
+        model.train(was_training)
+    gm = exported.module()
+    _drop_guards(gm)
+    return Captured(
+        graph_module=gm,
+        input_specs=[TensorSpec.of(t) for t in flat_inputs],
+        out_spec=exported.call_spec.out_spec,
+        name=name or type(model).__name__,
+        example_inputs=[t.detach() for t in flat_inputs],
+    )
+
+
+def capture_dynamo_graph(
+    gm: fx.GraphModule, example_inputs: list[Any]
+) -> tuple[Captured, list[int]]:
+    """Capture the graph Dynamo gives a backend. Parameters that Dynamo passes as inputs are
+    frozen into constants (as Inductor's freezing does); returns the kept input positions."""
+    frozen, kept = _freeze_parameter_inputs(gm, example_inputs)
+    inputs = tuple(example_inputs[i] for i in kept)
+    return capture(frozen, inputs, name="dynamo_graph"), kept
+
+
+def _freeze_parameter_inputs(
+    gm: fx.GraphModule, example_inputs: list[Any]
+) -> tuple[fx.GraphModule, list[int]]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept: list[int] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        if isinstance(value, torch.nn.Parameter) or _is_module_state(node.name, value):
+            attr = f"_frozen_{i}"
+            gm.register_buffer(attr, value.detach())
+            with gm.graph.inserting_before(node):
+                const = gm.graph.get_attr(attr)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
+        else:
+            kept.append(i)
+    gm.recompile()
+    return gm, kept
+
+
+def _is_module_state(name: str, value: Any) -> bool:
+    """Dynamo names inputs that are module parameters/buffers `L_self_...` (inlined modules)."""
+    lowered = name.lower()
+    return isinstance(value, torch.Tensor) and (
+        lowered.startswith("l_self_") or "_modules_" in lowered and "_buffers_" in lowered
+    )
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """Remove export's input-guard call: hwaware checks inputs itself, with its own message."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()

@@ -1,0 +1,381 @@
+"""The tuning database: every measurement hwaware makes, in one sqlite file.
+
+Goes in: workloads (a fused TIR kernel as TVM JSON plus its structural hash), tuning records
+(one measured candidate schedule for one workload on one target), kernel measurements
+(a whole partitioned kernel timed as TVM or as PyTorch) and model measurements.
+Comes out: the best records per (workload, target), statistics, JSONL export/import.
+
+Design rules (see ROADMAP.md): keys are made in one place (`workload_key`), queries always name a
+target so one target never sees another's records, every record says which device and session
+measured it, and the file is safe under several writer processes (WAL + busy timeout, one
+transaction per committed candidate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x68776172  # "hwar": marks the file as an hwaware database
+DEFAULT_DB_PATH = Path("tuning_logs") / "hwaware.db"
+FAILED_RUN_SECS = 1e9  # MetaSchedule's convention for a candidate that did not run
+
+
+class DatabaseError(RuntimeError):
+    """The database file cannot be used (corrupt, foreign, or from a newer hwaware)."""
+
+
+@dataclass(frozen=True)
+class RecordRow:
+    """One measured candidate, as stored. `mean_us` is None when the candidate failed."""
+
+    workload_hash: str
+    target_key: str
+    trace_json: str
+    args_info_json: str
+    run_secs: list[float]
+    mean_us: float | None
+    error: str | None
+    device: str
+    session_id: str | None
+    tvm_version: str
+    created_at: float
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def candidate_key(trace_json: str) -> str:
+    """The key that identifies a candidate schedule within a workload (its trace)."""
+    import hashlib
+
+    return hashlib.sha256(trace_json.encode()).hexdigest()[:32]
+
+
+class TuningDatabase:
+    """A sqlite tuning database on disk (sqlite-utils, WAL, schema version)."""
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_DB_PATH, *, device: str | None = None):
+        self.path = Path(path)
+        self.device = device or socket.gethostname()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_file_before_open()
+        conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        try:
+            self.db.execute("PRAGMA busy_timeout = 60000")
+            self._open_or_create()
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise DatabaseError(f"{self.path}: not a usable hwaware database ({err})") from err
+
+    # ----------------------------------------------------------------- opening
+    def _check_file_before_open(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb") as f:
+            header = f.read(16)
+        if header != b"SQLite format 3\x00":
+            raise DatabaseError(
+                f"{self.path}: not an sqlite database (corrupt or foreign file); "
+                "refusing to open or overwrite it"
+            )
+
+    def _open_or_create(self) -> None:
+        app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
+        tables = set(self.db.table_names())
+        if app_id == 0 and not tables:
+            self._create_schema()
+            return
+        if app_id != APPLICATION_ID:
+            raise DatabaseError(
+                f"{self.path}: a foreign sqlite database (tables: {sorted(tables) or 'none'}); "
+                "refusing to use or overwrite it"
+            )
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{self.path}: schema version {version} is newer than this hwaware "
+                f"understands ({SCHEMA_VERSION}); upgrade hwaware"
+            )
+        integrity = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if integrity != "ok":
+            raise DatabaseError(f"{self.path}: integrity check failed: {integrity}")
+
+    def _create_schema(self) -> None:
+        self.db.enable_wal()
+        with self.db.conn:
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.db["workloads"].create(
+            {"hash": str, "tvm_version": str, "mod_json": str, "family": str, "shapes": str},
+            pk=("hash", "tvm_version"),
+            if_not_exists=True,
+        )
+        self.db["records"].create(
+            {
+                "id": int, "workload_hash": str, "tvm_version": str, "target_key": str,
+                "candidate": str, "trace_json": str, "args_info_json": str, "run_secs": str,
+                "mean_us": float, "error": str, "device": str, "session_id": str,
+                "created_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        self.db["records"].create_index(
+            ["workload_hash", "tvm_version", "target_key", "candidate"], unique=True,
+            if_not_exists=True,
+        )
+        self.db["records"].create_index(
+            ["target_key", "workload_hash", "mean_us"], if_not_exists=True
+        )
+        self.db["kernel_measurements"].create(
+            {
+                "id": int, "signature": str, "target_key": str, "impl": str, "run_us": float,
+                "device": str, "family": str, "created_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        self.db["kernel_measurements"].create_index(["target_key", "signature"], if_not_exists=True)
+        self.db["sessions"].create(
+            {
+                "id": str, "target_key": str, "model": str, "trials": int, "device": str,
+                "started_at": float, "finished_at": float, "summary_json": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> TuningDatabase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- workloads
+    def has_workload(self, workload_hash: str, tvm_version: str) -> bool:
+        rows = self.db.execute(
+            "SELECT 1 FROM workloads WHERE hash = ? AND tvm_version = ?",
+            [workload_hash, tvm_version],
+        ).fetchone()
+        return rows is not None
+
+    def commit_workload(
+        self, workload_hash: str, tvm_version: str, mod_json: str,
+        family: str = "", shapes: str = "",
+    ) -> None:
+        with self.db.conn:
+            self.db.execute(
+                "INSERT OR IGNORE INTO workloads (hash, tvm_version, mod_json, family, shapes) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [workload_hash, tvm_version, mod_json, family, shapes],
+            )
+
+    def workload_json(self, workload_hash: str, tvm_version: str) -> str | None:
+        row = self.db.execute(
+            "SELECT mod_json FROM workloads WHERE hash = ? AND tvm_version = ?",
+            [workload_hash, tvm_version],
+        ).fetchone()
+        return row[0] if row else None
+
+    # ----------------------------------------------------------------- records
+    def commit_record(self, row: RecordRow) -> bool:
+        """Commit one measured candidate at once (its own transaction). False if already there."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO records (workload_hash, tvm_version, target_key, candidate, "
+                "trace_json, args_info_json, run_secs, mean_us, error, device, session_id, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    row.workload_hash, row.tvm_version, row.target_key,
+                    candidate_key(row.trace_json), row.trace_json, row.args_info_json,
+                    json.dumps(row.run_secs), row.mean_us, row.error, row.device,
+                    row.session_id, row.created_at,
+                ],
+            )
+        return cur.rowcount == 1
+
+    def has_candidate(self, workload_hash: str, tvm_version: str, target_key: str,
+                      trace_json: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM records WHERE workload_hash = ? AND tvm_version = ? AND target_key = ? "
+            "AND candidate = ?",
+            [workload_hash, tvm_version, target_key, candidate_key(trace_json)],
+        ).fetchone()
+        return row is not None
+
+    def count_records(self, workload_hash: str, tvm_version: str, target_key: str) -> int:
+        return int(self.db.execute(
+            "SELECT COUNT(*) FROM records WHERE workload_hash = ? AND tvm_version = ? "
+            "AND target_key = ?",
+            [workload_hash, tvm_version, target_key],
+        ).fetchone()[0])
+
+    def top_records(
+        self, workload_hash: str, tvm_version: str, target_key: str, k: int = 1
+    ) -> list[RecordRow]:
+        """The k fastest successful records of one workload on one target (never another's)."""
+        cursor = self.db.execute(
+            "SELECT * FROM records WHERE workload_hash = ? AND tvm_version = ? AND target_key = ? "
+            "AND mean_us IS NOT NULL ORDER BY mean_us ASC LIMIT ?",
+            [workload_hash, tvm_version, target_key, k],
+        )
+        return [_row_from_cursor(cursor.description, r) for r in cursor.fetchall()]
+
+    def records_for_target(self, target_key: str, tvm_version: str | None = None) -> list[RecordRow]:
+        sql = "SELECT * FROM records WHERE target_key = ?"
+        args: list[Any] = [target_key]
+        if tvm_version is not None:
+            sql += " AND tvm_version = ?"
+            args.append(tvm_version)
+        cursor = self.db.execute(sql + " ORDER BY id", args)
+        return [_row_from_cursor(cursor.description, r) for r in cursor.fetchall()]
+
+    # ------------------------------------------------------ kernel measurements
+    def commit_kernel_measurement(
+        self, signature: str, target_key: str, impl: str, run_us: float, family: str
+    ) -> None:
+        with self.db.conn:
+            self.db["kernel_measurements"].insert({
+                "signature": signature, "target_key": target_key, "impl": impl,
+                "run_us": run_us, "device": self.device, "family": family,
+                "created_at": time.time(),
+            })
+
+    # ---------------------------------------------------------------- sessions
+    def start_session(self, session_id: str, target_key: str, model: str, trials: int) -> None:
+        with self.db.conn:
+            self.db["sessions"].insert({
+                "id": session_id, "target_key": target_key, "model": model, "trials": trials,
+                "device": self.device, "started_at": time.time(),
+            })
+
+    def finish_session(self, session_id: str, summary_json: str) -> None:
+        with self.db.conn:
+            self.db["sessions"].update(
+                session_id, {"finished_at": time.time(), "summary_json": summary_json}
+            )
+
+    # ------------------------------------------------------------- inspection
+    def stats(self) -> dict[str, Any]:
+        per_target = self.db.execute(
+            "SELECT target_key, COUNT(*), COUNT(DISTINCT workload_hash), "
+            "SUM(mean_us IS NULL) FROM records GROUP BY target_key ORDER BY target_key"
+        ).fetchall()
+        return {
+            "path": str(self.path),
+            "schema_version": SCHEMA_VERSION,
+            "workloads": self.db["workloads"].count,
+            "records": self.db["records"].count,
+            "sessions": self.db["sessions"].count,
+            "kernel_measurements": self.db["kernel_measurements"].count,
+            "targets": [
+                {"target": t, "records": n, "workloads": w, "failed": int(f or 0)}
+                for t, n, w, f in per_target
+            ],
+        }
+
+    def integrity_check(self) -> str:
+        return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def export_jsonl(self, path: str | os.PathLike[str]) -> int:
+        """Write workloads then records as JSON lines; returns the number of lines."""
+        n = 0
+        with open(path, "w", encoding="utf-8") as out:
+            for line in self._iter_export_lines():
+                out.write(line + "\n")
+                n += 1
+        return n
+
+    def _iter_export_lines(self) -> Iterator[str]:
+        for w in self.db["workloads"].rows:
+            yield json.dumps({"kind": "workload", **w}, sort_keys=True)
+        for r in self.db["records"].rows_where(order_by="id"):
+            r = {k: v for k, v in r.items() if k not in ("id", "candidate")}
+            r["run_secs"] = json.loads(r["run_secs"])
+            yield json.dumps({"kind": "record", **r}, sort_keys=True)
+
+    def import_jsonl(self, path: str | os.PathLike[str]) -> dict[str, int]:
+        """Merge an export into this database; duplicates are skipped. Validates every line first."""
+        lines = _read_jsonl(Path(path))
+        added = {"workloads": 0, "records": 0, "duplicates": 0}
+        for obj in lines:
+            if obj["kind"] == "workload":
+                if not self.has_workload(obj["hash"], obj["tvm_version"]):
+                    added["workloads"] += 1
+                self.commit_workload(
+                    obj["hash"], obj["tvm_version"], obj["mod_json"],
+                    obj.get("family") or "", obj.get("shapes") or "",
+                )
+            else:
+                row = RecordRow(
+                    workload_hash=obj["workload_hash"], target_key=obj["target_key"],
+                    trace_json=obj["trace_json"], args_info_json=obj["args_info_json"],
+                    run_secs=list(obj["run_secs"]), mean_us=obj["mean_us"], error=obj["error"],
+                    device=obj["device"], session_id=obj["session_id"],
+                    tvm_version=obj["tvm_version"], created_at=obj["created_at"],
+                )
+                if self.commit_record(row):
+                    added["records"] += 1
+                else:
+                    added["duplicates"] += 1
+        return added
+
+
+_RECORD_FIELDS = (
+    "workload_hash", "target_key", "trace_json", "args_info_json", "run_secs", "mean_us",
+    "error", "device", "session_id", "tvm_version", "created_at",
+)
+_WORKLOAD_FIELDS = ("hash", "tvm_version", "mod_json")
+
+
+def _row_from_cursor(description: Any, values: tuple[Any, ...]) -> RecordRow:
+    d = dict(zip([c[0] for c in description], values, strict=True))
+    return RecordRow(
+        workload_hash=d["workload_hash"], target_key=d["target_key"], trace_json=d["trace_json"],
+        args_info_json=d["args_info_json"], run_secs=json.loads(d["run_secs"]),
+        mean_us=d["mean_us"], error=d["error"], device=d["device"], session_id=d["session_id"],
+        tvm_version=d["tvm_version"], created_at=d["created_at"],
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parse and validate a whole export before anything is written (nothing half-imported)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatabaseError(f"{path}:{lineno}: not JSON ({err.msg})") from err
+            kind = obj.get("kind") if isinstance(obj, dict) else None
+            needed = {"workload": _WORKLOAD_FIELDS, "record": _RECORD_FIELDS}.get(str(kind))
+            if needed is None:
+                raise DatabaseError(
+                    f"{path}:{lineno}: unknown kind {kind!r} (expected 'workload' or 'record')"
+                )
+            missing = [k for k in needed if k not in obj]
+            if missing:
+                raise DatabaseError(f"{path}:{lineno}: {kind} is missing fields {missing}")
+            out.append(obj)
+    return out

@@ -1,0 +1,306 @@
+"""Stage 3, partition: cut the rewritten ATen graph into kernels and a host program.
+
+Goes in: a `Captured` graph and the set of ATen ops TVM can import. Comes out: a `Partition`:
+the `Program` (host steps + kernel specs) and, per kernel, a small FX graph to hand to TVM.
+
+Rules, in order:
+1. An op TVM cannot import runs on the host in PyTorch (one warning per op name).
+2. The rest is cut into contiguous runs of importable ops (contiguous in topological order, so a
+   run is always a valid subgraph), and each run is cut again before every contraction
+   (convolution, matmul, linear, attention). A kernel is thus one contraction and the
+   element-wise/reduction epilogue after it - what one fused TVM kernel can hold.
+3. Each kernel gets a stable signature (op sequence + shapes + attributes): the key by which the
+   database and, later, latency tables know it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from hwaware.capture import Captured
+from hwaware.program import KernelSpec, KernelStep, OpStep, Program, encode_arg, op_name
+
+log = logging.getLogger(__name__)
+
+CONTRACTIONS = {
+    "aten.conv1d.default": "conv1d", "aten.conv2d.default": "conv2d",
+    "aten.conv3d.default": "conv3d", "aten.convolution.default": "conv2d",
+    "aten.linear.default": "matmul", "aten.matmul.default": "matmul", "aten.mm.default": "matmul",
+    "aten.addmm.default": "matmul", "aten.bmm.default": "matmul", "aten.baddbmm.default": "matmul",
+    "aten.einsum.default": "matmul", "aten.scaled_dot_product_attention.default": "attention",
+}
+REDUCTIONS = ("softmax", "layer_norm", "mean", "sum", "max", "min", "norm", "var", "std",
+              "pool", "amax", "group_norm")
+# Ops whose value is a view in PyTorch; a kernel made only of these is left to PyTorch.
+VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten.permute.default",
+            "aten.transpose.int", "aten.unsqueeze.default", "aten.squeeze.dim",
+            "aten.flatten.using_ints", "aten.unflatten.int", "aten.expand.default",
+            "aten.contiguous.default", "aten.dropout.default", "aten.detach.default",
+            "aten.select.int", "aten.slice.Tensor", "getitem", "aten.alias.default",
+            "aten.squeeze.dims", "aten.t.default", "aten.split.Tensor", "aten.chunk.default"}
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op TVM cannot import; hwaware runs it in PyTorch instead."""
+
+
+@dataclass
+class Partition:
+    program: Program
+    kernel_graphs: dict[str, fx.GraphModule]
+    host_ops: list[str]
+
+
+def partition(captured: Captured, supported_ops: set[str]) -> Partition:
+    """Cut `captured` into kernels (see module docstring) and build the host program."""
+    gm = captured.graph_module
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    host_ops = _warn_unsupported(nodes, supported_ops)
+    runs = _kernel_runs(nodes, host_ops)
+    builder = _ProgramBuilder(gm, captured)
+    in_kernel = {n: i for i, run in enumerate(runs) for n in run}
+    emitted: set[int] = set()
+    kernel_graphs = {}
+    for node in nodes:
+        idx = in_kernel.get(node)
+        if idx is None:
+            builder.emit_host_op(node)
+        elif idx not in emitted:
+            emitted.add(idx)
+            name, sub_gm = builder.emit_kernel(runs[idx], idx)
+            if sub_gm is not None:
+                kernel_graphs[name] = sub_gm
+    return Partition(builder.finish(), kernel_graphs, sorted(host_ops))
+
+
+def _warn_unsupported(nodes: list[fx.Node], supported_ops: set[str]) -> set[str]:
+    host_ops: set[str] = set()
+    for node in nodes:
+        name = op_name(node.target)
+        short = name.removeprefix("aten.")
+        if name == "getitem" or short in supported_ops or _has_symbolic_shape(node):
+            continue
+        if name not in host_ops:
+            warnings.warn(
+                f"hwaware: TVM cannot import {name}; it runs in PyTorch (eager) instead",
+                UnsupportedOpWarning, stacklevel=4,
+            )
+        host_ops.add(name)
+    return host_ops
+
+
+def _has_symbolic_shape(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape)
+
+
+def _kernel_runs(nodes: list[fx.Node], host_ops: set[str]) -> list[list[fx.Node]]:
+    runs: list[list[fx.Node]] = []
+    current: list[fx.Node] = []
+    for node in nodes:
+        name = op_name(node.target)
+        if name in host_ops or not _tensor_valued(node):
+            _close(runs, current)
+            current = []
+            continue
+        if name in CONTRACTIONS and any(op_name(n.target) in CONTRACTIONS for n in current):
+            _close(runs, current)
+            current = []
+        current.append(node)
+    _close(runs, current)
+    return runs
+
+
+def _close(runs: list[list[fx.Node]], run: list[fx.Node]) -> None:
+    if run and not all(op_name(n.target) in VIEW_OPS for n in run):
+        runs.append(run)
+
+
+def _tensor_valued(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    leaves = pytree.tree_leaves(val)
+    return bool(leaves) and all(isinstance(v, torch.Tensor) for v in leaves)
+
+
+def kernel_family(run: list[fx.Node]) -> str:
+    for node in run:
+        family = CONTRACTIONS.get(op_name(node.target))
+        if family:
+            return family
+    if any(r in op_name(n.target) for n in run for r in REDUCTIONS):
+        return "reduction"
+    return "elementwise"
+
+
+class _ProgramBuilder:
+    """Numbers the graph's values into slots and emits host and kernel steps."""
+
+    def __init__(self, gm: fx.GraphModule, captured: Captured):
+        self.gm = gm
+        self.slots: dict[fx.Node, int] = {}
+        self.constants: dict[str, torch.Tensor] = {}
+        self.steps: list[OpStep | KernelStep] = []
+        self.kernels: dict[str, KernelSpec] = {}
+        self.captured = captured
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.input_slots = [self.slot(n) for n in self.placeholders]
+
+    def slot(self, node: fx.Node) -> int:
+        if node not in self.slots:
+            self.slots[node] = len(self.slots)
+        return self.slots[node]
+
+    def const(self, node: fx.Node) -> str | None:
+        if node.op != "get_attr":
+            return None
+        name = str(node.target)
+        if name not in self.constants:
+            value: Any = self.gm
+            for part in name.split("."):
+                value = getattr(value, part)
+            self.constants[name] = value.detach()
+        return name
+
+    def op_step(self, node: fx.Node) -> OpStep:
+        args = encode_arg(list(node.args), self.slot, self.const)
+        kwargs = {k: encode_arg(v, self.slot, self.const) for k, v in node.kwargs.items()}
+        return OpStep(op_name(node.target), args, kwargs, self.slot(node))
+
+    def emit_host_op(self, node: fx.Node) -> None:
+        self.steps.append(self.op_step(node))
+
+    def emit_kernel(self, run: list[fx.Node], idx: int) -> tuple[str, fx.GraphModule | None]:
+        members = set(run)
+        inputs = _external_inputs(run, members)
+        outputs = [n for n in run if _used_outside(n, members)]
+        family = kernel_family(run)
+        name = f"k{idx}_{family}"
+        steps = [self.op_step(n) for n in run]
+        spec = KernelSpec(
+            name=name, family=family, signature=kernel_signature(run, inputs, self.gm),
+            inputs=[self.slot(n) for n in inputs], outputs=[self.slot(n) for n in outputs],
+            steps=steps, flops=kernel_flops(run),
+        )
+        self.kernels[name] = spec
+        self.steps.append(KernelStep(name, spec.inputs, spec.outputs))
+        return name, _kernel_graph(self.gm, run, inputs, outputs)
+
+    def finish(self) -> Program:
+        output_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        flat_outputs = pytree.tree_leaves(output_node.args[0])
+        output_slots = []
+        for out in flat_outputs:
+            if isinstance(out, fx.Node) and out.op == "get_attr":
+                # a constant output: copy it into a slot with a host step
+                step = OpStep("aten.clone.default", [{"c": self.const(out)}], {}, self.slot(out))
+                self.steps.append(step)
+            output_slots.append(self.slot(out))
+        return Program(
+            input_slots=self.input_slots,
+            input_specs=[{"shape": list(s.shape), "dtype": s.dtype}
+                         for s in self.captured.input_specs],
+            output_slots=output_slots,
+            out_spec=pytree.treespec_dumps(self.captured.out_spec),
+            steps=self.steps, kernels=self.kernels, num_slots=len(self.slots),
+            constants=self.constants,
+        )
+
+
+def _external_inputs(run: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    seen: list[fx.Node] = []
+    for node in run:
+        for inp in node.all_input_nodes:
+            if inp not in members and inp.op != "get_attr" and inp not in seen:
+                seen.append(inp)
+    return seen
+
+
+def _used_outside(node: fx.Node, members: set[fx.Node]) -> bool:
+    return any(u not in members for u in node.users)
+
+
+def _kernel_graph(gm: fx.GraphModule, run: list[fx.Node], inputs: list[fx.Node],
+                  outputs: list[fx.Node]) -> fx.GraphModule | None:
+    """The kernel as a standalone GraphModule (inputs -> outputs, weights as attributes)."""
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, inp in enumerate(inputs):
+        env[inp] = graph.placeholder(f"in_{i}")
+        env[inp].meta = dict(inp.meta)
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":
+            attr = f"w{len(env)}"
+            value: Any = gm
+            for part in str(n.target).split("."):
+                value = getattr(value, part)
+            root.register_buffer(attr, value.detach())
+            env[n] = graph.get_attr(attr)
+            env[n].meta = dict(n.meta)
+            return env[n]
+        raise KeyError(n)
+
+    for node in run:
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(root, graph)
+
+
+def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModule) -> str:
+    """A stable name for what a kernel computes: ops, argument structure, shapes and dtypes."""
+    index = {n: f"in{i}" for i, n in enumerate(inputs)}
+    index.update({n: f"n{i}" for i, n in enumerate(run)})
+
+    def describe(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            shape = list(val.shape) if isinstance(val, torch.Tensor) else None
+            dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
+            return [index.get(a, "const"), shape, dtype]
+        if isinstance(a, (list, tuple)):
+            return [describe(x) for x in a]
+        return repr(a)
+
+    body = [[op_name(n.target), describe(list(n.args)), describe(sorted(n.kwargs.items()))]
+            for n in run]
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{kernel_family(run)}:{digest}"
+
+
+def kernel_flops(run: list[fx.Node]) -> int:
+    """Multiply-accumulates x2 of the contraction in a kernel (0 for element-wise kernels)."""
+    total = 0
+    for node in run:
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor):
+            continue
+        name = op_name(node.target)
+        if name in ("aten.conv2d.default", "aten.convolution.default", "aten.conv1d.default"):
+            weight = node.args[1].meta["val"] if isinstance(node.args[1], fx.Node) else None
+            if weight is not None:
+                total += 2 * out.numel() * int(weight[0].numel())
+        elif CONTRACTIONS.get(name) == "matmul":
+            first = node.args[1] if name in ("aten.addmm.default", "aten.baddbmm.default") \
+                else node.args[0]
+            a = first.meta.get("val") if isinstance(first, fx.Node) else None
+            if isinstance(a, torch.Tensor):
+                total += 2 * out.numel() * int(a.shape[-1])
+        elif name == "aten.scaled_dot_product_attention.default":
+            q = node.args[0].meta["val"] if isinstance(node.args[0], fx.Node) else None
+            k = node.args[1].meta["val"] if isinstance(node.args[1], fx.Node) else None
+            if q is not None and k is not None:
+                total += 4 * q.numel() * int(k.shape[-2])
+    return total
+

@@ -1,0 +1,34 @@
+"""Stage 2, rewrite: graph-to-graph passes on the captured ATen graph, listed in the order they run.
+
+Goes in: a `Captured` graph. Comes out: the same graph, rewritten in place so that the partitioner
+sees fewer, larger kernels. Dynamic-to-static passes (issue 3) are added to `PASSES` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx
+
+from hwaware.capture import Captured
+from hwaware.rewrite.constants import fold_constants
+from hwaware.rewrite.fold_batchnorm import fold_batchnorm
+
+PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
+    # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
+    # would otherwise make batch_norm+relu its own kernel).
+    ("fold_batchnorm", fold_batchnorm),
+    # Anything computed from weights alone (a linear layer's weight transpose, ...) is computed
+    # once now, so no kernel recomputes it per call.
+    ("fold_constants", fold_constants),
+]
+
+
+def rewrite(captured: Captured) -> dict[str, int]:
+    """Run every pass in order; returns how many places each pass changed."""
+    changed = {}
+    for name, rewrite_pass in PASSES:
+        changed[name] = rewrite_pass(captured.graph_module)
+    captured.graph_module.graph.lint()
+    captured.graph_module.recompile()
+    return changed

@@ -1,0 +1,44 @@
+"""Constant folding: evaluate every node whose inputs are all weights, once, at compile time."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from hwaware.rewrite.fold_batchnorm import _getattr_path
+
+_NEVER_FOLD = {torch.ops.aten.dropout.default}
+
+
+def fold_constants(gm: fx.GraphModule) -> int:
+    """Replace weight-only subexpressions (e.g. a transposed weight) with new constants."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if not _foldable(node):
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _value(gm, n))
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)  # type: ignore[operator]
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = f"_folded_{folded}"
+        gm.register_buffer(name, value.detach().contiguous())
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta["val"] = value
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    return folded
+
+
+def _foldable(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target in _NEVER_FOLD:
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(n.op == "get_attr" for n in inputs)
+
+
+def _value(gm: fx.GraphModule, node: fx.Node) -> object:
+    return _getattr_path(gm, str(node.target))

@@ -1,0 +1,212 @@
+"""Stage 6, run: a compiled model as a callable that takes and returns torch tensors.
+
+Goes in: a `Program` (host steps + kernels) and the TVM executable holding the kernels chosen to
+run on TVM. Comes out: `CompiledModel`, which checks its inputs, runs the host program (PyTorch
+ops on the host, TVM kernels through the Relax VM with zero-copy DLPack), and saves to / loads
+from a folder: `kernels.so` (TVM library), `program.json` (host program + kernel choices),
+`weights.pt` (constants, loaded with `weights_only=True`), `program.py` (readable host program)
+and `meta.json`. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from hwaware.program import KernelStep, OpStep, Program, decode_arg, resolve_op
+
+log = logging.getLogger(__name__)
+
+SAVE_FORMAT_VERSION = 1
+LIBRARY_FILE = "kernels.so"
+
+
+class InputMismatchError(ValueError):
+    """A call's inputs do not match the shapes/dtypes the model was compiled for."""
+
+
+@dataclass
+class BuildInfo:
+    """What the compiler decided and measured; shown by `CompiledModel.report()`."""
+
+    target_name: str
+    target_key: str
+    host_ops: list[str]
+    rewrites: dict[str, int]
+
+
+class CompiledModel:
+    """A model compiled by hwaware: call it like the original module."""
+
+    def __init__(self, program: Program, executable: Any, info: BuildInfo,
+                 device_kind: str = "cpu"):
+        self.program = program
+        self.executable = executable
+        self.info = info
+        self._device_kind = device_kind
+        self._out_spec = pytree.treespec_loads(program.out_spec)
+        self._run = self._make_runner()
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, *args: Any) -> Any:
+        flat = pytree.tree_leaves(args)
+        self._check_inputs(flat)
+        outputs = self._run(flat)
+        return pytree.tree_unflatten(outputs, self._out_spec)
+
+    def _check_inputs(self, flat: list[Any]) -> None:
+        specs = self.program.input_specs
+        if len(flat) != len(specs):
+            raise InputMismatchError(
+                f"expected {len(specs)} input tensor(s), got {len(flat)}"
+            )
+        for i, (x, spec) in enumerate(zip(flat, specs, strict=True)):
+            want = f"{spec['dtype']}{spec['shape']}"
+            if not isinstance(x, torch.Tensor):
+                raise InputMismatchError(f"input {i}: expected tensor {want}, got {type(x).__name__}")
+            got = f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+            if got != want:
+                raise InputMismatchError(f"input {i}: expected {want}, got {got}")
+
+    def _make_runner(self) -> Callable[[list[Any]], list[Any]]:
+        program = self.program
+        vm = None
+        if self.executable is not None and any(
+            k.impl == "tvm" for k in program.kernels.values()
+        ):
+            from hwaware import tvm_compat
+
+            vm = tvm_compat.make_vm(self.executable, self._device_kind)
+        actions = [self._action(step, vm) for step in program.steps]
+        input_slots, output_slots, num = program.input_slots, program.output_slots, program.num_slots
+
+        def run(flat: list[Any]) -> list[Any]:
+            slots: list[Any] = [None] * num
+            for slot, x in zip(input_slots, flat, strict=True):
+                slots[slot] = x
+            with torch.no_grad():
+                for action in actions:
+                    action(slots)
+            return [slots[i] for i in output_slots]
+
+        return run
+
+    def _action(self, step: OpStep | KernelStep, vm: Any) -> Callable[[list[Any]], None]:
+        if isinstance(step, OpStep):
+            return _op_action(step, self.program.constants)
+        spec = self.program.kernels[step.kernel]
+        if spec.impl == "tvm" and vm is not None:
+            from hwaware import tvm_compat
+
+            return _tvm_action(tvm_compat.torch_callable(vm, spec.name), step)
+        return _torch_kernel_action(spec.steps, self.program.constants)
+
+    # ---------------------------------------------------------------- report
+    def report(self) -> str:
+        """What runs where: kernels, their implementation and measured times."""
+        kernels = list(self.program.kernels.values())
+        on_tvm = sum(k.impl == "tvm" for k in kernels)
+        host_steps = sum(isinstance(s, OpStep) for s in self.program.steps)
+        lines = [
+            f"target {self.info.target_name} ({self.info.target_key})",
+            f"{len(kernels)} kernels ({on_tvm} on TVM, {len(kernels) - on_tvm} on PyTorch), "
+            f"{host_steps} host ops, {on_tvm} TVM calls per inference",
+        ]
+        if self.info.host_ops:
+            lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
+        lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'torch us':>10}")
+        for k in kernels:
+            lines.append(f"{k.name:<22}{k.family:<12}{k.impl:<9}{_us(k.tvm_us):>10}"
+                         f"{_us(k.torch_us):>10}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------- save/load
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.executable is not None:
+            from hwaware import tvm_compat
+
+            tvm_compat.export_executable(self.executable, str(out / LIBRARY_FILE))
+        (out / "program.json").write_text(self.program.to_json())
+        (out / "program.py").write_text(self.program.to_python())
+        torch.save(self.program.constants, out / "weights.pt")
+        meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
+                "has_library": self.executable is not None, **self.info.__dict__}
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        return out
+
+
+def load(directory: str | os.PathLike[str]) -> CompiledModel:
+    """Load a model saved by `CompiledModel.save` (no user class or pickle needed)."""
+    src = Path(directory)
+    meta_file = src / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{src}: not a saved hwaware model (no meta.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != SAVE_FORMAT_VERSION:
+        raise ValueError(f"{src}: save format {meta.get('format_version')} is not supported")
+    constants = torch.load(src / "weights.pt", weights_only=True)
+    program = Program.from_json((src / "program.json").read_text(), constants)
+    executable = None
+    if meta["has_library"]:
+        from hwaware import tvm_compat
+
+        executable = tvm_compat.load_executable(str(src / LIBRARY_FILE))
+    info = BuildInfo(meta["target_name"], meta["target_key"], meta["host_ops"], meta["rewrites"])
+    return CompiledModel(program, executable, info, meta["device_kind"])
+
+
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _op_action(step: OpStep, constants: dict[str, torch.Tensor]) -> Callable[[list[Any]], None]:
+    fn = resolve_op(step.op)
+    args, kwargs, out = step.args, step.kwargs, step.out
+
+    def action(slots: list[Any]) -> None:
+        slots[out] = fn(*decode_arg(args, slots, constants),
+                        **{k: decode_arg(v, slots, constants) for k, v in kwargs.items()})
+
+    return action
+
+
+def _torch_kernel_action(steps: list[OpStep], constants: dict[str, torch.Tensor]
+                         ) -> Callable[[list[Any]], None]:
+    actions = [_op_action(s, constants) for s in steps]
+
+    def action(slots: list[Any]) -> None:
+        for a in actions:
+            a(slots)
+
+    return action
+
+
+def _tvm_action(call: Callable[..., list[Any]], step: KernelStep) -> Callable[[list[Any]], None]:
+    inputs, outputs = step.inputs, step.outputs
+
+    def action(slots: list[Any]) -> None:
+        results = call(*[slots[i] for i in inputs])
+        for slot, value in zip(outputs, results, strict=True):
+            slots[slot] = value
+
+    return action
+
+
+def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> list[Any]:
+    """Run one kernel's PyTorch steps on given inputs (reference and fallback timing)."""
+    spec = program.kernels[kernel]
+    slots: list[Any] = [None] * program.num_slots
+    for slot, x in zip(spec.inputs, inputs, strict=True):
+        slots[slot] = x
+    _torch_kernel_action(spec.steps, program.constants)(slots)
+    return [slots[i] for i in spec.outputs]

@@ -1,0 +1,194 @@
+"""Hardware targets: one frozen dataclass per device, loaded from the data files in `targets/`.
+
+Goes in: a target name (`host`, `x86-avx512`, `cuda-sm90`, ...) or a path to a target JSON file.
+Comes out: a `Target` carrying the TVM target dict plus the hardware facts that tuning, latency
+prediction and architecture search need (cores, vector width, peak FP32 GFLOP/s, memory bandwidth,
+cache sizes). `host` is detected from this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+TARGET_SCHEMA_VERSION = 1
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+class UnknownTargetError(ValueError):
+    """A target name that no file in targets/ defines."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A hardware target: how TVM compiles for it and what the hardware can do."""
+
+    name: str
+    description: str
+    kind: str  # "cpu" or "cuda"
+    tvm: dict[str, Any] = field(hash=False)
+    cores: int
+    vector_bits: int
+    fma_units: int
+    clock_ghz: float
+    peak_fp32_gflops: float
+    mem_bandwidth_gbs: float
+    l1d_kib: int
+    l2_kib: int
+    l3_kib: int
+    runnable_on_host_arch: str | None = None
+    host_tvm: dict[str, Any] | None = field(default=None, hash=False)
+    schema_version: int = TARGET_SCHEMA_VERSION
+
+    @property
+    def key(self) -> str:
+        """The database key: the TVM target dict, canonicalised. Same code generation, same key."""
+        canon = json.dumps(self.tvm, sort_keys=True)
+        readable = "-".join(
+            str(self.tvm.get(k)) for k in ("kind", "mcpu", "arch") if self.tvm.get(k)
+        )
+        return f"{readable}-{self.cores}c-{hashlib.sha256(canon.encode()).hexdigest()[:8]}"
+
+    @property
+    def can_run_here(self) -> bool:
+        """Whether kernels built for this target can execute on this machine (else: build only)."""
+        if self.kind == "cuda":
+            return _cuda_available()
+        return self.runnable_on_host_arch == platform.machine() and _host_supports(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> Target:
+        return Target(**json.loads(text))
+
+
+def list_targets() -> list[str]:
+    """Names of every target defined in targets/."""
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
+
+
+def get_target(name_or_path: str | Target) -> Target:
+    """Load a target by name (see `list_targets()`) or from a JSON file path."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return _target_from_data(json.loads(path.read_text()))
+    file = TARGETS_DIR / f"{name_or_path}.json"
+    if not file.exists():
+        raise UnknownTargetError(
+            f"unknown target {name_or_path!r}; valid targets: {', '.join(list_targets())}"
+        )
+    return _target_from_data(json.loads(file.read_text()))
+
+
+def _target_from_data(data: dict[str, Any]) -> Target:
+    if data.get("detect"):
+        return detect_host()
+    data = {k: v for k, v in data.items() if k != "detect"}
+    return Target(**data)
+
+
+@lru_cache(maxsize=1)
+def detect_host() -> Target:
+    """Describe this machine's CPU as a Target (x86 with AVX-512 or AVX2, or aarch64)."""
+    arch = platform.machine()
+    flags = _cpu_flags()
+    cores = len(os.sched_getaffinity(0))
+    clock = _cpu_ghz()
+    if arch == "aarch64":
+        mcpu, vector_bits, tvm = "generic", 128, {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                   "mattr": ["+neon"], "num-cores": cores}
+    else:
+        mcpu, vector_bits = _x86_mcpu(flags)
+        tvm = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
+    fma_units = 2
+    peak = cores * fma_units * (vector_bits // 32) * 2 * clock
+    caches = _cache_kib()
+    return Target(
+        name="host",
+        description=f"this machine: {arch} {mcpu}, {cores} cores",
+        kind="cpu",
+        tvm=tvm,
+        cores=cores,
+        vector_bits=vector_bits,
+        fma_units=fma_units,
+        clock_ghz=clock,
+        peak_fp32_gflops=round(peak, 1),
+        mem_bandwidth_gbs=10.0,  # not measured at load time; see STACK_NOTES.md
+        l1d_kib=caches.get("L1d", 32),
+        l2_kib=caches.get("L2", 1024),
+        l3_kib=caches.get("L3", 0),
+        runnable_on_host_arch=arch,
+    )
+
+
+def _x86_mcpu(flags: set[str]) -> tuple[str, int]:
+    if "amx_tile" in flags and "avx512_fp16" in flags:
+        return "sapphirerapids", 512
+    if "avx512_vnni" in flags:
+        return "cascadelake", 512
+    if "avx512f" in flags:
+        return "skylake-avx512", 512
+    if "avx2" in flags:
+        return "haswell", 256
+    return "x86-64", 128
+
+
+def _host_supports(target: Target) -> bool:
+    needs = {"cascadelake": "avx512_vnni", "skylake-avx512": "avx512f", "haswell": "avx2",
+             "sapphirerapids": "amx_tile"}.get(str(target.tvm.get("mcpu")))
+    return needs is None or needs in _cpu_flags()
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_ghz() -> float:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return round(float(line.split(":")[1]) / 1000.0, 2)
+    except (OSError, ValueError):
+        pass
+    return 2.5
+
+
+def _cache_kib() -> dict[str, int]:
+    out: dict[str, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")):
+        try:
+            level = (idx / "level").read_text().strip()
+            ctype = (idx / "type").read_text().strip()
+            size = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        name = f"L{level}" + ("d" if ctype == "Data" else "" if ctype == "Unified" else "i")
+        out[name] = int(size.rstrip("K")) if size.endswith("K") else int(size.rstrip("M")) * 1024
+    return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False

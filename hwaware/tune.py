@@ -1,0 +1,179 @@
+"""Stage 4, tune: a tuning session over a partitioned model's kernels, kept in the database.
+
+Goes in: a `Partition`, example inputs, a target, a database and a trial budget. Comes out: a
+`SessionSummary`, and every measured candidate committed to the database as it is measured.
+
+The tasks are the fused TIR workloads of the kernels that hold a contraction (convolution,
+matmul, attention); element-wise and reduction kernels get a rule-based schedule instead.
+Resuming: a task that already has its share of the budget in the database is skipped; one with
+part of it gets only the rest; MetaSchedule seeds its search from the stored records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hwaware.build import import_kernels, kernel_inputs
+from hwaware.db import TuningDatabase
+from hwaware.partition import Partition
+from hwaware.target import Target
+
+log = logging.getLogger(__name__)
+
+TRIALS_PER_ITER = 16
+
+
+@dataclass
+class TaskSummary:
+    """One tuned workload: where it comes from, how much was measured, the best found."""
+
+    name: str
+    workload_hash: str
+    family: str
+    kernels: list[str]
+    flops: int
+    trials_before: int
+    trials_now: int
+    best_us: float | None
+
+    @property
+    def gflops(self) -> float | None:
+        if not self.best_us or not self.flops:
+            return None
+        return self.flops / self.best_us / 1e3
+
+
+@dataclass
+class SessionSummary:
+    session_id: str
+    target_key: str
+    trials_requested: int
+    trials_measured: int
+    elapsed_s: float
+    tasks: list[TaskSummary] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def table(self) -> str:
+        lines = [f"tuning session {self.session_id} on {self.target_key}: "
+                 f"{self.trials_measured} trials measured in {self.elapsed_s:.0f} s",
+                 f"{'task':<34}{'family':<10}{'trials':>8}{'best us':>10}{'GFLOP/s':>9}"]
+        for t in self.tasks:
+            best = "-" if t.best_us is None else f"{t.best_us:.1f}"
+            gf = "-" if t.gflops is None else f"{t.gflops:.1f}"
+            lines.append(f"{t.name[:33]:<34}{t.family:<10}{t.trials_before + t.trials_now:>8}"
+                         f"{best:>10}{gf:>9}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Task:
+    name: str
+    workload: Any
+    workload_hash: str
+    family: str
+    kernels: list[str]
+    flops: int
+
+
+def extract_tasks(part: Partition, example_inputs: list[torch.Tensor], target: Target
+                  ) -> list[_Task]:
+    """The distinct contraction workloads of a partitioned model (shared ones tuned once)."""
+    inputs = kernel_inputs(part.program, example_inputs)
+    imported = import_kernels(part, inputs, target)
+    tasks: dict[str, _Task] = {}
+    for kname, kernel in imported.items():
+        spec = part.program.kernels[kname]
+        for whash in sorted(kernel.heavy):
+            if whash in tasks:
+                tasks[whash].kernels.append(kname)
+                continue
+            tasks[whash] = _Task(f"{spec.family}_{whash[:10]}", kernel.workloads[whash], whash,
+                                 spec.family, [kname], spec.flops)
+    return list(tasks.values())
+
+
+def tune(part: Partition, example_inputs: list[torch.Tensor], target: Target,
+         db: TuningDatabase, trials: int, model_name: str = "",
+         show_progress: bool = True) -> SessionSummary:
+    """Tune every contraction workload of `part` within `trials` measurements in total."""
+    from hwaware import tvm_compat
+
+    if not target.can_run_here:
+        raise ValueError(f"target {target.name} cannot run on this machine; tuning measures "
+                         "kernels, so tune on the device itself (or through the device farm)")
+    tasks = extract_tasks(part, example_inputs, target)
+    session_id = uuid.uuid4().hex[:12]
+    summary = SessionSummary(session_id, target.key, trials, 0, 0.0)
+    if not tasks or trials <= 0:
+        return summary
+    per_task = _per_task_budget(trials, len(tasks))
+    before = {t.workload_hash: db.count_records(t.workload_hash, tvm_compat.TVM_VERSION,
+                                                target.key) for t in tasks}
+    remaining = {t.name: max(0, per_task - before[t.workload_hash]) for t in tasks}
+    todo = [t for t in tasks if remaining[t.name] > 0]
+    db.start_session(session_id, target.key, model_name, trials)
+    start = time.time()
+    progress = _Progress(sum(remaining[t.name] for t in todo), show_progress)
+    if todo:
+        tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+        adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
+        with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
+            tvm_compat.tune_workloads(
+                {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
+                tgt, adapter, session_id, progress.update, work_dir,
+                num_trials_per_iter=min(TRIALS_PER_ITER, per_task),
+            )
+    progress.close()
+    summary.elapsed_s = time.time() - start
+    summary.trials_measured = progress.done
+    for t in tasks:
+        best = db.top_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key, 1)
+        now = db.count_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key)
+        summary.tasks.append(TaskSummary(
+            t.name, t.workload_hash, t.family, t.kernels, t.flops, before[t.workload_hash],
+            now - before[t.workload_hash], best[0].mean_us if best else None,
+        ))
+    db.finish_session(session_id, summary.to_json())
+    return summary
+
+
+def _per_task_budget(trials: int, n_tasks: int) -> int:
+    share = math.ceil(trials / n_tasks)
+    if share > TRIALS_PER_ITER:
+        share = math.ceil(share / TRIALS_PER_ITER) * TRIALS_PER_ITER
+    return share
+
+
+class _Progress:
+    """A tqdm bar: trials done/total, elapsed, ETA, and the best latency per task so far."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.done = 0
+        self.best: dict[str, float] = {}
+        self.bar = tqdm(total=total, unit="trial", desc="tuning", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def update(self, task: str, measured: int, best_us: float | None) -> None:
+        self.done += measured
+        if best_us is not None:
+            self.best[task] = min(best_us, self.best.get(task, math.inf))
+        self.bar.update(measured)
+        self.bar.set_postfix_str(
+            " ".join(f"{k.split('_')[0]}:{v:.0f}us" for k, v in sorted(self.best.items())[:4])
+        )
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,451 @@
+"""The only module that imports TVM: version pins, patches and adapters for TVM 0.27.
+
+Everything else in hwaware talks to TVM through the functions here, so a TVM upgrade touches one
+file. What it provides, in pipeline order:
+- `import_torch_program`: a torch ExportedProgram -> a Relax function.
+- `fuse_for_tuning`: the exact five passes MetaSchedule's `compile_relax` runs before looking a
+  kernel up in the database (tuning anything else gives records that silently never apply).
+- `SqliteDatabase`: MetaSchedule's database role, backed by hwaware's sqlite file.
+- `RecordingCallback`: commits each measured candidate as it is measured and drives the progress bar.
+- `fast_build`: a builder function that skips the 55-second tensor-intrinsics import in workers.
+- `build_executable`: tuned records -> a Relax VM executable, with a rule-based default schedule
+  for kernels that have no record (never an unscheduled kernel).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase
+
+log = logging.getLogger(__name__)
+
+TVM_VERSION = str(tvm.__version__)
+REQUIRED_TVM = "0.27.0"
+_BAD_FFI_PREFIX = "0.1.15"
+
+
+def check_versions() -> None:
+    """Refuse the combinations known to crash (see STACK_NOTES.md)."""
+    import tvm_ffi
+
+    ffi_version = str(getattr(tvm_ffi, "__version__", ""))
+    if ffi_version.startswith(_BAD_FFI_PREFIX):
+        raise RuntimeError(
+            f"apache-tvm-ffi {ffi_version} segfaults inside MetaSchedule's TuneContext; "
+            "install apache-tvm-ffi==0.1.14.post0"
+        )
+    if not TVM_VERSION.startswith(REQUIRED_TVM):
+        log.warning("hwaware is tested with TVM %s, found %s", REQUIRED_TVM, TVM_VERSION)
+
+
+# ---------------------------------------------------------------- import-time patch
+def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
+    """`inspect.stack()` without reading source files: TVMScript only needs the frames."""
+    frame = sys._getframe(1)
+    frames = []
+    while frame is not None:
+        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                        frame.f_code.co_name, None, None))
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import `tvm.s_tir.tensor_intrin` in ~9 s instead of ~55 s (TuneContext needs it)."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _frames_without_source  # type: ignore[assignment]
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
+def fast_build(mod: tvm.IRModule, target: tvm.target.Target, _params: Any) -> Any:
+    """MetaSchedule builder function: the default one minus the tensor-intrinsics import."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.compile(mod, target=target)
+
+
+# ------------------------------------------------------------------------- targets
+def tvm_target(tvm_dict: dict[str, Any], host: dict[str, Any] | None = None) -> tvm.target.Target:
+    """A TVM target from the dict form (target strings are rejected by TVM 0.27)."""
+    if host is not None:
+        return tvm.target.Target(tvm_dict, host=tvm.target.Target(host))
+    return tvm.target.Target(tvm_dict)
+
+
+# ------------------------------------------------------------------------- import
+def import_torch_program(exported: Any) -> relax.Function:
+    """A torch.export ExportedProgram -> a Relax function with weights bound as constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    mod = from_exported_program(exported, keep_params_as_input=False)
+    return mod["main"]
+
+
+def supported_aten_ops() -> set[str]:
+    """The aten op names ("add.Tensor", ...) TVM's exported-program importer can translate."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return set(ExportedProgramImporter().create_convert_map().keys())
+
+
+def _region_buffer(region: Any) -> str:
+    """The name of the buffer a block read/write region touches."""
+    return str(region.source.name)
+
+
+def module_of_functions(functions: dict[str, relax.Function]) -> tvm.IRModule:
+    """One IRModule holding each kernel as its own public Relax function."""
+    return tvm.IRModule({
+        name: fn.with_attr("global_symbol", name) for name, fn in functions.items()
+    })
+
+
+# ------------------------------------------------------------------------- fusion
+def fuse_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse exactly as `compile_relax` does, so tuned records match at build."""
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(_fuse_passes())(mod)
+
+
+def _fuse_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def prim_funcs(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def workload_of(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
+    """The MetaSchedule workload for one fused kernel (the same normalisation MS applies)."""
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def workload_hash(workload: tvm.IRModule) -> str:
+    return str(tvm_ffi.structural_hash(workload))
+
+
+def workload_json(workload: tvm.IRModule) -> str:
+    return json.dumps(ms.database.Workload(workload).as_json())
+
+
+def is_contraction(workload: tvm.IRModule) -> bool:
+    """Whether a fused kernel's anchor block (its reduction with the most flops) reads two or more
+    buffers, as convolutions and matmuls do: such a kernel needs a tuned schedule."""
+    from tvm.s_tir.analysis import find_anchor_sblock
+
+    anchor = find_anchor_sblock(workload)
+    return anchor is not None and len({_region_buffer(r) for r in anchor.reads}) >= 2
+
+
+# ----------------------------------------------------------------------- database
+@derived_object
+class SqliteDatabase(ms.database.PyDatabase):
+    """MetaSchedule's database role over hwaware's sqlite file, for one target."""
+
+    def __init__(self, db: TuningDatabase, target: tvm.target.Target, target_key: str):
+        super().__init__()
+        self.db = db
+        self.target = target
+        self.target_key = target_key
+        self._workloads: dict[str, ms.database.Workload] = {}
+
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self.db.has_workload(workload_hash(mod), TVM_VERSION)
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        key = workload_hash(mod)
+        if key not in self._workloads:
+            self.db.commit_workload(key, TVM_VERSION, workload_json(mod))
+            self._workloads[key] = ms.database.Workload(mod)
+        return self._workloads[key]
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        trace, run_secs, _target, args_info = record.as_json()
+        self.db.commit_record(_record_row(
+            workload_hash(record.workload.mod), self.target_key, trace, args_info,
+            [float(s) for s in run_secs or [FAILED_RUN_SECS]], None, self.db.device, None,
+        ))
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[Any]:
+        rows = self.db.top_records(workload_hash(workload.mod), TVM_VERSION, self.target_key, top_k)
+        target_json = self.target.export()
+        return [
+            ms.database.TuningRecord.from_json(
+                [json.loads(r.trace_json), r.run_secs, target_json, json.loads(r.args_info_json)],
+                workload,
+            )
+            for r in rows
+        ]
+
+    def get_all_tuning_records(self) -> list[Any]:
+        records: list[Any] = []
+        for key, workload in self._workloads.items():
+            records.extend(self.get_top_k(workload, 1 << 20))
+            del key
+        return records
+
+    def __len__(self) -> int:
+        return len(self.db.records_for_target(self.target_key, TVM_VERSION))
+
+
+def _record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],
+                error: str | None, device: str, session_id: str | None) -> RecordRow:
+    ok = error is None and run_secs and max(run_secs) < FAILED_RUN_SECS
+    return RecordRow(
+        workload_hash=whash, target_key=target_key, trace_json=json.dumps(trace),
+        args_info_json=json.dumps(args_info), run_secs=run_secs,
+        mean_us=(sum(run_secs) / len(run_secs) * 1e6) if ok else None,
+        error=None if ok else (error or "failed"), device=device, session_id=session_id,
+        tvm_version=TVM_VERSION, created_at=time.time(),
+    )
+
+
+@derived_object
+class RecordingCallback(ms.measure_callback.PyMeasureCallback):
+    """Commits every measured candidate (failed ones too, with their error) as it is measured."""
+
+    def __init__(self, database: SqliteDatabase, session_id: str,
+                 on_measured: Callable[[str, int, float | None], None]):
+        super().__init__()
+        self.database = database
+        self.session_id = session_id
+        self.on_measured = on_measured
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Sequence[Any],
+              builder_results: Sequence[Any], runner_results: Sequence[Any]) -> None:
+        task = task_scheduler.tasks_[task_id].ctx
+        workload = self.database.commit_workload(task.mod)
+        whash = workload_hash(workload.mod)
+        best: float | None = None
+        for cand, built, ran in zip(measure_candidates, builder_results, runner_results,
+                                    strict=True):
+            error = built.error_msg or ran.error_msg
+            run_secs = [float(s) for s in ran.run_secs] if ran.run_secs else [FAILED_RUN_SECS]
+            row = _record_row(
+                whash, self.database.target_key, cand.sch.trace.as_json(),
+                [a.as_json() for a in cand.args_info], run_secs,
+                str(error)[-2000:] if error else None, self.database.db.device, self.session_id,
+            )
+            self.database.db.commit_record(row)
+            if row.mean_us is not None:
+                best = row.mean_us if best is None else min(best, row.mean_us)
+        self.on_measured(str(task.task_name), len(measure_candidates), best)
+
+
+# ------------------------------------------------------------------------- tuning
+def tune_workloads(
+    workloads: dict[str, tvm.IRModule],
+    budgets: dict[str, int],
+    target: tvm.target.Target,
+    database: SqliteDatabase,
+    session_id: str,
+    on_measured: Callable[[str, int, float | None], None],
+    work_dir: str,
+    num_trials_per_iter: int = 16,
+    runner_timeout_s: float = 10.0,
+    builder_timeout_s: float = 60.0,
+) -> None:
+    """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads."""
+    import_tensor_intrinsics()
+    cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
+    names = sorted(workloads)
+    contexts = [
+        ms.TuneContext(
+            mod=workloads[n], target=target, space_generator="post-order-apply",
+            search_strategy="evolutionary", task_name=n, num_threads=cores,
+            logger=logging.getLogger(f"hwaware.ms.{n}"),
+        )
+        for n in names
+    ]
+    callbacks = [
+        RecordingCallback(database, session_id, on_measured),
+        ms.measure_callback.RemoveBuildArtifact(),
+        ms.measure_callback.UpdateCostModel(),
+    ]
+    total = sum(budgets[n] for n in names)
+    ms.tune_tasks(
+        tasks=contexts,
+        task_weights=[1.0] * len(names),
+        work_dir=work_dir,
+        max_trials_global=total,
+        max_trials_per_task=max(budgets.values()),
+        num_trials_per_iter=num_trials_per_iter,
+        builder=ms.builder.LocalBuilder(f_build=fast_build, max_workers=cores,
+                                        timeout_sec=builder_timeout_s),
+        runner=ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
+        database=database,
+        cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+        measure_callbacks=callbacks,
+        task_scheduler="gradient",
+    )
+
+
+# -------------------------------------------------------------------------- build
+def build_executable(
+    mod: tvm.IRModule, target: tvm.target.Target, database: SqliteDatabase | None
+) -> Any:
+    """Fused kernels -> a Relax VM executable: tuned records where the database has them, a
+    rule-based default schedule elsewhere."""
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+
+    @tvm.transform.module_pass(opt_level=3)
+    def _pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        m = tvm.transform.Sequential(_fuse_passes())(m)
+        if database is not None:
+            m = MetaScheduleApplyDatabase(enable_warning=False)(m)
+        m = default_schedule(m, target)
+        return tvm.transform.Sequential(_lowering_passes(target))(m)
+
+    ctx_db = database if database is not None else ms.database.MemoryDatabase()
+    with target, ctx_db, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_pipeline)
+
+
+def _lowering_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Relax -> VM passes after scheduling (what `compile_relax` runs for CPU targets)."""
+    from tvm.relax import pipeline as relax_pipeline
+
+    try:
+        return [*relax_pipeline.dataflow_lower_passes(target),
+                *relax_pipeline.finalize_passes(target)]
+    except (ValueError, AttributeError):  # no per-target pipeline registered (cpu_generic)
+        t = relax.transform
+        return [t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(),
+                t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.LowerAllocTensor(),
+                t.KillAfterLastUse(), t.LowerRuntimeBuiltin(), t.ComputePrimValue(),
+                t.VMShapeLower(), t.AttachGlobalSymbol()]
+
+
+def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every kernel the database did not: DLight's rules, then a parallel+vectorize rule."""
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "cuda":
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                 dl.gpu.Fallback()]
+    else:
+        rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorize()]
+    return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+class ParallelVectorize(ScheduleRule):  # type: ignore[misc]
+    """CPU default for any kernel: inline what can be inlined, then run the outer loops of each
+    remaining block in parallel and vectorize the innermost spatial loop."""
+
+    def apply(self, func: Any, target: Any, _: bool) -> Any:
+        from tvm.s_tir import Schedule
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            return None
+        sch = Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        lanes = max(1, _vector_lanes(target))
+        cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
+        for info in infos:
+            _parallel_vectorize_block(sch, info, lanes, cores)
+        return sch
+
+
+def _vector_lanes(target: Any) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    return max(1, int(llvm_get_vector_width(target)) // 32)
+
+
+def _parallel_vectorize_block(sch: Any, info: Any, lanes: int, cores: int) -> None:
+    loops = sch.get_loops(info.block_rv)
+    kinds = info.dom_kind()
+    spatial = [lp for lp, k in zip(loops, kinds, strict=False) if k == "S"]
+    if not spatial or len(spatial) != len(loops) and kinds.index("R") < len(spatial):
+        # reduction loops interleaved before spatial ones: parallelise the leading spatial loops
+        lead = []
+        for lp, k in zip(loops, kinds, strict=False):
+            if k != "S":
+                break
+            lead.append(lp)
+        if lead:
+            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+        return
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    extent = _extent(sch, fused)
+    if info.is_injective() and extent is not None and extent >= lanes * 2 and extent % lanes == 0:
+        outer, inner = sch.split(fused, factors=[None, lanes])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    elif extent is None or extent >= cores:
+        sch.parallel(fused)
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tvm.tirx.IntImm) else None
+
+
+# ------------------------------------------------------------------------ runtime
+_ALIGNMENT = 64  # TVM's kAllocAlignment: compiled kernels may assume it
+
+
+def load_executable(path: str) -> Any:
+    return tvm.runtime.load_module(path)
+
+
+def make_vm(executable: Any, device_kind: str = "cpu") -> Any:
+    device = tvm.cuda() if device_kind == "cuda" else tvm.cpu()
+    return relax.VirtualMachine(executable, device)
+
+
+def torch_callable(vm: Any, name: str) -> Callable[..., list[Any]]:
+    """A VM function as a torch -> torch call, zero-copy through DLPack both ways."""
+    import torch
+
+    func = vm[name]
+    from_dlpack = tvm.runtime.from_dlpack
+    to_torch = torch.from_dlpack
+
+    def call(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        args = []
+        for t in tensors:
+            if not t.is_contiguous() or t.data_ptr() % _ALIGNMENT:
+                t = t.clone(memory_format=torch.contiguous_format)  # fresh, aligned storage
+            args.append(from_dlpack(t))
+        out = func(*args)
+        if isinstance(out, tvm.runtime.Tensor):
+            return [to_torch(out)]
+        return [to_torch(o) for o in out]
+
+    return call
+
+
+def export_executable(executable: Any, path: str) -> None:
+    executable.export_library(path)
