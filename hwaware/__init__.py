@@ -10,7 +10,7 @@ Public API (everything else is internal):
 """
 
 from hwaware.db import TuningDatabase
-from hwaware.pipeline import compile, tune
+from hwaware.pipeline import compile, tune  # noqa: A004 - mirrors torch.compile
 from hwaware.runtime import CompiledModel, load
 from hwaware.target import Target, get_target, list_targets
 

@@ -55,8 +55,8 @@ def kernel_inputs(program: Program, example_inputs: list[torch.Tensor]) -> dict[
     for slot, x in zip(program.input_slots, example_inputs, strict=True):
         slots[slot] = x
     captured: dict[str, list[Any]] = {}
-    from hwaware.runtime import _op_action, _torch_kernel_action
     from hwaware.program import KernelStep
+    from hwaware.runtime import _op_action, _torch_kernel_action
 
     with torch.no_grad():
         for step in program.steps:

@@ -69,7 +69,8 @@ def candidate_key(trace_json: str) -> str:
 class TuningDatabase:
     """A sqlite tuning database on disk (sqlite-utils, WAL, schema version)."""
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_DB_PATH, *, device: str | None = None):
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_DB_PATH, *,
+                 device: str | None = None):
         self.path = Path(path)
         self.device = device or socket.gethostname()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,12 +122,12 @@ class TuningDatabase:
         with self.db.conn:
             self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.db["workloads"].create(
+        self.db.table("workloads").create(
             {"hash": str, "tvm_version": str, "mod_json": str, "family": str, "shapes": str},
             pk=("hash", "tvm_version"),
             if_not_exists=True,
         )
-        self.db["records"].create(
+        self.db.table("records").create(
             {
                 "id": int, "workload_hash": str, "tvm_version": str, "target_key": str,
                 "candidate": str, "trace_json": str, "args_info_json": str, "run_secs": str,
@@ -136,14 +137,14 @@ class TuningDatabase:
             pk="id",
             if_not_exists=True,
         )
-        self.db["records"].create_index(
+        self.db.table("records").create_index(
             ["workload_hash", "tvm_version", "target_key", "candidate"], unique=True,
             if_not_exists=True,
         )
-        self.db["records"].create_index(
+        self.db.table("records").create_index(
             ["target_key", "workload_hash", "mean_us"], if_not_exists=True
         )
-        self.db["kernel_measurements"].create(
+        self.db.table("kernel_measurements").create(
             {
                 "id": int, "signature": str, "target_key": str, "impl": str, "run_us": float,
                 "device": str, "family": str, "created_at": float,
@@ -151,8 +152,10 @@ class TuningDatabase:
             pk="id",
             if_not_exists=True,
         )
-        self.db["kernel_measurements"].create_index(["target_key", "signature"], if_not_exists=True)
-        self.db["sessions"].create(
+        self.db.table("kernel_measurements").create_index(
+            ["target_key", "signature"], if_not_exists=True
+        )
+        self.db.table("sessions").create(
             {
                 "id": str, "target_key": str, "model": str, "trials": int, "device": str,
                 "started_at": float, "finished_at": float, "summary_json": str,
@@ -240,7 +243,8 @@ class TuningDatabase:
         )
         return [_row_from_cursor(cursor.description, r) for r in cursor.fetchall()]
 
-    def records_for_target(self, target_key: str, tvm_version: str | None = None) -> list[RecordRow]:
+    def records_for_target(self, target_key: str, tvm_version: str | None = None
+                           ) -> list[RecordRow]:
         sql = "SELECT * FROM records WHERE target_key = ?"
         args: list[Any] = [target_key]
         if tvm_version is not None:
@@ -254,7 +258,7 @@ class TuningDatabase:
         self, signature: str, target_key: str, impl: str, run_us: float, family: str
     ) -> None:
         with self.db.conn:
-            self.db["kernel_measurements"].insert({
+            self.db.table("kernel_measurements").insert({
                 "signature": signature, "target_key": target_key, "impl": impl,
                 "run_us": run_us, "device": self.device, "family": family,
                 "created_at": time.time(),
@@ -263,14 +267,14 @@ class TuningDatabase:
     # ---------------------------------------------------------------- sessions
     def start_session(self, session_id: str, target_key: str, model: str, trials: int) -> None:
         with self.db.conn:
-            self.db["sessions"].insert({
+            self.db.table("sessions").insert({
                 "id": session_id, "target_key": target_key, "model": model, "trials": trials,
                 "device": self.device, "started_at": time.time(),
             })
 
     def finish_session(self, session_id: str, summary_json: str) -> None:
         with self.db.conn:
-            self.db["sessions"].update(
+            self.db.table("sessions").update(
                 session_id, {"finished_at": time.time(), "summary_json": summary_json}
             )
 
@@ -314,7 +318,7 @@ class TuningDatabase:
             yield json.dumps({"kind": "record", **r}, sort_keys=True)
 
     def import_jsonl(self, path: str | os.PathLike[str]) -> dict[str, int]:
-        """Merge an export into this database; duplicates are skipped. Validates every line first."""
+        """Merge an export into this database (duplicates skipped); validates every line first."""
         lines = _read_jsonl(Path(path))
         added = {"workloads": 0, "records": 0, "duplicates": 0}
         for obj in lines:

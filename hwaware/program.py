@@ -117,7 +117,8 @@ class Program:
                 spec = self.kernels[step.kernel]
                 outs = ", ".join(f"v{i}" for i in step.outputs)
                 ins = ", ".join(f"v{i}" for i in step.inputs)
-                lines.append(f"    {outs}, = {step.kernel}({ins})  # {spec.family}, runs on {spec.impl}")
+                lines.append(f"    {outs}, = {step.kernel}({ins})"
+                             f"  # {spec.family}, runs on {spec.impl}")
             else:
                 lines.append(f"    v{step.out} = {_call_text(step)}")
         lines.append(f"    return {', '.join(f'v{i}' for i in self.output_slots)}")
@@ -125,7 +126,8 @@ class Program:
 
 
 def _call_text(step: OpStep) -> str:
-    args = [_arg_text(a) for a in step.args] + [f"{k}={_arg_text(v)}" for k, v in step.kwargs.items()]
+    args = [_arg_text(a) for a in step.args]
+    args += [f"{k}={_arg_text(v)}" for k, v in step.kwargs.items()]
     return f"{step.op}({', '.join(args)})"
 
 

@@ -71,7 +71,9 @@ class CompiledModel:
         for i, (x, spec) in enumerate(zip(flat, specs, strict=True)):
             want = f"{spec['dtype']}{spec['shape']}"
             if not isinstance(x, torch.Tensor):
-                raise InputMismatchError(f"input {i}: expected tensor {want}, got {type(x).__name__}")
+                raise InputMismatchError(
+                    f"input {i}: expected tensor {want}, got {type(x).__name__}"
+                )
             got = f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
             if got != want:
                 raise InputMismatchError(f"input {i}: expected {want}, got {got}")
@@ -86,7 +88,8 @@ class CompiledModel:
 
             vm = tvm_compat.make_vm(self.executable, self._device_kind)
         actions = [self._action(step, vm) for step in program.steps]
-        input_slots, output_slots, num = program.input_slots, program.output_slots, program.num_slots
+        input_slots, output_slots = program.input_slots, program.output_slots
+        num = program.num_slots
 
         def run(flat: list[Any]) -> list[Any]:
             slots: list[Any] = [None] * num
@@ -107,6 +110,8 @@ class CompiledModel:
             from hwaware import tvm_compat
 
             return _tvm_action(tvm_compat.torch_callable(vm, spec.name), step)
+        if not spec.steps:  # a kernel with no PyTorch steps (an ONNX graph) never runs in torch
+            return _no_torch_action(spec.name)
         return _torch_kernel_action(spec.steps, self.program.constants)
 
     # ---------------------------------------------------------------- report
@@ -187,6 +192,15 @@ def _torch_kernel_action(steps: list[OpStep], constants: dict[str, torch.Tensor]
     def action(slots: list[Any]) -> None:
         for a in actions:
             a(slots)
+
+    return action
+
+
+def _no_torch_action(kernel: str) -> Callable[[list[Any]], None]:
+    def action(slots: list[Any]) -> None:
+        raise RuntimeError(f"kernel {kernel} has no PyTorch implementation and its TVM library "
+                           "is not loaded (a build-only target, or a model saved without "
+                           "kernels.so): run it where the target's device is")
 
     return action
 

@@ -77,7 +77,9 @@ class SessionSummary:
 
 
 @dataclass
-class _Task:
+class TuningTask:
+    """One workload to tune: its name, TIR module, database key, family and the kernels using it."""
+
     name: str
     workload: Any
     workload_hash: str
@@ -87,19 +89,19 @@ class _Task:
 
 
 def extract_tasks(part: Partition, example_inputs: list[torch.Tensor], target: Target
-                  ) -> list[_Task]:
+                  ) -> list[TuningTask]:
     """The distinct contraction workloads of a partitioned model (shared ones tuned once)."""
     inputs = kernel_inputs(part.program, example_inputs)
     imported = import_kernels(part, inputs, target)
-    tasks: dict[str, _Task] = {}
+    tasks: dict[str, TuningTask] = {}
     for kname, kernel in imported.items():
         spec = part.program.kernels[kname]
         for whash in sorted(kernel.heavy):
             if whash in tasks:
                 tasks[whash].kernels.append(kname)
                 continue
-            tasks[whash] = _Task(f"{spec.family}_{whash[:10]}", kernel.workloads[whash], whash,
-                                 spec.family, [kname], spec.flops)
+            tasks[whash] = TuningTask(f"{spec.family}_{whash[:10]}", kernel.workloads[whash],
+                                      whash, spec.family, [kname], spec.flops)
     return list(tasks.values())
 
 
@@ -107,12 +109,24 @@ def tune(part: Partition, example_inputs: list[torch.Tensor], target: Target,
          db: TuningDatabase, trials: int, model_name: str = "",
          show_progress: bool = True) -> SessionSummary:
     """Tune every contraction workload of `part` within `trials` measurements in total."""
-    from hwaware import tvm_compat
+    require_runnable(target)
+    tasks = extract_tasks(part, example_inputs, target)
+    return tune_tasks(tasks, target, db, trials, model_name, show_progress)
 
+
+def require_runnable(target: Target) -> None:
+    """Tuning measures kernels: refuse a target whose kernels cannot run on this machine."""
     if not target.can_run_here:
         raise ValueError(f"target {target.name} cannot run on this machine; tuning measures "
                          "kernels, so tune on the device itself (or through the device farm)")
-    tasks = extract_tasks(part, example_inputs, target)
+
+
+def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
+               model_name: str = "", show_progress: bool = True) -> SessionSummary:
+    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
+    from hwaware import tvm_compat
+
+    require_runnable(target)
     session_id = uuid.uuid4().hex[:12]
     summary = SessionSummary(session_id, target.key, trials, 0, 0.0)
     if not tasks or trials <= 0:
@@ -132,7 +146,7 @@ def tune(part: Partition, example_inputs: list[torch.Tensor], target: Target,
             tvm_compat.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
-                num_trials_per_iter=min(TRIALS_PER_ITER, per_task),
+                num_trials_per_iter=_batch_size(per_task),
             )
     progress.close()
     summary.elapsed_s = time.time() - start
@@ -146,6 +160,13 @@ def tune(part: Partition, example_inputs: list[torch.Tensor], target: Target,
         ))
     db.finish_session(session_id, summary.to_json())
     return summary
+
+
+def _batch_size(per_task: int) -> int:
+    """Candidates per search round: bigger rounds amortise the search on big budgets."""
+    if per_task >= 8 * TRIALS_PER_ITER:
+        return 2 * TRIALS_PER_ITER
+    return min(TRIALS_PER_ITER, per_task)
 
 
 def _per_task_budget(trials: int, n_tasks: int) -> int:

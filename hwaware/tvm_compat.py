@@ -3,10 +3,11 @@
 Everything else in hwaware talks to TVM through the functions here, so a TVM upgrade touches one
 file. What it provides, in pipeline order:
 - `import_torch_program`: a torch ExportedProgram -> a Relax function.
+- `import_onnx`: an ONNX ModelProto -> a Relax module (weights bound as constants).
 - `fuse_for_tuning`: the exact five passes MetaSchedule's `compile_relax` runs before looking a
   kernel up in the database (tuning anything else gives records that silently never apply).
 - `SqliteDatabase`: MetaSchedule's database role, backed by hwaware's sqlite file.
-- `RecordingCallback`: commits each measured candidate as it is measured and drives the progress bar.
+- `RecordingCallback`: commits each candidate as it is measured; drives the progress bar.
 - `fast_build`: a builder function that skips the 55-second tensor-intrinsics import in workers.
 - `build_executable`: tuned records -> a Relax VM executable, with a rule-based default schedule
   for kernels that have no record (never an unscheduled kernel).
@@ -55,7 +56,7 @@ def check_versions() -> None:
 # ---------------------------------------------------------------- import-time patch
 def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
     """`inspect.stack()` without reading source files: TVMScript only needs the frames."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     frames = []
     while frame is not None:
         frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
@@ -78,10 +79,11 @@ def import_tensor_intrinsics() -> None:
 
 def fast_build(mod: tvm.IRModule, target: tvm.target.Target, _params: Any) -> Any:
     """MetaSchedule builder function: the default one minus the tensor-intrinsics import."""
+    from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.compile(mod, target=target)
+    return tvm_build(mod, target=target)
 
 
 # ------------------------------------------------------------------------- targets
@@ -99,6 +101,18 @@ def import_torch_program(exported: Any) -> relax.Function:
 
     mod = from_exported_program(exported, keep_params_as_input=False)
     return mod["main"]
+
+
+def import_onnx(model: Any, shapes: dict[str, list[int]], dtypes: dict[str, str],
+                name: str = "main") -> tvm.IRModule:
+    """An ONNX ModelProto -> a Relax module whose entry function is `name`, weights bound as
+    constants. The module may also hold TIR functions the importer emitted for some ops."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+    functions = {gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}
+    functions[tvm.ir.GlobalVar(name)] = mod["main"].with_attr("global_symbol", name)
+    return tvm.IRModule(functions)
 
 
 def supported_aten_ops() -> set[str]:
@@ -152,6 +166,16 @@ def workload_hash(workload: tvm.IRModule) -> str:
 
 def workload_json(workload: tvm.IRModule) -> str:
     return json.dumps(ms.database.Workload(workload).as_json())
+
+
+def workload_flops(workload: tvm.IRModule) -> int:
+    """Floating-point operations of one run of a workload (0 where TVM cannot count them)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return int(estimate_tir_flops(workload))
+    except Exception:  # informational only: the analysis rejects some loop nests
+        return 0
 
 
 def is_contraction(workload: tvm.IRModule) -> bool:
@@ -214,6 +238,19 @@ class SqliteDatabase(ms.database.PyDatabase):
         return len(self.db.records_for_target(self.target_key, TVM_VERSION))
 
 
+def plain_json(obj: Any) -> Any:
+    """TVM containers and immediates (Array, Map, IntImm, ...) -> plain JSON-able Python."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+        return obj.value
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(plain_json(k)): plain_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or hasattr(obj, "__iter__"):
+        return [plain_json(x) for x in obj]
+    return str(obj)
+
+
 def _record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],
                 error: str | None, device: str, session_id: str | None) -> RecordRow:
     ok = error is None and run_secs and max(run_secs) < FAILED_RUN_SECS
@@ -248,8 +285,8 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
             error = built.error_msg or ran.error_msg
             run_secs = [float(s) for s in ran.run_secs] if ran.run_secs else [FAILED_RUN_SECS]
             row = _record_row(
-                whash, self.database.target_key, cand.sch.trace.as_json(),
-                [a.as_json() for a in cand.args_info], run_secs,
+                whash, self.database.target_key, plain_json(cand.sch.trace.as_json()),
+                [plain_json(a.as_json()) for a in cand.args_info], run_secs,
                 str(error)[-2000:] if error else None, self.database.db.device, self.session_id,
             )
             self.database.db.commit_record(row)
@@ -270,15 +307,22 @@ def tune_workloads(
     num_trials_per_iter: int = 16,
     runner_timeout_s: float = 10.0,
     builder_timeout_s: float = 60.0,
+    population: int = 256,
 ) -> None:
-    """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads."""
+    """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
+
+    The search population is half MetaSchedule's default: on a 2-core machine each generation
+    of 512 costs ~6 s of feature extraction, as much as building the batch it picks."""
     import_tensor_intrinsics()
     cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
     names = sorted(workloads)
     contexts = [
         ms.TuneContext(
             mod=workloads[n], target=target, space_generator="post-order-apply",
-            search_strategy="evolutionary", task_name=n, num_threads=cores,
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=population, genetic_num_iters=3, init_min_unmeasured=32,
+            ),
+            task_name=n, num_threads=cores,
             logger=logging.getLogger(f"hwaware.ms.{n}"),
         )
         for n in names
@@ -343,7 +387,7 @@ def _lowering_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 
 def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every kernel the database did not: DLight's rules, then a parallel+vectorize rule."""
+    """Schedule every kernel the database did not: DLight's rules, then parallel+vectorize."""
     from tvm.s_tir import dlight as dl
 
     if target.kind.name == "cuda":

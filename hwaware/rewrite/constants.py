@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -16,7 +18,9 @@ def fold_constants(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not _foldable(node):
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _value(gm, n))
+        args, kwargs = fx.node.map_aggregate(
+            (node.args, node.kwargs), lambda a: _value(gm, a) if isinstance(a, fx.Node) else a
+        )
         with torch.no_grad():
             value = node.target(*args, **kwargs)  # type: ignore[operator]
         if not isinstance(value, torch.Tensor):
@@ -40,5 +44,5 @@ def _foldable(node: fx.Node) -> bool:
     return bool(inputs) and all(n.op == "get_attr" for n in inputs)
 
 
-def _value(gm: fx.GraphModule, node: fx.Node) -> object:
+def _value(gm: fx.GraphModule, node: fx.Node) -> Any:
     return _getattr_path(gm, str(node.target))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -47,7 +48,7 @@ def _getattr_path(gm: fx.GraphModule, target: str) -> object:
 
 def _bn_params(gm: fx.GraphModule, bn: fx.Node) -> tuple[list[torch.Tensor | None], float, bool]:
     if bn.target is torch.ops.aten.batch_norm.default:
-        args = list(bn.args) + [None] * 9
+        args: list[Any] = list(bn.args) + [None] * 9
         training, eps = bool(args[5]), float(args[7])
     else:
         args = list(bn.args)

@@ -1,0 +1,162 @@
+"""The `hwaware` command line: a thin layer over the public API.
+
+    hwaware targets [--json]
+    hwaware tune MODEL [--target T] [--trials N] [--db PATH]
+    hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
+    hwaware db stats|export FILE|import FILE [--db PATH]
+    hwaware demo [--trials N] [--db PATH]
+
+MODEL is an ONNX file (`model.onnx`), a model of the built-in zoo (`resnet_basic_block`; see
+`hwaware.zoo`), or `package.module:function` naming a function that returns
+`(model, example_inputs)`. Heavy imports (torch, tvm) happen only inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hwaware.db import DEFAULT_DB_PATH
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"hwaware: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hwaware", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("targets", help="list the hardware targets")
+    t.add_argument("--json", action="store_true", help="print each target's full description")
+    t.set_defaults(func=cmd_targets)
+
+    for name, func, helptext in (("tune", cmd_tune, "run a tuning session"),
+                                 ("compile", cmd_compile, "compile and save a model")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("model", help="model.onnx, a zoo model name, or package.module:function")
+        c.add_argument("--target", default="host")
+        c.add_argument("--trials", type=int, default=200 if name == "tune" else 0)
+        c.add_argument("--db", default=str(DEFAULT_DB_PATH))
+        if name == "compile":
+            c.add_argument("--out", required=True, help="folder to save the compiled model in")
+        c.set_defaults(func=func)
+
+    d = sub.add_parser("db", help="inspect or move the tuning database")
+    d.add_argument("action", choices=["stats", "export", "import"])
+    d.add_argument("file", nargs="?", help="the JSONL file for export/import")
+    d.add_argument("--db", default=str(DEFAULT_DB_PATH))
+    d.set_defaults(func=cmd_db)
+
+    m = sub.add_parser("demo", help="tune, compile and time a sample network on this CPU")
+    m.add_argument("--model", default="resnet_basic_block")
+    m.add_argument("--trials", type=int, default=None, help="tuning budget (default: the demo's)")
+    m.add_argument("--db", default=str(DEFAULT_DB_PATH))
+    m.add_argument("--skip-inductor", action="store_true")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from hwaware.target import get_target, list_targets
+
+    for name in list_targets():
+        target = get_target(name)
+        if args.json:
+            print(target.to_json())
+            continue
+        where = "runs here" if target.can_run_here else "build only"
+        print(f"{name:<12} {target.key:<40} {target.peak_fp32_gflops:>9.1f} GFLOP/s  "
+              f"{target.mem_bandwidth_gbs:>7.1f} GB/s  {where:<10}  {target.description}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import hwaware
+
+    if _is_onnx(args.model):
+        from hwaware.onnx_import import tune_onnx
+
+        summary = tune_onnx(Path(args.model), target=args.target, db=args.db, trials=args.trials,
+                            show_progress=True)
+    else:
+        model, inputs = resolve_model(args.model)
+        summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db)
+    print(summary.table())
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import hwaware
+
+    if _is_onnx(args.model):
+        compiled = hwaware.compile(args.model, target=args.target, db=args.db, trials=args.trials)
+    else:
+        model, inputs = resolve_model(args.model)
+        compiled = hwaware.compile(model, inputs, target=args.target, db=args.db,
+                                   trials=args.trials)
+    out = compiled.save(args.out)
+    print(compiled.report())
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from hwaware.db import TuningDatabase
+
+    if args.action != "stats" and not args.file:
+        raise ValueError(f"'hwaware db {args.action}' needs a FILE argument")
+    if args.action == "import" and not Path(args.file).exists():
+        raise FileNotFoundError(f"{args.file}: no such file")
+    with TuningDatabase(args.db) as db:
+        if args.action == "stats":
+            print(json.dumps(db.stats(), indent=1))
+        elif args.action == "export":
+            print(f"exported {db.export_jsonl(args.file)} lines to {args.file}")
+        else:
+            print(json.dumps(db.import_jsonl(args.file)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hwaware.demo import run_demo
+
+    return run_demo(model_name=args.model, trials=args.trials, db_path=args.db,
+                    with_inductor=not args.skip_inductor)
+
+
+def resolve_model(spec: str) -> tuple[Any, tuple[Any, ...]]:
+    """A zoo name or `package.module:function` -> (model, example_inputs)."""
+    if ":" in spec:
+        module_name, _, func_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot load model factory {spec!r}: {err}") from err
+        model, inputs = factory()
+        return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    from hwaware.zoo import get_model
+
+    return get_model(spec)
+
+
+def _is_onnx(spec: str) -> bool:
+    return spec.endswith(".onnx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""ONNX frontend: an ONNX file gets the same tuning, database and runtime as a PyTorch model.
+
+Stage: replaces 1-3 (capture, rewrite, partition) for ONNX files, then joins 4-6. Goes in: the
+path of an `.onnx` file (weights inline, or as external data beside it), a target, the tuning
+database and a trial budget. Comes out: a `CompiledModel` (torch tensors in and out, `save` and
+`hwaware.load` as for any model) or a `SessionSummary`.
+
+The whole graph becomes one kernel of the host program. It has no PyTorch steps, so it always runs
+on TVM. Its fused contraction workloads (convolutions, matmuls) are the tuning tasks. The session
+in `tune.py` tunes them and writes the records to the same database as PyTorch models' kernels.
+
+Security: a tensor stored as external data may only name a file inside the model's folder. Every
+location is checked before any external data is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx.external_data_helper import load_external_data_for_model
+from torch.utils import _pytree as pytree
+
+from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.pipeline import DbArg, open_db
+from hwaware.program import KernelSpec, KernelStep, Program
+from hwaware.runtime import BuildInfo, CompiledModel
+from hwaware.target import Target, get_target
+from hwaware.tune import SessionSummary, TuningTask, require_runnable, tune_tasks
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "onnx_graph"
+FAMILY = "onnx"
+_FAMILY_WORDS = ("conv1d", "conv2d", "conv3d", "conv", "matmul", "dense", "attention")
+
+ShapesArg = Mapping[str, Sequence[int]] | None
+
+
+class OnnxImportError(ValueError):
+    """An ONNX file that cannot be loaded or imported (safely)."""
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """One input of the ONNX graph, with the static shape the model is compiled for."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch/numpy name: "float32", "int64", ...
+
+
+@dataclass
+class ImportedOnnx:
+    """An ONNX graph as one Relax kernel, with the contraction workloads to tune."""
+
+    name: str
+    inputs: list[GraphInput]
+    num_outputs: int
+    module: Any  # tvm.IRModule, not fused: `build_executable` fuses it as it tunes it
+    tasks: list[TuningTask]
+    signature: str
+    flops: int
+
+
+# ------------------------------------------------------------------------ public verbs
+def compile_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
+                 db: DbArg = DEFAULT_DB_PATH, trials: int = 0, show_progress: bool = True,
+                 input_shapes: ShapesArg = None) -> CompiledModel:
+    """Compile an ONNX file for `target`; tune its contraction workloads first if `trials` > 0."""
+    tgt = get_target(target)
+    database = open_db(db)
+    imported = import_onnx_file(path, tgt, input_shapes)        # ONNX -> one Relax kernel
+    if trials > 0 and database is not None:                     # 4. tune into the database
+        summary = tune_tasks(imported.tasks, tgt, database, trials, imported.name, show_progress)
+        log.info("%s", summary.table())
+    return build_onnx(imported, tgt, database)                  # 5. records -> library; 6. run
+
+
+def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
+              db: DbArg = DEFAULT_DB_PATH, trials: int = 200, show_progress: bool = True,
+              input_shapes: ShapesArg = None) -> SessionSummary:
+    """Run a tuning session over an ONNX file's contraction workloads (records go to `db`)."""
+    tgt = get_target(target)
+    database = open_db(db)
+    if database is None:
+        raise ValueError("tuning needs a database (db=None was given)")
+    require_runnable(tgt)
+    imported = import_onnx_file(path, tgt, input_shapes)
+    return tune_tasks(imported.tasks, tgt, database, trials, imported.name, show_progress)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse an ONNX file; external data is read only after every location has been checked."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such ONNX file")
+    model = _parse(file)
+    folder = file.parent.resolve()
+    check_external_data(model, folder)
+    if any(_is_external(t) for t in _all_tensors(model)):
+        try:
+            load_external_data_for_model(model, str(folder))
+        except (OSError, ValueError) as err:
+            raise OnnxImportError(f"{file}: cannot read its external data: {err}") from err
+    return model
+
+
+def _parse(file: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as err:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise OnnxImportError(f"{file}: not an ONNX model (it does not parse as one: "
+                              f"{type(err).__name__})") from err
+    if model.ir_version < 3 or not model.graph.output:
+        raise OnnxImportError(f"{file}: not an ONNX model, or one older than ONNX 1.1 "
+                              f"(IR version {model.ir_version}, "
+                              f"{len(model.graph.output)} graph outputs)")
+    return model
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external-data locations that leave `folder` (absolute, `..`, escaping symlinks)."""
+    for tensor in _all_tensors(model):
+        if _is_external(tensor):
+            _check_inside(tensor.name, _location(tensor), folder)
+
+
+def _check_inside(tensor: str, location: str, folder: Path) -> None:
+    if not location:
+        raise OnnxImportError(f"tensor {tensor!r}: external data without a location")
+    try:
+        resolved = (folder / location).resolve()
+    except (OSError, ValueError) as err:  # null bytes, symlink loops
+        raise OnnxImportError(f"tensor {tensor!r}: bad external data location "
+                              f"{location!r}: {err}") from err
+    if Path(location).is_absolute() or not resolved.is_relative_to(folder):
+        raise OnnxImportError(
+            f"tensor {tensor!r}: external data location {location!r} resolves to {resolved}, "
+            f"outside the model's folder {folder}; refusing to read it"
+        )
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return bool(tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((str(e.value) for e in tensor.external_data if e.key == "location"), "")
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers (sparse ones too), node attributes, subgraphs
+    and local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for sp in [*sparse, *attr.sparse_tensors]:
+            yield from (sp.values, sp.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+# ----------------------------------------------------------------------------- inputs
+def graph_inputs(model: onnx.ModelProto, input_shapes: ShapesArg = None) -> list[GraphInput]:
+    """The graph's runtime inputs (not its initializers), each with a static shape."""
+    initializers = {t.name for t in model.graph.initializer}
+    infos = [vi for vi in model.graph.input if vi.name not in initializers]
+    overrides = dict(input_shapes or {})
+    unknown = sorted(set(overrides) - {vi.name for vi in infos})
+    if unknown:
+        raise ValueError(f"input_shapes names {unknown}, which are not inputs of the graph; "
+                         f"its inputs are {[vi.name for vi in infos]}")
+    return [_graph_input(vi, overrides.get(vi.name)) for vi in infos]
+
+
+def _graph_input(vi: onnx.ValueInfoProto, override: Sequence[int] | None) -> GraphInput:
+    if not vi.type.HasField("tensor_type"):
+        raise OnnxImportError(f"input {vi.name!r} is a {vi.type.WhichOneof('value')}, not a "
+                              "tensor; only tensor inputs are supported")
+    dtype = _dtype_name(vi.name, vi.type.tensor_type.elem_type)
+    if override is not None:
+        shape = tuple(int(d) for d in override)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"input_shapes[{vi.name!r}] = {list(shape)} has a negative size")
+        return GraphInput(vi.name, shape, dtype)
+    return GraphInput(vi.name, _static_shape(vi), dtype)
+
+
+def _static_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...]:
+    tensor_type = vi.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        dims_text = "of unknown rank"
+    else:
+        dims = list(tensor_type.shape.dim)
+        if all(d.HasField("dim_value") for d in dims):
+            return tuple(int(d.dim_value) for d in dims)
+        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        dims_text = f"with dynamic dimensions {shown}"
+    raise OnnxImportError(
+        f"input {vi.name!r} has a shape {dims_text}; export the model with static shapes "
+        f"(torch.onnx.export without dynamic_axes/dynamic_shapes), or pass "
+        f"input_shapes={{{vi.name!r}: [...]}}"
+    )
+
+
+def _dtype_name(name: str, elem_type: int) -> str:
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError) as err:
+        raise OnnxImportError(f"input {name!r} has an unsupported element type "
+                              f"{onnx.TensorProto.DataType.Name(elem_type)}") from err
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise OnnxImportError(f"input {name!r} has element type {dtype}, which torch lacks")
+    return str(dtype)
+
+
+# ---------------------------------------------------------------------------- importing
+def import_onnx_file(path: str | os.PathLike[str], target: Target,
+                     input_shapes: ShapesArg = None) -> ImportedOnnx:
+    """Load, check and import an ONNX file; find the contraction workloads its build holds."""
+    from hwaware import tvm_compat
+
+    file = Path(path)
+    model = load_onnx(file)
+    inputs = graph_inputs(model, input_shapes)
+    try:
+        module = tvm_compat.import_onnx(model, {i.name: list(i.shape) for i in inputs},
+                                        {i.name: i.dtype for i in inputs}, KERNEL_NAME)
+    except Exception as err:  # the importer raises many error types
+        raise OnnxImportError(f"{file}: TVM's ONNX importer failed: "
+                              f"{type(err).__name__}: {err}") from err
+    fused = tvm_compat.fuse_for_tuning(module, tvm_compat.tvm_target(target.tvm, target.host_tvm))
+    workloads = fused_workloads(fused)
+    return ImportedOnnx(
+        name=file.stem, inputs=inputs, num_outputs=len(model.graph.output), module=module,
+        tasks=contraction_tasks(workloads), signature=_signature(model, inputs),
+        flops=sum(tvm_compat.workload_flops(w) for _, w in workloads.values()),
+    )
+
+
+def fused_workloads(fused: Any) -> dict[str, tuple[str, Any]]:
+    """Workload hash -> (fused function name, MetaSchedule workload), for every TIR kernel."""
+    from hwaware import tvm_compat
+
+    workloads: dict[str, tuple[str, Any]] = {}
+    for fname, func in sorted(tvm_compat.prim_funcs(fused).items()):
+        workload = tvm_compat.workload_of(func)
+        workloads.setdefault(tvm_compat.workload_hash(workload), (fname, workload))
+    return workloads
+
+
+def contraction_tasks(workloads: dict[str, tuple[str, Any]]) -> list[TuningTask]:
+    """The workloads that need a tuned schedule (convolutions, matmuls) as tuning tasks."""
+    from hwaware import tvm_compat
+
+    tasks = []
+    for key, (fname, workload) in workloads.items():
+        if tvm_compat.is_contraction(workload):
+            family = _family(fname)
+            tasks.append(TuningTask(f"{family}_{key[:10]}", workload, key, family, [KERNEL_NAME],
+                                    tvm_compat.workload_flops(workload)))
+    return tasks
+
+
+def _family(fused_name: str) -> str:
+    """"fused_conv2d_add_relu" -> "conv2d"; "matmul1" -> "matmul"."""
+    found = next((w for w in _FAMILY_WORDS if w in fused_name), "contraction")
+    return "matmul" if found == "dense" else found
+
+
+def _signature(model: onnx.ModelProto, inputs: list[GraphInput]) -> str:
+    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    digest.update(repr([(i.name, i.shape, i.dtype) for i in inputs]).encode())
+    return f"onnx:{digest.hexdigest()[:16]}"
+
+
+# ----------------------------------------------------------------------------- building
+def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
+               ) -> CompiledModel:
+    """Tuned records (rule-based defaults elsewhere) -> library -> one-kernel `CompiledModel`."""
+    from hwaware import tvm_compat
+
+    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    _warn_untuned(imported.tasks, db, target)
+    executable = tvm_compat.build_executable(imported.module, tgt, adapter)
+    info = BuildInfo(target.name, target.key, [], {})
+    return CompiledModel(onnx_program(imported), executable, info, target.kind)
+
+
+def _warn_untuned(tasks: list[TuningTask], db: TuningDatabase | None, target: Target) -> None:
+    from hwaware.tvm_compat import TVM_VERSION
+
+    untuned = [t.name for t in tasks
+               if db is None or not db.top_records(t.workload_hash, TVM_VERSION, target.key, 1)]
+    if untuned:
+        log.warning("%d of %d ONNX contraction workloads have no tuned record for %s (%s); they "
+                    "get a rule-based schedule, usually much slower: tune with trials > 0",
+                    len(untuned), len(tasks), target.key, ", ".join(untuned[:4]))
+
+
+def onnx_program(imported: ImportedOnnx) -> Program:
+    """The host program: inputs -> the one TVM kernel -> outputs (a tensor, or a tuple)."""
+    n_in, n_out = len(imported.inputs), imported.num_outputs
+    in_slots, out_slots = list(range(n_in)), list(range(n_in, n_in + n_out))
+    spec = KernelSpec(KERNEL_NAME, FAMILY, imported.signature, in_slots, out_slots, steps=[],
+                      impl="tvm", flops=imported.flops)
+    out_spec = pytree.tree_flatten(0 if n_out == 1 else tuple(range(n_out)))[1]
+    return Program(
+        input_slots=in_slots,
+        input_specs=[{"shape": list(i.shape), "dtype": i.dtype} for i in imported.inputs],
+        output_slots=out_slots, out_spec=pytree.treespec_dumps(out_spec),
+        steps=[KernelStep(KERNEL_NAME, in_slots, out_slots)], kernels={KERNEL_NAME: spec},
+        num_slots=n_in + n_out,
+    )
