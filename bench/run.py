@@ -14,6 +14,7 @@ transformer_encoder_layer,gcn_2layer --trials 2000 --db tuning_logs/bench.db \
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,17 @@ def first_line(err: BaseException) -> str:
 
 
 def library_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    """The hwaware warnings worth a note (unsupported ops, kernels that fell back)."""
-    return sorted({str(w.message) for w in caught if "hwaware" in str(w.message)})
+    """The hwaware warnings worth a note: ops left on the host, kernels that fell back."""
+    host_ops, other = set(), set()
+    for w in caught:
+        text = str(w.message)
+        m = re.match(r"hwaware: TVM cannot import (.+?); it runs in PyTorch", text)
+        if m:
+            host_ops.add(m.group(1))
+        elif "hwaware" in text:
+            other.add(text)
+    notes = [f"on host: {', '.join(sorted(host_ops))}"] if host_ops else []
+    return notes + sorted(other)
 
 
 # --------------------------------------------------------------------------------- peers
@@ -108,13 +118,28 @@ def make_inductor(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> I
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> str:
     """Export with the torch.export-based exporter, else the TorchScript one; return which."""
     try:
-        torch.onnx.export(model, inputs, str(path), dynamo=True)
+        with quiet():
+            torch.onnx.export(model, inputs, str(path), dynamo=True)
         return "dynamo exporter"
     except Exception:  # e.g. onnxscript not installed, or an op it cannot export
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             torch.onnx.export(model, inputs, str(path), dynamo=False)
         return "torchscript exporter"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence warnings and file descriptor 1 (exporters dump whole graphs there on failure)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Path) -> Impl:
@@ -171,7 +196,9 @@ def run_tuning(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], trials:
     if trials <= 0:
         return "no tuning (trials 0)"
     try:
-        summary = hwaware.tune(model, inputs, trials=trials, db=db)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the compile after tuning reports them
+            summary = hwaware.tune(model, inputs, trials=trials, db=db)
     except Exception as err:
         return f"tuning failed: {first_line(err)}"
     print(summary.table())
@@ -212,7 +239,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> ModelResult:
     with torch.no_grad():
         expected = model(*inputs)
     eager = make_eager(model, inputs)
-    if ZOO[name].family == "gnn":
+    if any(type(m).__module__.startswith("torch_geometric") for m in model.modules()):
         eager.note = "PyTorch Geometric"
     result.impls.append(eager)
     if not args.skip_inductor:
@@ -245,11 +272,11 @@ def _mark(correct: bool | None) -> str:
 def markdown(results: list[ModelResult], args: argparse.Namespace) -> str:
     lines = [
         "# hwaware benchmark", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.processor() or '?'} "
-        f"{platform.machine()}, {CORES} cores; threads per runtime: {CORES}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {_cpu_name()}, {CORES} cores; "
+        f"threads per runtime: {CORES}",
         f"- torch {torch.__version__}, hwaware {hwaware.__version__}, {_versions()}",
         f"- batch 1; {'small' if args.small else 'full'} shapes; medians of {args.repeats} "
-        f"calls; tuning budget {args.trials} trials per model (db {args.db})",
+        f"calls; {_budget(args)}",
         f"- ratio = eager ms / impl ms (>1 is faster than eager); correct = allclose to eager "
         f"(rtol {RTOL}, atol {ATOL})", "",
         "| model | implementation | interleaved ms | vs eager | solo ms | vs eager (solo) "
@@ -267,6 +294,22 @@ def markdown(results: list[ModelResult], args: argparse.Namespace) -> str:
             )
     notes = [f"- {r.name}: {n}" for r in results for n in r.notes]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _budget(args: argparse.Namespace) -> str:
+    if args.skip_tuned:
+        return "no tuning"
+    return f"tuning budget {args.trials} trials per model (db {args.db})"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions() -> str:

@@ -117,7 +117,8 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
     mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()})
-    executable = tvm_compat.build_executable(mod, tgt, adapter)
+    executable, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    info.tuned_workloads = sorted(applied)
     if not target.can_run_here:
         for name in candidates:  # build-only target: the library is for the device
             program.kernels[name].impl = "tvm"

@@ -311,8 +311,8 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
     _warn_untuned(imported.tasks, db, target)
-    executable = tvm_compat.build_executable(imported.module, tgt, adapter)
-    info = BuildInfo(target.name, target.key, [], {})
+    executable, applied = tvm_compat.build_executable(imported.module, tgt, adapter)
+    info = BuildInfo(target.name, target.key, [], {}, sorted(applied))
     return CompiledModel(onnx_program(imported), executable, info, target.kind)
 
 

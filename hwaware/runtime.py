@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class BuildInfo:
     target_key: str
     host_ops: list[str]
     rewrites: dict[str, int]
+    tuned_workloads: list[str] = field(default_factory=list)
 
 
 class CompiledModel:
@@ -123,7 +124,8 @@ class CompiledModel:
         lines = [
             f"target {self.info.target_name} ({self.info.target_key})",
             f"{len(kernels)} kernels ({on_tvm} on TVM, {len(kernels) - on_tvm} on PyTorch), "
-            f"{host_steps} host ops, {on_tvm} TVM calls per inference",
+            f"{host_steps} host ops, {on_tvm} TVM calls per inference, "
+            f"{len(self.info.tuned_workloads)} fused workloads with tuned records",
         ]
         if self.info.host_ops:
             lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
@@ -166,7 +168,8 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
         from hwaware import tvm_compat
 
         executable = tvm_compat.load_executable(str(src / LIBRARY_FILE))
-    info = BuildInfo(meta["target_name"], meta["target_key"], meta["host_ops"], meta["rewrites"])
+    info = BuildInfo(meta["target_name"], meta["target_key"], meta["host_ops"], meta["rewrites"],
+                     meta.get("tuned_workloads", []))
     return CompiledModel(program, executable, info, meta["device_kind"])
 
 

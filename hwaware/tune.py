@@ -59,6 +59,7 @@ class SessionSummary:
     trials_requested: int
     trials_measured: int
     elapsed_s: float
+    remeasured: int = 0
     tasks: list[TaskSummary] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -151,6 +152,7 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
+    summary.remeasured = progress.remeasured
     for t in tasks:
         best = db.top_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key, 1)
         now = db.count_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key)
@@ -183,12 +185,14 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.done = 0
+        self.remeasured = 0  # candidates measured again although the database had them
         self.best: dict[str, float] = {}
         self.bar = tqdm(total=total, unit="trial", desc="tuning", disable=not enabled,
                         dynamic_ncols=True)
 
-    def update(self, task: str, measured: int, best_us: float | None) -> None:
+    def update(self, task: str, measured: int, new: int, best_us: float | None) -> None:
         self.done += measured
+        self.remeasured += measured - new
         if best_us is not None:
             self.best[task] = min(best_us, self.best.get(task, math.inf))
         self.bar.update(measured)

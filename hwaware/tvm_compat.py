@@ -268,7 +268,7 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
     """Commits every measured candidate (failed ones too, with their error) as it is measured."""
 
     def __init__(self, database: SqliteDatabase, session_id: str,
-                 on_measured: Callable[[str, int, float | None], None]):
+                 on_measured: Callable[[str, int, int, float | None], None]):
         super().__init__()
         self.database = database
         self.session_id = session_id
@@ -280,6 +280,7 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
         workload = self.database.commit_workload(task.mod)
         whash = workload_hash(workload.mod)
         best: float | None = None
+        new = 0
         for cand, built, ran in zip(measure_candidates, builder_results, runner_results,
                                     strict=True):
             error = built.error_msg or ran.error_msg
@@ -289,10 +290,10 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
                 [plain_json(a.as_json()) for a in cand.args_info], run_secs,
                 str(error)[-2000:] if error else None, self.database.db.device, self.session_id,
             )
-            self.database.db.commit_record(row)
+            new += self.database.db.commit_record(row)
             if row.mean_us is not None:
                 best = row.mean_us if best is None else min(best, row.mean_us)
-        self.on_measured(str(task.task_name), len(measure_candidates), best)
+        self.on_measured(str(task.task_name), len(measure_candidates), new, best)
 
 
 # ------------------------------------------------------------------------- tuning
@@ -302,12 +303,13 @@ def tune_workloads(
     target: tvm.target.Target,
     database: SqliteDatabase,
     session_id: str,
-    on_measured: Callable[[str, int, float | None], None],
+    on_measured: Callable[[str, int, int, float | None], None],
     work_dir: str,
     num_trials_per_iter: int = 16,
     runner_timeout_s: float = 10.0,
     builder_timeout_s: float = 60.0,
     population: int = 256,
+    f_build: Callable[[Any, Any, Any], Any] | None = None,
 ) -> None:
     """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
 
@@ -340,7 +342,7 @@ def tune_workloads(
         max_trials_global=total,
         max_trials_per_task=max(budgets.values()),
         num_trials_per_iter=num_trials_per_iter,
-        builder=ms.builder.LocalBuilder(f_build=fast_build, max_workers=cores,
+        builder=ms.builder.LocalBuilder(f_build=f_build or fast_build, max_workers=cores,
                                         timeout_sec=builder_timeout_s),
         runner=ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
         database=database,
@@ -353,22 +355,34 @@ def tune_workloads(
 # -------------------------------------------------------------------------- build
 def build_executable(
     mod: tvm.IRModule, target: tvm.target.Target, database: SqliteDatabase | None
-) -> Any:
+) -> tuple[Any, set[str]]:
     """Fused kernels -> a Relax VM executable: tuned records where the database has them, a
-    rule-based default schedule elsewhere."""
+    rule-based default schedule elsewhere. Also returns the hashes of the workloads that got a
+    tuned record, so callers can check that tuning applied (it fails silently otherwise)."""
     from tvm.relax.transform import MetaScheduleApplyDatabase
+
+    applied: set[str] = set()
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         m = tvm.transform.Sequential(_fuse_passes())(m)
         if database is not None:
+            hashes = {n: workload_hash(workload_of(f)) for n, f in prim_funcs(m).items()}
             m = MetaScheduleApplyDatabase(enable_warning=False)(m)
+            applied.update(hashes[n] for n, f in prim_funcs(m).items()
+                           if n in hashes and _is_scheduled(f))
         m = default_schedule(m, target)
         return tvm.transform.Sequential(_lowering_passes(target))(m)
 
     ctx_db = database if database is not None else ms.database.MemoryDatabase()
     with target, ctx_db, tvm.transform.PassContext(opt_level=3):
-        return relax.build(mod, target=target, relax_pipeline=_pipeline)
+        executable = relax.build(mod, target=target, relax_pipeline=_pipeline)
+    return executable, applied
+
+
+def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
+    return bool(func.attrs) and "tirx.is_scheduled" in func.attrs and \
+        int(func.attrs["tirx.is_scheduled"]) == 1
 
 
 def _lowering_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
