@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import fx
 
 from hwaware.db import DEFAULT_DB_PATH
@@ -57,19 +56,9 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
     captured, kept = capture_dynamo_graph(gm, list(example_inputs))
     compiled = compile_captured(captured, target, open_db(opts["db"]), int(opts["trials"]),
                                 bool(opts["show_progress"]))
-    single = not isinstance(_dynamo_output_structure(gm), (tuple, list))
 
     def run(*args: Any) -> Any:
-        out = compiled(*[args[i] for i in kept])
-        return out if not single else out
+        return compiled(*[args[i] for i in kept])
 
     run.hwaware_compiled = compiled  # type: ignore[attr-defined]
     return run
-
-
-def _dynamo_output_structure(gm: fx.GraphModule) -> Any:
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    return output.args[0]
-
-
-_ = torch

@@ -106,9 +106,15 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     """Build the library and choose, per kernel, TVM or PyTorch (see module docstring)."""
     from hwaware import tvm_compat
 
-    program = part.program
-    inputs = kernel_inputs(program, example_inputs)
+    inputs = kernel_inputs(part.program, example_inputs)
     imported = import_kernels(part, inputs, target)
+    untuned = {part.program.kernels[n].signature for n, k in imported.items()
+               if not _has_schedules(k, db, target)}
+    if untuned:  # run those contractions in PyTorch, their epilogues on TVM
+        part = part.unfuse(untuned)
+        inputs = kernel_inputs(part.program, example_inputs)
+        imported = import_kernels(part, inputs, target)
+    program = part.program
     candidates = {n: k for n, k in imported.items() if _has_schedules(k, db, target)}
     for spec in program.kernels.values():
         spec.impl = "torch"

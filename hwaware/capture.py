@@ -8,6 +8,7 @@ weights are `get_attr` constants, and whose every value carries its shape and dt
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ def capture_dynamo_graph(
 def _freeze_parameter_inputs(
     gm: fx.GraphModule, example_inputs: list[Any]
 ) -> tuple[fx.GraphModule, list[int]]:
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo still needs the original
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept: list[int] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):

@@ -58,14 +58,25 @@ class Partition:
     program: Program
     kernel_graphs: dict[str, fx.GraphModule]
     host_ops: list[str]
+    captured: Captured
+    supported_ops: set[str]
+
+    def unfuse(self, signatures: set[str]) -> Partition:
+        """The same graph, with each kernel named in `signatures` cut after its contraction:
+        the contraction alone (left to PyTorch while it has no tuned schedule) and its epilogue
+        (element-wise/reduction ops that TVM's rule-based schedules handle well)."""
+        return partition(self.captured, self.supported_ops, unfuse=signatures, warn=False)
 
 
-def partition(captured: Captured, supported_ops: set[str]) -> Partition:
+def partition(captured: Captured, supported_ops: set[str], unfuse: set[str] | None = None,
+              warn: bool = True) -> Partition:
     """Cut `captured` into kernels (see module docstring) and build the host program."""
     gm = captured.graph_module
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    host_ops = _warn_unsupported(nodes, supported_ops)
+    host_ops = _find_host_ops(nodes, supported_ops, warn)
     runs = _kernel_runs(nodes, host_ops)
+    if unfuse:
+        runs = [piece for run in runs for piece in _cut_after_contraction(run, unfuse, gm)]
     builder = _ProgramBuilder(gm, captured)
     in_kernel = {n: i for i, run in enumerate(runs) for n in run}
     emitted: set[int] = set()
@@ -79,17 +90,22 @@ def partition(captured: Captured, supported_ops: set[str]) -> Partition:
             name, sub_gm = builder.emit_kernel(runs[idx], idx)
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
-    return Partition(builder.finish(), kernel_graphs, sorted(host_ops))
+    return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops)
 
 
-def _warn_unsupported(nodes: list[fx.Node], supported_ops: set[str]) -> set[str]:
+def _find_host_ops(nodes: list[fx.Node], supported_ops: set[str], warn: bool) -> set[str]:
     host_ops: set[str] = set()
     for node in nodes:
         name = op_name(node.target)
         short = name.removeprefix("aten.")
-        if name == "getitem" or short in supported_ops or _has_symbolic_shape(node):
+        if name == "getitem" or short in supported_ops and not _has_symbolic_shape(node):
             continue
-        if name not in host_ops:
+        if not _tensor_valued(node):  # size arithmetic and runtime asserts stay on the host
+            continue
+        if short in supported_ops:  # importable, but its shape depends on the data
+            node.meta["hwaware_host"] = "data-dependent shape"
+            continue
+        if warn and name not in host_ops:
             warnings.warn(
                 f"hwaware: TVM cannot import {name}; it runs in PyTorch (eager) instead",
                 UnsupportedOpWarning, stacklevel=4,
@@ -108,7 +124,7 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str]) -> list[list[fx.Node]
     current: list[fx.Node] = []
     for node in nodes:
         name = op_name(node.target)
-        if name in host_ops or not _tensor_valued(node):
+        if name in host_ops or "hwaware_host" in node.meta or not _tensor_valued(node):
             _close(runs, current)
             current = []
             continue
@@ -118,6 +134,17 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str]) -> list[list[fx.Node]
         current.append(node)
     _close(runs, current)
     return runs
+
+
+def _cut_after_contraction(run: list[fx.Node], signatures: set[str], gm: fx.GraphModule
+                           ) -> list[list[fx.Node]]:
+    if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
+        return [run]
+    cut = next(i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS) + 1
+    pieces: list[list[fx.Node]] = []
+    _close(pieces, run[:cut])
+    _close(pieces, run[cut:])
+    return pieces
 
 
 def _close(runs: list[list[fx.Node]], run: list[fx.Node]) -> None:
@@ -266,7 +293,7 @@ def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModu
     def describe(a: Any) -> Any:
         if isinstance(a, fx.Node):
             val = a.meta.get("val")
-            shape = list(val.shape) if isinstance(val, torch.Tensor) else None
+            shape = [str(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
             dtype = str(val.dtype) if isinstance(val, torch.Tensor) else None
             return [index.get(a, "const"), shape, dtype]
         if isinstance(a, (list, tuple)):

@@ -193,6 +193,8 @@ def resolve_op(op: str) -> Any:
     """"aten.add.Tensor" -> torch.ops.aten.add.Tensor; "getitem" -> operator.getitem."""
     if op == "getitem":
         return operator.getitem
+    if op.startswith("operator."):  # arithmetic on symbolic sizes
+        return getattr(operator, op.removeprefix("operator."))
     namespace, name, overload = op.split(".")
     return getattr(getattr(getattr(torch.ops, namespace), name), overload)
 
@@ -200,4 +202,8 @@ def resolve_op(op: str) -> Any:
 def op_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
+    if getattr(operator, getattr(target, "__name__", ""), None) is target:
+        return f"operator.{target.__name__}"
+    if not isinstance(target, torch._ops.OpOverload):
+        raise TypeError(f"the host program cannot call {target!r}")
     return str(target)

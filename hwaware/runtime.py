@@ -26,7 +26,8 @@ from hwaware.program import KernelStep, OpStep, Program, decode_arg, resolve_op
 log = logging.getLogger(__name__)
 
 SAVE_FORMAT_VERSION = 1
-LIBRARY_FILE = "kernels.so"
+LIBRARY_FILE = "kernels.so"  # linked here; a build-only target gets object files to link there
+CROSS_LIBRARY_FILE = "kernels.tar"
 
 
 class InputMismatchError(ValueError):
@@ -54,12 +55,14 @@ class CompiledModel:
         self.info = info
         self._device_kind = device_kind
         self._out_spec = pytree.treespec_loads(program.out_spec)
-        self._run = self._make_runner()
+        self._run: Callable[[list[Any]], list[Any]] | None = None
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
         flat = pytree.tree_leaves(args)
         self._check_inputs(flat)
+        if self._run is None:
+            self._run = self._make_runner()
         outputs = self._run(flat)
         return pytree.tree_unflatten(outputs, self._out_spec)
 
@@ -86,7 +89,13 @@ class CompiledModel:
             k.impl == "tvm" for k in program.kernels.values()
         ):
             from hwaware import tvm_compat
+            from hwaware.target import get_target
 
+            if not get_target(self.info.target_name).can_run_here:
+                raise RuntimeError(
+                    f"this model was built for target {self.info.target_name}, whose kernels "
+                    "cannot run on this machine; load it on the device"
+                )
             vm = tvm_compat.make_vm(self.executable, self._device_kind)
         actions = [self._action(step, vm) for step in program.steps]
         input_slots, output_slots = program.input_slots, program.output_slots
@@ -142,7 +151,11 @@ class CompiledModel:
         if self.executable is not None:
             from hwaware import tvm_compat
 
-            tvm_compat.export_executable(self.executable, str(out / LIBRARY_FILE))
+            from hwaware.target import get_target
+
+            cross = not get_target(self.info.target_name).can_run_here
+            library = CROSS_LIBRARY_FILE if cross else LIBRARY_FILE
+            tvm_compat.export_executable(self.executable, str(out / library), cross)
         (out / "program.json").write_text(self.program.to_json())
         (out / "program.py").write_text(self.program.to_python())
         torch.save(self.program.constants, out / "weights.pt")
@@ -167,7 +180,9 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
     if meta["has_library"]:
         from hwaware import tvm_compat
 
-        executable = tvm_compat.load_executable(str(src / LIBRARY_FILE))
+        library = src / LIBRARY_FILE
+        executable = tvm_compat.load_executable(
+            str(library if library.exists() else src / CROSS_LIBRARY_FILE))
     info = BuildInfo(meta["target_name"], meta["target_key"], meta["host_ops"], meta["rewrites"],
                      meta.get("tuned_workloads", []))
     return CompiledModel(program, executable, info, meta["device_kind"])

@@ -505,5 +505,12 @@ def torch_callable(vm: Any, name: str) -> Callable[..., list[Any]]:
     return call
 
 
-def export_executable(executable: Any, path: str) -> None:
-    executable.export_library(path)
+def export_executable(executable: Any, path: str, cross: bool = False) -> None:
+    """Write the library: a shared object, or for a cross target a tar of object files that
+    `load_executable` links on the device with its own compiler."""
+    if cross:
+        from tvm.support.tar import tar
+
+        executable.export_library(path, fcompile=tar)
+    else:
+        executable.export_library(path)

@@ -13,8 +13,11 @@ from torch import fx
 from hwaware.capture import Captured
 from hwaware.rewrite.constants import fold_constants
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
+from hwaware.rewrite.functionalize import functionalize
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
+    # In-place ops become out-of-place, so no host op can write into a buffer TVM returned.
+    ("functionalize", functionalize),
     # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
     # would otherwise make batch_norm+relu its own kernel).
     ("fold_batchnorm", fold_batchnorm),

@@ -1,0 +1,73 @@
+"""The torch.compile backend: found by name through the entry point, correct, configurable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from hwaware.zoo import get_model
+from tests.helpers import assert_close_to_eager
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+def test_backend_is_registered_without_importing_hwaware() -> None:
+    code = ("import torch, sys; from torch._dynamo import list_backends; "
+            "ok = 'hwaware' in list_backends(exclude_tags=()); "
+            "print(ok, 'hwaware' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("name", ["resnet_basic_block", "transformer_encoder_layer", "mlp"])
+def test_torch_compile_with_hwaware_matches_eager(name: str, tmp_path) -> None:
+    model, inputs = get_model(name, small=True)
+    compiled = torch.compile(model, backend="hwaware",
+                             options={"db": str(tmp_path / "b.db"), "trials": 0})
+    assert_close_to_eager(model, compiled, *inputs)
+
+
+def test_graph_breaks_are_compiled_piece_by_piece(tmp_path) -> None:
+    class WithBreak(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.a(x))
+            print("", end="")  # a graph break
+            return self.b(y).sigmoid()
+
+    model = WithBreak().eval()
+    compiled = torch.compile(model, backend="hwaware", options={"db": None})
+    assert_close_to_eager(model, compiled, torch.randn(2, 8))
+
+
+def test_unknown_option_is_an_error_listing_valid_options() -> None:
+    from hwaware.backend import hwaware_backend
+
+    gm = torch.fx.symbolic_trace(nn.ReLU())
+    with pytest.raises(ValueError, match="valid options: .*trials"):
+        hwaware_backend(gm, [torch.randn(2)], options={"trails": 3})
+
+
+def test_fallback_runs_eagerly_with_a_warning() -> None:
+    from hwaware.backend import hwaware_backend
+
+    gm = torch.fx.symbolic_trace(nn.ReLU())
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        run = hwaware_backend(gm, [torch.randn(2)], options={"target": "no-such-target"})
+    x = torch.randn(2)
+    torch.testing.assert_close(run(x), torch.relu(x))
+    with pytest.raises(ValueError, match="valid targets"), warnings.catch_warnings():
+        hwaware_backend(gm, [torch.randn(2)], options={"target": "no-such-target",
+                                                       "fallback": False})

@@ -1,0 +1,101 @@
+"""hwaware.compile end to end: outputs equal eager PyTorch on every zoo model, save/load round
+trips, and bad input gets a clear error."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import hwaware
+from hwaware.capture import CaptureError
+from hwaware.partition import UnsupportedOpWarning
+from hwaware.runtime import InputMismatchError
+from hwaware.target import UnknownTargetError
+from hwaware.zoo import ZOO, get_model
+from tests.helpers import assert_close_to_eager
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_matches_eager(name: str) -> None:
+    model, inputs = get_model(name, small=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedOpWarning)
+        compiled = hwaware.compile(model, inputs, db=None)
+    for _ in range(2):  # twice: no state may leak between calls
+        assert_close_to_eager(model, compiled, *inputs)
+
+
+def test_elementwise_kernels_run_on_tvm_with_default_schedules() -> None:
+    model, inputs = get_model("transformer_encoder_layer", small=True)
+    compiled = hwaware.compile(model, inputs, db=None)
+    on_tvm = [k for k in compiled.program.kernels.values() if k.tvm_us is not None]
+    assert on_tvm, compiled.report()  # built, checked against PyTorch and timed
+    assert all(k.family not in ("conv2d", "matmul") for k in on_tvm)  # untuned: no contraction
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model, inputs = get_model("bert_like_attention", small=True)
+    compiled = hwaware.compile(model, inputs, db=None)
+    folder = compiled.save(tmp_path / "saved")
+    assert {"program.json", "program.py", "weights.pt", "meta.json"} <= {
+        p.name for p in folder.iterdir()}
+    del model  # the loaded model needs neither the class nor pickle
+    loaded = hwaware.load(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), compiled(*inputs), rtol=0, atol=0)
+    assert "def forward" in (folder / "program.py").read_text()
+
+
+def test_wrong_input_shape_or_dtype_names_expected_and_given() -> None:
+    model = nn.Linear(8, 4).eval()
+    compiled = hwaware.compile(model, (torch.randn(2, 8),), db=None)
+    with pytest.raises(InputMismatchError, match=r"expected float32\[2, 8\], got float32\[3, 8\]"):
+        compiled(torch.randn(3, 8))
+    with pytest.raises(InputMismatchError, match=r"got float64\[2, 8\]"):
+        compiled(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(InputMismatchError, match="expected 1 input"):
+        compiled(torch.randn(2, 8), torch.randn(2, 8))
+
+
+def test_unknown_target_lists_valid_names() -> None:
+    with pytest.raises(UnknownTargetError, match="valid targets: .*x86-avx512"):
+        hwaware.compile(nn.ReLU(), (torch.randn(2),), target="x86-avx1024", db=None)
+
+
+def test_op_tvm_cannot_import_runs_in_eager_with_one_warning() -> None:
+    model, inputs = get_model("searchsorted_embedding", small=True)
+    with pytest.warns(UnsupportedOpWarning, match="searchsorted") as record:
+        compiled = hwaware.compile(model, inputs, db=None)
+    assert len([w for w in record if issubclass(w.category, UnsupportedOpWarning)]) == 1
+    assert "searchsorted" in " ".join(compiled.info.host_ops)
+    assert_close_to_eager(model, compiled, *inputs)
+
+
+def test_uncapturable_model_gets_a_clear_error() -> None:
+    class DataDependentLoop(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(int(x.sum().item()) % 3 + 1):
+                x = x * 2
+            return x
+
+    with pytest.raises(CaptureError, match="DataDependentLoop"):
+        hwaware.compile(DataDependentLoop(), (torch.randn(4),), db=None)
+
+
+def test_non_tensor_inputs_are_refused() -> None:
+    with pytest.raises(TypeError, match="example inputs must be tensors"):
+        hwaware.compile(nn.ReLU(), (3,), db=None)
+
+
+def test_build_only_target_builds_a_library(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8)).eval()
+    compiled = hwaware.compile(model, (torch.randn(1, 8),), target="arm64-neon", db=None)
+    assert compiled.executable is not None
+    compiled.save(tmp_path / "arm")
+    assert (tmp_path / "arm" / "kernels.tar").stat().st_size > 0  # objects, linked on the device
+    with pytest.raises(RuntimeError, match="built for target arm64-neon"):
+        compiled(torch.randn(1, 8))
