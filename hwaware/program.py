@@ -202,8 +202,9 @@ def resolve_op(op: str) -> Any:
 def op_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
-    if getattr(operator, getattr(target, "__name__", ""), None) is target:
-        return f"operator.{target.__name__}"
+    name = str(getattr(target, "__name__", ""))
+    if name and getattr(operator, name, None) is target:
+        return f"operator.{name}"
     if not isinstance(target, torch._ops.OpOverload):
         raise TypeError(f"the host program cannot call {target!r}")
     return str(target)

@@ -150,7 +150,6 @@ class CompiledModel:
         out.mkdir(parents=True, exist_ok=True)
         if self.executable is not None:
             from hwaware import tvm_compat
-
             from hwaware.target import get_target
 
             cross = not get_target(self.info.target_name).can_run_here

@@ -18,7 +18,6 @@ import hwaware
 from hwaware.db import TuningDatabase
 from hwaware.target import get_target
 from hwaware.tvm_compat import TVM_VERSION
-
 from tests.helpers import assert_close_to_eager
 
 
@@ -124,10 +123,10 @@ def test_crashing_and_hanging_candidates_are_recorded_as_failed(
     tmp_path: Path, db: TuningDatabase
 ) -> None:
     from hwaware import tvm_compat
-    from hwaware.tune import extract_tasks
     from hwaware.capture import capture
     from hwaware.partition import partition
     from hwaware.rewrite import rewrite
+    from hwaware.tune import extract_tasks
 
     model, x = tiny_conv()
     captured = capture(model, (x,))
