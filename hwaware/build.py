@@ -19,7 +19,8 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -133,7 +134,39 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     for name in candidates:
         call = tvm_compat.torch_callable(vm, name)
         _choose(program, name, call, inputs[name], db, target, measure, repeats)
+    if measure:
+        _choose_whole_program(program, executable, info, target, example_inputs, repeats)
     return CompiledModel(program, executable, info, target.kind)
+
+
+def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, target: Target,
+                          example_inputs: list[torch.Tensor], repeats: int) -> None:
+    """Time the whole model under three assignments and keep the fastest: each kernel's own
+    choice, every verified kernel on TVM, everything in PyTorch. Kernels timed one by one miss
+    how the two runtimes' thread pools disturb each other (PyTorch's OpenMP threads spin after
+    each op and slow the next TVM kernel); the whole program shows it."""
+    verified = [k.name for k in program.kernels.values() if k.tvm_us is not None]
+    if not verified:
+        return
+    per_kernel = {k.name: k.impl for k in program.kernels.values()}
+    plans = {
+        "per-kernel": per_kernel,
+        "all-tvm": {**per_kernel, **{n: "tvm" for n in verified}},
+        "all-torch": {n: "torch" for n in per_kernel},
+    }
+    models = [CompiledModel(_with_impls(program, plan), executable, info, target.kind)
+              for plan in plans.values()]
+    times = time_interleaved([partial(m, *example_inputs) for m in models], repeats)
+    info.plan_us = dict(zip(plans, times, strict=True))
+    best = min(plans, key=lambda name: info.plan_us[name])
+    for name, impl in plans[best].items():
+        program.kernels[name].impl = impl
+    info.plan = best
+
+
+def _with_impls(program: Program, impls: dict[str, str]) -> Program:
+    kernels = {n: replace(k, impl=impls[n]) for n, k in program.kernels.items()}
+    return replace(program, kernels=kernels)
 
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:

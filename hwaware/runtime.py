@@ -43,6 +43,8 @@ class BuildInfo:
     host_ops: list[str]
     rewrites: dict[str, int]
     tuned_workloads: list[str] = field(default_factory=list)
+    plan: str = "per-kernel"  # which whole-program assignment won (see build.py)
+    plan_us: dict[str, float] = field(default_factory=dict)
 
 
 class CompiledModel:
@@ -136,6 +138,9 @@ class CompiledModel:
             f"{host_steps} host ops, {on_tvm} TVM calls per inference, "
             f"{len(self.info.tuned_workloads)} fused workloads with tuned records",
         ]
+        if self.info.plan_us:
+            timings = ", ".join(f"{k} {v:.0f} us" for k, v in self.info.plan_us.items())
+            lines.append(f"whole-model check chose {self.info.plan} ({timings})")
         if self.info.host_ops:
             lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
         lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'torch us':>10}")
@@ -182,8 +187,8 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
         library = src / LIBRARY_FILE
         executable = tvm_compat.load_executable(
             str(library if library.exists() else src / CROSS_LIBRARY_FILE))
-    info = BuildInfo(meta["target_name"], meta["target_key"], meta["host_ops"], meta["rewrites"],
-                     meta.get("tuned_workloads", []))
+    fields = {k: meta[k] for k in BuildInfo.__dataclass_fields__ if k in meta}
+    info = BuildInfo(**fields)
     return CompiledModel(program, executable, info, meta["device_kind"])
 
 

@@ -18,12 +18,21 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import tvm
+# TVM's thread pool otherwise starts one thread on this machine (it counts "physical" cores
+# wrongly under KVM): kernels then run 2x slower than the MetaSchedule runner measured them.
+# Set before TVM starts its pool; builder and runner worker processes inherit it.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# TVM's idle workers spin; next to PyTorch's spinning OpenMP threads on few cores that turned a
+# 25 us element-wise kernel into 3.8 ms now and then. Idle TVM workers sleep instead.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+import tvm  # noqa: E402
 import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
