@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-DEMO_TRIALS = 256
+DEMO_TRIALS = 192
 REPEATS = 50
 
 log = logging.getLogger(__name__)
