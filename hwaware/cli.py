@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_db)
 
     m = sub.add_parser("demo", help="tune, compile and time a sample network on this CPU")
-    m.add_argument("--model", default="resnet_basic_block")
+    m.add_argument("--model", default="mobilenetv2_block")
     m.add_argument("--trials", type=int, default=None, help="tuning budget (default: the demo's)")
     m.add_argument("--db", default=str(DEFAULT_DB_PATH))
     m.add_argument("--skip-inductor", action="store_true")

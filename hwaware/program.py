@@ -189,6 +189,21 @@ def decode_arg(a: Any, slots: list[Any], constants: dict[str, torch.Tensor]) -> 
     return a
 
 
+def bind_arg(a: Any, constants: dict[str, torch.Tensor]) -> tuple[bool, Any]:
+    """Decode an argument once, ahead of the calls: (False, value) when it names no slot, else
+    (True, getter) where getter(slots) fetches the value. Keeps the host program's per-call
+    overhead to list indexing."""
+    if isinstance(a, dict) and "v" in a:
+        slot = a["v"]
+        return True, lambda slots: slots[slot]
+    if isinstance(a, list):
+        parts = [bind_arg(x, constants) for x in a]
+        if not any(dynamic for dynamic, _ in parts):
+            return False, [value for _, value in parts]
+        return True, lambda slots: [g(slots) if d else g for d, g in parts]
+    return False, decode_arg(a, [], constants)
+
+
 def resolve_op(op: str) -> Any:
     """"aten.add.Tensor" -> torch.ops.aten.add.Tensor; "getitem" -> operator.getitem."""
     if op == "getitem":

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware.program import KernelStep, OpStep, Program, decode_arg, resolve_op
+from hwaware.program import KernelStep, OpStep, Program, bind_arg, resolve_op
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +198,19 @@ def _us(v: float | None) -> str:
 
 def _op_action(step: OpStep, constants: dict[str, torch.Tensor]) -> Callable[[list[Any]], None]:
     fn = resolve_op(step.op)
-    args, kwargs, out = step.args, step.kwargs, step.out
+    out = step.out
+    args = [bind_arg(a, constants) for a in step.args]
+    kwargs = {k: bind_arg(v, constants) for k, v in step.kwargs.items()}
+    if not kwargs:
+        def action(slots: list[Any]) -> None:
+            slots[out] = fn(*[g(slots) if d else g for d, g in args])
+        return action
 
-    def action(slots: list[Any]) -> None:
-        slots[out] = fn(*decode_arg(args, slots, constants),
-                        **{k: decode_arg(v, slots, constants) for k, v in kwargs.items()})
+    def action_with_kwargs(slots: list[Any]) -> None:
+        slots[out] = fn(*[g(slots) if d else g for d, g in args],
+                        **{k: g(slots) if d else g for k, (d, g) in kwargs.items()})
 
-    return action
+    return action_with_kwargs
 
 
 def _torch_kernel_action(steps: list[OpStep], constants: dict[str, torch.Tensor]
