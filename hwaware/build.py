@@ -28,7 +28,7 @@ import torch
 from hwaware.db import TuningDatabase
 from hwaware.partition import CONTRACTIONS, Partition
 from hwaware.program import Program
-from hwaware.runtime import BuildInfo, CompiledModel, run_kernel_in_torch
+from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
 log = logging.getLogger(__name__)
@@ -51,26 +51,6 @@ class KernelTasks:
     function: Any
     workloads: dict[str, Any]  # workload hash -> IRModule
     heavy: set[str]  # hashes of workloads holding a contraction
-
-
-def kernel_inputs(program: Program, example_inputs: list[torch.Tensor]) -> dict[str, list[Any]]:
-    """Run the whole program in PyTorch once, keeping each kernel's real input values."""
-    slots: list[Any] = [None] * program.num_slots
-    for slot, x in zip(program.input_slots, example_inputs, strict=True):
-        slots[slot] = x
-    captured: dict[str, list[Any]] = {}
-    from hwaware.program import KernelStep
-    from hwaware.runtime import _op_action, _torch_kernel_action
-
-    with torch.no_grad():
-        for step in program.steps:
-            if isinstance(step, KernelStep):
-                spec = program.kernels[step.kernel]
-                captured[spec.name] = [slots[i] for i in spec.inputs]
-                _torch_kernel_action(spec.steps, program.constants)(slots)
-            else:
-                _op_action(step, program.constants)(slots)
-    return captured
 
 
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target

@@ -252,3 +252,20 @@ def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> lis
         slots[slot] = x
     _torch_kernel_action(spec.steps, program.constants)(slots)
     return [slots[i] for i in spec.outputs]
+
+
+def kernel_inputs(program: Program, example_inputs: list[Any]) -> dict[str, list[Any]]:
+    """Run the whole program in PyTorch once, keeping each kernel's real input values."""
+    slots: list[Any] = [None] * program.num_slots
+    for slot, x in zip(program.input_slots, example_inputs, strict=True):
+        slots[slot] = x
+    seen: dict[str, list[Any]] = {}
+    with torch.no_grad():
+        for step in program.steps:
+            if isinstance(step, KernelStep):
+                spec = program.kernels[step.kernel]
+                seen[spec.name] = [slots[i] for i in spec.inputs]
+                _torch_kernel_action(spec.steps, program.constants)(slots)
+            else:
+                _op_action(step, program.constants)(slots)
+    return seen

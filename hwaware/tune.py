@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from hwaware.build import import_kernels, kernel_inputs
+from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
 from hwaware.partition import Partition
+from hwaware.runtime import kernel_inputs
 from hwaware.target import Target
 
 log = logging.getLogger(__name__)
