@@ -53,35 +53,50 @@ class KernelTasks:
     heavy: set[str]  # hashes of workloads holding a contraction
 
 
-def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target
-                   ) -> dict[str, KernelTasks]:
-    """Each kernel graph -> Relax function + its fused workloads. Failures stay in PyTorch."""
+def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
+                   cache: dict[Any, KernelTasks | None] | None = None) -> dict[str, KernelTasks]:
+    """Each kernel graph -> Relax function + its fused workloads. Failures stay in PyTorch.
+    Kernels with the same signature (repeated blocks, or the same kernel in a re-partition) are
+    imported once through `cache`."""
+    cache = {} if cache is None else cache
+    imported = {}
+    for name, graph in part.kernel_graphs.items():
+        # the signature names shapes, not weights: the weights' storage completes the key
+        key = (part.program.kernels[name].signature,
+               tuple(b.data_ptr() for b in graph.buffers()))
+        if key not in cache:
+            cache[key] = _import_kernel(part, name, graph, inputs[name], target)
+        kernel = cache[key]
+        if kernel is not None:
+            imported[name] = kernel
+    return imported
+
+
+def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
+                   ) -> KernelTasks | None:
     from hwaware import tvm_compat
 
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-    imported = {}
-    for name, graph in part.kernel_graphs.items():
-        try:
-            with torch.no_grad():
-                exported = torch.export.export(graph, tuple(inputs[name]), strict=False)
-            function = tvm_compat.import_torch_program(exported)
-            fused = tvm_compat.fuse_for_tuning(tvm_compat.module_of_functions({"main": function}),
-                                               tgt)
-        except Exception as err:  # the importer raises many error types
-            log.debug("kernel %s stays in PyTorch: import failed: %s", name, err)
-            warnings.warn(f"hwaware: kernel {name} could not be imported into TVM "
-                          f"({type(err).__name__}); it runs in PyTorch", stacklevel=2)
-            continue
-        workloads, heavy = {}, set()
-        for func in tvm_compat.prim_funcs(fused).values():
-            workload = tvm_compat.workload_of(func)
-            key = tvm_compat.workload_hash(workload)
-            workloads[key] = workload
-            if part.program.kernels[name].family in CONTRACTION_FAMILIES and \
-                    tvm_compat.is_contraction(workload):
-                heavy.add(key)
-        imported[name] = KernelTasks(function, workloads, heavy)
-    return imported
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(graph, tuple(inputs), strict=False)
+        function = tvm_compat.import_torch_program(exported)
+        fused = tvm_compat.fuse_for_tuning(tvm_compat.module_of_functions({"main": function}),
+                                           tgt)
+    except Exception as err:  # the importer raises many error types
+        log.debug("kernel %s stays in PyTorch: import failed: %s", name, err)
+        warnings.warn(f"hwaware: kernel {name} could not be imported into TVM "
+                      f"({type(err).__name__}); it runs in PyTorch", stacklevel=3)
+        return None
+    workloads, heavy = {}, set()
+    for func in tvm_compat.prim_funcs(fused).values():
+        workload = tvm_compat.workload_of(func)
+        key = tvm_compat.workload_hash(workload)
+        workloads[key] = workload
+        if part.program.kernels[name].family in CONTRACTION_FAMILIES and \
+                tvm_compat.is_contraction(workload):
+            heavy.add(key)
+    return KernelTasks(function, workloads, heavy)
 
 
 def build(part: Partition, target: Target, db: TuningDatabase | None,
@@ -91,13 +106,14 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     from hwaware import tvm_compat
 
     inputs = kernel_inputs(part.program, example_inputs)
-    imported = import_kernels(part, inputs, target)
+    cache: dict[Any, KernelTasks | None] = {}
+    imported = import_kernels(part, inputs, target, cache)
     untuned = {part.program.kernels[n].signature for n, k in imported.items()
                if not _has_schedules(k, db, target)}
     if untuned:  # run those contractions in PyTorch, their epilogues on TVM
         part = part.unfuse(untuned)
         inputs = kernel_inputs(part.program, example_inputs)
-        imported = import_kernels(part, inputs, target)
+        imported = import_kernels(part, inputs, target, cache)
     program = part.program
     candidates = {n: k for n, k in imported.items() if _has_schedules(k, db, target)}
     for spec in program.kernels.values():

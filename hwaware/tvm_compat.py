@@ -137,9 +137,13 @@ def _region_buffer(region: Any) -> str:
 
 
 def module_of_functions(functions: dict[str, relax.Function]) -> tvm.IRModule:
-    """One IRModule holding each kernel as its own public Relax function."""
+    """One IRModule holding each kernel as its own public Relax function (each with fresh
+    variables: kernels that share a cached import must not share binding sites)."""
+    from tvm.relax.utils import copy_with_new_vars
+
     return tvm.IRModule({
-        name: fn.with_attr("global_symbol", name) for name, fn in functions.items()
+        name: copy_with_new_vars(fn).with_attr("global_symbol", name)
+        for name, fn in functions.items()
     })
 
 

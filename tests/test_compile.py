@@ -99,3 +99,14 @@ def test_build_only_target_builds_a_library(tmp_path: Path) -> None:
     assert (tmp_path / "arm" / "kernels.tar").stat().st_size > 0  # objects, linked on the device
     with pytest.raises(RuntimeError, match="built for target arm64-neon"):
         compiled(torch.randn(1, 8))
+
+
+def test_repeated_blocks_with_different_weights_stay_distinct() -> None:
+    # two kernels with one signature (same shapes) but their own weights
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16),
+                          nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)).eval()
+    x = torch.randn(4, 16)
+    compiled = hwaware.compile(model, (x,), db=None)
+    signatures = [k.signature for k in compiled.program.kernels.values()]
+    assert len(signatures) > len(set(signatures))
+    assert_close_to_eager(model, compiled, x)
