@@ -232,6 +232,12 @@ class TuningDatabase:
             [workload_hash, tvm_version, target_key],
         ).fetchone()[0])
 
+    def count_target_records(self, target_key: str, tvm_version: str) -> int:
+        return int(self.db.execute(
+            "SELECT COUNT(*) FROM records WHERE target_key = ? AND tvm_version = ?",
+            [target_key, tvm_version],
+        ).fetchone()[0])
+
     def top_records(
         self, workload_hash: str, tvm_version: str, target_key: str, k: int = 1
     ) -> list[RecordRow]:

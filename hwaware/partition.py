@@ -59,7 +59,7 @@ class Partition:
     kernel_graphs: dict[str, fx.GraphModule]
     host_ops: list[str]
     captured: Captured
-    supported_ops: set[str]
+    supported_ops: frozenset[str]
 
     def unfuse(self, signatures: set[str]) -> Partition:
         """The same graph, with each kernel named in `signatures` cut after its contraction:
@@ -68,7 +68,7 @@ class Partition:
         return partition(self.captured, self.supported_ops, unfuse=signatures, warn=False)
 
 
-def partition(captured: Captured, supported_ops: set[str], unfuse: set[str] | None = None,
+def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str] | None = None,
               warn: bool = True) -> Partition:
     """Cut `captured` into kernels (see module docstring) and build the host program."""
     gm = captured.graph_module
@@ -93,7 +93,7 @@ def partition(captured: Captured, supported_ops: set[str], unfuse: set[str] | No
     return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops)
 
 
-def _find_host_ops(nodes: list[fx.Node], supported_ops: set[str], warn: bool) -> set[str]:
+def _find_host_ops(nodes: list[fx.Node], supported_ops: frozenset[str], warn: bool) -> set[str]:
     host_ops: set[str] = set()
     for node in nodes:
         name = op_name(node.target)

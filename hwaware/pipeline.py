@@ -53,10 +53,7 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
 def compile_captured(captured: Captured, target: Target, db: TuningDatabase | None,
                      trials: int = 0, show_progress: bool = True) -> CompiledModel:
     """Stages 2-6 for an already captured graph (the torch.compile backend enters here)."""
-    from hwaware import tvm_compat
-
-    rewrites = rewrite(captured)                             # 2. fold BN and constants
-    part = partition(captured, tvm_compat.supported_aten_ops())  # 3. kernels + host program
+    rewrites, part = _rewrite_and_partition(captured)       # 2. rewrite; 3. kernels + host
     flat_inputs = captured.example_inputs
     if trials > 0 and db is not None:                        # 4. tune into the database
         summary = run_tuning_session(part, flat_inputs, target, db, trials, captured.name,
@@ -70,17 +67,21 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
          trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True
          ) -> SessionSummary:
     """Run a tuning session for `model` and return its summary (records go to `db`)."""
-    from hwaware import tvm_compat
-
     tgt = get_target(target)
     database = open_db(db)
     if database is None:
         raise ValueError("tuning needs a database (db=None was given)")
     captured = capture(model, _as_tuple(example_inputs))
-    rewrite(captured)
-    part: Partition = partition(captured, tvm_compat.supported_aten_ops())
+    _, part = _rewrite_and_partition(captured)
     return run_tuning_session(part, captured.example_inputs, tgt, database, trials,
                               captured.name, show_progress)
+
+
+def _rewrite_and_partition(captured: Captured) -> tuple[dict[str, int], Partition]:
+    from hwaware import tvm_compat
+
+    rewrites = rewrite(captured)
+    return rewrites, partition(captured, tvm_compat.supported_aten_ops())
 
 
 def open_db(db: DbArg) -> TuningDatabase | None:

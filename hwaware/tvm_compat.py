@@ -15,6 +15,7 @@ file. What it provides, in pipeline order:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -124,11 +125,12 @@ def import_onnx(model: Any, shapes: dict[str, list[int]], dtypes: dict[str, str]
     return tvm.IRModule(functions)
 
 
-def supported_aten_ops() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def supported_aten_ops() -> frozenset[str]:
     """The aten op names ("add.Tensor", ...) TVM's exported-program importer can translate."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    return set(ExportedProgramImporter().create_convert_map().keys())
+    return frozenset(ExportedProgramImporter().create_convert_map().keys())
 
 
 def _region_buffer(region: Any) -> str:
@@ -242,13 +244,12 @@ class SqliteDatabase(ms.database.PyDatabase):
 
     def get_all_tuning_records(self) -> list[Any]:
         records: list[Any] = []
-        for key, workload in self._workloads.items():
+        for workload in self._workloads.values():
             records.extend(self.get_top_k(workload, 1 << 20))
-            del key
         return records
 
     def __len__(self) -> int:
-        return len(self.db.records_for_target(self.target_key, TVM_VERSION))
+        return self.db.count_target_records(self.target_key, TVM_VERSION)
 
 
 def plain_json(obj: Any) -> Any:
