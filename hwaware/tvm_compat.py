@@ -311,6 +311,57 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
 
 
 # ------------------------------------------------------------------------- tuning
+@derived_object
+class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
+    """An evolutionary search that never measures a candidate the database already holds.
+
+    MetaSchedule seeds each search with the database's best traces but only remembers what it
+    measured in the current session, so a resumed session can propose a stored candidate again
+    (it did, one in eight trials, in CI). This wrapper drops those before they are built."""
+
+    MAX_ALL_STORED_ROUNDS = 16
+
+    def __init__(self, inner: Any, database: SqliteDatabase):
+        super().__init__()
+        self.inner = inner
+        self.database = database
+        self.workload_hash = ""
+
+    def _initialize_with_tune_context(self, context: Any) -> None:
+        self.inner._initialize_with_tune_context(context)
+        self.workload_hash = workload_hash(context.mod)
+
+    def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: Any,
+                   database: Any = None, cost_model: Any = None) -> None:
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database,
+                              cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self) -> list[Any] | None:
+        for _ in range(self.MAX_ALL_STORED_ROUNDS):
+            candidates = self.inner.generate_measure_candidates()
+            if candidates is None:
+                return None
+            fresh = [c for c in candidates if not self._stored(c)]
+            if fresh:
+                return fresh
+            self.inner.notify_runner_results([], [])  # nothing measured; ask for more
+        return None
+
+    def notify_runner_results(self, measure_candidates: Any, results: Any) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+
+    def clone(self) -> Any:
+        return SkipStoredCandidates(self.inner.clone(), self.database)
+
+    def _stored(self, candidate: Any) -> bool:
+        db = self.database
+        return db.db.has_candidate(self.workload_hash, TVM_VERSION, db.target_key,
+                                   json.dumps(plain_json(candidate.sch.trace.as_json())))
+
+
 def tune_workloads(
     workloads: dict[str, tvm.IRModule],
     budgets: dict[str, int],
@@ -335,9 +386,9 @@ def tune_workloads(
     contexts = [
         ms.TuneContext(
             mod=workloads[n], target=target, space_generator="post-order-apply",
-            search_strategy=ms.search_strategy.EvolutionarySearch(
+            search_strategy=SkipStoredCandidates(ms.search_strategy.EvolutionarySearch(
                 population_size=population, genetic_num_iters=3, init_min_unmeasured=32,
-            ),
+            ), database),
             task_name=n, num_threads=cores,
             logger=logging.getLogger(f"hwaware.ms.{n}"),
         )
