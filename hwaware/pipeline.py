@@ -16,11 +16,13 @@ import torch
 from hwaware.build import build
 from hwaware.capture import Captured, capture
 from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.dynamic.driver import compile_dynamic, plan_model, tune_dynamic
+from hwaware.dynamic.model import DynamicModel
 from hwaware.partition import Partition, partition
 from hwaware.rewrite import rewrite
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
-from hwaware.tune import SessionSummary
+from hwaware.tune import SessionSummary, TuningTask, extract_tasks, require_runnable, tune_tasks
 from hwaware.tune import tune as run_tuning_session
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,14 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     db: DbArg = DEFAULT_DB_PATH,
     trials: int = 0,
     show_progress: bool = True,
-) -> CompiledModel:
-    """Compile a PyTorch model (or an ONNX file) for `target`; tune first if `trials` > 0."""
+    strict: bool = False,
+) -> CompiledModel | DynamicModel:
+    """Compile a PyTorch model (or an ONNX file) for `target`; tune first if `trials` > 0.
+
+    A model whose forward branches or loops on tensor values (early exits, gates, adaptive
+    loops, routing) becomes a host program around static regions (`hwaware.dynamic`); a region
+    that cannot be made static runs in eager with a warning naming its line, or raises with
+    `strict=True`."""
     if isinstance(model, (str, os.PathLike)):
         from hwaware.onnx_import import compile_onnx
 
@@ -46,6 +54,10 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     tgt = get_target(target)
     database = open_db(db)
     inputs = _as_tuple(example_inputs)
+    planned = plan_model(model)                              # 0. control flow -> host program
+    if planned is not None:
+        return compile_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
+                               strict, compile_graphs)
     captured = capture(model, inputs)                        # 1. model -> static ATen graph
     return compile_captured(captured, tgt, database, trials, show_progress)
 
@@ -71,10 +83,43 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
     database = open_db(db)
     if database is None:
         raise ValueError("tuning needs a database (db=None was given)")
-    captured = capture(model, _as_tuple(example_inputs))
-    _, part = _rewrite_and_partition(captured)
-    return run_tuning_session(part, captured.example_inputs, tgt, database, trials,
-                              captured.name, show_progress)
+    inputs = _as_tuple(example_inputs)
+    planned = plan_model(model)
+    if planned is not None:
+        return tune_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
+                            tune_graphs)
+    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress)
+
+
+def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | None,
+                   trials: int = 0, show_progress: bool = True) -> list[CompiledModel]:
+    """Stages 2-6 for several captured graphs, tuned together (a workload shared by several
+    graphs is tuned once)."""
+    parts = [_rewrite_and_partition(c) for c in graphs]
+    if trials > 0 and db is not None and graphs:
+        summary = _tune_parts(graphs, [p for _, p in parts], target, db, trials, show_progress)
+        log.info("%s", summary.table())
+    return [build(part, target, db, c.example_inputs,
+                  BuildInfo(target.name, target.key, part.host_ops, rewrites))
+            for c, (rewrites, part) in zip(graphs, parts, strict=True)]
+
+
+def tune_graphs(graphs: list[Captured], target: Target, db: TuningDatabase, trials: int,
+                show_progress: bool = True) -> SessionSummary:
+    """One tuning session over the contraction workloads of several captured graphs."""
+    parts = [_rewrite_and_partition(c)[1] for c in graphs]
+    return _tune_parts(graphs, parts, target, db, trials, show_progress)
+
+
+def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
+                db: TuningDatabase, trials: int, show_progress: bool) -> SessionSummary:
+    require_runnable(target)
+    tasks: dict[str, TuningTask] = {}
+    for c, part in zip(graphs, parts, strict=True):
+        for t in extract_tasks(part, c.example_inputs, target):
+            tasks.setdefault(t.workload_hash, t)
+    name = graphs[0].name.split(".")[0] if graphs else ""
+    return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress)
 
 
 def _rewrite_and_partition(captured: Captured) -> tuple[dict[str, int], Partition]:

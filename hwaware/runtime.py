@@ -172,6 +172,10 @@ class CompiledModel:
 def load(directory: str | os.PathLike[str]) -> CompiledModel:
     """Load a model saved by `CompiledModel.save` (no user class or pickle needed)."""
     src = Path(directory)
+    if (src / "dynamic.json").exists():
+        from hwaware.dynamic.model import DynamicModel
+
+        return DynamicModel.load(src)  # type: ignore[return-value]
     meta_file = src / "meta.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{src}: not a saved hwaware model (no meta.json)")

@@ -1,0 +1,398 @@
+"""Dynamic networks, step 3 (run): the host program driving compiled regions.
+
+`DynamicModel` executes the generated host program; each `region_k(...)` call goes to a
+`RegionRunner`, which picks the compiled static graph built for those input shapes (a
+*specialization*). Compile time explores the program (`explore`): it runs every region in eager
+PyTorch on the example inputs and, branch site by branch site, forces the direction not yet
+taken, so every region on every path gets real example inputs and is compiled before the first
+call. A region met later with shapes never seen is compiled then (while the user's module is at
+hand) or refused with a clear error (after `load`).
+
+Saved as a folder: `host_program.py` (the readable host program), `regions/region_k.py` (the
+Python each region was captured from, for people), `regions/region_k/<i>/` (one saved
+`CompiledModel` per specialization), `dynamic.json` (calling conventions and statistics).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwaware.runtime import CompiledModel, InputMismatchError
+from hwaware.runtime import load as load_static
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAX_DECISIONS_PER_RUN = 10_000
+Key = tuple[Any, ...]
+
+
+class DynamicCaptureError(RuntimeError):
+    """strict=True and a region could not be compiled as a static graph."""
+
+
+class EagerRegionWarning(UserWarning):
+    """A region runs in eager PyTorch (named by file and line in the user's source)."""
+
+
+@dataclass
+class RegionInfo:
+    """What is kept of a region: its calling convention and where it comes from."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    where: str
+    source: str
+    eager_reason: str | None = None
+    arithmetic_inputs: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ specializations
+def specialization_key(info: RegionInfo, args: Sequence[Any]) -> Key:
+    """Region inputs -> the key of the static graph that serves them."""
+    key: list[Any] = []
+    for name, a in zip(info.inputs, args, strict=True):
+        if isinstance(a, torch.Tensor):
+            key.append(("t", tuple(a.shape), str(a.dtype).removeprefix("torch.")))
+        elif name in info.arithmetic_inputs and type(a) in (int, float):
+            key.append(("s", type(a).__name__))
+        elif isinstance(a, (bool, int, float, str, type(None))):
+            key.append(("v", a))
+        else:
+            key.append(("o", type(a).__name__))
+    return tuple(key)
+
+
+def graph_inputs(key: Key, args: Sequence[Any]) -> list[torch.Tensor]:
+    """The tensors a region's static graph takes: tensor inputs, and arithmetic scalars as
+    0-d tensors (so one graph serves every value of a step counter)."""
+    out = []
+    for k, a in zip(key, args, strict=True):
+        if k[0] == "t":
+            out.append(a)
+        elif k[0] == "s":
+            out.append(torch.tensor(a, dtype=torch.float32 if k[1] == "float" else torch.int64))
+    return out
+
+
+class RegionModule(torch.nn.Module):
+    """One region specialization as a module of its graph inputs (what gets captured)."""
+
+    def __init__(self, root: torch.nn.Module, fn: Callable[..., Any], key: Key,
+                 args: Sequence[Any]):
+        super().__init__()
+        self.root = root
+        self.fn = fn
+        self.key = key
+        self.fixed = [None if k[0] in ("t", "s") else a for k, a in zip(key, args, strict=True)]
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        args = [next(it) if k[0] in ("t", "s") else f for k, f in
+                zip(self.key, self.fixed, strict=True)]
+        return self.fn(self.root, *args)
+
+
+class RegionRunner:
+    """Calls one region: its compiled specialization for these inputs, or eager PyTorch."""
+
+    def __init__(self, info: RegionInfo, fn: Callable[..., Any] | None,
+                 root: torch.nn.Module | None):
+        self.info = info
+        self.fn = fn          # the region's Python (None after load)
+        self.root = root
+        self.compiled: dict[Key, CompiledModel] = {}
+        self.eager_reason = info.eager_reason
+        self.calls = 0
+        self.recorded: dict[Key, list[Any]] = {}  # exploration: first inputs per key
+        self.recording = False
+        self.compile_new: Callable[[RegionRunner, Key, list[Any]], None] | None = None
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        self.calls += 1
+        if self.recording or self.eager_reason is not None:
+            return self.eager(args)
+        key = specialization_key(self.info, args)
+        cm = self.compiled.get(key)
+        if cm is None:
+            if self.eager_reason is not None:
+                return self.eager(args)
+            self.specialize(key, args)
+            if self.eager_reason is not None:
+                return self.eager(args)
+            cm = self.compiled[key]
+        return cm(*graph_inputs(key, args))  # type: ignore[no-any-return]
+
+    def eager(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        if self.fn is None or self.root is None:
+            raise RuntimeError(f"{self.info.name} ({self.info.where}) runs in eager PyTorch "
+                               "and needs the original module")
+        if self.recording:
+            key = specialization_key(self.info, args)
+            self.recorded.setdefault(key, [a.detach().clone() if isinstance(a, torch.Tensor)
+                                           else a for a in args])
+        return self.fn(self.root, *args)  # type: ignore[no-any-return]
+
+    def specialize(self, key: Key, args: Sequence[Any]) -> None:
+        shapes = ", ".join(f"{n}={_describe(k)}" for n, k in zip(self.info.inputs, key,
+                                                                   strict=True))
+        if self.compile_new is None or self.fn is None:
+            raise InputMismatchError(
+                f"{self.info.name} ({self.info.where}) was not compiled for inputs {shapes}; "
+                "compile the model with example inputs that reach it with these shapes")
+        log.warning("compiling %s (%s) for new inputs %s", self.info.name, self.info.where,
+                    shapes)
+        self.compile_new(self, key, list(args))
+
+    def module_for(self, key: Key, args: Sequence[Any]) -> RegionModule:
+        assert self.fn is not None and self.root is not None
+        return RegionModule(self.root, self.fn, key, args)
+
+    def mark_eager(self, reason: str, strict: bool) -> None:
+        message = f"{self.info.where}: {reason}; this region ({self.info.name}) runs in " \
+                  "eager PyTorch"
+        if strict:
+            raise DynamicCaptureError(message)
+        if self.eager_reason is None:
+            warnings.warn(message, EagerRegionWarning, stacklevel=3)
+        self.eager_reason = reason
+
+
+def _describe(k: tuple[Any, ...]) -> str:
+    if k[0] == "t":
+        return f"{k[2]}{list(k[1])}"
+    return f"{k[1]!r}" if k[0] == "v" else f"<{k[1]}>"
+
+
+# ---------------------------------------------------------------------- exploration
+class _Runaway(Exception):
+    pass
+
+
+class Explorer:
+    """Decides branches while exploring. A run follows a policy: for each site it names, the
+    direction to take the first time the site is reached; natural decisions elsewhere. To take
+    an untaken direction at a site, replay the policy of the run that first reached the site."""
+
+    def __init__(self) -> None:
+        self.covered: set[tuple[int, bool]] = set()
+        self.reached_with: dict[int, dict[int, bool]] = {}
+        self.policy: dict[int, bool] = {}
+        self.applied: set[int] = set()
+        self.decisions = 0
+
+    def start(self, policy: dict[int, bool]) -> None:
+        self.policy, self.applied, self.decisions = policy, set(), 0
+
+    def decide(self, site: int, value: Any) -> bool:
+        self.decisions += 1
+        if self.decisions > MAX_DECISIONS_PER_RUN:
+            raise _Runaway
+        d = bool(value)
+        if site in self.policy and site not in self.applied:
+            d = self.policy[site]
+            self.applied.add(site)
+        self.reached_with.setdefault(site, dict(self.policy))
+        self.covered.add((site, d))
+        return d
+
+    def next_policy(self, tried: set[tuple[int, bool]]) -> dict[int, bool] | None:
+        for site in sorted(self.reached_with):
+            for d in (True, False):
+                if (site, d) not in self.covered and (site, d) not in tried:
+                    tried.add((site, d))
+                    return {**self.reached_with[site], site: d}
+        return None
+
+
+@dataclass
+class ExploreStats:
+    """What exploring found: runs, branch directions covered, per-inference round trips."""
+
+    runs: int = 0
+    failed_runs: int = 0
+    sites: int = 0
+    directions_covered: int = 0
+    region_calls: int = 0      # on the example inputs, one inference
+    decisions: int = 0         # host decisions (device -> host reads) on the example inputs
+
+
+def host_namespace(runners: dict[str, RegionRunner], decide: Callable[[int, Any], bool] | None
+                   ) -> dict[str, Any]:
+    ns: dict[str, Any] = {"__builtins__": builtins, "math": math, "torch": torch}
+    ns.update(runners)
+    if decide is not None:
+        ns["_hw_decide"] = decide
+    return ns
+
+
+def make_forward(source: str, filename: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - hwaware's own program
+    return namespace["forward"]  # type: ignore[no-any-return]
+
+
+def explore(instrumented_source: str, sites: int, runners: dict[str, RegionRunner],
+            example_inputs: Sequence[Any]) -> ExploreStats:
+    """Run the host program in eager until every reachable branch direction was taken once,
+    recording the inputs of every region specialization met on the way."""
+    explorer = Explorer()
+    forward = make_forward(instrumented_source, "<hwaware host program>",
+                           host_namespace(runners, explorer.decide))
+    stats = ExploreStats(sites=sites)
+    for r in runners.values():
+        r.recording, r.calls = True, 0
+    tried: set[tuple[int, bool]] = set()
+    try:
+        with torch.no_grad():
+            forward(*example_inputs)  # natural run: errors here are the model's own
+        stats.region_calls = sum(r.calls for r in runners.values())
+        stats.decisions = explorer.decisions
+        stats.runs = 1
+        while stats.runs < 4 * sites + 4:
+            policy = explorer.next_policy(tried)
+            if policy is None:
+                break
+            explorer.start(policy)
+            stats.runs += 1
+            try:
+                with torch.no_grad():
+                    forward(*example_inputs)
+            except Exception as err:  # noqa: BLE001 - a forced path may be infeasible
+                stats.failed_runs += 1
+                log.debug("forced run %s failed: %s", policy, err)
+    finally:
+        for r in runners.values():
+            r.recording = False
+    stats.directions_covered = len(explorer.covered)
+    return stats
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class DynamicInfo:
+    """What the compiler decided and measured; shown by `DynamicModel.report()`."""
+
+    model_name: str
+    target_name: str
+    params: list[str]
+    explore: ExploreStats
+    dynamo_graphs: int | None = None
+    dynamo_breaks: int | None = None
+
+
+class DynamicModel:
+    """A compiled dynamic network: call it like the original module."""
+
+    def __init__(self, host_source: str, runners: dict[str, RegionRunner], info: DynamicInfo):
+        self.host_source = host_source
+        self.runners = runners
+        self.info = info
+        self._forward = make_forward(host_source, "host_program.py",
+                                     host_namespace(runners, None))
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) != len(self.info.params):
+            raise InputMismatchError(f"expected {len(self.info.params)} input(s) "
+                                     f"({', '.join(self.info.params)}), got {len(args)}")
+        with torch.no_grad():
+            return self._forward(*args)
+
+    # ----------------------------------------------------------------- report
+    def report(self) -> str:
+        """Regions, specializations, host round trips, next to what Dynamo makes of it."""
+        r = self.runners.values()
+        n_specs = sum(len(x.compiled) for x in r)
+        eager = [x for x in r if x.eager_reason is not None]
+        s = self.info.explore
+        lines = [
+            f"dynamic model {self.info.model_name} on target {self.info.target_name}: host "
+            f"program + {len(self.runners)} static subgraphs (regions), {n_specs} compiled "
+            f"specializations, {len(eager)} eager regions",
+            f"per inference on the example inputs: {s.region_calls} subgraph calls, "
+            f"{s.decisions} host decisions (round trips: {s.region_calls + s.decisions})",
+            f"exploration: {s.runs} runs ({s.failed_runs} infeasible), {s.directions_covered} of "
+            f"{2 * s.sites} branch directions taken",
+        ]
+        if self.info.dynamo_graphs is not None:
+            lines.append(f"torch.compile (Dynamo) on the same inputs: {self.info.dynamo_graphs} "
+                         f"graphs, {self.info.dynamo_breaks} graph breaks")
+        lines.append(f"{'region':<11}{'where':<40}{'in':>4}{'out':>5}{'specs':>7}"
+                     f"{'tvm kernels':>13}  runs")
+        for x in r:
+            kernels = sum(sum(k.impl == "tvm" for k in cm.program.kernels.values())
+                          for cm in x.compiled.values())
+            runs = "eager: " + x.eager_reason if x.eager_reason else "compiled"
+            lines.append(f"{x.info.name:<11}{_short(x.info.where):<40}{len(x.info.inputs):>4}"
+                         f"{len(x.info.outputs):>5}{len(x.compiled):>7}{kernels:>13}  {runs}")
+        return "\n".join(lines)
+
+    # -------------------------------------------------------------- save/load
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        eager = [x.info for x in self.runners.values() if x.eager_reason is not None]
+        if eager:
+            raise ValueError("cannot save: regions run in eager PyTorch and need the user's "
+                             "module: " + ", ".join(f"{i.name} ({i.where})" for i in eager))
+        out = Path(directory)
+        if out.exists():
+            shutil.rmtree(out / "regions", ignore_errors=True)
+        (out / "regions").mkdir(parents=True, exist_ok=True)
+        (out / "host_program.py").write_text(
+            f'"""Host program of {self.info.model_name}, generated by hwaware.\n\nEach '
+            'region_k(...) runs one compiled static subgraph (see regions/); everything else '
+            'here\nis the control flow of the original forward."""\n\n' + self.host_source + "\n")
+        regions = []
+        for x in self.runners.values():
+            (out / "regions" / f"{x.info.name}.py").write_text(x.info.source + "\n")
+            specs = []
+            for i, (key, cm) in enumerate(x.compiled.items()):
+                cm.save(out / "regions" / x.info.name / str(i))
+                specs.append({"key": _key_to_json(key), "dir": f"{x.info.name}/{i}"})
+            regions.append({**asdict(x.info), "specializations": specs})
+        doc = {"format_version": FORMAT_VERSION, "info": asdict(self.info), "regions": regions}
+        (out / "dynamic.json").write_text(json.dumps(doc, indent=1))
+        return out
+
+    @staticmethod
+    def load(directory: Path) -> DynamicModel:
+        doc = json.loads((directory / "dynamic.json").read_text())
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: dynamic model format "
+                             f"{doc.get('format_version')} is not supported")
+        runners: dict[str, RegionRunner] = {}
+        for r in doc["regions"]:
+            specs = r.pop("specializations")
+            runner = RegionRunner(RegionInfo(**r), None, None)
+            for s in specs:
+                runner.compiled[_key_from_json(s["key"])] = load_static(
+                    directory / "regions" / s["dir"])
+            runners[runner.info.name] = runner
+        info_doc = doc["info"]
+        info_doc["explore"] = ExploreStats(**info_doc["explore"])
+        source = (directory / "host_program.py").read_text()
+        return DynamicModel(source, runners, DynamicInfo(**info_doc))
+
+
+def _short(where: str) -> str:
+    path, _, line = where.rpartition(":")
+    return f"{Path(path).name}:{line}"
+
+
+def _key_to_json(key: Key) -> list[Any]:
+    return [list(k) if k[0] != "t" else ["t", list(k[1]), k[2]] for k in key]
+
+
+def _key_from_json(doc: list[Any]) -> Key:
+    return tuple(("t", tuple(k[1]), k[2]) if k[0] == "t" else tuple(k) for k in doc)
