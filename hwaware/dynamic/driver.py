@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 def plan_model(model: torch.nn.Module) -> tuple[Staged, HostPlan] | None:
     """The host plan of a model whose forward needs one; None for a straight-line forward
     (or one whose source hwaware cannot rewrite: the static path then decides)."""
+    if type(model).__module__.startswith("torch."):
+        return None  # PyTorch's own modules: their branches are fast paths export handles
     try:
         staged = stage(model)
         plan = split(staged)
