@@ -27,7 +27,7 @@ import torch
 
 from hwaware.db import TuningDatabase
 from hwaware.partition import CONTRACTIONS, Partition
-from hwaware.program import Program
+from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
@@ -38,6 +38,7 @@ CONTRACTION_FAMILIES = set(CONTRACTIONS.values())
 # A kernel moves to TVM only when clearly faster: each switch between PyTorch and TVM costs
 # (their thread pools disturb each other), and timings on a shared machine are noisy.
 MARGIN = 0.1
+ONE_CALL = "k_whole"
 
 
 class KernelMismatchWarning(UserWarning):
@@ -108,6 +109,8 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     inputs = kernel_inputs(part.program, example_inputs)
     cache: dict[Any, KernelTasks | None] = {}
     imported = import_kernels(part, inputs, target, cache)
+    one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
+        _has_schedules(k, db, target) for k in imported.values())
     untuned = {part.program.kernels[n].signature for n, k in imported.items()
                if not _has_schedules(k, db, target)}
     if untuned:  # run those contractions in PyTorch, their epilogues on TVM
@@ -133,9 +136,62 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     for name in candidates:
         call = tvm_compat.torch_callable(vm, name)
         _choose(program, name, call, inputs[name], db, target, measure, repeats)
-    if measure:
-        _choose_whole_program(program, executable, info, target, example_inputs, repeats)
-    return CompiledModel(program, executable, info, target.kind)
+    if not measure:
+        return CompiledModel(program, executable, info, target.kind)
+    _choose_whole_program(program, executable, info, target, example_inputs, repeats)
+    chosen = CompiledModel(program, executable, info, target.kind)
+    whole = _one_call_model(part, chosen, tgt, adapter, info, target, example_inputs) \
+        if one_call else None
+    if whole is None:
+        return chosen
+    times = time_in_blocks([partial(m, *example_inputs) for m in (chosen, whole)], 3 * repeats)
+    info.plan_us[ONE_CALL] = times[1]
+    if times[1] * (1 + MARGIN) < times[0]:
+        info.plan = ONE_CALL
+        return whole
+    return chosen
+
+
+def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: Any,
+                    info: BuildInfo, target: Target, example_inputs: list[torch.Tensor]
+                    ) -> CompiledModel | None:
+    """The whole graph as ONE TVM function: one VM call per inference instead of one per
+    kernel, which is what counts for small batch-1 graphs (a gate, an exit head, an MLP).
+    Offered only when every op imports and every contraction has a schedule (tuned, or small
+    enough for the default one); kept only if it matches PyTorch."""
+    from hwaware import tvm_compat
+
+    program = chosen.program
+    if len(set(program.output_slots)) != len(program.output_slots) or \
+            set(program.output_slots) & set(program.input_slots):
+        return None
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(part.captured.graph_module, tuple(example_inputs),
+                                           strict=False)
+        function = tvm_compat.import_torch_program(exported)
+        executable, _ = tvm_compat.build_executable(
+            tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
+        call = tvm_compat.torch_callable(tvm_compat.make_vm(executable, target.kind), ONE_CALL,
+                                         len(program.output_slots))
+        got = call(*example_inputs)
+    except Exception as err:  # the importer and the build raise many error types
+        log.debug("no one-call build: %s", err)
+        return None
+    torch_steps: list[OpStep] = []
+    for step in program.steps:
+        torch_steps += [step] if isinstance(step, OpStep) else program.kernels[step.kernel].steps
+    spec = KernelSpec(ONE_CALL, "whole", f"whole:{len(torch_steps)}", program.input_slots,
+                      program.output_slots, torch_steps, impl="tvm",
+                      flops=sum(k.flops for k in program.kernels.values()))
+    whole = replace(program, steps=[KernelStep(ONE_CALL, program.input_slots,
+                                               program.output_slots)],
+                    kernels={ONE_CALL: spec})
+    expected = run_kernel_in_torch(whole, ONE_CALL, list(example_inputs))
+    if not _all_close(got, expected):
+        log.debug("one-call build differs from PyTorch; not used")
+        return None
+    return CompiledModel(whole, executable, info, target.kind)
 
 
 def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, target: Target,
@@ -169,13 +225,15 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
-    from hwaware.tvm_compat import TVM_VERSION
+    """Every contraction of the kernel has a tuned record, or is small enough for the
+    default schedule (`tvm_compat.SmallSerial`)."""
+    from hwaware.tvm_compat import TVM_VERSION, is_small
 
-    if not kernel.heavy:
-        return True
-    if db is None:
-        return False
-    return all(db.top_records(h, TVM_VERSION, target.key, 1) for h in kernel.heavy)
+    return all(
+        db is not None and db.top_records(h, TVM_VERSION, target.key, 1)
+        or is_small(kernel.workloads[h])
+        for h in kernel.heavy
+    )
 
 
 def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs: list[Any],

@@ -58,17 +58,39 @@ class CompiledModel:
         self._device_kind = device_kind
         self._out_spec = pytree.treespec_loads(program.out_spec)
         self._run: Callable[[list[Any]], list[Any]] | None = None
+        self._expected = [(torch.Size(s["shape"]), getattr(torch, s["dtype"]))
+                          for s in program.input_specs]
+        n_out = len(program.output_slots)
+        self._out_kind = (
+            "leaf" if self._out_spec == pytree.tree_structure(0) else
+            "tuple" if self._out_spec == pytree.tree_structure(tuple(range(n_out))) else "tree"
+        )
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
-        flat = pytree.tree_leaves(args)
+        flat = list(args) if all(isinstance(a, torch.Tensor) for a in args) \
+            else pytree.tree_leaves(args)
         self._check_inputs(flat)
-        if self._run is None:
-            self._run = self._make_runner()
-        outputs = self._run(flat)
+        outputs = self.run_flat(flat)
+        if self._out_kind == "leaf":
+            return outputs[0]
+        if self._out_kind == "tuple":
+            return tuple(outputs)
         return pytree.tree_unflatten(outputs, self._out_spec)
 
+    def run_flat(self, flat: list[Any]) -> list[Any]:
+        """Run on flat input tensors already known to match; flat outputs (no checks: the
+        dynamic runtime's callers have matched shapes and dtypes already)."""
+        if self._run is None:
+            self._run = self._make_runner()
+        return self._run(flat)
+
     def _check_inputs(self, flat: list[Any]) -> None:
+        if len(flat) == len(self._expected) and all(
+            isinstance(x, torch.Tensor) and x.shape == shape and x.dtype == dtype
+            for x, (shape, dtype) in zip(flat, self._expected, strict=True)
+        ):
+            return
         specs = self.program.input_specs
         if len(flat) != len(specs):
             raise InputMismatchError(
@@ -99,6 +121,9 @@ class CompiledModel:
                     "cannot run on this machine; load it on the device"
                 )
             vm = tvm_compat.make_vm(self.executable, self._device_kind)
+        direct = self._direct_call(vm)
+        if direct is not None:
+            return direct
         actions = [self._action(step, vm) for step in program.steps]
         input_slots, output_slots = program.input_slots, program.output_slots
         num = program.num_slots
@@ -107,10 +132,35 @@ class CompiledModel:
             slots: list[Any] = [None] * num
             for slot, x in zip(input_slots, flat, strict=True):
                 slots[slot] = x
-            with torch.no_grad():
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    for action in actions:
+                        action(slots)
+            else:
                 for action in actions:
                     action(slots)
             return [slots[i] for i in output_slots]
+
+        return run
+
+    def _direct_call(self, vm: Any) -> Callable[[list[Any]], list[Any]] | None:
+        """A program that is one TVM kernel from inputs to outputs runs without slots."""
+        steps, program = self.program.steps, self.program
+        if vm is None or len(steps) != 1 or not isinstance(steps[0], KernelStep):
+            return None
+        step = steps[0]
+        if program.kernels[step.kernel].impl != "tvm" or step.inputs != program.input_slots \
+                or step.outputs != program.output_slots:
+            return None
+        from hwaware import tvm_compat
+
+        call = tvm_compat.torch_callable(vm, step.kernel, len(step.outputs))
+
+        def run(flat: list[Any]) -> list[Any]:
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    return call(*flat)
+            return call(*flat)
 
         return run
 
@@ -121,7 +171,7 @@ class CompiledModel:
         if spec.impl == "tvm" and vm is not None:
             from hwaware import tvm_compat
 
-            return _tvm_action(tvm_compat.torch_callable(vm, spec.name), step)
+            return _tvm_action(tvm_compat.torch_callable(vm, spec.name, len(step.outputs)), step)
         if not spec.steps:  # a kernel with no PyTorch steps (an ONNX graph) never runs in torch
             return _no_torch_action(spec.name)
         return _torch_kernel_action(spec.steps, self.program.constants)

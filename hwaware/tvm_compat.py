@@ -473,8 +473,62 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                  dl.gpu.Fallback()]
     else:
-        rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorize()]
+        rules = [SmallSerial(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+SMALL_KERNEL_ITERATIONS = 1 << 15  # below this, waking worker threads costs more than it saves
+
+
+class SmallSerial(ScheduleRule):  # type: ignore[misc]
+    """CPU default for small kernels (batch-1 MLP layers, gates, heads): inline, vectorize the
+    innermost spatial loop, and stay on the calling thread (a parallel launch costs ~10-20 us,
+    more than the whole kernel)."""
+
+    def apply(self, func: Any, target: Any, _: bool) -> Any:
+        from tvm.s_tir import Schedule
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            return None
+        sch = Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or any(_iterations(sch, i) > SMALL_KERNEL_ITERATIONS for i in infos):
+            return None  # also when a loop extent is symbolic
+        infos = try_inline(sch, infos)
+        lanes = max(1, _vector_lanes(target))
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)
+            kinds = info.dom_kind()
+            if info.is_injective() and loops and kinds[-1] == "S":
+                extent = _extent(sch, loops[-1])
+                if extent is not None and extent >= lanes and extent % lanes == 0:
+                    _, inner = sch.split(loops[-1], factors=[None, lanes])
+                    sch.vectorize(inner)
+        return sch
+
+
+def is_small(workload: tvm.IRModule) -> bool:
+    """Whether every block of a fused kernel runs few enough iterations that `SmallSerial`
+    schedules it well without tuning (a batch-1 matmul of a small MLP, a gate, a head)."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = Schedule(workload["main"])
+    infos = normalize_prim_func(sch)
+    return infos is not None and all(_iterations(sch, i) <= SMALL_KERNEL_ITERATIONS
+                                     for i in infos)
+
+
+def _iterations(sch: Any, info: Any) -> int:
+    total = 1
+    for loop in sch.get_loops(info.block_rv):
+        extent = _extent(sch, loop)
+        if extent is None:
+            return 1 << 62
+        total *= extent
+    return total
 
 
 class ParallelVectorize(ScheduleRule):  # type: ignore[misc]
@@ -548,24 +602,30 @@ def make_vm(executable: Any, device_kind: str = "cpu") -> Any:
     return relax.VirtualMachine(executable, device)
 
 
-def torch_callable(vm: Any, name: str) -> Callable[..., list[Any]]:
-    """A VM function as a torch -> torch call, zero-copy through DLPack both ways."""
+def torch_callable(vm: Any, name: str, num_outputs: int | None = None
+                   ) -> Callable[..., list[Any]]:
+    """A VM function as a torch -> torch call. tvm-ffi passes torch tensors by DLPack and
+    hands torch tensors back; a tuple result is read element by element (faster than
+    iterating the Array, which matters for batch-1 kernels of a few microseconds)."""
     import torch
+    from tvm_ffi import container
 
     func = vm[name]
-    from_dlpack = tvm.runtime.from_dlpack
+    get_item = container._ffi_api.ArrayGetItem
     to_torch = torch.from_dlpack
 
+    def as_torch(o: Any) -> Any:
+        return o if isinstance(o, torch.Tensor) else to_torch(o)
+
     def call(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        args = []
-        for t in tensors:
-            if not t.is_contiguous() or t.data_ptr() % _ALIGNMENT:
-                t = t.clone(memory_format=torch.contiguous_format)  # fresh, aligned storage
-            args.append(from_dlpack(t))
+        args = [t if t.is_contiguous() and not t.data_ptr() % _ALIGNMENT
+                else t.clone(memory_format=torch.contiguous_format)  # fresh, aligned storage
+                for t in tensors]
         out = func(*args)
-        if isinstance(out, tvm.runtime.Tensor):
-            return [to_torch(out)]
-        return [to_torch(o) for o in out]
+        if isinstance(out, (torch.Tensor, tvm.runtime.Tensor)):
+            return [as_torch(out)]
+        n = len(out) if num_outputs is None else num_outputs
+        return [as_torch(get_item(out, i)) for i in range(n)]
 
     return call
 

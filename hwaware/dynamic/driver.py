@@ -125,7 +125,7 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
         models = compile_graphs([c for _, _, c in captured], target, db, tuning_trials,
                                 show_progress)
         for (runner, key, _), cm in zip(captured, models, strict=True):
-            runner.compiled[key] = cm
+            runner.add(key, cm)
 
     build_pending(pending, trials)
     for r in runners.values():

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from hwaware.runtime import CompiledModel, InputMismatchError
 from hwaware.runtime import load as load_static
@@ -66,7 +67,7 @@ def specialization_key(info: RegionInfo, args: Sequence[Any]) -> Key:
     key: list[Any] = []
     for name, a in zip(info.inputs, args, strict=True):
         if isinstance(a, torch.Tensor):
-            key.append(("t", tuple(a.shape), str(a.dtype).removeprefix("torch.")))
+            key.append(("t", tuple(a.shape), a.dtype))
         elif name in info.arithmetic_inputs and type(a) in (int, float):
             key.append(("s", type(a).__name__))
         elif isinstance(a, (bool, int, float, str, type(None))):
@@ -120,6 +121,14 @@ class RegionRunner:
         self.recorded: dict[Key, list[Any]] = {}  # exploration: first inputs per key
         self.recording = False
         self.compile_new: Callable[[RegionRunner, Key, list[Any]], None] | None = None
+        self.flat_outputs: set[Key] = set()  # specializations returning a flat tuple
+
+    def add(self, key: Key, cm: CompiledModel) -> None:
+        """Serve inputs matching `key` with `cm`."""
+        self.compiled[key] = cm
+        flat = pytree.tree_structure(tuple(range(len(self.info.outputs))))
+        if cm._out_spec == flat:
+            self.flat_outputs.add(key)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         self.calls += 1
@@ -134,7 +143,10 @@ class RegionRunner:
             if self.eager_reason is not None:
                 return self.eager(args)
             cm = self.compiled[key]
-        return cm(*graph_inputs(key, args))  # type: ignore[no-any-return]
+        out = cm.run_flat(graph_inputs(key, args))
+        if key in self.flat_outputs:
+            return tuple(out)
+        return pytree.tree_unflatten(out, cm._out_spec)  # type: ignore[no-any-return]
 
     def eager(self, args: Sequence[Any]) -> tuple[Any, ...]:
         if self.fn is None or self.root is None:
@@ -173,7 +185,7 @@ class RegionRunner:
 
 def _describe(k: tuple[Any, ...]) -> str:
     if k[0] == "t":
-        return f"{k[2]}{list(k[1])}"
+        return f"{_dtype_name(k[2])}{list(k[1])}"
     return f"{k[1]!r}" if k[0] == "v" else f"<{k[1]}>"
 
 
@@ -376,8 +388,7 @@ class DynamicModel:
             specs = r.pop("specializations")
             runner = RegionRunner(RegionInfo(**r), None, None)
             for s in specs:
-                runner.compiled[_key_from_json(s["key"])] = load_static(
-                    directory / "regions" / s["dir"])
+                runner.add(_key_from_json(s["key"]), load_static(directory / "regions" / s["dir"]))
             runners[runner.info.name] = runner
         info_doc = doc["info"]
         info_doc["explore"] = ExploreStats(**info_doc["explore"])
@@ -390,9 +401,14 @@ def _short(where: str) -> str:
     return f"{Path(path).name}:{line}"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _key_to_json(key: Key) -> list[Any]:
-    return [list(k) if k[0] != "t" else ["t", list(k[1]), k[2]] for k in key]
+    return [list(k) if k[0] != "t" else ["t", list(k[1]), _dtype_name(k[2])] for k in key]
 
 
 def _key_from_json(doc: list[Any]) -> Key:
-    return tuple(("t", tuple(k[1]), k[2]) if k[0] == "t" else tuple(k) for k in doc)
+    return tuple(("t", tuple(k[1]), getattr(torch, k[2])) if k[0] == "t" else tuple(k)
+                 for k in doc)
