@@ -14,6 +14,7 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 import time
@@ -181,7 +182,10 @@ def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: A
     torch_steps: list[OpStep] = []
     for step in program.steps:
         torch_steps += [step] if isinstance(step, OpStep) else program.kernels[step.kernel].steps
-    spec = KernelSpec(ONE_CALL, "whole", f"whole:{len(torch_steps)}", program.input_slots,
+    parts = "|".join(program.kernels[s.kernel].signature if isinstance(s, KernelStep)
+                     else s.op for s in program.steps)
+    signature = "whole:" + hashlib.sha256(parts.encode()).hexdigest()[:16]
+    spec = KernelSpec(ONE_CALL, "whole", signature, program.input_slots,
                       program.output_slots, torch_steps, impl="tvm",
                       flops=sum(k.flops for k in program.kernels.values()))
     whole = replace(program, steps=[KernelStep(ONE_CALL, program.input_slots,

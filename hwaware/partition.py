@@ -115,6 +115,12 @@ def _find_host_ops(nodes: list[fx.Node], supported_ops: frozenset[str], warn: bo
 
 
 def _has_symbolic_shape(node: fx.Node) -> bool:
+    """Does the node produce or read a tensor whose shape depends on the data (e.g. a sum
+    over the result of `nonzero`)? A kernel imported with the example's shape would be wrong."""
+    return any(_symbolic(n) for n in [node, *node.all_input_nodes])
+
+
+def _symbolic(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape)
 
