@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,19 +18,25 @@ from torch import nn
 import hwaware
 from hwaware.dynamic.driver import plan_model
 from hwaware.dynamic.model import DynamicCaptureError, DynamicModel, EagerRegionWarning
-from hwaware.dynamic_zoo import DYNAMIC_MODELS, get_dynamic_case
+from hwaware.dynamic_zoo import DYNAMIC_MODELS, DynamicCase, get_dynamic_case
 from hwaware.runtime import InputMismatchError
 from hwaware.zoo import ZOO, get_model
 from tests.helpers import assert_close_to_eager
 
 
+@functools.cache
+def compiled_case(name: str) -> tuple[DynamicCase, DynamicModel]:
+    """Each zoo model compiled once per test session (untuned, no database)."""
+    case = get_dynamic_case(name)
+    cm = hwaware.compile(case.model, case.example_inputs, db=None, show_progress=False)
+    assert isinstance(cm, DynamicModel)
+    return case, cm
+
+
 @pytest.mark.parametrize("name", sorted(DYNAMIC_MODELS))
 def test_zoo_model_every_path_equals_eager_and_survives_save_load(name: str, tmp_path: Path
                                                                   ) -> None:
-    case = get_dynamic_case(name)
-    cm = hwaware.compile(case.model, case.example_inputs, db=tmp_path / "t.db",
-                         show_progress=False)
-    assert isinstance(cm, DynamicModel)
+    case, cm = compiled_case(name)
     specs_before = _specializations(cm)
     for label, inputs in case.branch_inputs.items():
         try:
@@ -52,16 +59,13 @@ def _specializations(cm: DynamicModel) -> int:
 
 
 def test_exploration_takes_every_branch_direction(tmp_path: Path) -> None:
-    case = get_dynamic_case("skipnet")
-    cm = hwaware.compile(case.model, case.example_inputs, db=None, show_progress=False)
-    assert isinstance(cm, DynamicModel)
+    case, cm = compiled_case("skipnet")
     stats = cm.info.explore
     assert stats.sites > 0 and stats.directions_covered == 2 * stats.sites
 
 
 def test_loaded_model_runs_without_the_user_class(tmp_path: Path) -> None:
-    case = get_dynamic_case("moe_top1")
-    cm = hwaware.compile(case.model, case.example_inputs, db=None, show_progress=False)
+    case, cm = compiled_case("moe_top1")
     out = cm.save(tmp_path / "moe")
     for label, inputs in case.branch_inputs.items():
         with torch.no_grad():
@@ -85,9 +89,7 @@ def test_loaded_model_runs_without_the_user_class(tmp_path: Path) -> None:
 
 
 def test_regions_of_the_same_structure_share_workloads(tmp_path: Path) -> None:
-    case = get_dynamic_case("skipnet")
-    cm = hwaware.compile(case.model, case.example_inputs, db=None, show_progress=False)
-    assert isinstance(cm, DynamicModel)
+    case, cm = compiled_case("skipnet")
     signatures = [
         tuple(sorted(k.signature for k in spec.program.kernels.values()))
         for r in cm.runners.values() for spec in r.compiled.values()
@@ -186,8 +188,7 @@ def test_strict_mode_raises_naming_the_line(cls: type, marker: str) -> None:
 
 
 def test_loaded_model_refuses_shapes_it_was_not_compiled_for(tmp_path: Path) -> None:
-    case = get_dynamic_case("shape_branch")
-    cm = hwaware.compile(case.model, case.example_inputs, db=None, show_progress=False)
+    case, cm = compiled_case("shape_branch")
     loaded = hwaware.load(cm.save(tmp_path / "m"))
     assert_close_to_eager(case.model, loaded, *case.example_inputs)
     with pytest.raises(InputMismatchError, match=r"region_\d+ \(.*dynamic_zoo.py:\d+\) was "
@@ -195,3 +196,21 @@ def test_loaded_model_refuses_shapes_it_was_not_compiled_for(tmp_path: Path) -> 
         loaded(torch.randn(1, 40, case.example_inputs[0].shape[2]))
     with pytest.raises(InputMismatchError, match="expected 1 input"):
         loaded(*case.example_inputs, *case.example_inputs)
+
+
+def test_tuning_shares_records_between_regions_of_the_same_structure(tmp_path: Path) -> None:
+    case = get_dynamic_case("skipnet")
+    db = tmp_path / "t.db"
+    summary = hwaware.tune(case.model, case.example_inputs, trials=8, db=db,
+                           show_progress=False)
+    assert summary.tasks and summary.trials_measured > 0
+    cm = hwaware.compile(case.model, case.example_inputs, db=db, show_progress=False)
+    assert isinstance(cm, DynamicModel)
+    tuned = {w for r in cm.runners.values() for spec in r.compiled.values()
+             for w in spec.info.tuned_workloads}
+    users = [r.info.name for r in cm.runners.values() for spec in r.compiled.values()
+             if spec.info.tuned_workloads]
+    assert tuned <= {t.workload_hash for t in summary.tasks}
+    assert len(users) > len(summary.tasks)  # the blocks' regions use the same tuned records
+    for inputs in case.branch_inputs.values():
+        assert_close_to_eager(case.model, cm, *inputs)
