@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/dynamic.md")
     args = p.parse_args(argv)
     torch.set_num_threads(common.CORES)
+    # compile Inductor's kernels in this process: a pool of compile workers still busy after
+    # `torch.compile` returns would steal the cores the timings run on
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="hwaware-bench-"):
         for name in args.models.split(","):
