@@ -190,6 +190,7 @@ class _Splitter:
         self.counter = itertools.count()
         self.regions: dict[str, RegionDef] = {}
         self.calls: dict[str, ast.stmt] = {}
+        self.region_of_call: dict[int, RegionDef] = {}
         self.sites = itertools.count()
 
     def run(self) -> HostPlan:
@@ -208,7 +209,46 @@ class _Splitter:
         items: list[ast.stmt | _Tensor] = []
         for s in stmts:
             items.extend(self.lower_stmt(s))
-        return self.group(items)
+        return self.group(self.hoist_independent(items))
+
+    def hoist_independent(self, items: list[ast.stmt | _Tensor]) -> list[ast.stmt | _Tensor]:
+        """Move tensor statements up past host `if`s and assignments they do not depend on,
+        into the region before them: one subgraph call instead of two (BlockDrop's
+        `mask[0, i] > 0.5` joins the policy's region). Never past a statement that can leave
+        the block (return/break/continue/raise), so early exits still skip the work after
+        them."""
+        out: list[ast.stmt | _Tensor] = []
+        for item in items:
+            if isinstance(item, _Tensor) and item.eager_reason is None:
+                at = len(out)
+                while at > 0 and not isinstance(out[at - 1], _Tensor) and \
+                        self.independent(item, out[at - 1]):  # type: ignore[arg-type]
+                    at -= 1
+                if 0 < at < len(out) and isinstance(out[at - 1], _Tensor):
+                    out.insert(at, item)
+                    continue
+            out.append(item)
+        return out
+
+    def independent(self, item: _Tensor, host: ast.stmt) -> bool:
+        if not isinstance(host, (ast.If, ast.Assign, ast.AugAssign, ast.Expr)):
+            return False
+        nodes = list(ast.walk(host))
+        if any(isinstance(n, (ast.Return, ast.Break, ast.Continue, ast.Raise)) for n in nodes):
+            return False
+        written: set[str] = set()
+        read: set[str] = set()
+        for n in nodes:
+            region = self.region_of_call.get(id(n))
+            body = region.statements if region is not None else []
+            for m in [n, *(x for st in body for x in ast.walk(st))]:
+                if isinstance(m, ast.Name):
+                    (read if isinstance(m.ctx, ast.Load) else written).add(m.id)
+        mine_read = {n.id for n in ast.walk(item.stmt) if isinstance(n, ast.Name)
+                     and isinstance(n.ctx, ast.Load)}
+        mine_written = {n.id for n in ast.walk(item.stmt) if isinstance(n, ast.Name)
+                        and not isinstance(n.ctx, ast.Load)}
+        return not (mine_read & written) and not (mine_written & (read | written))
 
     def lower_stmt(self, s: ast.stmt) -> list[ast.stmt | _Tensor]:
         if isinstance(s, ast.If):
@@ -367,6 +407,7 @@ class _Splitter:
                                        eager_reason=run[0].eager_reason)
         call = ast.Expr(ast.Call(ast.Name(name, ast.Load()), [], []))
         self.calls[name] = call
+        self.region_of_call[id(call)] = self.regions[name]
         return call
 
     def number_in_program_order(self, body: list[ast.stmt]) -> None:
