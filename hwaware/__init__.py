@@ -1,21 +1,24 @@
 """hwaware: a hardware-aware compiler and autotuning plugin for PyTorch, on Apache TVM.
 
 Public API (everything else is internal):
-- `compile(model, example_inputs, target=..., db=..., trials=...)` -> `CompiledModel`
+- `compile(model, example_inputs, target=..., db=..., trials=..., strict=...)` -> `CompiledModel`,
+  or `DynamicModel` (host program + compiled regions) when forward branches on tensor values
 - `tune(model, example_inputs, target=..., trials=..., db=...)` -> `SessionSummary`
-- `load(directory)` -> `CompiledModel`
+- `load(directory)` -> `CompiledModel` or `DynamicModel`
 - `get_target(name)`, `list_targets()`, `Target`
 - `TuningDatabase`
 `torch.compile(model, backend="hwaware")` works after install without importing this package.
 """
 
 from hwaware.db import TuningDatabase
+from hwaware.dynamic.model import DynamicModel
 from hwaware.pipeline import compile, tune  # noqa: A004 - mirrors torch.compile
 from hwaware.runtime import CompiledModel, load
 from hwaware.target import Target, get_target, list_targets
 
 __all__ = [
     "CompiledModel",
+    "DynamicModel",
     "Target",
     "TuningDatabase",
     "compile",
