@@ -213,19 +213,27 @@ class BlockDrop(nn.Module):
         return self.head(x)
 
 
-class ACTRNN(nn.Module):
-    """Adaptive Computation Time: ponder an RNN cell until the halting mass reaches 1 - eps."""
+class _RecurrentHalting(nn.Module):
+    """What ACT and PonderNet share: an encoder, a recurrent cell, a halting unit, a head."""
 
-    def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 10,
-                 max_steps: int = 6, eps: float = 0.01):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, max_steps: int,
+                 threshold: float):
         super().__init__()
         self.max_steps = max_steps
-        self.threshold = 1.0 - eps
+        self.threshold = threshold
         self.encoder = nn.Linear(in_dim, hidden)
         self.ih = nn.Linear(in_dim, hidden)
         self.hh = nn.Linear(hidden, hidden)
         self.halt = nn.Linear(hidden, 1)
         self.out = nn.Linear(hidden, out_dim)
+
+
+class ACTRNN(_RecurrentHalting):
+    """Adaptive Computation Time: ponder an RNN cell until the halting mass reaches 1 - eps."""
+
+    def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 10,
+                 max_steps: int = 6, eps: float = 0.01):
+        super().__init__(in_dim, hidden, out_dim, max_steps, 1.0 - eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.encoder(x))
@@ -241,19 +249,12 @@ class ACTRNN(nn.Module):
         return self.out(acc)
 
 
-class PonderNet(nn.Module):
+class PonderNet(_RecurrentHalting):
     """PonderNet-style inference: refine a state each step, stop once lambda > threshold."""
 
     def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 10,
                  max_steps: int = 6, threshold: float = 0.5):
-        super().__init__()
-        self.max_steps = max_steps
-        self.threshold = threshold
-        self.encoder = nn.Linear(in_dim, hidden)
-        self.ih = nn.Linear(in_dim, hidden)
-        self.hh = nn.Linear(hidden, hidden)
-        self.halt = nn.Linear(hidden, 1)
-        self.out = nn.Linear(hidden, out_dim)
+        super().__init__(in_dim, hidden, out_dim, max_steps, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.encoder(x))

@@ -21,6 +21,7 @@ from hwaware.dynamic.model import (
     DynamicCaptureError,
     DynamicInfo,
     DynamicModel,
+    ExploreStats,
     Key,
     RegionInfo,
     RegionRunner,
@@ -71,9 +72,8 @@ def make_runners(staged: Staged, plan: HostPlan) -> dict[str, RegionRunner]:
 Pending = tuple[RegionRunner, Key, list[Any]]
 
 
-def explore_model(model: torch.nn.Module, staged: Staged, plan: HostPlan,
-                  inputs: Sequence[Any], strict: bool
-                  ) -> tuple[dict[str, RegionRunner], Any, list[Pending]]:
+def explore_model(staged: Staged, plan: HostPlan, inputs: Sequence[Any], strict: bool
+                  ) -> tuple[dict[str, RegionRunner], ExploreStats, list[Pending]]:
     """Runners for every region, the exploration statistics, and every specialization met."""
     if strict:
         for region in plan.regions.values():
@@ -118,7 +118,7 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
     """Explore, compile every specialization met (tuning them together first if trials > 0),
     and return the model; later unseen shapes compile on first use."""
     name = type(model).__name__
-    runners, stats, pending = explore_model(model, staged, plan, inputs, strict)
+    runners, stats, pending = explore_model(staged, plan, inputs, strict)
 
     def build_pending(items: list[Pending], tuning_trials: int) -> None:
         captured = capture_pending(items, name, strict)
@@ -140,7 +140,7 @@ def tune_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
                  show_progress: bool, tune_graphs: Callable[..., SessionSummary]
                  ) -> SessionSummary:
     """One tuning session over the contraction workloads of every region specialization."""
-    _, _, pending = explore_model(model, staged, plan, inputs, strict=False)
+    _, _, pending = explore_model(staged, plan, inputs, strict=False)
     captured = capture_pending(pending, type(model).__name__, strict=False)
     return tune_graphs([c for _, _, c in captured], target, db, trials, show_progress)
 
