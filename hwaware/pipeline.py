@@ -23,7 +23,6 @@ from hwaware.rewrite import rewrite
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
 from hwaware.tune import SessionSummary, TuningTask, extract_tasks, require_runnable, tune_tasks
-from hwaware.tune import tune as run_tuning_session
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,7 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
     rewrites, part = _rewrite_and_partition(captured)       # 2. rewrite; 3. kernels + host
     flat_inputs = captured.example_inputs
     if trials > 0 and db is not None:                        # 4. tune into the database
-        summary = run_tuning_session(part, flat_inputs, target, db, trials, captured.name,
-                                     show_progress)
+        summary = _tune_parts([captured], [part], target, db, trials, show_progress)
         log.info("%s", summary.table())
     info = BuildInfo(target.name, target.key, part.host_ops, rewrites)
     return build(part, target, db, flat_inputs, info)        # 5. records -> library; 6. callable

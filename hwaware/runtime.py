@@ -132,13 +132,7 @@ class CompiledModel:
             slots: list[Any] = [None] * num
             for slot, x in zip(input_slots, flat, strict=True):
                 slots[slot] = x
-            if torch.is_grad_enabled():
-                with torch.no_grad():
-                    for action in actions:
-                        action(slots)
-            else:
-                for action in actions:
-                    action(slots)
+            _without_grad(_run_actions, actions, slots)
             return [slots[i] for i in output_slots]
 
         return run
@@ -157,10 +151,7 @@ class CompiledModel:
         call = tvm_compat.torch_callable(vm, step.kernel, len(step.outputs))
 
         def run(flat: list[Any]) -> list[Any]:
-            if torch.is_grad_enabled():
-                with torch.no_grad():
-                    return call(*flat)
-            return call(*flat)
+            return _without_grad(call, *flat)
 
         return run
 
@@ -244,6 +235,20 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
     fields = {k: meta[k] for k in BuildInfo.__dataclass_fields__ if k in meta}
     info = BuildInfo(**fields)
     return CompiledModel(program, executable, info, meta["device_kind"])
+
+
+def _without_grad(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call under no_grad; skips the context manager when grad is off already (the dynamic
+    runtime calls many small programs from inside one no_grad)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args)
+    return fn(*args)
+
+
+def _run_actions(actions: list[Callable[[list[Any]], None]], slots: list[Any]) -> None:
+    for action in actions:
+        action(slots)
 
 
 def _us(v: float | None) -> str:

@@ -107,15 +107,6 @@ def extract_tasks(part: Partition, example_inputs: list[torch.Tensor], target: T
     return list(tasks.values())
 
 
-def tune(part: Partition, example_inputs: list[torch.Tensor], target: Target,
-         db: TuningDatabase, trials: int, model_name: str = "",
-         show_progress: bool = True) -> SessionSummary:
-    """Tune every contraction workload of `part` within `trials` measurements in total."""
-    require_runnable(target)
-    tasks = extract_tasks(part, example_inputs, target)
-    return tune_tasks(tasks, target, db, trials, model_name, show_progress)
-
-
 def require_runnable(target: Target) -> None:
     """Tuning measures kernels: refuse a target whose kernels cannot run on this machine."""
     if not target.can_run_here:

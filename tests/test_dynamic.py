@@ -104,11 +104,13 @@ def test_static_models_keep_the_static_path() -> None:
 
 
 # ------------------------------------------------------------------------ bad input
-class PrintsInForward(nn.Module):
+class _OneLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
+
+class PrintsInForward(_OneLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if h.sum() > 0:
@@ -117,11 +119,7 @@ class PrintsInForward(nn.Module):
         return torch.relu(h)
 
 
-class NonzeroInForward(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
+class NonzeroInForward(_OneLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if h.max() > -100:
@@ -130,11 +128,7 @@ class NonzeroInForward(nn.Module):
         return F.relu(h)
 
 
-class NumpyInForward(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
+class NumpyInForward(_OneLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if h.max() > -100:

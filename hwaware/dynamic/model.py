@@ -137,9 +137,7 @@ class RegionRunner:
         key = specialization_key(self.info, args)
         cm = self.compiled.get(key)
         if cm is None:
-            if self.eager_reason is not None:
-                return self.eager(args)
-            self.specialize(key, args)
+            self.specialize(key, args)  # compiles, or marks the region eager, or raises
             if self.eager_reason is not None:
                 return self.eager(args)
             cm = self.compiled[key]
