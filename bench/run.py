@@ -52,6 +52,7 @@ class Impl:
     correct: bool | None = None
     interleaved_ms: float | None = None
     solo_ms: float | None = None
+    compiled: Any = None  # hwaware's compiled model, for its report
 
 
 @dataclass
@@ -170,16 +171,18 @@ def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Pat
 
 
 def make_hwaware(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-                 db: str | None) -> Impl:
+                 db: str | None, fuse: bool = True) -> Impl:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            compiled = hwaware.compile(model, inputs, db=db, trials=0)
+            compiled = hwaware.compile(model, inputs, db=db, trials=0, fuse=fuse)
     except Exception as err:
         return Impl(name, None, f"failed: {first_line(err)}")
     counts = kernel_counts(compiled.report())
     note = "; ".join([counts, *library_warnings(caught)])
-    return Impl(name, lambda: compiled(*inputs), note)
+    impl = Impl(name, lambda: compiled(*inputs), note)
+    impl.compiled = compiled
+    return impl
 
 
 def kernel_counts(report: str) -> str:
@@ -191,14 +194,14 @@ def kernel_counts(report: str) -> str:
 
 
 def run_tuning(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], trials: int,
-               db: str) -> str:
+               db: str, fuse: bool = True) -> str:
     """Tune into `db` (records already there count towards the budget); summarize."""
     if trials <= 0:
         return "no tuning (trials 0)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the compile after tuning reports them
-            summary = hwaware.tune(model, inputs, trials=trials, db=db)
+            summary = hwaware.tune(model, inputs, trials=trials, db=db, fuse=fuse)
     except Exception as err:
         return f"tuning failed: {first_line(err)}"
     print(summary.table())

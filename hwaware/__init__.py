@@ -1,9 +1,10 @@
 """hwaware: a hardware-aware compiler and autotuning plugin for PyTorch, on Apache TVM.
 
 Public API (everything else is internal):
-- `compile(model, example_inputs, target=..., db=..., trials=..., strict=...)` -> `CompiledModel`,
-  or `DynamicModel` (host program + compiled regions) when forward branches on tensor values
-- `tune(model, example_inputs, target=..., trials=..., db=...)` -> `SessionSummary`
+- `compile(model, example_inputs, target=..., db=..., trials=..., strict=..., fuse=...)` ->
+  `CompiledModel`, or `DynamicModel` (host program + compiled regions) when forward branches on
+  tensor values; `fuse=False` leaves out the fused kernel families (`hwaware.kernels`)
+- `tune(model, example_inputs, target=..., trials=..., db=..., fuse=...)` -> `SessionSummary`
 - `load(directory)` -> `CompiledModel` or `DynamicModel`
 - `get_target(name)`, `list_targets()`, `Target`
 - `TuningDatabase`

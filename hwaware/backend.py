@@ -4,8 +4,9 @@ Goes in: the FX graph and example inputs Dynamo hands a backend, plus `options`.
 callable with Dynamo's calling convention. Enters the pipeline after capture: the Dynamo graph is
 exported to ATen (parameters frozen into constants), then rewrite -> partition -> tune -> build.
 Options: `target` (default "host"), `db` (path, default tuning_logs/hwaware.db), `trials`
-(default 0: use the records already in the database), `fallback` (default True: if compiling a
-graph fails, run it eagerly with one warning instead of raising).
+(default 0: use the records already in the database), `fuse` (default True: fused conv-block,
+GNN and attention kernels), `fallback` (default True: if compiling a graph fails, run it eagerly
+with one warning instead of raising).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hwaware.db import DEFAULT_DB_PATH
 log = logging.getLogger(__name__)
 
 OPTIONS = {"target": "host", "db": str(DEFAULT_DB_PATH), "trials": 0, "fallback": True,
+           "fuse": True,
            "show_progress": False}
 
 
@@ -55,7 +57,7 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
     target = get_target(opts["target"])
     captured, kept = capture_dynamo_graph(gm, list(example_inputs))
     compiled = compile_captured(captured, target, open_db(opts["db"]), int(opts["trials"]),
-                                bool(opts["show_progress"]))
+                                bool(opts["show_progress"]), bool(opts["fuse"]))
 
     def run(*args: Any) -> Any:
         return compiled(*[args[i] for i in kept])

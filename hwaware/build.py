@@ -20,13 +20,14 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from hwaware.db import TuningDatabase
+from hwaware.kernels import FAMILY_NAMES
 from hwaware.partition import CONTRACTIONS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
@@ -35,7 +36,8 @@ from hwaware.target import Target
 log = logging.getLogger(__name__)
 
 RTOL, ATOL = 1e-3, 1e-4
-CONTRACTION_FAMILIES = set(CONTRACTIONS.values())
+FUSED_FAMILIES = set(FAMILY_NAMES)
+CONTRACTION_FAMILIES = set(CONTRACTIONS.values()) | FUSED_FAMILIES
 # A kernel moves to TVM only when clearly faster: each switch between PyTorch and TVM costs
 # (their thread pools disturb each other), and timings on a shared machine are noisy.
 MARGIN = 0.1
@@ -53,6 +55,7 @@ class KernelTasks:
     function: Any
     workloads: dict[str, Any]  # workload hash -> IRModule
     heavy: set[str]  # hashes of workloads holding a contraction
+    prim_funcs: dict[Any, Any] = field(default_factory=dict)  # GlobalVar -> PrimFunc it calls
 
 
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
@@ -79,13 +82,12 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
     from hwaware import tvm_compat
 
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    family = part.program.kernels[name].family
     try:
-        with torch.no_grad():
-            exported = torch.export.export(graph, tuple(inputs), strict=False)
-        function = tvm_compat.import_torch_program(exported)
-        fused = tvm_compat.fuse_for_tuning(tvm_compat.module_of_functions({"main": function}),
-                                           tgt)
-    except Exception as err:  # the importer raises many error types
+        module = _lower_fused(family, graph, inputs, target) if family in FUSED_FAMILIES \
+            else _lower_torch(graph, inputs)
+        fused = tvm_compat.fuse_for_tuning(module, tgt)
+    except Exception as err:  # the importer and the lowerings raise many error types
         log.debug("kernel %s stays in PyTorch: import failed: %s", name, err)
         warnings.warn(f"hwaware: kernel {name} could not be imported into TVM "
                       f"({type(err).__name__}); it runs in PyTorch", stacklevel=3)
@@ -95,10 +97,25 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
         workload = tvm_compat.workload_of(func)
         key = tvm_compat.workload_hash(workload)
         workloads[key] = workload
-        if part.program.kernels[name].family in CONTRACTION_FAMILIES and \
-                tvm_compat.is_contraction(workload):
+        if family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
             heavy.add(key)
-    return KernelTasks(function, workloads, heavy)
+    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module))
+
+
+def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
+    """An ordinary kernel: torch.export, then TVM's importer."""
+    from hwaware import tvm_compat
+
+    with torch.no_grad():
+        exported = torch.export.export(graph, tuple(inputs), strict=False)
+    return tvm_compat.module_of_functions({"main": tvm_compat.import_torch_program(exported)})
+
+
+def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
+    """A fused family kernel: the family's own TIR definition (`hwaware.kernels`)."""
+    from hwaware.kernels import families, unique_name
+
+    return families()[family].lower(graph, inputs, target, unique_name(family))
 
 
 def build(part: Partition, target: Target, db: TuningDatabase | None,
@@ -111,10 +128,13 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     cache: dict[Any, KernelTasks | None] = {}
     imported = import_kernels(part, inputs, target, cache)
     one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
-        _has_schedules(k, db, target) for k in imported.values())
-    untuned = {part.program.kernels[n].signature for n, k in imported.items()
-               if not _has_schedules(k, db, target)}
-    if untuned:  # run those contractions in PyTorch, their epilogues on TVM
+        _has_schedules(k, db, target) for k in imported.values()) and not any(
+        k.family in FUSED_FAMILIES for k in part.program.kernels.values())  # it would unfuse
+    for _ in range(2):  # untuned fused kernels -> ordinary kernels -> contraction + epilogue
+        untuned = {part.program.kernels[n].signature for n, k in imported.items()
+                   if not _has_schedules(k, db, target)}
+        if not untuned:
+            break  # run those contractions in PyTorch, their epilogues on TVM
         part = part.unfuse(untuned)
         inputs = kernel_inputs(part.program, example_inputs)
         imported = import_kernels(part, inputs, target, cache)
@@ -126,7 +146,9 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
         return CompiledModel(program, None, info)
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
-    mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()})
+    mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()},
+                                         {v: f for k in candidates.values()
+                                          for v, f in k.prim_funcs.items()})
     executable, applied = tvm_compat.build_executable(mod, tgt, adapter)
     info.tuned_workloads = sorted(applied)
     if not target.can_run_here:

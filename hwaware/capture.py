@@ -72,6 +72,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
         model.train(was_training)
     gm = exported.module()
     _drop_guards(gm)
+    _require_tensor_outputs(gm, name or type(model).__name__)
     return Captured(
         graph_module=gm,
         input_specs=[TensorSpec.of(t) for t in flat_inputs],
@@ -79,6 +80,16 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
         name=name or type(model).__name__,
         example_inputs=[t.detach() for t in flat_inputs],
     )
+
+
+def _require_tensor_outputs(gm: fx.GraphModule, name: str) -> None:
+    """A static graph returns tensors; a Python value it returns (a bool, None) would be baked
+    in as a constant of this capture."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(output.args[0]):
+        if not isinstance(leaf, fx.Node):
+            raise CaptureError(f"could not capture {name} as a static graph: it returns "
+                               f"{type(leaf).__name__} {leaf!r}, not a tensor")
 
 
 def capture_dynamo_graph(

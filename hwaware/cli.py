@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--target", default="host")
         c.add_argument("--trials", type=int, default=200 if name == "tune" else 0)
         c.add_argument("--db", default=str(DEFAULT_DB_PATH))
+        c.add_argument("--no-fuse", dest="fuse", action="store_false",
+                       help="leave out the fused conv-block, GNN and attention kernels")
         if name == "compile":
             c.add_argument("--out", required=True, help="folder to save the compiled model in")
         c.set_defaults(func=func)
@@ -95,7 +97,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             show_progress=True)
     else:
         model, inputs = resolve_model(args.model)
-        summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db)
+        summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db,
+                               fuse=args.fuse)
     print(summary.table())
     return 0
 
@@ -108,7 +111,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         model, inputs = resolve_model(args.model)
         compiled = hwaware.compile(model, inputs, target=args.target, db=args.db,
-                                   trials=args.trials)
+                                   trials=args.trials, fuse=args.fuse)
     out = compiled.save(args.out)
     print(compiled.report())
     print(f"saved to {out}")

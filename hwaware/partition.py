@@ -4,12 +4,14 @@ Goes in: a `Captured` graph and the set of ATen ops TVM can import. Comes out: a
 the `Program` (host steps + kernel specs) and, per kernel, a small FX graph to hand to TVM.
 
 Rules, in order:
-1. An op TVM cannot import runs on the host in PyTorch (one warning per op name).
-2. The rest is cut into contiguous runs of importable ops (contiguous in topological order, so a
+1. Each fused kernel family (`hwaware.kernels`: conv blocks, residual blocks, GNN message
+   passing, attention) finds its pattern; each group it finds becomes ONE kernel of that family.
+2. An op TVM cannot import runs on the host in PyTorch (one warning per op name).
+3. The rest is cut into contiguous runs of importable ops (contiguous in topological order, so a
    run is always a valid subgraph), and each run is cut again before every contraction
    (convolution, matmul, linear, attention). A kernel is thus one contraction and the
    element-wise/reduction epilogue after it - what one fused TVM kernel can hold.
-3. Each kernel gets a stable signature (op sequence + shapes + attributes): the key by which the
+4. Each kernel gets a stable signature (op sequence + shapes + attributes): the key by which the
    database and, later, latency tables know it.
 """
 
@@ -36,7 +38,7 @@ CONTRACTIONS = {
     "aten.conv3d.default": "conv3d", "aten.convolution.default": "conv2d",
     "aten.linear.default": "matmul", "aten.matmul.default": "matmul", "aten.mm.default": "matmul",
     "aten.addmm.default": "matmul", "aten.bmm.default": "matmul", "aten.baddbmm.default": "matmul",
-    "aten.einsum.default": "matmul", "aten.scaled_dot_product_attention.default": "attention",
+    "aten.einsum.default": "matmul", "aten.scaled_dot_product_attention.default": "sdpa",
 }
 REDUCTIONS = ("softmax", "layer_norm", "mean", "sum", "max", "min", "norm", "var", "std",
               "pool", "amax", "group_norm")
@@ -47,6 +49,9 @@ VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten.permute.default",
             "aten.contiguous.default", "aten.dropout.default", "aten.detach.default",
             "aten.select.int", "aten.slice.Tensor", "getitem", "aten.alias.default",
             "aten.squeeze.dims", "aten.t.default", "aten.split.Tensor", "aten.chunk.default"}
+
+
+FUSED_META = "hwaware_fused"  # node.meta key: the fused family a node's kernel belongs to
 
 
 class UnsupportedOpWarning(UserWarning):
@@ -60,21 +65,32 @@ class Partition:
     host_ops: list[str]
     captured: Captured
     supported_ops: frozenset[str]
+    fuse: bool = True
+    unfused: frozenset[str] = frozenset()
 
     def unfuse(self, signatures: set[str]) -> Partition:
-        """The same graph, with each kernel named in `signatures` cut after its contraction:
-        the contraction alone (left to PyTorch while it has no tuned schedule) and its epilogue
-        (element-wise/reduction ops that TVM's rule-based schedules handle well)."""
-        return partition(self.captured, self.supported_ops, unfuse=signatures, warn=False)
+        """The same graph, with each kernel named in `signatures` taken apart: a fused family
+        kernel goes back to ordinary kernels; an ordinary kernel is cut after its contraction
+        (the contraction alone, left to PyTorch while it has no tuned schedule, and its epilogue,
+        which TVM's rule-based schedules handle well). Earlier calls' signatures still apply."""
+        return partition(self.captured, self.supported_ops, unfuse=self.unfused | signatures,
+                         warn=False, fuse=self.fuse)
 
 
-def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str] | None = None,
-              warn: bool = True) -> Partition:
-    """Cut `captured` into kernels (see module docstring) and build the host program."""
+def partition(captured: Captured, supported_ops: frozenset[str],
+              unfuse: set[str] | frozenset[str] | None = None,
+              warn: bool = True, fuse: bool = True) -> Partition:
+    """Cut `captured` into kernels (see module docstring) and build the host program.
+    `fuse=False` leaves out the fused kernel families (the unfused baseline)."""
     gm = captured.graph_module
+    unfuse = set(unfuse or ())
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    host_ops = _find_host_ops(nodes, supported_ops, warn)
-    runs = _kernel_runs(nodes, host_ops)
+    for node in nodes:
+        node.meta.pop(FUSED_META, None)
+    groups = find_fused_groups(gm, nodes, unfuse) if fuse else []
+    grouped = {n for group in groups for n in group}
+    host_ops = _find_host_ops([n for n in nodes if n not in grouped], supported_ops, warn)
+    runs = groups + _kernel_runs(nodes, host_ops, grouped)
     if unfuse:
         runs = [piece for run in runs for piece in _cut_after_contraction(run, unfuse, gm)]
     builder = _ProgramBuilder(gm, captured)
@@ -90,7 +106,55 @@ def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str
             name, sub_gm = builder.emit_kernel(runs[idx], idx)
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
-    return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops)
+    return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops,
+                     fuse, frozenset(unfuse))
+
+
+def find_fused_groups(gm: fx.GraphModule, nodes: list[fx.Node], unfuse: set[str]
+                      ) -> list[list[fx.Node]]:
+    """Every fused family's groups, in graph order, each node tagged with its family. A group
+    that overlaps an earlier one, reads a value computed after its first node, or whose
+    signature is in `unfuse` (no tuned schedule) is left to the ordinary kernels."""
+    from hwaware.kernels import families
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()
+    groups: list[list[fx.Node]] = []
+    for family in families().values():
+        for found in family.find(gm):
+            group = sorted(found, key=order.__getitem__)
+            if not _valid_group(group, claimed, order, family.name):
+                continue
+            for node in group:
+                node.meta[FUSED_META] = family.name
+            if kernel_signature(group, _external_inputs(group, set(group)), gm) in unfuse:
+                for node in group:
+                    del node.meta[FUSED_META]
+                continue
+            claimed.update(group)
+            groups.append(group)
+    return sorted(groups, key=lambda g: order[g[0]])
+
+
+def _valid_group(group: list[fx.Node], claimed: set[fx.Node], order: dict[fx.Node, int],
+                 family: str) -> bool:
+    if not group or claimed.intersection(group):
+        log.debug("%s group at %s overlaps another fused kernel: left unfused", family,
+                  group[0] if group else None)
+        return False
+    members = set(group)
+    used_outside = [n for n in group if _used_outside(n, members)]
+    if used_outside != [group[-1]]:
+        log.debug("%s group at %s: only its last value may be used outside it: left unfused",
+                  family, group[0])
+        return False
+    first = order[group[0]]
+    late = [i for i in _external_inputs(group, set(group)) if order[i] > first]
+    if late:
+        log.debug("%s group at %s reads %s, computed after its first node: left unfused",
+                  family, group[0], late[0])
+        return False
+    return True
 
 
 def _find_host_ops(nodes: list[fx.Node], supported_ops: frozenset[str], warn: bool) -> set[str]:
@@ -125,12 +189,14 @@ def _symbolic(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape)
 
 
-def _kernel_runs(nodes: list[fx.Node], host_ops: set[str]) -> list[list[fx.Node]]:
+def _kernel_runs(nodes: list[fx.Node], host_ops: set[str], grouped: set[fx.Node]
+                 ) -> list[list[fx.Node]]:
     runs: list[list[fx.Node]] = []
     current: list[fx.Node] = []
     for node in nodes:
         name = op_name(node.target)
-        if name in host_ops or "hwaware_host" in node.meta or not _tensor_valued(node):
+        if node in grouped or name in host_ops or "hwaware_host" in node.meta or \
+                not _tensor_valued(node):
             _close(runs, current)
             current = []
             continue
@@ -144,7 +210,8 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str]) -> list[list[fx.Node]
 
 def _cut_after_contraction(run: list[fx.Node], signatures: set[str], gm: fx.GraphModule
                            ) -> list[list[fx.Node]]:
-    if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
+    if FUSED_META in run[0].meta or \
+            kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
         return [run]
     cut = next(i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS) + 1
     pieces: list[list[fx.Node]] = []
@@ -165,6 +232,8 @@ def _tensor_valued(node: fx.Node) -> bool:
 
 
 def kernel_family(run: list[fx.Node]) -> str:
+    if FUSED_META in run[0].meta:
+        return str(run[0].meta[FUSED_META])
     for node in run:
         family = CONTRACTIONS.get(op_name(node.target))
         if family:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,12 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     trials: int = 0,
     show_progress: bool = True,
     strict: bool = False,
+    fuse: bool = True,
 ) -> CompiledModel | DynamicModel:
     """Compile a PyTorch model (or an ONNX file) for `target`; tune first if `trials` > 0.
+
+    Conv blocks, GNN message passing and attention become fused kernels (`hwaware.kernels`)
+    wherever the database has tuned records for them; `fuse=False` leaves them out.
 
     A model whose forward branches or loops on tensor values (early exits, gates, adaptive
     loops, routing) becomes a host program around static regions (`hwaware.dynamic`); a region
@@ -56,15 +61,16 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     planned = plan_model(model)                              # 0. control flow -> host program
     if planned is not None:
         return compile_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
-                               strict, compile_graphs)
+                               strict, partial(compile_graphs, fuse=fuse))
     captured = capture(model, inputs)                        # 1. model -> static ATen graph
-    return compile_captured(captured, tgt, database, trials, show_progress)
+    return compile_captured(captured, tgt, database, trials, show_progress, fuse)
 
 
 def compile_captured(captured: Captured, target: Target, db: TuningDatabase | None,
-                     trials: int = 0, show_progress: bool = True) -> CompiledModel:
+                     trials: int = 0, show_progress: bool = True, fuse: bool = True
+                     ) -> CompiledModel:
     """Stages 2-6 for an already captured graph (the torch.compile backend enters here)."""
-    rewrites, part = _rewrite_and_partition(captured)       # 2. rewrite; 3. kernels + host
+    rewrites, part = _rewrite_and_partition(captured, fuse)  # 2. rewrite; 3. kernels + host
     flat_inputs = captured.example_inputs
     if trials > 0 and db is not None:                        # 4. tune into the database
         summary = _tune_parts([captured], [part], target, db, trials, show_progress)
@@ -74,8 +80,8 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
 
 
 def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str | Target = "host",
-         trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True
-         ) -> SessionSummary:
+         trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True,
+         fuse: bool = True) -> SessionSummary:
     """Run a tuning session for `model` and return its summary (records go to `db`)."""
     tgt = get_target(target)
     database = open_db(db)
@@ -85,15 +91,16 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
     planned = plan_model(model)
     if planned is not None:
         return tune_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
-                            tune_graphs)
-    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress)
+                            partial(tune_graphs, fuse=fuse))
+    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress, fuse)
 
 
 def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | None,
-                   trials: int = 0, show_progress: bool = True) -> list[CompiledModel]:
+                   trials: int = 0, show_progress: bool = True, fuse: bool = True
+                   ) -> list[CompiledModel]:
     """Stages 2-6 for several captured graphs, tuned together (a workload shared by several
     graphs is tuned once)."""
-    parts = [_rewrite_and_partition(c) for c in graphs]
+    parts = [_rewrite_and_partition(c, fuse) for c in graphs]
     if trials > 0 and db is not None and graphs:
         summary = _tune_parts(graphs, [p for _, p in parts], target, db, trials, show_progress)
         log.info("%s", summary.table())
@@ -103,9 +110,10 @@ def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | 
 
 
 def tune_graphs(graphs: list[Captured], target: Target, db: TuningDatabase, trials: int,
-                show_progress: bool = True) -> SessionSummary:
-    """One tuning session over the contraction workloads of several captured graphs."""
-    parts = [_rewrite_and_partition(c)[1] for c in graphs]
+                show_progress: bool = True, fuse: bool = True) -> SessionSummary:
+    """One tuning session over the contraction workloads of several captured graphs (with
+    `fuse`, a fused family kernel is one workload in place of its parts)."""
+    parts = [_rewrite_and_partition(c, fuse)[1] for c in graphs]
     return _tune_parts(graphs, parts, target, db, trials, show_progress)
 
 
@@ -120,11 +128,12 @@ def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
     return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress)
 
 
-def _rewrite_and_partition(captured: Captured) -> tuple[dict[str, int], Partition]:
+def _rewrite_and_partition(captured: Captured, fuse: bool = True
+                           ) -> tuple[dict[str, int], Partition]:
     from hwaware import tvm_compat
 
     rewrites = rewrite(captured)
-    return rewrites, partition(captured, tvm_compat.supported_aten_ops())
+    return rewrites, partition(captured, tvm_compat.supported_aten_ops(), fuse=fuse)
 
 
 def open_db(db: DbArg) -> TuningDatabase | None:

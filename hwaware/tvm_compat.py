@@ -138,15 +138,23 @@ def _region_buffer(region: Any) -> str:
     return str(region.source.name)
 
 
-def module_of_functions(functions: dict[str, relax.Function]) -> tvm.IRModule:
+def module_of_functions(functions: dict[str, relax.Function],
+                        prims: dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc] | None = None
+                        ) -> tvm.IRModule:
     """One IRModule holding each kernel as its own public Relax function (each with fresh
-    variables: kernels that share a cached import must not share binding sites)."""
+    variables: kernels that share a cached import must not share binding sites), and the TIR
+    functions they call (`prims`, under the GlobalVars they are called by)."""
     from tvm.relax.utils import copy_with_new_vars
 
-    return tvm.IRModule({
-        name: copy_with_new_vars(fn).with_attr("global_symbol", name)
-        for name, fn in functions.items()
-    })
+    entries: dict[Any, Any] = dict(prims or {})
+    for name, fn in functions.items():
+        entries[name] = copy_with_new_vars(fn).with_attr("global_symbol", name)
+    return tvm.IRModule(entries)
+
+
+def prim_funcs_by_var(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]:
+    """A module's TIR functions, keyed by the GlobalVars its Relax functions call them by."""
+    return {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
 # ------------------------------------------------------------------------- fusion

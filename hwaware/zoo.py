@@ -236,6 +236,52 @@ def build_bert_like_attention(hidden: int = 256, heads: int = 4, seq: int = 64) 
     return _finish(BertLikeAttention(hidden, heads), torch.randn(1, seq, hidden), mask)
 
 
+class AttentionCore(nn.Module):
+    """BERT's attention core on per-head q, k, v [B, H, S, D], as Hugging Face writes it:
+    softmax(QK^T/sqrt(d) + padding mask) V, `mask` [B, S] (1 = token, 0 = padding). With `sdpa`
+    the same through `F.scaled_dot_product_attention`: PyTorch's fused kernel, the peer."""
+
+    def __init__(self, sdpa: bool = False):
+        super().__init__()
+        self.sdpa = sdpa
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        additive = (1.0 - mask[:, None, None, :]) * -10000.0
+        if self.sdpa:
+            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + additive
+        return torch.softmax(scores, dim=-1) @ v
+
+
+class CausalAttentionCore(nn.Module):
+    """GPT-2's attention core: scores where(tril, QK^T/sqrt(d), finfo.min), softmax, V; with
+    `sdpa`, `F.scaled_dot_product_attention(is_causal=True)`."""
+
+    def __init__(self, seq: int, sdpa: bool = False):
+        super().__init__()
+        self.sdpa = sdpa
+        self.register_buffer("tril", torch.tril(torch.ones(seq, seq, dtype=torch.bool)))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sdpa:
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = torch.where(self.tril, scores, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def build_attention_core(heads: int = 12, seq: int = 128, head_dim: int = 64,
+                         causal: bool = False, sdpa: bool = False) -> Built:
+    torch.manual_seed(SEED)
+    q, k, v = (torch.randn(1, heads, seq, head_dim) for _ in range(3))
+    if causal:
+        return _finish(CausalAttentionCore(seq, sdpa), q, k, v)
+    mask = torch.ones(1, seq)
+    mask[:, seq - seq // 8:] = 0.0  # the last eighth is padding
+    return _finish(AttentionCore(sdpa), q, k, v, mask)
+
+
 # ------------------------------------------------------------------------------ mlp, misc
 def build_mlp(d_in: int = 256, hidden: int = 1024, d_out: int = 256) -> Built:
     torch.manual_seed(SEED)
@@ -279,10 +325,9 @@ def random_graph(nodes: int, edges: int, seed: int = SEED) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     pairs: set[tuple[int, int]] = set()
     while len(pairs) < edges // 2:
-        a, b = torch.randint(0, nodes, (2,), generator=gen).tolist()
-        if a != b:
-            pairs.add((min(a, b), max(a, b)))
-    src, dst = torch.tensor(sorted(pairs)).t()
+        drawn = torch.randint(0, nodes, (edges // 2 - len(pairs), 2), generator=gen).tolist()
+        pairs.update((min(a, b), max(a, b)) for a, b in drawn if a != b)
+    src, dst = torch.tensor(sorted(pairs)[: edges // 2]).t()
     return torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
 
 
@@ -321,6 +366,39 @@ class GCN(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         return self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index)
+
+
+def _pyg_layer(kind: str, cin: int, cout: int) -> nn.Module:
+    import torch_geometric.nn as pyg
+
+    layers: dict[str, Callable[[], nn.Module]] = {
+        "gcn": lambda: pyg.GCNConv(cin, cout),
+        "sage": lambda: pyg.SAGEConv(cin, cout, aggr="mean"),
+        "sage_max": lambda: pyg.SAGEConv(cin, cout, aggr="max"),
+        "gat": lambda: pyg.GATConv(cin, cout // 4, heads=4),
+    }
+    if kind not in layers:
+        raise ValueError(f"unknown PyG layer {kind!r}; valid: {', '.join(sorted(layers))}")
+    return layers[kind]()
+
+
+class PygLayer(nn.Module):
+    """One PyTorch Geometric layer on (x, edge_index), built by name from a config: gcn
+    (GCNConv), sage / sage_max (SAGEConv, mean / max aggregation), gat (GATConv, 4 heads)."""
+
+    def __init__(self, kind: str, cin: int, cout: int):
+        super().__init__()
+        self.layer = _pyg_layer(kind, cin, cout)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, edge_index)  # type: ignore[no-any-return]
+
+
+def build_pyg_layer(kind: str = "gcn", nodes: int = 10000, edges: int = 100000, cin: int = 64,
+                    cout: int = 64) -> Built:
+    torch.manual_seed(SEED)
+    x, edge_index = torch.randn(nodes, cin), random_graph(nodes, edges)
+    return _finish(PygLayer(kind, cin, cout), x, edge_index)
 
 
 def _pyg_gcn_conv() -> type[nn.Module] | None:
@@ -363,6 +441,15 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("bert_like_attention", "transformer",
            "HF BERT attention written out, hidden 256, 4 heads, seq 64, padding mask",
            build_bert_like_attention, hidden=32, heads=2, seq=8),
+    _entry("attention_core", "attention",
+           "BERT-base attention core: softmax(QK^T/sqrt(d) + padding mask) V, 12 heads, 128x64",
+           build_attention_core, heads=2, seq=9, head_dim=8),
+    _entry("causal_attention_core", "attention",
+           "GPT-2 attention core: causal where(tril, QK^T/sqrt(d), min), softmax, V; 12x128x64",
+           partial(build_attention_core, causal=True), heads=2, seq=9, head_dim=8),
+    _entry("sdpa_attention", "attention",
+           "F.scaled_dot_product_attention with a padding mask, 12 heads, 128x64",
+           partial(build_attention_core, sdpa=True), heads=2, seq=9, head_dim=8),
     _entry("mlp", "mlp", "3 linear layers with GELU, 256->1024->1024->256",
            build_mlp, d_in=16, hidden=32, d_out=8),
     _entry("gcn_2layer", "gnn", "2-layer GCN, 200 nodes, 1000 edges, 64->64->16",
@@ -370,6 +457,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     _entry("gcn_2layer_handwritten", "gnn",
            "gcn_2layer without PyG: normalized adjacency with index_add_, static shapes",
            partial(build_gcn_2layer, pyg=False), nodes=20, edges=60, cin=8, hidden=8, classes=4),
+    *[_entry(f"{kind}_layer", "gnn", f"one PyG {kind} layer, 10k nodes, 100k edges, 64->64",
+             partial(build_pyg_layer, kind), nodes=12, edges=40, cin=7, cout=20)
+      for kind in ("gcn", "sage", "sage_max", "gat")],
     _entry("searchsorted_embedding", "host_op",
            "bucketized features via torch.searchsorted (no TVM import), embeddings, MLP",
            build_searchsorted_embedding, d_in=8, features=4, buckets=8, dim=4),

@@ -130,7 +130,8 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
     build_pending(pending, trials)
     for r in runners.values():
         r.compile_new = lambda runner, key, args: build_pending([(runner, key, args)], 0)
-    info = DynamicInfo(name, target.name, list(staged.params), stats)
+    info = DynamicInfo(name, target.name, list(staged.params), stats,
+                       defaults=len(staged.defaults))
     info.dynamo_graphs, info.dynamo_breaks = dynamo_explain(model, inputs)
     return DynamicModel(plan.source(), runners, info)
 

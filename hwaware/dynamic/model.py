@@ -301,6 +301,7 @@ class DynamicInfo:
     explore: ExploreStats
     dynamo_graphs: int | None = None
     dynamo_breaks: int | None = None
+    defaults: int = 0  # how many of the last params have a default
 
 
 class DynamicModel:
@@ -314,9 +315,10 @@ class DynamicModel:
                                      host_namespace(runners, None))
 
     def __call__(self, *args: Any) -> Any:
-        if len(args) != len(self.info.params):
-            raise InputMismatchError(f"expected {len(self.info.params)} input(s) "
-                                     f"({', '.join(self.info.params)}), got {len(args)}")
+        params = self.info.params
+        if not len(params) - self.info.defaults <= len(args) <= len(params):
+            raise InputMismatchError(f"expected {len(params)} input(s) "
+                                     f"({', '.join(params)}), got {len(args)}")
         with torch.no_grad():
             return self._forward(*args)
 

@@ -65,6 +65,7 @@ class HostPlan:
     body: list[ast.stmt]
     regions: dict[str, RegionDef]
     sites: int
+    defaults: list[ast.expr] = field(default_factory=list)
 
     @property
     def is_dynamic(self) -> bool:
@@ -80,7 +81,7 @@ class HostPlan:
         if instrumented:
             body = [_Instrument().visit(s) for s in body]
         args = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in self.params],
-                             kwonlyargs=[], kw_defaults=[], defaults=[])
+                             kwonlyargs=[], kw_defaults=[], defaults=self.defaults)
         func = ast.FunctionDef(name="forward", args=args, body=body or [ast.Pass()],
                                decorator_list=[])
         return ast.unparse(ast.fix_missing_locations(ast.Module([func], [])))
@@ -100,6 +101,8 @@ def is_host_expr(e: ast.expr, host: set[str]) -> bool:
         return e.id in host or e.id in {"True", "False", "None"}
     if isinstance(e, (ast.Tuple, ast.List)):
         return all(is_host_expr(x, host) for x in e.elts)
+    if isinstance(e, ast.Compare) and all(isinstance(o, (ast.Is, ast.IsNot)) for o in e.ops):
+        return True  # `x is None`: a property of the Python object, known to the host as is
     if isinstance(e, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp)):
         return all(is_host_expr(x, host) for x in ast.iter_child_nodes(e)
                    if isinstance(x, ast.expr))
@@ -117,8 +120,8 @@ def is_host_expr(e: ast.expr, host: set[str]) -> bool:
 def _is_host_call(e: ast.Call, host: set[str]) -> bool:
     f = e.func
     if isinstance(f, ast.Name):
-        if f.id in CONVERSIONS and len(e.args) == 1 or f.id == "len":
-            return True
+        if f.id in CONVERSIONS and len(e.args) == 1 or f.id in ("len", "isinstance"):
+            return True  # isinstance: a property of the Python object, known to the host
         return f.id in {"min", "max", "abs", "round", "range"} and \
             all(is_host_expr(a, host) for a in e.args)
     if isinstance(f, ast.Attribute):
@@ -199,7 +202,7 @@ class _Splitter:
         self.connect(body)
         self.check_host_names(body)
         sites = sum(1 for n in ast.walk(ast.Module(body, [])) if hasattr(n, "_hw_site"))
-        return HostPlan(self.staged.params, body, self.regions, sites)
+        return HostPlan(self.staged.params, body, self.regions, sites, self.staged.defaults)
 
     def temp(self, stem: str) -> str:
         return f"_hw_{stem}{next(self.counter)}"

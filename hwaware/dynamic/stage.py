@@ -57,6 +57,7 @@ class Staged:
     body: list[ast.stmt]
     globals: dict[int, dict[str, Any]] = field(default_factory=dict)
     filename: str = ""
+    defaults: list[ast.expr] = field(default_factory=list)  # of the last params, as written
 
 
 def origin_of(node: ast.AST) -> Origin:
@@ -247,7 +248,11 @@ class _Stager:
         _set_origin(func.body, filename, id(fn_globals))
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
-        return Staged(self.root, params, self.block(func.body), self.globals, filename)
+        defaults = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
+        if len(defaults) != len(func.args.defaults):
+            defaults = []  # a computed default: callers pass every argument
+        return Staged(self.root, params, self.block(func.body), self.globals, filename,
+                      defaults)
 
     def fresh(self, stem: str) -> str:
         name = f"_hw_{stem}{next(self.counter)}"
@@ -310,6 +315,8 @@ class _Stager:
         out: list[ast.stmt] = []
         for stmt in stmts:
             out.extend(self.statement(stmt))
+            if out and isinstance(out[-1], (ast.Return, ast.Raise)):
+                break  # the rest is unreachable (e.g. after a branch decided at compile time)
         return out
 
     def statement(self, stmt: ast.stmt) -> list[ast.stmt]:

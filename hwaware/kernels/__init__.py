@@ -1,0 +1,56 @@
+"""Fused kernel families: patterns of the rewritten ATen graph that run as ONE tunable TIR kernel.
+
+Stage 3 (partition) asks every family to `find` its pattern in the rewritten graph; each group of
+nodes it returns becomes one kernel of that family instead of the ordinary contraction-plus-
+epilogue kernels. Stage 4/5 (tune, build) ask the family to `lower` that kernel's standalone
+graph to a Relax module whose `main` calls the family's PrimFunc through `call_tir`. The PrimFunc
+carries a `schedule_rule` block annotation naming the family's schedule space, so MetaSchedule
+tunes it like any other workload and the tuning database keeps its records by structural hash.
+
+A family module (conv.py, resblock.py, gnn.py, attention.py) exports one `KernelFamily` object.
+`find` returns only groups it can lower (an unsupported variant is left to the unfused path,
+with a debug log line); `lower` gets the kernel graph that partition cut from those nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+FAMILY_NAMES = ("conv_block", "res_block", "gnn", "attention")  # the modules' FAMILY.name
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class KernelFamily:
+    """One fused kernel family.
+
+    `find(gm)`: groups of `call_function` nodes of the rewritten graph, one group per instance.
+    Each group's outside inputs must come before its first node (graph order), and only the
+    group's final values may be used outside it.
+    `lower(graph, inputs, target, name)`: an IRModule whose Relax `main` takes the kernel graph's
+    inputs (placeholders, in order) and returns the tuple of its outputs; weights are embedded
+    as constants. PrimFunc names start with `name` (unique per process). `target` is the
+    hwaware `Target`; `inputs` are example tensors for the graph's placeholders."""
+
+    name: str
+    find: Callable[[fx.GraphModule], list[list[fx.Node]]]
+    lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
+
+
+def unique_name(family: str) -> str:
+    """A PrimFunc name no other lowering in this process uses."""
+    return f"hw_{family}_{next(_names)}"
+
+
+def families() -> dict[str, KernelFamily]:
+    """Every fused kernel family, by name (imported lazily: they import TVM)."""
+    from hwaware.kernels import attention, conv, gnn, resblock
+
+    found = {f.name: f for f in (conv.FAMILY, resblock.FAMILY, gnn.FAMILY, attention.FAMILY)}
+    assert tuple(found) == FAMILY_NAMES, "FAMILY_NAMES lists the families in this order"
+    return found

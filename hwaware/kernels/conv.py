@@ -1,0 +1,555 @@
+"""conv_block: a MobileNetV2/V3 inverted-residual block as ONE depth-first TIR kernel.
+
+Pattern in (rewritten ATen graph, NCHW, fp32, batch 1, BatchNorm already folded into the convs):
+    [1x1 conv (expand) -> act] -> kxk depthwise conv (k 3 or 5, stride 1 or 2, padding k//2)
+    -> [act] -> 1x1 conv (project) -> [+ block input (residual)]
+with act one of relu, hardtanh/clamp (relu6), hardswish, silu. Anything else (dilation,
+grouped convs, other paddings or activations, a squeeze-excite between depthwise and project,
+batch > 1, non-fp32, ...) is skipped with a debug log line and stays on the unfused path.
+
+Kernel out: one PrimFunc. Internally the intermediates are channel-last (h, w, channel) so that
+every stage vectorizes over channels; the input and output stay NCHW. Blocks:
+    expand  (1x1 conv, reduction over input channels)         [absent for expand ratio 1]
+    pad     (bias + act of expand, zero halo)
+    dw      (depthwise conv + bias + act, k*k terms, no reduction axis)
+    proj    (1x1 conv, reduction over expanded channels)
+    out     (bias [+ residual], back to NCHW; carries the `schedule_rule` annotation)
+The schedule space (`s_tir.meta_schedule.cpu.hw_conv_block`) tiles the output spatially and
+computes expand, pad and dw for each tile (plus halo) inside the tile loop, depth-first, so the
+expanded intermediate stays in cache. Sampled: the tile shape (a full-width tile is a row band),
+the project conv's register block and vector width, the producers' vector widths and the
+unroll depth. A cuda space binds tiles to thread blocks and keeps the tile's intermediates in
+shared memory. `default_schedule` applies the same schedules with fixed decisions (untuned).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import fx
+
+from hwaware.kernels import KernelFamily
+
+log = logging.getLogger(__name__)
+
+RULE = "hw_conv_block"
+CONV = torch.ops.aten.conv2d.default
+ADD = torch.ops.aten.add.Tensor
+ACTIVATIONS: dict[Any, str] = {
+    torch.ops.aten.relu.default: "relu",
+    torch.ops.aten.hardtanh.default: "clamp",
+    torch.ops.aten.clamp.default: "clamp",
+    torch.ops.aten.hardswish.default: "hardswish",
+    torch.ops.aten.silu.default: "silu",
+}
+DW_KERNELS = (3, 5)
+DW_STRIDES = (1, 2)
+UNROLL = [16, 0, 64, 512]  # explicit-unroll steps the schedule samples from
+UNROLL_P = [0.25, 0.25, 0.25, 0.25]
+CUDA_THREADS = [64, 128, 256]
+
+
+# ------------------------------------------------------------------------------- pattern
+@dataclass(frozen=True)
+class Act:
+    """An activation: its kind and, for clamp, its bounds."""
+
+    kind: str
+    lo: float = 0.0
+    hi: float = 6.0
+
+
+@dataclass
+class Conv:
+    """A convolution node with its constant weight (and bias, or None)."""
+
+    node: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class Block:
+    """One matched inverted-residual block."""
+
+    nodes: list[fx.Node]
+    expand: Conv | None
+    expand_act: Act | None
+    dw: Conv
+    dw_act: Act | None
+    project: Conv
+    residual: bool
+
+    @property
+    def stride(self) -> int:
+        return int(_conv_attrs(self.dw.node)[0][0])
+
+
+class NoMatch(Exception):
+    """The depthwise conv at hand is not the middle of a block this family can lower."""
+
+
+def _conv_attrs(node: fx.Node) -> tuple[list[int], list[int], list[int], int]:
+    """(stride, padding, dilation, groups) of an aten.conv2d node, defaults filled in."""
+    args: list[Any] = list(node.args) + [None] * (7 - len(node.args))
+    stride = args[3] or node.kwargs.get("stride", [1, 1])
+    padding = args[4] or node.kwargs.get("padding", [0, 0])
+    dilation = args[5] or node.kwargs.get("dilation", [1, 1])
+    groups: Any = args[6] or node.kwargs.get("groups", 1)
+    return _pair(stride), _pair(padding), _pair(dilation), int(groups)
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node; None for a missing argument; NoMatch otherwise."""
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise NoMatch("weight or bias is not a constant")
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value.detach()
+
+
+def _conv(gm: fx.GraphModule, node: Any, kind: str) -> Conv:
+    """`node` as a supported conv of `kind` ("pointwise" or "depthwise"), else NoMatch."""
+    if not isinstance(node, fx.Node) or node.target is not CONV:
+        raise NoMatch(f"{kind}: not an aten.conv2d")
+    stride, padding, dilation, groups = _conv_attrs(node)
+    weight = _constant(gm, node.args[1])
+    bias = _constant(gm, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
+    assert weight is not None
+    if weight.dtype != torch.float32 or _val(node).dtype != torch.float32:
+        raise NoMatch(f"{kind}: dtype {weight.dtype} (only float32)")
+    if dilation != [1, 1]:
+        raise NoMatch(f"{kind}: dilation {dilation}")
+    k = int(weight.shape[-1])
+    if kind == "pointwise":
+        if groups != 1 or weight.shape[-2:] != (1, 1) or stride != [1, 1] or padding != [0, 0]:
+            raise NoMatch(f"pointwise: groups {groups} kernel {tuple(weight.shape[-2:])} "
+                          f"stride {stride} padding {padding}")
+    else:
+        channels = int(weight.shape[0])
+        if groups != channels or weight.shape[1] != 1:
+            raise NoMatch(f"depthwise: groups {groups} for {channels} channels")
+        if tuple(weight.shape[-2:]) != (k, k) or k not in DW_KERNELS:
+            raise NoMatch(f"depthwise: kernel {tuple(weight.shape[-2:])}")
+        if stride[0] != stride[1] or stride[0] not in DW_STRIDES or padding != [k // 2] * 2:
+            raise NoMatch(f"depthwise: stride {stride} padding {padding}")
+    return Conv(node, weight, bias)
+
+
+def _val(node: fx.Node) -> torch.Tensor:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise NoMatch(f"{node.name} has no tensor value")
+    return val
+
+
+def _act(node: Any) -> Act | None:
+    """The activation `node` computes, or None if it is not a supported activation."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    kind = ACTIVATIONS.get(node.target)
+    if kind is None:
+        return None
+    if kind == "clamp":
+        lo, hi = (list(node.args[1:3]) + [None, None])[:2]
+        if node.target is torch.ops.aten.hardtanh.default:
+            lo = -1.0 if lo is None else lo
+            hi = 1.0 if hi is None else hi
+        if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+            return None
+        return Act(kind, float(lo), float(hi))
+    return Act(kind)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _match(gm: fx.GraphModule, dw_node: fx.Node) -> Block:
+    """The block around depthwise conv `dw_node`, or NoMatch naming why not."""
+    dw = _conv(gm, dw_node, "depthwise")
+    if _val(dw_node).shape[0] != 1:
+        raise NoMatch(f"batch {_val(dw_node).shape[0]} (only batch 1)")
+    nodes = [dw_node]
+    expand, expand_act = _expand_of(gm, dw_node.args[0])
+    if expand is not None:
+        nodes = [expand.node, dw_node.args[0], dw_node]  # type: ignore[list-item]
+    after = _only_user(dw_node)
+    dw_act = _act(after)
+    if dw_act is not None and after is not None:
+        nodes.append(after)
+        after = _only_user(after)
+    if after is None or after.target is not CONV or after.args[0] is not nodes[-1]:
+        raise NoMatch(f"depthwise {dw_node.name} is not followed (only) by a 1x1 conv "
+                      f"(squeeze-excite or another op in between)")
+    project = _conv(gm, after, "pointwise")
+    nodes.append(after)
+    residual = _residual(project.node, nodes[0].args[0])
+    if residual is not None:
+        nodes.append(residual)
+    return Block(nodes, expand, expand_act, dw, dw_act, project, residual is not None)
+
+
+def _expand_of(gm: fx.GraphModule, node: Any) -> tuple[Conv | None, Act | None]:
+    """The expand conv + act feeding the depthwise conv, or (None, None) if there is none
+    this family can take (then the depthwise conv's input is the block's input)."""
+    act = _act(node)
+    if act is None or _only_user(node) is None:
+        return None, None
+    conv = node.args[0]
+    if not isinstance(conv, fx.Node) or conv.target is not CONV or _only_user(conv) is None:
+        return None, None
+    try:
+        return _conv(gm, conv, "pointwise"), act
+    except NoMatch as why:
+        log.debug("conv_block: expand %s left out: %s", conv.name, why)
+        return None, None
+
+
+def _residual(project: fx.Node, block_input: Any) -> fx.Node | None:
+    """The `add(block_input, project)` after the project conv, if there is one."""
+    add = _only_user(project)
+    if add is None or add.target is not ADD or add.kwargs.get("alpha", 1) != 1:
+        return None
+    operands = list(add.args[:2])
+    if len(operands) != 2 or project not in operands:
+        return None
+    other = operands[1 - operands.index(project)]
+    if other is not block_input or not isinstance(other, fx.Node):
+        return None
+    return add if tuple(_val(other).shape) == tuple(_val(project).shape) else None
+
+
+def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Every inverted-residual block of `gm` this family can lower, as node groups."""
+    groups: list[list[fx.Node]] = []
+    taken: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not CONV or node in taken:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, fx.Node) or _conv_attrs(node)[3] == 1:
+            continue  # not grouped: not the middle of a block
+        try:
+            block = _match(gm, node)
+        except NoMatch as why:
+            log.debug("conv_block: %s not fused: %s", node.name, why)
+            continue
+        if taken.intersection(block.nodes):
+            log.debug("conv_block: %s overlaps a block already taken", node.name)
+            continue
+        taken.update(block.nodes)
+        groups.append(block.nodes)
+    return groups
+
+
+# ------------------------------------------------------------------------------- compute
+def _apply_act(x: Any, act: Act | None) -> Any:
+    from tvm import te, tirx
+
+    if act is None:
+        return x
+    if act.kind == "relu":
+        return te.max(x, tirx.const(0.0, "float32"))
+    if act.kind == "clamp":
+        return te.min(te.max(x, tirx.const(act.lo, "float32")), tirx.const(act.hi, "float32"))
+    if act.kind == "hardswish":
+        three, six = tirx.const(3.0, "float32"), tirx.const(6.0, "float32")
+        zero = tirx.const(0.0, "float32")
+        return x * te.min(te.max(x + three, zero), six) / six
+    if act.kind == "silu":
+        return x * te.sigmoid(x)
+    raise ValueError(f"unknown activation {act.kind}")
+
+
+def _dot(xs: list[Any], ws: list[Any]) -> Any:
+    acc = xs[0] * ws[0]
+    for a, b in zip(xs[1:], ws[1:], strict=True):
+        acc = acc + a * b
+    return acc
+
+
+def _bias(conv: Conv) -> torch.Tensor:
+    out = int(conv.weight.shape[0])
+    return conv.bias if conv.bias is not None else torch.zeros(out, dtype=torch.float32)
+
+
+def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
+    """The TE definition of the fused block on NCHW input `x`; `consts` holds the weights in
+    the kernel's layouts (see `_weights`). Returns the NCHW output tensor."""
+    from tvm import te, tirx
+
+    _, c_in, h, w = (int(s) for s in x.shape)
+    k = int(block.dw.weight.shape[-1])
+    s, p = block.stride, k // 2
+    e = int(block.dw.weight.shape[0])
+    c_out = int(block.project.weight.shape[0])
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    none = {"schedule_rule": "None"}
+    zero = tirx.const(0.0, "float32")
+
+    def inside(i: Any, j: Any) -> Any:
+        return tirx.all(i >= p, i < h + p, j >= p, j < w + p)
+
+    if block.expand is not None:
+        # an explicit sum, not a reduction: TIR cannot vectorize a reduction block that
+        # compute_at clipped to the tile's halo; the sum stays in registers too
+        expanded = te.compute(
+            (h, w, e), lambda i, j, f: _dot(
+                [x[0, c, i, j] for c in range(c_in)], [consts["w1"][c, f] for c in range(c_in)]),
+            name="expand", attrs=none)
+        act1 = block.expand_act
+
+        def padded(i: Any, j: Any, f: Any) -> Any:
+            v = _apply_act(expanded[i - p, j - p, f] + consts["b1"][f], act1)
+            return tirx.if_then_else(inside(i, j), v, zero)
+    else:
+        def padded(i: Any, j: Any, f: Any) -> Any:
+            return tirx.if_then_else(inside(i, j), x[0, f, i - p, j - p], zero)
+
+    pad = te.compute((h + 2 * p, w + 2 * p, e), padded, name="pad", attrs=none)
+
+    def depthwise(i: Any, j: Any, f: Any) -> Any:
+        taps = [(a, b) for a in range(k) for b in range(k)]
+        acc = _dot([pad[i * s + a, j * s + b, f] for a, b in taps],
+                   [consts["wd"][a, b, f] for a, b in taps])
+        return _apply_act(acc + consts["bd"][f], block.dw_act)
+
+    dw = te.compute((oh, ow, e), depthwise, name="dw", attrs=none)
+    r = te.reduce_axis((0, e), name="r")
+    proj = te.compute((oh, ow, c_out),
+                      lambda i, j, o: te.sum(dw[i, j, r] * consts["w2"][r, o], axis=r),
+                      name="proj", attrs=none)
+
+    def output(n: Any, o: Any, i: Any, j: Any) -> Any:
+        v = proj[i, j, o] + consts["b2"][o]
+        return v + x[n, o, i, j] if block.residual else v
+
+    return te.compute((1, c_out, oh, ow), output, name="out", attrs={"schedule_rule": RULE})
+
+
+def _weights(block: Block) -> dict[str, torch.Tensor]:
+    """The block's constants in the kernel's layouts (weights are free to re-lay out)."""
+    e = int(block.dw.weight.shape[0])
+    k = int(block.dw.weight.shape[-1])
+    out = {
+        "wd": block.dw.weight.reshape(e, k, k).permute(1, 2, 0).contiguous(),
+        "bd": _bias(block.dw),
+        "w2": block.project.weight.reshape(block.project.weight.shape[0], e).t().contiguous(),
+        "b2": _bias(block.project),
+    }
+    if block.expand is not None:
+        w1 = block.expand.weight
+        out["w1"] = w1.reshape(w1.shape[0], w1.shape[1]).t().contiguous()
+        out["b1"] = _bias(block.expand)
+    return out
+
+
+def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
+    """The kernel graph of one block -> an IRModule whose `main` makes one call_tir."""
+    import tvm
+    from tvm import relax
+
+    dw_node = next(n for n in graph.graph.nodes
+                   if n.op == "call_function" and n.target is CONV and _conv_attrs(n)[3] > 1)
+    block = _match(graph, dw_node)
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise NoMatch(f"expected one input, got {len(placeholders)}")
+    x_val = _val(placeholders[0])
+    bb = relax.BlockBuilder()
+    x = relax.Var(placeholders[0].name, relax.TensorType(list(x_val.shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            consts = {k: relax.const(v.numpy()) for k, v in _weights(block).items()}
+            names = sorted(consts)
+
+            def te_fn(x_te: Any, *const_te: Any) -> Any:
+                return block_compute(block, x_te, dict(zip(names, const_te, strict=True)))
+
+            y = bb.emit_te(te_fn, x, *[consts[n] for n in names], primfunc_name_hint=name)
+            out = bb.emit_output(relax.Tuple([y]))
+        bb.emit_func_output(out)
+    mod: tvm.IRModule = bb.get()
+    return mod
+
+
+# ------------------------------------------------------------------------------ schedules
+class Decide(Protocol):
+    """Where a schedule's tunable decisions come from: sampled (search space) or fixed."""
+
+    def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
+        ...
+
+    def choose(self, sch: Any, options: list[int], probs: list[float]) -> Any: ...
+
+
+class Sampled:
+    """Decisions as MetaSchedule sampling instructions (replayed from the database)."""
+
+    def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
+        return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner))
+
+    def choose(self, sch: Any, options: list[int], probs: list[float]) -> Any:
+        return sch.sample_categorical(options, probs)
+
+
+class Fixed:
+    """Fixed decisions for an untuned build: from the innermost factor out, the largest divisor
+    of what is left that is <= the hint; the first option of a choice."""
+
+    def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
+        extent = int(sch.get(loop).extent)
+        factors: list[int] = []
+        for limit in reversed(hint[-(n - 1):]):
+            f = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
+            factors.insert(0, f)
+            extent //= f
+        return [extent, *factors]
+
+    def choose(self, sch: Any, options: list[int], probs: list[float]) -> Any:
+        return options[0]
+
+
+def _block(sch: Any, name: str) -> Any | None:
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; absent block
+        return None
+
+
+def _tile_proj(sch: Any, decide: Decide, hints: dict[str, list[int]], max_inner: int
+               ) -> tuple[Any, list[Any]]:
+    """Split the project conv's output (rows, columns, channels) by `hints`/samples; returns
+    the fused spatial tile loop and the loops inside it (row, col parts, then o, r)."""
+    proj = sch.get_sblock("proj")
+    oh, ow, o, r = sch.get_loops(proj)
+    oh0, oh1 = sch.split(oh, decide.tile(sch, oh, 2, max_inner, hints["oh"]))
+    ow_parts = sch.split(ow, decide.tile(sch, ow, len(hints["ow"]) + 1, 8, hints["ow"]))
+    o_parts = sch.split(o, decide.tile(sch, o, 2, 64, hints["o"]))
+    sch.reorder(oh0, ow_parts[0], oh1, *ow_parts[1:], *o_parts, r)
+    return sch.fuse(oh0, ow_parts[0]), [oh1, *ow_parts[1:], *o_parts, r]
+
+
+def schedule_cpu(sch: Any, decide: Decide) -> Any:
+    """The depth-first CPU schedule: per output tile (parallel), the expand conv for the tile
+    plus halo, the padded activation and the depthwise conv into tile-sized buffers, then the
+    project conv with a (columns x channels) register block vectorized over channels."""
+    tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
+        sch, decide, {"oh": [8], "ow": [2, 8], "o": [16]}, 64)
+    sch.reorder(oh1, ow1, o0, r, ow2, o1)
+    sch.vectorize(o1)
+    sch.unroll(ow2)
+    sch.parallel(tile)
+    sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
+    sch.annotate(tile, "pragma_unroll_explicit", 1)
+    sch.reverse_compute_at(sch.get_sblock("out"), tile)
+    for name in ("dw", "pad", "expand"):  # depth-first: the tile's producers inside its loop
+        block = _block(sch, name)
+        if block is not None:
+            sch.compute_at(block, tile, preserve_unit_loops=True)
+    for name in ("dw", "pad", "expand"):
+        block = _block(sch, name)
+        if block is None:
+            continue
+        loop = sch.get_loops(block)[-1]
+        _, inner = sch.split(loop, decide.tile(sch, loop, 2, 64, [16]))
+        sch.vectorize(inner)
+    return sch
+
+
+def schedule_cuda(sch: Any, decide: Decide) -> Any:
+    """The depth-first CUDA schedule: one thread block per output tile; the tile's expand conv
+    (plus halo) and depthwise conv go to shared memory, the zero padding is inlined into the
+    depthwise conv, and each thread accumulates project outputs in registers."""
+    threads = decide.choose(sch, CUDA_THREADS, [1.0 / len(CUDA_THREADS)] * len(CUDA_THREADS))
+    tile, (oh1, ow1, o0, o1, r) = _tile_proj(sch, decide, {"oh": [2], "ow": [2], "o": [64]}, 8)
+    inner = sch.fuse(oh1, ow1, o0, o1)
+    t0, t1 = sch.split(inner, [None, threads])
+    sch.reorder(t0, t1, r)
+    sch.bind(tile, "blockIdx.x")
+    sch.bind(t1, "threadIdx.x")
+    proj = sch.get_sblock("proj")
+    sch.set_scope(proj, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("out"), t1)
+    sch.compute_inline(sch.get_sblock("pad"))
+    for name in ("dw", "expand"):
+        block = _block(sch, name)
+        if block is None:
+            continue
+        sch.compute_at(block, tile, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "shared")
+        _, b1 = sch.split(sch.fuse(*sch.get_loops(block)[1:]), [None, threads])
+        sch.bind(b1, "threadIdx.x")
+    return sch
+
+
+SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
+
+
+def _space(kind: str) -> Callable[[Any, Any], list[Any]]:
+    def space(sch: Any, _block_rv: Any) -> list[Any]:
+        return [SCHEDULES[kind](sch, Sampled())]
+
+    space.__name__ = f"{RULE}_{kind}_space"
+    return space
+
+
+def register_schedule_rules() -> None:
+    """Register the schedule spaces MetaSchedule's ApplyCustomRule looks up by the blocks'
+    `schedule_rule` annotation (idempotent)."""
+    import tvm
+
+    for kind in SCHEDULES:
+        tvm.register_global_func(f"s_tir.meta_schedule.{kind}.{RULE}", _space(kind),
+                                 override=True)
+
+
+def is_conv_block(func: Any) -> bool:
+    """Whether a PrimFunc is an (unscheduled or scheduled) conv_block kernel."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = _block(sch, "out")
+    rule = None if block is None else sch.get(block).annotations.get("schedule_rule")
+    return str(rule) == RULE
+
+
+def default_schedule(mod: Any, target: Any) -> Any:
+    """Schedule every unscheduled conv_block PrimFunc of `mod` with fixed decisions (for a
+    build without tuned records); `target` is a TVM target. Other functions are untouched."""
+    from tvm import s_tir
+
+    kind = "cuda" if target.kind.name == "cuda" else "cpu"
+    for gv, func in list(mod.functions.items()):
+        if not _is_unscheduled_tir(func) or not is_conv_block(func):
+            continue
+        sch = s_tir.Schedule(func)
+        SCHEDULES[kind](sch, Fixed())
+        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return mod
+
+
+def _is_unscheduled_tir(func: Any) -> bool:
+    import tvm
+
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return False
+    return not (func.attrs and "tirx.is_scheduled" in func.attrs
+                and int(func.attrs["tirx.is_scheduled"]) == 1)
+
+
+register_schedule_rules()
+FAMILY = KernelFamily(name="conv_block", find=find, lower=lower)

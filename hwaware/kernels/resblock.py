@@ -1,0 +1,569 @@
+"""ResNet residual blocks (basic and bottleneck) as ONE fused, depth-first tiled TIR kernel.
+
+Pattern in (the rewritten ATen graph, NCHW, fp32, batch 1, BatchNorm already folded):
+- basic block: conv3x3(stride s) -> relu -> conv3x3 -> add(residual) -> relu;
+- bottleneck: conv1x1 -> relu -> conv3x3(stride s) -> relu -> conv1x1 -> add(residual) -> relu;
+the residual being the block input itself or a 1x1 (strided) conv of it ("downsample"). Convs
+may carry a bias; dilation must be 1 and groups 1, or the block is left to the unfused path.
+
+Kernel out: one PrimFunc in a blocked (NCHWc) layout with `lanes` channels per block (the
+target's fp32 vector width; channel counts are zero-padded up to a multiple of it). Weights are
+constants, so they are stored pre-blocked as [OCB, ICB, KH, KW, ici, oci]. Blocks:
+`xpack` (input -> padded NCHWc), `conv<k>` / `act<k>` (conv, then bias + relu + zero border for
+the next conv), `downsample`, and `output` (bias + residual + relu, back to NCHW).
+
+Schedule space (`schedule_rule` "res_block" on the last conv): the output is split into row
+tiles run in parallel; every earlier conv is computed per tile, with its halo rows, into a small
+cache-resident buffer (compute_at), then the last conv, downsample and epilogue run tile by tile.
+Every conv's inner kernel is register-blocked over (output-channel blocks x output columns) and
+vectorized over the channels of a block. Tunable: tile rows, output-channel and column blocking
+per conv, and an unroll step. The cuda space binds each block's spatial loops to threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from hwaware.kernels import KernelFamily
+
+log = logging.getLogger(__name__)
+
+RULE = "res_block"
+CONV_OPS = ("aten.conv2d.default", "aten.convolution.default")
+RELU_OPS = ("aten.relu.default", "aten.relu_.default")
+ADD_OPS = ("aten.add.Tensor", "aten.add_.Tensor")
+MAIN_KERNELS = ((3, 3), (1, 3, 1))  # basic, bottleneck
+MAX_REGISTER_TILE = 16  # output columns per micro-kernel
+MAX_CHANNEL_BLOCKS = 4  # output-channel vectors per micro-kernel
+UNROLL_STEPS = (0, 16, 64)
+
+
+# ------------------------------------------------------------------------ pattern
+@dataclass(frozen=True)
+class Conv:
+    """One convolution of the block (as found in the graph)."""
+
+    node: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    stride: int
+    padding: int
+    kernel: int
+
+
+@dataclass(frozen=True)
+class Match:
+    """One residual block: main-path convs (with a relu after all but the last), the optional
+    downsample conv, and the nodes from the first conv to the final relu."""
+
+    source: fx.Node
+    main: tuple[Conv, ...]
+    downsample: Conv | None
+    nodes: tuple[fx.Node, ...]
+
+
+class NoMatch(Exception):
+    """Why a candidate add node is not a block this family can lower."""
+
+
+def _op(node: Any) -> str:
+    """The ATen op name of a call_function node ("" for anything else)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return ""
+    return str(node.target)
+
+
+def _pair(value: Any, default: int) -> tuple[int, int]:
+    if value is None:
+        return default, default
+    if isinstance(value, int):
+        return value, value
+    items = [int(v) for v in value]
+    return (items[0], items[0]) if len(items) == 1 else (items[0], items[1])
+
+
+def _conv_args(node: fx.Node) -> tuple[Any, ...]:
+    """(input, weight, bias, stride, padding, dilation, groups) of a conv node."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation")
+    if _op(node) == "aten.convolution.default":
+        args = list(node.args) + [None] * (9 - len(node.args))
+        if args[6]:
+            raise NoMatch(f"{node.name} is a transposed convolution")
+        return (*args[:6], args[8])
+    args = list(node.args)
+    defaults = [None, None, None, 1, 0, 1, 1]
+    values = [args[i] if i < len(args) else node.kwargs.get(
+        (*names, "groups")[i], defaults[i]) for i in range(7)]
+    return tuple(values)
+
+
+def _tensor_meta(node: fx.Node) -> torch.Tensor:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise NoMatch(f"{node.name} has no tensor metadata")
+    return val
+
+
+def _conv(node: Any) -> Conv:
+    if _op(node) not in CONV_OPS:
+        raise NoMatch(f"{getattr(node, 'name', node)} is not a conv2d")
+    x, weight, bias, stride, padding, dilation, groups = _conv_args(node)
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or \
+            bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
+        raise NoMatch(f"{node.name}: weights are not constants")
+    if isinstance(padding, str):
+        raise NoMatch(f"{node.name}: string padding {padding!r}")
+    if _pair(dilation, 1) != (1, 1):
+        raise NoMatch(f"{node.name}: dilation {dilation} unsupported")
+    if int(groups or 1) != 1:
+        raise NoMatch(f"{node.name}: groups={groups} unsupported")
+    w = _tensor_meta(weight)
+    sh, sw = _pair(stride, 1)
+    ph, pw = _pair(padding, 0)
+    kh, kw = int(w.shape[2]), int(w.shape[3])
+    if sh != sw or ph != pw or kh != kw or ph != kh // 2:
+        raise NoMatch(f"{node.name}: kernel {kh}x{kw} stride {stride} padding {padding} is "
+                      "not a square 'same'-padded conv")
+    for t in (_tensor_meta(node), _tensor_meta(x), w):
+        if t.dtype != torch.float32:
+            raise NoMatch(f"{node.name}: dtype {t.dtype} unsupported (fp32 only)")
+    if _tensor_meta(x).shape[0] != 1:
+        raise NoMatch(f"{node.name}: batch {_tensor_meta(x).shape[0]} unsupported (batch 1)")
+    return Conv(node, weight, bias, sh, ph, kh)
+
+
+def _sole_user(node: fx.Node, user: fx.Node) -> None:
+    if list(node.users) != [user]:
+        raise NoMatch(f"{node.name} is used outside the block")
+
+
+def _main_path(last: fx.Node) -> tuple[fx.Node, list[Conv], list[fx.Node]]:
+    """Walk back conv <- relu <- conv ... from the block's last conv; returns the block input,
+    the convs (first to last) and the relu nodes between them."""
+    convs = [_conv(last)]
+    relus: list[fx.Node] = []
+    while len(convs) < 3:
+        src = _conv_args(convs[0].node)[0]
+        prev = src.args[0] if _op(src) in RELU_OPS else None
+        if _op(prev) not in CONV_OPS or list(src.users) != [convs[0].node] or \
+                list(prev.users) != [src]:
+            break  # `src` is the block input
+        convs.insert(0, _conv(prev))
+        relus.insert(0, src)
+    return _conv_args(convs[0].node)[0], convs, relus
+
+
+def _match_add(add: fx.Node) -> Match:
+    """The block ending at `add` (then relu), or NoMatch with the reason."""
+    if _op(add) not in ADD_OPS or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        raise NoMatch(f"{add.name} is not a plain add")
+    users = list(add.users)
+    if len(users) != 1 or _op(users[0]) not in RELU_OPS:
+        acts = ", ".join(_op(u) or u.op for u in users)
+        raise NoMatch(f"{add.name}: block ends in {acts or 'nothing'}, not a single relu")
+    relu = users[0]
+    reasons = []
+    for last, residual in (add.args, add.args[::-1]):
+        try:
+            return _match_sides(last, residual, add, relu)
+        except NoMatch as err:
+            reasons.append(str(err))
+    raise NoMatch("; ".join(reasons))
+
+
+def _match_sides(last: Any, residual: Any, add: fx.Node, relu: fx.Node) -> Match:
+    if not isinstance(last, fx.Node) or not isinstance(residual, fx.Node):
+        raise NoMatch(f"{add.name} adds a non-tensor")
+    _sole_user(last, add)
+    source, convs, relus = _main_path(last)
+    kernels = tuple(c.kernel for c in convs)
+    if kernels not in MAIN_KERNELS:
+        raise NoMatch(f"main path kernels {kernels} are neither basic (3, 3) nor bottleneck "
+                      "(1, 3, 1)")
+    downsample = None
+    if residual is not source:
+        downsample = _conv(residual)
+        if downsample.kernel != 1 or _conv_args(residual)[0] is not source:
+            raise NoMatch(f"residual {residual.name} is neither the block input nor a 1x1 conv "
+                          "of it")
+        _sole_user(residual, add)
+    if _tensor_meta(residual).shape != _tensor_meta(last).shape:
+        raise NoMatch(f"{add.name}: residual shape differs (broadcast add)")
+    nodes = [c.node for c in convs] + relus + [add, relu]
+    nodes += [downsample.node] if downsample else []
+    order = {n: i for i, n in enumerate(add.graph.nodes)}
+    return Match(source, tuple(convs), downsample, tuple(sorted(nodes, key=order.__getitem__)))
+
+
+def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Every basic/bottleneck residual block of `gm` this family can lower."""
+    groups: list[list[fx.Node]] = []
+    for node in gm.graph.nodes:
+        if _op(node) not in ADD_OPS or not any(_op(a) in CONV_OPS for a in node.args):
+            continue
+        try:
+            groups.append(list(_match_add(node).nodes))
+        except NoMatch as err:
+            log.debug("res_block: %s not fused: %s", node.name, err)
+    return groups
+
+
+# ------------------------------------------------------------------------ compute
+@dataclass(frozen=True)
+class ConvLayer:
+    """A conv of the block in kernel terms: blocked weights [OCB, ICB, K, K, L, L], bias [OCB, L]."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    out_channels: int
+    stride: int
+    padding: int
+
+    @property
+    def kernel(self) -> int:
+        return int(self.weight.shape[2])
+
+
+@dataclass(frozen=True)
+class BlockDef:
+    """Everything the TE definition needs: shapes, blocked weights, vector lanes."""
+
+    channels: int
+    height: int
+    width: int
+    lanes: int
+    main: tuple[ConvLayer, ...]
+    downsample: ConvLayer | None
+
+
+def _blocks(n: int, lanes: int) -> int:
+    return -(-n // lanes)
+
+
+def _get_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value.detach()
+
+
+def _layer(gm: fx.GraphModule, conv: Conv, lanes: int) -> ConvLayer:
+    w = _get_attr(gm, conv.weight).float().numpy()
+    oc, ic, k, _ = w.shape
+    ocb, icb = _blocks(oc, lanes), _blocks(ic, lanes)
+    padded = np.zeros((ocb * lanes, icb * lanes, k, k), dtype="float32")
+    padded[:oc, :ic] = w
+    blocked = padded.reshape(ocb, lanes, icb, lanes, k, k).transpose(0, 2, 4, 5, 3, 1)
+    bias = np.zeros(ocb * lanes, dtype="float32")
+    if conv.bias is not None:
+        bias[:oc] = _get_attr(gm, conv.bias).float().numpy()
+    return ConvLayer(np.ascontiguousarray(blocked), bias.reshape(ocb, lanes), oc, conv.stride,
+                     conv.padding)
+
+
+def block_def(graph: fx.GraphModule, lanes: int) -> BlockDef:
+    """Re-derive the block from a kernel graph that partition cut from a `find` group."""
+    adds = [n for n in graph.graph.nodes if _op(n) in ADD_OPS]
+    if len(adds) != 1:
+        raise ValueError(f"res_block kernel graph has {len(adds)} adds, expected 1")
+    match = _match_add(adds[0])
+    _, channels, height, width = (int(s) for s in _tensor_meta(match.source).shape)
+    return BlockDef(
+        channels, height, width, lanes,
+        tuple(_layer(graph, c, lanes) for c in match.main),
+        _layer(graph, match.downsample, lanes) if match.downsample else None,
+    )
+
+
+def _out_size(size: int, layer: ConvLayer) -> int:
+    return (size + 2 * layer.padding - layer.kernel) // layer.stride + 1
+
+
+def block_te(block: BlockDef, x: Any, weights: list[Any], biases: list[Any]) -> Any:
+    """The TE definition: x [1, C, H, W] -> relu(main(x) + residual(x)) [1, C', H', W']."""
+    from tvm import te, tirx
+
+    lanes, pad = block.lanes, block.main[0].padding
+    zero = tirx.const(0.0, "float32")
+    xpack = te.compute(
+        (_blocks(block.channels, lanes), block.height + 2 * pad, block.width + 2 * pad, lanes),
+        lambda cb, h, w, ci: tirx.if_then_else(
+            tirx.all(h >= pad, h < block.height + pad, w >= pad, w < block.width + pad,
+                     cb * lanes + ci < block.channels),
+            x[0, cb * lanes + ci, h - pad, w - pad], zero),
+        name="xpack", attrs={"schedule_rule": "None"})
+    data, height, width = xpack, block.height, block.width
+    for k, layer in enumerate(block.main):
+        height, width = _out_size(height, layer), _out_size(width, layer)
+        last = k == len(block.main) - 1
+        conv = _conv_te(data, weights[k], layer, height, width, f"conv{k}", last)
+        if not last:
+            data = _act_te(conv, biases[k], block.main[k + 1].padding, height, width,
+                           f"act{k}")
+    residual = _residual_te(block, x, xpack, weights, biases, conv.shape)
+    outpack = te.compute(
+        conv.shape, lambda cb, h, w, c: te.max(conv[cb, h, w, c] + residual[cb, h, w, c], zero),
+        name="outpack", attrs={"schedule_rule": "None"})
+    return te.compute(
+        (1, block.main[-1].out_channels, height, width),
+        lambda n, c, h, w: outpack[c // lanes, h, w, c % lanes],
+        name="output", attrs={"schedule_rule": "None"})
+
+
+def _conv_te(data: Any, weight: Any, layer: ConvLayer, height: int, width: int, name: str,
+             anchor: bool) -> Any:
+    """A conv in blocked layout; the block's last conv carries the schedule rule."""
+    from tvm import te
+
+    ocb, icb, k, _, lanes, _ = layer.weight.shape
+    rcb = te.reduce_axis((0, icb), name="rcb")
+    rh = te.reduce_axis((0, k), name="rh")
+    rw = te.reduce_axis((0, k), name="rw")
+    rci = te.reduce_axis((0, lanes), name="rci")
+    s = layer.stride
+    return te.compute(
+        (ocb, height, width, lanes),
+        lambda cb, h, w, c: te.sum(
+            data[rcb, h * s + rh, w * s + rw, rci] * weight[cb, rcb, rh, rw, rci, c],
+            axis=[rcb, rh, rw, rci]),
+        name=name, attrs={"schedule_rule": RULE if anchor else "None"})
+
+
+def _act_te(conv: Any, bias: Any, pad: int, height: int, width: int, name: str) -> Any:
+    """bias + relu, with a zero border of `pad` for the next conv."""
+    from tvm import te, tirx
+
+    zero = tirx.const(0.0, "float32")
+
+    def value(cb: Any, h: Any, w: Any, c: Any) -> Any:
+        return te.max(conv[cb, h - pad, w - pad, c] + bias[cb, c], zero)
+
+    ocb, _, _, lanes = (int(s) for s in conv.shape)
+    if pad == 0:
+        return te.compute(conv.shape, value, name=name, attrs={"schedule_rule": "None"})
+    return te.compute(
+        (ocb, height + 2 * pad, width + 2 * pad, lanes),
+        lambda cb, h, w, c: tirx.if_then_else(
+            tirx.all(h >= pad, h < height + pad, w >= pad, w < width + pad),
+            value(cb, h, w, c), zero),
+        name=name, attrs={"schedule_rule": "None"})
+
+
+def _residual_te(block: BlockDef, x: Any, xpack: Any, weights: list[Any], biases: list[Any],
+                 shape: Any) -> Any:
+    """The last conv's bias plus the block input or the downsample conv, blocked."""
+    from tvm import te, tirx
+
+    lanes, layer = block.lanes, block.downsample
+    bias = biases[len(block.main) - 1]
+    if layer is None:
+        return te.compute(
+            shape, lambda cb, h, w, c: bias[cb, c] + tirx.if_then_else(
+                cb * lanes + c < block.channels, x[0, cb * lanes + c, h, w],
+                tirx.const(0.0, "float32")),
+            name="residual", attrs={"schedule_rule": "None"})
+    weight, ds_bias = weights[-1], biases[-1]
+    rcb = te.reduce_axis((0, int(layer.weight.shape[1])), name="rcb")
+    rci = te.reduce_axis((0, lanes), name="rci")
+    s, off = layer.stride, block.main[0].padding
+    ds = te.compute(
+        shape, lambda cb, h, w, c: te.sum(
+            xpack[rcb, h * s + off, w * s + off, rci] * weight[cb, rcb, 0, 0, rci, c],
+            axis=[rcb, rci]),
+        name="downsample", attrs={"schedule_rule": "None"})
+    return te.compute(shape, lambda cb, h, w, c: ds[cb, h, w, c] + ds_bias[cb, c] + bias[cb, c],
+                      name="residual", attrs={"schedule_rule": "None"})
+
+
+def lanes_for(target: Any) -> int:
+    """fp32 lanes of the target's vectors (the channel block of the blocked layout)."""
+    if getattr(target, "kind", "cpu") == "cuda":
+        return 16
+    return max(4, int(getattr(target, "vector_bits", 128)) // 32)
+
+
+def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
+    """The kernel graph of one block -> an IRModule whose `main` is one call_tir."""
+    from tvm import relax, te
+
+    block = block_def(graph, lanes_for(target))
+    layers = [*block.main, *([block.downsample] if block.downsample else [])]
+    bb = relax.BlockBuilder()
+    x = relax.Var("in_0", relax.TensorType(
+        (1, block.channels, block.height, block.width), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            consts = [relax.const(a) for layer in layers for a in (layer.weight, layer.bias)]
+
+            def te_fn(x_te: te.Tensor, *params: te.Tensor) -> te.Tensor:
+                return block_te(block, x_te, list(params[0::2]), list(params[1::2]))
+
+            out = bb.emit_te(te_fn, x, *consts, primfunc_name_hint=name)
+            result = bb.emit_output(relax.Tuple([out]))
+        bb.emit_func_output(result)
+    return bb.get()
+
+
+# ----------------------------------------------------------------------- schedule
+Tiler = Callable[[Any, Any, int, int], list[Any]]
+Chooser = Callable[[Any, list[int]], Any]
+
+
+def _sampled_tile(sch: Any, loop: Any, n: int, max_inner: int) -> list[Any]:
+    return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner))
+
+
+def _sampled_choice(sch: Any, options: list[int]) -> Any:
+    return sch.sample_categorical(options, [1.0 / len(options)] * len(options))
+
+
+def _has_block(sch: Any, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 (TVM raises its own error types)
+        return False
+    return True
+
+
+def _inner_convs(sch: Any) -> int:
+    """How many convs precede the last one (1 for a basic block, 2 for a bottleneck)."""
+    return sum(1 for k in range(2) if _has_block(sch, f"act{k}"))
+
+
+def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any) -> None:
+    """The micro-kernel: (cb x w) accumulators of `c` lanes, unrolled and vectorized, their
+    zero-init hoisted before the reduction loops."""
+    sch.unroll(cb)
+    sch.unroll(w)
+    sch.vectorize(c)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
+    """An earlier conv computed per row tile: split its channel blocks and columns itself."""
+    cb, h, w, c, rcb, rh, rw, rci = sch.get_loops(block)[-8:]
+    cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
+    w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
+    sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
+    _register_tile(sch, block, cb_i, w_i, c, rcb)
+
+
+def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
+                 choose: Chooser = _sampled_choice) -> Any:
+    """The depth-first schedule space of the fused block on CPU (see the module docstring):
+    the blocked output drives the tiling and every producer is computed inside its tiles."""
+    out = sch.get_sblock("outpack")
+    cb, h, w, c = sch.get_loops(out)
+    h_o, h_i = sch.split(h, tile(sch, h, 2, 1 << 16))
+    cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
+    w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
+    sch.reorder(h_o, cb_o, h_i, w_o, cb_i, w_i, c)
+    sch.parallel(h_o)
+    sch.annotate(h_o, "pragma_auto_unroll_max_step", choose(sch, list(UNROLL_STEPS)))
+    sch.annotate(h_o, "pragma_unroll_explicit", 1)
+    sch.vectorize(c)
+    sch.reverse_compute_at(sch.get_sblock("output"), w_o)
+    sch.compute_inline(sch.get_sblock("residual"))
+    last = _inner_convs(sch)
+    anchor = sch.get_sblock(f"conv{last}")
+    sch.compute_at(anchor, w_o, preserve_unit_loops=True)
+    a_cb, _, a_w, a_c, rcb, rh, rw, rci = sch.get_loops(anchor)[-8:]
+    sch.reorder(rcb, rh, rw, rci, a_cb, a_w, a_c)
+    _register_tile(sch, anchor, a_cb, a_w, a_c, rcb)
+    if _has_block(sch, "downsample"):
+        ds = sch.get_sblock("downsample")
+        sch.compute_at(ds, w_o, preserve_unit_loops=True)
+        d_cb, _, d_w, d_c, rcb, rci = sch.get_loops(ds)[-6:]
+        sch.reorder(rcb, rci, d_cb, d_w, d_c)
+        _register_tile(sch, ds, d_cb, d_w, d_c, rcb)
+    for k in reversed(range(last)):
+        act = sch.get_sblock(f"act{k}")
+        sch.compute_at(act, h_o)
+        sch.vectorize(sch.get_loops(act)[-1])
+        conv = sch.get_sblock(f"conv{k}")
+        sch.compute_at(conv, h_o, preserve_unit_loops=True)
+        _tile_inner_conv(sch, conv, tile)
+    xpack = sch.get_sblock("xpack")
+    sch.compute_at(xpack, h_o)
+    return sch
+
+
+def schedule_cuda(sch: Any, _anchor: Any, choose: Chooser = _sampled_choice) -> Any:
+    """Every block on its own: spatial loops fused and bound to blocks x threads (sampled)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    threads = choose(sch, [64, 128, 256])
+    for block in blocks:
+        loops = sch.get_loops(block)
+        spatial = [lp for lp, kind in zip(loops, _iter_kinds(sch, block), strict=False)
+                   if kind == 0]
+        fused = sch.fuse(*spatial)
+        bx, tx = sch.split(fused, [None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch
+
+
+def _iter_kinds(sch: Any, block: Any) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _fixed_tile(cores: int) -> Tiler:
+    """Decisions for the untuned default: row tiles, one per core where the rows divide evenly;
+    2 channel blocks x up to 8 columns of accumulators."""
+
+    def tile(_sch: Any, loop: Any, _n: int, max_inner: int) -> list[Any]:
+        extent = int(_sch.get(loop).extent)
+        if max_inner > MAX_REGISTER_TILE:  # the row tiles
+            tiles = next((t for t in range(cores, extent // 2 + 1) if extent % t == 0), 1)
+            return [tiles, extent // tiles]
+        limit = 2 if max_inner == MAX_CHANNEL_BLOCKS else 8
+        inner = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
+        return [extent // inner, inner]
+
+    return tile
+
+
+def default_schedule(func: Any, target: Any) -> Any:
+    """The PrimFunc scheduled with fixed decisions (for a kernel with no tuned record);
+    `target` is the hwaware Target."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    anchor = sch.get_sblock(f"conv{_inner_convs(sch)}")
+    if getattr(target, "kind", "cpu") == "cuda":
+        schedule_cuda(sch, anchor, lambda _s, _o: 128)
+    else:
+        schedule_cpu(sch, anchor, _fixed_tile(int(getattr(target, "cores", 1))),
+                     lambda _s, _o: UNROLL_STEPS[1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _register_rules() -> None:
+    import tvm
+
+    @tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", override=True)
+    def _cpu(sch: Any, block: Any) -> list[Any]:
+        return [sch if _already_scheduled(sch) else schedule_cpu(sch, block)]
+
+    @tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", override=True)
+    def _cuda(sch: Any, block: Any) -> list[Any]:
+        return [sch if _already_scheduled(sch) else schedule_cuda(sch, block)]
+
+
+def _already_scheduled(sch: Any) -> bool:
+    """MetaSchedule calls the rule again for the init/update blocks that decomposing the
+    anchor's reduction leaves with its annotation: the first call scheduled everything."""
+    return len(sch.get_loops(sch.get_sblock("outpack"))) != 4
+
+
+_register_rules()
+
+FAMILY = KernelFamily(name=RULE, find=find, lower=lower)

@@ -1,0 +1,96 @@
+"""Fused kernel families inside the whole pipeline: partition finds them, tuning stores their
+records, the build runs them on TVM when tuned and takes them apart when not; `fuse=False` is the
+unfused baseline. (Each family's own kernel tests are in tests/test_kernels_<family>.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import hwaware
+from hwaware.capture import capture
+from hwaware.db import TuningDatabase
+from hwaware.partition import partition
+from hwaware.rewrite import rewrite
+from hwaware.tvm_compat import TVM_VERSION, supported_aten_ops
+from hwaware.zoo import get_model
+from tests.helpers import assert_close_to_eager
+
+FAMILY_OF_ZOO_MODEL = {
+    "mobilenetv2_block": "conv_block",
+    "resnet_basic_block": "res_block",
+    "resnet_bottleneck": "res_block",
+    "gcn_layer": "gnn",
+    "sage_layer": "gnn",
+    "attention_core": "attention",
+    "causal_attention_core": "attention",
+    "sdpa_attention": "attention",
+}
+
+
+def _families(name: str, fuse: bool) -> list[str]:
+    model, inputs = get_model(name, small=True)
+    captured = capture(model, inputs)
+    rewrite(captured)
+    part = partition(captured, supported_aten_ops(), fuse=fuse)
+    return [k.family for k in part.program.kernels.values()]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OF_ZOO_MODEL))
+def test_partition_makes_one_fused_kernel_per_block(name: str) -> None:
+    family = FAMILY_OF_ZOO_MODEL[name]
+    assert _families(name, fuse=True).count(family) == 1
+    assert family not in _families(name, fuse=False)  # the unfused baseline
+
+
+@pytest.fixture(scope="module")
+def tuned_attention(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    db_path = tmp_path_factory.mktemp("kernels") / "tuning.db"
+    model, inputs = get_model("attention_core", small=True)
+    summary = hwaware.tune(model, inputs, trials=8, db=db_path, show_progress=False)
+    return db_path, summary
+
+
+def test_tuning_stores_the_fused_kernel_as_one_workload(tuned_attention: tuple[Path, object]
+                                                         ) -> None:
+    db_path, summary = tuned_attention
+    tasks = [t for t in summary.tasks if t.family == "attention"]  # type: ignore[attr-defined]
+    assert len(tasks) == 1 and tasks[0].trials_now > 0
+    db = TuningDatabase(db_path)
+    try:
+        assert db.count_records(tasks[0].workload_hash, TVM_VERSION,
+                                hwaware.get_target("host").key) == tasks[0].trials_now
+    finally:
+        db.close()
+
+
+def test_tuned_fused_kernel_is_built_checked_and_timed(tuned_attention: tuple[Path, object],
+                                                       tmp_path: Path) -> None:
+    db_path, summary = tuned_attention
+    model, inputs = get_model("attention_core", small=True)
+    compiled = hwaware.compile(model, inputs, db=db_path)
+    (fused,) = [k for k in compiled.program.kernels.values() if k.family == "attention"]
+    assert fused.tvm_us is not None, compiled.report()  # matched PyTorch, then timed
+    task = next(t for t in summary.tasks if t.family == "attention")  # type: ignore[attr-defined]
+    assert task.workload_hash in compiled.info.tuned_workloads
+    assert_close_to_eager(model, compiled, *inputs)
+    loaded = hwaware.load(compiled.save(tmp_path / "saved"))
+    assert_close_to_eager(model, loaded, *inputs)
+
+
+def test_untuned_fused_kernels_fall_back_to_ordinary_kernels() -> None:
+    model, inputs = get_model("resnet_basic_block", small=True)
+    compiled = hwaware.compile(model, inputs, db=None)
+    families = {k.family for k in compiled.program.kernels.values()}
+    assert "res_block" not in families and "conv2d" in families, compiled.report()
+    assert_close_to_eager(model, compiled, *inputs)
+
+
+def test_fuse_false_leaves_the_kernel_families_out() -> None:
+    model, inputs = get_model("attention_core", small=True)
+    compiled = hwaware.compile(model, inputs, db=None, fuse=False)
+    assert all(k.family != "attention" for k in compiled.program.kernels.values())
+    with torch.no_grad():
+        assert_close_to_eager(model, compiled, *inputs)

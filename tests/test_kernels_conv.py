@@ -1,0 +1,275 @@
+"""conv_block: find() on captured MobileNet-style blocks, lower() + build against eager PyTorch,
+tuning records that apply, and build-only checks for cuda and arm64."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import fx, nn
+
+from hwaware import partition, tvm_compat
+from hwaware.capture import capture
+from hwaware.db import TuningDatabase
+from hwaware.kernels import conv
+from hwaware.rewrite import rewrite
+from hwaware.target import get_target
+
+RTOL, ATOL = 1e-3, 1e-4
+
+
+# ------------------------------------------------------------------ reference modules
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3 block: [1x1 expand + act] -> kxk depthwise + act -> [SE] -> 1x1 project
+    [+ residual]. `dw_conv` lets a test swap in an unsupported depthwise variant."""
+
+    def __init__(self, cin: int, cout: int, expand: int = 6, k: int = 3, stride: int = 1,
+                 act: type[nn.Module] = nn.ReLU6, se: bool = False,
+                 dw_conv: nn.Conv2d | None = None, dw_act: type[nn.Module] | None = None):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()]
+        layers += [dw_conv or nn.Conv2d(hidden, hidden, k, stride, k // 2, groups=hidden,
+                                        bias=False),
+                   nn.BatchNorm2d(hidden), (dw_act or act)()]
+        if se:
+            layers.append(SqueezeExcite(hidden))
+        layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+        for m in self.modules():  # non-trivial folded BatchNorm
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // 4, 1)
+        self.fc2 = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class TwoBlocks(nn.Module):
+    """A stem conv, then a stride-2 block and a residual block (expand ratio 1 first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.b1 = InvertedResidual(8, 12, expand=1, stride=2, act=nn.ReLU)
+        self.b2 = InvertedResidual(12, 12, expand=4, k=5, act=nn.Hardswish)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b2(self.b1(torch.relu(self.stem(x))))
+
+
+def _graph(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    captured = capture(model.eval(), (x,))
+    rewrite(captured)
+    return captured.graph_module
+
+
+def _ops(group: list[fx.Node]) -> list[str]:
+    return [str(n.target).split(".")[-2] for n in group]
+
+
+def _kernel_graph(gm: fx.GraphModule, group: list[fx.Node]) -> fx.GraphModule:
+    members = set(group)
+    inputs = partition._external_inputs(group, members)
+    outputs = [n for n in group if partition._used_outside(n, members)]
+    kg = partition._kernel_graph(gm, group, inputs, outputs)
+    assert kg is not None
+    return kg
+
+
+def _lowered(model: nn.Module, x: torch.Tensor, name: str) -> Any:
+    gm = _graph(model, x)
+    (group,) = conv.find(gm)
+    return conv.lower(_kernel_graph(gm, group), [x], get_target("host"), name)
+
+
+def _run(exe: Any, x: torch.Tensor) -> torch.Tensor:
+    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, "cpu"), "main", 1)
+    return call(x)[0]
+
+
+@pytest.fixture(scope="module")
+def host() -> tuple[Any, Any]:
+    t = get_target("host")
+    return t, tvm_compat.tvm_target(t.tvm, t.host_tvm)
+
+
+# ---------------------------------------------------------------------------- find
+def test_find_mobilenet_blocks() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    gm = _graph(TwoBlocks(), x)
+    groups = conv.find(gm)
+    assert [_ops(g) for g in groups] == [
+        ["conv2d", "relu", "conv2d"],  # expand ratio 1, stride 2: no expand, no residual
+        ["conv2d", "hardswish", "conv2d", "hardswish", "conv2d", "add"],
+    ]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for group in groups:
+        members = set(group)
+        for inp in partition._external_inputs(group, members):
+            assert order[inp] < order[group[0]]
+        assert all(u in members for n in group[:-1] for u in n.users)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU])
+def test_find_activations(act: type[nn.Module]) -> None:
+    gm = _graph(InvertedResidual(8, 8, act=act), torch.randn(1, 8, 9, 9))
+    (group,) = conv.find(gm)
+    assert len(group) == 6 and _ops(group)[-1] == "add"
+
+
+SKIPPED = {
+    "dilation": lambda: InvertedResidual(
+        8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 2, dilation=2, groups=48, bias=False)),
+    "grouped": lambda: InvertedResidual(
+        8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=2, bias=False)),
+    "reflect_padding": lambda: InvertedResidual(
+        8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False, padding_mode="reflect")),
+    "kernel_7": lambda: InvertedResidual(8, 8, k=7),
+    "squeeze_excite": lambda: InvertedResidual(8, 8, act=nn.Hardswish, se=True),
+    "gelu_after_depthwise": lambda: InvertedResidual(8, 8, dw_act=nn.GELU),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SKIPPED))
+def test_find_skips_unsupported(variant: str, caplog: pytest.LogCaptureFixture) -> None:
+    gm = _graph(SKIPPED[variant](), torch.randn(1, 8, 9, 9))
+    with caplog.at_level(logging.DEBUG, logger="hwaware.kernels.conv"):
+        assert conv.find(gm) == []
+    assert "not fused" in caplog.text
+
+
+def test_find_skips_float64(caplog: pytest.LogCaptureFixture) -> None:
+    gm = _graph(InvertedResidual(8, 8).double(), torch.randn(1, 8, 9, 9, dtype=torch.float64))
+    with caplog.at_level(logging.DEBUG, logger="hwaware.kernels.conv"):
+        assert conv.find(gm) == []
+    assert "float32" in caplog.text
+
+
+def test_find_leaves_unsupported_expand_outside() -> None:
+    """An expand with an activation the kernel does not take stays unfused; the rest of the
+    block is still one group."""
+    gm = _graph(InvertedResidual(8, 8, act=nn.GELU, dw_act=nn.ReLU6), torch.randn(1, 8, 9, 9))
+    (group,) = conv.find(gm)
+    assert _ops(group) == ["conv2d", "hardtanh", "conv2d"]  # no residual: input is the gelu
+    gelu = next(n for n in gm.graph.nodes if "gelu" in str(n.target))
+    assert group[0].args[0] is gelu
+
+
+# ------------------------------------------------------------------ lower + build
+SHAPES = [  # cin, cout, expand, k, stride, size, act
+    (12, 12, 6, 3, 1, 15, nn.ReLU6),
+    (16, 24, 6, 3, 2, 15, nn.ReLU6),
+    (12, 12, 6, 5, 1, 7, nn.Hardswish),
+    (12, 12, 6, 3, 1, 1, nn.ReLU),
+    (16, 16, 1, 3, 1, 15, nn.ReLU6),
+    (12, 20, 3, 5, 2, 7, nn.SiLU),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s[:6])))
+def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any, Any]) -> None:
+    cin, cout, expand, k, stride, size, act = shape
+    torch.manual_seed(1)
+    model = InvertedResidual(cin, cout, expand, k, stride, act).eval()
+    x = torch.randn(1, cin, size, size)
+    mod = conv.default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
+    funcs = tvm_compat.prim_funcs(mod)
+    assert len(funcs) == 1 and all(conv.is_conv_block(f) for f in funcs.values())
+    exe, _ = tvm_compat.build_executable(mod, host[1], None)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
+
+
+def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
+    model = InvertedResidual(12, 12)
+    x = torch.randn(1, 12, 7, 7)
+    mod = _lowered(model, x, "hw_conv_whole")
+    assert list(tvm_compat.prim_funcs(mod)) == ["hw_conv_whole"]
+    fused = tvm_compat.fuse_for_tuning(mod, host[1])
+    (func,) = tvm_compat.prim_funcs(fused).values()
+    assert conv.is_conv_block(func)
+
+
+# ------------------------------------------------------------------------- tuning
+TRIALS = 4
+@pytest.fixture(scope="module")
+def tuned(host: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[nn.Module, torch.Tensor, Any, TuningDatabase, Any]:
+    t, tgt = host
+    torch.manual_seed(2)
+    model = InvertedResidual(12, 12, 6, 3, 1).eval()
+    x = torch.randn(1, 12, 7, 7)
+    mod = _lowered(model, x, "hw_conv_tuned")
+    work = tmp_path_factory.mktemp("conv_tune")
+    db = TuningDatabase(Path(work) / "t.db")
+    db.start_session("sess", t.key, "conv_block", TRIALS)
+    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
+    fused = tvm_compat.fuse_for_tuning(mod, tgt)
+    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()}
+    tvm_compat.tune_workloads(workloads, {n: TRIALS for n in workloads}, tgt, adapter, "sess",
+                              lambda *a: None, str(work), num_trials_per_iter=TRIALS,
+                              population=64)
+    return model, x, mod, db, adapter
+
+
+def test_tuning_stores_records_that_apply(tuned: Any, host: tuple[Any, Any]) -> None:
+    model, x, mod, db, adapter = tuned
+    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
+    whash = tvm_compat.workload_hash(tvm_compat.workload_of(func))
+    assert db.count_records(whash, tvm_compat.TVM_VERSION, host[0].key) > 0
+    assert db.top_records(whash, tvm_compat.TVM_VERSION, host[0].key, 1)
+    exe, applied = tvm_compat.build_executable(mod, host[1], adapter)
+    assert whash in applied
+    with torch.no_grad():
+        torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------- other targets (build)
+@pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
+def test_builds_for_other_targets(target_name: str) -> None:
+    t = get_target(target_name)
+    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7)]:
+        x = torch.randn(1, int(model.body[0].in_channels), size, size)
+        mod = conv.default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
+        exe, _ = tvm_compat.build_executable(mod, tgt, None)
+        assert exe is not None
+
+
+@pytest.mark.parametrize("target_name", ["cuda-sm90", "host"])
+def test_schedule_space_is_generated(target_name: str) -> None:
+    """MetaSchedule finds the custom rule through the block annotation and samples it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    t = get_target(target_name)
+    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    mod = tvm_compat.fuse_for_tuning(_lowered(InvertedResidual(8, 8), torch.randn(1, 8, 9, 9),
+                                              "hw_conv_space"), tgt)
+    (func,) = tvm_compat.prim_funcs(mod).values()
+    ctx = ms.TuneContext(mod=tvm_compat.workload_of(func), target=tgt,
+                         space_generator="post-order-apply", task_name="space")
+    (space,) = ctx.generate_design_space()
+    kinds = {str(inst.kind.name) for inst in space.trace.insts}
+    assert {"SamplePerfectTile", "SampleCategorical", "ComputeAt"} <= kinds
