@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hwaware.db import TuningDatabase
-from hwaware.kernels import FAMILY_NAMES
+from hwaware.kernels import FAMILY_NAMES, default_schedules
 from hwaware.partition import CONTRACTIONS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
@@ -56,6 +56,7 @@ class KernelTasks:
     workloads: dict[str, Any]  # workload hash -> IRModule
     heavy: set[str]  # hashes of workloads holding a contraction
     prim_funcs: dict[Any, Any] = field(default_factory=dict)  # GlobalVar -> PrimFunc it calls
+    has_default: bool = False  # a fused family kernel with a fixed-decision schedule
 
 
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
@@ -99,7 +100,14 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
         workloads[key] = workload
         if family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
             heavy.add(key)
-    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module))
+    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
+                       family in FUSED_FAMILIES and _family_has_default(family))
+
+
+def _family_has_default(family: str) -> bool:
+    from hwaware.kernels import families
+
+    return families()[family].default_schedule is not None
 
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
@@ -149,7 +157,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()},
                                          {v: f for k in candidates.values()
                                           for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, default_schedules())
     info.tuned_workloads = sorted(applied)
     if not target.can_run_here:
         for name in candidates:  # build-only target: the library is for the device
@@ -252,10 +260,11 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
     """Every contraction of the kernel has a tuned record, or is small enough for the
-    default schedule (`tvm_compat.SmallSerial`)."""
+    default schedule (`tvm_compat.SmallSerial`), or the kernel is a fused family kernel with
+    its family's fixed-decision schedule."""
     from hwaware.tvm_compat import TVM_VERSION, is_small
 
-    return all(
+    return kernel.has_default or all(
         db is not None and db.top_records(h, TVM_VERSION, target.key, 1)
         or is_small(kernel.workloads[h])
         for h in kernel.heavy

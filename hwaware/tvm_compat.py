@@ -427,11 +427,13 @@ def tune_workloads(
 
 # -------------------------------------------------------------------------- build
 def build_executable(
-    mod: tvm.IRModule, target: tvm.target.Target, database: SqliteDatabase | None
+    mod: tvm.IRModule, target: tvm.target.Target, database: SqliteDatabase | None,
+    family_schedules: Sequence[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]] = (),
 ) -> tuple[Any, set[str]]:
-    """Fused kernels -> a Relax VM executable: tuned records where the database has them, a
-    rule-based default schedule elsewhere. Also returns the hashes of the workloads that got a
-    tuned record, so callers can check that tuning applied (it fails silently otherwise)."""
+    """Fused kernels -> a Relax VM executable: tuned records where the database has them, then
+    each kernel family's fixed-decision schedule (`family_schedules`), then a rule-based default
+    schedule elsewhere. Also returns the hashes of the workloads that got a tuned record, so
+    callers can check that tuning applied (it fails silently otherwise)."""
     from tvm.relax.transform import MetaScheduleApplyDatabase
 
     applied: set[str] = set()
@@ -444,6 +446,7 @@ def build_executable(
             m = MetaScheduleApplyDatabase(enable_warning=False)(m)
             applied.update(hashes[n] for n, f in prim_funcs(m).items()
                            if n in hashes and _is_scheduled(f))
+        m = _schedule_unscheduled(m, target, family_schedules)
         m = default_schedule(m, target)
         return tvm.transform.Sequential(_lowering_passes(target))(m)
 
@@ -451,6 +454,25 @@ def build_executable(
     with target, ctx_db, tvm.transform.PassContext(opt_level=3):
         executable = relax.build(mod, target=target, relax_pipeline=_pipeline)
     return executable, applied
+
+
+def _schedule_unscheduled(
+    mod: tvm.IRModule, target: tvm.target.Target,
+    schedules: Sequence[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]],
+) -> tvm.IRModule:
+    """Apply `schedules` to the TIR functions nothing has scheduled yet (each schedule takes
+    the functions of its own family and leaves the rest)."""
+    todo = {gv: f for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f)}
+    if not todo or not schedules:
+        return mod
+    sub = tvm.IRModule(todo)
+    for schedule in schedules:
+        sub = schedule(sub, target)
+    for gv, func in sub.functions.items():
+        if _is_scheduled(func):
+            mod.update_func(gv, func)
+    return mod
 
 
 def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:

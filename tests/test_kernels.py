@@ -24,6 +24,8 @@ FAMILY_OF_ZOO_MODEL = {
     "resnet_bottleneck": "res_block",
     "gcn_layer": "gnn",
     "sage_layer": "gnn",
+    "sage_max_layer": "gnn",
+    "gat_layer": "gnn",
     "attention_core": "attention",
     "causal_attention_core": "attention",
     "sdpa_attention": "attention",
@@ -80,12 +82,22 @@ def test_tuned_fused_kernel_is_built_checked_and_timed(tuned_attention: tuple[Pa
     assert_close_to_eager(model, loaded, *inputs)
 
 
-def test_untuned_fused_kernels_fall_back_to_ordinary_kernels() -> None:
-    model, inputs = get_model("resnet_basic_block", small=True)
+@pytest.mark.parametrize("name", ["attention_core", "gat_layer"])
+def test_untuned_fused_kernel_runs_with_its_family_default_schedule(name: str) -> None:
+    model, inputs = get_model(name, small=True)
     compiled = hwaware.compile(model, inputs, db=None)
-    families = {k.family for k in compiled.program.kernels.values()}
-    assert "res_block" not in families and "conv2d" in families, compiled.report()
+    family = FAMILY_OF_ZOO_MODEL[name]
+    (fused,) = [k for k in compiled.program.kernels.values() if k.family == family]
+    assert fused.tvm_us is not None, compiled.report()  # built, matched PyTorch, timed
     assert_close_to_eager(model, compiled, *inputs)
+
+
+def test_fused_kernels_build_for_a_gpu_target() -> None:
+    model, inputs = get_model("attention_core", small=True)
+    compiled = hwaware.compile(model, inputs, target="cuda-sm90", db=None)
+    assert compiled.executable is not None
+    assert [k.impl for k in compiled.program.kernels.values() if k.family == "attention"] == \
+        ["tvm"], compiled.report()
 
 
 def test_fuse_false_leaves_the_kernel_families_out() -> None:

@@ -35,16 +35,24 @@ class KernelFamily:
     `lower(graph, inputs, target, name)`: an IRModule whose Relax `main` takes the kernel graph's
     inputs (placeholders, in order) and returns the tuple of its outputs; weights are embedded
     as constants. PrimFunc names start with `name` (unique per process). `target` is the
-    hwaware `Target`; `inputs` are example tensors for the graph's placeholders."""
+    hwaware `Target`; `inputs` are example tensors for the graph's placeholders.
+    `default_schedule(mod, tvm_target)`: the family's PrimFuncs in `mod` scheduled with fixed
+    decisions of its space and marked scheduled (a build with no tuned record for them)."""
 
     name: str
     find: Callable[[fx.GraphModule], list[list[fx.Node]]]
     lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
+    default_schedule: Callable[[Any, Any], Any] | None = None
 
 
 def unique_name(family: str) -> str:
     """A PrimFunc name no other lowering in this process uses."""
     return f"hw_{family}_{next(_names)}"
+
+
+def default_schedules() -> list[Callable[[Any, Any], Any]]:
+    """Every family's fixed-decision schedule, for `tvm_compat.build_executable`."""
+    return [f.default_schedule for f in families().values() if f.default_schedule is not None]
 
 
 def families() -> dict[str, KernelFamily]:

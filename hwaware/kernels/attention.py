@@ -884,4 +884,5 @@ def _is_attention(func: tvm.tirx.PrimFunc) -> bool:
     return f'"schedule_rule": "{RULE}"' in func.script()
 
 
-FAMILY = KernelFamily(name="attention", find=find, lower=lower)
+FAMILY = KernelFamily(name="attention", find=find, lower=lower,
+                      default_schedule=default_schedule)

@@ -51,6 +51,7 @@ DW_STRIDES = (1, 2)
 UNROLL = [16, 0, 64, 512]  # explicit-unroll steps the schedule samples from
 UNROLL_P = [0.25, 0.25, 0.25, 0.25]
 CUDA_THREADS = [64, 128, 256]
+OPAQUE = 8  # relax OpPatternKind::kOpaque
 
 
 # ------------------------------------------------------------------------------- pattern
@@ -383,6 +384,9 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
             out = bb.emit_output(relax.Tuple([y]))
         bb.emit_func_output(out)
     mod: tvm.IRModule = bb.get()
+    gv = mod.get_global_var(name)
+    # opaque: FuseOps must not merge neighbouring ops into the kernel (its schedule names blocks)
+    mod[gv] = mod[gv].with_attr("op_pattern", OPAQUE)
     return mod
 
 

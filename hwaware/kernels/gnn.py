@@ -869,4 +869,5 @@ def _pad_edges(src_row: int | None, dst_row: int | None, capacity: int, names: l
 
 
 register_schedule_rules()
-FAMILY = KernelFamily(name="gnn", find=find, lower=lower)
+FAMILY = KernelFamily(name="gnn", find=find, lower=lower,
+                      default_schedule=default_schedule)
