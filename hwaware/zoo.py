@@ -267,7 +267,8 @@ class CausalAttentionCore(nn.Module):
         if self.sdpa:
             return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        scores = torch.where(self.tril, scores, torch.finfo(scores.dtype).min)
+        tril: torch.Tensor = self.tril  # type: ignore[assignment]
+        scores = torch.where(tril, scores, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1) @ v
 
 

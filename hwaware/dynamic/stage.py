@@ -248,7 +248,7 @@ class _Stager:
         _set_origin(func.body, filename, id(fn_globals))
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
-        defaults = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
+        defaults: list[ast.expr] = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
         if len(defaults) != len(func.args.defaults):
             defaults = []  # a computed default: callers pass every argument
         return Staged(self.root, params, self.block(func.body), self.globals, filename,

@@ -470,7 +470,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     sch.annotate(h_o, "pragma_auto_unroll_max_step", choose(sch, list(UNROLL_STEPS)))
     sch.annotate(h_o, "pragma_unroll_explicit", 1)
     sch.vectorize(c)
-    sch.reverse_compute_at(sch.get_sblock("output"), w_o)
+    sch.reverse_compute_at(sch.get_sblock("output"), w_o, preserve_unit_loops=True)
     sch.compute_inline(sch.get_sblock("residual"))
     last = _inner_convs(sch)
     anchor = sch.get_sblock(f"conv{last}")
@@ -486,13 +486,16 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
         _register_tile(sch, ds, d_cb, d_w, d_c, rcb)
     for k in reversed(range(last)):
         act = sch.get_sblock(f"act{k}")
-        sch.compute_at(act, h_o)
+        sch.compute_at(act, h_o, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(act)[-1])
         conv = sch.get_sblock(f"conv{k}")
         sch.compute_at(conv, h_o, preserve_unit_loops=True)
         _tile_inner_conv(sch, conv, tile)
     xpack = sch.get_sblock("xpack")
-    sch.compute_at(xpack, h_o)
+    sch.compute_at(xpack, h_o, preserve_unit_loops=True)
+    # MetaSchedule's own parallel/vectorize rule would annotate the root next, and its
+    # postprocessor then rejects loops this rule already made parallel: opt out
+    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
     return sch
 
 
