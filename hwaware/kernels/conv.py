@@ -556,4 +556,5 @@ def _is_unscheduled_tir(func: Any) -> bool:
 
 
 register_schedule_rules()
-FAMILY = KernelFamily(name="conv_block", find=find, lower=lower)
+FAMILY = KernelFamily(name="conv_block", find=find, lower=lower,
+                      default_schedule=default_schedule)
