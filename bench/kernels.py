@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,9 @@ from run import (  # noqa: E402
     make_inductor,
     make_ort,
     measure,
+    run_each,
     run_tuning,
+    write_report,
 )
 
 from hwaware.target import get_target  # noqa: E402
@@ -85,7 +86,7 @@ def sdpa_impl(workload: Workload, small: bool) -> Impl:
     if workload.zoo == "causal_attention_core":
         from hwaware.zoo import CausalAttentionCore
 
-        model, inputs = get_model(workload.zoo, small)
+        _, inputs = get_model(workload.zoo, small)
         peer = CausalAttentionCore(inputs[0].shape[-2], sdpa=True).eval()
         return Impl("pytorch sdpa", lambda: peer(*inputs))
     assert workload.sdpa_peer is not None
@@ -199,21 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(CORES)
-    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="hwaware-kernels-") as tmp:
-        for name in args.workloads.split(","):
-            print(f"== {name}", flush=True)
-            work = Path(tmp) / name
-            work.mkdir()
-            rows.append(bench_workload(WORKLOADS[name], args, work))
-    text = markdown(rows, args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    rows = run_each(args.workloads.split(","), args,
+                    lambda name, a, work: bench_workload(WORKLOADS[name], a, work))
+    write_report(markdown(rows, args), args.out)
     return 0
 
 

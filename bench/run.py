@@ -350,23 +350,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_each(names: list[str], args: argparse.Namespace,
+             bench_one: Callable[[str, argparse.Namespace, Path], Any]) -> list[Any]:
+    """`bench_one(name, args, work_dir)` for each name in turn, with threads and db set up."""
     torch.set_num_threads(CORES)
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="hwaware-bench-") as tmp:
-        for name in args.models.split(","):
+        for name in names:
             print(f"== {name}", flush=True)
             work = Path(tmp) / name
             work.mkdir()
-            results.append(bench_model(name, args, work))
-    text = markdown(results, args)
-    out = Path(args.out)
+            results.append(bench_one(name, args, work))
+    return results
+
+
+def write_report(text: str, out_path: str) -> None:
+    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     print(f"written to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run_each(args.models.split(","), args, bench_model)
+    write_report(markdown(results, args), args.out)
     return 0
 
 
