@@ -152,8 +152,8 @@ def _main_path(last: fx.Node) -> tuple[fx.Node, list[Conv], list[fx.Node]]:
     while len(convs) < 3:
         src = _conv_args(convs[0].node)[0]
         prev = src.args[0] if _op(src) in RELU_OPS else None
-        if _op(prev) not in CONV_OPS or list(src.users) != [convs[0].node] or \
-                list(prev.users) != [src]:
+        if not isinstance(prev, fx.Node) or _op(prev) not in CONV_OPS or \
+                list(src.users) != [convs[0].node] or list(prev.users) != [src]:
             break  # `src` is the block input
         convs.insert(0, _conv(prev))
         relus.insert(0, src)
@@ -218,7 +218,7 @@ def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
 # ------------------------------------------------------------------------ compute
 @dataclass(frozen=True)
 class ConvLayer:
-    """A conv of the block in kernel terms: blocked weights [OCB, ICB, K, K, L, L], bias [OCB, L]."""
+    """A conv in kernel terms: blocked weights [OCB, ICB, K, K, L, L], bias [OCB, L]."""
 
     weight: np.ndarray
     bias: np.ndarray
@@ -534,18 +534,29 @@ def _fixed_tile(cores: int) -> Tiler:
     return tile
 
 
-def default_schedule(func: Any, target: Any) -> Any:
-    """The PrimFunc scheduled with fixed decisions (for a kernel with no tuned record);
-    `target` is the hwaware Target."""
+def default_schedule(mod: Any, target: Any) -> Any:
+    """This family's PrimFuncs in `mod` scheduled with fixed decisions (a build with no tuned
+    record); `target` is a TVM target. Other functions are untouched."""
+    import tvm
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and f'"schedule_rule": "{RULE}"' in func.script():
+            mod[gv] = schedule_fixed(func, target.kind.name,
+                                     int(target.attrs.get("num-cores", 1))
+                                     if "num-cores" in target.attrs else 1)
+    return mod
+
+
+def schedule_fixed(func: Any, kind: str, cores: int) -> Any:
+    """One PrimFunc scheduled with fixed decisions, marked scheduled."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     anchor = sch.get_sblock(f"conv{_inner_convs(sch)}")
-    if getattr(target, "kind", "cpu") == "cuda":
+    if kind == "cuda":
         schedule_cuda(sch, anchor, lambda _s, _o: 128)
     else:
-        schedule_cpu(sch, anchor, _fixed_tile(int(getattr(target, "cores", 1))),
-                     lambda _s, _o: UNROLL_STEPS[1])
+        schedule_cpu(sch, anchor, _fixed_tile(cores), lambda _s, _o: UNROLL_STEPS[1])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -554,19 +565,27 @@ def _register_rules() -> None:
 
     @tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", override=True)
     def _cpu(sch: Any, block: Any) -> list[Any]:
-        return [sch if _already_scheduled(sch) else schedule_cpu(sch, block)]
+        return [sch if _already_scheduled(sch, block) else schedule_cpu(sch, block)]
 
     @tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", override=True)
     def _cuda(sch: Any, block: Any) -> list[Any]:
-        return [sch if _already_scheduled(sch) else schedule_cuda(sch, block)]
+        return [sch if _already_scheduled(sch, block) else schedule_cuda(sch, block)]
 
 
-def _already_scheduled(sch: Any) -> bool:
+def _already_scheduled(sch: Any, block: Any) -> bool:
     """MetaSchedule calls the rule again for the init/update blocks that decomposing the
-    anchor's reduction leaves with its annotation: the first call scheduled everything."""
-    return len(sch.get_loops(sch.get_sblock("outpack"))) != 4
+    anchor's reduction leaves with its annotation: the first call scheduled everything.
+    (Checked on the IR, not with schedule instructions, which would enter the trace.)"""
+    if str(sch.get(block).name_hint).endswith(("_init", "_update")):
+        return True
+    sref = sch.get_sref(block).parent
+    while sref is not None:  # cuda: its loops are bound already
+        if getattr(sref.stmt, "thread_binding", None) is not None:
+            return True
+        sref = sref.parent
+    return False
 
 
 _register_rules()
 
-FAMILY = KernelFamily(name=RULE, find=find, lower=lower)
+FAMILY = KernelFamily(name=RULE, find=find, lower=lower, default_schedule=default_schedule)
