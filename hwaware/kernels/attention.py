@@ -178,7 +178,7 @@ PULL_OPS: dict[str, Callable[[fx.Node, list[Any]], Lazy]] = {
     "aten.rsub.Scalar": _binary("({1} - {0})"), "aten.rsub.Tensor": _binary("({1} - {0})"),
     "aten.neg.default": lambda n, a: _elementwise(lambda x: f"(-{x})", None, a[0]),
     "aten.logical_not.default": lambda n, a: _elementwise(lambda x: f"(not {x})", "bool", a[0]),
-    "aten.where.self": _where,
+    "aten.where.self": _where, "aten.where.ScalarOther": _where, "aten.where.ScalarSelf": _where,
     "aten.masked_fill.Scalar": lambda n, a: _where(n, [a[1], a[2], a[0]]),
     "aten.full.default": _full, "aten.scalar_tensor.default": _full,
 }
@@ -192,7 +192,8 @@ PUSH_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.defa
 # Element-wise ops allowed between the scores and the softmax.
 SCORE_OPS = {"aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
              "aten.add.Scalar", "aten.sub.Scalar", "aten.mul.Scalar", "aten.div.Scalar",
-             "aten.where.self", "aten.masked_fill.Scalar", "aten.to.dtype",
+             "aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf",
+             "aten.masked_fill.Scalar", "aten.to.dtype",
              "aten._to_copy.default", "aten.contiguous.default", "aten.clone.default",
              "aten.alias.default", "aten.detach.default"}
 SDPA = "aten.scaled_dot_product_attention.default"
@@ -551,7 +552,7 @@ def _causal_where(chain: list[fx.Node], graph: fx.GraphModule, sq: int, sk: int
                   ) -> fx.Node | None:
     """The `where(tril, scores, very negative)` of GPT-2's causal mask, if the chain has one."""
     for node in chain:
-        if _op(node) != "aten.where.self":
+        if _op(node) not in ("aten.where.self", "aten.where.ScalarOther"):
             continue
         cond, fill = node.args[0], node.args[2]
         if not isinstance(cond, fx.Node) or cond.op != "get_attr":
