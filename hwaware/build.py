@@ -98,7 +98,8 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
         workload = tvm_compat.workload_of(func)
         key = tvm_compat.workload_hash(workload)
         workloads[key] = workload
-        if family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
+        if family in FUSED_FAMILIES and tvm_compat.has_custom_schedule_rule(workload) or \
+                family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
             heavy.add(key)
     return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
                        family in FUSED_FAMILIES and _family_has_default(family))

@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -199,6 +200,13 @@ def workload_flops(workload: tvm.IRModule) -> int:
         return int(estimate_tir_flops(workload))
     except Exception:  # informational only: the analysis rejects some loop nests
         return 0
+
+
+def has_custom_schedule_rule(workload: tvm.IRModule) -> bool:
+    """Whether a block of the workload names its own schedule space (a fused kernel family's
+    `schedule_rule` annotation): such a kernel is tuned whatever its anchor block looks like."""
+    rules = re.findall(r'"schedule_rule": "([^"]+)"', workload.script())
+    return any(rule != "None" for rule in rules)
 
 
 def is_contraction(workload: tvm.IRModule) -> bool:
