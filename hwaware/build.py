@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from hwaware.db import TuningDatabase
-from hwaware.kernels import FAMILY_NAMES, default_schedules
+from hwaware.kernels import FAMILY_NAMES, fixed_schedules
 from hwaware.partition import CONTRACTIONS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
@@ -56,7 +56,7 @@ class KernelTasks:
     workloads: dict[str, Any]  # workload hash -> IRModule
     heavy: set[str]  # hashes of workloads holding a contraction
     prim_funcs: dict[Any, Any] = field(default_factory=dict)  # GlobalVar -> PrimFunc it calls
-    has_default: bool = False  # a fused family kernel with a fixed-decision schedule
+    fused: bool = False  # a fused family kernel: its family's fixed schedule when untuned
 
 
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
@@ -102,13 +102,7 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
                 family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
             heavy.add(key)
     return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
-                       family in FUSED_FAMILIES and _family_has_default(family))
-
-
-def _family_has_default(family: str) -> bool:
-    from hwaware.kernels import families
-
-    return families()[family].default_schedule is not None
+                       family in FUSED_FAMILIES)
 
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
@@ -139,11 +133,9 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
         _has_schedules(k, db, target) for k in imported.values()) and not any(
         k.family in FUSED_FAMILIES for k in part.program.kernels.values())  # it would unfuse
-    for _ in range(2):  # untuned fused kernels -> ordinary kernels -> contraction + epilogue
-        untuned = {part.program.kernels[n].signature for n, k in imported.items()
-                   if not _has_schedules(k, db, target)}
-        if not untuned:
-            break  # run those contractions in PyTorch, their epilogues on TVM
+    untuned = {part.program.kernels[n].signature for n, k in imported.items()
+               if not _has_schedules(k, db, target)}
+    if untuned:  # run those contractions in PyTorch, their epilogues on TVM
         part = part.unfuse(untuned)
         inputs = kernel_inputs(part.program, example_inputs)
         imported = import_kernels(part, inputs, target, cache)
@@ -158,7 +150,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()},
                                          {v: f for k in candidates.values()
                                           for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, default_schedules())
+    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, fixed_schedules())
     info.tuned_workloads = sorted(applied)
     if not target.can_run_here:
         for name in candidates:  # build-only target: the library is for the device
@@ -265,7 +257,7 @@ def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Targe
     its family's fixed-decision schedule."""
     from hwaware.tvm_compat import TVM_VERSION, is_small
 
-    return kernel.has_default or all(
+    return kernel.fused or all(
         db is not None and db.top_records(h, TVM_VERSION, target.key, 1)
         or is_small(kernel.workloads[h])
         for h in kernel.heavy

@@ -66,28 +66,25 @@ class Partition:
     captured: Captured
     supported_ops: frozenset[str]
     fuse: bool = True
-    unfused: frozenset[str] = frozenset()
 
     def unfuse(self, signatures: set[str]) -> Partition:
-        """The same graph, with each kernel named in `signatures` taken apart: a fused family
-        kernel goes back to ordinary kernels; an ordinary kernel is cut after its contraction
-        (the contraction alone, left to PyTorch while it has no tuned schedule, and its epilogue,
-        which TVM's rule-based schedules handle well). Earlier calls' signatures still apply."""
-        return partition(self.captured, self.supported_ops, unfuse=self.unfused | signatures,
-                         warn=False, fuse=self.fuse)
+        """The same graph, with each kernel named in `signatures` cut after its contraction:
+        the contraction alone (left to PyTorch while it has no tuned schedule) and its epilogue
+        (element-wise/reduction ops that TVM's rule-based schedules handle well). Fused family
+        kernels always have a schedule (their family's fixed one) and stay whole."""
+        return partition(self.captured, self.supported_ops, unfuse=signatures, warn=False,
+                         fuse=self.fuse)
 
 
-def partition(captured: Captured, supported_ops: frozenset[str],
-              unfuse: set[str] | frozenset[str] | None = None,
+def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str] | None = None,
               warn: bool = True, fuse: bool = True) -> Partition:
     """Cut `captured` into kernels (see module docstring) and build the host program.
     `fuse=False` leaves out the fused kernel families (the unfused baseline)."""
     gm = captured.graph_module
-    unfuse = set(unfuse or ())
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     for node in nodes:
         node.meta.pop(FUSED_META, None)
-    groups = find_fused_groups(gm, nodes, unfuse) if fuse else []
+    groups = find_fused_groups(gm) if fuse else []
     grouped = {n for group in groups for n in group}
     host_ops = _find_host_ops([n for n in nodes if n not in grouped], supported_ops, warn)
     runs = groups + _kernel_runs(nodes, host_ops, grouped)
@@ -107,14 +104,13 @@ def partition(captured: Captured, supported_ops: frozenset[str],
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
     return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops,
-                     fuse, frozenset(unfuse))
+                     fuse)
 
 
-def find_fused_groups(gm: fx.GraphModule, nodes: list[fx.Node], unfuse: set[str]
-                      ) -> list[list[fx.Node]]:
+def find_fused_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Every fused family's groups, in graph order, each node tagged with its family. A group
-    that overlaps an earlier one, reads a value computed after its first node, or whose
-    signature is in `unfuse` (no tuned schedule) is left to the ordinary kernels."""
+    that overlaps an earlier one or reads a value computed after its first node is left to the
+    ordinary kernels."""
     from hwaware.kernels import families
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -127,10 +123,6 @@ def find_fused_groups(gm: fx.GraphModule, nodes: list[fx.Node], unfuse: set[str]
                 continue
             for node in group:
                 node.meta[FUSED_META] = family.name
-            if kernel_signature(group, _external_inputs(group, set(group)), gm) in unfuse:
-                for node in group:
-                    del node.meta[FUSED_META]
-                continue
             claimed.update(group)
             groups.append(group)
     return sorted(groups, key=lambda g: order[g[0]])
@@ -210,8 +202,7 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str], grouped: set[fx.Node]
 
 def _cut_after_contraction(run: list[fx.Node], signatures: set[str], gm: fx.GraphModule
                            ) -> list[list[fx.Node]]:
-    if FUSED_META in run[0].meta or \
-            kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
+    if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
         return [run]
     cut = next(i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS) + 1
     pieces: list[list[fx.Node]] = []

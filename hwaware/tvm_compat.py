@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # TVM's thread pool otherwise starts one thread on this machine (it counts "physical" cores
@@ -202,11 +202,16 @@ def workload_flops(workload: tvm.IRModule) -> int:
         return 0
 
 
+def schedule_rules(func: tvm.tirx.PrimFunc) -> set[str]:
+    """The schedule spaces a TIR function's blocks name (their `schedule_rule` annotations, as
+    a fused kernel family sets them; "None", which only opts a block out, left out)."""
+    return set(re.findall(r'"schedule_rule": "([^"]+)"', func.script())) - {"None"}
+
+
 def has_custom_schedule_rule(workload: tvm.IRModule) -> bool:
-    """Whether a block of the workload names its own schedule space (a fused kernel family's
-    `schedule_rule` annotation): such a kernel is tuned whatever its anchor block looks like."""
-    rules = re.findall(r'"schedule_rule": "([^"]+)"', workload.script())
-    return any(rule != "None" for rule in rules)
+    """Whether the workload names its own schedule space: such a kernel is tuned whatever its
+    anchor block looks like."""
+    return any(schedule_rules(f) for f in prim_funcs(workload).values())
 
 
 def is_contraction(workload: tvm.IRModule) -> bool:
@@ -434,14 +439,18 @@ def tune_workloads(
 
 
 # -------------------------------------------------------------------------- build
+FixedSchedules = Mapping[str, Callable[[Any, Any], Any]]  # rule -> (PrimFunc, target) -> PrimFunc
+
+
 def build_executable(
     mod: tvm.IRModule, target: tvm.target.Target, database: SqliteDatabase | None,
-    family_schedules: Sequence[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]] = (),
+    fixed_schedules: FixedSchedules | None = None,
 ) -> tuple[Any, set[str]]:
     """Fused kernels -> a Relax VM executable: tuned records where the database has them, then
-    each kernel family's fixed-decision schedule (`family_schedules`), then a rule-based default
-    schedule elsewhere. Also returns the hashes of the workloads that got a tuned record, so
-    callers can check that tuning applied (it fails silently otherwise)."""
+    the fixed-decision schedule of each function's own schedule space (`fixed_schedules`, by
+    rule name), then a rule-based default schedule elsewhere. Also returns the hashes of the
+    workloads that got a tuned record, so callers can check that tuning applied (it fails
+    silently otherwise)."""
     from tvm.relax.transform import MetaScheduleApplyDatabase
 
     applied: set[str] = set()
@@ -454,7 +463,7 @@ def build_executable(
             m = MetaScheduleApplyDatabase(enable_warning=False)(m)
             applied.update(hashes[n] for n, f in prim_funcs(m).items()
                            if n in hashes and _is_scheduled(f))
-        m = _schedule_unscheduled(m, target, family_schedules)
+        m = apply_fixed_schedules(m, target, fixed_schedules or {})
         m = default_schedule(m, target)
         return tvm.transform.Sequential(_lowering_passes(target))(m)
 
@@ -464,22 +473,17 @@ def build_executable(
     return executable, applied
 
 
-def _schedule_unscheduled(
-    mod: tvm.IRModule, target: tvm.target.Target,
-    schedules: Sequence[Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]],
-) -> tvm.IRModule:
-    """Apply `schedules` to the TIR functions nothing has scheduled yet (each schedule takes
-    the functions of its own family and leaves the rest)."""
-    todo = {gv: f for gv, f in mod.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and not _is_scheduled(f)}
-    if not todo or not schedules:
-        return mod
-    sub = tvm.IRModule(todo)
-    for schedule in schedules:
-        sub = schedule(sub, target)
-    for gv, func in sub.functions.items():
-        if _is_scheduled(func):
-            mod.update_func(gv, func)
+def apply_fixed_schedules(mod: tvm.IRModule, target: tvm.target.Target,
+                          fixed_schedules: FixedSchedules) -> tvm.IRModule:
+    """Each TIR function nothing has scheduled yet whose blocks name a schedule space in
+    `fixed_schedules` (rule -> (PrimFunc, target) -> PrimFunc), scheduled by it and marked."""
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        rule = next((r for r in sorted(schedule_rules(func)) if r in fixed_schedules), None)
+        if rule is not None:
+            scheduled = fixed_schedules[rule](func, target)
+            mod.update_func(gv, scheduled.with_attr("tirx.is_scheduled", True))
     return mod
 
 

@@ -14,7 +14,7 @@ from torch.fx.interpreter import Interpreter
 
 from hwaware import capture, rewrite, tvm_compat
 from hwaware.db import TuningDatabase
-from hwaware.kernels import attention
+from hwaware.kernels import attention, default_schedule
 from hwaware.partition import _external_inputs, _kernel_graph
 from hwaware.target import get_target
 
@@ -205,7 +205,7 @@ def test_lower_default_schedule_matches_eager(case: str, host: tuple[Any, Any]) 
     mod = attention.lower(graph, args, target, f"hw_attention_test_{case}")
     calls = [b for b in mod["main"].body.blocks[0].bindings]
     assert len(calls) == 1 and len(tvm_compat.prim_funcs(mod)) == 1
-    got, _ = _run(attention.default_schedule(mod, tgt), tgt, None, args)
+    got, _ = _run(default_schedule(mod, tgt), tgt, None, args)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
 
@@ -256,5 +256,5 @@ def test_builds_for_other_targets(name: str) -> None:
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     graph, args, _ = _kernel(GPT2Attention(), (torch.randn(1, 17, 48),))
     mod = attention.lower(graph, args, target, f"hw_attention_test_{name.replace('-', '_')}")
-    exe, _ = tvm_compat.build_executable(attention.default_schedule(mod, tgt), tgt, None)
+    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

@@ -14,7 +14,7 @@ from torch import fx, nn
 from hwaware import partition, tvm_compat
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import conv
+from hwaware.kernels import conv, default_schedule
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
 
@@ -194,7 +194,7 @@ def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any,
     torch.manual_seed(1)
     model = InvertedResidual(cin, cout, expand, k, stride, act).eval()
     x = torch.randn(1, cin, size, size)
-    mod = conv.default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
+    mod = default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
     funcs = tvm_compat.prim_funcs(mod)
     assert len(funcs) == 1 and all(conv.is_conv_block(f) for f in funcs.values())
     exe, _ = tvm_compat.build_executable(mod, host[1], None)
@@ -253,7 +253,7 @@ def test_builds_for_other_targets(target_name: str) -> None:
     tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
     for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7)]:
         x = torch.randn(1, int(model.body[0].in_channels), size, size)
-        mod = conv.default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
+        mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
         exe, _ = tvm_compat.build_executable(mod, tgt, None)
         assert exe is not None
 

@@ -16,7 +16,7 @@ pyg = pytest.importorskip("torch_geometric.nn")
 from hwaware import tvm_compat  # noqa: E402
 from hwaware.capture import capture  # noqa: E402
 from hwaware.db import TuningDatabase  # noqa: E402
-from hwaware.kernels import gnn, unique_name  # noqa: E402
+from hwaware.kernels import default_schedule, gnn, unique_name  # noqa: E402
 from hwaware.partition import _external_inputs, _kernel_graph  # noqa: E402
 from hwaware.program import op_name  # noqa: E402
 from hwaware.rewrite import rewrite  # noqa: E402
@@ -112,7 +112,7 @@ class Kernel:
     def build(self, db: Any = None, scheduled: bool = True) -> Any:
         t, tgt, mod = self.lower()
         if scheduled:
-            mod = gnn.default_schedule(mod, tgt)
+            mod = default_schedule(mod, tgt)
         exe, applied = tvm_compat.build_executable(mod, tgt, db)
         vm = tvm_compat.make_vm(exe, t.kind)
         return tvm_compat.torch_callable(vm, "main", len(self.outputs)), applied
@@ -298,5 +298,5 @@ def test_builds_for_cuda_and_arm(target_name: str, kind: str) -> None:
     x, edges = graph(10, 30, 20)
     kernel = only_kernel(layer(kind, 20), (x, edges))
     _, tgt, mod = kernel.lower(target_name)
-    exe, _ = tvm_compat.build_executable(gnn.default_schedule(mod, tgt), tgt, None)
+    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

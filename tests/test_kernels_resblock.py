@@ -14,7 +14,7 @@ from torch import nn
 from hwaware import tvm_compat
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import resblock
+from hwaware.kernels import default_schedule, resblock
 from hwaware.partition import _external_inputs, _kernel_graph
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
@@ -109,7 +109,7 @@ def _with_default_schedule(module: Any, target: Any) -> Any:
     import tvm
 
     copy = tvm.IRModule(dict(module.functions.items()), attrs=module.attrs)
-    return resblock.default_schedule(copy, tvm_compat.tvm_target(target.tvm, target.host_tvm))
+    return default_schedule(copy, tvm_compat.tvm_target(target.tvm, target.host_tvm))
 
 
 # --------------------------------------------------------------------------- find

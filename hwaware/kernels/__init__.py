@@ -36,13 +36,15 @@ class KernelFamily:
     inputs (placeholders, in order) and returns the tuple of its outputs; weights are embedded
     as constants. PrimFunc names start with `name` (unique per process). `target` is the
     hwaware `Target`; `inputs` are example tensors for the graph's placeholders.
-    `default_schedule(mod, tvm_target)`: the family's PrimFuncs in `mod` scheduled with fixed
-    decisions of its space and marked scheduled (a build with no tuned record for them)."""
+    `rule`: the `schedule_rule` the family's PrimFuncs carry (its tunable schedule space).
+    `schedule_fixed(func, tvm_target)`: one such PrimFunc scheduled by that space with fixed
+    decisions (a build with no tuned record for it)."""
 
     name: str
+    rule: str
     find: Callable[[fx.GraphModule], list[list[fx.Node]]]
     lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
-    default_schedule: Callable[[Any, Any], Any] | None = None
+    schedule_fixed: Callable[[Any, Any], Any]
 
 
 def unique_name(family: str) -> str:
@@ -50,9 +52,16 @@ def unique_name(family: str) -> str:
     return f"hw_{family}_{next(_names)}"
 
 
-def default_schedules() -> list[Callable[[Any, Any], Any]]:
-    """Every family's fixed-decision schedule, for `tvm_compat.build_executable`."""
-    return [f.default_schedule for f in families().values() if f.default_schedule is not None]
+def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
+    """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
+    return {f.rule: f.schedule_fixed for f in families().values()}
+
+
+def default_schedule(mod: Any, target: Any) -> Any:
+    """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
+    from hwaware import tvm_compat
+
+    return tvm_compat.apply_fixed_schedules(mod, target, fixed_schedules())
 
 
 def families() -> dict[str, KernelFamily]:

@@ -864,26 +864,15 @@ tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, overri
 tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
 
 
-def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """`mod` with every attention PrimFunc scheduled by its space's fixed default decisions and
-    marked `tirx.is_scheduled` (for builds without a tuned record)."""
+def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """An attention PrimFunc scheduled by its space's fixed default decisions."""
     from tvm.s_tir import Schedule
 
     space = schedule_cuda if target.kind.name == "cuda" else schedule_cpu
-    funcs = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, tvm.tirx.PrimFunc) and _is_attention(func):
-            sch = Schedule(func)
-            space(sch, sch.get_sblock("attention"), fixed=True)
-            funcs[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    for gv, func in funcs.items():
-        mod[gv] = func
-    return mod
+    sch = Schedule(func)
+    space(sch, sch.get_sblock("attention"), fixed=True)
+    return sch.mod["main"]
 
 
-def _is_attention(func: tvm.tirx.PrimFunc) -> bool:
-    return f'"schedule_rule": "{RULE}"' in func.script()
-
-
-FAMILY = KernelFamily(name="attention", find=find, lower=lower,
-                      default_schedule=default_schedule)
+FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,
+                      schedule_fixed=schedule_fixed)

@@ -19,7 +19,7 @@ computes expand, pad and dw for each tile (plus halo) inside the tile loop, dept
 expanded intermediate stays in cache. Sampled: the tile shape (a full-width tile is a row band),
 the project conv's register block and vector width, the producers' vector widths and the
 unroll depth. A cuda space binds tiles to thread blocks and keeps the tile's intermediates in
-shared memory. `default_schedule` applies the same schedules with fixed decisions (untuned).
+shared memory. `schedule_fixed` applies the same schedules with fixed decisions (untuned).
 """
 
 from __future__ import annotations
@@ -523,38 +523,20 @@ def register_schedule_rules() -> None:
 
 def is_conv_block(func: Any) -> bool:
     """Whether a PrimFunc is an (unscheduled or scheduled) conv_block kernel."""
+    from hwaware import tvm_compat
+
+    return RULE in tvm_compat.schedule_rules(func)
+
+
+def schedule_fixed(func: Any, target: Any) -> Any:
+    """A conv_block PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    block = _block(sch, "out")
-    rule = None if block is None else sch.get(block).annotations.get("schedule_rule")
-    return str(rule) == RULE
-
-
-def default_schedule(mod: Any, target: Any) -> Any:
-    """Schedule every unscheduled conv_block PrimFunc of `mod` with fixed decisions (for a
-    build without tuned records); `target` is a TVM target. Other functions are untouched."""
-    from tvm import s_tir
-
-    kind = "cuda" if target.kind.name == "cuda" else "cpu"
-    for gv, func in list(mod.functions.items()):
-        if not _is_unscheduled_tir(func) or not is_conv_block(func):
-            continue
-        sch = s_tir.Schedule(func)
-        SCHEDULES[kind](sch, Fixed())
-        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return mod
-
-
-def _is_unscheduled_tir(func: Any) -> bool:
-    import tvm
-
-    if not isinstance(func, tvm.tirx.PrimFunc):
-        return False
-    return not (func.attrs and "tirx.is_scheduled" in func.attrs
-                and int(func.attrs["tirx.is_scheduled"]) == 1)
+    SCHEDULES["cuda" if target.kind.name == "cuda" else "cpu"](sch, Fixed())
+    return sch.mod["main"]
 
 
 register_schedule_rules()
-FAMILY = KernelFamily(name="conv_block", find=find, lower=lower,
-                      default_schedule=default_schedule)
+FAMILY = KernelFamily(name="conv_block", rule=RULE, find=find, lower=lower,
+                      schedule_fixed=schedule_fixed)

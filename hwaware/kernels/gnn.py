@@ -730,29 +730,20 @@ def register_schedule_rules() -> None:
                                  override=True)
 
 
-def default_schedule(mod: Any, target: Any) -> Any:
-    """Schedule this family's unscheduled PrimFuncs in `mod` with fixed decisions (for a build
-    without tuned records); `target` is a TVM target. Other functions are untouched."""
-    import tvm
+def schedule_fixed(func: Any, target: Any) -> Any:
+    """A gnn PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
     from tvm import s_tir
 
     kind = "cuda" if target.kind.name == "cuda" else "cpu"
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and \
-                "tirx.is_scheduled" in func.attrs or not _is_family_func(func):
-            continue
-        sch = s_tir.Schedule(func)
-        SCHEDULES[kind](sch, Fixed(rows=8 if kind == "cuda" else 16))
-        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return mod
+    sch = s_tir.Schedule(func)
+    SCHEDULES[kind](sch, Fixed(rows=8 if kind == "cuda" else 16))
+    return sch.mod["main"]
 
 
 def _is_family_func(func: Any) -> bool:
-    from tvm import s_tir
+    from hwaware import tvm_compat
 
-    sch = s_tir.Schedule(func)
-    return any(_has_block(sch, n) and str(sch.get(sch.get_sblock(n)).annotations.get(
-        "schedule_rule")) == RULE for n in ROW_BLOCKS)
+    return RULE in tvm_compat.schedule_rules(func)
 
 
 # ------------------------------------------------------------------------------- lower
@@ -869,5 +860,5 @@ def _pad_edges(src_row: int | None, dst_row: int | None, capacity: int, names: l
 
 
 register_schedule_rules()
-FAMILY = KernelFamily(name="gnn", find=find, lower=lower,
-                      default_schedule=default_schedule)
+FAMILY = KernelFamily(name="gnn", rule=RULE, find=find, lower=lower,
+                      schedule_fixed=schedule_fixed)

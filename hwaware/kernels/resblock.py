@@ -534,30 +534,18 @@ def _fixed_tile(cores: int) -> Tiler:
     return tile
 
 
-def default_schedule(mod: Any, target: Any) -> Any:
-    """This family's PrimFuncs in `mod` scheduled with fixed decisions (a build with no tuned
-    record); `target` is a TVM target. Other functions are untouched."""
-    import tvm
-
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and f'"schedule_rule": "{RULE}"' in func.script():
-            mod[gv] = schedule_fixed(func, target.kind.name,
-                                     int(target.attrs.get("num-cores", 1))
-                                     if "num-cores" in target.attrs else 1)
-    return mod
-
-
-def schedule_fixed(func: Any, kind: str, cores: int) -> Any:
-    """One PrimFunc scheduled with fixed decisions, marked scheduled."""
+def schedule_fixed(func: Any, target: Any) -> Any:
+    """A res_block PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     anchor = sch.get_sblock(f"conv{_inner_convs(sch)}")
-    if kind == "cuda":
+    if target.kind.name == "cuda":
         schedule_cuda(sch, anchor, lambda _s, _o: 128)
     else:
+        cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
         schedule_cpu(sch, anchor, _fixed_tile(cores), lambda _s, _o: UNROLL_STEPS[1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"]
 
 
 def _register_rules() -> None:
@@ -588,4 +576,5 @@ def _already_scheduled(sch: Any, block: Any) -> bool:
 
 _register_rules()
 
-FAMILY = KernelFamily(name=RULE, find=find, lower=lower, default_schedule=default_schedule)
+FAMILY = KernelFamily(name=RULE, rule=RULE, find=find, lower=lower,
+                      schedule_fixed=schedule_fixed)
