@@ -52,6 +52,21 @@ def unique_name(family: str) -> str:
     return f"hw_{family}_{next(_names)}"
 
 
+def register_spaces(rule: str, schedules: dict[str, Callable[[Any, Any], Any]],
+                    sampled: Callable[[], Any]) -> None:
+    """Register `schedules[kind](sch, sampled())` (kind: "cpu", "cuda") as the schedule space
+    MetaSchedule's ApplyCustomRule looks up for blocks annotated `schedule_rule: rule`;
+    `sampled()` makes the decisions with sampling instructions."""
+    import tvm
+
+    for kind, schedule in schedules.items():
+        def space(sch: Any, _block: Any, schedule: Callable[[Any, Any], Any] = schedule
+                  ) -> list[Any]:
+            return [schedule(sch, sampled())]
+
+        tvm.register_global_func(f"s_tir.meta_schedule.{kind}.{rule}", space, override=True)
+
+
 def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
     """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
     return {f.rule: f.schedule_fixed for f in families().values()}

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily
+from hwaware.kernels import KernelFamily, register_spaces
 
 log = logging.getLogger(__name__)
 
@@ -503,22 +503,10 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
 SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
 
 
-def _space(kind: str) -> Callable[[Any, Any], list[Any]]:
-    def space(sch: Any, _block_rv: Any) -> list[Any]:
-        return [SCHEDULES[kind](sch, Sampled())]
-
-    space.__name__ = f"{RULE}_{kind}_space"
-    return space
-
-
 def register_schedule_rules() -> None:
-    """Register the schedule spaces MetaSchedule's ApplyCustomRule looks up by the blocks'
+    """Register the sampled schedule spaces MetaSchedule's ApplyCustomRule finds by the blocks'
     `schedule_rule` annotation (idempotent)."""
-    import tvm
-
-    for kind in SCHEDULES:
-        tvm.register_global_func(f"s_tir.meta_schedule.{kind}.{RULE}", _space(kind),
-                                 override=True)
+    register_spaces(RULE, SCHEDULES, Sampled)
 
 
 def is_conv_block(func: Any) -> bool:

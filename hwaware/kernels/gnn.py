@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily
+from hwaware.kernels import KernelFamily, register_spaces
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
@@ -713,21 +713,10 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
 SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
 
 
-def _space(kind: str) -> Callable[[Any, Any], list[Any]]:
-    def space(sch: Any, _block: Any) -> list[Any]:
-        return [SCHEDULES[kind](sch, Sampled())]
-
-    space.__name__ = f"{RULE}_{kind}_space"
-    return space
-
-
 def register_schedule_rules() -> None:
-    """The spaces MetaSchedule's ApplyCustomRule finds by the row block's `schedule_rule`."""
-    import tvm
-
-    for kind in SCHEDULES:
-        tvm.register_global_func(f"s_tir.meta_schedule.{kind}.{RULE}", _space(kind),
-                                 override=True)
+    """Register the sampled schedule spaces MetaSchedule's ApplyCustomRule finds by the blocks'
+    `schedule_rule` annotation (idempotent)."""
+    register_spaces(RULE, SCHEDULES, Sampled)
 
 
 def schedule_fixed(func: Any, target: Any) -> Any:
