@@ -21,7 +21,9 @@ from typing import Any
 
 from torch import fx
 
-FAMILY_NAMES = ("conv_block", "res_block", "gnn", "attention")  # the modules' FAMILY.name
+# Family modules of this package, in the order `find` runs, and the names their FAMILY objects carry.
+FAMILY_MODULES = ("conv", "resblock", "gnn", "attention")
+FAMILY_NAMES = ("conv_block", "res_block", "gnn", "attention")
 _names = itertools.count()
 
 
@@ -81,8 +83,9 @@ def default_schedule(mod: Any, target: Any) -> Any:
 
 def families() -> dict[str, KernelFamily]:
     """Every fused kernel family, by name (imported lazily: they import TVM)."""
-    from hwaware.kernels import attention, conv, gnn, resblock
+    import importlib
 
-    found = {f.name: f for f in (conv.FAMILY, resblock.FAMILY, gnn.FAMILY, attention.FAMILY)}
+    modules = [importlib.import_module(f"hwaware.kernels.{m}") for m in FAMILY_MODULES]
+    found = {m.FAMILY.name: m.FAMILY for m in modules}
     assert tuple(found) == FAMILY_NAMES, "FAMILY_NAMES lists the families in this order"
     return found
