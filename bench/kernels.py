@@ -68,6 +68,7 @@ WORKLOADS = {w.zoo: w for w in [
     Workload("sage_layer", "gnn", ort=False),
     Workload("sage_max_layer", "gnn", ort=False),
     Workload("gat_layer", "gnn", ort=False),
+    Workload("rgcn_layer", "rgcn", ort=False),
     Workload("attention_core", "attention", sdpa_peer="sdpa_attention"),
     Workload("causal_attention_core", "attention"),
 ]}

@@ -402,6 +402,35 @@ def build_pyg_layer(kind: str = "gcn", nodes: int = 10000, edges: int = 100000, 
     return _finish(PygLayer(kind, cin, cout), x, edge_index)
 
 
+class PygRGCNLayer(nn.Module):
+    """PyTorch Geometric's `RGCNConv` (mean per relation, root weight, bias) on (x, edge_index,
+    edge_type). Builders set `torch_geometric.backend.use_segment_matmul = False`: its default
+    heuristic reads `int(segment_count.max())`, which torch.export cannot capture, and without
+    pyg-lib both choices run the same per-relation loop."""
+
+    def __init__(self, cin: int, cout: int, relations: int):
+        super().__init__()
+        from torch_geometric.nn import RGCNConv
+
+        self.layer = RGCNConv(cin, cout, relations)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor
+                ) -> torch.Tensor:
+        return self.layer(x, edge_index, edge_type)  # type: ignore[no-any-return]
+
+
+def build_rgcn_layer(nodes: int = 10000, edges: int = 100000, cin: int = 64, cout: int = 64,
+                     relations: int = 8) -> Built:
+    import torch_geometric.backend
+
+    torch_geometric.backend.use_segment_matmul = False
+    torch.manual_seed(SEED)
+    x, edge_index = torch.randn(nodes, cin), random_graph(nodes, edges)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    edge_type = torch.randint(0, relations, (edge_index.shape[1],), generator=gen)
+    return _finish(PygRGCNLayer(cin, cout, relations), x, edge_index, edge_type)
+
+
 def _pyg_gcn_conv() -> type[nn.Module] | None:
     try:
         from torch_geometric.nn import GCNConv
@@ -461,6 +490,8 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     *[_entry(f"{kind}_layer", "gnn", f"one PyG {kind} layer, 10k nodes, 100k edges, 64->64",
              partial(build_pyg_layer, kind), nodes=12, edges=40, cin=7, cout=20)
       for kind in ("gcn", "sage", "sage_max", "gat")],
+    _entry("rgcn_layer", "gnn", "PyG RGCNConv, 10k nodes, 100k edges, 8 relations, 64->64",
+           build_rgcn_layer, nodes=12, edges=40, cin=7, cout=5, relations=3),
     _entry("searchsorted_embedding", "host_op",
            "bucketized features via torch.searchsorted (no TVM import), embeddings, MLP",
            build_searchsorted_embedding, d_in=8, features=4, buckets=8, dim=4),

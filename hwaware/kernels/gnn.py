@@ -399,7 +399,11 @@ def edge_count(match: Match) -> Any:
 
 def edge_bound(match: Match) -> int | None:
     """The largest E can be: E itself, or the shape env's upper bound of a symbolic E."""
-    count = edge_count(match)
+    return size_bound(edge_count(match))
+
+
+def size_bound(count: Any) -> int | None:
+    """The largest a size can be: itself, or the shape env's upper bound of a symbolic one."""
     if isinstance(count, int):
         return count
     try:

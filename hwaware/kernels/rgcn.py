@@ -1,0 +1,494 @@
+# mypy: disable-error-code="valid-type"
+# (TVMScript buffer annotations `T.Buffer((M, F), "float32")` are not Python types)
+"""Relational GNN (RGCN) layers as one kernel: per-(node, relation) mean aggregation feeding one
+segmented GEMM, with no per-edge weight copy.
+
+Pattern in (the rewritten ATen graph; what `torch.export` makes of PyG's `RGCNConv` on its
+relation loop, the path PyG takes without pyg-lib's segment_matmul):
+  out = [zeros] + sum_r matmul(mean_{j -> i, type == r} x_j, W_r) [+ matmul(x, root)] [+ bias]
+where relation r's edges are `index(edge_index, [None, eq(edge_type, r)])` and its mean is the
+gnn family's gather-scatter mean (`gnn._match_spmm`). The masks, their data-dependent edge
+counts (and the runtime asserts on them) join the group: the kernel reads edge_index and
+edge_type themselves. Relations must be 0..R-1, each with a constant weight; the sum is a chain
+of adds whose parts are used only by the chain.
+
+Kernel out (compact materialisation): mean is linear, so sum_r mean_r(x_j) W_r = H W where
+H[i] = [mean_0(x_j) | ... | mean_{R-1}(x_j) | x_i] (N x (R+1) x F_in) and W = [W_0; ..; root].
+One PrimFunc sorts the edges by (dst, relation) into CSR (gnn's in-kernel counting sort over
+N*R segments, keyed in the edge glue), then per tile of destination rows gathers H's rows and
+multiplies the tile by W, adding the bias. H lives per row tile only (compute_at under the
+GEMM's row loop), and nothing of size E x F is made, let alone an E x F_in x F_out weight copy
+(what PyG's FastRGCNConv gathers). Edge counts, E_cap buckets and MetaSchedule's random index
+inputs are handled as in `gnn` (its CSR macro, masks and capacity helpers).
+
+PyG's default `RGCNConv.forward` asks `int(segment_count.max())` for its segment_matmul
+heuristic, which `torch.export` cannot capture; set `torch_geometric.backend.use_segment_matmul =
+False` (without pyg-lib both choices run the same relation loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from hwaware.kernels import KernelFamily, gnn, register_spaces
+from hwaware.kernels.gnn import Decide, Fixed, Sampled, _op, _val
+
+log = logging.getLogger(__name__)
+
+RULE = "rgcn_segmm"
+# H's feature loops, the accumulation inside the `while` first (see `gnn._feature_blocks`)
+AGG_BLOCKS = ("agg_acc", "agg_init", "agg_out", "agg_root")
+_MATMUL = {"aten.matmul.default", "aten.mm.default"}
+_ZEROS = {"aten.zeros.default", "aten.new_zeros.default", "aten.zeros_like.default"}
+
+
+# ------------------------------------------------------------------------------ patterns
+@dataclass
+class Layer:
+    """One recognised relational layer: relation r's weight `weights[r]` (F_in x F_out)."""
+
+    out: fx.Node
+    x: fx.Node
+    edge_index: fx.Node
+    edge_type: fx.Node
+    src_row: int
+    dst_row: int
+    weights: list[fx.Node]
+    root: fx.Node | None = None
+    bias: fx.Node | None = None
+    nodes: set[fx.Node] = field(default_factory=set)
+
+    def inputs(self) -> list[fx.Node]:
+        return [self.x, self.edge_index, self.edge_type]
+
+
+@dataclass
+class Relation:
+    """`matmul(mean over relation r's edges of x[src], W_r)`."""
+
+    r: int
+    x: fx.Node
+    edge_index: fx.Node
+    edge_type: fx.Node
+    src_row: int
+    dst_row: int
+    weight: fx.Node
+    nodes: set[fx.Node]
+
+
+def _const(node: Any, ndim: int) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and \
+        isinstance(_val(node), torch.Tensor) and _val(node).ndim == ndim
+
+
+def _relation_mask(index: fx.Node, used: set[fx.Node]) -> tuple[fx.Node, fx.Node, int] | None:
+    """(edge_index, edge_type, r) of `index(edge_index, [None, eq(edge_type, r)])`, with the
+    size arithmetic and runtime asserts on its (data-dependent) length."""
+    args: Any = index.args
+    if _op(index) != "aten.index.Tensor" or len(args[1]) != 2 or args[1][0] is not None:
+        return None
+    eq: Any = args[1][1]
+    if _op(eq) != "aten.eq.Scalar" or not isinstance(eq.args[1], int) or \
+            isinstance(eq.args[1], bool) or len(eq.users) != 1:
+        return None
+    used.update((index, eq))
+    _absorb_size_checks(index, used)
+    return args[0], eq.args[0], eq.args[1]
+
+
+def _absorb_size_checks(node: fx.Node, used: set[fx.Node]) -> None:
+    """`sym_size(node)` and the comparisons/asserts on it (they have no tensor value)."""
+    todo = [u for u in node.users if _op(u) == "aten.sym_size.int"]
+    while todo:
+        n = todo.pop()
+        used.add(n)
+        todo += [u for u in n.users if not isinstance(_val(u), torch.Tensor) and u not in used]
+
+
+def _match_relation(term: Any) -> Relation | None:
+    if _op(term) not in _MATMUL or not _const(term.args[1], 2):
+        return None
+    mean = term.args[0]
+    scatter = mean.args[0] if _op(mean) == "aten.div.Tensor" else None
+    match = gnn._match_spmm(scatter) if isinstance(scatter, fx.Node) else None
+    if match is None or match.reduce != "mean" or match.out is not mean or \
+            match.weight is not None or match.src.node is not match.dst.node or \
+            match.src.row is None or match.dst.row is None:
+        return None
+    used = {term, *match.nodes}
+    mask = _relation_mask(match.src.node, used)
+    if mask is None:
+        return None
+    edge_index, edge_type, r = mask
+    return Relation(r, match.x, edge_index, edge_type, match.src.row, match.dst.row,
+                    term.args[1], used)
+
+
+def _add_terms(node: fx.Node, used: set[fx.Node]) -> list[Any]:
+    """The leaves of a chain of adds ending in `node` (inner adds used only by the chain)."""
+    if _op(node) != "aten.add.Tensor" or _arg_alpha(node) != 1:
+        return [node]
+    used.add(node)
+    terms: list[Any] = []
+    for a in node.args[:2]:
+        inner = isinstance(a, fx.Node) and _op(a) == "aten.add.Tensor" and len(a.users) == 1
+        terms += _add_terms(a, used) if inner else [a]  # type: ignore[arg-type]
+    return terms
+
+
+def _arg_alpha(node: fx.Node) -> Any:
+    return node.kwargs.get("alpha", 1)
+
+
+def _match_layer(node: fx.Node) -> Layer | None:
+    """The relational layer whose add chain ends in `node`."""
+    used: set[fx.Node] = set()
+    terms = _add_terms(node, used)
+    if len(terms) < 2:
+        return None
+    relations: list[Relation] = []
+    rest: list[Any] = []
+    for term in terms:
+        rel = _match_relation(term)
+        relations.append(rel) if rel is not None else rest.append(term)
+    if not relations:
+        return None
+    first = relations[0]
+    if any((r.x, r.edge_index, r.edge_type, r.src_row, r.dst_row) !=
+           (first.x, first.edge_index, first.edge_type, first.src_row, first.dst_row)
+           for r in relations):
+        log.debug("rgcn: %s: relations read different features or edges", node.name)
+        return None
+    if sorted(r.r for r in relations) != list(range(len(relations))):
+        log.debug("rgcn: %s: relations are not 0..R-1", node.name)
+        return None
+    relations.sort(key=lambda r: r.r)
+    layer = Layer(node, first.x, first.edge_index, first.edge_type, first.src_row,
+                  first.dst_row, [r.weight for r in relations],
+                  nodes=used.union(*(r.nodes for r in relations)))
+    return layer if _absorb_rest(layer, rest) else None
+
+
+def _absorb_rest(layer: Layer, rest: list[Any]) -> bool:
+    """The other terms of the sum: a zeros start, `matmul(x, root)` and a bias vector."""
+    for term in rest:
+        if _op(term) in _ZEROS and len(term.users) == 1:
+            layer.nodes.add(term)
+        elif _op(term) in _MATMUL and term.args[0] is layer.x and _const(term.args[1], 2) and \
+                layer.root is None:
+            layer.root = term.args[1]
+            layer.nodes.add(term)
+        elif _const(term, 1) and layer.bias is None:
+            layer.bias = term
+        else:
+            log.debug("rgcn: %s: term %s is not a relation, root, bias or zeros",
+                      layer.out.name, term)
+            return False
+    return True
+
+
+def _unsupported(layer: Layer, order: dict[fx.Node, int]) -> str | None:
+    out, x = _val(layer.out), _val(layer.x)
+    f_in, f_out = x.shape[-1], out.shape[-1]
+    if out.dtype != torch.float32 or x.dtype != torch.float32:
+        return f"dtype {out.dtype} (fp32 only)"
+    if any(not isinstance(s, int) for s in (*out.shape, *x.shape)):
+        return "a node count or feature dim is symbolic"
+    if out.ndim != 2 or x.ndim != 2 or out.shape[0] != x.shape[0]:
+        return "not a node-feature matrix in and out"
+    if any(tuple(_val(w).shape) != (f_in, f_out) for w in layer.weights) or \
+            layer.root is not None and tuple(_val(layer.root).shape) != (f_in, f_out) or \
+            layer.bias is not None and tuple(_val(layer.bias).shape) != (f_out,):
+        return "weight shapes differ from F_in x F_out"
+    if gnn.size_bound(_val(layer.edge_type).shape[0]) is None:
+        return "the edge count has no upper bound"
+    if any(u not in layer.nodes for n in layer.nodes - {layer.out} for u in n.users):
+        return "an intermediate value is used outside the group"
+    first = min(order[n] for n in layer.nodes)
+    if any(order[i] > first for n in layer.nodes for i in n.all_input_nodes
+           if i not in layer.nodes and i.op != "get_attr"):
+        return "an input is computed after the group starts"
+    return None
+
+
+def _layers(gm: fx.GraphModule) -> list[Layer]:
+    """Every supported relational layer of `gm` (the last add of each chain first)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found: list[Layer] = []
+    taken: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node in taken or _op(node) != "aten.add.Tensor":
+            continue
+        layer = _match_layer(node)
+        if layer is None or layer.nodes & taken:
+            continue
+        why = _unsupported(layer, order)
+        if why is not None:
+            log.debug("rgcn: layer at %s skipped: %s", node.name, why)
+            continue
+        found.append(layer)
+        taken |= layer.nodes
+    return sorted(found, key=lambda m: order[m.out])
+
+
+def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Groups of relational-layer nodes, each lowered to one kernel."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [sorted(m.nodes, key=order.__getitem__) for m in _layers(gm)]
+
+
+# ----------------------------------------------------------------------------- kernels
+@dataclass(frozen=True)
+class Shapes:
+    """Static sizes: N nodes, R relations, S = H's slots (R, or R + 1 with a root weight),
+    F_in, F_out, EC edge capacity, TB rows per tile (divides N)."""
+
+    N: int
+    R: int
+    S: int
+    FI: int
+    FO: int
+    EC: int
+
+    @property
+    def TB(self) -> int:  # noqa: N802 (the kernel's name for it)
+        return max(d for d in (1, 2, 4, 8) if self.N % d == 0)
+
+
+def rgcn_func(s: Shapes) -> Any:
+    """out[i] = bias + sum_s H[i, s] @ W[s], H[i, r] = mean of x[j] over i's relation-r edges
+    (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB rows."""
+    from tvm.script import tirx as T
+
+    N, R, S, FI, FO, EC, TB = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB  # noqa: N806
+    csr = gnn._csr_macro(gnn.Shapes(N, N * R + 1, 1, FI, EC))  # key N*R: a dropped edge
+
+    @T.prim_func(private=True, s_tir=True)
+    def rgcn(x: T.Buffer((N, FI), "float32"), wst: T.Buffer((S, FI, FO), "float32"),
+             bias: T.Buffer((FO,), "float32"), src: T.Buffer((EC,), "int32"),
+             key: T.Buffer((EC,), "int32"), w: T.Buffer((EC,), "float32"),
+             ne: T.Buffer((1,), "int32"), out: T.Buffer((N, FO), "float32")) -> None:
+        # As in gnn: the accumulations' declared reads leave out their own output element.
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            T.sblock_attr({"schedule_rule": "None"})  # no default parallel/vectorize
+            rowptr = T.alloc_buffer((N * R + 2,), "int32")
+            pos = T.alloc_buffer((N * R + 1,), "int32")
+            col = T.alloc_buffer((EC,), "int32")
+            wsort = T.alloc_buffer((EC,), "float32")
+            csr(src, key, w, ne, rowptr, pos, col, wsort)
+            for it in range(N // TB):
+                with T.sblock("rgcn_tile"):
+                    vit = T.axis.spatial(N // TB, it)
+                    T.reads(rowptr[vit * TB * R:vit * TB * R + TB * R + 1], col[0:EC],
+                            x[0:N, 0:FI], wst[0:S, 0:FI, 0:FO], bias[0:FO])
+                    T.writes(out[vit * TB:vit * TB + TB, 0:FO])
+                    T.sblock_attr({"schedule_rule": RULE})
+                    h = T.alloc_buffer((TB, S, FI), "float32")
+                    k = T.alloc_buffer((1,), "int32", scope="local")
+                    for ii, t in T.grid(TB, S):
+                        with T.sblock("rgcn_agg"):
+                            vi, vt = T.axis.remap("SS", [ii, t])
+                            T.reads(rowptr[(vit * TB + vi) * R + vt:(vit * TB + vi) * R + vt + 2],
+                                    col[0:EC], x[0:N, 0:FI])
+                            T.writes(h[vi, vt, 0:FI])
+                            if vt < R:
+                                for f in range(FI):
+                                    with T.sblock("agg_init"):
+                                        vf = T.axis.spatial(FI, f)
+                                        h[vi, vt, vf] = T.float32(0)
+                                k[0] = rowptr[(vit * TB + vi) * R + vt]
+                                while k[0] < rowptr[(vit * TB + vi) * R + vt + 1]:
+                                    for f in range(FI):
+                                        with T.sblock("agg_acc"):
+                                            vf = T.axis.spatial(FI, f)
+                                            T.reads(col[0:EC], x[0:N, vf])
+                                            T.writes(h[vi, vt, vf])
+                                            h[vi, vt, vf] = h[vi, vt, vf] + x[col[k[0]], vf]
+                                    k[0] = k[0] + 1
+                                for f in range(FI):
+                                    with T.sblock("agg_out"):
+                                        vf = T.axis.spatial(FI, f)
+                                        T.reads(rowptr[(vit * TB + vi) * R + vt:
+                                                       (vit * TB + vi) * R + vt + 2])
+                                        T.writes(h[vi, vt, vf])
+                                        h[vi, vt, vf] = h[vi, vt, vf] / T.Cast("float32", T.max(
+                                            rowptr[(vit * TB + vi) * R + vt + 1]
+                                            - rowptr[(vit * TB + vi) * R + vt], 1))
+                            else:
+                                for f in range(FI):
+                                    with T.sblock("agg_root"):
+                                        vf = T.axis.spatial(FI, f)
+                                        h[vi, vt, vf] = x[vit * TB + vi, vf]
+                    for ii, o, t, f in T.grid(TB, FO, S, FI):
+                        with T.sblock("rgcn_gemm"):
+                            vi, vo, vt, vf = T.axis.remap("SSRR", [ii, o, t, f])
+                            with T.init():
+                                out[vit * TB + vi, vo] = bias[vo]
+                            out[vit * TB + vi, vo] = out[vit * TB + vi, vo] + \
+                                h[vi, vt, vf] * wst[vt, vf, vo]
+
+    return rgcn
+
+
+# ---------------------------------------------------------------------------- schedules
+def _vectorize_agg(sch: Any, decide: Decide) -> None:
+    """H's feature loops vectorized (the accumulation inside the `while` first, as in gnn)."""
+    for name in AGG_BLOCKS:
+        fin = sch.get_loops(sch.get_sblock(name))[-1]
+        lanes = decide.choose(sch, gnn._lanes(int(sch.get(fin).extent), 16), 16)
+        _, vec = sch.split(fin, [None, lanes])
+        sch.vectorize(vec)
+
+
+def schedule_cpu(sch: Any, decide: Decide) -> Any:
+    """Chunks of row tiles in parallel; per tile, H's rows gathered (vectorized over features),
+    then H times W in registers: the tile's rows unrolled, a column tile of vectors."""
+    _vectorize_agg(sch, decide)
+    gemm = sch.get_sblock("rgcn_gemm")
+    row, o, t, f = sch.get_loops(gemm)[-4:]
+    extent = int(sch.get(o).extent)
+    cols = decide.choose(sch, gnn._lanes(extent, 64), 64)
+    o0, o1 = sch.split(o, [None, cols])
+    sch.reorder(o0, t, f, row, o1)
+    lanes = decide.choose(sch, gnn._lanes(cols, 16), 16)
+    vecs, vec = sch.split(o1, [None, lanes])
+    sch.vectorize(vec)  # while it is still a reduction block with its init (TVM's check)
+    sch.unroll(row)
+    sch.unroll(vecs)
+    acc = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(acc, o0)
+    _, vec = sch.split(sch.get_loops(acc)[-1], [None, lanes])
+    sch.vectorize(vec)
+    sch.decompose_reduction(gemm, t)
+    tiles = sch.get_loops(sch.get_sblock("rgcn_tile"))[0]
+    chunk, _ = sch.split(tiles, decide.tile(sch, tiles, 16))
+    sch.parallel(chunk)
+    return sch
+
+
+def schedule_cuda(sch: Any, decide: Decide) -> Any:
+    """A CUDA block per chunk of row tiles (threadIdx.y), output columns / features on
+    threadIdx.x; the CSR sort on one thread."""
+    csr = sch.get_sblock("csr")
+    sch.bind(sch.add_unit_loop(csr), "blockIdx.x")
+    sch.bind(sch.add_unit_loop(csr), "threadIdx.x")
+    tiles = sch.get_loops(sch.get_sblock("rgcn_tile"))[0]
+    outer, inner = sch.split(tiles, decide.tile(sch, tiles, 8))
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(inner, "threadIdx.y")
+    gemm = sch.get_sblock("rgcn_gemm")
+    o, _, fin = sch.get_loops(gemm)[-3:]
+    width = math.gcd(int(sch.get(o).extent), int(sch.get(fin).extent))
+    threads = decide.choose(sch, gnn._lanes(width, 32), 32)  # one count for every block
+    for loop in [o, *(sch.get_loops(sch.get_sblock(n))[-1] for n in AGG_BLOCKS)]:
+        _, lane = sch.split(loop, [None, threads])
+        sch.bind(lane, "threadIdx.x")
+    return sch
+
+
+SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
+
+
+def schedule_fixed(func: Any, target: Any) -> Any:
+    """An rgcn PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
+    from tvm import s_tir
+
+    kind = "cuda" if target.kind.name == "cuda" else "cpu"
+    sch = s_tir.Schedule(func)
+    SCHEDULES[kind](sch, Fixed(rows=4 if kind == "cpu" else 8))
+    return sch.mod["main"]
+
+
+# ------------------------------------------------------------------------------- lower
+def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
+    """The kernel graph -> Relax `main`: edge glue (keys, pad to E_cap) + one rgcn kernel."""
+    from tvm import relax
+
+    layers = _layers(graph)
+    if len(layers) != 1:
+        raise ValueError(f"rgcn.lower: expected one relational layer in the kernel graph, "
+                         f"found {len(layers)}")
+    layer = layers[0]
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    dims: dict[str, Any] = {}
+    params = [relax.Var(p.name, gnn._struct_info(p, dims)) for p in placeholders]
+    var_of = dict(zip(placeholders, params, strict=True))
+    shapes = _shapes(layer)
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            x, edge_index, edge_type = (gnn._tensor(bb, n, var_of, graph) for n in layer.inputs())
+            glue = bb.emit_te(_edge_keys(layer, shapes), edge_index, edge_type,
+                              primfunc_name_hint=f"{name}_edges")
+            edges = [bb.emit(relax.TupleGetItem(glue, i)) for i in range(4)]
+            weights = [relax.const(w) for w in _weights(layer, graph, shapes)]
+            gv = bb.add_func(rgcn_func(shapes), name)
+            out = bb.emit(relax.call_tir(gv, [x, *weights, *edges], relax.TensorType(
+                [shapes.N, shapes.FO], "float32")))
+            result = bb.emit_output(relax.Tuple([out]))
+        bb.emit_func_output(result)
+    return bb.finalize()
+
+
+def _shapes(layer: Layer) -> Shapes:
+    n, f_in = (int(s) for s in _val(layer.x).shape)
+    r = len(layer.weights)
+    bound = gnn.size_bound(_val(layer.edge_type).shape[0]) or 0
+    return Shapes(n, r, r + (layer.root is not None), f_in, int(_val(layer.out).shape[1]),
+                  gnn.edge_capacity(bound))
+
+
+def _weights(layer: Layer, graph: fx.GraphModule, s: Shapes) -> list[Any]:
+    """W stacked (S x F_in x F_out: relations, then root) and the bias (zeros without one)."""
+    def value(node: fx.Node) -> torch.Tensor:
+        got: Any = graph
+        for part in str(node.target).split("."):
+            got = getattr(got, part)
+        return got.detach().float()
+
+    stack = [value(w) for w in layer.weights] + ([value(layer.root)] if layer.root else [])
+    bias = value(layer.bias) if layer.bias is not None else torch.zeros(s.FO)
+    return [torch.stack(stack).contiguous().numpy(), bias.contiguous().numpy()]
+
+
+def _edge_keys(layer: Layer, s: Shapes) -> Callable[..., list[Any]]:
+    """TE glue: (edge_index, edge_type) -> int32 src, key = dst * R + type (N * R for an edge
+    of no relation 0..R-1 or out of range), unit weights, each padded to E_cap, and E."""
+    from tvm import te, tirx
+
+    src_row, dst_row, cap, invalid = layer.src_row, layer.dst_row, s.EC, s.N * s.R
+
+    def glue(edge_index: Any, edge_type: Any) -> list[Any]:
+        count = edge_type.shape[0]
+
+        def key(e: Any) -> Any:
+            dst, rel = edge_index[dst_row, e], edge_type[e]
+            ok = tirx.all(rel >= 0, rel < s.R, dst >= 0, dst < s.N)
+            return tirx.if_then_else(e < count, tirx.if_then_else(
+                ok, (dst * s.R + rel).astype("int32"), invalid), invalid)
+
+        return [te.compute((cap,), lambda e: tirx.if_then_else(
+                    e < count, edge_index[src_row, e].astype("int32"), 0), name="pad_src"),
+                te.compute((cap,), key, name="edge_key"),
+                te.compute((cap,), lambda _: tirx.const(1.0, "float32"), name="unit_weight"),
+                te.compute((1,), lambda _: tirx.Cast("int32", count), name="edge_count")]
+
+    return glue
+
+
+def register_schedule_rules() -> None:
+    """Register the sampled schedule spaces for blocks annotated `schedule_rule: rgcn_segmm`."""
+    register_spaces(RULE, SCHEDULES, Sampled)
+
+
+register_schedule_rules()
+FAMILY = KernelFamily(name="rgcn", rule=RULE, find=find, lower=lower,
+                      schedule_fixed=schedule_fixed)
