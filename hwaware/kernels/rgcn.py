@@ -115,8 +115,8 @@ def _absorb_size_checks(node: fx.Node, used: set[fx.Node]) -> None:
 def _match_relation(term: Any) -> Relation | None:
     if _op(term) not in _MATMUL or not _const(term.args[1], 2):
         return None
-    mean = term.args[0]
-    scatter = mean.args[0] if _op(mean) == "aten.div.Tensor" else None
+    mean: Any = term.args[0]  # scatter_reduce(mean), or SAGE-style sum / clamp(count, 1)
+    scatter = mean.args[0] if _op(mean) == "aten.div.Tensor" else mean
     match = gnn._match_spmm(scatter) if isinstance(scatter, fx.Node) else None
     if match is None or match.reduce != "mean" or match.out is not mean or \
             match.weight is not None or match.src.node is not match.dst.node or \
@@ -262,9 +262,10 @@ class Shapes:
         return max(d for d in (1, 2, 4, 8) if self.N % d == 0)
 
 
-def rgcn_func(s: Shapes) -> Any:
+def rgcn_func(s: Shapes, h_scope: str = "global") -> Any:
     """out[i] = bias + sum_s H[i, s] @ W[s], H[i, r] = mean of x[j] over i's relation-r edges
-    (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB rows."""
+    (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB rows, in `h_scope`
+    ("shared" on CUDA: a CUDA block's threads share the tile)."""
     from tvm.script import tirx as T
 
     N, R, S, FI, FO, EC, TB = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB  # noqa: N806
@@ -291,45 +292,45 @@ def rgcn_func(s: Shapes) -> Any:
                             x[0:N, 0:FI], wst[0:S, 0:FI, 0:FO], bias[0:FO])
                     T.writes(out[vit * TB:vit * TB + TB, 0:FO])
                     T.sblock_attr({"schedule_rule": RULE})
-                    h = T.alloc_buffer((TB, S, FI), "float32")
+                    h = T.alloc_buffer((TB, S, FI), "float32", scope=h_scope)
                     k = T.alloc_buffer((1,), "int32", scope="local")
-                    for ii, t in T.grid(TB, S):
+                    for ii, r in T.grid(TB, R):
                         with T.sblock("rgcn_agg"):
-                            vi, vt = T.axis.remap("SS", [ii, t])
-                            T.reads(rowptr[(vit * TB + vi) * R + vt:(vit * TB + vi) * R + vt + 2],
+                            vi, vr = T.axis.remap("SS", [ii, r])
+                            T.reads(rowptr[(vit * TB + vi) * R + vr:(vit * TB + vi) * R + vr + 2],
                                     col[0:EC], x[0:N, 0:FI])
-                            T.writes(h[vi, vt, 0:FI])
-                            if vt < R:
+                            T.writes(h[vi, vr, 0:FI])
+                            T.sblock_attr({"schedule_rule": "None"})
+                            for f in range(FI):
+                                with T.sblock("agg_init"):
+                                    vf = T.axis.spatial(FI, f)
+                                    h[vi, vr, vf] = T.float32(0)
+                            k[0] = rowptr[(vit * TB + vi) * R + vr]
+                            while k[0] < rowptr[(vit * TB + vi) * R + vr + 1]:
                                 for f in range(FI):
-                                    with T.sblock("agg_init"):
+                                    with T.sblock("agg_acc"):
                                         vf = T.axis.spatial(FI, f)
-                                        h[vi, vt, vf] = T.float32(0)
-                                k[0] = rowptr[(vit * TB + vi) * R + vt]
-                                while k[0] < rowptr[(vit * TB + vi) * R + vt + 1]:
-                                    for f in range(FI):
-                                        with T.sblock("agg_acc"):
-                                            vf = T.axis.spatial(FI, f)
-                                            T.reads(col[0:EC], x[0:N, vf])
-                                            T.writes(h[vi, vt, vf])
-                                            h[vi, vt, vf] = h[vi, vt, vf] + x[col[k[0]], vf]
-                                    k[0] = k[0] + 1
-                                for f in range(FI):
-                                    with T.sblock("agg_out"):
-                                        vf = T.axis.spatial(FI, f)
-                                        T.reads(rowptr[(vit * TB + vi) * R + vt:
-                                                       (vit * TB + vi) * R + vt + 2])
-                                        T.writes(h[vi, vt, vf])
-                                        h[vi, vt, vf] = h[vi, vt, vf] / T.Cast("float32", T.max(
-                                            rowptr[(vit * TB + vi) * R + vt + 1]
-                                            - rowptr[(vit * TB + vi) * R + vt], 1))
-                            else:
-                                for f in range(FI):
-                                    with T.sblock("agg_root"):
-                                        vf = T.axis.spatial(FI, f)
-                                        h[vi, vt, vf] = x[vit * TB + vi, vf]
+                                        T.reads(col[0:EC], x[0:N, vf])
+                                        T.writes(h[vi, vr, vf])
+                                        h[vi, vr, vf] = h[vi, vr, vf] + x[col[k[0]], vf]
+                                k[0] = k[0] + 1
+                            for f in range(FI):
+                                with T.sblock("agg_out"):
+                                    vf = T.axis.spatial(FI, f)
+                                    T.reads(rowptr[(vit * TB + vi) * R + vr:
+                                                   (vit * TB + vi) * R + vr + 2])
+                                    T.writes(h[vi, vr, vf])
+                                    h[vi, vr, vf] = h[vi, vr, vf] / T.Cast("float32", T.max(
+                                        rowptr[(vit * TB + vi) * R + vr + 1]
+                                        - rowptr[(vit * TB + vi) * R + vr], 1))
+                    for ii, t, f in T.grid(TB, S - R, FI):
+                        with T.sblock("agg_root"):
+                            vi, vt, vf = T.axis.remap("SSS", [ii, t, f])
+                            h[vi, R + vt, vf] = x[vit * TB + vi, vf]
                     for ii, o, t, f in T.grid(TB, FO, S, FI):
                         with T.sblock("rgcn_gemm"):
                             vi, vo, vt, vf = T.axis.remap("SSRR", [ii, o, t, f])
+                            T.sblock_attr({"schedule_rule": "None"})  # the tile's rule does it
                             with T.init():
                                 out[vit * TB + vi, vo] = bias[vo]
                             out[vit * TB + vi, vo] = out[vit * TB + vi, vo] + \
@@ -354,19 +355,16 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     _vectorize_agg(sch, decide)
     gemm = sch.get_sblock("rgcn_gemm")
     row, o, t, f = sch.get_loops(gemm)[-4:]
-    extent = int(sch.get(o).extent)
-    cols = decide.choose(sch, gnn._lanes(extent, 64), 64)
-    o0, o1 = sch.split(o, [None, cols])
-    sch.reorder(o0, t, f, row, o1)
-    lanes = decide.choose(sch, gnn._lanes(cols, 16), 16)
-    vecs, vec = sch.split(o1, [None, lanes])
+    lanes = decide.choose(sch, gnn._lanes(int(sch.get(o).extent), 16), 16)
+    o_rest, vec = sch.split(o, [None, lanes])
+    o0, vecs = sch.split(o_rest, decide.tile(sch, o_rest, 4))  # vectors per column tile
+    sch.reorder(o0, t, f, row, vecs, vec)
     sch.vectorize(vec)  # while it is still a reduction block with its init (TVM's check)
     sch.unroll(row)
     sch.unroll(vecs)
-    acc = sch.cache_write(gemm, 0, "local")
-    sch.reverse_compute_at(acc, o0)
-    _, vec = sch.split(sch.get_loops(acc)[-1], [None, lanes])
-    sch.vectorize(vec)
+    # The tile's accumulators; its write-back loops are left to LLVM: a get_loops on them
+    # would return fewer loops when a sampled extent is 1, which breaks MetaSchedule's replay.
+    sch.reverse_compute_at(sch.cache_write(gemm, 0, "local"), o0)
     sch.decompose_reduction(gemm, t)
     tiles = sch.get_loops(sch.get_sblock("rgcn_tile"))[0]
     chunk, _ = sch.split(tiles, decide.tile(sch, tiles, 16))
@@ -375,15 +373,12 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
 
 
 def schedule_cuda(sch: Any, decide: Decide) -> Any:
-    """A CUDA block per chunk of row tiles (threadIdx.y), output columns / features on
+    """A CUDA block per row tile, H in its shared memory, output columns / features on
     threadIdx.x; the CSR sort on one thread."""
     csr = sch.get_sblock("csr")
     sch.bind(sch.add_unit_loop(csr), "blockIdx.x")
     sch.bind(sch.add_unit_loop(csr), "threadIdx.x")
-    tiles = sch.get_loops(sch.get_sblock("rgcn_tile"))[0]
-    outer, inner = sch.split(tiles, decide.tile(sch, tiles, 8))
-    sch.bind(outer, "blockIdx.x")
-    sch.bind(inner, "threadIdx.y")
+    sch.bind(sch.get_loops(sch.get_sblock("rgcn_tile"))[0], "blockIdx.x")
     gemm = sch.get_sblock("rgcn_gemm")
     o, _, fin = sch.get_loops(gemm)[-3:]
     width = math.gcd(int(sch.get(o).extent), int(sch.get(fin).extent))
@@ -430,7 +425,8 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
                               primfunc_name_hint=f"{name}_edges")
             edges = [bb.emit(relax.TupleGetItem(glue, i)) for i in range(4)]
             weights = [relax.const(w) for w in _weights(layer, graph, shapes)]
-            gv = bb.add_func(rgcn_func(shapes), name)
+            h_scope = "shared" if target.kind == "cuda" else "global"
+            gv = bb.add_func(rgcn_func(shapes, h_scope), name)
             out = bb.emit(relax.call_tir(gv, [x, *weights, *edges], relax.TensorType(
                 [shapes.N, shapes.FO], "float32")))
             result = bb.emit_output(relax.Tuple([out]))

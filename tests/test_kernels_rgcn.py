@@ -1,0 +1,230 @@
+"""The rgcn kernel family: find() on PyG's RGCNConv and a hand-written relational layer, lower()
++ build equal to eager PyTorch and to the PyG layer (odd sizes, a single node, no edges,
+isolated nodes), partition giving the layer to rgcn rather than gnn, unsupported variants left
+unfused, tuning records applied, and builds for CUDA and Arm."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pyg = pytest.importorskip("torch_geometric.nn")
+
+import torch_geometric.backend  # noqa: E402
+
+from hwaware import tvm_compat  # noqa: E402
+from hwaware.db import TuningDatabase  # noqa: E402
+from hwaware.kernels import default_schedule, rgcn, unique_name  # noqa: E402
+from hwaware.partition import FUSED_META, find_fused_groups  # noqa: E402
+from hwaware.target import get_target  # noqa: E402
+from tests.test_kernels_gnn import Kernel, captured, ops  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_segment_matmul() -> Iterator[None]:
+    """PyG's default asks `int(segment_count.max())`, which torch.export cannot capture."""
+    before = torch_geometric.backend.use_segment_matmul
+    torch_geometric.backend.use_segment_matmul = False
+    yield
+    torch_geometric.backend.use_segment_matmul = before
+
+
+class HandRGCN(torch.nn.Module):
+    """out = x @ root + sum_r mean_{j -> i, type r} x_j @ W_r + b, written with edge masks,
+    index_select and scatter_reduce(mean)."""
+
+    def __init__(self, f_in: int, f_out: int, relations: int, keep_first: bool = False):
+        super().__init__()
+        torch.manual_seed(2)
+        self.weight = torch.nn.Parameter(torch.randn(relations, f_in, f_out) * 0.3)
+        self.root = torch.nn.Parameter(torch.randn(f_in, f_out) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(f_out) * 0.1)
+        self.keep_first = keep_first
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor
+                ) -> Any:
+        out = x @ self.root
+        first = None
+        for r in range(self.weight.shape[0]):
+            edges = edge_index[:, edge_type == r]
+            msg = x.index_select(0, edges[0])
+            index = edges[1].view(-1, 1).expand_as(msg)
+            agg = torch.zeros_like(x).scatter_reduce(0, index, msg, "mean", include_self=False)
+            first = agg if first is None else first
+            out = out + agg @ self.weight[r]
+        out = out + self.bias
+        return (out, first) if self.keep_first else out
+
+
+def graph(n: int, e: int, f: int, relations: int, isolated: int = 0, seed: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random features, edges and edge types; the last `isolated` nodes have no edges."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, f, generator=gen)
+    edges = torch.randint(0, max(1, n - isolated), (2, e), generator=gen)
+    return x, edges, torch.randint(0, relations, (e,), generator=gen)
+
+
+def layer(f_in: int, f_out: int, relations: int, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return pyg.RGCNConv(f_in, f_out, relations, **kwargs).eval()
+
+
+class RgcnKernel(Kernel):
+    """The found group, cut as partition does, lowered by the rgcn family."""
+
+    def lower(self, target_name: str = "host") -> tuple[Any, Any, Any]:
+        t = get_target(target_name)
+        return t, tvm_compat.tvm_target(t.tvm, t.host_tvm), rgcn.FAMILY.lower(
+            self.graph, self.examples, t, unique_name("rgcn"))
+
+
+def only_kernel(model: torch.nn.Module, args: tuple[Any, ...]) -> RgcnKernel:
+    gm = captured(model, args)
+    groups = rgcn.find(gm)
+    assert len(groups) == 1
+    return RgcnKernel(gm, groups[0], args)
+
+
+# ---------------------------------------------------------------------------------- find
+def test_partition_gives_the_whole_pyg_layer_to_rgcn() -> None:
+    args = graph(10, 30, 7, 3)
+    gm = captured(layer(7, 5, 3), args)
+    groups = find_fused_groups(gm)
+    assert len(groups) == 1 and {n.meta[FUSED_META] for n in groups[0]} == {"rgcn"}
+    assert {"index", "eq", "index_select", "scatter_add", "div", "matmul", "add"} <= \
+        ops(groups[0])
+    # everything but the inputs: one kernel reads x, edge_index, edge_type
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n not in groups[0]]
+    assert left == []
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"root_weight": False}, {"bias": False},
+                                    {"num_bases": 2}])
+def test_rgcn_variants_are_found_and_equal_pyg(kwargs: dict[str, Any]) -> None:
+    args = graph(10, 30, 7, 3)
+    model = layer(7, 5, 3, **kwargs)
+    kernel = only_kernel(model, args)
+    found = rgcn._layers(kernel.graph)[0]
+    assert len(found.weights) == 3
+    assert (found.root is None) == (kwargs.get("root_weight") is False)
+    assert (found.bias is None) == (kwargs.get("bias") is False)
+    call, _ = kernel.build()
+    with torch.no_grad():
+        torch.testing.assert_close(call(*kernel.examples)[0], model(*args), rtol=1e-3,
+                                   atol=1e-4)
+
+
+def test_find_hand_written_relational_layer() -> None:
+    args = graph(10, 30, 7, 3)
+    gm = captured(HandRGCN(7, 5, 3), args)
+    groups = rgcn.find(gm)
+    assert len(groups) == 1 and "scatter_reduce" in ops(groups[0])
+
+
+@pytest.mark.parametrize("model", [
+    layer(7, 5, 3, aggr="add"),  # sum per relation: not the mean this kernel computes
+    HandRGCN(7, 5, 3, keep_first=True),  # one relation's mean is also an output
+], ids=["sum_aggr", "mean_used_outside"])
+def test_find_skips_unsupported_variants(model: torch.nn.Module,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="hwaware.kernels.rgcn"):
+        assert rgcn.find(captured(model, graph(10, 30, 7, 3))) == []
+
+
+# ------------------------------------------------------------------------- correctness
+SHAPES = [  # (nodes, edges, in features, out features, relations, isolated nodes)
+    (10, 30, 7, 5, 3, 0),
+    (33, 100, 20, 13, 4, 5),
+    (1, 1, 7, 3, 2, 0),  # a single node (with a self-loop edge)
+    (9, 0, 6, 4, 3, 0),  # no edges: root and bias only
+]
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor with the strides TVM checks for ((0, 1) for 2 x 0; torch makes (1, 1)
+    and TVM's VM refuses it as not compact: `tvm_compat.torch_callable` passes it as is)."""
+    if t.numel():
+        return t
+    strides = [0] * (t.ndim - 1) + [1]
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype)
+
+
+@pytest.mark.parametrize("n,e,f_in,f_out,relations,isolated", SHAPES)
+def test_lowered_kernel_equals_eager_and_pyg(n: int, e: int, f_in: int, f_out: int,
+                                             relations: int, isolated: int) -> None:
+    args = graph(n, e, f_in, relations, isolated)
+    model = layer(f_in, f_out, relations)
+    kernel = only_kernel(model, args)
+    kernel.examples = [compact(t) for t in kernel.examples]
+    call, _ = kernel.build()
+    got = call(*kernel.examples)[0]
+    torch.testing.assert_close(got, kernel.expected[0], rtol=1e-3, atol=1e-4)
+    # the kernel reads the edges at run time: a new graph of the same size, against PyG
+    new = tuple(compact(t) for t in graph(n, e, f_in, relations, isolated, seed=7))
+    with torch.no_grad():
+        want = model(*new)
+    torch.testing.assert_close(kernel.run_model(call, new), want, rtol=1e-3, atol=1e-4)
+    if e == 0:  # no relation has an edge: the root term and the bias
+        torch.testing.assert_close(got, args[0] @ model.root + model.bias)
+
+
+def test_hand_written_layer_and_isolated_nodes() -> None:
+    args = graph(12, 40, 6, 3, isolated=4)
+    model = HandRGCN(6, 5, 3)
+    kernel = only_kernel(model, args)
+    call, _ = kernel.build(scheduled=False)  # the build's own path to the fixed schedule
+    got = call(*kernel.examples)[0]
+    torch.testing.assert_close(got, model(*args), rtol=1e-3, atol=1e-4)
+    # isolated nodes: every relation's mean is 0, only the root term and the bias are left
+    torch.testing.assert_close(got[-4:], args[0][-4:] @ model.root + model.bias)
+
+
+def test_edge_types_out_of_range_are_dropped_like_the_reference() -> None:
+    x, edges, types = graph(10, 30, 7, 3)
+    kernel = only_kernel(layer(7, 5, 3), (x, edges, types))
+    call, _ = kernel.build()
+    bad = types.clone()
+    bad[::4] = 5  # no relation 5: the relation loop never selects these edges
+    with torch.no_grad():
+        want = layer(7, 5, 3)(x, edges, bad)
+    torch.testing.assert_close(kernel.run_model(call, (x, edges, bad)), want, rtol=1e-3,
+                               atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ tuning
+def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> None:
+    kernel = only_kernel(layer(8, 16, 3), graph(24, 60, 8, 3))
+    t, tgt, mod = kernel.lower()
+    db = TuningDatabase(tmp_path / "t.db")
+    db.start_session("sess", t.key, "rgcn", 4)
+    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
+    fused = tvm_compat.fuse_for_tuning(mod, tgt)
+    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()
+                 if not n.endswith("_edges")}
+    assert len(workloads) == 1
+    tvm_compat.tune_workloads(workloads, {n: 4 for n in workloads}, tgt, adapter, "sess",
+                              lambda *a: None, str(tmp_path), num_trials_per_iter=4)
+    whash = tvm_compat.workload_hash(next(iter(workloads.values())))
+    records = db.top_records(whash, tvm_compat.TVM_VERSION, t.key, 10)
+    assert records and all(r.mean_us is not None for r in records)
+    exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    assert whash in applied
+    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, t.kind), "main", 1)
+    torch.testing.assert_close(call(*kernel.examples)[0], kernel.expected[0], rtol=1e-3,
+                               atol=1e-4)
+    db.close()
+
+
+# ------------------------------------------------------------------------- cross builds
+@pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
+def test_builds_for_cuda_and_arm(target_name: str) -> None:
+    kernel = only_kernel(layer(16, 32, 3), graph(16, 40, 16, 3))
+    _, tgt, mod = kernel.lower(target_name)
+    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
+    assert exe is not None
