@@ -120,8 +120,10 @@ def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value.detach()
 
 
-def _conv(gm: fx.GraphModule, node: Any, kind: str) -> Conv:
-    """`node` as a supported conv of `kind` ("pointwise" or "depthwise"), else NoMatch."""
+def _conv(gm: fx.GraphModule, node: Any, kind: str, kernels: tuple[int, ...] = DW_KERNELS,
+          strides: tuple[int, ...] = DW_STRIDES) -> Conv:
+    """`node` as a supported conv of `kind` ("pointwise" or "depthwise", the latter with a
+    square kernel in `kernels`, a stride in `strides` and padding k//2), else NoMatch."""
     if not isinstance(node, fx.Node) or node.target is not CONV:
         raise NoMatch(f"{kind}: not an aten.conv2d")
     stride, padding, dilation, groups = _conv_attrs(node)
@@ -141,9 +143,9 @@ def _conv(gm: fx.GraphModule, node: Any, kind: str) -> Conv:
         channels = int(weight.shape[0])
         if groups != channels or weight.shape[1] != 1:
             raise NoMatch(f"depthwise: groups {groups} for {channels} channels")
-        if tuple(weight.shape[-2:]) != (k, k) or k not in DW_KERNELS:
+        if tuple(weight.shape[-2:]) != (k, k) or k not in kernels:
             raise NoMatch(f"depthwise: kernel {tuple(weight.shape[-2:])}")
-        if stride[0] != stride[1] or stride[0] not in DW_STRIDES or padding != [k // 2] * 2:
+        if stride[0] != stride[1] or stride[0] not in strides or padding != [k // 2] * 2:
             raise NoMatch(f"depthwise: stride {stride} padding {padding}")
     return Conv(node, weight, bias)
 
@@ -360,12 +362,20 @@ def _weights(block: Block) -> dict[str, torch.Tensor]:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph of one block -> an IRModule whose `main` makes one call_tir."""
-    import tvm
-    from tvm import relax
-
     dw_node = next(n for n in graph.graph.nodes
                    if n.op == "call_function" and n.target is CONV and _conv_attrs(n)[3] > 1)
     block = _match(graph, dw_node)
+    return emit_one_call(graph, _weights(block), lambda x, c: block_compute(block, x, c), name)
+
+
+def emit_one_call(graph: fx.GraphModule, weights: dict[str, torch.Tensor],
+                  compute: Callable[[Any, dict[str, Any]], Any], name: str) -> Any:
+    """An IRModule whose Relax `main` takes the kernel graph's one input and returns a 1-tuple:
+    `compute(x, consts)` (TE, `weights` embedded as constants) as PrimFunc `name`, marked
+    opaque so that FuseOps merges no neighbouring op into it (its schedule names blocks)."""
+    import tvm
+    from tvm import relax
+
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise NoMatch(f"expected one input, got {len(placeholders)}")
@@ -374,18 +384,17 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
     x = relax.Var(placeholders[0].name, relax.TensorType(list(x_val.shape), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            consts = {k: relax.const(v.numpy()) for k, v in _weights(block).items()}
+            consts = {k: relax.const(v.numpy()) for k, v in weights.items()}
             names = sorted(consts)
 
             def te_fn(x_te: Any, *const_te: Any) -> Any:
-                return block_compute(block, x_te, dict(zip(names, const_te, strict=True)))
+                return compute(x_te, dict(zip(names, const_te, strict=True)))
 
             y = bb.emit_te(te_fn, x, *[consts[n] for n in names], primfunc_name_hint=name)
             out = bb.emit_output(relax.Tuple([y]))
         bb.emit_func_output(out)
     mod: tvm.IRModule = bb.get()
     gv = mod.get_global_var(name)
-    # opaque: FuseOps must not merge neighbouring ops into the kernel (its schedule names blocks)
     mod[gv] = mod[gv].with_attr("op_pattern", OPAQUE)
     return mod
 
