@@ -61,7 +61,8 @@ class Workload:
 
 WORKLOADS = {w.zoo: w for w in [
     Workload("mobilenetv2_block", "conv_block"),
-    Workload("convnext_block", "conv_block"),
+    Workload("mobilenetv3_block_se", "conv_block"),
+    Workload("convnext_block", "convnext_block"),
     Workload("resnet_basic_block", "res_block"),
     Workload("resnet_bottleneck", "res_block"),
     Workload("gcn_layer", "gnn", ort=False),

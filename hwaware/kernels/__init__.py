@@ -22,8 +22,8 @@ from typing import Any
 from torch import fx
 
 # Family modules of this package, in the order `find` runs, and the names their FAMILY objects carry.
-FAMILY_MODULES = ("conv", "resblock", "rgcn", "gnn", "attention")
-FAMILY_NAMES = ("conv_block", "res_block", "rgcn", "gnn", "attention")
+FAMILY_MODULES = ("convnext", "conv", "resblock", "rgcn", "gnn", "attention")
+FAMILY_NAMES = ("convnext_block", "conv_block", "res_block", "rgcn", "gnn", "attention")
 _names = itertools.count()
 
 
