@@ -11,13 +11,10 @@ Pattern in (rewritten ATen graph, fp32):
   after the output (`permute -> contiguous -> view` back to [B, S, H*D]): the kernel reads and
   writes through those views instead of materialising them.
 
-Kernel out: ONE PrimFunc. For each (leading index n = batch*heads, query tile), it loops over
-key blocks keeping a running max `m`, running sum `l` and a rescaled accumulator `acc`, so no
-S x S matrix exists; a causal mask (SDPA's `is_causal`, or a `where` with a lower-triangular
-constant) becomes an index test and key blocks above the diagonal are skipped. The query tile and
-key block are fixed by `lower` from the shapes and the target's L1 size; the schedule space
-(`schedule_rule` "hw_attention", cpu and cuda) tunes the register tiles of the two
-contractions, vectorisation over the key/head dims, unrolling and the parallel loop.
+Kernel out: ONE PrimFunc with FlashAttention's online softmax (no S x S matrix), built and
+scheduled by `attention_kernel` (tile sizes, the TIR template, the "hw_attention" schedule
+spaces for cpu and cuda). A causal mask (SDPA's `is_causal`, or a `where` with a
+lower-triangular constant) becomes an index test and key blocks above the diagonal are skipped.
 """
 
 from __future__ import annotations
@@ -34,13 +31,20 @@ from torch import fx
 from tvm import relax
 
 from hwaware.kernels import KernelFamily
+from hwaware.kernels.attention_kernel import (
+    NEG,
+    RULE,
+    Index,
+    delinear,
+    linear,
+    prim_func,
+    schedule_fixed,
+    tile_sizes,
+)
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
 
-RULE = "hw_attention"
-NEG = "T.min_value('float32')"
-Index = list[str]
 Expr = Callable[[Index], str]
 
 # ------------------------------------------------------------------------ lazy tensors
@@ -64,24 +68,9 @@ def _lit(value: Any, dtype: str = "float32") -> Lazy:
     return Lazy((), dtype, lambda idx: text)
 
 
-def _linear(idx: Index, shape: Sequence[int]) -> str:
-    expr = "0"
-    for i, s in zip(idx, shape, strict=True):
-        expr = i if expr == "0" else f"({expr}) * {s} + {i}"
-    return expr
-
-
-def _delinear(linear: str, shape: Sequence[int]) -> Index:
-    out, stride = [], 1
-    for s in reversed(shape):
-        out.append("0" if s == 1 else f"T.floormod(T.floordiv({linear}, {stride}), {s})")
-        stride *= s
-    return out[::-1]
-
-
 def _reshape_pull(x: Lazy, shape: Sequence[int]) -> Lazy:
     return Lazy(tuple(shape), x.dtype,
-                lambda idx: x.read(_delinear(_linear(idx, shape), x.shape)))
+                lambda idx: x.read(delinear(linear(idx, shape), x.shape)))
 
 
 def _broadcast(x: Lazy, shape: tuple[int, ...]) -> Expr:
@@ -606,190 +595,14 @@ def _push_one(node: fx.Node, inner: Callable[[Index], Index], shape: tuple[int, 
         return lambda idx: [inner(idx)[d] for d in dims]
     if op in ("aten.contiguous.default", "aten.clone.default"):
         return inner
-    return lambda idx: _delinear(_linear(inner(idx), shape), new_shape)
-
-
-def tile_sizes(plan: Plan, target: Any) -> tuple[int, int]:
-    """Query tile and key block. CPU: <= 32 query rows and a key block whose K and V tiles fit
-    in L1, both balanced to waste little on the last tile. CUDA: one query row per thread."""
-    if target.kind == "cuda":
-        return 1, min(16, _round_up(plan.sk, 4))
-    l1_floats = int(getattr(target, "l1d_kib", 32)) * 1024 // 4
-    max_key_block = max(16, min(128, l1_floats // (plan.d + plan.dv) // 16 * 16))
-    return _balanced(plan.sq, 32, 1), _balanced(plan.sk, max_key_block, 16)
-
-
-def _balanced(n: int, cap: int, multiple: int) -> int:
-    tiles = -(-n // cap)
-    return min(_round_up(-(-n // tiles), multiple), _round_up(n, multiple))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-# ------------------------------------------------------------------------- the kernel
-LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
-EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
-            1.6666665459e-1, 5.0000001201e-1)
-
-
-def _exp_nonpositive(x: str) -> str:
-    """exp(x) for x <= 0 as a vectorisable polynomial (TVM's fast_exp; LLVM would call expf
-    per lane). Below -88.38 it returns 0."""
-    xc = f"T.max({x}, T.float32(-88.3762626647949))"
-    n = f"T.floor({xc} * T.float32({LOG2E}) + T.float32(0.5))"
-    f = f"({xc} - {n} * T.float32({LN2}))"
-    poly = f"T.float32({EXP_POLY[0]})"
-    for c in EXP_POLY[1:]:
-        poly = f"({poly} * {f} + T.float32({c}))"
-    y = f"({poly} * {f} * {f} + {f} + T.float32(1.0))"
-    two_n = f"T.reinterpret('float32', T.shift_left(T.Cast('int32', {n}) + 127, 23))"
-    return f"({y} * {two_n})"
-
-
-def _prim_func(plan: Plan, name: str, tq: int, tk: int, scope: str) -> tvm.tirx.PrimFunc:
-    n_lead = math.prod(plan.lead)
-    nq, nk = -(-plan.sq // tq), -(-plan.sk // tk)
-    lead = _delinear("vn", plan.lead) if plan.lead else []
-    row, key = f"vqo * {tq} + vi", f"vkb * {tk} + vj"
-    row_c, key_c = f"T.min({row}, {plan.sq - 1})", f"T.min({key}, {plan.sk - 1})"
-    valid = f"{key} < {plan.sk}"
-    skip = ""
-    if plan.causal_offset is not None:
-        valid = f"{valid} and {key} <= {row} + {plan.causal_offset}"
-        skip = f"if kb * {tk} <= vqo * {tq} + {tq - 1 + plan.causal_offset}:"
-    args = ", ".join(f'{n}: T.Buffer({tuple(s)}, "{dt}")' for n, s, dt in plan.params)
-    out_idx = ", ".join(plan.out_index([*lead, row, "vd"]))
-    none = '{"schedule_rule": "None"}'
-    score = plan.score([*lead, row_c, key_c], "s[vi, vj]")
-    kb_body = f"""
-for d, j in T.grid({plan.d}, {tk}):
-    with T.sblock("k_load"):
-        vkb = T.axis.spatial({nk}, kb)
-        vd, vj = T.axis.remap("SS", [d, j])
-        T.sblock_attr({none})
-        k_tile[vd, vj] = {plan.k.read([*lead, key_c, "vd"])}
-for j, d in T.grid({tk}, {plan.dv}):
-    with T.sblock("v_load"):
-        vkb = T.axis.spatial({nk}, kb)
-        vj, vd = T.axis.remap("SS", [j, d])
-        T.sblock_attr({none})
-        v_tile[vj, vd] = {plan.v.read([*lead, key_c, "vd"])}
-for i, j, d in T.grid({tq}, {tk}, {plan.d}):
-    with T.sblock("qk"):
-        vi, vj, vd = T.axis.remap("SSR", [i, j, d])
-        T.sblock_attr({none})
-        with T.init():
-            s[vi, vj] = T.float32(0)
-        s[vi, vj] = s[vi, vj] + q_tile[vi, vd] * k_tile[vd, vj]
-for i, j in T.grid({tq}, {tk}):
-    with T.sblock("score"):
-        vkb = T.axis.spatial({nk}, kb)
-        vi, vj = T.axis.remap("SS", [i, j])
-        T.sblock_attr({none})
-        scores[vi, vj] = T.if_then_else({valid}, {score}, {NEG})
-for i, j in T.grid({tq}, {tk}):
-    with T.sblock("row_max"):
-        vi, vj = T.axis.remap("SR", [i, j])
-        T.sblock_attr({none})
-        with T.init():
-            m_new[vi] = m[vi]
-        m_new[vi] = T.max(m_new[vi], scores[vi, vj])
-for i, j in T.grid({tq}, {tk}):
-    with T.sblock("exp"):
-        vi, vj = T.axis.remap("SS", [i, j])
-        T.sblock_attr({none})
-        p[vi, vj] = {_exp_nonpositive("scores[vi, vj] - m_new[vi]")}
-for i, j in T.grid({tq}, {tk}):
-    with T.sblock("row_sum"):
-        vi, vj = T.axis.remap("SR", [i, j])
-        T.sblock_attr({none})
-        with T.init():
-            l_blk[vi] = T.float32(0)
-        l_blk[vi] = l_blk[vi] + p[vi, vj]
-for i, d, j in T.grid({tq}, {plan.dv}, {tk}):
-    with T.sblock("pv"):
-        vi, vd, vj = T.axis.remap("SSR", [i, d, j])
-        T.sblock_attr({none})
-        with T.init():
-            o_blk[vi, vd] = T.float32(0)
-        o_blk[vi, vd] = o_blk[vi, vd] + p[vi, vj] * v_tile[vj, vd]
-for i in range({tq}):
-    with T.sblock("rescale"):
-        vi = T.axis.spatial({tq}, i)
-        T.sblock_attr({none})
-        alpha[vi] = {_exp_nonpositive("m[vi] - m_new[vi]")}
-        l_sum[vi] = l_sum[vi] * alpha[vi] + l_blk[vi]
-        m[vi] = m_new[vi]
-for i, d in T.grid({tq}, {plan.dv}):
-    with T.sblock("acc_update"):
-        vi, vd = T.axis.remap("SS", [i, d])
-        T.sblock_attr({none})
-        acc[vi, vd] = acc[vi, vd] * alpha[vi] + o_blk[vi, vd]"""
-    kb_body = _indent(kb_body, 4) if skip else kb_body
-    body = f"""
-for n, qo in T.grid({n_lead}, {nq}):
-    with T.sblock("attention"):
-        vn, vqo = T.axis.remap("SS", [n, qo])
-        T.sblock_attr({{"schedule_rule": "{RULE}"}})
-        q_tile = T.sblock_alloc_buffer(({tq}, {plan.d}), scope="{scope}")
-        k_tile = T.sblock_alloc_buffer(({plan.d}, {tk}), scope="{scope}")
-        v_tile = T.sblock_alloc_buffer(({tk}, {plan.dv}), scope="{scope}")
-        s = T.sblock_alloc_buffer(({tq}, {tk}), scope="{scope}")
-        scores = T.sblock_alloc_buffer(({tq}, {tk}), scope="{scope}")
-        p = T.sblock_alloc_buffer(({tq}, {tk}), scope="{scope}")
-        l_blk = T.sblock_alloc_buffer(({tq},), scope="{scope}")
-        o_blk = T.sblock_alloc_buffer(({tq}, {plan.dv}), scope="{scope}")
-        m = T.sblock_alloc_buffer(({tq},), scope="{scope}")
-        m_new = T.sblock_alloc_buffer(({tq},), scope="{scope}")
-        alpha = T.sblock_alloc_buffer(({tq},), scope="{scope}")
-        l_sum = T.sblock_alloc_buffer(({tq},), scope="{scope}")
-        acc = T.sblock_alloc_buffer(({tq}, {plan.dv}), scope="{scope}")
-        for i, d in T.grid({tq}, {plan.d}):
-            with T.sblock("q_load"):
-                vi, vd = T.axis.remap("SS", [i, d])
-                T.sblock_attr({none})
-                q_tile[vi, vd] = {plan.q.read([*lead, row_c, "vd"])}
-        for i in range({tq}):
-            with T.sblock("state_init"):
-                vi = T.axis.spatial({tq}, i)
-                T.sblock_attr({none})
-                m[vi] = {NEG}
-                l_sum[vi] = T.float32(0)
-        for i, d in T.grid({tq}, {plan.dv}):
-            with T.sblock("acc_init"):
-                vi, vd = T.axis.remap("SS", [i, d])
-                T.sblock_attr({none})
-                acc[vi, vd] = T.float32(0)
-        for kb in range({nk}):
-{_indent((skip + chr(10) if skip else "") + kb_body.strip(chr(10)), 12)}
-        for i, d in T.grid({tq}, {plan.dv}):
-            with T.sblock("store"):
-                vi, vd = T.axis.remap("SS", [i, d])
-                T.where(vqo * {tq} + i < {plan.sq})
-                T.sblock_attr({none})
-                out[{out_idx}] = acc[vi, vd] / l_sum[vi]"""
-    source = f"""
-@T.prim_func(s_tir=True, private=True)
-def {name}({args}, out: T.Buffer({tuple(plan.out_shape)}, "float32")):
-    T.func_attr({{"tirx.noalias": True}})
-    with T.sblock("root"):
-        T.sblock_attr({none})
-{_indent(body.strip(chr(10)), 8)}
-"""
-    return tvm.script.from_source(source)  # type: ignore[no-any-return]
-
-
-def _indent(text: str, spaces: int) -> str:
-    return "\n".join(" " * spaces + line if line else line for line in text.split("\n"))
+    return lambda idx: delinear(linear(inner(idx), shape), new_shape)
 
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> tvm.IRModule:
     """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc."""
     plan = plan_of(graph)
     tq, tk = tile_sizes(plan, target)
-    func = _prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")
+    func = prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     args = {p.name: relax.Var(p.name, relax.TensorType(_val_shape(p), _dtype(p)))
             for p in placeholders}
@@ -802,76 +615,6 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> t
                                      relax.TensorType(plan.out_shape, "float32")))
         bb.emit_func_output(relax.Tuple([out]))
     return bb.get()
-
-
-
-# ---------------------------------------------------------------------- schedule spaces
-def _tile(sch: Any, loop: Any, cap: int, fixed: bool) -> list[Any]:
-    """Split `loop` in two with a sampled perfect tile (or the largest inner factor <= cap)."""
-    extent = int(sch.get(loop).extent)
-    inner = max(f for f in range(1, min(cap, extent) + 1) if extent % f == 0)
-    decision = [extent // inner, inner] if fixed else None
-    factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=cap, decision=decision)
-    return list(sch.split(loop, factors))
-
-
-def _inner_loops(sch: Any, name: str, count: int) -> tuple[Any, list[Any]]:
-    block = sch.get_sblock(name)
-    return block, list(sch.get_loops(block))[-count:]
-
-
-def schedule_cpu(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
-    """CPU space: parallel over (leading dims x query tiles); register tiles of the two
-    contractions (rows x vectorised keys for q.k, rows x vectorised head dim for p.v);
-    vectorised element-wise stages; sampled unrolling."""
-    if sch.get(block).name_hint != "attention":
-        return [sch]
-    outer = sch.fuse(*sch.get_loops(block))
-    sch.parallel(outer)
-    _, (i, j, d) = _inner_loops(sch, "qk", 3)
-    i0, i1 = _tile(sch, i, 8, fixed)
-    j0, j1 = _tile(sch, j, 32, fixed)
-    sch.reorder(i0, j0, d, i1, j1)
-    sch.vectorize(j1)
-    _, (i, d, j) = _inner_loops(sch, "pv", 3)
-    i0, i1 = _tile(sch, i, 8, fixed)
-    d0, d1 = _tile(sch, d, 32, fixed)
-    sch.reorder(i0, d0, j, i1, d1)
-    sch.vectorize(d1)
-    for name in ("q_load", "acc_init", "v_load", "score", "exp"):
-        _, (inner,) = _inner_loops(sch, name, 1)
-        sch.vectorize(inner)
-    unroll = sch.sample_categorical([0, 16, 64, 256], [0.25] * 4, decision=2 if fixed else None)
-    sch.annotate(outer, "pragma_auto_unroll_max_step", unroll)
-    sch.annotate(outer, "pragma_unroll_explicit", 1)
-    return [sch]
-
-
-def schedule_cuda(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
-    """CUDA space: one (leading index, query tile) per thread; threads per block sampled. A
-    baseline that builds and runs correctly, not a tuned GPU FlashAttention."""
-    if sch.get(block).name_hint != "attention":
-        return [sch]
-    outer = sch.fuse(*sch.get_loops(block))
-    threads = sch.sample_categorical([32, 64, 128], [1 / 3] * 3, decision=1 if fixed else None)
-    bx, tx = sch.split(outer, [None, threads])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    return [sch]
-
-
-tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
-tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
-
-
-def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
-    """An attention PrimFunc scheduled by its space's fixed default decisions."""
-    from tvm.s_tir import Schedule
-
-    space = schedule_cuda if target.kind.name == "cuda" else schedule_cpu
-    sch = Schedule(func)
-    space(sch, sch.get_sblock("attention"), fixed=True)
-    return sch.mod["main"]
 
 
 FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,

@@ -1,0 +1,325 @@
+"""The fused attention kernel: its TIR template, tile sizes and schedule spaces.
+
+`attention.py` finds the pattern and derives a `Plan` (how to read q, k, v, the score function,
+the causal offset, where the output goes); this module turns a plan into ONE PrimFunc and
+schedules it.
+
+Template: for each (leading index n = batch*heads, query tile of `tq` rows) it loops over key
+blocks of `tk` keys keeping FlashAttention's running max `m`, running sum `l_sum` and a
+rescaled accumulator `acc`, so no Sq x Sk matrix exists; with a causal mask, key blocks above
+the diagonal are skipped. The scores of a block are kept TRANSPOSED, `s[key, row]`, with the
+query tile packed as `q_t[d, row]`, so that
+- q.k is a rank-1-update GEMM vectorised over the tile's rows (broadcast k[key, d]);
+- the softmax's row max and row sum are vertical (vectorised over rows, no horizontal
+  reduction) and exp is a vectorised polynomial (LLVM would call expf per lane for T.exp);
+- p.v is vectorised over the head dim (broadcast p[key, row], load v[key, :]).
+Tile sizes come from `tile_sizes`: without a causal mask and for short key lengths one key
+block holds every key (plain softmax, the online rescale runs once); causal kernels use square
+blocks so that about half of them are skipped. The CPU space (`schedule_rule` "hw_attention")
+samples the register tiles of both contractions and the unroll depth; the CUDA space binds
+(n, query tile) to threads (a correct baseline, not a tuned GPU FlashAttention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import tvm
+
+if TYPE_CHECKING:
+    from hwaware.kernels.attention import Plan
+
+RULE = "hw_attention"
+NEG = "T.min_value('float32')"
+Index = list[str]
+
+ONE_BLOCK_MAX_KEYS = 512  # up to this many keys, one key block (K and V of a head fit in L2)
+QUERY_TILE = 64           # rows per query tile (two AVX-512 vectors of scores per key)
+CAUSAL_KEY_BLOCK = 32     # key block of causal kernels: fully masked blocks are skipped
+
+
+# ----------------------------------------------------------------------------- indices
+def linear(idx: Index, shape: Sequence[int]) -> str:
+    """Row-major linear offset of `idx` in `shape`, as a TVMScript expression."""
+    expr = "0"
+    for i, s in zip(idx, shape, strict=True):
+        expr = i if expr == "0" else f"({expr}) * {s} + {i}"
+    return expr
+
+
+def delinear(offset: str, shape: Sequence[int]) -> Index:
+    """The index in `shape` of a row-major linear offset."""
+    out, stride = [], 1
+    for s in reversed(shape):
+        out.append("0" if s == 1 else f"T.floormod(T.floordiv({offset}, {stride}), {s})")
+        stride *= s
+    return out[::-1]
+
+
+# --------------------------------------------------------------------------- tile sizes
+def tile_sizes(plan: Plan, target: Any) -> tuple[int, int]:
+    """Query tile and key block. CUDA: one query row per thread. CPU: `QUERY_TILE` rows (fewer
+    for short queries); one key block for short non-causal keys, else blocks balanced to waste
+    little on the last one."""
+    if target.kind == "cuda":
+        return 1, min(16, _round_up(plan.sk, 4))
+    tq = plan.sq if plan.sq < 16 else _balanced(plan.sq, QUERY_TILE, 16)
+    if plan.causal_offset is not None:
+        return tq, _balanced(plan.sk, CAUSAL_KEY_BLOCK, 16)
+    if plan.sk <= ONE_BLOCK_MAX_KEYS:
+        return tq, _round_up(plan.sk, 16)
+    return tq, _balanced(plan.sk, 256, 16)
+
+
+def _balanced(n: int, cap: int, multiple: int) -> int:
+    tiles = -(-n // cap)
+    return min(_round_up(-(-n // tiles), multiple), _round_up(n, multiple))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ------------------------------------------------------------------------- the template
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+            1.6666665459e-1, 5.0000001201e-1)
+NONE = '{"schedule_rule": "None"}'
+
+
+def exp_nonpositive(x: str) -> str:
+    """exp(x) for x <= 0 as a vectorisable polynomial (TVM's fast_exp; LLVM would call expf
+    per lane). Below -88.38 it returns 0."""
+    xc = f"T.max({x}, T.float32(-88.3762626647949))"
+    n = f"T.floor({xc} * T.float32({LOG2E}) + T.float32(0.5))"
+    f = f"({xc} - {n} * T.float32({LN2}))"
+    poly = f"T.float32({EXP_POLY[0]})"
+    for c in EXP_POLY[1:]:
+        poly = f"({poly} * {f} + T.float32({c}))"
+    y = f"({poly} * {f} * {f} + {f} + T.float32(1.0))"
+    two_n = f"T.reinterpret('float32', T.shift_left(T.Cast('int32', {n}) + 127, 23))"
+    return f"({y} * {two_n})"
+
+
+def _key_block(plan: Plan, lead: Index, tq: int, tk: int, nk: int) -> str:
+    """One key block: load K and V, s = K q_t, scores, online-softmax update of m, l, acc."""
+    row, key = f"vqo * {tq} + vi", f"vkb * {tk} + vj"
+    row_c, key_c = f"T.min({row}, {plan.sq - 1})", f"T.min({key}, {plan.sk - 1})"
+    valid = f"{key} < {plan.sk}"
+    if plan.causal_offset is not None:
+        valid = f"{valid} and {key} <= {row} + {plan.causal_offset}"
+    score = plan.score([*lead, row_c, key_c], "s[vj, vi]")
+    return f"""
+for j, d in T.grid({tk}, {plan.d}):
+    with T.sblock("k_load"):
+        vkb = T.axis.spatial({nk}, kb)
+        vj, vd = T.axis.remap("SS", [j, d])
+        T.sblock_attr({NONE})
+        k_tile[vj, vd] = {plan.k.read([*lead, key_c, "vd"])}
+for j, d in T.grid({tk}, {plan.dv}):
+    with T.sblock("v_load"):
+        vkb = T.axis.spatial({nk}, kb)
+        vj, vd = T.axis.remap("SS", [j, d])
+        T.sblock_attr({NONE})
+        v_tile[vj, vd] = {plan.v.read([*lead, key_c, "vd"])}
+for j, i, d in T.grid({tk}, {tq}, {plan.d}):
+    with T.sblock("qk"):
+        vj, vi, vd = T.axis.remap("SSR", [j, i, d])
+        T.sblock_attr({NONE})
+        with T.init():
+            s[vj, vi] = T.float32(0)
+        s[vj, vi] = s[vj, vi] + k_tile[vj, vd] * q_t[vd, vi]
+for j, i in T.grid({tk}, {tq}):
+    with T.sblock("score"):
+        vkb = T.axis.spatial({nk}, kb)
+        vj, vi = T.axis.remap("SS", [j, i])
+        T.sblock_attr({NONE})
+        scores[vj, vi] = T.if_then_else({valid}, {score}, {NEG})
+for j, i in T.grid({tk}, {tq}):
+    with T.sblock("row_max"):
+        vj, vi = T.axis.remap("RS", [j, i])
+        T.sblock_attr({NONE})
+        with T.init():
+            m_new[vi] = m[vi]
+        m_new[vi] = T.max(m_new[vi], scores[vj, vi])
+for j, i in T.grid({tk}, {tq}):
+    with T.sblock("exp"):
+        vj, vi = T.axis.remap("SS", [j, i])
+        T.sblock_attr({NONE})
+        p[vj, vi] = {exp_nonpositive("scores[vj, vi] - m_new[vi]")}
+for j, i in T.grid({tk}, {tq}):
+    with T.sblock("row_sum"):
+        vj, vi = T.axis.remap("RS", [j, i])
+        T.sblock_attr({NONE})
+        with T.init():
+            l_blk[vi] = T.float32(0)
+        l_blk[vi] = l_blk[vi] + p[vj, vi]
+for i, d, j in T.grid({tq}, {plan.dv}, {tk}):
+    with T.sblock("pv"):
+        vi, vd, vj = T.axis.remap("SSR", [i, d, j])
+        T.sblock_attr({NONE})
+        with T.init():
+            o_blk[vi, vd] = T.float32(0)
+        o_blk[vi, vd] = o_blk[vi, vd] + p[vj, vi] * v_tile[vj, vd]
+for i in range({tq}):
+    with T.sblock("rescale"):
+        vi = T.axis.spatial({tq}, i)
+        T.sblock_attr({NONE})
+        alpha[vi] = {exp_nonpositive("m[vi] - m_new[vi]")}
+        l_sum[vi] = l_sum[vi] * alpha[vi] + l_blk[vi]
+        m[vi] = m_new[vi]
+for i, d in T.grid({tq}, {plan.dv}):
+    with T.sblock("acc_update"):
+        vi, vd = T.axis.remap("SS", [i, d])
+        T.sblock_attr({NONE})
+        acc[vi, vd] = acc[vi, vd] * alpha[vi] + o_blk[vi, vd]"""
+
+
+def prim_func(plan: Plan, name: str, tq: int, tk: int, scope: str) -> tvm.tirx.PrimFunc:
+    """The attention of `plan` as one PrimFunc with query tile `tq` and key block `tk`; its
+    per-tile buffers live in `scope` ("global" on CPU, "local" on CUDA)."""
+    n_lead = math.prod(plan.lead)
+    nq, nk = -(-plan.sq // tq), -(-plan.sk // tk)
+    lead = delinear("vn", plan.lead) if plan.lead else []
+    block = _key_block(plan, lead, tq, tk, nk).strip("\n")
+    if plan.causal_offset is not None:  # skip key blocks above the diagonal
+        block = (f"if kb * {tk} <= vqo * {tq} + {tq - 1 + plan.causal_offset}:\n"
+                 + _indent(block, 4))
+    buffers = {"q_t": (plan.d, tq), "k_tile": (tk, plan.d), "v_tile": (tk, plan.dv),
+               "s": (tk, tq), "scores": (tk, tq), "p": (tk, tq), "o_blk": (tq, plan.dv),
+               "acc": (tq, plan.dv), **{b: (tq,) for b in ("m", "m_new", "l_blk", "alpha",
+                                                             "l_sum")}}
+    allocs = "\n".join(f'{b} = T.sblock_alloc_buffer({shape}, scope="{scope}")'
+                       for b, shape in buffers.items())
+    row_c = f"T.min(vqo * {tq} + vi, {plan.sq - 1})"
+    out_idx = ", ".join(plan.out_index([*lead, f"vqo * {tq} + vi", "vd"]))
+    body = f"""
+for n, qo in T.grid({n_lead}, {nq}):
+    with T.sblock("attention"):
+        vn, vqo = T.axis.remap("SS", [n, qo])
+        T.sblock_attr({{"schedule_rule": "{RULE}"}})
+{_indent(allocs, 8)}
+        for d, i in T.grid({plan.d}, {tq}):
+            with T.sblock("q_load"):
+                vd, vi = T.axis.remap("SS", [d, i])
+                T.sblock_attr({NONE})
+                q_t[vd, vi] = {plan.q.read([*lead, row_c, "vd"])}
+        for i in range({tq}):
+            with T.sblock("state_init"):
+                vi = T.axis.spatial({tq}, i)
+                T.sblock_attr({NONE})
+                m[vi] = {NEG}
+                l_sum[vi] = T.float32(0)
+        for i, d in T.grid({tq}, {plan.dv}):
+            with T.sblock("acc_init"):
+                vi, vd = T.axis.remap("SS", [i, d])
+                T.sblock_attr({NONE})
+                acc[vi, vd] = T.float32(0)
+        for kb in range({nk}):
+{_indent(block, 12)}
+        for i, d in T.grid({tq}, {plan.dv}):
+            with T.sblock("store"):
+                vi, vd = T.axis.remap("SS", [i, d])
+                T.where(vqo * {tq} + i < {plan.sq})
+                T.sblock_attr({NONE})
+                out[{out_idx}] = acc[vi, vd] / l_sum[vi]"""
+    args = ", ".join(f'{n}: T.Buffer({tuple(s)}, "{dt}")' for n, s, dt in plan.params)
+    source = f"""
+@T.prim_func(s_tir=True, private=True)
+def {name}({args}, out: T.Buffer({tuple(plan.out_shape)}, "float32")):
+    T.func_attr({{"tirx.noalias": True}})
+    with T.sblock("root"):
+        T.sblock_attr({NONE})
+{_indent(body.strip(chr(10)), 8)}
+"""
+    return tvm.script.from_source(source)  # type: ignore[no-any-return]
+
+
+def _indent(text: str, spaces: int) -> str:
+    return "\n".join(" " * spaces + line if line else line for line in text.split("\n"))
+
+
+# ---------------------------------------------------------------------- schedule spaces
+def _tile(sch: Any, loop: Any, cap: int, fixed: bool) -> list[Any]:
+    """Split `loop` in two with a sampled perfect tile (or the largest inner factor <= cap)."""
+    extent = int(sch.get(loop).extent)
+    inner = max(f for f in range(1, min(cap, extent) + 1) if extent % f == 0)
+    decision = [extent // inner, inner] if fixed else None
+    factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=cap, decision=decision)
+    return list(sch.split(loop, factors))
+
+
+def _loops(sch: Any, name: str, count: int) -> tuple[Any, list[Any]]:
+    block = sch.get_sblock(name)
+    return block, list(sch.get_loops(block))[-count:]
+
+
+def _register_tile(sch: Any, name: str, caps: tuple[int, int], fixed: bool) -> None:
+    """Contraction `name` with loops (a, b, reduction): an (a1 x b1) register tile, a1
+    unrolled, b1 vectorised, the reduction between the tile loops and the tile."""
+    block, (a, b, r) = _loops(sch, name, 3)
+    a0, a1 = _tile(sch, a, caps[0], fixed)
+    b0, b1 = _tile(sch, b, caps[1], fixed)
+    sch.reorder(a0, b0, r, a1, b1)
+    sch.unroll(a1)
+    sch.vectorize(b1)
+    init = sch.decompose_reduction(block, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _vertical_reduction(sch: Any, name: str) -> None:
+    """Reduction over keys with loops (key, row): vectorised over rows."""
+    block, (key, row) = _loops(sch, name, 2)
+    sch.vectorize(row)
+    init = sch.decompose_reduction(block, key)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_cpu(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
+    """CPU space: parallel over (leading dims x query tiles); register tiles of q.k (keys x
+    vectorised rows) and p.v (rows x vectorised head dim), sampled; vertical softmax
+    reductions; vectorised element-wise stages; sampled unrolling."""
+    if sch.get(block).name_hint != "attention":
+        return [sch]
+    outer = sch.fuse(*sch.get_loops(block))
+    sch.parallel(outer)
+    _register_tile(sch, "qk", (8, 32), fixed)
+    _register_tile(sch, "pv", (4, 64), fixed)
+    for name in ("row_max", "row_sum"):
+        _vertical_reduction(sch, name)
+    for name in ("q_load", "acc_init", "k_load", "v_load", "score", "exp"):
+        _, (inner,) = _loops(sch, name, 1)
+        sch.vectorize(inner)
+    unroll = sch.sample_categorical([0, 16, 64, 256], [0.25] * 4, decision=2 if fixed else None)
+    sch.annotate(outer, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(outer, "pragma_unroll_explicit", 1)
+    return [sch]
+
+
+def schedule_cuda(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
+    """CUDA space: one (leading index, query tile) per thread; threads per block sampled. A
+    baseline that builds and runs correctly, not a tuned GPU FlashAttention."""
+    if sch.get(block).name_hint != "attention":
+        return [sch]
+    outer = sch.fuse(*sch.get_loops(block))
+    threads = sch.sample_categorical([32, 64, 128], [1 / 3] * 3, decision=1 if fixed else None)
+    bx, tx = sch.split(outer, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return [sch]
+
+
+tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
+tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
+
+
+def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """An attention PrimFunc scheduled by its space's fixed default decisions."""
+    from tvm.s_tir import Schedule
+
+    space = schedule_cuda if target.kind.name == "cuda" else schedule_cpu
+    sch = Schedule(func)
+    space(sch, sch.get_sblock("attention"), fixed=True)
+    return sch.mod["main"]
