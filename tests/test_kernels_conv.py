@@ -28,7 +28,8 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, cin: int, cout: int, expand: int = 6, k: int = 3, stride: int = 1,
                  act: type[nn.Module] = nn.ReLU6, se: bool = False,
-                 dw_conv: nn.Conv2d | None = None, dw_act: type[nn.Module] | None = None):
+                 dw_conv: nn.Conv2d | None = None, dw_act: type[nn.Module] | None = None,
+                 se_gate: Any = nn.functional.hardsigmoid):
         super().__init__()
         hidden = cin * expand
         layers: list[nn.Module] = []
@@ -38,7 +39,7 @@ class InvertedResidual(nn.Module):
                                         bias=False),
                    nn.BatchNorm2d(hidden), (dw_act or act)()]
         if se:
-            layers.append(SqueezeExcite(hidden))
+            layers.append(SqueezeExcite(hidden, se_gate))
         layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
@@ -55,14 +56,15 @@ class InvertedResidual(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, gate: Any = nn.functional.hardsigmoid):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, channels // 4, 1)
         self.fc2 = nn.Conv2d(channels // 4, channels, 1)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)
-        return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+        return x * self.gate(self.fc2(torch.relu(self.fc1(s))))
 
 
 class TwoBlocks(nn.Module):
@@ -147,7 +149,7 @@ SKIPPED = {
     "reflect_padding": lambda: InvertedResidual(
         8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False, padding_mode="reflect")),
     "kernel_7": lambda: InvertedResidual(8, 8, k=7),
-    "squeeze_excite": lambda: InvertedResidual(8, 8, act=nn.Hardswish, se=True),
+    "squeeze_excite_tanh_gate": lambda: InvertedResidual(8, 8, se=True, se_gate=torch.tanh),
     "gelu_after_depthwise": lambda: InvertedResidual(8, 8, dw_act=nn.GELU),
 }
 
@@ -167,6 +169,14 @@ def test_find_skips_float64(caplog: pytest.LogCaptureFixture) -> None:
     assert "float32" in caplog.text
 
 
+def test_find_squeeze_excite_block() -> None:
+    """The squeeze-excite between depthwise and project conv is part of the block's group."""
+    gm = _graph(InvertedResidual(8, 8, act=nn.Hardswish, se=True), torch.randn(1, 8, 9, 9))
+    (group,) = conv.find(gm)
+    assert _ops(group) == ["conv2d", "hardswish", "conv2d", "hardswish", "mean", "conv2d",
+                           "relu", "conv2d", "hardsigmoid", "mul", "conv2d", "add"]
+
+
 def test_find_leaves_unsupported_expand_outside() -> None:
     """An expand with an activation the kernel does not take stays unfused; the rest of the
     block is still one group."""
@@ -178,8 +188,11 @@ def test_find_leaves_unsupported_expand_outside() -> None:
 
 
 # ------------------------------------------------------------------ lower + build
-SHAPES = [  # cin, cout, expand, k, stride, size, act
+SHAPES = [  # cin, cout, expand, k, stride, size, act[, squeeze-excite gate]
     (12, 12, 6, 3, 1, 15, nn.ReLU6),
+    (12, 12, 6, 5, 1, 15, nn.Hardswish, nn.functional.hardsigmoid),
+    (12, 20, 3, 3, 2, 7, nn.ReLU, torch.sigmoid),
+    (20, 20, 1, 3, 1, 1, nn.Hardswish, nn.functional.hardsigmoid),
     (16, 24, 6, 3, 2, 15, nn.ReLU6),
     (12, 12, 6, 5, 1, 7, nn.Hardswish),
     (12, 12, 6, 3, 1, 1, nn.ReLU),
@@ -188,11 +201,13 @@ SHAPES = [  # cin, cout, expand, k, stride, size, act
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s[:6])))
+@pytest.mark.parametrize("shape", SHAPES,
+                         ids=lambda s: "-".join(map(str, s[:6])) + ("-se" if len(s) > 7 else ""))
 def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any, Any]) -> None:
-    cin, cout, expand, k, stride, size, act = shape
+    cin, cout, expand, k, stride, size, act = shape[:7]
     torch.manual_seed(1)
-    model = InvertedResidual(cin, cout, expand, k, stride, act).eval()
+    gate = {"se": True, "se_gate": shape[7]} if len(shape) > 7 else {}
+    model = InvertedResidual(cin, cout, expand, k, stride, act, **gate).eval()
     x = torch.randn(1, cin, size, size)
     mod = default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
     funcs = tvm_compat.prim_funcs(mod)
@@ -251,7 +266,8 @@ def test_tuning_stores_records_that_apply(tuned: Any, host: tuple[Any, Any]) -> 
 def test_builds_for_other_targets(target_name: str) -> None:
     t = get_target(target_name)
     tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
-    for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7)]:
+    for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7),
+                        (InvertedResidual(8, 8, 3, se=True), 7)]:
         x = torch.randn(1, int(model.body[0].in_channels), size, size)
         mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
         exe, _ = tvm_compat.build_executable(mod, tgt, None)

@@ -2,10 +2,11 @@
 
 Pattern in (rewritten ATen graph, NCHW, fp32, batch 1, BatchNorm already folded into the convs):
     [1x1 conv (expand) -> act] -> kxk depthwise conv (k 3 or 5, stride 1 or 2, padding k//2)
-    -> [act] -> 1x1 conv (project) -> [+ block input (residual)]
-with act one of relu, hardtanh/clamp (relu6), hardswish, silu. Anything else (dilation,
-grouped convs, other paddings or activations, a squeeze-excite between depthwise and project,
-batch > 1, non-fp32, ...) is skipped with a debug log line and stays on the unfused path.
+    -> [act] -> [squeeze-excite] -> 1x1 conv (project) -> [+ block input (residual)]
+with act one of relu, hardtanh/clamp (relu6), hardswish, silu; the squeeze-excite is
+mean over (H, W) -> 1x1 conv -> act -> 1x1 conv -> hardsigmoid or sigmoid -> channel scale.
+Anything else (dilation, grouped convs, other paddings or activations, batch > 1, non-fp32,
+...) is skipped with a debug log line and stays on the unfused path.
 
 Kernel out: one PrimFunc. Internally the intermediates are channel-last (h, w, channel) so that
 every stage vectorizes over channels; the input and output stay NCHW. Blocks:
@@ -14,12 +15,18 @@ every stage vectorizes over channels; the input and output stay NCHW. Blocks:
     dw      (depthwise conv + bias + act, k*k terms, no reduction axis)
     proj    (1x1 conv, reduction over expanded channels)
     out     (bias [+ residual], back to NCHW; carries the `schedule_rule` annotation)
+With a squeeze-excite, between dw and proj (the pool needs the whole depthwise output):
+    pool    (channel sums of dw), squeeze / excite (the SE's two small FCs),
+    gated   (the project weights scaled by the gate: the channel scale costs no extra pass)
 The schedule space (`s_tir.meta_schedule.cpu.hw_conv_block`) tiles the output spatially and
 computes expand, pad and dw for each tile (plus halo) inside the tile loop, depth-first, so the
-expanded intermediate stays in cache. Sampled: the tile shape (a full-width tile is a row band),
-the project conv's register block and vector width, the producers' vector widths and the
-unroll depth. A cuda space binds tiles to thread blocks and keeps the tile's intermediates in
-shared memory. `schedule_fixed` applies the same schedules with fixed decisions (untuned).
+expanded intermediate stays in cache. With a squeeze-excite it has two phases in the one
+kernel: parallel tiles of the depthwise output (each computing its expand conv and padding
+depth-first, so only the depthwise output is materialized), the pool and SE, then the tiled
+project conv reading the depthwise output and the gated weights. Sampled: the tile shape (a
+full-width tile is a row band), the project conv's register block and vector width, the
+producers' vector widths and the unroll depth. A cuda space binds tiles to thread blocks and
+keeps the tile's intermediates in shared memory. `schedule_fixed` applies the same schedules with fixed decisions (untuned).
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ log = logging.getLogger(__name__)
 RULE = "hw_conv_block"
 CONV = torch.ops.aten.conv2d.default
 ADD = torch.ops.aten.add.Tensor
+MEAN = torch.ops.aten.mean.dim
+MUL = torch.ops.aten.mul.Tensor
+GATES: dict[Any, str] = {torch.ops.aten.hardsigmoid.default: "hardsigmoid",
+                         torch.ops.aten.sigmoid.default: "sigmoid"}
 ACTIVATIONS: dict[Any, str] = {
     torch.ops.aten.relu.default: "relu",
     torch.ops.aten.hardtanh.default: "clamp",
@@ -74,6 +85,18 @@ class Conv:
 
 
 @dataclass
+class SqueezeExcite:
+    """A squeeze-excite between the depthwise and the project conv."""
+
+    nodes: list[fx.Node]
+    reduce: Conv
+    act: Act
+    expand: Conv
+    gate: str
+    scale: fx.Node  # mul(depthwise output, gate)
+
+
+@dataclass
 class Block:
     """One matched inverted-residual block."""
 
@@ -84,6 +107,7 @@ class Block:
     dw_act: Act | None
     project: Conv
     residual: bool
+    se: SqueezeExcite | None = None
 
     @property
     def stride(self) -> int:
@@ -193,16 +217,49 @@ def _match(gm: fx.GraphModule, dw_node: fx.Node) -> Block:
     dw_act = _act(after)
     if dw_act is not None and after is not None:
         nodes.append(after)
-        after = _only_user(after)
-    if after is None or after.target is not CONV or after.args[0] is not nodes[-1]:
+    se = _squeeze_excite(gm, nodes[-1]) if len(nodes[-1].users) == 2 else None
+    if se is not None:
+        nodes += se.nodes
+    last = se.scale if se is not None else nodes[-1]
+    after = _only_user(last)
+    if after is None or after.target is not CONV or after.args[0] is not last:
         raise NoMatch(f"depthwise {dw_node.name} is not followed (only) by a 1x1 conv "
-                      f"(squeeze-excite or another op in between)")
+                      f"(or a squeeze-excite and a 1x1 conv)")
     project = _conv(gm, after, "pointwise")
     nodes.append(after)
     residual = _residual(project.node, nodes[0].args[0])
     if residual is not None:
         nodes.append(residual)
-    return Block(nodes, expand, expand_act, dw, dw_act, project, residual is not None)
+    return Block(nodes, expand, expand_act, dw, dw_act, project, residual is not None, se)
+
+
+def _int_list(value: Any) -> list[int]:
+    return [int(v) for v in value]
+
+
+def _squeeze_excite(gm: fx.GraphModule, x: fx.Node) -> SqueezeExcite:
+    """The squeeze-excite reading `x` (the depthwise output, used by the pool and the scale),
+    else NoMatch."""
+    pool = next((u for u in x.users if u.target is MEAN), None)
+    scale = next((u for u in x.users if u.target is MUL), None)
+    if pool is None or scale is None:
+        raise NoMatch(f"{x.name} feeds {[str(u.target) for u in x.users]}, not a squeeze-excite")
+    dims = sorted(int(d) % 4 for d in _int_list(pool.args[1]))
+    keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
+    if dims != [2, 3] or not keepdim or pool.kwargs.get("dtype") is not None:
+        raise NoMatch(f"{pool.name}: mean over {dims} (keepdim {keepdim}), not a global pool")
+    reduce = _conv(gm, _only_user(pool), "pointwise")
+    act_node = _only_user(reduce.node)
+    act = _act(act_node)
+    if act is None or act_node is None:
+        raise NoMatch(f"squeeze-excite of {x.name}: unsupported activation after the reduce")
+    expand = _conv(gm, _only_user(act_node), "pointwise")
+    gate = _only_user(expand.node)
+    if gate is None or gate.target not in GATES or _only_user(gate) is not scale or \
+            set(scale.args[:2]) != {x, gate}:
+        raise NoMatch(f"squeeze-excite of {x.name}: no hardsigmoid/sigmoid gate scaling it")
+    return SqueezeExcite([pool, reduce.node, act_node, expand.node, gate, scale], reduce, act,
+                         expand, GATES[gate.target], scale)
 
 
 def _expand_of(gm: fx.GraphModule, node: Any) -> tuple[Conv | None, Act | None]:
@@ -331,9 +388,10 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
         return _apply_act(acc + consts["bd"][f], block.dw_act)
 
     dw = te.compute((oh, ow, e), depthwise, name="dw", attrs=none)
+    w2 = consts["w2"] if block.se is None else _gated_weights(block.se, dw, consts)
     r = te.reduce_axis((0, e), name="r")
     proj = te.compute((oh, ow, c_out),
-                      lambda i, j, o: te.sum(dw[i, j, r] * consts["w2"][r, o], axis=r),
+                      lambda i, j, o: te.sum(dw[i, j, r] * w2[r, o], axis=r),
                       name="proj", attrs=none)
 
     def output(n: Any, o: Any, i: Any, j: Any) -> Any:
@@ -341,6 +399,36 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
         return v + x[n, o, i, j] if block.residual else v
 
     return te.compute((1, c_out, oh, ow), output, name="out", attrs={"schedule_rule": RULE})
+
+
+def _gated_weights(se: SqueezeExcite, dw: Any, consts: dict[str, Any]) -> Any:
+    """The project weights [e, c_out] scaled per input channel by the squeeze-excite gate of
+    the depthwise output `dw` (h, w, e); the pool's 1/(h*w) is folded into `wr`."""
+    from tvm import te, tirx
+
+    h, w, e = (int(s) for s in dw.shape)
+    q = int(se.reduce.weight.shape[0])
+    none = {"schedule_rule": "None"}
+    ri, rj = te.reduce_axis((0, h), name="ri"), te.reduce_axis((0, w), name="rj")
+    pool = te.compute((e,), lambda f: te.sum(dw[ri, rj, f], axis=[ri, rj]), name="pool",
+                      attrs=none)
+    rf = te.reduce_axis((0, e), name="rf")
+    squeeze = te.compute((q,), lambda t: te.sum(pool[rf] * consts["wr"][rf, t], axis=rf),
+                         name="squeeze", attrs=none)
+    rt = te.reduce_axis((0, q), name="rt")
+    excite = te.compute(
+        (e,), lambda f: te.sum(_apply_act(squeeze[rt] + consts["br"][rt], se.act)
+                               * consts["we"][rt, f], axis=rt), name="excite", attrs=none)
+
+    def gate(f: Any) -> Any:
+        v = excite[f] + consts["be"][f]
+        if se.gate == "sigmoid":
+            return te.sigmoid(v)
+        return _apply_act(v + tirx.const(3.0, "float32"), Act("clamp", 0.0, 6.0)) / \
+            tirx.const(6.0, "float32")
+
+    return te.compute((e, int(consts["w2"].shape[1])),
+                      lambda f, o: gate(f) * consts["w2"][f, o], name="gated", attrs=none)
 
 
 def _weights(block: Block) -> dict[str, torch.Tensor]:
@@ -357,7 +445,19 @@ def _weights(block: Block) -> dict[str, torch.Tensor]:
         w1 = block.expand.weight
         out["w1"] = w1.reshape(w1.shape[0], w1.shape[1]).t().contiguous()
         out["b1"] = _bias(block.expand)
+    if block.se is not None:
+        wr, we = block.se.reduce.weight.flatten(1), block.se.expand.weight.flatten(1)
+        out["wr"] = (wr / (_pixels(block))).t().contiguous()
+        out["br"] = _bias(block.se.reduce)
+        out["we"] = we.t().contiguous()
+        out["be"] = _bias(block.se.expand)
     return out
+
+
+def _pixels(block: Block) -> int:
+    """The pixel count of the depthwise output (what the squeeze-excite's pool averages)."""
+    shape = _val(block.dw.node).shape
+    return int(shape[-2]) * int(shape[-1])
 
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
@@ -469,11 +569,18 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
     sch.annotate(tile, "pragma_unroll_explicit", 1)
     sch.reverse_compute_at(sch.get_sblock("out"), tile)
-    for name in ("dw", "pad", "expand"):  # depth-first: the tile's producers inside its loop
-        block = _block(sch, name)
+    two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
+    anchor = _dw_tiles(sch, decide, [8]) if two_phase else tile
+    for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):
+        block = _block(sch, name)  # depth-first: the tile's producers inside its loop
         if block is not None:
-            sch.compute_at(block, tile, preserve_unit_loops=True)
-    for name in ("dw", "pad", "expand"):
+            sch.compute_at(block, anchor, preserve_unit_loops=True)
+    if two_phase:
+        sch.parallel(anchor)
+        pool = sch.get_sblock("pool")
+        f, ri, rj = sch.get_loops(pool)
+        sch.reorder(ri, rj, f)
+    for name in ("dw", "pad", "expand", "pool", "gated"):
         block = _block(sch, name)
         if block is None:
             continue
@@ -481,6 +588,16 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
         _, inner = sch.split(loop, decide.tile(sch, loop, 2, 64, [16]))
         sch.vectorize(inner)
     return sch
+
+
+def _dw_tiles(sch: Any, decide: Decide, hint: list[int]) -> Any:
+    """Tile the depthwise output (rows x columns, all channels per tile) by `hint`/samples;
+    returns the fused tile loop (a squeeze-excite's first phase)."""
+    i, j, f = sch.get_loops(sch.get_sblock("dw"))
+    i0, i1 = sch.split(i, decide.tile(sch, i, 2, 64, hint))
+    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 64, hint))
+    sch.reorder(i0, j0, i1, j1, f)
+    return sch.fuse(i0, j0)
 
 
 def schedule_cuda(sch: Any, decide: Decide) -> Any:
@@ -498,15 +615,33 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
     sch.set_scope(proj, 0, "local")
     sch.reverse_compute_at(sch.get_sblock("out"), t1)
     sch.compute_inline(sch.get_sblock("pad"))
-    for name in ("dw", "expand"):
+    two_phase = _block(sch, "pool") is not None
+    if two_phase:  # squeeze-excite: dw tiles of its own, written to global memory
+        dw_tile = _dw_tiles(sch, decide, [2])
+        sch.bind(dw_tile, "blockIdx.x")
+        _, b1 = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("dw"))[1:]), [None, threads])
+        sch.bind(b1, "threadIdx.x")
+        _bind_se_cuda(sch, threads)
+    for name in ("expand",) if two_phase else ("dw", "expand"):
         block = _block(sch, name)
         if block is None:
             continue
-        sch.compute_at(block, tile, preserve_unit_loops=True)
+        sch.compute_at(block, dw_tile if two_phase else tile, preserve_unit_loops=True)
         sch.set_scope(block, 0, "shared")
         _, b1 = sch.split(sch.fuse(*sch.get_loops(block)[1:]), [None, threads])
         sch.bind(b1, "threadIdx.x")
     return sch
+
+
+def _bind_se_cuda(sch: Any, threads: int) -> None:
+    """The pool and the SE's small FCs: one thread per output element (the reductions run
+    serially in each thread); the gated weights likewise."""
+    for name, spatial in (("pool", 1), ("squeeze", 1), ("excite", 1), ("gated", 2)):
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)[:spatial]
+        b0, b1 = sch.split(sch.fuse(*loops) if spatial > 1 else loops[0], [None, threads])
+        sch.bind(b0, "blockIdx.x")
+        sch.bind(b1, "threadIdx.x")
 
 
 SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}

@@ -412,13 +412,13 @@ def _schedule_fc1(sch: Any, decide: Decide) -> None:
     fc1 = sch.get_sblock("fc1")
     _, i, j, f, r = sch.get_loops(fc1)
     pix = sch.fuse(i, j)
-    p0, p1 = sch.split(pix, decide.tile(sch, pix, 2, 8, [6]))
+    p0, p1 = sch.split(pix, decide.tile(sch, pix, 2, 8, [8]))
     f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [32]))
     sch.reorder(p0, f0, r, p1, f1)
     sch.vectorize(f1)
     sch.unroll(p1)
     act = sch.get_sblock("act")
-    sch.reverse_compute_at(act, f0)
+    sch.reverse_compute_at(act, f0, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(act)[-1])
 
 
@@ -427,7 +427,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     (the depthwise conv with its halo) into tile-sized buffers, then the project GEMM with a
     (columns x channels) register block vectorized over channels."""
     tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
-        sch, decide, {"oh": [8], "ow": [2, 8], "o": [16]}, 64)
+        sch, decide, {"oh": [8], "ow": [2, 8], "o": [48]}, 64)
     sch.reorder(oh1, ow1, o0, r, ow2, o1)
     sch.vectorize(o1)
     sch.unroll(ow2)
@@ -449,8 +449,8 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
 
 def schedule_cuda(sch: Any, decide: Decide) -> Any:
     """The depth-first CUDA schedule: one thread block per output tile; every stage of the tile
-    goes to shared memory (the zero padding inlined into the depthwise conv), each thread
-    accumulates project outputs in registers."""
+    goes to shared memory (the zero padding inlined into the depthwise conv); reductions
+    (LayerNorm statistics, both GEMMs) accumulate in registers."""
     threads = decide.choose(sch, CUDA_THREADS, [1.0 / len(CUDA_THREADS)] * len(CUDA_THREADS))
     tile, (oh1, ow1, o0, o1, r) = _tile_proj(sch, decide, {"oh": [2], "ow": [2], "o": [64]}, 8)
     t0, t1 = sch.split(sch.fuse(oh1, ow1, o0, o1), [None, threads])
@@ -470,6 +470,8 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
         spatial = loops[:-1] if name in REDUCTIONS else loops
         _, b1 = sch.split(sch.fuse(*spatial), [None, threads])
         sch.bind(b1, "threadIdx.x")
+        if name in REDUCTIONS:  # accumulate in a register, store to shared memory once
+            sch.reverse_compute_at(sch.cache_write(block, 0, "local"), b1)
     return sch
 
 
