@@ -4,22 +4,24 @@
 segmented GEMM, with no per-edge weight copy.
 
 Pattern in (the rewritten ATen graph; what `torch.export` makes of PyG's `RGCNConv` on its
-relation loop, the path PyG takes without pyg-lib's segment_matmul):
-  out = [zeros] + sum_r matmul(mean_{j -> i, type == r} x_j, W_r) [+ matmul(x, root)] [+ bias]
+relation loop, the path PyG takes without pyg-lib's segment_matmul, or of a hand-written layer):
+  out = [zeros | matmul(x, root)] + sum_r matmul(mean_{j -> i, type == r} x_j, W_r) [+ bias]
 where relation r's edges are `index(edge_index, [None, eq(edge_type, r)])` and its mean is the
-gnn family's gather-scatter mean (`gnn._match_spmm`). The masks, their data-dependent edge
-counts (and the runtime asserts on them) join the group: the kernel reads edge_index and
-edge_type themselves. Relations must be 0..R-1, each with a constant weight; the sum is a chain
-of adds whose parts are used only by the chain.
+gnn family's gather-scatter mean (`gnn._match_spmm`: SAGE-style sum / clamp(count, 1), or
+`scatter_reduce(mean)`). The masks, their data-dependent edge counts (and the runtime asserts
+on them) join the group: the kernel reads x, edge_index and edge_type themselves. Relations
+must be 0..R-1, each with a constant weight; the sum is a chain of adds whose parts are used only
+by the chain. Other aggregations (sum, max) and partial layers stay with `gnn` and the
+ordinary kernels. This family runs before `gnn`, whose per-relation means it contains.
 
 Kernel out (compact materialisation): mean is linear, so sum_r mean_r(x_j) W_r = H W where
 H[i] = [mean_0(x_j) | ... | mean_{R-1}(x_j) | x_i] (N x (R+1) x F_in) and W = [W_0; ..; root].
 One PrimFunc sorts the edges by (dst, relation) into CSR (gnn's in-kernel counting sort over
-N*R segments, keyed in the edge glue), then per tile of destination rows gathers H's rows and
-multiplies the tile by W, adding the bias. H lives per row tile only (compute_at under the
-GEMM's row loop), and nothing of size E x F is made, let alone an E x F_in x F_out weight copy
-(what PyG's FastRGCNConv gathers). Edge counts, E_cap buckets and MetaSchedule's random index
-inputs are handled as in `gnn` (its CSR macro, masks and capacity helpers).
+N*R segments, keyed in the edge glue), then per tile of TB destination rows gathers the tile's
+H (TB x (R+1) x F_in, never all of it) and multiplies it by W in registers, adding the bias.
+Nothing of size E x F is made, let alone an E x F_in x F_out weight copy (what PyG's
+FastRGCNConv gathers). Edge counts, E_cap buckets and MetaSchedule's random index inputs are
+handled as in `gnn` (its CSR macro, masks and capacity helpers).
 
 PyG's default `RGCNConv.forward` asks `int(segment_count.max())` for its segment_matmul
 heuristic, which `torch.export` cannot capture; set `torch_geometric.backend.use_segment_matmul =
@@ -357,7 +359,8 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     row, o, t, f = sch.get_loops(gemm)[-4:]
     lanes = decide.choose(sch, gnn._lanes(int(sch.get(o).extent), 16), 16)
     o_rest, vec = sch.split(o, [None, lanes])
-    o0, vecs = sch.split(o_rest, decide.tile(sch, o_rest, 4))  # vectors per column tile
+    rows = int(sch.get(row).extent)  # vectors per column tile: <= 16 accumulators
+    o0, vecs = sch.split(o_rest, decide.tile(sch, o_rest, max(1, 16 // rows)))
     sch.reorder(o0, t, f, row, vecs, vec)
     sch.vectorize(vec)  # while it is still a reduction block with its init (TVM's check)
     sch.unroll(row)
