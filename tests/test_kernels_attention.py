@@ -192,6 +192,9 @@ CASES = {
                             (torch.randn(2, 17, 48),
                              torch.tensor([[1.0] * 17, [1.0] * 10 + [0.0] * 7]))),
     "gpt2_causal_77": (GPT2Attention(hidden=48, heads=2), (torch.randn(1, 77, 48),)),
+    # more keys than one key block takes: the online softmax rescales across blocks
+    "sdpa_kv600_two_key_blocks": (SDPA(), (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 600, 8) * 3,
+                                           torch.randn(1, 1, 600, 8), torch.randn(5, 600))),
     "handwritten_scale_bias": (ScaledMaskAttention(), (torch.randn(1, 3, 17, 24),) * 3
                                + (torch.randn(17, 17),)),
 }
