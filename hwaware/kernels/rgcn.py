@@ -424,7 +424,8 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
     with bb.function("main", params):
         with bb.dataflow():
             x, edge_index, edge_type = (gnn._tensor(bb, n, var_of, graph) for n in layer.inputs())
-            glue = bb.emit_te(_edge_keys(layer, shapes), edge_index, edge_type,
+            flat = bb.emit(_flat_view(edge_index))
+            glue = bb.emit_te(_edge_keys(layer, shapes), flat, edge_type,
                               primfunc_name_hint=f"{name}_edges")
             edges = [bb.emit(relax.TupleGetItem(glue, i)) for i in range(4)]
             weights = [relax.const(w) for w in _weights(layer, graph, shapes)]
@@ -435,6 +436,17 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
             result = bb.emit_output(relax.Tuple([out]))
         bb.emit_func_output(result)
     return bb.finalize()
+
+
+def _flat_view(edge_index: Any) -> Any:
+    """edge_index as a 1-D view made by the VM (not a TIR reshape, which FuseOps would fuse into
+    the glue): torch strides an empty 2 x 0 tensor (1, 1), and TVM refuses that as not compact
+    when it calls a PrimFunc on it; the view is compact."""
+    from tvm import relax
+
+    rows, count = edge_index.ty.shape
+    return relax.call_pure_packed("vm.builtin.reshape", edge_index, relax.ShapeExpr(
+        [rows * count]), ty_args=relax.TensorType([rows * count], "int64"))
 
 
 def _shapes(layer: Layer) -> Shapes:
@@ -459,23 +471,23 @@ def _weights(layer: Layer, graph: fx.GraphModule, s: Shapes) -> list[Any]:
 
 
 def _edge_keys(layer: Layer, s: Shapes) -> Callable[..., list[Any]]:
-    """TE glue: (edge_index, edge_type) -> int32 src, key = dst * R + type (N * R for an edge
-    of no relation 0..R-1 or out of range), unit weights, each padded to E_cap, and E."""
+    """TE glue: (edge_index flattened, edge_type) -> int32 src, key = dst * R + type (N * R for
+    an edge of no relation 0..R-1 or out of range), unit weights, each padded to E_cap, and E."""
     from tvm import te, tirx
 
     src_row, dst_row, cap, invalid = layer.src_row, layer.dst_row, s.EC, s.N * s.R
 
-    def glue(edge_index: Any, edge_type: Any) -> list[Any]:
+    def glue(edges: Any, edge_type: Any) -> list[Any]:
         count = edge_type.shape[0]
 
         def key(e: Any) -> Any:
-            dst, rel = edge_index[dst_row, e], edge_type[e]
+            dst, rel = edges[dst_row * count + e], edge_type[e]
             ok = tirx.all(rel >= 0, rel < s.R, dst >= 0, dst < s.N)
             return tirx.if_then_else(e < count, tirx.if_then_else(
                 ok, (dst * s.R + rel).astype("int32"), invalid), invalid)
 
         return [te.compute((cap,), lambda e: tirx.if_then_else(
-                    e < count, edge_index[src_row, e].astype("int32"), 0), name="pad_src"),
+                    e < count, edges[src_row * count + e].astype("int32"), 0), name="pad_src"),
                 te.compute((cap,), key, name="edge_key"),
                 te.compute((cap,), lambda _: tirx.const(1.0, "float32"), name="unit_weight"),
                 te.compute((1,), lambda _: tirx.Cast("int32", count), name="edge_count")]
