@@ -105,7 +105,7 @@ def test_partition_gives_the_whole_pyg_layer_to_rgcn() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"root_weight": False}, {"bias": False},
-                                    {"num_bases": 2}])
+                                    {"num_bases": 2}, {"aggr": "add"}])
 def test_rgcn_variants_are_found_and_equal_pyg(kwargs: dict[str, Any]) -> None:
     args = graph(10, 30, 7, 3)
     model = layer(7, 5, 3, **kwargs)
@@ -128,9 +128,9 @@ def test_find_hand_written_relational_layer() -> None:
 
 
 @pytest.mark.parametrize("model", [
-    layer(7, 5, 3, aggr="add"),  # sum per relation: not the mean this kernel computes
+    layer(7, 5, 3, aggr="max"),  # max per relation: not a mean or sum
     HandRGCN(7, 5, 3, keep_first=True),  # one relation's mean is also an output
-], ids=["sum_aggr", "mean_used_outside"])
+], ids=["max_aggr", "mean_used_outside"])
 def test_find_skips_unsupported_variants(model: torch.nn.Module,
                                          caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="hwaware.kernels.rgcn"):

@@ -1,18 +1,19 @@
 # mypy: disable-error-code="valid-type"
 # (TVMScript buffer annotations `T.Buffer((M, F), "float32")` are not Python types)
-"""Relational GNN (RGCN) layers as one kernel: per-(node, relation) mean aggregation feeding one
-segmented GEMM, with no per-edge weight copy.
+"""Relational GNN (RGCN) layers as one kernel: per-(node, relation) mean (or sum) aggregation
+feeding one segmented GEMM, with no per-edge weight copy.
 
 Pattern in (the rewritten ATen graph; what `torch.export` makes of PyG's `RGCNConv` on its
 relation loop, the path PyG takes without pyg-lib's segment_matmul, or of a hand-written layer):
   out = [zeros | matmul(x, root)] + sum_r matmul(mean_{j -> i, type == r} x_j, W_r) [+ bias]
 where relation r's edges are `index(edge_index, [None, eq(edge_type, r)])` and its mean is the
 gnn family's gather-scatter mean (`gnn._match_spmm`: SAGE-style sum / clamp(count, 1), or
-`scatter_reduce(mean)`). The masks, their data-dependent edge counts (and the runtime asserts
-on them) join the group: the kernel reads x, edge_index and edge_type themselves. Relations
-must be 0..R-1, each with a constant weight; the sum is a chain of adds whose parts are used only
-by the chain. Other aggregations (sum, max) and partial layers stay with `gnn` and the
-ordinary kernels. This family runs before `gnn`, whose per-relation means it contains.
+`scatter_reduce(mean)`); RGCNConv(aggr="add") sums instead, which the kernel does too. The
+masks, their data-dependent edge counts (and the runtime asserts on them) join the group: the
+kernel reads x, edge_index and edge_type themselves. Relations must be 0..R-1, each with a
+constant weight; the sum is a chain of adds whose parts are used only by the chain. Other
+aggregations (max) and partial layers stay with `gnn` and the ordinary kernels. This family runs
+before `gnn`, whose per-relation aggregations it contains.
 
 Kernel out (compact materialisation): mean is linear, so sum_r mean_r(x_j) W_r = H W where
 H[i] = [mean_0(x_j) | ... | mean_{R-1}(x_j) | x_i] (N x (R+1) x F_in) and W = [W_0; ..; root].
@@ -63,6 +64,7 @@ class Layer:
     src_row: int
     dst_row: int
     weights: list[fx.Node]
+    reduce: str = "mean"  # or "sum"
     root: fx.Node | None = None
     bias: fx.Node | None = None
     nodes: set[fx.Node] = field(default_factory=set)
@@ -73,9 +75,10 @@ class Layer:
 
 @dataclass
 class Relation:
-    """`matmul(mean over relation r's edges of x[src], W_r)`."""
+    """`matmul(mean (or sum) over relation r's edges of x[src], W_r)`."""
 
     r: int
+    reduce: str
     x: fx.Node
     edge_index: fx.Node
     edge_type: fx.Node
@@ -117,10 +120,10 @@ def _absorb_size_checks(node: fx.Node, used: set[fx.Node]) -> None:
 def _match_relation(term: Any) -> Relation | None:
     if _op(term) not in _MATMUL or not _const(term.args[1], 2):
         return None
-    mean: Any = term.args[0]  # scatter_reduce(mean), or SAGE-style sum / clamp(count, 1)
-    scatter = mean.args[0] if _op(mean) == "aten.div.Tensor" else mean
+    agg: Any = term.args[0]  # scatter_reduce(mean), SAGE-style sum / clamp(count, 1), or a sum
+    scatter = agg.args[0] if _op(agg) == "aten.div.Tensor" else agg
     match = gnn._match_spmm(scatter) if isinstance(scatter, fx.Node) else None
-    if match is None or match.reduce != "mean" or match.out is not mean or \
+    if match is None or match.reduce not in ("mean", "sum") or match.out is not agg or \
             match.weight is not None or match.src.node is not match.dst.node or \
             match.src.row is None or match.dst.row is None:
         return None
@@ -129,8 +132,8 @@ def _match_relation(term: Any) -> Relation | None:
     if mask is None:
         return None
     edge_index, edge_type, r = mask
-    return Relation(r, match.x, edge_index, edge_type, match.src.row, match.dst.row,
-                    term.args[1], used)
+    return Relation(r, match.reduce, match.x, edge_index, edge_type, match.src.row,
+                    match.dst.row, term.args[1], used)
 
 
 def _add_terms(node: fx.Node, used: set[fx.Node]) -> list[Any]:
@@ -163,17 +166,18 @@ def _match_layer(node: fx.Node) -> Layer | None:
     if not relations:
         return None
     first = relations[0]
-    if any((r.x, r.edge_index, r.edge_type, r.src_row, r.dst_row) !=
-           (first.x, first.edge_index, first.edge_type, first.src_row, first.dst_row)
-           for r in relations):
-        log.debug("rgcn: %s: relations read different features or edges", node.name)
+    if any((r.reduce, r.x, r.edge_index, r.edge_type, r.src_row, r.dst_row) !=
+           (first.reduce, first.x, first.edge_index, first.edge_type, first.src_row,
+            first.dst_row) for r in relations):
+        log.debug("rgcn: %s: relations reduce differently or read different features or edges",
+                  node.name)
         return None
     if sorted(r.r for r in relations) != list(range(len(relations))):
         log.debug("rgcn: %s: relations are not 0..R-1", node.name)
         return None
     relations.sort(key=lambda r: r.r)
     layer = Layer(node, first.x, first.edge_index, first.edge_type, first.src_row,
-                  first.dst_row, [r.weight for r in relations],
+                  first.dst_row, [r.weight for r in relations], first.reduce,
                   nodes=used.union(*(r.nodes for r in relations)))
     return layer if _absorb_rest(layer, rest) else None
 
@@ -250,7 +254,7 @@ def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
 @dataclass(frozen=True)
 class Shapes:
     """Static sizes: N nodes, R relations, S = H's slots (R, or R + 1 with a root weight),
-    F_in, F_out, EC edge capacity, TB rows per tile (divides N)."""
+    F_in, F_out, EC edge capacity, TB rows per tile (divides N); per relation a mean or a sum."""
 
     N: int
     R: int
@@ -258,6 +262,7 @@ class Shapes:
     FI: int
     FO: int
     EC: int
+    mean: bool = True
 
     @property
     def TB(self) -> int:  # noqa: N802 (the kernel's name for it)
@@ -265,12 +270,12 @@ class Shapes:
 
 
 def rgcn_func(s: Shapes, h_scope: str = "global") -> Any:
-    """out[i] = bias + sum_s H[i, s] @ W[s], H[i, r] = mean of x[j] over i's relation-r edges
-    (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB rows, in `h_scope`
-    ("shared" on CUDA: a CUDA block's threads share the tile)."""
+    """out[i] = bias + sum_s H[i, s] @ W[s], H[i, r] = mean (or sum) of x[j] over i's
+    relation-r edges (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB
+    rows, in `h_scope` ("shared" on CUDA: a CUDA block's threads share the tile)."""
     from tvm.script import tirx as T
 
-    N, R, S, FI, FO, EC, TB = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB  # noqa: N806
+    N, R, S, FI, FO, EC, TB, is_mean = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB, s.mean  # noqa: N806
     csr = gnn._csr_macro(gnn.Shapes(N, N * R + 1, 1, FI, EC))  # key N*R: a dropped edge
 
     @T.prim_func(private=True, s_tir=True)
@@ -322,9 +327,12 @@ def rgcn_func(s: Shapes, h_scope: str = "global") -> Any:
                                     T.reads(rowptr[(vit * TB + vi) * R + vr:
                                                    (vit * TB + vi) * R + vr + 2])
                                     T.writes(h[vi, vr, vf])
-                                    h[vi, vr, vf] = h[vi, vr, vf] / T.Cast("float32", T.max(
-                                        rowptr[(vit * TB + vi) * R + vr + 1]
-                                        - rowptr[(vit * TB + vi) * R + vr], 1))
+                                    if is_mean:
+                                        h[vi, vr, vf] = h[vi, vr, vf] / T.Cast("float32", T.max(
+                                            rowptr[(vit * TB + vi) * R + vr + 1]
+                                            - rowptr[(vit * TB + vi) * R + vr], 1))
+                                    else:
+                                        h[vi, vr, vf] = h[vi, vr, vf]
                     for ii, t, f in T.grid(TB, S - R, FI):
                         with T.sblock("agg_root"):
                             vi, vt, vf = T.axis.remap("SSS", [ii, t, f])
@@ -454,7 +462,7 @@ def _shapes(layer: Layer) -> Shapes:
     r = len(layer.weights)
     bound = gnn.size_bound(_val(layer.edge_type).shape[0]) or 0
     return Shapes(n, r, r + (layer.root is not None), f_in, int(_val(layer.out).shape[1]),
-                  gnn.edge_capacity(bound))
+                  gnn.edge_capacity(bound), layer.reduce == "mean")
 
 
 def _weights(layer: Layer, graph: fx.GraphModule, s: Shapes) -> list[Any]:
