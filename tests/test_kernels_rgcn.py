@@ -1,7 +1,7 @@
-"""The rgcn kernel family: find() on PyG's RGCNConv and a hand-written relational layer, lower()
-+ build equal to eager PyTorch and to the PyG layer (odd sizes, a single node, no edges,
-isolated nodes), partition giving the layer to rgcn rather than gnn, unsupported variants left
-unfused, tuning records applied, and builds for CUDA and Arm."""
+"""The rgcn kernel family: find() on PyG's RGCNConv / FastRGCNConv and a hand-written relational
+layer, lower() + build equal to eager PyTorch and to the PyG layer (odd sizes, a single node, no
+edges, isolated nodes), partition giving the layer to rgcn rather than gnn, unsupported variants
+left unfused, tuning records applied, and builds for CUDA and Arm."""
 
 from __future__ import annotations
 
@@ -117,6 +117,22 @@ def test_rgcn_variants_are_found_and_equal_pyg(kwargs: dict[str, Any]) -> None:
     call, _ = kernel.build()
     with torch.no_grad():
         torch.testing.assert_close(call(*kernel.examples)[0], model(*args), rtol=1e-3,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"aggr": "add"}])
+def test_fast_rgcn_is_the_same_kernel_without_weight_copies(kwargs: dict[str, Any]) -> None:
+    """FastRGCNConv gathers W[edge_type] (E x F_in x F_out); the kernel reads W once."""
+    args = graph(10, 30, 7, 3, isolated=2)
+    torch.manual_seed(1)
+    model = pyg.FastRGCNConv(7, 5, 3, **kwargs).eval()
+    kernel = only_kernel(model, args)
+    assert {"bmm", "index"} <= ops(kernel.group)
+    assert len(kernel.group) == sum(n.op == "call_function" for n in kernel.gm.graph.nodes)
+    call, _ = kernel.build()
+    new = graph(10, 30, 7, 3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(kernel.run_model(call, new), model(*new), rtol=1e-3,
                                    atol=1e-4)
 
 

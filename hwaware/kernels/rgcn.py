@@ -14,6 +14,8 @@ kernel reads x, edge_index and edge_type themselves. Relations must be 0..R-1, e
 constant weight; the sum is a chain of adds whose parts are used only by the chain. Other
 aggregations (max) and partial layers stay with `gnn` and the ordinary kernels. This family runs
 before `gnn`, whose per-relation aggregations it contains.
+PyG's `FastRGCNConv` is taken too: its message `x[src] @ W[edge_type]` (a bmm over E per-edge
+weight copies) with the per-(dst, type) mean norm, scattered into dst, is the same layer.
 
 Kernel out (compact materialisation): mean is linear, so sum_r mean_r(x_j) W_r = H W where
 H[i] = [mean_0(x_j) | ... | mean_{R-1}(x_j) | x_i] (N x (R+1) x F_in) and W = [W_0; ..; root].
@@ -41,7 +43,7 @@ import torch
 from torch import fx
 
 from hwaware.kernels import KernelFamily, gnn, register_spaces
-from hwaware.kernels.gnn import Decide, Fixed, Sampled, _op, _val
+from hwaware.kernels.gnn import Decide, Fixed, Sampled, _arg, _op, _val
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,13 @@ _ZEROS = {"aten.zeros.default", "aten.new_zeros.default", "aten.zeros_like.defau
 
 
 # ------------------------------------------------------------------------------ patterns
+Weight = tuple[fx.Node, int | None]
+
+
 @dataclass
 class Layer:
-    """One recognised relational layer: relation r's weight `weights[r]` (F_in x F_out)."""
+    """One recognised relational layer: relation r's weight (F_in x F_out) is `weights[r]`:
+    (a constant, None) or (a R x F_in x F_out constant, r)."""
 
     out: fx.Node
     x: fx.Node
@@ -63,7 +69,7 @@ class Layer:
     edge_type: fx.Node
     src_row: int
     dst_row: int
-    weights: list[fx.Node]
+    weights: list[Weight]
     reduce: str = "mean"  # or "sum"
     root: fx.Node | None = None
     bias: fx.Node | None = None
@@ -84,7 +90,7 @@ class Relation:
     edge_type: fx.Node
     src_row: int
     dst_row: int
-    weight: fx.Node
+    weight: Weight
     nodes: set[fx.Node]
 
 
@@ -133,7 +139,81 @@ def _match_relation(term: Any) -> Relation | None:
         return None
     edge_index, edge_type, r = mask
     return Relation(r, match.reduce, match.x, edge_index, edge_type, match.src.row,
-                    match.dst.row, term.args[1], used)
+                    match.dst.row, (term.args[1], None), used)
+
+
+def _match_typed_weights(term: Any) -> list[Relation]:
+    """PyG's FastRGCNConv: `scatter_add` into dst of [norm *] x[src] @ W[edge_type] (a bmm over
+    per-edge weight copies, the E x F_in x F_out tensor this kernel never makes); norm (mean) is
+    1 / clamp(count of i's edges of that type, 1), from a one-hot count gathered back per edge.
+    One Relation per type r (the group's nodes on the first)."""
+    used: set[fx.Node] = set()
+    scatter = gnn._scatter(term, used) if isinstance(term, fx.Node) else None
+    if scatter is None or scatter[0] != "sum":
+        return []
+    _, dst, msg = scatter
+    reduce, norm = "sum", None
+    if _op(msg) == "aten.mul.Tensor":
+        used.add(msg)
+        reduce, (norm, msg) = "mean", sorted(msg.args[:2],
+                                             key=lambda a: _op(a) == "aten.squeeze.dim")
+    typed = _typed_matmul(msg, used)
+    if typed is None:
+        return []
+    x, src, weight, edge_type = typed
+    if src.node is not dst.node or src.row is None or dst.row is None or \
+            norm is not None and not _type_mean_norm(norm, dst, edge_type, used):
+        return []
+    used.add(term)
+    return [Relation(r, reduce, x, src.node, edge_type, src.row, dst.row, (weight, r),
+                     used if r == 0 else set()) for r in range(_val(weight).shape[0])]
+
+
+def _typed_matmul(msg: Any, used: set[fx.Node]) -> tuple[fx.Node, Any, fx.Node, fx.Node] | None:
+    """(x, src, W, edge_type) of `squeeze(bmm(unsqueeze(x[src], -2), W[edge_type]), -2)`."""
+    if _op(msg) != "aten.squeeze.dim" or msg.args[1] != -2 or _op(msg.args[0]) != \
+            "aten.bmm.default":
+        return None
+    lhs, rhs = msg.args[0].args
+    if _op(lhs) != "aten.unsqueeze.default" or lhs.args[1] != -2 or \
+            _op(rhs) != "aten.index.Tensor" or not _const(rhs.args[0], 3) or len(rhs.args[1]) != 1:
+        return None
+    gathered = gnn._gather(lhs.args[0], used, 2)
+    if gathered is None:
+        return None
+    used.update((msg, msg.args[0], lhs, rhs))
+    return gathered[0], gathered[1], rhs.args[0], rhs.args[1][0]
+
+
+def _type_mean_norm(norm: Any, dst: Any, edge_type: fx.Node, used: set[fx.Node]) -> bool:
+    """`mul(reciprocal(clamp(gather(index(count, [dst]), 1, view(edge_type)), 1)), 1)` with
+    count = scatter_add into dst of one_hot(edge_type) (`scatter(zeros, 1, unsqueeze(t, 1), 1)`)."""
+    chain = ["aten.mul.Tensor", "aten.reciprocal.default", "aten.clamp.default",
+             "aten.gather.default", "aten.index.Tensor"]
+    node, seen = norm, []
+    for op in chain:
+        if _op(node) != op:
+            return False
+        seen.append(node)
+        node = node.args[0]
+    mul, _, clamp, gather, index = seen
+    tried: set[fx.Node] = set()
+    rows = gnn._edge_index(index.args[1][0], tried) if len(index.args[1]) == 1 else None
+    if mul.args[1] != 1 or _arg(clamp, 1, "min") != 1 or _arg(clamp, 2, "max") is not None or \
+            gather.args[1] != 1 or _op(gather.args[2]) != "aten.view.default" or \
+            gather.args[2].args[0] is not edge_type or rows is None or \
+            not gnn._same_index(rows, dst):
+        return False
+    count = gnn._scatter(node, tried)
+    one_hot: Any = count[2] if count is not None else None
+    if count is None or count[0] != "sum" or not gnn._same_index(count[1], dst) or \
+            _op(one_hot) != "aten.scatter.value" or one_hot.args[1] != 1 or \
+            one_hot.args[3] != 1 or _op(one_hot.args[0]) not in _ZEROS or \
+            _op(one_hot.args[2]) != "aten.unsqueeze.default" or \
+            one_hot.args[2].args[0] is not edge_type:
+        return False
+    used.update(seen, tried, (gather.args[2], node, one_hot, one_hot.args[0], one_hot.args[2]))
+    return True
 
 
 def _add_terms(node: fx.Node, used: set[fx.Node]) -> list[Any]:
@@ -162,7 +242,10 @@ def _match_layer(node: fx.Node) -> Layer | None:
     rest: list[Any] = []
     for term in terms:
         rel = _match_relation(term)
-        relations.append(rel) if rel is not None else rest.append(term)
+        found = [rel] if rel is not None else _match_typed_weights(term)
+        relations += found
+        if not found:
+            rest.append(term)
     if not relations:
         return None
     first = relations[0]
@@ -209,7 +292,7 @@ def _unsupported(layer: Layer, order: dict[fx.Node, int]) -> str | None:
         return "a node count or feature dim is symbolic"
     if out.ndim != 2 or x.ndim != 2 or out.shape[0] != x.shape[0]:
         return "not a node-feature matrix in and out"
-    if any(tuple(_val(w).shape) != (f_in, f_out) for w in layer.weights) or \
+    if any(tuple(_val(w).shape[i is not None:]) != (f_in, f_out) for w, i in layer.weights) or \
             layer.root is not None and tuple(_val(layer.root).shape) != (f_in, f_out) or \
             layer.bias is not None and tuple(_val(layer.bias).shape) != (f_out,):
         return "weight shapes differ from F_in x F_out"
@@ -473,7 +556,8 @@ def _weights(layer: Layer, graph: fx.GraphModule, s: Shapes) -> list[Any]:
             got = getattr(got, part)
         return got.detach().float()
 
-    stack = [value(w) for w in layer.weights] + ([value(layer.root)] if layer.root else [])
+    stack = [value(w) if i is None else value(w)[i] for w, i in layer.weights]
+    stack += [value(layer.root)] if layer.root else []
     bias = value(layer.bias) if layer.bias is not None else torch.zeros(s.FO)
     return [torch.stack(stack).contiguous().numpy(), bias.contiguous().numpy()]
 
