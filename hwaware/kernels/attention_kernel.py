@@ -12,12 +12,14 @@ query tile packed as `q_t[d, row]`, so that
 - q.k is a rank-1-update GEMM vectorised over the tile's rows (broadcast k[key, d]);
 - the softmax's row max and row sum are vertical (vectorised over rows, no horizontal
   reduction) and exp is a vectorised polynomial (LLVM would call expf per lane for T.exp);
-- p.v is vectorised over the head dim (broadcast p[key, row], load v[key, :]).
+- p.v is vectorised over the head dim (broadcast p[key, row], load v[key, :]) and
+  accumulates straight into `acc`: the online rescale `acc *= alpha` is its init.
 Tile sizes come from `tile_sizes`: without a causal mask and for short key lengths one key
 block holds every key (plain softmax, the online rescale runs once); causal kernels use square
 blocks so that about half of them are skipped. The CPU space (`schedule_rule` "hw_attention")
-samples the register tiles of both contractions and the unroll depth; the CUDA space binds
-(n, query tile) to threads (a correct baseline, not a tuned GPU FlashAttention).
+samples the register tiles of both contractions (from `QK_TILES`, `PV_TILES`) and the unroll
+depth; the CUDA space binds (n, query tile) to threads (a correct baseline, not a tuned GPU
+FlashAttention).
 """
 
 from __future__ import annotations
@@ -239,13 +241,19 @@ def _indent(text: str, spaces: int) -> str:
 
 
 # ---------------------------------------------------------------------- schedule spaces
-def _tile(sch: Any, loop: Any, cap: int, fixed: bool) -> list[Any]:
-    """Split `loop` in two with a sampled perfect tile (or the largest inner factor <= cap)."""
+# Register-tile factors the CPU space samples (the first is the untuned default); every pair
+# keeps 4-16 AVX-512 accumulators, so no sample spills.
+QK_TILES = ((8, 4), (32, 16))  # q.k: keys (unrolled) x query rows (vectorised)
+PV_TILES = ((4, 2), (64, 32))  # p.v: query rows (unrolled) x head dim (vectorised)
+def _tile(sch: Any, loop: Any, candidates: tuple[int, ...], fixed: bool) -> list[Any]:
+    """Split `loop` by an inner factor sampled from `candidates` (those that divide its extent;
+    the first is the fixed decision), else by its largest divisor <= the largest candidate."""
     extent = int(sch.get(loop).extent)
-    inner = max(f for f in range(1, min(cap, extent) + 1) if extent % f == 0)
-    decision = [extent // inner, inner] if fixed else None
-    factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=cap, decision=decision)
-    return list(sch.split(loop, factors))
+    fits = [c for c in candidates if extent % c == 0] or \
+        [max(f for f in range(1, min(max(candidates), extent) + 1) if extent % f == 0)]
+    inner = sch.sample_categorical(fits, [1 / len(fits)] * len(fits),
+                                   decision=0 if fixed else None)
+    return list(sch.split(loop, [None, inner]))
 
 
 def _loops(sch: Any, name: str, count: int) -> tuple[Any, list[Any]]:
@@ -253,12 +261,13 @@ def _loops(sch: Any, name: str, count: int) -> tuple[Any, list[Any]]:
     return block, list(sch.get_loops(block))[-count:]
 
 
-def _register_tile(sch: Any, name: str, caps: tuple[int, int], fixed: bool) -> None:
+def _register_tile(sch: Any, name: str, tiles: tuple[tuple[int, ...], tuple[int, ...]],
+                   fixed: bool) -> None:
     """Contraction `name` with loops (a, b, reduction): an (a1 x b1) register tile, a1
     unrolled, b1 vectorised, the reduction between the tile loops and the tile."""
     block, (a, b, r) = _loops(sch, name, 3)
-    a0, a1 = _tile(sch, a, caps[0], fixed)
-    b0, b1 = _tile(sch, b, caps[1], fixed)
+    a0, a1 = _tile(sch, a, tiles[0], fixed)
+    b0, b1 = _tile(sch, b, tiles[1], fixed)
     sch.reorder(a0, b0, r, a1, b1)
     sch.unroll(a1)
     sch.vectorize(b1)
@@ -282,8 +291,8 @@ def schedule_cpu(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
         return [sch]
     outer = sch.fuse(*sch.get_loops(block))
     sch.parallel(outer)
-    _register_tile(sch, "qk", (8, 32), fixed)
-    _register_tile(sch, "pv", (4, 64), fixed)
+    _register_tile(sch, "qk", QK_TILES, fixed)
+    _register_tile(sch, "pv", PV_TILES, fixed)
     for name in ("row_max", "row_sum"):
         _vertical_reduction(sch, name)
     for name in ("q_load", "k_load", "v_load", "score", "exp", "store"):
