@@ -232,6 +232,7 @@ def test_schedule_space_is_generated(target_name: str) -> None:
     mod = tvm_compat.fuse_for_tuning(_lowered(ConvNeXtBlock(8), torch.randn(1, 8, 9, 9),
                                               "hw_convnext_space"), tgt)
     (func,) = tvm_compat.prim_funcs(mod).values()
+    tvm_compat.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
     ctx = ms.TuneContext(mod=tvm_compat.workload_of(func), target=tgt,
                          space_generator="post-order-apply", task_name="space")
     (space,) = ctx.generate_design_space()

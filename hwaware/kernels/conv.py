@@ -26,7 +26,8 @@ depth-first, so only the depthwise output is materialized), the pool and SE, the
 project conv reading the depthwise output and the gated weights. Sampled: the tile shape (a
 full-width tile is a row band), the project conv's register block and vector width, the
 producers' vector widths and the unroll depth. A cuda space binds tiles to thread blocks and
-keeps the tile's intermediates in shared memory. `schedule_fixed` applies the same schedules with fixed decisions (untuned).
+keeps the tile's intermediates in shared memory. `schedule_fixed` applies the same schedules
+with fixed decisions (untuned).
 """
 
 from __future__ import annotations

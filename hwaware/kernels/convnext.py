@@ -407,16 +407,15 @@ def _vectorize_last(sch: Any, decide: Decide, block: Any, hint: int = 16) -> Non
 
 
 def _schedule_fc1(sch: Any, decide: Decide) -> None:
-    """fc1 per tile: (pixels x hidden-channel vectors) register block, reduction outside it;
+    """fc1 per tile: (columns x hidden-channel vectors) register block, reduction outside it;
     the bias + activation runs on each register block as soon as its reduction ends."""
     fc1 = sch.get_sblock("fc1")
     _, i, j, f, r = sch.get_loops(fc1)
-    pix = sch.fuse(i, j)
-    p0, p1 = sch.split(pix, decide.tile(sch, pix, 2, 8, [8]))
+    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [8]))
     f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [32]))
-    sch.reorder(p0, f0, r, p1, f1)
+    sch.reorder(i, j0, f0, r, j1, f1)
     sch.vectorize(f1)
-    sch.unroll(p1)
+    sch.unroll(j1)
     act = sch.get_sblock("act")
     sch.reverse_compute_at(act, f0, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(act)[-1])
