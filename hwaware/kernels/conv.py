@@ -571,7 +571,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     sch.annotate(tile, "pragma_unroll_explicit", 1)
     sch.reverse_compute_at(sch.get_sblock("out"), tile)
     two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
-    anchor = _dw_tiles(sch, decide, [8]) if two_phase else tile
+    anchor = _dw_tiles(sch, decide, [8, 64]) if two_phase else tile
     for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):
         block = _block(sch, name)  # depth-first: the tile's producers inside its loop
         if block is not None:
@@ -592,11 +592,12 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
 
 
 def _dw_tiles(sch: Any, decide: Decide, hint: list[int]) -> Any:
-    """Tile the depthwise output (rows x columns, all channels per tile) by `hint`/samples;
-    returns the fused tile loop (a squeeze-excite's first phase)."""
+    """Tile the depthwise output (rows x columns, all channels per tile) by `hint` (rows,
+    columns; a wide tile wastes less of the expand conv on halos) or samples; returns the
+    fused tile loop (a squeeze-excite's first phase)."""
     i, j, f = sch.get_loops(sch.get_sblock("dw"))
-    i0, i1 = sch.split(i, decide.tile(sch, i, 2, 64, hint))
-    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 64, hint))
+    i0, i1 = sch.split(i, decide.tile(sch, i, 2, 64, hint[:1]))
+    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 64, hint[1:]))
     sch.reorder(i0, j0, i1, j1, f)
     return sch.fuse(i0, j0)
 
@@ -618,7 +619,7 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
     sch.compute_inline(sch.get_sblock("pad"))
     two_phase = _block(sch, "pool") is not None
     if two_phase:  # squeeze-excite: dw tiles of its own, written to global memory
-        dw_tile = _dw_tiles(sch, decide, [2])
+        dw_tile = _dw_tiles(sch, decide, [2, 2])
         sch.bind(dw_tile, "blockIdx.x")
         _, b1 = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("dw"))[1:]), [None, threads])
         sch.bind(b1, "threadIdx.x")
