@@ -227,6 +227,20 @@ def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
     assert conv.is_conv_block(func)
 
 
+def test_zoo_mobilenetv3_block_se_compiles_to_one_checked_kernel() -> None:
+    """The whole pipeline (capture, partition, lower, untuned build, check against eager)."""
+    import hwaware
+    from hwaware.zoo import get_model
+    from tests.helpers import assert_close_to_eager
+
+    model, inputs = get_model("mobilenetv3_block_se", small=True)
+    compiled = hwaware.compile(model, inputs, db=None)
+    kernels = list(compiled.program.kernels.values())
+    fused = [k for k in kernels if k.family == "conv_block"]
+    assert len(fused) == 1 and fused[0].tvm_us is not None, compiled.report()
+    assert_close_to_eager(model, compiled, *inputs)
+
+
 # ------------------------------------------------------------------------- tuning
 TRIALS = 4
 @pytest.fixture(scope="module")
