@@ -102,7 +102,7 @@ def bench_workload(workload: Workload, args: argparse.Namespace, work: Path) -> 
     with torch.no_grad():
         expected = model(*inputs)
     eager = make_eager(model, inputs)
-    if workload.family == "gnn":
+    if workload.family in ("gnn", "rgcn"):
         eager.name, eager.note = "pyg (eager)", "PyTorch Geometric"
     row.impls.append(eager)
     if not args.skip_inductor:

@@ -8,8 +8,11 @@ weights are `get_attr` constants, and whose every value carries its shape and dt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +64,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _export_friendly_libraries():
             exported = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as err:  # torch raises many types; name the model and the cause
         raise CaptureError(
@@ -80,6 +83,24 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
         name=name or type(model).__name__,
         example_inputs=[t.detach() for t in flat_inputs],
     )
+
+
+@contextlib.contextmanager
+def _export_friendly_libraries() -> Iterator[None]:
+    """Library settings that only pick between equal code paths, set so the path taken can be
+    exported. PyTorch Geometric's RGCNConv, with `backend.use_segment_matmul` left at None,
+    reads `int(segment_count.max())` to pick pyg-lib's segment matmul, a data-dependent guard
+    torch.export refuses; without pyg-lib (`typing.WITH_SEGMM` false) both choices run the same
+    per-relation loop, so the choice is fixed to that loop while exporting."""
+    pyg = sys.modules.get("torch_geometric")
+    if pyg is None or pyg.typing.WITH_SEGMM or pyg.backend.use_segment_matmul is not None:
+        yield
+        return
+    pyg.backend.use_segment_matmul = False
+    try:
+        yield
+    finally:
+        pyg.backend.use_segment_matmul = None
 
 
 def _require_tensor_outputs(gm: fx.GraphModule, name: str) -> None:

@@ -404,9 +404,8 @@ def build_pyg_layer(kind: str = "gcn", nodes: int = 10000, edges: int = 100000, 
 
 class PygRGCNLayer(nn.Module):
     """PyTorch Geometric's `RGCNConv` (mean per relation, root weight, bias) on (x, edge_index,
-    edge_type). Builders set `torch_geometric.backend.use_segment_matmul = False`: its default
-    heuristic reads `int(segment_count.max())`, which torch.export cannot capture, and without
-    pyg-lib both choices run the same per-relation loop."""
+    edge_type). Its default segment-matmul heuristic reads `int(segment_count.max())`, which
+    torch.export cannot capture; `capture` fixes that choice while exporting (see there)."""
 
     def __init__(self, cin: int, cout: int, relations: int):
         super().__init__()
@@ -421,9 +420,6 @@ class PygRGCNLayer(nn.Module):
 
 def build_rgcn_layer(nodes: int = 10000, edges: int = 100000, cin: int = 64, cout: int = 64,
                      relations: int = 8) -> Built:
-    import torch_geometric.backend
-
-    torch_geometric.backend.use_segment_matmul = False
     torch.manual_seed(SEED)
     x, edge_index = torch.randn(nodes, cin), random_graph(nodes, edges)
     gen = torch.Generator().manual_seed(SEED + 1)

@@ -6,7 +6,6 @@ left unfused, tuning records applied, and builds for CUDA and Arm."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import torch
 
 pyg = pytest.importorskip("torch_geometric.nn")
 
-import torch_geometric.backend  # noqa: E402
 
 from hwaware import tvm_compat  # noqa: E402
 from hwaware.db import TuningDatabase  # noqa: E402
@@ -23,15 +21,6 @@ from hwaware.kernels import default_schedule, rgcn, unique_name  # noqa: E402
 from hwaware.partition import FUSED_META, find_fused_groups  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 from tests.test_kernels_gnn import Kernel, captured, ops  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _no_segment_matmul() -> Iterator[None]:
-    """PyG's default asks `int(segment_count.max())`, which torch.export cannot capture."""
-    before = torch_geometric.backend.use_segment_matmul
-    torch_geometric.backend.use_segment_matmul = False
-    yield
-    torch_geometric.backend.use_segment_matmul = before
 
 
 class HandRGCN(torch.nn.Module):
@@ -93,8 +82,14 @@ def only_kernel(model: torch.nn.Module, args: tuple[Any, ...]) -> RgcnKernel:
 
 # ---------------------------------------------------------------------------------- find
 def test_partition_gives_the_whole_pyg_layer_to_rgcn() -> None:
+    """PyG's default (`backend.use_segment_matmul` None) guards on data; capture takes the
+    per-relation loop without changing the user's setting."""
+    import torch_geometric.backend
+
+    assert torch_geometric.backend.use_segment_matmul is None
     args = graph(10, 30, 7, 3)
     gm = captured(layer(7, 5, 3), args)
+    assert torch_geometric.backend.use_segment_matmul is None
     groups = find_fused_groups(gm)
     assert len(groups) == 1 and {n.meta[FUSED_META] for n in groups[0]} == {"rgcn"}
     assert {"index", "eq", "index_select", "scatter_add", "div", "matmul", "add"} <= \
@@ -193,12 +188,15 @@ def test_hand_written_layer_and_isolated_nodes() -> None:
     torch.testing.assert_close(got[-4:], args[0][-4:] @ model.root + model.bias)
 
 
-def test_edge_types_out_of_range_are_dropped_like_the_reference() -> None:
+def test_edge_types_out_of_range_are_dropped_like_the_reference(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     x, edges, types = graph(10, 30, 7, 3)
     kernel = only_kernel(layer(7, 5, 3), (x, edges, types))
     call, _ = kernel.build()
     bad = types.clone()
     bad[::4] = 5  # no relation 5: the relation loop never selects these edges
+    # (PyG's default heuristic would raise on them; its per-relation loop is the reference)
+    monkeypatch.setattr("torch_geometric.backend.use_segment_matmul", False)
     with torch.no_grad():
         want = layer(7, 5, 3)(x, edges, bad)
     torch.testing.assert_close(kernel.run_model(call, (x, edges, bad)), want, rtol=1e-3,

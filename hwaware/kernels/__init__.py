@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import fx
 
-# Family modules of this package, in the order `find` runs, and the names their FAMILY objects carry.
+# Family modules of this package, in the order `find` runs, and their FAMILY objects' names.
 FAMILY_MODULES = ("convnext", "conv", "resblock", "rgcn", "gnn", "attention")
 FAMILY_NAMES = ("convnext_block", "conv_block", "res_block", "rgcn", "gnn", "attention")
 _names = itertools.count()
