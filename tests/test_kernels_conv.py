@@ -288,15 +288,16 @@ def test_builds_for_other_targets(target_name: str) -> None:
         assert exe is not None
 
 
+@pytest.mark.parametrize("se", [False, True], ids=["plain", "squeeze_excite"])
 @pytest.mark.parametrize("target_name", ["cuda-sm90", "host"])
-def test_schedule_space_is_generated(target_name: str) -> None:
+def test_schedule_space_is_generated(target_name: str, se: bool) -> None:
     """MetaSchedule finds the custom rule through the block annotation and samples it."""
     from tvm.s_tir import meta_schedule as ms
 
     t = get_target(target_name)
     tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
-    mod = tvm_compat.fuse_for_tuning(_lowered(InvertedResidual(8, 8), torch.randn(1, 8, 9, 9),
-                                              "hw_conv_space"), tgt)
+    mod = tvm_compat.fuse_for_tuning(_lowered(InvertedResidual(8, 8, se=se),
+                                              torch.randn(1, 8, 9, 9), "hw_conv_space"), tgt)
     (func,) = tvm_compat.prim_funcs(mod).values()
     tvm_compat.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
     ctx = ms.TuneContext(mod=tvm_compat.workload_of(func), target=tgt,
