@@ -20,12 +20,15 @@ from tests.helpers import assert_close_to_eager
 
 FAMILY_OF_ZOO_MODEL = {
     "mobilenetv2_block": "conv_block",
+    "mobilenetv3_block_se": "conv_block",
+    "convnext_block": "convnext_block",
     "resnet_basic_block": "res_block",
     "resnet_bottleneck": "res_block",
     "gcn_layer": "gnn",
     "sage_layer": "gnn",
     "sage_max_layer": "gnn",
     "gat_layer": "gnn",
+    "rgcn_layer": "rgcn",
     "attention_core": "attention",
     "causal_attention_core": "attention",
     "sdpa_attention": "attention",
