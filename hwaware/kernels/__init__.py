@@ -69,6 +69,23 @@ def register_spaces(rule: str, schedules: dict[str, Callable[[Any, Any], Any]],
         tvm.register_global_func(f"s_tir.meta_schedule.{kind}.{rule}", space, override=True)
 
 
+def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
+                   decisions: Callable[[str], Any]) -> Callable[[Any, Any], Any]:
+    """A family's `schedule_fixed` when its space is `schedules[kind](sch, decisions)`: the
+    PrimFunc scheduled by the space for the target's kind ("cpu" or "cuda") with the fixed
+    `decisions(kind)` in place of sampling instructions."""
+
+    def schedule_fixed(func: Any, target: Any) -> Any:
+        from tvm import s_tir
+
+        kind = "cuda" if target.kind.name == "cuda" else "cpu"
+        sch = s_tir.Schedule(func)
+        schedules[kind](sch, decisions(kind))
+        return sch.mod["main"]
+
+    return schedule_fixed
+
+
 def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
     """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
     return {f.rule: f.schedule_fixed for f in families().values()}

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, register_spaces
+from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
 
 log = logging.getLogger(__name__)
 
@@ -662,13 +662,7 @@ def is_conv_block(func: Any) -> bool:
     return RULE in tvm_compat.schedule_rules(func)
 
 
-def schedule_fixed(func: Any, target: Any) -> Any:
-    """A conv_block PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    SCHEDULES["cuda" if target.kind.name == "cuda" else "cpu"](sch, Fixed())
-    return sch.mod["main"]
+schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind: Fixed())
 
 
 register_schedule_rules()

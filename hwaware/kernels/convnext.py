@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, register_spaces
+from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
 from hwaware.kernels.conv import (
     ACTIVATIONS,
     ADD,
@@ -484,13 +484,7 @@ def is_convnext_block(func: Any) -> bool:
     return RULE in tvm_compat.schedule_rules(func)
 
 
-def schedule_fixed(func: Any, target: Any) -> Any:
-    """A convnext_block PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    SCHEDULES["cuda" if target.kind.name == "cuda" else "cpu"](sch, Fixed())
-    return sch.mod["main"]
+schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind: Fixed())
 
 
 register_spaces(RULE, SCHEDULES, Sampled)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, register_spaces
+from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
@@ -723,14 +723,7 @@ def register_schedule_rules() -> None:
     register_spaces(RULE, SCHEDULES, Sampled)
 
 
-def schedule_fixed(func: Any, target: Any) -> Any:
-    """A gnn PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
-    from tvm import s_tir
-
-    kind = "cuda" if target.kind.name == "cuda" else "cpu"
-    sch = s_tir.Schedule(func)
-    SCHEDULES[kind](sch, Fixed(rows=8 if kind == "cuda" else 16))
-    return sch.mod["main"]
+schedule_fixed = fixed_schedule(SCHEDULES, lambda kind: Fixed(rows=8 if kind == "cuda" else 16))
 
 
 def _is_family_func(func: Any) -> bool:

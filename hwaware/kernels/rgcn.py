@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, gnn, register_spaces
+from hwaware.kernels import KernelFamily, fixed_schedule, gnn, register_spaces
 from hwaware.kernels.gnn import Decide, Fixed, Sampled, _arg, _op, _val
 
 log = logging.getLogger(__name__)
@@ -486,14 +486,7 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
 SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
 
 
-def schedule_fixed(func: Any, target: Any) -> Any:
-    """An rgcn PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
-    from tvm import s_tir
-
-    kind = "cuda" if target.kind.name == "cuda" else "cpu"
-    sch = s_tir.Schedule(func)
-    SCHEDULES[kind](sch, Fixed(rows=4 if kind == "cpu" else 8))
-    return sch.mod["main"]
+schedule_fixed = fixed_schedule(SCHEDULES, lambda kind: Fixed(rows=4 if kind == "cpu" else 8))
 
 
 # ------------------------------------------------------------------------------- lower
