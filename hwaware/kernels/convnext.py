@@ -42,7 +42,6 @@ from torch import fx
 from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
 from hwaware.kernels.conv import (
     ACTIVATIONS,
-    ADD,
     CONV,
     CUDA_THREADS,
     UNROLL,
@@ -62,6 +61,7 @@ from hwaware.kernels.conv import (
     _conv_attrs,
     _dot,
     _only_user,
+    _residual,
     _tile_proj,
     _val,
     emit_one_call,
@@ -229,20 +229,6 @@ def _match(gm: fx.GraphModule, dw_node: fx.Node) -> Block:
     if add is not None:
         nodes.append(add)
     return Block(nodes, dw, norm, fc1, act, fc2, gamma, add is not None)
-
-
-def _residual(value: fx.Node, block_input: Any) -> fx.Node | None:
-    """The `add(block_input, value)` after the block, if there is one."""
-    add = _only_user(value)
-    if not _is(add, ADD) or add is None or add.kwargs.get("alpha", 1) != 1:
-        return None
-    operands = list(add.args[:2])
-    if len(operands) != 2 or value not in operands:
-        return None
-    other = operands[1 - operands.index(value)]
-    if other is not block_input or not isinstance(other, fx.Node):
-        return None
-    return add if tuple(_val(other).shape) == tuple(_val(value).shape) else None
 
 
 def find(gm: fx.GraphModule) -> list[list[fx.Node]]:
