@@ -557,12 +557,12 @@ def _tile_proj(sch: Any, decide: Decide, hints: dict[str, list[int]], max_inner:
     return sch.fuse(oh0, ow_parts[0]), [oh1, *ow_parts[1:], *o_parts, r]
 
 
-def schedule_cpu(sch: Any, decide: Decide) -> Any:
-    """The depth-first CPU schedule: per output tile (parallel), the expand conv for the tile
-    plus halo, the padded activation and the depthwise conv into tile-sized buffers, then the
-    project conv with a (columns x channels) register block vectorized over channels."""
+def parallel_project_tiles(sch: Any, decide: Decide, channel_hint: int) -> Any:
+    """The project conv (GEMM) split into parallel output tiles, each a (columns x channels)
+    register block vectorized over channels, with the output epilogue inside; the tile loop
+    (where a depth-first schedule computes the earlier stages)."""
     tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
-        sch, decide, {"oh": [8], "ow": [2, 8], "o": [16]}, 64)
+        sch, decide, {"oh": [8], "ow": [2, 8], "o": [channel_hint]}, 64)
     sch.reorder(oh1, ow1, o0, r, ow2, o1)
     sch.vectorize(o1)
     sch.unroll(ow2)
@@ -570,6 +570,14 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
     sch.annotate(tile, "pragma_unroll_explicit", 1)
     sch.reverse_compute_at(sch.get_sblock("out"), tile)
+    return tile
+
+
+def schedule_cpu(sch: Any, decide: Decide) -> Any:
+    """The depth-first CPU schedule: per output tile (parallel), the expand conv for the tile
+    plus halo, the padded activation and the depthwise conv into tile-sized buffers, then the
+    project conv with a (columns x channels) register block vectorized over channels."""
+    tile = parallel_project_tiles(sch, decide, 16)
     two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
     anchor = _dw_tiles(sch, decide, [8, 64]) if two_phase else tile
     for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):

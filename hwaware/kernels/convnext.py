@@ -44,8 +44,6 @@ from hwaware.kernels.conv import (
     ACTIVATIONS,
     CONV,
     CUDA_THREADS,
-    UNROLL,
-    UNROLL_P,
     Act,
     Conv,
     Decide,
@@ -65,6 +63,7 @@ from hwaware.kernels.conv import (
     _tile_proj,
     _val,
     emit_one_call,
+    parallel_project_tiles,
 )
 
 log = logging.getLogger(__name__)
@@ -411,15 +410,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     """The depth-first CPU schedule: per output tile (parallel), every stage for the tile
     (the depthwise conv with its halo) into tile-sized buffers, then the project GEMM with a
     (columns x channels) register block vectorized over channels."""
-    tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
-        sch, decide, {"oh": [8], "ow": [2, 8], "o": [48]}, 64)
-    sch.reorder(oh1, ow1, o0, r, ow2, o1)
-    sch.vectorize(o1)
-    sch.unroll(ow2)
-    sch.parallel(tile)
-    sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
-    sch.annotate(tile, "pragma_unroll_explicit", 1)
-    sch.reverse_compute_at(sch.get_sblock("out"), tile)
+    tile = parallel_project_tiles(sch, decide, 48)
     for name in ("act", "fc1", "norm", "var", "mean", "dw", "pad"):  # depth-first
         block = _block(sch, name)
         if block is not None:

@@ -733,6 +733,18 @@ def _is_family_func(func: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------- lower
+def relax_params(graph: fx.GraphModule) -> tuple[list[Any], dict[fx.Node, Any]]:
+    """Relax parameters for the kernel graph's placeholders (a data-dependent size, such as
+    the edge count, becomes one named symbolic dim shared by every input that has it), and
+    the placeholder -> parameter map."""
+    from tvm import relax
+
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    dims: dict[str, Any] = {}
+    params = [relax.Var(p.name, _struct_info(p, dims)) for p in placeholders]
+    return params, dict(zip(placeholders, params, strict=True))
+
+
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph -> Relax `main`: edge glue (pad to E_cap, int32) + one sparse kernel."""
     from tvm import relax
@@ -742,10 +754,7 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
         raise ValueError(f"gnn.lower: expected one aggregation in the kernel graph, "
                          f"found {len(matches)}")
     match = matches[0]
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    dims: dict[str, Any] = {}
-    params = [relax.Var(p.name, _struct_info(p, dims)) for p in placeholders]
-    var_of = dict(zip(placeholders, params, strict=True))
+    params, var_of = relax_params(graph)
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():

@@ -499,10 +499,7 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
         raise ValueError(f"rgcn.lower: expected one relational layer in the kernel graph, "
                          f"found {len(layers)}")
     layer = layers[0]
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    dims: dict[str, Any] = {}
-    params = [relax.Var(p.name, gnn._struct_info(p, dims)) for p in placeholders]
-    var_of = dict(zip(placeholders, params, strict=True))
+    params, var_of = gnn.relax_params(graph)
     shapes = _shapes(layer)
     bb = relax.BlockBuilder()
     with bb.function("main", params):
