@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+
+from hwaware.db import TuningDatabase
+from hwaware.target import Target
 
 
 def assert_close_to_eager(model: torch.nn.Module, compiled: object, *inputs: torch.Tensor) -> None:
@@ -16,3 +22,23 @@ def assert_close_to_eager(model: torch.nn.Module, compiled: object, *inputs: tor
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+
+
+
+def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials: int,
+                       **search: int) -> tuple[TuningDatabase, Any, dict[str, Any]]:
+    """A real tuning session of `trials` per family workload of the lowered module `mod` into
+    a sqlite database at `db_path` (the edge glue functions of GNN kernels are not tuned).
+    Returns the database, its MetaSchedule adapter and the tuned workloads by name."""
+    from hwaware import tvm_compat
+
+    db = TuningDatabase(db_path)
+    db.start_session("sess", target.key, "kernel", trials)
+    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
+    fused = tvm_compat.fuse_for_tuning(mod, tgt)
+    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()
+                 if not n.endswith("_edges")}
+    tvm_compat.tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
+                              lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
+                              **search)
+    return db, adapter, workloads

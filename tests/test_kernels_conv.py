@@ -17,6 +17,7 @@ from hwaware.db import TuningDatabase
 from hwaware.kernels import conv, default_schedule
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
+from tests.helpers import tune_kernel_module
 
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -252,14 +253,7 @@ def tuned(host: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
     x = torch.randn(1, 12, 7, 7)
     mod = _lowered(model, x, "hw_conv_tuned")
     work = tmp_path_factory.mktemp("conv_tune")
-    db = TuningDatabase(Path(work) / "t.db")
-    db.start_session("sess", t.key, "conv_block", TRIALS)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()}
-    tvm_compat.tune_workloads(workloads, {n: TRIALS for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(work), num_trials_per_iter=TRIALS,
-                              population=64)
+    db, adapter, _ = tune_kernel_module(mod, t, tgt, Path(work) / "t.db", TRIALS, population=64)
     return model, x, mod, db, adapter
 
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from hwaware import partition, tvm_compat
-from hwaware.db import TuningDatabase
 from hwaware.kernels import convnext, default_schedule
 from hwaware.target import get_target
+from tests.helpers import tune_kernel_module
 from tests.test_kernels_conv import _graph, _kernel_graph, _ops, _run
 
 RTOL, ATOL = 1e-3, 1e-4
@@ -207,16 +207,10 @@ def test_tuning_stores_records_that_apply(host: tuple[Any, Any], tmp_path: Path)
     model = ConvNeXtBlock(12).eval()
     x = torch.randn(1, 12, 7, 7)
     mod = _lowered(model, x, "hw_convnext_tuned")
-    db = TuningDatabase(tmp_path / "t.db")
-    db.start_session("sess", t.key, "convnext_block", TRIALS)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()}
-    tvm_compat.tune_workloads(workloads, {n: TRIALS for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(tmp_path), num_trials_per_iter=TRIALS,
-                              population=64)
-    (func,) = tvm_compat.prim_funcs(fused).values()
-    whash = tvm_compat.workload_hash(tvm_compat.workload_of(func))
+    db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", TRIALS,
+                                                population=64)
+    (workload,) = workloads.values()
+    whash = tvm_compat.workload_hash(workload)
     assert db.count_records(whash, tvm_compat.TVM_VERSION, t.key) > 0
     exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
     assert whash in applied

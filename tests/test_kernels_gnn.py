@@ -15,12 +15,12 @@ pyg = pytest.importorskip("torch_geometric.nn")
 
 from hwaware import tvm_compat  # noqa: E402
 from hwaware.capture import capture  # noqa: E402
-from hwaware.db import TuningDatabase  # noqa: E402
 from hwaware.kernels import default_schedule, gnn, unique_name  # noqa: E402
 from hwaware.partition import _external_inputs, _kernel_graph  # noqa: E402
 from hwaware.program import op_name  # noqa: E402
 from hwaware.rewrite import rewrite  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
+from tests.helpers import tune_kernel_module  # noqa: E402
 
 
 class IndexAdd(torch.nn.Module):
@@ -271,14 +271,7 @@ def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> Non
     x, edges = graph(24, 60, 8)
     kernel = only_kernel(layer("sage_max", 8), (x, edges))
     t, tgt, mod = kernel.lower()
-    db = TuningDatabase(tmp_path / "t.db")
-    db.start_session("sess", t.key, "sage", 4)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()
-                 if not n.endswith("_edges")}
-    tvm_compat.tune_workloads(workloads, {n: 4 for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(tmp_path), num_trials_per_iter=4)
+    db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", 4)
     whash = tvm_compat.workload_hash(next(iter(workloads.values())))
     records = db.top_records(whash, tvm_compat.TVM_VERSION, t.key, 10)
     assert records and all(r.mean_us is not None for r in records)

@@ -16,10 +16,10 @@ pyg = pytest.importorskip("torch_geometric.nn")
 
 
 from hwaware import tvm_compat  # noqa: E402
-from hwaware.db import TuningDatabase  # noqa: E402
 from hwaware.kernels import default_schedule, rgcn, unique_name  # noqa: E402
 from hwaware.partition import FUSED_META, find_fused_groups  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
+from tests.helpers import tune_kernel_module  # noqa: E402
 from tests.test_kernels_gnn import Kernel, captured, ops  # noqa: E402
 
 
@@ -207,15 +207,8 @@ def test_edge_types_out_of_range_are_dropped_like_the_reference(
 def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> None:
     kernel = only_kernel(layer(8, 16, 3), graph(24, 60, 8, 3))
     t, tgt, mod = kernel.lower()
-    db = TuningDatabase(tmp_path / "t.db")
-    db.start_session("sess", t.key, "rgcn", 4)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, t.key)
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()
-                 if not n.endswith("_edges")}
+    db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", 4)
     assert len(workloads) == 1
-    tvm_compat.tune_workloads(workloads, {n: 4 for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(tmp_path), num_trials_per_iter=4)
     whash = tvm_compat.workload_hash(next(iter(workloads.values())))
     records = db.top_records(whash, tvm_compat.TVM_VERSION, t.key, 10)
     assert records and all(r.mean_us is not None for r in records)
