@@ -16,7 +16,9 @@ Schedule space (`schedule_rule` "res_block" on the last conv): the output is spl
 tiles run in parallel; every earlier conv is computed per tile, with its halo rows, into a small
 cache-resident buffer (compute_at), then the last conv, downsample and epilogue run tile by tile.
 Every conv's inner kernel is register-blocked over (output-channel blocks x output columns) and
-vectorized over the channels of a block. Tunable: tile rows, output-channel and column blocking
+vectorized over the channels of a block; its accumulators live in a "local" buffer of exactly
+that micro-tile, which LLVM promotes to registers (accumulating in the tile buffer itself made
+every FMA load and store its accumulator: 2.3x slower). Tunable: tile rows, output-channel and column blocking
 per conv, and an unroll step. The cuda space binds each block's spatial loops to threads.
 """
 
@@ -363,16 +365,15 @@ def _residual_te(block: BlockDef, x: Any, xpack: Any, weights: list[Any], biases
 
     lanes, layer = block.lanes, block.downsample
     bias = biases[len(block.main) - 1]
-    if layer is None:
+    off = block.main[0].padding
+    if layer is None:  # the padded, blocked input the first conv reads: contiguous vectors
         return te.compute(
-            shape, lambda cb, h, w, c: bias[cb, c] + tirx.if_then_else(
-                cb * lanes + c < block.channels, x[0, cb * lanes + c, h, w],
-                tirx.const(0.0, "float32")),
+            shape, lambda cb, h, w, c: bias[cb, c] + xpack[cb, h + off, w + off, c],
             name="residual", attrs={"schedule_rule": "None"})
     weight, ds_bias = weights[-1], biases[-1]
     rcb = te.reduce_axis((0, int(layer.weight.shape[1])), name="rcb")
     rci = te.reduce_axis((0, lanes), name="rci")
-    s, off = layer.stride, block.main[0].padding
+    s = layer.stride
     ds = te.compute(
         shape, lambda cb, h, w, c: te.sum(
             xpack[rcb, h * s + off, w * s + off, rci] * weight[cb, rcb, 0, 0, rci, c],
@@ -453,6 +454,9 @@ def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
     cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
     w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
     sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, w_o, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(cache)[-1])
     _register_tile(sch, block, cb_i, w_i, c, rcb)
 
 
@@ -475,6 +479,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     last = _inner_convs(sch)
     anchor = sch.get_sblock(f"conv{last}")
     sch.compute_at(anchor, w_o, preserve_unit_loops=True)
+    sch.set_scope(anchor, 0, "local")
     a_cb, _, a_w, a_c, rcb, rh, rw, rci = sch.get_loops(anchor)[-8:]
     sch.reorder(rcb, rh, rw, rci, a_cb, a_w, a_c)
     _register_tile(sch, anchor, a_cb, a_w, a_c, rcb)
