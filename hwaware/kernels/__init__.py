@@ -86,6 +86,19 @@ def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
     return schedule_fixed
 
 
+def accumulate_in_registers(sch: Any, block: Any, tile_loop: Any, reduction: Any) -> None:
+    """Give the reduction `block` a "local" accumulator of one register tile: the values one
+    iteration of `tile_loop` computes, written back to `block`'s buffer after the reduction
+    (vectorized), with the zero-init hoisted before the `reduction` loop. LLVM keeps such a
+    small local buffer in registers; accumulating in the block's own (tile or whole-output)
+    buffer instead makes every FMA load and store its accumulator."""
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, tile_loop, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(cache)[-1])
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
     """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
     return {f.rule: f.schedule_fixed for f in families().values()}

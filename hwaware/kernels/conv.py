@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
+from hwaware.kernels import KernelFamily, accumulate_in_registers, fixed_schedule, register_spaces
 
 log = logging.getLogger(__name__)
 
@@ -557,19 +557,48 @@ def _tile_proj(sch: Any, decide: Decide, hints: dict[str, list[int]], max_inner:
     return sch.fuse(oh0, ow_parts[0]), [oh1, *ow_parts[1:], *o_parts, r]
 
 
-def parallel_project_tiles(sch: Any, decide: Decide, channel_hint: int) -> Any:
-    """The project conv (GEMM) split into parallel output tiles, each a (columns x channels)
-    register block vectorized over channels, with the output epilogue inside; the tile loop
-    (where a depth-first schedule computes the earlier stages)."""
+ACCUMULATORS = 24  # register-tile accumulators the fixed decisions aim at (AVX-512 has 32)
+
+
+def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
+    """Split a channel loop of a register tile into (vectors, lanes): lanes a power of two <= 16
+    dividing its extent (the largest for fixed decisions). LLVM keeps a register tile of such
+    vectors in registers; a 12- or 48-lane vector accumulator compiles to lane shuffles."""
+    extent = int(sch.get(loop).extent)
+    lanes = [v for v in (16, 8, 4, 2) if extent % v == 0] or [1]
+    return list(sch.split(loop, [None, decide.choose(sch, lanes, [1.0 / len(lanes)] * len(lanes))]))
+
+
+def register_hints(channels: int) -> tuple[int, int]:
+    """Fixed (channel tile, columns) of a (columns x channel vectors) register tile for a GEMM
+    with `channels` outputs: up to 3 vectors of the widest power-of-two lanes, and as many
+    columns (<= 8) as keep about ACCUMULATORS accumulators."""
+    lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
+    vectors = max(d for d in (1, 2, 3) if (channels // lanes) % d == 0)
+    return lanes * vectors, min(8, ACCUMULATORS // vectors)
+
+
+def parallel_project_tiles(sch: Any, decide: Decide) -> Any:
+    """The project conv (GEMM) split into parallel output tiles, each a (columns x channel
+    vectors) register block accumulating in registers, with the output epilogue inside; the
+    tile loop (where a depth-first schedule computes the earlier stages)."""
+    out_channels = sch.get(sch.get_loops(sch.get_sblock("proj"))[2]).extent
+    channels, columns = register_hints(int(out_channels))
     tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
-        sch, decide, {"oh": [8], "ow": [2, 8], "o": [channel_hint]}, 64)
-    sch.reorder(oh1, ow1, o0, r, ow2, o1)
-    sch.vectorize(o1)
+        sch, decide, {"oh": [8], "ow": [2, columns], "o": [channels]}, 64)
+    vectors, lanes = split_lanes(sch, decide, o1)
+    sch.reorder(oh1, ow1, o0, r, ow2, vectors, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(vectors)
     sch.unroll(ow2)
     sch.parallel(tile)
+    accumulate_in_registers(sch, sch.get_sblock("proj"), o0, r)
     sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
     sch.annotate(tile, "pragma_unroll_explicit", 1)
     sch.reverse_compute_at(sch.get_sblock("out"), tile)
+    # MetaSchedule's parallel/vectorize/unroll rule would annotate the root too, and its
+    # postprocessor then fails on the decomposed reduction inside this parallel loop: opt out
+    sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
     return tile
 
 
@@ -577,7 +606,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     """The depth-first CPU schedule: per output tile (parallel), the expand conv for the tile
     plus halo, the padded activation and the depthwise conv into tile-sized buffers, then the
     project conv with a (columns x channels) register block vectorized over channels."""
-    tile = parallel_project_tiles(sch, decide, 16)
+    tile = parallel_project_tiles(sch, decide)
     two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
     anchor = _dw_tiles(sch, decide, [8, 64]) if two_phase else tile
     for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):

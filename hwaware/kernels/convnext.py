@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
+from hwaware.kernels import KernelFamily, accumulate_in_registers, fixed_schedule, register_spaces
 from hwaware.kernels.conv import (
     ACTIVATIONS,
     CONV,
@@ -64,6 +64,8 @@ from hwaware.kernels.conv import (
     _val,
     emit_one_call,
     parallel_project_tiles,
+    register_hints,
+    split_lanes,
 )
 
 log = logging.getLogger(__name__)
@@ -396,11 +398,15 @@ def _schedule_fc1(sch: Any, decide: Decide) -> None:
     the bias + activation runs on each register block as soon as its reduction ends."""
     fc1 = sch.get_sblock("fc1")
     _, i, j, f, r = sch.get_loops(fc1)
-    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [8]))
-    f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [32]))
-    sch.reorder(i, j0, f0, r, j1, f1)
-    sch.vectorize(f1)
+    channels, columns = register_hints(int(sch.get(f).extent))
+    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
+    f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
+    vectors, lanes = split_lanes(sch, decide, f1)
+    sch.reorder(i, j0, f0, r, j1, vectors, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(vectors)
     sch.unroll(j1)
+    accumulate_in_registers(sch, fc1, f0, r)
     act = sch.get_sblock("act")
     sch.reverse_compute_at(act, f0, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(act)[-1])
@@ -410,7 +416,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     """The depth-first CPU schedule: per output tile (parallel), every stage for the tile
     (the depthwise conv with its halo) into tile-sized buffers, then the project GEMM with a
     (columns x channels) register block vectorized over channels."""
-    tile = parallel_project_tiles(sch, decide, 48)
+    tile = parallel_project_tiles(sch, decide)
     for name in ("act", "fc1", "norm", "var", "mean", "dw", "pad"):  # depth-first
         block = _block(sch, name)
         if block is not None:

@@ -18,8 +18,9 @@ cache-resident buffer (compute_at), then the last conv, downsample and epilogue 
 Every conv's inner kernel is register-blocked over (output-channel blocks x output columns) and
 vectorized over the channels of a block; its accumulators live in a "local" buffer of exactly
 that micro-tile, which LLVM promotes to registers (accumulating in the tile buffer itself made
-every FMA load and store its accumulator: 2.3x slower). Tunable: tile rows, output-channel and column blocking
-per conv, and an unroll step. The cuda space binds each block's spatial loops to threads.
+every FMA load and store its accumulator: 2.3x slower). Tunable: tile rows, output-channel and
+column blocking per conv, and an unroll step. The cuda space binds each block's spatial loops
+to threads.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ def _act_te(conv: Any, bias: Any, pad: int, height: int, width: int, name: str) 
 def _residual_te(block: BlockDef, x: Any, xpack: Any, weights: list[Any], biases: list[Any],
                  shape: Any) -> Any:
     """The last conv's bias plus the block input or the downsample conv, blocked."""
-    from tvm import te, tirx
+    from tvm import te
 
     lanes, layer = block.lanes, block.downsample
     bias = biases[len(block.main) - 1]
