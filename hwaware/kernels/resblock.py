@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily
+from hwaware.kernels import KernelFamily, accumulate_in_registers
 
 log = logging.getLogger(__name__)
 
@@ -455,10 +455,10 @@ def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
     cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
     w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
     sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
-    cache = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(cache, w_o, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(cache)[-1])
-    _register_tile(sch, block, cb_i, w_i, c, rcb)
+    sch.unroll(cb_i)
+    sch.unroll(w_i)
+    sch.vectorize(c)
+    accumulate_in_registers(sch, block, w_o, rcb)
 
 
 def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
@@ -487,6 +487,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     if _has_block(sch, "downsample"):
         ds = sch.get_sblock("downsample")
         sch.compute_at(ds, w_o, preserve_unit_loops=True)
+        sch.set_scope(ds, 0, "local")
         d_cb, _, d_w, d_c, rcb, rci = sch.get_loops(ds)[-6:]
         sch.reorder(rcb, rci, d_cb, d_w, d_c)
         _register_tile(sch, ds, d_cb, d_w, d_c, rcb)
