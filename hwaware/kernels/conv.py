@@ -569,6 +569,11 @@ def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     return list(sch.split(loop, [None, decide.choose(sch, lanes, [1.0 / len(lanes)] * len(lanes))]))
 
 
+def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
+    """Vectorize an element-wise stage over its innermost (channel) loop, `split_lanes` wide."""
+    sch.vectorize(split_lanes(sch, decide, sch.get_loops(block)[-1])[1])
+
+
 def register_hints(channels: int) -> tuple[int, int]:
     """Fixed (channel tile, columns) of a (columns x channel vectors) register tile for a GEMM
     with `channels` outputs: up to 3 vectors of the widest power-of-two lanes, and as many
@@ -622,9 +627,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
         block = _block(sch, name)
         if block is None:
             continue
-        loop = sch.get_loops(block)[-1]
-        _, inner = sch.split(loop, decide.tile(sch, loop, 2, 64, [16]))
-        sch.vectorize(inner)
+        vectorize_channels(sch, decide, block)
     return sch
 
 

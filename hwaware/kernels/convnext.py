@@ -66,6 +66,7 @@ from hwaware.kernels.conv import (
     parallel_project_tiles,
     register_hints,
     split_lanes,
+    vectorize_channels,
 )
 
 log = logging.getLogger(__name__)
@@ -387,12 +388,6 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
 
 
 # ------------------------------------------------------------------------------ schedules
-def _vectorize_last(sch: Any, decide: Decide, block: Any, hint: int = 16) -> None:
-    loop = sch.get_loops(block)[-1]
-    _, inner = sch.split(loop, decide.tile(sch, loop, 2, 64, [hint]))
-    sch.vectorize(inner)
-
-
 def _schedule_fc1(sch: Any, decide: Decide) -> None:
     """fc1 per tile: (columns x hidden-channel vectors) register block, reduction outside it;
     the bias + activation runs on each register block as soon as its reduction ends."""
@@ -425,7 +420,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     for name in ("norm", "dw", "pad"):
         block = _block(sch, name)
         if block is not None:
-            _vectorize_last(sch, decide, block)
+            vectorize_channels(sch, decide, block)
     return sch
 
 
