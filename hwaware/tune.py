@@ -118,6 +118,7 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
                model_name: str = "", show_progress: bool = True) -> SessionSummary:
     """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
     from hwaware import tvm_compat
+    from hwaware.kernels import fixed_schedules
 
     require_runnable(target)
     session_id = uuid.uuid4().hex[:12]
@@ -139,7 +140,7 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
             tvm_compat.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
-                num_trials_per_iter=_batch_size(per_task),
+                num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules(),
             )
     progress.close()
     summary.elapsed_s = time.time() - start

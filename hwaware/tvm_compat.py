@@ -332,25 +332,38 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
 
 
 # ------------------------------------------------------------------------- tuning
+FixedSchedules = Mapping[str, Callable[[Any, Any], Any]]  # rule -> (PrimFunc, target) -> Schedule
+
+
 @derived_object
 class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
     """An evolutionary search that never measures a candidate the database already holds.
 
     MetaSchedule seeds each search with the database's best traces but only remembers what it
     measured in the current session, so a resumed session can propose a stored candidate again
-    (it did, one in eight trials, in CI). This wrapper drops those before they are built."""
+    (it did, one in eight trials, in CI). This wrapper drops those before they are built.
+
+    It also measures the workload's fixed-decision schedule first (`fixed_schedules`, by
+    schedule rule, when the database does not hold it yet): a fused family kernel's default is
+    hand-picked, and a small budget of random samples can all be slower than it. Once measured,
+    it is in the database, where the search takes its best traces from to mutate."""
 
     MAX_ALL_STORED_ROUNDS = 16
 
-    def __init__(self, inner: Any, database: SqliteDatabase):
+    def __init__(self, inner: Any, database: SqliteDatabase,
+                 fixed_schedules: FixedSchedules | None = None):
         super().__init__()
         self.inner = inner
         self.database = database
+        self.fixed_schedules = fixed_schedules or {}
         self.workload_hash = ""
+        self.context: Any = None
+        self.seeded = False
 
     def _initialize_with_tune_context(self, context: Any) -> None:
         self.inner._initialize_with_tune_context(context)
         self.workload_hash = workload_hash(context.mod)
+        self.context = context
 
     def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: Any,
                    database: Any = None, cost_model: Any = None) -> None:
@@ -361,6 +374,11 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
         self.inner.post_tuning()
 
     def generate_measure_candidates(self) -> list[Any] | None:
+        if not self.seeded:
+            self.seeded = True
+            seed = self._fixed_candidate()
+            if seed is not None:
+                return [seed]
         for _ in range(self.MAX_ALL_STORED_ROUNDS):
             candidates = self.inner.generate_measure_candidates()
             if candidates is None:
@@ -375,7 +393,22 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
         self.inner.notify_runner_results(measure_candidates, results)
 
     def clone(self) -> Any:
-        return SkipStoredCandidates(self.inner.clone(), self.database)
+        return SkipStoredCandidates(self.inner.clone(), self.database, self.fixed_schedules)
+
+    def _fixed_candidate(self) -> Any | None:
+        """The fixed-decision schedule of the workload's rule, post-processed like a sampled
+        candidate; None if it has no rule with one, or the database holds it already."""
+        func = self.context.mod["main"]
+        rule = next((r for r in sorted(schedule_rules(func)) if r in self.fixed_schedules), None)
+        if rule is None:
+            return None
+        sch = self.fixed_schedules[rule](func, self.context.target)
+        sch.enter_postproc()
+        if not all(p.apply(sch) for p in self.context.space_generator.postprocs):
+            return None
+        candidate = ms.MeasureCandidate(
+            sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+        return None if self._stored(candidate) else candidate
 
     def _stored(self, candidate: Any) -> bool:
         db = self.database
@@ -396,11 +429,13 @@ def tune_workloads(
     builder_timeout_s: float = 60.0,
     population: int = 256,
     f_build: Callable[[Any, Any, Any], Any] | None = None,
+    fixed_schedules: FixedSchedules | None = None,
 ) -> None:
     """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
 
     The search population is half MetaSchedule's default: on a 2-core machine each generation
-    of 512 costs ~6 s of feature extraction, as much as building the batch it picks."""
+    of 512 costs ~6 s of feature extraction, as much as building the batch it picks.
+    `fixed_schedules` (rule -> fixed-decision Schedule): measured first (SkipStoredCandidates)."""
     import_tensor_intrinsics()
     cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
     names = sorted(workloads)
@@ -409,7 +444,7 @@ def tune_workloads(
             mod=workloads[n], target=target, space_generator="post-order-apply",
             search_strategy=SkipStoredCandidates(ms.search_strategy.EvolutionarySearch(
                 population_size=population, genetic_num_iters=3, init_min_unmeasured=32,
-            ), database),
+            ), database, fixed_schedules),
             task_name=n, num_threads=cores,
             logger=logging.getLogger(f"hwaware.ms.{n}"),
         )
@@ -439,7 +474,6 @@ def tune_workloads(
 
 
 # -------------------------------------------------------------------------- build
-FixedSchedules = Mapping[str, Callable[[Any, Any], Any]]  # rule -> (PrimFunc, target) -> PrimFunc
 
 
 def build_executable(
@@ -476,13 +510,13 @@ def build_executable(
 def apply_fixed_schedules(mod: tvm.IRModule, target: tvm.target.Target,
                           fixed_schedules: FixedSchedules) -> tvm.IRModule:
     """Each TIR function nothing has scheduled yet whose blocks name a schedule space in
-    `fixed_schedules` (rule -> (PrimFunc, target) -> PrimFunc), scheduled by it and marked."""
+    `fixed_schedules` (rule -> (PrimFunc, target) -> Schedule), scheduled by it and marked."""
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
             continue
         rule = next((r for r in sorted(schedule_rules(func)) if r in fixed_schedules), None)
         if rule is not None:
-            scheduled = fixed_schedules[rule](func, target)
+            scheduled = fixed_schedules[rule](func, target).mod["main"]
             mod.update_func(gv, scheduled.with_attr("tirx.is_scheduled", True))
     return mod
 

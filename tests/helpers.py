@@ -31,6 +31,7 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
     a sqlite database at `db_path` (the edge glue functions of GNN kernels are not tuned).
     Returns the database, its MetaSchedule adapter and the tuned workloads by name."""
     from hwaware import tvm_compat
+    from hwaware.kernels import fixed_schedules
 
     db = TuningDatabase(db_path)
     db.start_session("sess", target.key, "kernel", trials)
@@ -40,5 +41,5 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
                  if not n.endswith("_edges")}
     tvm_compat.tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
                               lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
-                              **search)
+                              fixed_schedules=fixed_schedules(), **search)
     return db, adapter, workloads

@@ -3,6 +3,7 @@ tuning records that apply, and build-only checks for cuda and arm64."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,24 @@ def test_tuning_stores_records_that_apply(tuned: Any, host: tuple[Any, Any]) -> 
     assert whash in applied
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
+
+
+def test_tuning_measures_the_fixed_schedule_first(tuned: Any, host: tuple[Any, Any]) -> None:
+    """The family's untuned default is the session's first measured candidate, as sampling
+    instructions with its decisions: tuning cannot end slower than untuned, and the search
+    mutates from it."""
+    _, _, mod, db, _ = tuned
+    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
+    workload = tvm_compat.workload_of(func)
+    (first,) = db.db.execute(
+        "SELECT trace_json FROM records WHERE workload_hash = ? ORDER BY id LIMIT 1",
+        [tvm_compat.workload_hash(workload)]).fetchone()
+    insts, decisions = tvm_compat.plain_json(
+        conv.schedule_fixed(workload["main"], host[1]).trace.as_json())
+    measured_insts, measured_decisions = json.loads(first)[:2]
+    assert any(inst[0] == "SamplePerfectTile" for inst in insts)
+    assert measured_insts[:len(insts)] == insts
+    assert [d for d in measured_decisions if d[0] < len(insts)] == decisions
 
 
 # ------------------------------------------------------------- other targets (build)

@@ -39,8 +39,9 @@ class KernelFamily:
     as constants. PrimFunc names start with `name` (unique per process). `target` is the
     hwaware `Target`; `inputs` are example tensors for the graph's placeholders.
     `rule`: the `schedule_rule` the family's PrimFuncs carry (its tunable schedule space).
-    `schedule_fixed(func, tvm_target)`: one such PrimFunc scheduled by that space with fixed
-    decisions (a build with no tuned record for it)."""
+    `schedule_fixed(func, tvm_target)`: a Schedule of one such PrimFunc by that space with fixed
+    decisions: what a build with no tuned record for it runs, and the first candidate a tuning
+    session measures (its trace seeds the search, so tuning never ends worse than untuned)."""
 
     name: str
     rule: str
@@ -73,7 +74,7 @@ def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
                    decisions: Callable[[str], Any]) -> Callable[[Any, Any], Any]:
     """A family's `schedule_fixed` when its space is `schedules[kind](sch, decisions)`: the
     PrimFunc scheduled by the space for the target's kind ("cpu" or "cuda") with the fixed
-    `decisions(kind)` in place of sampling instructions."""
+    `decisions(kind)` in place of sampled ones (returns the Schedule)."""
 
     def schedule_fixed(func: Any, target: Any) -> Any:
         from tvm import s_tir
@@ -81,7 +82,7 @@ def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
         kind = "cuda" if target.kind.name == "cuda" else "cpu"
         sch = s_tir.Schedule(func)
         schedules[kind](sch, decisions(kind))
-        return sch.mod["main"]
+        return sch
 
     return schedule_fixed
 

@@ -321,11 +321,11 @@ tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, overri
 tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
 
 
-def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
-    """An attention PrimFunc scheduled by its space's fixed default decisions."""
+def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
+    """An attention PrimFunc scheduled by its space's fixed default decisions (the Schedule)."""
     from tvm.s_tir import Schedule
 
     space = schedule_cuda if target.kind.name == "cuda" else schedule_cpu
     sch = Schedule(func)
     space(sch, sch.get_sblock("attention"), fixed=True)
-    return sch.mod["main"]
+    return sch

@@ -522,19 +522,23 @@ class Sampled:
 
 class Fixed:
     """Fixed decisions for an untuned build: from the innermost factor out, the largest divisor
-    of what is left that is <= the hint; the first option of a choice."""
+    of what is left that is <= the hint; the first option of a choice. They are sampling
+    instructions with these decisions, so the untuned default is a point of the tuned space
+    (tuning measures it first and mutates from it)."""
 
     def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
         extent = int(sch.get(loop).extent)
         factors: list[int] = []
-        for limit in reversed(hint[-(n - 1):]):
+        for k, limit in enumerate(reversed(hint[-(n - 1):])):
+            limit = min(limit, max_inner) if k == 0 else limit
             f = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
             factors.insert(0, f)
             extent //= f
-        return [extent, *factors]
+        return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner,
+                                            decision=[extent, *factors]))
 
     def choose(self, sch: Any, options: list[int], probs: list[float]) -> Any:
-        return options[0]
+        return sch.sample_categorical(options, probs, decision=0)
 
 
 def _block(sch: Any, name: str) -> Any | None:

@@ -526,33 +526,48 @@ def _iter_kinds(sch: Any, block: Any) -> list[int]:
 
 
 def _fixed_tile(cores: int) -> Tiler:
-    """Decisions for the untuned default: row tiles, one per core where the rows divide evenly;
-    2 channel blocks x up to 8 columns of accumulators."""
+    """Decisions for the untuned default, as sampling instructions with these decisions (so the
+    default is a point of the tuned space): row tiles, one per core where the rows divide
+    evenly; 2 channel blocks x up to 8 columns of accumulators."""
 
-    def tile(_sch: Any, loop: Any, _n: int, max_inner: int) -> list[Any]:
-        extent = int(_sch.get(loop).extent)
+    def tile(sch: Any, loop: Any, n: int, max_inner: int) -> list[Any]:
+        extent = int(sch.get(loop).extent)
         if max_inner > MAX_REGISTER_TILE:  # the row tiles
             tiles = next((t for t in range(cores, extent // 2 + 1) if extent % t == 0), 1)
-            return [tiles, extent // tiles]
-        limit = 2 if max_inner == MAX_CHANNEL_BLOCKS else 8
-        inner = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
-        return [extent // inner, inner]
+            decision = [tiles, extent // tiles]
+        else:
+            limit = 2 if max_inner == MAX_CHANNEL_BLOCKS else 8
+            inner = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
+            decision = [extent // inner, inner]
+        return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner,
+                                            decision=decision))
 
     return tile
 
 
+def _fixed_choice(value: int) -> Chooser:
+    """`value` out of the options, as a sampling instruction with that decision."""
+
+    def choose(sch: Any, options: list[int]) -> Any:
+        return sch.sample_categorical(options, [1.0 / len(options)] * len(options),
+                                      decision=options.index(value))
+
+    return choose
+
+
 def schedule_fixed(func: Any, target: Any) -> Any:
-    """A res_block PrimFunc scheduled with fixed decisions; `target` is a TVM target."""
+    """A res_block PrimFunc scheduled with fixed decisions (the Schedule); `target` is a TVM
+    target."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     anchor = sch.get_sblock(f"conv{_inner_convs(sch)}")
     if target.kind.name == "cuda":
-        schedule_cuda(sch, anchor, lambda _s, _o: 128)
+        schedule_cuda(sch, anchor, _fixed_choice(128))
     else:
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
-        schedule_cpu(sch, anchor, _fixed_tile(cores), lambda _s, _o: UNROLL_STEPS[1])
-    return sch.mod["main"]
+        schedule_cpu(sch, anchor, _fixed_tile(cores), _fixed_choice(UNROLL_STEPS[1]))
+    return sch
 
 
 def _register_rules() -> None:
