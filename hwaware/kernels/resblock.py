@@ -45,6 +45,7 @@ ADD_OPS = ("aten.add.Tensor", "aten.add_.Tensor")
 MAIN_KERNELS = ((3, 3), (1, 3, 1))  # basic, bottleneck
 MAX_REGISTER_TILE = 16  # output columns per micro-kernel
 MAX_CHANNEL_BLOCKS = 4  # output-channel vectors per micro-kernel
+MAX_ACCUMULATORS = 28  # vector accumulators of a micro-kernel (32 AVX-512 registers, 4 spare)
 UNROLL_STEPS = (0, 16, 64)
 
 
@@ -414,11 +415,11 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
 
 
 # ----------------------------------------------------------------------- schedule
-Tiler = Callable[[Any, Any, int, int], list[Any]]
+Tiler = Callable[[Any, Any, int, int, str], list[Any]]  # (sch, loop, n, max_inner, kind)
 Chooser = Callable[[Any, list[int]], Any]
 
 
-def _sampled_tile(sch: Any, loop: Any, n: int, max_inner: int) -> list[Any]:
+def _sampled_tile(sch: Any, loop: Any, n: int, max_inner: int, _kind: str) -> list[Any]:
     return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner))
 
 
@@ -449,11 +450,20 @@ def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def _split_register_tile(sch: Any, cb: Any, w: Any, tile: Tiler) -> list[Any]:
+    """(cb_o, cb_i, w_o, w_i): channel blocks, then columns, of a micro-kernel of at most
+    MAX_ACCUMULATORS vectors (the column bound follows the channel blocks chosen, so no sample
+    spills its accumulators)."""
+    cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS, "channels"))
+    columns = min(MAX_REGISTER_TILE, MAX_ACCUMULATORS // int(sch.get(cb_i).extent))
+    w_o, w_i = sch.split(w, tile(sch, w, 2, columns, "columns"))
+    return [cb_o, cb_i, w_o, w_i]
+
+
 def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
     """An earlier conv computed per row tile: split its channel blocks and columns itself."""
     cb, h, w, c, rcb, rh, rw, rci = sch.get_loops(block)[-8:]
-    cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
-    w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
+    cb_o, cb_i, w_o, w_i = _split_register_tile(sch, cb, w, tile)
     sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
     sch.unroll(cb_i)
     sch.unroll(w_i)
@@ -467,9 +477,9 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     the blocked output drives the tiling and every producer is computed inside its tiles."""
     out = sch.get_sblock("outpack")
     cb, h, w, c = sch.get_loops(out)
-    h_o, h_i = sch.split(h, tile(sch, h, 2, 1 << 16))
-    cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS))
-    w_o, w_i = sch.split(w, tile(sch, w, 2, MAX_REGISTER_TILE))
+    # row tiles: at least two, so that the parallel loop has work for two cores
+    h_o, h_i = sch.split(h, tile(sch, h, 2, max(1, int(sch.get(h).extent) // 2), "rows"))
+    cb_o, cb_i, w_o, w_i = _split_register_tile(sch, cb, w, tile)
     sch.reorder(h_o, cb_o, h_i, w_o, cb_i, w_i, c)
     sch.parallel(h_o)
     sch.annotate(h_o, "pragma_auto_unroll_max_step", choose(sch, list(UNROLL_STEPS)))
@@ -530,13 +540,14 @@ def _fixed_tile(cores: int) -> Tiler:
     default is a point of the tuned space): row tiles, one per core where the rows divide
     evenly; 2 channel blocks x up to 8 columns of accumulators."""
 
-    def tile(sch: Any, loop: Any, n: int, max_inner: int) -> list[Any]:
+    def tile(sch: Any, loop: Any, n: int, max_inner: int, kind: str) -> list[Any]:
         extent = int(sch.get(loop).extent)
-        if max_inner > MAX_REGISTER_TILE:  # the row tiles
-            tiles = next((t for t in range(cores, extent // 2 + 1) if extent % t == 0), 1)
+        if kind == "rows":
+            tiles = next((t for t in range(cores, extent + 1)
+                          if extent % t == 0 and extent // t <= max_inner), extent)
             decision = [tiles, extent // tiles]
         else:
-            limit = 2 if max_inner == MAX_CHANNEL_BLOCKS else 8
+            limit = min(max_inner, 2 if kind == "channels" else 8)
             inner = max(d for d in range(1, min(limit, extent) + 1) if extent % d == 0)
             decision = [extent // inner, inner]
         return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner,
