@@ -335,11 +335,22 @@ def _apply_act(x: Any, act: Act | None) -> Any:
     raise ValueError(f"unknown activation {act.kind}")
 
 
+DOT_CHAINS = 4  # independent partial sums of an unrolled dot product
+
+
 def _dot(xs: list[Any], ws: list[Any]) -> Any:
-    acc = xs[0] * ws[0]
-    for a, b in zip(xs[1:], ws[1:], strict=True):
-        acc = acc + a * b
-    return acc
+    """sum(x * w) as DOT_CHAINS interleaved partial sums added at the end: one chain of 49
+    depthwise taps is 49 dependent FMAs (latency-bound); four chains overlap."""
+    chains: list[Any] = []
+    for k, (a, b) in enumerate(zip(xs, ws, strict=True)):
+        if k < DOT_CHAINS:
+            chains.append(a * b)
+        else:
+            chains[k % DOT_CHAINS] = chains[k % DOT_CHAINS] + a * b
+    while len(chains) > 1:
+        chains = [chains[i] + chains[i + 1] if i + 1 < len(chains) else chains[i]
+                  for i in range(0, len(chains), 2)]
+    return chains[0]
 
 
 def _bias(conv: Conv) -> torch.Tensor:
