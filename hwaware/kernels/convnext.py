@@ -411,9 +411,11 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     """The depth-first CPU schedule: per output tile (parallel), every stage for the tile
     (the depthwise conv with its halo) into tile-sized buffers, then the project GEMM with a
     (columns x channels) register block vectorized over channels."""
+    partials = [_vector_partial_sums(sch, decide, block)
+                for block in (_block(sch, "mean"), _block(sch, "var")) if block is not None]
     tile = parallel_project_tiles(sch, decide)
-    for name in ("act", "fc1", "norm", "var", "mean", "dw", "pad"):  # depth-first
-        block = _block(sch, name)
+    for name in ("act", "fc1", "norm", "var", "var_rf", "mean", "mean_rf", "dw", "pad"):
+        block = _block(sch, name)  # depth-first: the tile's producers inside its loop
         if block is not None:
             sch.compute_at(block, tile, preserve_unit_loops=True)
     _schedule_fc1(sch, decide)
@@ -421,7 +423,19 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
         block = _block(sch, name)
         if block is not None:
             vectorize_channels(sch, decide, block)
+    for partial in partials:  # loops (tile, lanes, rows, columns, vectors)
+        _, lanes, rows, columns, vectors = sch.get_loops(partial)
+        sch.reorder(rows, columns, vectors, lanes)
+        sch.vectorize(lanes)
     return sch
+
+
+def _vector_partial_sums(sch: Any, decide: Decide, block: Any) -> Any:
+    """A sum over the channels (the innermost loop) as lane-wise partial sums over channel
+    vectors (the rfactor block returned, to vectorize once placed), then one horizontal sum
+    per pixel: a scalar sum of C channels is a chain of C dependent adds."""
+    _, lanes = split_lanes(sch, decide, sch.get_loops(block)[-1])
+    return sch.rfactor(lanes, 2)  # partial sums [rows, columns, lanes]
 
 
 def schedule_cuda(sch: Any, decide: Decide) -> Any:
