@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sqlite3
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -215,6 +216,16 @@ class TuningDatabase:
                 ],
             )
         return cur.rowcount == 1
+
+    def remeasure(self, row: RecordRow, run_secs: list[float]) -> None:
+        """Replace a stored record's measurement by a new one of the same candidate on the same
+        target (`tvm_compat.remeasure_top_records`); its mean_us becomes their median."""
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "
+                "tvm_version = ? AND target_key = ? AND candidate = ?",
+                [json.dumps(run_secs), statistics.median(run_secs) * 1e6, row.workload_hash,
+                 row.tvm_version, row.target_key, candidate_key(row.trace_json)])
 
     def has_candidate(self, workload_hash: str, tvm_version: str, target_key: str,
                       trace_json: str) -> bool:

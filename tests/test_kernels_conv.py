@@ -288,6 +288,24 @@ def test_tuning_measures_the_fixed_schedule_first(tuned: Any, host: tuple[Any, A
     assert [d for d in measured_decisions if d[0] < len(insts)] == decisions
 
 
+def test_remeasure_replaces_a_lucky_runner_time(tuned: Any, host: tuple[Any, Any]) -> None:
+    """remeasure_top_records rebuilds the stored best records and times them in-process: a
+    record whose stored time is implausibly fast gets its real (re-timed) one."""
+    _, _, mod, db, adapter = tuned
+    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
+    workload = tvm_compat.workload_of(func)
+    whash, version, key = tvm_compat.workload_hash(workload), tvm_compat.TVM_VERSION, host[0].key
+    lucky = db.top_records(whash, version, key, 2)[-1]
+    db.remeasure(lucky, [1e-9])
+    pair = {r.trace_json for r in db.top_records(whash, version, key, 2)}
+    assert lucky.trace_json in pair
+    tvm_compat.remeasure_top_records(workload, adapter, k=2, rounds=3)
+    rows = [r for r in db.top_records(whash, version, key, 100) if r.trace_json in pair]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row.run_secs) == 3 and row.mean_us is not None and row.mean_us > 0.1
+
+
 # ------------------------------------------------------------- other targets (build)
 @pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
 def test_builds_for_other_targets(target_name: str) -> None:
