@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -419,8 +420,9 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
 def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: int = 4,
                           rounds: int = 15) -> None:
     """Rebuild the k fastest stored records of `workload` (a CPU target's), time them in this
-    process round-robin on the runner's random inputs, and store the medians as their
-    measurements, so the build applies the best of them by a like-for-like comparison. The
+    process round-robin on the runner's random inputs, and store the medians (scaled to the
+    group's median runner time) as their measurements, so the build applies the best of them
+    by a like-for-like comparison. The
     runner times each candidate once, and on a shared 2-core VM whose speed swings by 2x over
     seconds, that ranks them by luck: the bottleneck block's "best" record (4.3 ms) ran at
     6.6 ms against 5.0 ms for the default it displaced."""
@@ -444,8 +446,12 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     for _ in range(rounds):
         for timer, secs in zip(timers, run_secs, strict=True):
             secs.append(float(timer(*args).mean))
+    # the runner's scale: records not re-timed keep their runner times, and the re-timed best
+    # (<= the median of the group) still ranks above every one of those
+    scale = statistics.median(r.mean_us or 0.0 for r in rows) / 1e6 / \
+        statistics.median(statistics.median(secs) for secs in run_secs)
     for row, secs in zip(rows, run_secs, strict=True):
-        database.db.remeasure(row, secs)
+        database.db.remeasure(row, [s * scale for s in secs])
 
 
 def tune_workloads(
