@@ -118,7 +118,7 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
                model_name: str = "", show_progress: bool = True) -> SessionSummary:
     """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
     from hwaware import tvm_compat
-    from hwaware.kernels import fixed_schedules
+    from hwaware.kernels import fixed_schedules as family_schedules
 
     require_runnable(target)
     session_id = uuid.uuid4().hex[:12]
@@ -136,14 +136,15 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     if todo:
         tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
         adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
+        fixed_schedules = family_schedules()
         with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
             tvm_compat.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
-                num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules(),
+                num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
             )
         for t in todo:  # fused kernels: re-rank their best records like for like
-            if tvm_compat.schedule_rules(t.workload["main"]) & set(fixed_schedules()):
+            if tvm_compat.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
                 tvm_compat.remeasure_top_records(t.workload, adapter)
     progress.close()
     summary.elapsed_s = time.time() - start

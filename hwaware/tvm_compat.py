@@ -336,6 +336,13 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
 FixedSchedules = Mapping[str, Callable[[Any, Any], Any]]  # rule -> (PrimFunc, target) -> Schedule
 
 
+def fixed_schedule_of(func: tvm.tirx.PrimFunc, fixed_schedules: FixedSchedules
+                      ) -> Callable[[Any, Any], Any] | None:
+    """The fixed-decision schedule of the first schedule rule of `func` that has one."""
+    rule = next((r for r in sorted(schedule_rules(func)) if r in fixed_schedules), None)
+    return None if rule is None else fixed_schedules[rule]
+
+
 @derived_object
 class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
     """An evolutionary search that never measures a candidate the database already holds.
@@ -400,10 +407,10 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
         """The fixed-decision schedule of the workload's rule, post-processed like a sampled
         candidate; None if it has no rule with one, or the database holds it already."""
         func = self.context.mod["main"]
-        rule = next((r for r in sorted(schedule_rules(func)) if r in self.fixed_schedules), None)
-        if rule is None:
+        schedule = fixed_schedule_of(func, self.fixed_schedules)
+        if schedule is None:
             return None
-        sch = self.fixed_schedules[rule](func, self.context.target)
+        sch = schedule(func, self.context.target)
         sch.enter_postproc()
         if not all(p.apply(sch) for p in self.context.space_generator.postprocs):
             return None
@@ -431,13 +438,14 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     rows = database.db.top_records(workload_hash(workload), TVM_VERSION, database.target_key, k)
     if len(rows) < 2 or database.target.kind.name != "llvm":
         return
-    device = tvm.cpu()
+    device, target_json, ms_workload = tvm.cpu(), database.target.export(), \
+        ms.database.Workload(workload)
     timers = []
     for row in rows:
         sch = tvm.s_tir.Schedule(workload)
         ms.database.TuningRecord.from_json(
-            [json.loads(row.trace_json), None, database.target.export(),
-             json.loads(row.args_info_json)], ms.database.Workload(workload),
+            [json.loads(row.trace_json), None, target_json, json.loads(row.args_info_json)],
+            ms_workload,
         ).trace.apply_to_schedule(sch, remove_postproc=False)
         lib = fast_build(sch.mod, database.target, None)  # what the builder builds
         timers.append(lib.time_evaluator("main", device, number=1, repeat=1, min_repeat_ms=20))
@@ -552,9 +560,9 @@ def apply_fixed_schedules(mod: tvm.IRModule, target: tvm.target.Target,
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
             continue
-        rule = next((r for r in sorted(schedule_rules(func)) if r in fixed_schedules), None)
-        if rule is not None:
-            scheduled = fixed_schedules[rule](func, target).mod["main"]
+        schedule = fixed_schedule_of(func, fixed_schedules)
+        if schedule is not None:
+            scheduled = schedule(func, target).mod["main"]
             mod.update_func(gv, scheduled.with_attr("tirx.is_scheduled", True))
     return mod
 

@@ -440,12 +440,17 @@ def _inner_convs(sch: Any) -> int:
     return sum(1 for k in range(2) if _has_block(sch, f"act{k}"))
 
 
-def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any) -> None:
-    """The micro-kernel: (cb x w) accumulators of `c` lanes, unrolled and vectorized, their
-    zero-init hoisted before the reduction loops."""
+def _micro_kernel(sch: Any, cb: Any, w: Any, c: Any) -> None:
+    """The micro-kernel loops: (cb x w) accumulators of `c` lanes, unrolled and vectorized."""
     sch.unroll(cb)
     sch.unroll(w)
     sch.vectorize(c)
+
+
+def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any) -> None:
+    """The micro-kernel of a block whose own buffer is the local register tile, its zero-init
+    hoisted before the reduction loops."""
+    _micro_kernel(sch, cb, w, c)
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
 
@@ -465,9 +470,7 @@ def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
     cb, h, w, c, rcb, rh, rw, rci = sch.get_loops(block)[-8:]
     cb_o, cb_i, w_o, w_i = _split_register_tile(sch, cb, w, tile)
     sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
-    sch.unroll(cb_i)
-    sch.unroll(w_i)
-    sch.vectorize(c)
+    _micro_kernel(sch, cb_i, w_i, c)
     accumulate_in_registers(sch, block, w_o, rcb)
 
 
