@@ -145,7 +145,8 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
             )
         for t in todo:  # fused kernels: re-rank their best records like for like
             if tvm_compat.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
-                tvm_compat.remeasure_top_records(t.workload, adapter)
+                tvm_compat.remeasure_top_records(t.workload, adapter,
+                                                 fixed_schedules=fixed_schedules)
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done

@@ -343,6 +343,18 @@ def fixed_schedule_of(func: tvm.tirx.PrimFunc, fixed_schedules: FixedSchedules
     return None if rule is None else fixed_schedules[rule]
 
 
+def postprocessed_fixed_schedule(context: Any, fixed_schedules: FixedSchedules) -> Any | None:
+    """The fixed-decision schedule of the tuning context's workload (by its schedule rule),
+    post-processed like a sampled candidate; None if its rules have none or a postproc fails."""
+    func = context.mod["main"]
+    schedule = fixed_schedule_of(func, fixed_schedules)
+    if schedule is None:
+        return None
+    sch = schedule(func, context.target)
+    sch.enter_postproc()
+    return sch if all(p.apply(sch) for p in context.space_generator.postprocs) else None
+
+
 @derived_object
 class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
     """An evolutionary search that never measures a candidate the database already holds.
@@ -406,13 +418,8 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
     def _fixed_candidate(self) -> Any | None:
         """The fixed-decision schedule of the workload's rule, post-processed like a sampled
         candidate; None if it has no rule with one, or the database holds it already."""
-        func = self.context.mod["main"]
-        schedule = fixed_schedule_of(func, self.fixed_schedules)
-        if schedule is None:
-            return None
-        sch = schedule(func, self.context.target)
-        sch.enter_postproc()
-        if not all(p.apply(sch) for p in self.context.space_generator.postprocs):
+        sch = postprocessed_fixed_schedule(self.context, self.fixed_schedules)
+        if sch is None:
             return None
         candidate = ms.MeasureCandidate(
             sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
@@ -425,41 +432,77 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
 
 
 def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: int = 4,
-                          rounds: int = 15) -> None:
-    """Rebuild the k fastest stored records of `workload` (a CPU target's), time them in this
-    process round-robin on the runner's random inputs, and store the medians (scaled to the
-    group's median runner time) as their measurements, so the build applies the best of them
-    by a like-for-like comparison. The
-    runner times each candidate once, and on a shared 2-core VM whose speed swings by 2x over
-    seconds, that ranks them by luck: the bottleneck block's "best" record (4.3 ms) ran at
-    6.6 ms against 5.0 ms for the default it displaced."""
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+                          rounds: int = 30, fixed_schedules: FixedSchedules | None = None
+                          ) -> None:
+    """Rebuild the k fastest stored records of `workload` (a CPU target's) and its fixed-decision
+    schedule (`fixed_schedules`, stored if it is not yet), time them in this process round-robin
+    on the runner's random inputs, and store the medians (scaled to the group's median runner
+    time) as their measurements, so the build applies the best of them by a like-for-like
+    comparison.
 
+    The runner times each candidate once, and on a shared 2-core VM whose speed swings by 2x
+    over seconds (hypervisor steal), that ranks them by luck: the bottleneck block's "best"
+    record (4.3 ms) ran at 6.6 ms against 5.0 ms for the default it displaced. The default is
+    always in the group: a database tuned before it was measured first, or one whose lucky
+    records pushed it out of the top k, would otherwise keep a record slower than untuned."""
     rows = database.db.top_records(workload_hash(workload), TVM_VERSION, database.target_key, k)
-    if len(rows) < 2 or database.target.kind.name != "llvm":
+    if not rows or database.target.kind.name != "llvm":
         return
-    device, target_json, ms_workload = tvm.cpu(), database.target.export(), \
-        ms.database.Workload(workload)
-    timers = []
+    target_json, ms_workload = database.target.export(), ms.database.Workload(workload)
+    schedules = []
     for row in rows:
         sch = tvm.s_tir.Schedule(workload)
         ms.database.TuningRecord.from_json(
             [json.loads(row.trace_json), None, target_json, json.loads(row.args_info_json)],
             ms_workload,
         ).trace.apply_to_schedule(sch, remove_postproc=False)
-        lib = fast_build(sch.mod, database.target, None)  # what the builder builds
-        timers.append(lib.time_evaluator("main", device, number=1, repeat=1, min_repeat_ms=20))
-    (args,) = default_alloc_argument(device, json.loads(rows[0].args_info_json), 1)
-    run_secs: list[list[float]] = [[] for _ in rows]
-    for _ in range(rounds):
-        for timer, secs in zip(timers, run_secs, strict=True):
-            secs.append(float(timer(*args).mean))
+        schedules.append(sch)
+    fixed = _postprocessed_fixed(workload, database.target, fixed_schedules or {})
+    fixed_trace = None if fixed is None else plain_json(fixed.trace.as_json())
+    if fixed is not None and all(json.loads(r.trace_json) != fixed_trace for r in rows):
+        schedules.append(fixed)
+    if len(schedules) < 2:
+        return
+    run_secs = _time_round_robin([sch.mod for sch in schedules], database.target,
+                                 json.loads(rows[0].args_info_json), rounds)
     # the runner's scale: records not re-timed keep their runner times, and the re-timed best
     # (<= the median of the group) still ranks above every one of those
     scale = statistics.median(r.mean_us or 0.0 for r in rows) / 1e6 / \
-        statistics.median(statistics.median(secs) for secs in run_secs)
+        statistics.median(statistics.median(secs) for secs in run_secs[:len(rows)])
+    if len(schedules) > len(rows):  # the fixed schedule, stored now
+        rows.append(_record_row(workload_hash(workload), database.target_key, fixed_trace,
+                                json.loads(rows[0].args_info_json), run_secs[-1], None,
+                                database.db.device, None))
+        database.db.commit_record(rows[-1])
     for row, secs in zip(rows, run_secs, strict=True):
         database.db.remeasure(row, [s * scale for s in secs])
+
+
+def _postprocessed_fixed(workload: tvm.IRModule, target: tvm.target.Target,
+                         fixed_schedules: FixedSchedules) -> Any | None:
+    if not fixed_schedules:
+        return None
+    import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
+    return postprocessed_fixed_schedule(ms.TuneContext(
+        mod=workload, target=target, space_generator="post-order-apply", task_name="remeasure",
+    ), fixed_schedules)
+
+
+def _time_round_robin(mods: list[tvm.IRModule], target: tvm.target.Target,
+                      args_info: Any, rounds: int) -> list[list[float]]:
+    """Seconds per call of each scheduled module, built as the tuning builder builds and timed
+    in turns (`rounds` samples each, >= 20 ms of calls per sample) on the same random inputs."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+
+    device = tvm.cpu()
+    timers = [fast_build(mod, target, None).time_evaluator(
+        "main", device, number=1, repeat=1, min_repeat_ms=20) for mod in mods]
+    (args,) = default_alloc_argument(device, args_info, 1)
+    run_secs: list[list[float]] = [[] for _ in mods]
+    for _ in range(rounds):
+        for timer, secs in zip(timers, run_secs, strict=True):
+            secs.append(float(timer(*args).mean))
+    return run_secs
 
 
 def tune_workloads(

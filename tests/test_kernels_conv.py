@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,33 @@ def test_remeasure_replaces_a_lucky_runner_time(tuned: Any, host: tuple[Any, Any
     assert len(rows) == 2
     for row in rows:
         assert len(row.run_secs) == 3 and row.mean_us is not None and row.mean_us > 0.1
+
+
+def test_remeasure_stores_and_times_the_fixed_schedule(tuned: Any, host: tuple[Any, Any],
+                                                        tmp_path: Path) -> None:
+    """The default joins the re-timed group even when the database lacks it (tuned before it
+    was measured first): it is stored with its in-process timing, next to the best record."""
+    from hwaware.kernels import fixed_schedules
+
+    _, _, mod, db, _ = tuned
+    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
+    workload = tvm_compat.workload_of(func)
+    whash, version, key = tvm_compat.workload_hash(workload), tvm_compat.TVM_VERSION, host[0].key
+    with sqlite3.connect(tmp_path / "copy.db") as dst:
+        db.db.conn.backup(dst)
+    copy = TuningDatabase(tmp_path / "copy.db")
+    (fixed_id, fixed_trace) = copy.db.execute(
+        "SELECT id, trace_json FROM records WHERE workload_hash = ? ORDER BY id LIMIT 1",
+        [whash]).fetchone()
+    with copy.db.conn:
+        copy.db.execute("DELETE FROM records WHERE id = ?", [fixed_id])
+    assert not copy.has_candidate(whash, version, key, fixed_trace)
+    adapter = tvm_compat.SqliteDatabase(copy, host[1], key)
+    tvm_compat.remeasure_top_records(workload, adapter, k=1, rounds=3,
+                                     fixed_schedules=fixed_schedules())
+    (row,) = [r for r in copy.top_records(whash, version, key, 100)
+              if r.trace_json == fixed_trace]
+    assert len(row.run_secs) == 3 and row.mean_us is not None and row.mean_us > 0.1
 
 
 # ------------------------------------------------------------- other targets (build)
