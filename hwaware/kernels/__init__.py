@@ -71,20 +71,25 @@ def register_spaces(rule: str, schedules: dict[str, Callable[[Any, Any], Any]],
 
 
 def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
-                   decisions: Callable[[str], Any]) -> Callable[[Any, Any], Any]:
+                   decisions: Callable[[str, int], Any]) -> Callable[[Any, Any], Any]:
     """A family's `schedule_fixed` when its space is `schedules[kind](sch, decisions)`: the
     PrimFunc scheduled by the space for the target's kind ("cpu" or "cuda") with the fixed
-    `decisions(kind)` in place of sampled ones (returns the Schedule)."""
+    `decisions(kind, cores)` in place of sampled ones (returns the Schedule)."""
 
     def schedule_fixed(func: Any, target: Any) -> Any:
         from tvm import s_tir
 
         kind = "cuda" if target.kind.name == "cuda" else "cpu"
         sch = s_tir.Schedule(func)
-        schedules[kind](sch, decisions(kind))
+        schedules[kind](sch, decisions(kind, target_cores(target)))
         return sch
 
     return schedule_fixed
+
+
+def target_cores(target: Any) -> int:
+    """The CPU cores a TVM target's parallel loops run on (its "num-cores"; 1 if unset)."""
+    return int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
 
 
 def accumulate_in_registers(sch: Any, block: Any, tile_loop: Any, reduction: Any) -> None:

@@ -513,7 +513,10 @@ def emit_one_call(graph: fx.GraphModule, weights: dict[str, torch.Tensor],
 
 # ------------------------------------------------------------------------------ schedules
 class Decide(Protocol):
-    """Where a schedule's tunable decisions come from: sampled (search space) or fixed."""
+    """Where a schedule's tunable decisions come from: sampled (search space) or fixed. Hints
+    (the fixed decisions) may follow `cores`, the cores the parallel loops run on."""
+
+    cores: int
 
     def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
         ...
@@ -523,6 +526,8 @@ class Decide(Protocol):
 
 class Sampled:
     """Decisions as MetaSchedule sampling instructions (replayed from the database)."""
+
+    cores = 1  # hints are not used
 
     def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
         return list(sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_inner))
@@ -536,6 +541,9 @@ class Fixed:
     of what is left that is <= the hint; the first option of a choice. They are sampling
     instructions with these decisions, so the untuned default is a point of the tuned space
     (tuning measures it first and mutates from it)."""
+
+    def __init__(self, cores: int = 1):
+        self.cores = cores
 
     def tile(self, sch: Any, loop: Any, n: int, max_inner: int, hint: list[int]) -> list[Any]:
         extent = int(sch.get(loop).extent)
@@ -628,7 +636,7 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     project conv with a (columns x channels) register block vectorized over channels."""
     tile = parallel_project_tiles(sch, decide)
     two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
-    anchor = _dw_tiles(sch, decide, [8, 64]) if two_phase else tile
+    anchor = _dw_tiles(sch, decide, _one_row_tile_per_core(sch, decide)) if two_phase else tile
     for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):
         block = _block(sch, name)  # depth-first: the tile's producers inside its loop
         if block is not None:
@@ -644,6 +652,14 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
             continue
         vectorize_channels(sch, decide, block)
     return sch
+
+
+def _one_row_tile_per_core(sch: Any, decide: Decide) -> list[int]:
+    """The depthwise tile hint (rows, columns) of a squeeze-excite's first phase: whole rows,
+    as few row tiles as keep every core busy, since each tile recomputes the expand conv on a
+    halo of kernel - 1 rows (28 rows, 5x5, 2 cores: 14-row tiles ran 1.07x 7-row ones)."""
+    rows = int(sch.get(sch.get_loops(sch.get_sblock("dw"))[0]).extent)
+    return [max(1, -(-rows // decide.cores)), 64]
 
 
 def _dw_tiles(sch: Any, decide: Decide, hint: list[int]) -> Any:
@@ -717,7 +733,7 @@ def is_conv_block(func: Any) -> bool:
     return RULE in tvm_compat.schedule_rules(func)
 
 
-schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind: Fixed())
+schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, cores: Fixed(cores))
 
 
 register_schedule_rules()

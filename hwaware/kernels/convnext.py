@@ -476,7 +476,7 @@ def is_convnext_block(func: Any) -> bool:
     return RULE in tvm_compat.schedule_rules(func)
 
 
-schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind: Fixed())
+schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, _cores: Fixed())
 
 
 register_spaces(RULE, SCHEDULES, Sampled)

@@ -723,7 +723,8 @@ def register_schedule_rules() -> None:
     register_spaces(RULE, SCHEDULES, Sampled)
 
 
-schedule_fixed = fixed_schedule(SCHEDULES, lambda kind: Fixed(rows=8 if kind == "cuda" else 16))
+schedule_fixed = fixed_schedule(
+    SCHEDULES, lambda kind, _cores: Fixed(rows=8 if kind == "cuda" else 16))
 
 
 def _is_family_func(func: Any) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, accumulate_in_registers
+from hwaware.kernels import KernelFamily, accumulate_in_registers, target_cores
 
 log = logging.getLogger(__name__)
 
@@ -579,8 +579,8 @@ def schedule_fixed(func: Any, target: Any) -> Any:
     if target.kind.name == "cuda":
         schedule_cuda(sch, anchor, _fixed_choice(128))
     else:
-        cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
-        schedule_cpu(sch, anchor, _fixed_tile(cores), _fixed_choice(UNROLL_STEPS[1]))
+        schedule_cpu(sch, anchor, _fixed_tile(target_cores(target)),
+                     _fixed_choice(UNROLL_STEPS[1]))
     return sch
 
 

@@ -486,7 +486,8 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
 SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
 
 
-schedule_fixed = fixed_schedule(SCHEDULES, lambda kind: Fixed(rows=4 if kind == "cpu" else 8))
+schedule_fixed = fixed_schedule(
+    SCHEDULES, lambda kind, _cores: Fixed(rows=4 if kind == "cpu" else 8))
 
 
 # ------------------------------------------------------------------------------- lower
