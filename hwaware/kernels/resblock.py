@@ -489,6 +489,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     sch.annotate(h_o, "pragma_unroll_explicit", 1)
     sch.vectorize(c)
     sch.reverse_compute_at(sch.get_sblock("output"), w_o, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(sch.get_sblock("output"))[-1])  # NCHW rows, not scalars
     sch.compute_inline(sch.get_sblock("residual"))
     last = _inner_convs(sch)
     anchor = sch.get_sblock(f"conv{last}")
@@ -513,6 +514,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
         _tile_inner_conv(sch, conv, tile)
     xpack = sch.get_sblock("xpack")
     sch.compute_at(xpack, h_o, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(xpack)[-1])  # the NCHW -> NCHWc pack, a vector per pixel
     # MetaSchedule's own parallel/vectorize rule would annotate the root next, and its
     # postprocessor then rejects loops this rule already made parallel: opt out
     sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
