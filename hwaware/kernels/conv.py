@@ -599,10 +599,11 @@ def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
 
 def register_hints(channels: int) -> tuple[int, int]:
     """Fixed (channel tile, columns) of a (columns x channel vectors) register tile for a GEMM
-    with `channels` outputs: up to 3 vectors of the widest power-of-two lanes, and as many
-    columns (<= 8) as keep about ACCUMULATORS accumulators."""
+    with `channels` outputs: up to 5 vectors of the widest power-of-two lanes, and as many
+    columns (<= 8) as keep about ACCUMULATORS accumulators. (40 channels: 5 vectors x 4 columns
+    ran 1.1x the 1 x 7 that a 3-vector bound left, too few accumulators to hide FMA latency.)"""
     lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
-    vectors = max(d for d in (1, 2, 3) if (channels // lanes) % d == 0)
+    vectors = max(d for d in range(1, 6) if (channels // lanes) % d == 0)
     return lanes * vectors, min(8, ACCUMULATORS // vectors)
 
 
