@@ -624,7 +624,8 @@ def parallel_project_tiles(sch: Any, decide: Decide) -> Any:
     accumulate_in_registers(sch, sch.get_sblock("proj"), o0, r)
     sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
     sch.annotate(tile, "pragma_unroll_explicit", 1)
-    sch.reverse_compute_at(sch.get_sblock("out"), tile)
+    sch.reverse_compute_at(sch.get_sblock("out"), tile, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])  # NCHW rows, not scalars
     # MetaSchedule's parallel/vectorize/unroll rule would annotate the root too, and its
     # postprocessor then fails on the decomposed reduction inside this parallel loop: opt out
     sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
