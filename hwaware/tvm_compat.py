@@ -448,15 +448,7 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     rows = database.db.top_records(workload_hash(workload), TVM_VERSION, database.target_key, k)
     if not rows or database.target.kind.name != "llvm":
         return
-    target_json, ms_workload = database.target.export(), ms.database.Workload(workload)
-    schedules = []
-    for row in rows:
-        sch = tvm.s_tir.Schedule(workload)
-        ms.database.TuningRecord.from_json(
-            [json.loads(row.trace_json), None, target_json, json.loads(row.args_info_json)],
-            ms_workload,
-        ).trace.apply_to_schedule(sch, remove_postproc=False)
-        schedules.append(sch)
+    schedules = _replayed(workload, rows, database.target)
     fixed = _postprocessed_fixed(workload, database.target, fixed_schedules or {})
     fixed_trace = None if fixed is None else plain_json(fixed.trace.as_json())
     if fixed is not None and all(json.loads(r.trace_json) != fixed_trace for r in rows):
@@ -476,6 +468,21 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
         database.db.commit_record(rows[-1])
     for row, secs in zip(rows, run_secs, strict=True):
         database.db.remeasure(row, [s * scale for s in secs])
+
+
+def _replayed(workload: tvm.IRModule, rows: list[RecordRow], target: tvm.target.Target
+              ) -> list[Any]:
+    """The schedules of stored records, their traces replayed on `workload`."""
+    target_json, ms_workload = target.export(), ms.database.Workload(workload)
+    schedules = []
+    for row in rows:
+        sch = tvm.s_tir.Schedule(workload)
+        ms.database.TuningRecord.from_json(
+            [json.loads(row.trace_json), None, target_json, json.loads(row.args_info_json)],
+            ms_workload,
+        ).trace.apply_to_schedule(sch, remove_postproc=False)
+        schedules.append(sch)
+    return schedules
 
 
 def _postprocessed_fixed(workload: tvm.IRModule, target: tvm.target.Target,
