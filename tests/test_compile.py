@@ -120,3 +120,29 @@ def test_repeated_blocks_with_different_weights_stay_distinct() -> None:
     assert len(signatures) > len(set(signatures))
     compiled = hwaware.compile(model, (x,), db=None)
     assert_close_to_eager(model, compiled, x)
+
+
+def test_build_decisions_use_the_lower_quartile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel placement compares lower quartiles: a slow phase of the machine (noise only adds
+    time) that takes up to half of one function's samples does not flip the choice. The clock
+    is scripted, so this checks the statistic, not the machine's speed."""
+    from hwaware import build
+
+    # per function, 20 samples: 10 at 1 us and 10 slow-phase samples at 9 us
+    durations = iter([1.0] * 10 + [9.0] * 10)
+    clock = [0.0]
+    ticks: list[float] = []
+
+    def perf_counter() -> float:
+        if not ticks:  # a call's start: schedule its end
+            ticks.append(clock[0] + next(durations) * 1e-6)
+            return clock[0]
+        clock[0] = ticks.pop()
+        return clock[0]
+
+    monkeypatch.setattr(build.time, "perf_counter", perf_counter)
+    (q1,) = build.time_in_blocks([lambda: None], 20, quantile=build.DECISION_QUANTILE)
+    assert q1 == pytest.approx(1.0)
+    durations = iter([1.0] * 10 + [9.0] * 10)
+    (median,) = build.time_in_blocks([lambda: None], 20)
+    assert median == pytest.approx(5.0)
