@@ -323,8 +323,15 @@ def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
                     start = time.perf_counter()
                     fn()
                     samples[i].append((time.perf_counter() - start) * 1e6)
-    return [statistics.quantiles(s, n=100, method="inclusive")[round(quantile * 100) - 1]
-            if len(s) > 1 else s[0] for s in samples]
+    return [_quantile(s, quantile) for s in samples]
+
+
+def _quantile(samples: list[float], q: float) -> float:
+    """The q-quantile (0 < q < 1, in percent steps) of the samples, interpolated like numpy's
+    default; q = 0.5 is the median."""
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:

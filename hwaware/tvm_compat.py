@@ -461,13 +461,14 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     # (<= the median of the group) still ranks above every one of those
     scale = statistics.median(r.mean_us or 0.0 for r in rows) / 1e6 / \
         statistics.median(statistics.median(secs) for secs in run_secs[:len(rows)])
+    scaled = [[s * scale for s in secs] for secs in run_secs]
     if len(schedules) > len(rows):  # the fixed schedule, stored now
         rows.append(_record_row(workload_hash(workload), database.target_key, fixed_trace,
-                                json.loads(rows[0].args_info_json), run_secs[-1], None,
+                                json.loads(rows[0].args_info_json), scaled[-1], None,
                                 database.db.device, None))
         database.db.commit_record(rows[-1])
-    for row, secs in zip(rows, run_secs, strict=True):
-        database.db.remeasure(row, [s * scale for s in secs])
+    for row, secs in zip(rows, scaled, strict=True):
+        database.db.remeasure(row, secs)  # mean_us: the median, as for every re-timed record
 
 
 def _replayed(workload: tvm.IRModule, rows: list[RecordRow], target: tvm.target.Target
