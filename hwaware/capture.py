@@ -117,7 +117,9 @@ def capture_dynamo_graph(
     gm: fx.GraphModule, example_inputs: list[Any]
 ) -> tuple[Captured, list[int]]:
     """Capture the graph Dynamo gives a backend. Parameters that Dynamo passes as inputs are
-    frozen into constants (as Inductor's freezing does); returns the kept input positions."""
+    frozen into constants (as Inductor's freezing does), and plain int inputs (the concrete
+    values of a dynamic graph's symbolic sizes) become constants of this static graph; returns
+    the kept input positions."""
     frozen, kept = _freeze_parameter_inputs(gm, example_inputs)
     inputs = tuple(example_inputs[i] for i in kept)
     return capture(frozen, inputs, name="dynamo_graph"), kept
@@ -130,7 +132,9 @@ def _freeze_parameter_inputs(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept: list[int] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if isinstance(value, torch.nn.Parameter) or _is_module_state(node.name, value):
+        if type(value) is int:
+            _bind_constant(gm.graph, node, value)
+        elif isinstance(value, torch.nn.Parameter) or _is_module_state(node.name, value):
             attr = f"_frozen_{i}"
             gm.register_buffer(attr, value.detach())
             with gm.graph.inserting_before(node):
@@ -141,6 +145,18 @@ def _freeze_parameter_inputs(
             kept.append(i)
     gm.recompile()
     return gm, kept
+
+
+def _bind_constant(graph: fx.Graph, placeholder: fx.Node, value: int) -> None:
+    """Replace every use of `placeholder` by the literal `value`, then drop it."""
+
+    def bound(arg: fx.Node) -> Any:
+        return value if arg is placeholder else arg
+
+    for user in list(placeholder.users):
+        user.args = fx.node.map_arg(user.args, bound)
+        user.kwargs = fx.node.map_arg(user.kwargs, bound)
+    graph.erase_node(placeholder)
 
 
 def _is_module_state(name: str, value: Any) -> bool:

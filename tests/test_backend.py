@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +75,27 @@ def test_fallback_runs_eagerly_with_a_warning() -> None:
     with pytest.raises(ValueError, match="valid targets"), warnings.catch_warnings():
         hwaware_backend(gm, [torch.randn(2)], options={"target": "no-such-target",
                                                        "fallback": False})
+
+
+def test_dynamic_shapes_compile_once_per_shape_up_to_max_shapes(monkeypatch) -> None:
+    """A second batch size makes Dynamo hand over a graph with SymInt sizes: each new size is
+    compiled to its own static graph once, reused after; past max_shapes it runs eagerly."""
+    from hwaware import backend
+
+    compiles: list[list[tuple[int, ...]]] = []
+    compile_graph = backend._compile_graph
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[Any], opts: dict[str, Any]) -> Any:
+        compiles.append([tuple(x.shape) for x in inputs
+                         if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)])
+        return compile_graph(gm, inputs, opts)
+
+    monkeypatch.setattr(backend, "_compile_graph", counting)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    compiled = torch.compile(model, backend="hwaware", options={"db": None, "max_shapes": 2})
+    for batch in (2, 3, 5, 3, 5):
+        assert_close_to_eager(model, compiled, torch.randn(batch, 16))
+    assert compiles == [[(2, 16)], [(3, 16)], [(5, 16)]]
+    with pytest.warns(UserWarning, match=r"compiled for 2 input shapes \(max_shapes\); running"):
+        assert_close_to_eager(model, compiled, torch.randn(7, 16))
+    assert len(compiles) == 3
