@@ -18,7 +18,11 @@ cache-resident buffer (compute_at), then the last conv, downsample and epilogue 
 Every conv's inner kernel is register-blocked over (output-channel blocks x output columns) and
 vectorized over the channels of a block; its accumulators live in a "local" buffer of exactly
 that micro-tile, which LLVM promotes to registers (accumulating in the tile buffer itself made
-every FMA load and store its accumulator: 2.3x slower). Tunable: tile rows, output-channel and
+every FMA load and store its accumulator: 2.3x slower). A k x k conv (k > 1) runs its input-
+channel blocks outermost (per row for the last conv, per tile for an earlier one), adding each
+block's window sums from the register tile into its buffer: one input block's weights then stay
+in L1 across the columns (2-5% faster than all input blocks per register tile, which streams
+every weight from L2 for each tile). Tunable: tile rows, output-channel and
 column blocking per conv, and an unroll step. The cuda space binds each block's spatial loops
 to threads.
 """
@@ -323,7 +327,11 @@ def block_te(block: BlockDef, x: Any, weights: list[Any], biases: list[Any]) -> 
 
 def _conv_te(data: Any, weight: Any, layer: ConvLayer, height: int, width: int, name: str,
              anchor: bool) -> Any:
-    """A conv in blocked layout; the block's last conv carries the schedule rule."""
+    """A conv in blocked layout; the block's last conv carries the schedule rule. A k x k conv
+    (k > 1) is two stages: `<name>_part`, the window sum over one input-channel block, and
+    `<name>`, the sum of those over the input blocks; the schedule runs the input blocks
+    outermost, so one block's weights (k*k*lanes*lanes per output block) stay in L1 across the
+    columns of a row, and keeps each part in registers (it is never stored whole)."""
     from tvm import te
 
     ocb, icb, k, _, lanes, _ = layer.weight.shape
@@ -332,12 +340,23 @@ def _conv_te(data: Any, weight: Any, layer: ConvLayer, height: int, width: int, 
     rw = te.reduce_axis((0, k), name="rw")
     rci = te.reduce_axis((0, lanes), name="rci")
     s = layer.stride
-    return te.compute(
-        (ocb, height, width, lanes),
-        lambda cb, h, w, c: te.sum(
-            data[rcb, h * s + rh, w * s + rw, rci] * weight[cb, rcb, rh, rw, rci, c],
-            axis=[rcb, rh, rw, rci]),
-        name=name, attrs={"schedule_rule": RULE if anchor else "None"})
+    attrs = {"schedule_rule": RULE if anchor else "None"}
+    if k == 1:
+        return te.compute(
+            (ocb, height, width, lanes),
+            lambda cb, h, w, c: te.sum(
+                data[rcb, h * s + rh, w * s + rw, rci] * weight[cb, rcb, rh, rw, rci, c],
+                axis=[rcb, rh, rw, rci]),
+            name=name, attrs=attrs)
+    part = te.compute(
+        (icb, ocb, height, width, lanes),
+        lambda b, cb, h, w, c: te.sum(
+            data[b, h * s + rh, w * s + rw, rci] * weight[cb, b, rh, rw, rci, c],
+            axis=[rh, rw, rci]),
+        name=f"{name}_part", attrs={"schedule_rule": "None"})
+    return te.compute((ocb, height, width, lanes),
+                      lambda cb, h, w, c: te.sum(part[rcb, cb, h, w, c], axis=[rcb]),
+                      name=name, attrs=attrs)
 
 
 def _act_te(conv: Any, bias: Any, pad: int, height: int, width: int, name: str) -> Any:
@@ -455,23 +474,45 @@ def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _split_register_tile(sch: Any, cb: Any, w: Any, tile: Tiler) -> list[Any]:
+def _split_register_tile(sch: Any, cb: Any, w: Any, tile: Tiler) -> tuple[list[Any], Any]:
     """(cb_o, cb_i, w_o, w_i): channel blocks, then columns, of a micro-kernel of at most
     MAX_ACCUMULATORS vectors (the column bound follows the channel blocks chosen, so no sample
-    spills its accumulators)."""
+    spills its accumulators); and the sampled column factors."""
     cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS, "channels"))
     columns = min(MAX_REGISTER_TILE, MAX_ACCUMULATORS // int(sch.get(cb_i).extent))
-    w_o, w_i = sch.split(w, tile(sch, w, 2, columns, "columns"))
-    return [cb_o, cb_i, w_o, w_i]
+    column_factors = tile(sch, w, 2, columns, "columns")
+    w_o, w_i = sch.split(w, column_factors)
+    return [cb_o, cb_i, w_o, w_i], column_factors
 
 
 def _tile_inner_conv(sch: Any, block: Any, tile: Tiler) -> None:
     """An earlier conv computed per row tile: split its channel blocks and columns itself."""
+    if _has_block(sch, f"{sch.get(block).name_hint}_part"):
+        cb, h, w, c, rcb = sch.get_loops(block)[-5:]
+        (cb_o, cb_i, w_o, w_i), _ = _split_register_tile(sch, cb, w, tile)
+        sch.reorder(cb_o, h, rcb, w_o, cb_i, w_i, c)
+        _accumulate_input_blocks(sch, block, w_o, c, rcb)
+        return
     cb, h, w, c, rcb, rh, rw, rci = sch.get_loops(block)[-8:]
-    cb_o, cb_i, w_o, w_i = _split_register_tile(sch, cb, w, tile)
+    (cb_o, cb_i, w_o, w_i), _ = _split_register_tile(sch, cb, w, tile)
     sch.reorder(cb_o, h, w_o, rcb, rh, rw, rci, cb_i, w_i, c)
     _micro_kernel(sch, cb_i, w_i, c)
     accumulate_in_registers(sch, block, w_o, rcb)
+
+
+def _accumulate_input_blocks(sch: Any, conv: Any, tile_loop: Any, c: Any, rcb: Any) -> None:
+    """A k x k conv (see `_conv_te`) with its input blocks `rcb` outside the register tiles
+    (`tile_loop`): its buffer, zeroed before `rcb`, adds up per input block the window sums its
+    `_part` block computes into a local register tile."""
+    part = sch.get_sblock(f"{sch.get(conv).name_hint}_part")
+    sch.vectorize(c)
+    init = sch.decompose_reduction(conv, rcb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.compute_at(part, tile_loop, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    p_cb, _, p_w, p_c, rh, rw, rci = sch.get_loops(part)[-7:]
+    sch.reorder(rh, rw, rci, p_cb, p_w, p_c)
+    _register_tile(sch, part, p_cb, p_w, p_c, rh)
 
 
 def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
@@ -482,7 +523,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     cb, h, w, c = sch.get_loops(out)
     # row tiles: at least two, so that the parallel loop has work for two cores
     h_o, h_i = sch.split(h, tile(sch, h, 2, max(1, int(sch.get(h).extent) // 2), "rows"))
-    cb_o, cb_i, w_o, w_i = _split_register_tile(sch, cb, w, tile)
+    (cb_o, cb_i, w_o, w_i), column_factors = _split_register_tile(sch, cb, w, tile)
     sch.reorder(h_o, cb_o, h_i, w_o, cb_i, w_i, c)
     sch.parallel(h_o)
     sch.annotate(h_o, "pragma_auto_unroll_max_step", choose(sch, list(UNROLL_STEPS)))
@@ -493,11 +534,18 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     sch.compute_inline(sch.get_sblock("residual"))
     last = _inner_convs(sch)
     anchor = sch.get_sblock(f"conv{last}")
-    sch.compute_at(anchor, w_o, preserve_unit_loops=True)
-    sch.set_scope(anchor, 0, "local")
-    a_cb, _, a_w, a_c, rcb, rh, rw, rci = sch.get_loops(anchor)[-8:]
-    sch.reorder(rcb, rh, rw, rci, a_cb, a_w, a_c)
-    _register_tile(sch, anchor, a_cb, a_w, a_c, rcb)
+    if _has_block(sch, f"conv{last}_part"):  # a k x k conv: a row at a time, input blocks outer
+        sch.compute_at(anchor, h_i, preserve_unit_loops=True)
+        a_cb, _, a_w, a_c, rcb = sch.get_loops(anchor)[-5:]
+        a_wo, a_wi = sch.split(a_w, column_factors)
+        sch.reorder(rcb, a_wo, a_cb, a_wi, a_c)
+        _accumulate_input_blocks(sch, anchor, a_wo, a_c, rcb)
+    else:
+        sch.compute_at(anchor, w_o, preserve_unit_loops=True)
+        sch.set_scope(anchor, 0, "local")
+        a_cb, _, a_w, a_c, rcb, rh, rw, rci = sch.get_loops(anchor)[-8:]
+        sch.reorder(rcb, rh, rw, rci, a_cb, a_w, a_c)
+        _register_tile(sch, anchor, a_cb, a_w, a_c, rcb)
     if _has_block(sch, "downsample"):
         ds = sch.get_sblock("downsample")
         sch.compute_at(ds, w_o, preserve_unit_loops=True)
