@@ -120,7 +120,7 @@ class CompiledModel:
                     f"this model was built for target {self.info.target_name}, whose kernels "
                     "cannot run on this machine; load it on the device"
                 )
-            vm = tvm_compat.make_vm(self.executable, self._device_kind)
+            vm = tvm_compat.make_vm(self.executable, self._device_kind, share_threads=True)
         direct = self._direct_call(vm)
         if direct is not None:
             return direct

@@ -767,10 +767,24 @@ _ALIGNMENT = 64  # TVM's kAllocAlignment: compiled kernels may assume it
 
 
 def load_executable(path: str) -> Any:
-    return tvm.runtime.load_module(path)
+    """A saved kernel library; a runnable CPU one runs its kernels on PyTorch's OpenMP team
+    (`hwaware.threads`)."""
+    from hwaware import threads
+
+    module = tvm.runtime.load_module(path)
+    if path.endswith(".so"):
+        threads.share_threads(path)
+    return module
 
 
-def make_vm(executable: Any, device_kind: str = "cpu") -> Any:
+def make_vm(executable: Any, device_kind: str = "cpu", share_threads: bool = False) -> Any:
+    """A VM for `executable`; `share_threads`: a CPU executable built in this process runs its
+    kernels on PyTorch's OpenMP team (`hwaware.threads`)."""
+    if share_threads and device_kind == "cpu" and hasattr(executable, "export_library") \
+            and not isinstance(executable, tvm.runtime.Module):
+        from hwaware import threads
+
+        executable = threads.with_shared_threads(executable)
     device = tvm.cuda() if device_kind == "cuda" else tvm.cpu()
     return relax.VirtualMachine(executable, device)
 
