@@ -120,9 +120,13 @@ def openmp_launcher() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256(f"{LAUNCHER_SOURCE}{runtime}{compiler}".encode()).hexdigest()[:16]
     path = _cache_dir() / f"openmp_launch_{key}.so"
-    if not path.exists() and not _build_launcher(compiler, runtime, path):
+    try:
+        if not path.exists() and not _build_launcher(compiler, runtime, path):
+            return None
+        return ctypes.CDLL(str(path))
+    except OSError as err:  # an unwritable cache folder, a library that does not load
+        log.debug("kernels keep TVM's thread pool: %s", err)
         return None
-    return ctypes.CDLL(str(path))
 
 
 def _loaded_libgomp() -> Path | None:

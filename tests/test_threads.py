@@ -77,3 +77,16 @@ def test_hwaware_thread_pool_tvm_keeps_tvms_pool(monkeypatch: pytest.MonkeyPatch
         monkeypatch.delenv("HWAWARE_THREAD_POOL")
         threads.openmp_launcher.cache_clear()
     assert threads.openmp_launcher() is not None and os.environ.get("HWAWARE_THREAD_POOL") is None
+
+
+def test_an_unusable_cache_folder_keeps_tvms_pool(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")  # the cache folder's parent is a file: mkdir fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    threads.openmp_launcher.cache_clear()
+    try:
+        assert threads.openmp_launcher() is None
+    finally:
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        threads.openmp_launcher.cache_clear()
