@@ -75,17 +75,16 @@ class PerShape:
         key = _shape_key(args)
         run = self.by_shape.get(key)
         if run is None:
-            run = self.by_shape[key] = self._specialize(list(args))
+            run = self.by_shape[key] = self._specialize(list(args), key)
         return run(*args)
 
-    def _specialize(self, args: list[Any]) -> Callable[..., Any]:
+    def _specialize(self, args: list[Any], key: tuple[Any, ...]) -> Callable[..., Any]:
         compiled = sum(hasattr(run, "hwaware_compiled") for run in self.by_shape.values())
         if compiled >= int(self.opts["max_shapes"]):
             warnings.warn(f"hwaware: this graph has been compiled for {compiled} input "
-                          f"shapes (max_shapes); running shape {_shape_key(args)} eagerly",
-                          stacklevel=3)
+                          f"shapes (max_shapes); running shape {key} eagerly", stacklevel=3)
             return self.gm.forward
-        log.info("compiling a dynamic graph for shape %s", _shape_key(args))
+        log.info("compiling a dynamic graph for shape %s", key)
         return _compile_or_fall_back(self.gm, args, self.opts)
 
 

@@ -12,9 +12,9 @@ So the runtime points each CPU kernel library's parallel-launch hook (`__TVMBack
 a function pointer TVM's loader fills in the library) at a small launcher that runs the tasks
 as one OpenMP parallel region of the OpenMP runtime PyTorch loaded. The launcher is C, built
 once per machine with the system C compiler into hwaware's cache folder. Nothing changes where
-that cannot be done (no libgomp in the process, no compiler, a library with TVM barriers, or
-HWAWARE_THREAD_POOL=tvm): the kernels keep TVM's pool. The team size is PyTorch's
-(`torch.set_num_threads`), not TVM_NUM_THREADS.
+that cannot be done (no libgomp in the process, no compiler, an unwritable cache folder, a
+library with TVM barriers, or HWAWARE_THREAD_POOL=tvm): the kernels keep TVM's pool. The team
+size is PyTorch's (`torch.set_num_threads`), not TVM_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def share_threads(library: str) -> bool:
         return False
     handle = ctypes.CDLL(library)  # the already loaded library: same handle, same hooks
     try:
-        if _has_symbol(handle, BARRIER_HOOK) or not _has_symbol(handle, LAUNCH_HOOK):
+        hook = _pointer(handle, LAUNCH_HOOK)
+        if hook is None or _pointer(handle, BARRIER_HOOK) is not None:
             log.debug("%s keeps TVM's thread pool (barriers, or no parallel loops)", library)
             return False
-        hook = ctypes.c_void_p.in_dll(handle, LAUNCH_HOOK)
         hook.value = ctypes.cast(launcher.hwaware_openmp_launch, ctypes.c_void_p).value
         return True
     finally:  # drop this reference: the library unloads with TVM's module, as before
@@ -163,9 +163,9 @@ def _cache_dir() -> Path:
     return Path(base) / "hwaware"
 
 
-def _has_symbol(handle: ctypes.CDLL, name: str) -> bool:
+def _pointer(handle: ctypes.CDLL, name: str) -> ctypes.c_void_p | None:
+    """The library's pointer variable `name` (writable in place), or None if it has none."""
     try:
-        ctypes.c_void_p.in_dll(handle, name)
+        return ctypes.c_void_p.in_dll(handle, name)
     except ValueError:
-        return False
-    return True
+        return None

@@ -780,8 +780,7 @@ def load_executable(path: str) -> Any:
 def make_vm(executable: Any, device_kind: str = "cpu", share_threads: bool = False) -> Any:
     """A VM for `executable`; `share_threads`: a CPU executable built in this process runs its
     kernels on PyTorch's OpenMP team (`hwaware.threads`)."""
-    if share_threads and device_kind == "cpu" and hasattr(executable, "export_library") \
-            and not isinstance(executable, tvm.runtime.Module):
+    if share_threads and device_kind == "cpu" and isinstance(executable, tvm.runtime.Executable):
         from hwaware import threads
 
         executable = threads.with_shared_threads(executable)

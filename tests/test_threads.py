@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,27 +67,29 @@ def test_the_team_size_follows_torch_set_num_threads() -> None:
         torch.set_num_threads(threads_before)
 
 
-def test_hwaware_thread_pool_tvm_keeps_tvms_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HWAWARE_THREAD_POOL", "tvm")
+@pytest.fixture
+def launcher_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """monkeypatch for the launcher's environment: the launcher is looked up afresh in the
+    test, and again after it with the environment restored."""
     threads.openmp_launcher.cache_clear()
-    try:
-        assert threads.openmp_launcher() is None
-        executable = object()
-        assert threads.with_shared_threads(executable) is executable
-    finally:
-        monkeypatch.delenv("HWAWARE_THREAD_POOL")
-        threads.openmp_launcher.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    threads.openmp_launcher.cache_clear()
+
+
+def test_hwaware_thread_pool_tvm_keeps_tvms_pool(launcher_env: pytest.MonkeyPatch) -> None:
+    launcher_env.setenv("HWAWARE_THREAD_POOL", "tvm")
+    assert threads.openmp_launcher() is None
+    executable = object()
+    assert threads.with_shared_threads(executable) is executable
+    launcher_env.undo()
+    threads.openmp_launcher.cache_clear()
     assert threads.openmp_launcher() is not None and os.environ.get("HWAWARE_THREAD_POOL") is None
 
 
-def test_an_unusable_cache_folder_keeps_tvms_pool(monkeypatch: pytest.MonkeyPatch,
+def test_an_unusable_cache_folder_keeps_tvms_pool(launcher_env: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")  # the cache folder's parent is a file: mkdir fails
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
-    threads.openmp_launcher.cache_clear()
-    try:
-        assert threads.openmp_launcher() is None
-    finally:
-        monkeypatch.delenv("XDG_CACHE_HOME")
-        threads.openmp_launcher.cache_clear()
+    launcher_env.setenv("XDG_CACHE_HOME", str(blocked))
+    assert threads.openmp_launcher() is None
