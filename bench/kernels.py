@@ -43,7 +43,7 @@ from run import (  # noqa: E402
     write_report,
 )
 
-from hwaware.target import get_target  # noqa: E402
+from hwaware.target import Target, get_target  # noqa: E402
 from hwaware.zoo import ZOO, get_model  # noqa: E402
 
 HWAWARE = ("hwaware unfused", "hwaware fused")
@@ -83,21 +83,33 @@ class Row:
     flops: int = 0
 
 
-def sdpa_impl(workload: Workload, small: bool) -> Impl:
+def on_device(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], device: str
+              ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The model and its inputs where the target runs (a cuda target: the GPU)."""
+    return model.to(device), tuple(x.to(device) for x in inputs)
+
+
+def device_of(target_name: str) -> str:
+    return "cuda" if get_target(target_name).kind == "cuda" else "cpu"
+
+
+def sdpa_impl(workload: Workload, small: bool, device: str) -> Impl:
     """The same attention through F.scaled_dot_product_attention (PyTorch's fused kernel)."""
     if workload.zoo == "causal_attention_core":
         from hwaware.zoo import CausalAttentionCore
 
         _, inputs = get_model(workload.zoo, small)
-        peer = CausalAttentionCore(inputs[0].shape[-2], sdpa=True).eval()
+        peer, inputs = on_device(CausalAttentionCore(inputs[0].shape[-2], sdpa=True).eval(),
+                                 inputs, device)
         return Impl("pytorch sdpa", lambda: peer(*inputs))
     assert workload.sdpa_peer is not None
-    model, inputs = get_model(workload.sdpa_peer, small)
+    model, inputs = on_device(*get_model(workload.sdpa_peer, small), device)
     return Impl("pytorch sdpa", lambda: model(*inputs))
 
 
 def bench_workload(workload: Workload, args: argparse.Namespace, work: Path) -> Row:
-    model, inputs = get_model(workload.zoo, small=args.small)
+    device = device_of(args.target)
+    model, inputs = on_device(*get_model(workload.zoo, small=args.small), device)
     row = Row(workload)
     with torch.no_grad():
         expected = model(*inputs)
@@ -108,12 +120,13 @@ def bench_workload(workload: Workload, args: argparse.Namespace, work: Path) -> 
     if not args.skip_inductor:
         row.impls.append(make_inductor(model, inputs))
     if workload.family == "attention":
-        row.impls.append(sdpa_impl(workload, args.small))
-    if workload.ort and not args.skip_ort:
+        row.impls.append(sdpa_impl(workload, args.small, device))
+    if workload.ort and not args.skip_ort and device == "cpu":  # ORT here runs on the CPU only
         row.impls.append(make_ort(model, inputs, work))
     for name, fuse in zip(HWAWARE, (False, True), strict=True):
-        row.notes.append(f"{name}: {run_tuning(model, inputs, args.trials, args.db, fuse)}")
-        row.impls.append(make_hwaware(name, model, inputs, args.db, fuse))
+        tuning = run_tuning(model, inputs, args.trials, args.db, fuse, args.target)
+        row.notes.append(f"{name}: {tuning}")
+        row.impls.append(make_hwaware(name, model, inputs, args.db, fuse, args.target))
     fused = row.impls[-1].compiled
     if fused is not None and hasattr(fused, "program"):
         row.flops = sum(k.flops for k in fused.program.kernels.values())
@@ -152,15 +165,23 @@ def summary_line(row: Row, peak_gflops: float) -> str:
             f"| {'-' if gflops is None else f'{100 * gflops / peak_gflops:.0f}%'} |")
 
 
+def _machine(target: Target) -> str:
+    if target.kind == "cuda":
+        return f"{torch.cuda.get_device_name()} (host: {_cpu_name()}, {CORES} cores)"
+    return f"{_cpu_name()}, {CORES} cores"
+
+
 def markdown(rows: list[Row], args: argparse.Namespace) -> str:
-    target = get_target("host")
+    target = get_target(args.target)
     lines = [
         "# hwaware kernel table", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {_cpu_name()}, {CORES} cores; "
-        f"FP32 peak {target.peak_fp32_gflops:.0f} GFLOP/s (targets/host, detected)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; target {target.name}; machine: "
+        f"{_machine(target)}; FP32 peak {target.peak_fp32_gflops:.0f} GFLOP/s "
+        f"(targets/{target.name})",
         f"- torch {torch.__version__}, {_versions()}",
         f"- batch 1; {'small' if args.small else 'full'} shapes; medians of {args.repeats} "
-        f"calls; tuning budget {args.trials} trials per hwaware variant (db {args.db})", "",
+        f"calls; tuning budget {args.trials} trials per hwaware variant (db {args.db})"
+        + ("; FP32 throughout (cuDNN's TF32 off)" if target.kind == "cuda" else ""), "",
         "## Summary (solo medians)", "",
         "| workload | family | fused vs unfused | best peer (ms) | fused vs best peer "
         "| fused GFLOP/s | % FP32 peak |",
@@ -184,6 +205,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="host",
+                   help="hwaware target; a cuda one runs every implementation on the GPU")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated (valid: {', '.join(WORKLOADS)})")
     p.add_argument("--trials", type=int, default=256, help="tuning budget per hwaware variant")
@@ -202,8 +225,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if device_of(args.target) == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # every implementation in FP32, as hwaware's
     rows = run_each(args.workloads.split(","), args,
-                    lambda name, a, work: bench_workload(WORKLOADS[name], a, work))
+                    lambda name, a, work: bench_workload(WORKLOADS[name], a, work),
+                    lambda done: markdown(done, args))
     write_report(markdown(rows, args), args.out)
     return 0
 

@@ -171,11 +171,11 @@ def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Pat
 
 
 def make_hwaware(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
-                 db: str | None, fuse: bool = True) -> Impl:
+                 db: str | None, fuse: bool = True, target: str = "host") -> Impl:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            compiled = hwaware.compile(model, inputs, db=db, trials=0, fuse=fuse)
+            compiled = hwaware.compile(model, inputs, target=target, db=db, trials=0, fuse=fuse)
     except Exception as err:
         return Impl(name, None, f"failed: {first_line(err)}")
     counts = kernel_counts(compiled.report())
@@ -194,14 +194,14 @@ def kernel_counts(report: str) -> str:
 
 
 def run_tuning(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], trials: int,
-               db: str, fuse: bool = True) -> str:
+               db: str, fuse: bool = True, target: str = "host") -> str:
     """Tune into `db` (records already there count towards the budget); summarize."""
     if trials <= 0:
         return "no tuning (trials 0)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the compile after tuning reports them
-            summary = hwaware.tune(model, inputs, trials=trials, db=db, fuse=fuse)
+            summary = hwaware.tune(model, inputs, target=target, trials=trials, db=db, fuse=fuse)
     except Exception as err:
         return f"tuning failed: {first_line(err)}"
     print(summary.table())
@@ -351,8 +351,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_each(names: list[str], args: argparse.Namespace,
-             bench_one: Callable[[str, argparse.Namespace, Path], Any]) -> list[Any]:
-    """`bench_one(name, args, work_dir)` for each name in turn, with threads and db set up."""
+             bench_one: Callable[[str, argparse.Namespace, Path], Any],
+             report: Callable[[list[Any]], str] | None = None) -> list[Any]:
+    """`bench_one(name, args, work_dir)` for each name in turn, with threads and db set up;
+    `report(results so far)` is written to `args.out` after each (a long run that is stopped
+    keeps what it measured)."""
     torch.set_num_threads(CORES)
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     results = []
@@ -362,20 +365,24 @@ def run_each(names: list[str], args: argparse.Namespace,
             work = Path(tmp) / name
             work.mkdir()
             results.append(bench_one(name, args, work))
+            if report is not None:
+                write_report(report(results), args.out, echo=False)
     return results
 
 
-def write_report(text: str, out_path: str) -> None:
+def write_report(text: str, out_path: str, echo: bool = True) -> None:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    if echo:
+        print(text)
+        print(f"written to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = run_each(args.models.split(","), args, bench_model)
+    results = run_each(args.models.split(","), args, bench_model,
+                       lambda done: markdown(done, args))
     write_report(markdown(results, args), args.out)
     return 0
 

@@ -14,12 +14,14 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -88,6 +90,7 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
 
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     family = part.program.kernels[name].family
+    graph, inputs = on_cpu(graph, inputs)
     try:
         module = _lower_fused(family, graph, inputs, target) if family in FUSED_FAMILIES \
             else _lower_torch(graph, inputs)
@@ -107,6 +110,37 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
             heavy.add(key)
     return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
                        family in FUSED_FAMILIES)
+
+
+def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
+    """The graph and its example inputs as the importers need them: on the CPU. Its tensors
+    become constants of the library (a GPU's VM copies them over when it loads), and TVM
+    hashes and serializes constants only from host memory. A graph already there is returned
+    as is; else a copy, so the model's own graph stays on its device."""
+    tensors = [*inputs, *(getattr_path(graph, n.target) for n in graph.graph.nodes
+                          if n.op == "get_attr")]
+    if all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor)):
+        return graph, inputs
+    graph = copy.deepcopy(graph)
+    for node in graph.graph.nodes:
+        value = getattr_path(graph, node.target) if node.op == "get_attr" else None
+        if isinstance(value, torch.Tensor):
+            owner, _, attr = node.target.rpartition(".")
+            module = graph.get_submodule(owner) if owner else graph
+            value = value.detach().cpu()
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            elif attr in module._buffers:
+                module._buffers[attr] = value
+            else:
+                setattr(module, attr, value)
+    return graph, [x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def getattr_path(module: Any, path: str) -> Any:
+    for attr in path.split("."):
+        module = getattr(module, attr)
+    return module
 
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
@@ -195,9 +229,9 @@ def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: A
             set(program.output_slots) & set(program.input_slots):
         return None
     try:
+        graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
         with torch.no_grad():
-            exported = torch.export.export(part.captured.graph_module, tuple(example_inputs),
-                                           strict=False)
+            exported = torch.export.export(graph, tuple(inputs), strict=False)
         function = tvm_compat.import_torch_program(exported)
         executable, _ = tvm_compat.build_executable(
             tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
@@ -273,7 +307,8 @@ def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Targe
 def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs: list[Any],
             db: TuningDatabase | None, target: Target, measure: bool, repeats: int) -> None:
     spec = program.kernels[name]
-    expected = run_kernel_in_torch(program, name, inputs)
+    with full_fp32():
+        expected = run_kernel_in_torch(program, name, inputs)
     got = call(*inputs)
     if not _all_close(got, expected):
         warnings.warn(f"hwaware: TVM kernel {name} ({spec.family}) differs from PyTorch; "
@@ -291,6 +326,19 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
     if db is not None:
         db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
         db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """PyTorch on the GPU without TF32 (cuDNN convolutions use it by default: ~1e-3 relative
+    error), so that the reference a TVM kernel is checked against is FP32 like the kernel."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _all_close(got: list[Any], expected: list[Any]) -> bool:
@@ -315,15 +363,26 @@ def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
     one left spinning (PyTorch's OpenMP workers spin after every op and halve the next TVM
     kernel's speed)."""
     samples: list[list[float]] = [[] for _ in fns]
+    sync = device_sync()
     with torch.no_grad():
         for _ in range(max(1, repeats // block)):
             for i, fn in enumerate(fns):
                 fn()
                 for _ in range(block):
+                    sync()
                     start = time.perf_counter()
                     fn()
+                    sync()
                     samples[i].append((time.perf_counter() - start) * 1e6)
     return [_quantile(s, quantile) for s in samples]
+
+
+def device_sync() -> Callable[[], None]:
+    """What a timer calls around each timed call so that it times the work and not its launch:
+    a CUDA synchronize once this process has used the GPU, else nothing."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
 
 
 def _quantile(samples: list[float], q: float) -> float:
@@ -340,10 +399,13 @@ def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3
         for _ in range(warmup):
             for fn in fns:
                 fn()
+        sync = device_sync()
         samples: list[list[float]] = [[] for _ in fns]
         for _ in range(repeats):
             for i, fn in enumerate(fns):
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 samples[i].append((time.perf_counter() - start) * 1e6)
     return [statistics.median(s) for s in samples]

@@ -95,12 +95,32 @@ def test_untuned_fused_kernel_runs_with_its_family_default_schedule(name: str) -
     assert_close_to_eager(model, compiled, *inputs)
 
 
-def test_fused_kernels_build_for_a_gpu_target() -> None:
-    model, inputs = get_model("attention_core", small=True)
+@pytest.mark.parametrize("name,family", [("attention_core", "attention"), ("gat_layer", "gnn"),
+                                         ("rgcn_layer", "rgcn")])
+def test_fused_kernels_build_for_a_gpu_target(name: str, family: str) -> None:
+    """The whole compile for a GPU (its family schedules, DLight on the other kernels, whose
+    GEMV rule asserts on GAT's projections and is passed over there)."""
+    model, inputs = get_model(name, small=True)
     compiled = hwaware.compile(model, inputs, target="cuda-sm90", db=None)
     assert compiled.executable is not None
-    assert [k.impl for k in compiled.program.kernels.values() if k.family == "attention"] == \
+    assert [k.impl for k in compiled.program.kernels.values() if k.family == family] == \
         ["tvm"], compiled.report()
+
+
+def test_kernel_references_are_computed_without_tf32() -> None:
+    """On a GPU, cuDNN convolutions default to TF32 (~1e-3 off): a TVM kernel (FP32) is checked
+    against PyTorch in FP32, and the user's settings are restored after."""
+    from hwaware.build import full_fp32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        with full_fp32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def test_fuse_false_leaves_the_kernel_families_out() -> None:

@@ -285,6 +285,31 @@ def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------- cross builds
+@pytest.mark.parametrize("kind", ["gcn", "gat"])
+def test_gpu_candidates_bind_only_rows_to_thread_blocks(kind: str) -> None:
+    """Sampled CUDA candidates, as tuning makes them: MetaSchedule's default rules (AutoBind)
+    must leave the family's blocks alone. They bound the feature loops inside a row to
+    blockIdx.x as well, and a tuned GCN kernel on an H100 computed wrong rows."""
+    import re
+
+    from tvm.s_tir import meta_schedule as ms
+
+    x, edges = graph(20, 60, 40)
+    kernel = only_kernel(layer(kind, 40), (x, edges))
+    _, tgt, mod = kernel.lower("cuda-sm90")
+    (workload,) = [tvm_compat.workload_of(f) for f in tvm_compat.prim_funcs(
+        tvm_compat.fuse_for_tuning(mod, tgt)).values() if gnn._is_family_func(f)]
+    tvm_compat.import_tensor_intrinsics()
+    for seed in range(3):
+        ctx = ms.TuneContext(mod=workload, target=tgt, space_generator="post-order-apply",
+                             task_name="gpu", rand_state=seed)
+        (sch,) = ctx.generate_design_space()
+        blocks = set(re.findall(r'thread_binding\((\d+), thread="blockIdx.x"\)',
+                                sch.mod.script())) - {"1"}  # 1: the CSR build's own kernel
+        assert len(blocks) == 1, (seed, blocks)
+
+
+
 @pytest.mark.parametrize("target_name,kind", [("cuda-sm90", "gcn"), ("cuda-sm90", "gat"),
                                               ("arm64-neon", "gat")])
 def test_builds_for_cuda_and_arm(target_name: str, kind: str) -> None:

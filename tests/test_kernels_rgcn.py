@@ -221,9 +221,11 @@ def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------- cross builds
-@pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
-def test_builds_for_cuda_and_arm(target_name: str) -> None:
-    kernel = only_kernel(layer(16, 32, 3), graph(16, 40, 16, 3))
+@pytest.mark.parametrize("target_name,f_in,f_out", [
+    ("cuda-sm90", 16, 32), ("cuda-sm90", 7, 5), ("cuda-sm90", 64, 64), ("arm64-neon", 16, 32)])
+def test_builds_for_cuda_and_arm(target_name: str, f_in: int, f_out: int) -> None:
+    """With the family's own schedule for the target (on CUDA: a thread per feature of H)."""
+    kernel = only_kernel(layer(f_in, f_out, 3), graph(16, 40, f_in, 3))
     _, tgt, mod = kernel.lower(target_name)
     exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

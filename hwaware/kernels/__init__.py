@@ -87,6 +87,14 @@ def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
     return schedule_fixed
 
 
+def keep_default_rules_off(sch: Any, block: Any) -> None:
+    """Mark a block the family's GPU schedule has bound as done: MetaSchedule's default rules
+    (AutoBind) would otherwise bind its serial feature loops to blockIdx.x too, because they do
+    not see the thread bindings outside the family's opaque row block (wrong rows, or two
+    extents on blockIdx.x)."""
+    sch.annotate(block, "schedule_rule", "None")
+
+
 def target_cores(target: Any) -> int:
     """The CPU cores a TVM target's parallel loops run on (its "num-cores"; 1 if unset)."""
     return int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1

@@ -610,7 +610,7 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> t
     with bb.function("main", list(args.values())):
         gv = bb.add_func(func, name)
         call_args = [args[n.removeprefix("p_")] if n not in plan.constants
-                     else relax.const(plan.constants[n].numpy()) for n, _, _ in plan.params]
+                     else relax.const(plan.constants[n].cpu().numpy()) for n, _, _ in plan.params]
         out = bb.emit(relax.call_tir(gv, call_args,
                                      relax.TensorType(plan.out_shape, "float32")))
         bb.emit_func_output(relax.Tuple([out]))

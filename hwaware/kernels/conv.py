@@ -496,7 +496,7 @@ def emit_one_call(graph: fx.GraphModule, weights: dict[str, torch.Tensor],
     x = relax.Var(placeholders[0].name, relax.TensorType(list(x_val.shape), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            consts = {k: relax.const(v.numpy()) for k, v in weights.items()}
+            consts = {k: relax.const(v.cpu().numpy()) for k, v in weights.items()}
             names = sorted(consts)
 
             def te_fn(x_te: Any, *const_te: Any) -> Any:

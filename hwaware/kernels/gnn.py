@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, fixed_schedule, register_spaces
+from hwaware.kernels import KernelFamily, fixed_schedule, keep_default_rules_off, register_spaces
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
@@ -711,6 +711,7 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
     for block in blocks:
         _, lane = sch.split(sch.get_loops(block)[-1], [None, threads])
         sch.bind(lane, "threadIdx.x")
+        keep_default_rules_off(sch, block)
     return sch
 
 
@@ -808,7 +809,7 @@ def _tensor(bb: Any, node: fx.Node, var_of: dict[fx.Node, Any], graph: fx.GraphM
     value: Any = graph
     for part in str(node.target).split("."):
         value = getattr(value, part)
-    return relax.const(value.detach().contiguous().numpy())
+    return relax.const(value.detach().cpu().contiguous().numpy())
 
 
 def _edge_glue(bb: Any, match: Match, var_of: dict[fx.Node, Any], graph: fx.GraphModule,

@@ -263,7 +263,7 @@ def _get_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def _layer(gm: fx.GraphModule, conv: Conv, lanes: int) -> ConvLayer:
-    w = _get_attr(gm, conv.weight).float().numpy()
+    w = _get_attr(gm, conv.weight).float().cpu().numpy()
     oc, ic, k, _ = w.shape
     ocb, icb = _blocks(oc, lanes), _blocks(ic, lanes)
     padded = np.zeros((ocb * lanes, icb * lanes, k, k), dtype="float32")
@@ -271,7 +271,7 @@ def _layer(gm: fx.GraphModule, conv: Conv, lanes: int) -> ConvLayer:
     blocked = padded.reshape(ocb, lanes, icb, lanes, k, k).transpose(0, 2, 4, 5, 3, 1)
     bias = np.zeros(ocb * lanes, dtype="float32")
     if conv.bias is not None:
-        bias[:oc] = _get_attr(gm, conv.bias).float().numpy()
+        bias[:oc] = _get_attr(gm, conv.bias).float().cpu().numpy()
     return ConvLayer(np.ascontiguousarray(blocked), bias.reshape(ocb, lanes), oc, conv.stride,
                      conv.padding)
 

@@ -42,7 +42,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, fixed_schedule, gnn, register_spaces
+from hwaware.kernels import (
+    KernelFamily,
+    fixed_schedule,
+    gnn,
+    register_spaces,
+)
 from hwaware.kernels.gnn import Decide, Fixed, Sampled, _arg, _op, _val
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 RULE = "rgcn_segmm"
 # H's feature loops, the accumulation inside the `while` first (see `gnn._feature_blocks`)
 AGG_BLOCKS = ("agg_acc", "agg_init", "agg_out", "agg_root")
+GPU_AGG_BLOCKS = ("agg_feature", "agg_root")  # rgcn_func(gpu=True)
 _MATMUL = {"aten.matmul.default", "aten.mm.default"}
 _ZEROS = {"aten.zeros.default", "aten.new_zeros.default", "aten.zeros_like.default"}
 
@@ -352,13 +358,16 @@ class Shapes:
         return max(d for d in (1, 2, 4, 8) if self.N % d == 0)
 
 
-def rgcn_func(s: Shapes, h_scope: str = "global") -> Any:
+def rgcn_func(s: Shapes, gpu: bool = False) -> Any:
     """out[i] = bias + sum_s H[i, s] @ W[s], H[i, r] = mean (or sum) of x[j] over i's
     relation-r edges (0 without any), H[i, R] = x[i] (root slot); H is made per tile of TB
-    rows, in `h_scope` ("shared" on CUDA: a CUDA block's threads share the tile)."""
+    rows. `gpu`: H in shared memory (a CUDA block's threads share the tile), each feature summed
+    over the edges in a register (a thread per feature; the CPU form accumulates a row of H
+    per edge, which on a GPU would need a barrier inside the data-dependent edge loop)."""
     from tvm.script import tirx as T
 
     N, R, S, FI, FO, EC, TB, is_mean = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB, s.mean  # noqa: N806
+    h_scope, features_outer = ("shared", True) if gpu else ("global", False)
     csr = gnn._csr_macro(gnn.Shapes(N, N * R + 1, 1, FI, EC))  # key N*R: a dropped edge
 
     @T.prim_func(private=True, s_tir=True)
@@ -391,34 +400,59 @@ def rgcn_func(s: Shapes, h_scope: str = "global") -> Any:
                                     col[0:EC], x[0:N, 0:FI])
                             T.writes(h[vi, vr, 0:FI])
                             T.sblock_attr({"schedule_rule": "None"})
-                            for f in range(FI):
-                                with T.sblock("agg_init"):
-                                    vf = T.axis.spatial(FI, f)
-                                    h[vi, vr, vf] = T.float32(0)
-                            k[0] = rowptr[(vit * TB + vi) * R + vr]
-                            while k[0] < rowptr[(vit * TB + vi) * R + vr + 1]:
+                            if features_outer:  # each feature's sum in a register
                                 for f in range(FI):
-                                    with T.sblock("agg_acc"):
+                                    with T.sblock("agg_feature"):
                                         vf = T.axis.spatial(FI, f)
-                                        T.reads(col[0:EC], x[0:N, vf])
+                                        T.reads(rowptr[(vit * TB + vi) * R + vr:
+                                                       (vit * TB + vi) * R + vr + 2],
+                                                col[0:EC], x[0:N, vf])
                                         T.writes(h[vi, vr, vf])
-                                        h[vi, vr, vf] = h[vi, vr, vf] + x[col[k[0]], vf]
-                                k[0] = k[0] + 1
-                            for f in range(FI):
-                                with T.sblock("agg_out"):
-                                    vf = T.axis.spatial(FI, f)
-                                    T.reads(rowptr[(vit * TB + vi) * R + vr:
-                                                   (vit * TB + vi) * R + vr + 2])
-                                    T.writes(h[vi, vr, vf])
-                                    if is_mean:
-                                        h[vi, vr, vf] = h[vi, vr, vf] / T.Cast("float32", T.max(
-                                            rowptr[(vit * TB + vi) * R + vr + 1]
-                                            - rowptr[(vit * TB + vi) * R + vr], 1))
-                                    else:
-                                        h[vi, vr, vf] = h[vi, vr, vf]
+                                        T.sblock_attr({"schedule_rule": "None"})
+                                        acc = T.alloc_buffer((1,), "float32", scope="local")
+                                        kf = T.alloc_buffer((1,), "int32", scope="local")
+                                        acc[0] = T.float32(0)
+                                        kf[0] = rowptr[(vit * TB + vi) * R + vr]
+                                        while kf[0] < rowptr[(vit * TB + vi) * R + vr + 1]:
+                                            acc[0] = acc[0] + x[col[kf[0]], vf]
+                                            kf[0] = kf[0] + 1
+                                        if is_mean:
+                                            h[vi, vr, vf] = acc[0] / T.Cast("float32", T.max(
+                                                rowptr[(vit * TB + vi) * R + vr + 1]
+                                                - rowptr[(vit * TB + vi) * R + vr], 1))
+                                        else:
+                                            h[vi, vr, vf] = acc[0]
+                            else:
+                                for f in range(FI):
+                                    with T.sblock("agg_init"):
+                                        vf = T.axis.spatial(FI, f)
+                                        h[vi, vr, vf] = T.float32(0)
+                                k[0] = rowptr[(vit * TB + vi) * R + vr]
+                                while k[0] < rowptr[(vit * TB + vi) * R + vr + 1]:
+                                    for f in range(FI):
+                                        with T.sblock("agg_acc"):
+                                            vf = T.axis.spatial(FI, f)
+                                            T.reads(col[0:EC], x[0:N, vf])
+                                            T.writes(h[vi, vr, vf])
+                                            h[vi, vr, vf] = h[vi, vr, vf] + x[col[k[0]], vf]
+                                    k[0] = k[0] + 1
+                                for f in range(FI):
+                                    with T.sblock("agg_out"):
+                                        vf = T.axis.spatial(FI, f)
+                                        T.reads(rowptr[(vit * TB + vi) * R + vr:
+                                                       (vit * TB + vi) * R + vr + 2])
+                                        T.writes(h[vi, vr, vf])
+                                        if is_mean:
+                                            h[vi, vr, vf] = h[vi, vr, vf] / T.Cast("float32", T.max(
+                                                rowptr[(vit * TB + vi) * R + vr + 1]
+                                                - rowptr[(vit * TB + vi) * R + vr], 1))
+                                        else:
+                                            h[vi, vr, vf] = h[vi, vr, vf]
                     for ii, t, f in T.grid(TB, S - R, FI):
                         with T.sblock("agg_root"):
                             vi, vt, vf = T.axis.remap("SSS", [ii, t, f])
+                            if gpu:  # the family schedule binds it (see keep_default_rules_off)
+                                T.sblock_attr({"schedule_rule": "None"})
                             h[vi, R + vt, vf] = x[vit * TB + vi, vf]
                     for ii, o, t, f in T.grid(TB, FO, S, FI):
                         with T.sblock("rgcn_gemm"):
@@ -477,7 +511,7 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
     o, _, fin = sch.get_loops(gemm)[-3:]
     width = math.gcd(int(sch.get(o).extent), int(sch.get(fin).extent))
     threads = decide.choose(sch, gnn._lanes(width, 32), 32)  # one count for every block
-    for loop in [o, *(sch.get_loops(sch.get_sblock(n))[-1] for n in AGG_BLOCKS)]:
+    for loop in [o, *(sch.get_loops(sch.get_sblock(n))[-1] for n in GPU_AGG_BLOCKS)]:
         _, lane = sch.split(loop, [None, threads])
         sch.bind(lane, "threadIdx.x")
     return sch
@@ -511,8 +545,7 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
                               primfunc_name_hint=f"{name}_edges")
             edges = [bb.emit(relax.TupleGetItem(glue, i)) for i in range(4)]
             weights = [relax.const(w) for w in _weights(layer, graph, shapes)]
-            h_scope = "shared" if target.kind == "cuda" else "global"
-            gv = bb.add_func(rgcn_func(shapes, h_scope), name)
+            gv = bb.add_func(rgcn_func(shapes, gpu=target.kind == "cuda"), name)
             out = bb.emit(relax.call_tir(gv, [x, *weights, *edges], relax.TensorType(
                 [shapes.N, shapes.FO], "float32")))
             result = bb.emit_output(relax.Tuple([out]))
@@ -550,7 +583,7 @@ def _weights(layer: Layer, graph: fx.GraphModule, s: Shapes) -> list[Any]:
     stack = [value(w) if i is None else value(w)[i] for w, i in layer.weights]
     stack += [value(layer.root)] if layer.root else []
     bias = value(layer.bias) if layer.bias is not None else torch.zeros(s.FO)
-    return [torch.stack(stack).contiguous().numpy(), bias.contiguous().numpy()]
+    return [torch.stack(stack).cpu().contiguous().numpy(), bias.cpu().contiguous().numpy()]
 
 
 def _edge_keys(layer: Layer, s: Shapes) -> Callable[..., list[Any]]:
