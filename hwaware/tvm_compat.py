@@ -352,7 +352,11 @@ def postprocessed_fixed_schedule(context: Any, fixed_schedules: FixedSchedules) 
         return None
     sch = schedule(func, context.target)
     sch.enter_postproc()
-    return sch if all(p.apply(sch) for p in context.space_generator.postprocs) else None
+    try:
+        return sch if all(p.apply(sch) for p in context.space_generator.postprocs) else None
+    except RuntimeError as err:  # some postprocs raise where others return False
+        log.debug("the fixed schedule of %s fails a postproc: %s", context.task_name, err)
+        return None
 
 
 @derived_object

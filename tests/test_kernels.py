@@ -107,6 +107,31 @@ def test_fused_kernels_build_for_a_gpu_target(name: str, family: str) -> None:
         ["tvm"], compiled.report()
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_block_se", "resnet_bottleneck", "convnext_block",
+                                  "gat_layer", "rgcn_layer", "causal_attention_core"])
+def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
+    """A GPU tuning session starts from the family's fixed schedule, post-processed like any
+    candidate (RGCN's tile block, bound to blockIdx.x alone, made RewriteUnboundBlock raise)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from hwaware import tvm_compat
+    from hwaware.kernels import FAMILY_NAMES, fixed_schedules
+    from hwaware.pipeline import _rewrite_and_partition
+    from hwaware.tune import extract_tasks
+
+    target = hwaware.get_target("cuda-sm90")
+    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    model, inputs = get_model(name, small=True)
+    captured = capture(model, inputs)
+    _, part = _rewrite_and_partition(captured, True)
+    (task,) = [t for t in extract_tasks(part, captured.example_inputs, target)
+               if t.family in FAMILY_NAMES]
+    tvm_compat.import_tensor_intrinsics()
+    context = ms.TuneContext(mod=task.workload, target=tgt, space_generator="post-order-apply",
+                             task_name=name)
+    assert tvm_compat.postprocessed_fixed_schedule(context, fixed_schedules()) is not None
+
+
 def test_kernel_references_are_computed_without_tf32() -> None:
     """On a GPU, cuDNN convolutions default to TF32 (~1e-3 off): a TVM kernel (FP32) is checked
     against PyTorch in FP32, and the user's settings are restored after."""

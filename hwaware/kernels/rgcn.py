@@ -501,12 +501,16 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
 
 
 def schedule_cuda(sch: Any, decide: Decide) -> Any:
-    """A CUDA block per row tile, H in its shared memory, output columns / features on
-    threadIdx.x; the CSR sort on one thread."""
+    """A CUDA block per row tile, H in its shared memory, the tile's rows on threadIdx.y,
+    output columns / features on threadIdx.x; the CSR sort on one thread."""
     csr = sch.get_sblock("csr")
     sch.bind(sch.add_unit_loop(csr), "blockIdx.x")
     sch.bind(sch.add_unit_loop(csr), "threadIdx.x")
-    sch.bind(sch.get_loops(sch.get_sblock("rgcn_tile"))[0], "blockIdx.x")
+    tile = sch.get_sblock("rgcn_tile")
+    sch.bind(sch.get_loops(tile)[0], "blockIdx.x")
+    sch.bind(sch.add_unit_loop(tile), "threadIdx.z")  # the tile block itself under a thread axis
+    for name in ("rgcn_agg", "agg_root", "rgcn_gemm"):  # every stage under a thread binding
+        sch.bind(sch.get_loops(sch.get_sblock(name))[0], "threadIdx.y")
     gemm = sch.get_sblock("rgcn_gemm")
     o, _, fin = sch.get_loops(gemm)[-3:]
     width = math.gcd(int(sch.get(o).extent), int(sch.get(fin).extent))
