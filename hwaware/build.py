@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import operator
 import statistics
 import time
 import warnings
@@ -117,13 +118,13 @@ def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
     become constants of the library (a GPU's VM copies them over when it loads), and TVM
     hashes and serializes constants only from host memory. A graph already there is returned
     as is; else a copy, so the model's own graph stays on its device."""
-    tensors = [*inputs, *(getattr_path(graph, n.target) for n in graph.graph.nodes
+    tensors = [*inputs, *(operator.attrgetter(n.target)(graph) for n in graph.graph.nodes
                           if n.op == "get_attr")]
     if all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor)):
         return graph, inputs
     graph = copy.deepcopy(graph)
     for node in graph.graph.nodes:
-        value = getattr_path(graph, node.target) if node.op == "get_attr" else None
+        value = operator.attrgetter(node.target)(graph) if node.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             owner, _, attr = node.target.rpartition(".")
             module = graph.get_submodule(owner) if owner else graph
@@ -135,12 +136,6 @@ def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
             else:
                 setattr(module, attr, value)
     return graph, [x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs]
-
-
-def getattr_path(module: Any, path: str) -> Any:
-    for attr in path.split("."):
-        module = getattr(module, attr)
-    return module
 
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:

@@ -42,12 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import (
-    KernelFamily,
-    fixed_schedule,
-    gnn,
-    register_spaces,
-)
+from hwaware.kernels import KernelFamily, fixed_schedule, gnn, register_spaces
 from hwaware.kernels.gnn import Decide, Fixed, Sampled, _arg, _op, _val
 
 log = logging.getLogger(__name__)
