@@ -42,7 +42,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, fixed_schedule, gnn, register_spaces
+from hwaware.kernels import (
+    KernelFamily,
+    fixed_schedule,
+    gnn,
+    keep_default_rules_off,
+    register_spaces,
+)
 from hwaware.kernels.gnn import Decide, Fixed, Sampled, _arg, _op, _val
 
 log = logging.getLogger(__name__)
@@ -362,7 +368,7 @@ def rgcn_func(s: Shapes, gpu: bool = False) -> Any:
     from tvm.script import tirx as T
 
     N, R, S, FI, FO, EC, TB, is_mean = s.N, s.R, s.S, s.FI, s.FO, s.EC, s.TB, s.mean  # noqa: N806
-    h_scope, features_outer = ("shared", True) if gpu else ("global", False)
+    h_scope = "shared" if gpu else "global"
     csr = gnn._csr_macro(gnn.Shapes(N, N * R + 1, 1, FI, EC))  # key N*R: a dropped edge
 
     @T.prim_func(private=True, s_tir=True)
@@ -395,7 +401,7 @@ def rgcn_func(s: Shapes, gpu: bool = False) -> Any:
                                     col[0:EC], x[0:N, 0:FI])
                             T.writes(h[vi, vr, 0:FI])
                             T.sblock_attr({"schedule_rule": "None"})
-                            if features_outer:  # each feature's sum in a register
+                            if gpu:  # each feature's sum in a register
                                 for f in range(FI):
                                     with T.sblock("agg_feature"):
                                         vf = T.axis.spatial(FI, f)
@@ -403,7 +409,6 @@ def rgcn_func(s: Shapes, gpu: bool = False) -> Any:
                                                        (vit * TB + vi) * R + vr + 2],
                                                 col[0:EC], x[0:N, vf])
                                         T.writes(h[vi, vr, vf])
-                                        T.sblock_attr({"schedule_rule": "None"})
                                         acc = T.alloc_buffer((1,), "float32", scope="local")
                                         kf = T.alloc_buffer((1,), "int32", scope="local")
                                         acc[0] = T.float32(0)
@@ -446,8 +451,6 @@ def rgcn_func(s: Shapes, gpu: bool = False) -> Any:
                     for ii, t, f in T.grid(TB, S - R, FI):
                         with T.sblock("agg_root"):
                             vi, vt, vf = T.axis.remap("SSS", [ii, t, f])
-                            if gpu:  # the family schedule binds it (see keep_default_rules_off)
-                                T.sblock_attr({"schedule_rule": "None"})
                             h[vi, R + vt, vf] = x[vit * TB + vi, vf]
                     for ii, o, t, f in T.grid(TB, FO, S, FI):
                         with T.sblock("rgcn_gemm"):
@@ -513,6 +516,8 @@ def schedule_cuda(sch: Any, decide: Decide) -> Any:
     for loop in [o, *(sch.get_loops(sch.get_sblock(n))[-1] for n in GPU_AGG_BLOCKS)]:
         _, lane = sch.split(loop, [None, threads])
         sch.bind(lane, "threadIdx.x")
+    for name in GPU_AGG_BLOCKS:
+        keep_default_rules_off(sch, sch.get_sblock(name))
     return sch
 
 
