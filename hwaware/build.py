@@ -10,6 +10,9 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 4. run each TVM kernel on the real intermediate values of the example inputs: a result that
    differs from PyTorch's keeps the kernel in PyTorch (with a warning); otherwise time both,
    interleaved, and keep the faster. Every timing goes into the database.
+5. a fused family kernel kept in PyTorch (wrong, or not faster) is dissolved: its ops are
+   partitioned again as ordinary kernels and steps 1-4 run on them, so the group is no slower
+   than the unfused build (rather than running as its PyTorch ops one by one).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
                    ) -> KernelTasks | None:
     from hwaware import tvm_compat
 
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    tgt = _tvm_target(target)
     family = part.program.kernels[name].family
     graph, inputs = on_cpu(graph, inputs)
     try:
@@ -157,11 +160,51 @@ def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> 
 def build(part: Partition, target: Target, db: TuningDatabase | None,
           example_inputs: list[torch.Tensor], info: BuildInfo, measure: bool = True,
           repeats: int = 30) -> CompiledModel:
-    """Build the library and choose, per kernel, TVM or PyTorch (see module docstring)."""
+    """Build the library and choose, per kernel, TVM or PyTorch (see module docstring). A fused
+    family kernel that differs from PyTorch or loses to it is dissolved, and its ops are built
+    again as ordinary kernels (whose own TVM kernels may still win), not run op by op."""
+    cache: dict[Any, KernelTasks | None] = {}
+    while True:
+        part, executable, one_call = _build_kernels(part, target, db, example_inputs, info,
+                                                    measure, repeats, cache)
+        lost = {k.signature: k for k in part.program.kernels.values()
+                if k.family in FUSED_FAMILIES and k.impl == "torch"}
+        if not lost:
+            break
+        for signature, spec in lost.items():
+            info.dissolved[signature] = _why_left(spec)
+            log.debug("fused kernel %s (%s) %s: built unfused", spec.name, signature,
+                      info.dissolved[signature])
+        part = part.dissolve(set(lost))
+    program = part.program
+    if executable is None or not target.can_run_here or not measure:
+        return CompiledModel(program, executable, info, target.kind)
+    _choose_whole_program(program, executable, info, target, example_inputs, repeats)
+    chosen = CompiledModel(program, executable, info, target.kind)
+    tgt = _tvm_target(target)
+    whole = _one_call_model(part, chosen, tgt, _adapter(db, tgt, target), info, target,
+                            example_inputs) if one_call else None
+    if whole is None:
+        return chosen
+    times = time_in_blocks([partial(m, *example_inputs) for m in (chosen, whole)], 3 * repeats,
+                           quantile=DECISION_QUANTILE)
+    info.plan_us[ONE_CALL] = times[1]
+    if times[1] * (1 + MARGIN) < times[0]:
+        info.plan = ONE_CALL
+        return whole
+    return chosen
+
+
+def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
+                   example_inputs: list[torch.Tensor], info: BuildInfo, measure: bool,
+                   repeats: int, cache: dict[Any, KernelTasks | None]
+                   ) -> tuple[Partition, Any, bool]:
+    """Import, build and choose each kernel of `part` on its own: the partition the kernels
+    came from (contractions without a schedule cut from their epilogues), the library (None if
+    no kernel could go to TVM) and whether the whole graph may be tried as one TVM call."""
     from hwaware import tvm_compat
 
     inputs = kernel_inputs(part.program, example_inputs)
-    cache: dict[Any, KernelTasks | None] = {}
     imported = import_kernels(part, inputs, target, cache)
     one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
         _has_schedules(k, db, target) for k in imported.values()) and not any(
@@ -177,37 +220,42 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     for spec in program.kernels.values():
         spec.impl = "torch"
     if not candidates:
-        return CompiledModel(program, None, info)
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+        return part, None, one_call
+    tgt = _tvm_target(target)
     mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()},
                                          {v: f for k in candidates.values()
                                           for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, fixed_schedules())
+    executable, applied = tvm_compat.build_executable(mod, tgt, _adapter(db, tgt, target),
+                                                      fixed_schedules())
     info.tuned_workloads = sorted(applied)
     if not target.can_run_here:
         for name in candidates:  # build-only target: the library is for the device
             program.kernels[name].impl = "tvm"
-        return CompiledModel(program, executable, info, target.kind)
+        return part, executable, one_call
     vm = tvm_compat.make_vm(executable, target.kind)
     for name in candidates:
         call = tvm_compat.torch_callable(vm, name)
         _choose(program, name, call, inputs[name], db, target, measure, repeats)
-    if not measure:
-        return CompiledModel(program, executable, info, target.kind)
-    _choose_whole_program(program, executable, info, target, example_inputs, repeats)
-    chosen = CompiledModel(program, executable, info, target.kind)
-    whole = _one_call_model(part, chosen, tgt, adapter, info, target, example_inputs) \
-        if one_call else None
-    if whole is None:
-        return chosen
-    times = time_in_blocks([partial(m, *example_inputs) for m in (chosen, whole)], 3 * repeats,
-                           quantile=DECISION_QUANTILE)
-    info.plan_us[ONE_CALL] = times[1]
-    if times[1] * (1 + MARGIN) < times[0]:
-        info.plan = ONE_CALL
-        return whole
-    return chosen
+    return part, executable, one_call
+
+
+def _tvm_target(target: Target) -> Any:
+    from hwaware import tvm_compat
+
+    return tvm_compat.tvm_target(target.tvm, target.host_tvm)
+
+
+def _adapter(db: TuningDatabase | None, tgt: Any, target: Target) -> Any:
+    from hwaware import tvm_compat
+
+    return tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+
+
+def _why_left(spec: KernelSpec) -> str:
+    """Why a fused kernel runs in PyTorch, for `BuildInfo.dissolved`."""
+    if spec.tvm_us is not None and spec.torch_us is not None:
+        return f"not faster than PyTorch ({spec.tvm_us:.0f} vs {spec.torch_us:.0f} us)"
+    return "did not build, or differs from PyTorch"
 
 
 def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: Any,

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,25 +67,37 @@ class Partition:
     captured: Captured
     supported_ops: frozenset[str]
     fuse: bool = True
+    unfuse_signatures: frozenset[str] = frozenset()
+    dissolved: frozenset[str] = frozenset()
 
     def unfuse(self, signatures: set[str]) -> Partition:
         """The same graph, with each kernel named in `signatures` cut after its contraction:
         the contraction alone (left to PyTorch while it has no tuned schedule) and its epilogue
         (element-wise/reduction ops that TVM's rule-based schedules handle well). Fused family
         kernels always have a schedule (their family's fixed one) and stay whole."""
-        return partition(self.captured, self.supported_ops, unfuse=signatures, warn=False,
-                         fuse=self.fuse)
+        return partition(self.captured, self.supported_ops, self.unfuse_signatures | signatures,
+                         warn=False, fuse=self.fuse, dissolve=self.dissolved)
+
+    def dissolve(self, signatures: set[str]) -> Partition:
+        """The same graph, with the fused family kernels named in `signatures` not formed: their
+        ops become ordinary kernels, each built and chosen on its own (the build's fallback for
+        a fused kernel that is wrong or slower than PyTorch on this target)."""
+        return partition(self.captured, self.supported_ops, self.unfuse_signatures, warn=False,
+                         fuse=self.fuse, dissolve=self.dissolved | signatures)
 
 
-def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str] | None = None,
-              warn: bool = True, fuse: bool = True) -> Partition:
+def partition(captured: Captured, supported_ops: frozenset[str],
+              unfuse: Collection[str] | None = None,
+              warn: bool = True, fuse: bool = True, dissolve: frozenset[str] = frozenset()
+              ) -> Partition:
     """Cut `captured` into kernels (see module docstring) and build the host program.
-    `fuse=False` leaves out the fused kernel families (the unfused baseline)."""
+    `fuse=False` leaves out the fused kernel families (the unfused baseline); `dissolve` names
+    fused kernels (by signature) to leave out."""
     gm = captured.graph_module
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     for node in nodes:
         node.meta.pop(FUSED_META, None)
-    groups = find_fused_groups(gm) if fuse else []
+    groups = find_fused_groups(gm, dissolve) if fuse else []
     grouped = {n for group in groups for n in group}
     host_ops = _find_host_ops([n for n in nodes if n not in grouped], supported_ops, warn)
     runs = groups + _kernel_runs(nodes, host_ops, grouped)
@@ -104,13 +117,14 @@ def partition(captured: Captured, supported_ops: frozenset[str], unfuse: set[str
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
     return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops,
-                     fuse)
+                     fuse, frozenset(unfuse or ()), dissolve)
 
 
-def find_fused_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
+def find_fused_groups(gm: fx.GraphModule, dissolve: frozenset[str] = frozenset()
+                      ) -> list[list[fx.Node]]:
     """Every fused family's groups, in graph order, each node tagged with its family. A group
-    that overlaps an earlier one or reads a value computed after its first node is left to the
-    ordinary kernels."""
+    that overlaps an earlier one, reads a value computed after its first node, or whose kernel
+    signature is in `dissolve` is left to the ordinary kernels."""
     from hwaware.kernels import families
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -123,6 +137,10 @@ def find_fused_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
                 continue
             for node in group:
                 node.meta[FUSED_META] = family.name
+            if kernel_signature(group, _external_inputs(group, set(group)), gm) in dissolve:
+                for node in group:
+                    del node.meta[FUSED_META]
+                continue
             claimed.update(group)
             groups.append(group)
     return sorted(groups, key=lambda g: order[g[0]])
@@ -200,7 +218,7 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str], grouped: set[fx.Node]
     return runs
 
 
-def _cut_after_contraction(run: list[fx.Node], signatures: set[str], gm: fx.GraphModule
+def _cut_after_contraction(run: list[fx.Node], signatures: Collection[str], gm: fx.GraphModule
                            ) -> list[list[fx.Node]]:
     if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
         return [run]

@@ -45,6 +45,8 @@ class BuildInfo:
     tuned_workloads: list[str] = field(default_factory=list)
     plan: str = "per-kernel"  # which whole-program assignment won (see build.py)
     plan_us: dict[str, float] = field(default_factory=dict)
+    # fused kernels built as ordinary kernels instead: signature -> why
+    dissolved: dict[str, str] = field(default_factory=dict)
 
 
 class CompiledModel:
@@ -182,6 +184,8 @@ class CompiledModel:
         if self.info.plan_us:
             timings = ", ".join(f"{k} {v:.0f} us" for k, v in self.info.plan_us.items())
             lines.append(f"whole-model check chose {self.info.plan} ({timings})")
+        for signature, why in self.info.dissolved.items():
+            lines.append(f"fused kernel {signature} {why}: its ops are built as ordinary kernels")
         if self.info.host_ops:
             lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
         lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'torch us':>10}")

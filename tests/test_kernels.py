@@ -5,6 +5,7 @@ unfused baseline. (Each family's own kernel tests are in tests/test_kernels_<fam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,3 +155,36 @@ def test_fuse_false_leaves_the_kernel_families_out() -> None:
     assert all(k.family != "attention" for k in compiled.program.kernels.values())
     with torch.no_grad():
         assert_close_to_eager(model, compiled, *inputs)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic_block", "gat_layer"])
+def test_a_fused_kernel_that_loses_is_built_as_ordinary_kernels(
+        name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fused kernel slower than PyTorch is not run as its PyTorch ops one by one: its group is
+    dissolved and its ops built again as ordinary kernels, each chosen on its own. The timing
+    outcome is scripted (the fused kernel's TVM time set to twice PyTorch's after the real
+    check and timing), so this checks the build's fallback, not the machine's speed."""
+    from hwaware import build
+
+    real_choose = build._choose
+
+    def fused_kernels_lose(program: Any, name: str, *args: Any) -> None:
+        real_choose(program, name, *args)
+        spec = program.kernels[name]
+        if spec.family in build.FUSED_FAMILIES and spec.torch_us is not None:
+            spec.tvm_us, spec.impl = 2 * spec.torch_us, "torch"
+
+    monkeypatch.setattr(build, "_choose", fused_kernels_lose)
+    model, inputs = get_model(name, small=True)
+    compiled = hwaware.compile(model, inputs, db=None)
+    kernels = compiled.program.kernels.values()
+    assert not any(k.family in build.FUSED_FAMILIES for k in kernels), compiled.report()
+    assert len(kernels) > 1
+    ((signature, why),) = compiled.info.dissolved.items()
+    assert signature.startswith(FAMILY_OF_ZOO_MODEL[name] + ":")
+    assert why.startswith("not faster than PyTorch")
+    assert signature in compiled.report()
+    assert_close_to_eager(model, compiled, *inputs)
+    loaded = hwaware.load(compiled.save(tmp_path / "saved"))
+    assert loaded.info.dissolved == compiled.info.dissolved
+    assert_close_to_eager(model, loaded, *inputs)
