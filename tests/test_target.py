@@ -43,3 +43,25 @@ def test_host_is_detected() -> None:
 def test_cross_targets_are_build_only_here() -> None:
     if platform.machine() == "x86_64":
         assert not get_target("arm64-neon").can_run_here
+
+
+@pytest.mark.parametrize("vendor,family,vector_bits,fmas", [
+    ("GenuineIntel", "6", 512, 2),    # Xeon (Skylake-SP .. Sapphire Rapids): two 512-bit FMA units
+    ("GenuineIntel", "6", 256, 2),    # AVX2 cores
+    ("AuthenticAMD", "25", 512, 1),   # Zen 4: AVX-512 on two 256-bit pipes
+    ("AuthenticAMD", "25", 256, 2),   # Zen 3 (no AVX-512)
+    ("AuthenticAMD", "26", 512, 2),   # Zen 5: 512-bit pipes
+])
+def test_peak_counts_the_fmas_the_core_issues_per_cycle(vendor: str, family: str,
+                                                        vector_bits: int, fmas: int) -> None:
+    from hwaware.target import full_width_fmas_per_cycle
+
+    info = {"vendor_id": vendor, "cpu family": family}
+    assert full_width_fmas_per_cycle(info, vector_bits) == fmas
+
+
+def test_host_peak_is_cores_times_fmas_times_lanes_times_clock() -> None:
+    host = detect_host()
+    flops_per_cycle = host.fma_units * (host.vector_bits // 32) * 2
+    assert host.peak_fp32_gflops == pytest.approx(host.cores * flops_per_cycle * host.clock_ghz,
+                                                  abs=0.1)
