@@ -47,6 +47,15 @@ class BuildInfo:
     plan_us: dict[str, float] = field(default_factory=dict)
     # fused kernels built as ordinary kernels instead: signature -> why
     dissolved: dict[str, str] = field(default_factory=dict)
+    # the Target itself: a target file may lie anywhere, and `host` is another CPU elsewhere
+    target_json: str = ""
+
+    def built_for(self) -> Any:
+        """The `Target` the kernels were built for (by name for saves that predate target_json)."""
+        from hwaware.target import Target, get_target
+
+        return Target.from_json(self.target_json) if self.target_json else \
+            get_target(self.target_name)
 
 
 class CompiledModel:
@@ -115,9 +124,8 @@ class CompiledModel:
             k.impl == "tvm" for k in program.kernels.values()
         ):
             from hwaware import tvm_compat
-            from hwaware.target import get_target
 
-            if not get_target(self.info.target_name).can_run_here:
+            if not self.info.built_for().can_run_here:
                 raise RuntimeError(
                     f"this model was built for target {self.info.target_name}, whose kernels "
                     "cannot run on this machine; load it on the device"
@@ -200,9 +208,8 @@ class CompiledModel:
         out.mkdir(parents=True, exist_ok=True)
         if self.executable is not None:
             from hwaware import tvm_compat
-            from hwaware.target import get_target
 
-            cross = not get_target(self.info.target_name).can_run_here
+            cross = not self.info.built_for().can_run_here
             library = CROSS_LIBRARY_FILE if cross else LIBRARY_FILE
             tvm_compat.export_executable(self.executable, str(out / library), cross)
         (out / "program.json").write_text(self.program.to_json())

@@ -110,6 +110,27 @@ def test_build_only_target_builds_a_library(tmp_path: Path) -> None:
         compiled(torch.randn(1, 8))
 
 
+def test_a_target_file_outside_targets_compiles_runs_and_loads(tmp_path: Path) -> None:
+    """A user's own target file (here: this host under another name): the model runs, and a
+    saved one knows its target without the file."""
+    import dataclasses
+    import json
+
+    from hwaware.target import detect_host
+
+    mine = dataclasses.replace(detect_host(), name="my-box")
+    target_file = tmp_path / "my-box.json"
+    target_file.write_text(json.dumps(dataclasses.asdict(mine)))
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8)).eval()
+    x = torch.randn(1, 8)
+    compiled = hwaware.compile(model, (x,), target=str(target_file), db=None)
+    assert compiled.info.target_name == "my-box" and compiled.info.target_key == mine.key
+    assert_close_to_eager(model, compiled, x)
+    folder = compiled.save(tmp_path / "saved")
+    target_file.unlink()
+    assert_close_to_eager(model, hwaware.load(folder), x)
+
+
 def test_repeated_blocks_with_different_weights_stay_distinct() -> None:
     # two kernels with one signature (same shapes) but their own weights
     model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16),
