@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hwaware.peak import measured_peak_gflops
+
 TARGET_SCHEMA_VERSION = 1
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
@@ -108,15 +110,23 @@ def detect_host() -> Target:
         mcpu, vector_bits, tvm = "generic", 128, {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                    "mattr": ["+neon"], "num-cores": cores}
     else:
-        mcpu, vector_bits = _x86_mcpu(flags)
+        mcpu, vector_bits = _x86_mcpu(flags, _cpuinfo())
         tvm = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
-    fma_units = full_width_fmas_per_cycle(_cpuinfo(), vector_bits)
-    peak = cores * fma_units * (vector_bits // 32) * 2 * clock
+    info = _cpuinfo()
+    fma_units = full_width_fmas_per_cycle(info, vector_bits)
+    flops_per_cycle = cores * fma_units * (vector_bits // 32) * 2
+    cpu = " ".join(info.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name"))
+    measured = measured_peak_gflops(cores, vector_bits, f"{arch} {cpu} {sorted(flags)}")
+    if measured is not None:  # the clock the cores really ran the FMA loop at
+        clock = round(measured / flops_per_cycle, 2)
+    peak = measured if measured is not None else flops_per_cycle * clock
     caches = _cache_kib()
-    model = _cpuinfo().get("model name", arch)
+    model = info.get("model name", arch)
+    how = "measured" if measured is not None else "from the nominal clock"
     return Target(
         name="host",
-        description=f"this machine: {model} ({arch}, {mcpu} code), {cores} cores",
+        description=f"this machine: {model} ({arch}, {mcpu} code), {cores} cores, "
+                    f"FP32 peak {how}",
         kind="cpu",
         tvm=tvm,
         cores=cores,
@@ -132,7 +142,15 @@ def detect_host() -> Target:
     )
 
 
-def _x86_mcpu(flags: set[str]) -> tuple[str, int]:
+def _x86_mcpu(flags: set[str], cpuinfo: dict[str, str]) -> tuple[str, int]:
+    """LLVM's name for this x86 core (its scheduling model, and the tuning database's key) and
+    its vector width in bits."""
+    if cpuinfo.get("vendor_id") == "AuthenticAMD" and "avx2" in flags:
+        family = int(cpuinfo.get("cpu family", "0"))
+        if family >= 26 and "avx512f" in flags:
+            return "znver5", 512
+        if family == 25:
+            return ("znver4", 512) if "avx512f" in flags else ("znver3", 256)
     if "amx_tile" in flags and "avx512_fp16" in flags:
         return "sapphirerapids", 512
     if "avx512_vnni" in flags:
@@ -154,7 +172,8 @@ def full_width_fmas_per_cycle(cpuinfo: dict[str, str], vector_bits: int) -> int:
 
 def _host_supports(target: Target) -> bool:
     needs = {"cascadelake": "avx512_vnni", "skylake-avx512": "avx512f", "haswell": "avx2",
-             "sapphirerapids": "amx_tile"}.get(str(target.tvm.get("mcpu")))
+             "sapphirerapids": "amx_tile", "znver3": "avx2", "znver4": "avx512f",
+             "znver5": "avx512f"}.get(str(target.tvm.get("mcpu")))
     return needs is None or needs in _cpu_flags()
 
 

@@ -119,7 +119,7 @@ def openmp_launcher() -> ctypes.CDLL | None:
         log.debug("kernels keep TVM's thread pool: libgomp %s, C compiler %s", runtime, compiler)
         return None
     key = hashlib.sha256(f"{LAUNCHER_SOURCE}{runtime}{compiler}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"openmp_launch_{key}.so"
+    path = cache_dir() / f"openmp_launch_{key}.so"
     try:
         if not path.exists() and not _build_launcher(compiler, runtime, path):
             return None
@@ -158,7 +158,7 @@ def _build_launcher(compiler: str, runtime: Path, path: Path) -> bool:
     return True
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "hwaware"
 

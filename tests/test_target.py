@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 
+from hwaware.peak import measured_peak_gflops
 from hwaware.target import Target, UnknownTargetError, detect_host, get_target, list_targets
 
 
@@ -64,4 +66,41 @@ def test_host_peak_is_cores_times_fmas_times_lanes_times_clock() -> None:
     host = detect_host()
     flops_per_cycle = host.fma_units * (host.vector_bits // 32) * 2
     assert host.peak_fp32_gflops == pytest.approx(host.cores * flops_per_cycle * host.clock_ghz,
-                                                  abs=0.1)
+                                                  rel=0.01)
+
+
+@pytest.mark.parametrize("vendor,family,flags,mcpu", [
+    ("AuthenticAMD", "25", "avx2 avx512f avx512_vnni", ("znver4", 512)),
+    ("AuthenticAMD", "25", "avx2", ("znver3", 256)),
+    ("AuthenticAMD", "26", "avx2 avx512f", ("znver5", 512)),
+    ("GenuineIntel", "6", "avx2 avx512f avx512_vnni", ("cascadelake", 512)),
+    ("GenuineIntel", "6", "avx2 avx512f avx512_vnni amx_tile avx512_fp16",
+     ("sapphirerapids", 512)),
+    ("GenuineIntel", "6", "avx2", ("haswell", 256)),
+])
+def test_host_code_is_generated_for_its_own_core(vendor: str, family: str, flags: str,
+                                                 mcpu: tuple[str, int]) -> None:
+    """The host's LLVM CPU names its core (its scheduling model, and a database key of its own:
+    records tuned on a Xeon are not taken for timings on an EPYC)."""
+    from hwaware.target import _x86_mcpu
+
+    assert _x86_mcpu(set(flags.split()), {"vendor_id": vendor, "cpu family": family}) == mcpu
+
+
+def test_fp32_peak_is_measured_once_per_machine_and_cached(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real FMA loop built with the system compiler, run on the cores; the second call reads
+    the cache (with no compiler left it could not measure again)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bits = detect_host().vector_bits
+    first = measured_peak_gflops(2, bits, "test cpu", runs=1)
+    assert first is not None and first > 0
+    assert len(list((tmp_path / "hwaware").glob("fp32_peak_*.json"))) == 1
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert measured_peak_gflops(2, bits, "test cpu", runs=1) == first
+    assert measured_peak_gflops(2, bits, "another cpu", runs=1) is None  # not measurable
+
+
+def test_host_peak_is_measured_where_a_compiler_is_at_hand() -> None:
+    host = detect_host()
+    assert host.description.endswith("FP32 peak measured"), host.description
