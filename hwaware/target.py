@@ -103,16 +103,15 @@ def _target_from_data(data: dict[str, Any]) -> Target:
 def detect_host() -> Target:
     """Describe this machine's CPU as a Target (x86 with AVX-512 or AVX2, or aarch64)."""
     arch = platform.machine()
-    flags = _cpu_flags()
+    info, flags = _cpuinfo(), _cpu_flags()
     cores = len(os.sched_getaffinity(0))
     clock = _cpu_ghz()
     if arch == "aarch64":
         mcpu, vector_bits, tvm = "generic", 128, {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                    "mattr": ["+neon"], "num-cores": cores}
     else:
-        mcpu, vector_bits = _x86_mcpu(flags, _cpuinfo())
+        mcpu, vector_bits = _x86_mcpu(flags, info)
         tvm = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
-    info = _cpuinfo()
     fma_units = full_width_fmas_per_cycle(info, vector_bits)
     flops_per_cycle = cores * fma_units * (vector_bits // 32) * 2
     cpu = " ".join(info.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name"))
