@@ -195,6 +195,11 @@ CASES = {
     # more keys than one key block takes: the online softmax rescales across blocks
     "sdpa_kv600_two_key_blocks": (SDPA(), (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 600, 8) * 3,
                                            torch.randn(1, 1, 600, 8), torch.randn(5, 600))),
+    # peaked scores (spread ~+-100): most softmax weights under the kernel's e^-64 cutoff,
+    # across two key blocks (the online rescale factor underflows too)
+    "sdpa_peaked_scores_kv600": (SDPA(), (torch.randn(1, 2, 17, 24) * 6,
+                                          torch.randn(1, 2, 600, 24) * 6,
+                                          torch.randn(1, 2, 600, 24))),
     "handwritten_scale_bias": (ScaledMaskAttention(), (torch.randn(1, 3, 17, 24),) * 3
                                + (torch.randn(17, 17),)),
 }
