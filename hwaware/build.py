@@ -232,7 +232,9 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
         for name in candidates:  # build-only target: the library is for the device
             program.kernels[name].impl = "tvm"
         return part, executable, one_call
-    vm = tvm_compat.make_vm(executable, target.kind)
+    # on PyTorch's OpenMP team, as the compiled model will run them: on TVM's own pool, a
+    # kernel timed right after PyTorch's ops shares its cores with spinning OpenMP threads
+    vm = tvm_compat.make_vm(executable, target.kind, share_threads=True)
     for name in candidates:
         call = tvm_compat.torch_callable(vm, name)
         _choose(program, name, call, inputs[name], db, target, measure, repeats)
