@@ -312,8 +312,7 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
     adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
     _warn_untuned(imported.tasks, db, target)
     executable, applied = tvm_compat.build_executable(imported.module, tgt, adapter)
-    info = BuildInfo(target.name, target.key, [], {}, sorted(applied),
-                     target_json=target.to_json())
+    info = BuildInfo.for_target(target, [], {}, sorted(applied))
     return CompiledModel(onnx_program(imported), executable, info, target.kind)
 
 

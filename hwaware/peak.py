@@ -22,11 +22,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
-from hwaware.threads import cache_dir
+from hwaware.threads import build_c_library, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +63,7 @@ def measured_peak_gflops(cores: int, vector_bits: int, cpu: str, runs: int = 5) 
         return float(json.loads(cached.read_text())["gflops"])
     except (OSError, ValueError, KeyError):
         pass
-    library = _build(vector_bits)
+    library = _fma_library(vector_bits, key)
     if library is None:
         return None
     gflops = cores * max(_one_core_gflops(library, vector_bits) for _ in range(runs))
@@ -79,22 +76,20 @@ def measured_peak_gflops(cores: int, vector_bits: int, cpu: str, runs: int = 5) 
     return gflops
 
 
-def _build(vector_bits: int) -> ctypes.CDLL | None:
+def _fma_library(vector_bits: int, key: str) -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or vector_bits not in ISA_FLAGS:
         return None
-    with tempfile.TemporaryDirectory() as work:
-        source, built = Path(work) / "fma.c", Path(work) / "fma.so"
-        source.write_text(SOURCE)
-        cmd = [compiler, "-O3", "-shared", "-fPIC", *ISA_FLAGS[vector_bits],
-               f"-DVECTOR_BYTES={vector_bits // 8}", f"-DACC={ACCUMULATORS}", str(source),
-               "-o", str(built)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            log.debug("FP32 peak not measured: the FMA loop did not build: %s",
-                      done.stderr[-2000:])
+    path = cache_dir() / f"fma_loop_{key}.so"
+    flags = ["-O3", *ISA_FLAGS[vector_bits], f"-DVECTOR_BYTES={vector_bits // 8}",
+             f"-DACC={ACCUMULATORS}"]
+    try:
+        if not path.exists() and not build_c_library(compiler, SOURCE, flags, [], path):
             return None
-        library = ctypes.CDLL(str(built))  # mapped: the file may go
+        library = ctypes.CDLL(str(path))
+    except OSError as err:  # an unwritable cache folder, a library that does not load
+        log.debug("FP32 peak not measured: %s", err)
+        return None
     library.hwaware_fma_seconds.restype = ctypes.c_double
     library.hwaware_fma_seconds.argtypes = [ctypes.c_long, ctypes.c_float, ctypes.c_float,
                                             ctypes.c_float, ctypes.POINTER(ctypes.c_float)]

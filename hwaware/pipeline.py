@@ -75,8 +75,7 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
     if trials > 0 and db is not None:                        # 4. tune into the database
         summary = _tune_parts([captured], [part], target, db, trials, show_progress)
         log.info("%s", summary.table())
-    info = BuildInfo(target.name, target.key, part.host_ops, rewrites,
-                     target_json=target.to_json())
+    info = BuildInfo.for_target(target, part.host_ops, rewrites)
     return build(part, target, db, flat_inputs, info)        # 5. records -> library; 6. callable
 
 
@@ -106,8 +105,7 @@ def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | 
         summary = _tune_parts(graphs, [p for _, p in parts], target, db, trials, show_progress)
         log.info("%s", summary.table())
     return [build(part, target, db, c.example_inputs,
-                  BuildInfo(target.name, target.key, part.host_ops, rewrites,
-                            target_json=target.to_json()))
+                  BuildInfo.for_target(target, part.host_ops, rewrites))
             for c, (rewrites, part) in zip(graphs, parts, strict=True)]
 
 

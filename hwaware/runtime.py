@@ -50,6 +50,13 @@ class BuildInfo:
     # the Target itself: a target file may lie anywhere, and `host` is another CPU elsewhere
     target_json: str = ""
 
+    @classmethod
+    def for_target(cls, target: Any, host_ops: list[str], rewrites: dict[str, int],
+                   tuned_workloads: list[str] | None = None) -> BuildInfo:
+        """A build's record for `target` (a `hwaware.target.Target`), which it keeps whole."""
+        return cls(target.name, target.key, host_ops, rewrites, list(tuned_workloads or []),
+                   target_json=target.to_json())
+
     def built_for(self) -> Any:
         """The `Target` the kernels were built for (by name for saves that predate target_json)."""
         from hwaware.target import Target, get_target

@@ -121,7 +121,10 @@ def openmp_launcher() -> ctypes.CDLL | None:
     key = hashlib.sha256(f"{LAUNCHER_SOURCE}{runtime}{compiler}".encode()).hexdigest()[:16]
     path = cache_dir() / f"openmp_launch_{key}.so"
     try:
-        if not path.exists() and not _build_launcher(compiler, runtime, path):
+        if not path.exists() and not build_c_library(
+                compiler, LAUNCHER_SOURCE, ["-O2", "-fopenmp"],
+                [str(runtime), f"-Wl,-rpath,{runtime.parent}"], path):
+            log.debug("kernels keep TVM's thread pool: the launcher did not build")
             return None
         return ctypes.CDLL(str(path))
     except OSError as err:  # an unwritable cache folder, a library that does not load
@@ -142,19 +145,21 @@ def _loaded_libgomp() -> Path | None:
     return None
 
 
-def _build_launcher(compiler: str, runtime: Path, path: Path) -> bool:
+def build_c_library(compiler: str, source: str, flags: list[str], link: list[str], path: Path
+                    ) -> bool:
+    """Compile C `source` into the shared library `path` (hwaware's small native helpers);
+    whether it was built. The file appears atomically: concurrent processes never load a
+    partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        source, built = Path(work) / "launch.c", Path(work) / "launch.so"
-        source.write_text(LAUNCHER_SOURCE)
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fopenmp", str(source), "-o", str(built),
-               str(runtime), f"-Wl,-rpath,{runtime.parent}"]
+        src, built = Path(work) / "helper.c", Path(work) / "helper.so"
+        src.write_text(source)
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(src), "-o", str(built), *link]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            log.debug("kernels keep TVM's thread pool: building the launcher failed: %s",
-                      done.stderr[-2000:])
+            log.debug("%s did not build: %s", path.name, done.stderr[-2000:])
             return False
-        os.replace(built, path)  # atomic: concurrent processes never load a partial file
+        os.replace(built, path)
     return True
 
 
