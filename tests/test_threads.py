@@ -45,11 +45,13 @@ def test_a_compiled_model_runs_its_kernels_on_the_openmp_team(
     model, inputs = get_model("resnet_basic_block", small=True)
     compiled = hwaware.compile(model, inputs, db=None)
     assert_close_to_eager(model, compiled, *inputs)  # parallel kernels, launched by OpenMP
-    assert hooks == [_launcher_address()]
+    # every library the build loaded (a second one if a fused kernel lost and was dissolved)
+    assert hooks and set(hooks) == {_launcher_address()}
+    built = len(hooks)
 
     compiled.save(tmp_path / "saved")  # a loaded library is pointed at the team too
     loaded = hwaware.load(tmp_path / "saved")
-    assert hooks[1:] == [_launcher_address()]
+    assert hooks[built:] == [_launcher_address()]
     assert _hook(tmp_path / "saved" / "kernels.so") == _launcher_address()
     assert_close_to_eager(model, loaded, *inputs)
     assert set(Path(tempfile.gettempdir()).glob("hwaware-kernels-*")) == left_before
