@@ -299,7 +299,7 @@ class _ProgramBuilder:
         spec = KernelSpec(
             name=name, family=family, signature=kernel_signature(run, inputs, self.gm),
             inputs=[self.slot(n) for n in inputs], outputs=[self.slot(n) for n in outputs],
-            steps=steps, flops=kernel_flops(run),
+            steps=steps, flops=kernel_flops(run, self.gm),
         )
         self.kernels[name] = spec
         self.steps.append(KernelStep(name, spec.inputs, spec.outputs))
@@ -390,8 +390,11 @@ def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModu
     return f"{kernel_family(run)}:{digest}"
 
 
-def kernel_flops(run: list[fx.Node]) -> int:
-    """Multiply-accumulates x2 of the contraction in a kernel (0 for element-wise kernels)."""
+def kernel_flops(run: list[fx.Node], gm: fx.GraphModule) -> int:
+    """Multiply-accumulates x2 of the contraction in a kernel (0 for element-wise kernels); of a
+    fused causal attention, only those of the (query, key) pairs it computes."""
+    from hwaware.kernels.attention import kept_share
+
     total = 0
     for node in run:
         out = node.meta.get("val")
@@ -413,5 +416,5 @@ def kernel_flops(run: list[fx.Node]) -> int:
             k = node.args[1].meta["val"] if isinstance(node.args[1], fx.Node) else None
             if q is not None and k is not None:
                 total += 4 * q.numel() * int(k.shape[-2])
-    return total
+    return round(total * kept_share(run, gm)) if kernel_family(run) == "attention" else total
 

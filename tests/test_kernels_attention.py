@@ -15,8 +15,9 @@ from torch.fx.interpreter import Interpreter
 from hwaware import capture, rewrite, tvm_compat
 from hwaware.db import TuningDatabase
 from hwaware.kernels import attention, default_schedule
-from hwaware.partition import _external_inputs, _kernel_graph
+from hwaware.partition import _external_inputs, _kernel_graph, partition
 from hwaware.target import get_target
+from hwaware.tvm_compat import supported_aten_ops
 
 
 class SDPA(nn.Module):
@@ -222,6 +223,26 @@ def test_gpt2_causal_mask_becomes_an_index_test() -> None:
     plan = attention.plan_of(graph)
     assert plan.causal_offset == 0
     assert not plan.constants  # the [1, 1, S, S] tril constant is not read by the kernel
+
+
+@pytest.mark.parametrize(("model", "seq", "kept"), [
+    (SDPA(), 9, 81), (SDPA(causal=True), 9, 45), (GPT2Attention(), 9, 45),
+    (ScaledMaskAttention(), 9, 81)])
+def test_a_causal_kernel_counts_the_flops_of_the_pairs_it_computes(
+        model: nn.Module, seq: int, kept: int) -> None:
+    """Causal: the 45 (query, key) pairs on or below the diagonal of 9 x 9, not all 81."""
+    head_dim = 24
+    if isinstance(model, GPT2Attention):
+        inputs: tuple[Any, ...] = (torch.randn(1, seq, 2 * head_dim),)
+    else:
+        q = torch.randn(1, 2, seq, head_dim)
+        inputs = (q, q, q, torch.randn(seq, seq)) if isinstance(model, ScaledMaskAttention) \
+            else (q, q, q)
+    captured = capture.capture(model, inputs)
+    rewrite.rewrite(captured)
+    kernels = partition(captured, supported_aten_ops(), fuse=True).program.kernels.values()
+    (fused,) = [k for k in kernels if k.family == "attention"]
+    assert fused.flops == 2 * 2 * (2 * kept * head_dim)  # heads x (q.k + p.v) x 2 per MAC
 
 
 def test_unscheduled_kernel_matches_eager(host: tuple[Any, Any]) -> None:

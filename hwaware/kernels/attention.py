@@ -256,6 +256,27 @@ def _sdpa_args(node: fx.Node) -> dict[str, Any]:
     return args
 
 
+def kept_share(run: list[fx.Node], graph: fx.GraphModule) -> float:
+    """The share of its (query, key) pairs a fused attention kernel computes: those on or below
+    the diagonal under a causal mask (SDPA's is_causal, or GPT-2's where(tril, ...)), since it
+    skips the key blocks above; 1 without one. Its FLOP count counts only those."""
+    for node in run:
+        if _op(node) == "aten.scaled_dot_product_attention.default":
+            a = _sdpa_args(node)
+            sq, sk = _val_shape(a["query"])[-2], _val_shape(a["key"])[-2]
+            return _causal_share(sq, sk, 0) if a["is_causal"] else 1.0
+        if _op(node) in ("aten.where.self", "aten.where.ScalarOther"):
+            sq, sk = _val_shape(node)[-2:]
+            if _causal_where([node], graph, sq, sk) is not None:
+                return _causal_share(sq, sk, sk - sq)
+    return 1.0
+
+
+def _causal_share(sq: int, sk: int, offset: int) -> float:
+    """The share of an (sq x sk) score matrix with key <= row + offset."""
+    return sum(min(sk, max(0, row + offset + 1)) for row in range(sq)) / (sq * sk)
+
+
 def _match_sdpa(node: fx.Node) -> Match | None:
     a = _sdpa_args(node)
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
