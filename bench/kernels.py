@@ -130,9 +130,11 @@ def bench_workload(workload: Workload, args: argparse.Namespace, work: Path) -> 
     fused = row.impls[-1].compiled
     if fused is not None and hasattr(fused, "program"):
         row.flops = sum(k.flops for k in fused.program.kernels.values())
-        row.notes.append("fused kernels: " + ", ".join(
-            f"{k.name} on {k.impl}" for k in fused.program.kernels.values()
-            if k.family == workload.family) or "fused kernels: none found")
+        kernels = [f"{k.name} on {k.impl}" for k in fused.program.kernels.values()
+                   if k.family == workload.family]
+        kernels += [f"{signature} dissolved: {why}"
+                    for signature, why in fused.info.dissolved.items()]
+        row.notes.append("fused kernels: " + (", ".join(kernels) or "none found"))
     measure(row.impls, expected, args.repeats)
     return row
 

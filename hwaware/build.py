@@ -362,15 +362,24 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
     if not measure:
         spec.impl = "tvm"
         return
-    tvm_us, torch_us = time_in_blocks(
-        [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)], repeats,
-        quantile=DECISION_QUANTILE,
-    )
+    sides = [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)]
+    tvm_us, torch_us = time_in_blocks(sides, repeats, quantile=DECISION_QUANTILE)
+    if not _tvm_wins(tvm_us, torch_us):  # a loss is timed again, each side keeping its best
+        again = time_in_blocks(sides, repeats, quantile=DECISION_QUANTILE)
+        tvm_us, torch_us = min(tvm_us, again[0]), min(torch_us, again[1])
     spec.tvm_us, spec.torch_us = tvm_us, torch_us
-    spec.impl = "tvm" if tvm_us * (1 + MARGIN) < torch_us else "torch"
+    spec.impl = "tvm" if _tvm_wins(tvm_us, torch_us) else "torch"
     if db is not None:
         db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
         db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
+
+
+def _tvm_wins(tvm_us: float, torch_us: float) -> bool:
+    """Whether a TVM kernel is clearly (MARGIN) faster than its ops in PyTorch. A loss is timed
+    twice before it stands: noise on a shared machine only adds time, in phases that can hit
+    one side's blocks alone (the fused ResNet basic block, 1.1-1.4x faster than its PyTorch
+    ops in four bench runs, timed 0.61x in a fifth and was dissolved)."""
+    return tvm_us * (1 + MARGIN) < torch_us
 
 
 @contextlib.contextmanager
