@@ -34,12 +34,13 @@ os.environ.setdefault("OMP_NUM_THREADS", str(CORES))
 import torch  # noqa: E402
 
 import hwaware  # noqa: E402
-from hwaware.build import time_interleaved  # noqa: E402
+from hwaware.build import time_in_blocks, time_interleaved  # noqa: E402
 from hwaware.zoo import ZOO, get_model  # noqa: E402
 
 DEFAULT_MODELS = "resnet_basic_block,mobilenetv2_block,transformer_encoder_layer,gcn_2layer"
 RTOL, ATOL = 1e-3, 1e-4
 QUICK_TRIALS, QUICK_REPEATS = 16, 20
+SOLO_BLOCK = 10  # back-to-back calls per solo block
 
 
 @dataclass
@@ -212,13 +213,16 @@ def run_tuning(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], trials:
 # ------------------------------------------------------------------------------- timing
 def measure(impls: list[Impl], expected: Any, repeats: int) -> None:
     """Check outputs against eager, time interleaved and solo (medians, ms), check again
-    (a model whose state drifts across calls is marked incorrect)."""
+    (a model whose state drifts across calls is marked incorrect). Solo: each implementation's
+    calls back to back, in blocks of 10 that alternate between the implementations, so that a
+    slow phase of a shared machine (seconds long) does not fall on one implementation alone."""
     live = [(impl, impl.fn) for impl in impls if impl.fn is not None]
     live = [(impl, fn) for impl, fn in live if check(impl, fn, expected)]
-    medians = time_interleaved([fn for _, fn in live], repeats)
-    for (impl, fn), us in zip(live, medians, strict=True):
-        impl.interleaved_ms = us / 1e3
-        impl.solo_ms = time_interleaved([fn], repeats)[0] / 1e3
+    fns = [fn for _, fn in live]
+    medians = time_interleaved(fns, repeats)
+    solo = time_in_blocks(fns, max(repeats, SOLO_BLOCK), block=SOLO_BLOCK)
+    for (impl, fn), us, solo_us in zip(live, medians, solo, strict=True):
+        impl.interleaved_ms, impl.solo_ms = us / 1e3, solo_us / 1e3
         check(impl, fn, expected)
 
 
