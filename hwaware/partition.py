@@ -392,9 +392,7 @@ def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModu
 
 def kernel_flops(run: list[fx.Node], gm: fx.GraphModule) -> int:
     """Multiply-accumulates x2 of the contraction in a kernel (0 for element-wise kernels); of a
-    fused causal attention, only those of the (query, key) pairs it computes."""
-    from hwaware.kernels.attention import kept_share
-
+    fused kernel, only the share its family says the kernel computes (a causal attention's)."""
     total = 0
     for node in run:
         out = node.meta.get("val")
@@ -416,5 +414,10 @@ def kernel_flops(run: list[fx.Node], gm: fx.GraphModule) -> int:
             k = node.args[1].meta["val"] if isinstance(node.args[1], fx.Node) else None
             if q is not None and k is not None:
                 total += 4 * q.numel() * int(k.shape[-2])
-    return round(total * kept_share(run, gm)) if kernel_family(run) == "attention" else total
+    if FUSED_META in run[0].meta:
+        from hwaware.kernels import families
+
+        share = families()[kernel_family(run)].computed_share
+        return round(total * share(run, gm)) if share is not None else total
+    return total
 

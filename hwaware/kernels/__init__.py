@@ -41,13 +41,16 @@ class KernelFamily:
     `rule`: the `schedule_rule` the family's PrimFuncs carry (its tunable schedule space).
     `schedule_fixed(func, tvm_target)`: a Schedule of one such PrimFunc by that space with fixed
     decisions: what a build with no tuned record for it runs, and the first candidate a tuning
-    session measures (its trace seeds the search, so tuning never ends worse than untuned)."""
+    session measures (its trace seeds the search, so tuning never ends worse than untuned).
+    `computed_share(group, gm)`: the share of the group's contraction work its kernel does, for
+    its FLOP count (a causal attention skips the key blocks above the diagonal); None: all."""
 
     name: str
     rule: str
     find: Callable[[fx.GraphModule], list[list[fx.Node]]]
     lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
     schedule_fixed: Callable[[Any, Any], Any]
+    computed_share: Callable[[list[fx.Node], fx.GraphModule], float] | None = None
 
 
 def unique_name(family: str) -> str:

@@ -639,4 +639,4 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> t
 
 
 FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed, computed_share=kept_share)

@@ -64,7 +64,7 @@ DW_STRIDES = (1, 2)
 # 2 of 3 MobileNetV2 blocks unrolled 512 steps (5 of 10 at 256) against 0.1-10 s otherwise, so
 # they timed out in the tuning builder, and no fused conv block's best record used them.
 UNROLL = [16, 0, 64]
-UNROLL_P = [1 / 3] * 3
+UNROLL_P = [1 / len(UNROLL)] * len(UNROLL)
 CUDA_THREADS = [64, 128, 256]
 OPAQUE = 8  # relax OpPatternKind::kOpaque
 
