@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -158,6 +159,34 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_matrices_compute_a_3x3_correlation(tile: int) -> None:
+    """A^T [(G g G^T) * (B^T d B)] A is the tile x tile output of g slid over d."""
+    a, b, g = resblock.winograd_matrices(tile)
+    rng = np.random.default_rng(tile)
+    d, w = rng.standard_normal((tile + 2, tile + 2)), rng.standard_normal((3, 3))
+    direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * w) for j in range(tile)]
+                       for i in range(tile)])
+    np.testing.assert_allclose(a.T @ ((g @ w @ g.T) * (b.T @ d @ b)) @ a, direct, atol=1e-9)
+
+
+def test_a_basic_blocks_stride_1_convs_are_winograd_convs_on_cpu() -> None:
+    """On a CPU target the 3 x 3 stride-1 convs of a basic block lower to Winograd stages; a
+    strided conv, a bottleneck's and every cuda conv stay direct."""
+    def convs(case: str, target: Any) -> list[int]:
+        model, shape = CASES[case]
+        x = torch.randn(*shape)
+        block = resblock.block_def(_kernel(model, x), resblock.lanes_for(target),
+                                   0 if target.kind == "cuda" else resblock.WINOGRAD_TILE)
+        return [layer.winograd for layer in block.main]
+
+    tile = resblock.WINOGRAD_TILE
+    assert convs("basic_12_identity_9x9", HOST) == [tile, tile]
+    assert convs("basic_12_20_stride2_downsample_9x9", HOST) == [0, tile]
+    assert convs("bottleneck_20_identity_7x7", HOST) == [0, 0, 0]
+    assert convs("basic_12_identity_9x9", get_target("cuda-sm90")) == [0, 0]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_default_schedule_matches_eager(case: str) -> None:
     model, shape = CASES[case]
@@ -211,13 +240,15 @@ def test_tuning_stores_records_that_the_build_applies(tuned: dict[str, Any]) -> 
 
 # --------------------------------------------------------------- cross targets
 @pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
-def test_builds_for_cross_targets(target_name: str) -> None:
-    """Build only: the default schedule, and a sample of the registered schedule space."""
+@pytest.mark.parametrize("case", ["bottleneck_12_20_stride2_9x9", "basic_16_identity_7x7"])
+def test_builds_for_cross_targets(target_name: str, case: str) -> None:
+    """Build only: the default schedule, and a sample of the registered schedule space (a
+    basic block's convs are Winograd convs on arm64, direct ones on cuda)."""
     import tvm
     from tvm import s_tir
 
     target = get_target(target_name)
-    model, shape = CASES["bottleneck_12_20_stride2_9x9"]
+    model, shape = CASES[case]
     x = torch.randn(*shape)
     module = resblock.lower(_kernel(model, x), [x], target, "hw_res_block_cross")
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
@@ -227,7 +258,11 @@ def test_builds_for_cross_targets(target_name: str) -> None:
     kind = "cuda" if target.kind == "cuda" else "cpu"
     rule = tvm.get_global_func(f"s_tir.meta_schedule.{kind}.{resblock.RULE}")
     sch = s_tir.Schedule(tvm_compat.workload_of(func), seed=7)
-    (space,) = rule(sch, sch.get_sblock("conv2"))
+    last = "conv2" if case.startswith("bottleneck") else "conv1"
+    winograd = kind == "cpu" and case.startswith("basic")
+    anchor = f"{last}_m" if winograd else last
+    assert sch.get(sch.get_sblock(anchor)).annotations["schedule_rule"] == resblock.RULE
+    (space,) = rule(sch, sch.get_sblock(anchor))
     assert "sample_" in str(space.trace)
     with tgt:
         tvm.compile(space.mod, target=tgt)
