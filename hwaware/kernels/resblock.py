@@ -461,8 +461,8 @@ def _winograd_te(data: Any, weight: Any, layer: ConvLayer, geometry: Geometry, n
     and `_y` transform back (A^T M A). `<name>` is the view in conv output coordinates."""
     from tvm import te
 
-    m, (ocb, icb, lanes) = layer.winograd, (int(d) for d in layer.weight.shape[2:5])
-    alpha, tiles = m + 2, (*geometry.tiles,)
+    m, alpha, tiles = layer.winograd, layer.winograd + 2, geometry.tiles
+    ocb, icb, lanes = (int(d) for d in layer.weight.shape[2:5])
     a_np, b_np, _ = winograd_matrices(m)
     at, bt = _const_matrix(a_np, f"{name}_a"), _const_matrix(b_np, f"{name}_b")
     r = [te.reduce_axis((0, alpha), name=f"r{i}") for i in range(4)]
@@ -684,7 +684,7 @@ def schedule_cpu(sch: Any, _anchor: Any, tile: Tiler = _sampled_tile,
     sch.compute_inline(sch.get_sblock("residual"))
     anchor = sch.get_sblock(f"conv{last}")
     if winograd:
-        _schedule_winograd(sch, f"conv{last}", h_i, tile)
+        _schedule_winograd(sch, last, h_i, tile)
     elif _has_block(sch, f"conv{last}_part"):  # a k x k conv: a row at a time, input blocks outer
         sch.compute_at(anchor, h_i, preserve_unit_loops=True)
         a_cb, _, a_w, a_c, rcb = sch.get_loops(anchor)[-5:]
@@ -743,20 +743,20 @@ def _tile_inner_layer(sch: Any, k: int, h_o: Any, tile: Tiler) -> None:
     h_q, h_m = sch.split(h, [None, winograd])
     sch.reorder(h_q, cb, h_m, w, c)
     sch.vectorize(c)
-    _schedule_winograd(sch, f"conv{k}", h_q, tile)
+    _schedule_winograd(sch, k, h_q, tile)
 
 
-def _schedule_winograd(sch: Any, name: str, loop: Any, tile: Tiler) -> None:
+def _schedule_winograd(sch: Any, k: int, loop: Any, tile: Tiler) -> None:
     """Winograd conv `name` (see `_winograd_te`) computed at `loop`, the loop over its
     consumer's rows of tiles: the transformed input tiles, their products with the weights
     (register-tiled over output-channel blocks x tiles of a row, like a direct conv's
     micro-kernel over columns) and the inverse transform, each in a buffer of that row."""
+    name, m = f"conv{k}", _winograd_tile(sch, k)
     for matrix in ("a", "b"):
         sch.compute_inline(sch.get_sblock(f"{name}_{matrix}"))
     sch.compute_inline(sch.get_sblock(name))
     y = sch.get_sblock(f"{name}_y")
     sch.compute_at(y, loop, preserve_unit_loops=True)
-    m = int(sch.get(sch.get_loops(sch.get_sblock(f"{name}_at"))[3]).extent)
     cb, h, w, c, rb = sch.get_loops(y)[-5:]
     h_o, h_i = sch.split(h, [None, m])
     w_o, w_i = sch.split(w, [None, m])
