@@ -6,13 +6,17 @@ exported to ATen (parameters frozen into constants), then rewrite -> partition -
 Options: `target` (default "host"), `db` (path, default tuning_logs/hwaware.db), `trials`
 (default 0: use the records already in the database), `fuse` (default True: fused conv-block,
 GNN and attention kernels), `fallback` (default True: if compiling a graph fails, run it eagerly
-with one warning instead of raising), `max_shapes` (default 8, see below).
+with one warning instead of raising), `max_shapes` (default 8) and `max_weight_sets` (default
+32, see below).
 
-Dynamic graphs: when a second input shape makes Dynamo recompile the frame with symbolic sizes
-(or with `dynamic=True` / `mark_dynamic`), the graph comes with SymInt inputs. hwaware kernels
-are static, so the backend then returns a callable that compiles the graph once per distinct
-set of concrete sizes, on that set's first call, and reuses it after; past `max_shapes` sets, a
-new set runs eagerly (one warning), so an unbounded stream of shapes never compiles unboundedly.
+Variants: a build is static, with the parameters frozen into it, but one Dynamo graph is called
+with other sizes (a second input shape makes Dynamo recompile the frame with symbolic sizes, or
+`dynamic=True` / `mark_dynamic`) and with other parameters (repeated blocks behind a graph
+break share one graph; weights change in place). The backend returns a `GraphVariants`, which
+compiles one static build per distinct set of sizes and of frozen parameters, on its first use,
+and checks on every call which one applies; past `max_shapes` size sets or `max_weight_sets`
+parameter sets, a new variant runs eagerly (one warning), so an unbounded stream of shapes or
+of weight updates never compiles unboundedly, and never runs a build of stale weights.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from hwaware.db import DEFAULT_DB_PATH
 log = logging.getLogger(__name__)
 
 OPTIONS = {"target": "host", "db": str(DEFAULT_DB_PATH), "trials": 0, "fallback": True,
-           "fuse": True, "max_shapes": 8,
+           "fuse": True, "max_shapes": 8, "max_weight_sets": 32,
            "show_progress": False}
 
 
@@ -37,9 +41,74 @@ def hwaware_backend(gm: fx.GraphModule, example_inputs: list[Any],
                     options: dict[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
     """Compile one Dynamo graph with hwaware."""
     opts = _check_options({**(options or {}), **kwargs})
-    if any(_is_symbolic(value) for value in example_inputs):
-        return PerShape(gm, opts)
-    return _compile_or_fall_back(gm, example_inputs, opts)
+    return GraphVariants(gm, example_inputs, opts)
+
+
+class GraphVariants:
+    """One Dynamo graph, compiled once per variant of what hwaware bakes into a static build:
+    the concrete input sizes (for a graph with symbolic sizes) and the frozen parameters.
+
+    Dynamo passes parameters as graph inputs and calls one graph with different ones: a
+    `ModuleList` of identical blocks behind a graph break calls the block's graph once per
+    block, each with its own weights; a weight updated in place changes between calls. A
+    variant is keyed by the identity, storage and version counter of every frozen tensor (and
+    the variant keeps those tensors alive, so an identity is never reused while it is a key),
+    so a call with other or modified weights never runs a build of stale ones. Static graphs
+    compile their first variant when Dynamo hands them over; the rest on first use. Past
+    `max_shapes` distinct size sets or `max_weight_sets` distinct weight sets, a new variant
+    runs eagerly (one warning), so an unbounded stream never compiles unboundedly."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any]):
+        from hwaware.capture import frozen_positions
+
+        self.gm, self.opts = gm, opts
+        self.symbolic = any(_is_symbolic(value) for value in example_inputs)
+        self.frozen = frozen_positions(gm, example_inputs)
+        self.variants: dict[tuple[Any, ...], tuple[Callable[..., Any], list[Any]]] = {}
+        self.shapes: set[tuple[Any, ...]] = set()
+        self.weight_sets: set[tuple[Any, ...]] = set()
+        if not self.symbolic:
+            self._specialize(list(example_inputs))
+
+    def __call__(self, *args: Any) -> Any:
+        entry = self.variants.get(self._key(args))
+        if entry is None:
+            entry = self._specialize(list(args))
+        return entry[0](*args)
+
+    def compiled(self) -> list[Any]:
+        """The hwaware models of the variants compiled so far (eager ones left out)."""
+        return [run.hwaware_compiled for run, _ in self.variants.values()
+                if hasattr(run, "hwaware_compiled")]
+
+    def _key(self, args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
+        sizes = _shape_key(args) if self.symbolic else tuple(a for a in args if type(a) is int)
+        return sizes, tuple(_frozen_identity(args[i]) for i in self.frozen)
+
+    def _specialize(self, args: list[Any]) -> tuple[Callable[..., Any], list[Any]]:
+        key = self._key(args)
+        why = self._over_limit(key)
+        if why:
+            warnings.warn(f"hwaware: {why}", stacklevel=3)
+            run: Callable[..., Any] = self.gm.forward
+        else:
+            log.info("compiling a graph variant (%d so far)", len(self.variants))
+            run = _compile_or_fall_back(self.gm, args, self.opts)
+        self.shapes.add(key[0])
+        self.weight_sets.add(key[1])
+        entry = self.variants[key] = (run, [args[i] for i in self.frozen])
+        return entry
+
+    def _over_limit(self, key: tuple[Any, ...]) -> str:
+        if key[0] not in self.shapes and len(self.shapes) >= int(self.opts["max_shapes"]):
+            return (f"this graph has been compiled for {len(self.shapes)} input shapes "
+                    f"(max_shapes); running shape {key[0]} eagerly")
+        if key[1] not in self.weight_sets and \
+                len(self.weight_sets) >= int(self.opts["max_weight_sets"]):
+            return (f"this graph has been compiled for {len(self.weight_sets)} sets of "
+                    "parameters (max_weight_sets; they were replaced or changed in place); "
+                    "running it eagerly with the new ones")
+        return ""
 
 
 def _compile_or_fall_back(gm: fx.GraphModule, inputs: list[Any],
@@ -63,29 +132,12 @@ def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.SymInt)
 
 
-class PerShape:
-    """A dynamic Dynamo graph run as static hwaware graphs, one per distinct set of concrete
-    input sizes, each compiled on its first call (see the module docstring)."""
-
-    def __init__(self, gm: fx.GraphModule, opts: dict[str, Any]) -> None:
-        self.gm, self.opts = gm, opts
-        self.by_shape: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-    def __call__(self, *args: Any) -> Any:
-        key = _shape_key(args)
-        run = self.by_shape.get(key)
-        if run is None:
-            run = self.by_shape[key] = self._specialize(list(args), key)
-        return run(*args)
-
-    def _specialize(self, args: list[Any], key: tuple[Any, ...]) -> Callable[..., Any]:
-        compiled = sum(hasattr(run, "hwaware_compiled") for run in self.by_shape.values())
-        if compiled >= int(self.opts["max_shapes"]):
-            warnings.warn(f"hwaware: this graph has been compiled for {compiled} input "
-                          f"shapes (max_shapes); running shape {key} eagerly", stacklevel=3)
-            return self.gm.forward
-        log.info("compiling a dynamic graph for shape %s", key)
-        return _compile_or_fall_back(self.gm, args, self.opts)
+def _frozen_identity(value: Any) -> Any:
+    """What a build frozen from `value` is valid for: the same tensor object, storage and
+    version counter (an in-place update bumps it); a plain int by its value."""
+    if type(value) is int:
+        return None  # part of the sizes key
+    return id(value), value.data_ptr(), value._version
 
 
 def _shape_key(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
@@ -104,12 +156,12 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
 def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
                    opts: dict[str, Any]) -> Callable[..., Any]:
     from hwaware.capture import capture_dynamo_graph
-    from hwaware.pipeline import compile_captured, open_db
+    from hwaware.pipeline import compile_captured
     from hwaware.target import get_target
 
     target = get_target(opts["target"])
     captured, kept = capture_dynamo_graph(gm, list(example_inputs))
-    compiled = compile_captured(captured, target, open_db(opts["db"]), int(opts["trials"]),
+    compiled = compile_captured(captured, target, _database(opts["db"]), int(opts["trials"]),
                                 bool(opts["show_progress"]), bool(opts["fuse"]))
 
     def run(*args: Any) -> Any:
@@ -117,3 +169,19 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
 
     run.hwaware_compiled = compiled  # type: ignore[attr-defined]
     return run
+
+
+_DATABASES: dict[str, Any] = {}
+
+
+def _database(path: str | None) -> Any:
+    """The process's one connection to the database at `path` (every graph and variant of a
+    torch.compile'd model, and every model compiled with the same path, share it)."""
+    from hwaware.pipeline import open_db
+
+    if path is None:
+        return None
+    key = str(path)
+    if key not in _DATABASES:
+        _DATABASES[key] = open_db(path)
+    return _DATABASES[key]

@@ -119,10 +119,20 @@ def capture_dynamo_graph(
     """Capture the graph Dynamo gives a backend. Parameters that Dynamo passes as inputs are
     frozen into constants (as Inductor's freezing does), and plain int inputs (the concrete
     values of a dynamic graph's symbolic sizes) become constants of this static graph; returns
-    the kept input positions."""
+    the kept input positions. Frozen values belong to THIS call: Dynamo calls one graph with
+    other parameters too (a ModuleList of identical blocks behind a graph break), so the
+    caller must check `frozen_positions` on every call (`backend.GraphVariants` does)."""
     frozen, kept = _freeze_parameter_inputs(gm, example_inputs)
     inputs = tuple(example_inputs[i] for i in kept)
     return capture(frozen, inputs, name="dynamo_graph"), kept
+
+
+def frozen_positions(gm: fx.GraphModule, example_inputs: list[Any]) -> list[int]:
+    """The input positions `capture_dynamo_graph` freezes into constants: module parameters and
+    buffers (tensors) and plain ints."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True))
+            if type(value) is int or _is_frozen_tensor(node.name, value)]
 
 
 def _freeze_parameter_inputs(
@@ -134,7 +144,7 @@ def _freeze_parameter_inputs(
     for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
         if type(value) is int:
             _bind_constant(gm.graph, node, value)
-        elif isinstance(value, torch.nn.Parameter) or _is_module_state(node.name, value):
+        elif _is_frozen_tensor(node.name, value):
             attr = f"_frozen_{i}"
             gm.register_buffer(attr, value.detach())
             with gm.graph.inserting_before(node):
@@ -157,6 +167,10 @@ def _bind_constant(graph: fx.Graph, placeholder: fx.Node, value: int) -> None:
         user.args = fx.node.map_arg(user.args, bound)
         user.kwargs = fx.node.map_arg(user.kwargs, bound)
     graph.erase_node(placeholder)
+
+
+def _is_frozen_tensor(name: str, value: Any) -> bool:
+    return isinstance(value, torch.nn.Parameter) or _is_module_state(name, value)
 
 
 def _is_module_state(name: str, value: Any) -> bool:

@@ -99,3 +99,136 @@ def test_dynamic_shapes_compile_once_per_shape_up_to_max_shapes(monkeypatch) -> 
     with pytest.warns(UserWarning, match=r"compiled for 2 input shapes \(max_shapes\); running"):
         assert_close_to_eager(model, compiled, torch.randn(7, 16))
     assert len(compiles) == 3
+
+
+class _GatedBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1))
+        self.gate = nn.Linear(c, 1)
+
+    def decide(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(h.mean((2, 3)))) > 0.5
+
+
+class _SkipNet(nn.Module):
+    """SkipNet-style: identical gated blocks in a ModuleList; each gate is a graph break, so
+    Dynamo calls ONE gate graph and ONE body graph with every block's own parameters."""
+
+    def __init__(self, c: int = 8, n: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList(_GatedBlock(c) for _ in range(n))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for blk in self.blocks:
+            if blk.decide(h):
+                h = torch.relu(h + blk.body(h))
+        return self.head(h.mean((2, 3)))
+
+
+class _ExitLayer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.norm = nn.LayerNorm(d)
+        self.exit = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.ff(x))
+
+    def confident(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:
+        probs = self.exit(x.mean(1)).softmax(-1)
+        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1)
+        return probs, bool(entropy.max() < threshold)
+
+
+class _EarlyExitEncoder(nn.Module):
+    """Identical layers, each with an exit head; leaves when the exit's entropy is low (the
+    `bool()` is a graph break after every layer)."""
+
+    def __init__(self, d: int = 16, n: int = 4, threshold: float = 1.2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_ExitLayer(d) for _ in range(n))
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            probs, done = layer.confident(x, self.threshold)
+            if done:
+                return probs
+        return probs
+
+
+def _skipnet() -> nn.Module:
+    torch.manual_seed(1)
+    model = _SkipNet().eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # gates that differ between blocks and between inputs
+            nn.init.normal_(blk.gate.weight, std=2.0)
+            nn.init.normal_(blk.gate.bias, std=1.0)
+            nn.init.normal_(blk.body[1].running_mean)
+    return model
+
+
+def _gate_counts(model: nn.Module, inputs: list[torch.Tensor]) -> set[tuple[bool, ...]]:
+    with torch.no_grad():
+        paths = set()
+        for x in inputs:
+            h, taken = model.stem(x), []
+            for blk in model.blocks:
+                taken.append(bool(blk.decide(h)))
+                if taken[-1]:
+                    h = torch.relu(h + blk.body(h))
+            paths.add(tuple(taken))
+    return paths
+
+
+def test_repeated_blocks_behind_graph_breaks_use_their_own_weights() -> None:
+    """Dynamo calls one gate graph with each block's parameters: every block must decide with
+    its own gate (a build that froze block 1's weights gave errors of 0.04-0.09)."""
+    model = _skipnet()
+    inputs = [torch.randn(1, 3, 12, 12) * scale + shift
+              for scale, shift in [(1, 0), (1, -2), (0.5, -1), (2, 3), (4, -3)]]
+    assert len(_gate_counts(model, inputs)) > 1  # the inputs take several paths
+    compiled = torch.compile(model, backend="hwaware", options={"db": None})
+    for x in inputs:
+        assert_close_to_eager(model, compiled, x)
+
+
+def test_early_exit_layers_with_identical_heads_match_eager() -> None:
+    torch.manual_seed(3)
+    model = _EarlyExitEncoder().eval()
+    compiled = torch.compile(model, backend="hwaware", options={"db": None})
+    for scale in (0.1, 1.0, 3.0, 10.0, 0.5, 30.0):
+        assert_close_to_eager(model, compiled, scale * torch.randn(2, 5, 16))
+
+
+def test_weights_changed_or_replaced_between_calls_are_used() -> None:
+    model = _skipnet()
+    compiled = torch.compile(model, backend="hwaware", options={"db": None})
+    x = torch.randn(1, 3, 12, 12)
+    assert_close_to_eager(model, compiled, x)
+    with torch.no_grad():  # in place: same tensors, new version counters
+        model.head.weight.mul_(-2.0)
+        model.blocks[0].gate.bias.add_(5.0)
+        model.blocks[1].body[0].weight.add_(0.5)
+    assert_close_to_eager(model, compiled, x)
+    model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))  # a new tensor
+    assert_close_to_eager(model, compiled, torch.randn(1, 3, 12, 12))
+
+
+def test_weight_sets_past_the_limit_run_eagerly_with_one_warning() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    compiled = torch.compile(model, backend="hwaware",
+                             options={"db": None, "max_weight_sets": 1})
+    x = torch.randn(2, 8)
+    assert_close_to_eager(model, compiled, x)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.warns(UserWarning, match=r"max_weight_sets"):
+        assert_close_to_eager(model, compiled, x)
