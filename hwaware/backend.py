@@ -33,7 +33,7 @@ from hwaware.db import DEFAULT_DB_PATH
 log = logging.getLogger(__name__)
 
 OPTIONS = {"target": "host", "db": str(DEFAULT_DB_PATH), "trials": 0, "fallback": True,
-           "fuse": True, "max_shapes": 8, "max_weight_sets": 32,
+           "fuse": True, "max_shapes": 8, "max_weight_sets": 32, "verify": 0,
            "show_progress": False}
 
 
@@ -60,8 +60,11 @@ class GraphVariants:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: dict[str, Any]):
         from hwaware.capture import frozen_positions
+        from hwaware.verify import Verifier, describe_graph
 
         self.gm, self.opts = gm, opts
+        self.verifier = Verifier(gm.forward, opts["verify"], describe_graph(gm)) \
+            if opts["verify"] else None
         self.symbolic = any(_is_symbolic(value) for value in example_inputs)
         self.frozen = frozen_positions(gm, example_inputs)
         self.variants: dict[tuple[Any, ...], tuple[Callable[..., Any], list[Any]]] = {}
@@ -74,6 +77,8 @@ class GraphVariants:
         entry = self.variants.get(self._key(args))
         if entry is None:
             entry = self._specialize(list(args))
+        if self.verifier is not None:
+            return self.verifier.check(entry[0], args, lambda: _differing_kernel(entry[0], args))
         return entry[0](*args)
 
     def compiled(self) -> list[Any]:
@@ -150,6 +155,9 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown hwaware option(s) {unknown}; valid options: {sorted(OPTIONS)}")
+    from hwaware.verify import check_calls
+
+    check_calls(opts.get("verify", 0))
     return {**OPTIONS, **opts}
 
 
@@ -168,7 +176,19 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
         return compiled(*[args[i] for i in kept])
 
     run.hwaware_compiled = compiled  # type: ignore[attr-defined]
+    run.hwaware_inputs = kept  # type: ignore[attr-defined]
     return run
+
+
+def _differing_kernel(run: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
+    """Verification: the first kernel of a variant's build that differs from PyTorch."""
+    from hwaware.verify import differing_kernel
+
+    compiled = getattr(run, "hwaware_compiled", None)
+    if compiled is None:
+        return None
+    found = differing_kernel(compiled, [args[i] for i in run.hwaware_inputs])  # type: ignore
+    return found
 
 
 _DATABASES: dict[str, Any] = {}

@@ -24,6 +24,7 @@ from hwaware.rewrite import rewrite
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
 from hwaware.tune import SessionSummary, TuningTask, extract_tasks, require_runnable, tune_tasks
+from hwaware.verify import check_calls, verify_compiled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     show_progress: bool = True,
     strict: bool = False,
     fuse: bool = True,
+    verify: int = 0,
 ) -> CompiledModel | DynamicModel:
     """Compile a PyTorch model (or an ONNX file) for `target`; tune first if `trials` > 0.
 
@@ -49,7 +51,14 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     A model whose forward branches or loops on tensor values (early exits, gates, adaptive
     loops, routing) becomes a host program around static regions (`hwaware.dynamic`); a region
     that cannot be made static runs in eager with a warning naming its line, or raises with
-    `strict=True`."""
+    `strict=True`.
+
+    `verify=N` runs `model` in eager PyTorch beside the first N calls and raises
+    `hwaware.verify.VerificationError` naming the first kernel (or region) whose output
+    differs."""
+    if check_calls(verify) and isinstance(model, (str, os.PathLike)):
+        raise ValueError("verify=N compares with eager PyTorch: it needs the nn.Module, not a "
+                         f"model file ({model})")
     if isinstance(model, (str, os.PathLike)):
         from hwaware.onnx_import import compile_onnx
 
@@ -60,10 +69,13 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     inputs = _as_tuple(example_inputs)
     planned = plan_model(model)                              # 0. control flow -> host program
     if planned is not None:
-        return compile_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
-                               strict, partial(compile_graphs, fuse=fuse))
-    captured = capture(model, inputs)                        # 1. model -> static ATen graph
-    return compile_captured(captured, tgt, database, trials, show_progress, fuse)
+        compiled: CompiledModel | DynamicModel = compile_dynamic(
+            model, *planned, inputs, tgt, database, trials, show_progress, strict,
+            partial(compile_graphs, fuse=fuse))
+    else:
+        captured = capture(model, inputs)                    # 1. model -> static ATen graph
+        compiled = compile_captured(captured, tgt, database, trials, show_progress, fuse)
+    return verify_compiled(compiled, model, verify)          # eager beside the first calls
 
 
 def compile_captured(captured: Captured, target: Target, db: TuningDatabase | None,

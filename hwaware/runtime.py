@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ class CompiledModel:
         self._device_kind = device_kind
         self._out_spec = pytree.treespec_loads(program.out_spec)
         self._run: Callable[[list[Any]], list[Any]] | None = None
+        self._vm: Any = None
+        self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
         self._expected = [(torch.Size(s["shape"]), getattr(torch, s["dtype"]))
                           for s in program.input_specs]
         n_out = len(program.output_slots)
@@ -86,6 +88,14 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
+        if self.verifier is not None:
+            from hwaware.verify import differing_kernel
+
+            return self.verifier.check(
+                self._call, args, lambda: differing_kernel(self, pytree.tree_leaves(args)))
+        return self._call(*args)
+
+    def _call(self, *args: Any) -> Any:
         flat = list(args) if all(isinstance(a, torch.Tensor) for a in args) \
             else pytree.tree_leaves(args)
         self._check_inputs(flat)
@@ -126,18 +136,7 @@ class CompiledModel:
 
     def _make_runner(self) -> Callable[[list[Any]], list[Any]]:
         program = self.program
-        vm = None
-        if self.executable is not None and any(
-            k.impl == "tvm" for k in program.kernels.values()
-        ):
-            from hwaware import tvm_compat
-
-            if not self.info.built_for().can_run_here:
-                raise RuntimeError(
-                    f"this model was built for target {self.info.target_name}, whose kernels "
-                    "cannot run on this machine; load it on the device"
-                )
-            vm = tvm_compat.make_vm(self.executable, self._device_kind, share_threads=True)
+        vm = self._virtual_machine()
         direct = self._direct_call(vm)
         if direct is not None:
             return direct
@@ -153,6 +152,30 @@ class CompiledModel:
             return [slots[i] for i in output_slots]
 
         return run
+
+    def _virtual_machine(self) -> Any:
+        """The Relax VM running this model's TVM kernels (None when every kernel runs in
+        PyTorch), made on first use."""
+        if self._vm is not None or self.executable is None or not any(
+            k.impl == "tvm" for k in self.program.kernels.values()
+        ):
+            return self._vm
+        from hwaware import tvm_compat
+
+        if not self.info.built_for().can_run_here:
+            raise RuntimeError(
+                f"this model was built for target {self.info.target_name}, whose kernels "
+                "cannot run on this machine; load it on the device"
+            )
+        self._vm = tvm_compat.make_vm(self.executable, self._device_kind, share_threads=True)
+        return self._vm
+
+    def kernel_callable(self, name: str) -> Callable[..., list[Any]]:
+        """One TVM kernel of this model as a torch -> list of torch call (verification)."""
+        from hwaware import tvm_compat
+
+        spec = self.program.kernels[name]
+        return tvm_compat.torch_callable(self._virtual_machine(), name, len(spec.outputs))
 
     def _direct_call(self, vm: Any) -> Callable[[list[Any]], list[Any]] | None:
         """A program that is one TVM kernel from inputs to outputs runs without slots."""
@@ -333,16 +356,26 @@ def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> lis
 
 def kernel_inputs(program: Program, example_inputs: list[Any]) -> dict[str, list[Any]]:
     """Run the whole program in PyTorch once, keeping each kernel's real input values."""
-    slots: list[Any] = [None] * program.num_slots
-    for slot, x in zip(program.input_slots, example_inputs, strict=True):
-        slots[slot] = x
     seen: dict[str, list[Any]] = {}
+    for step, slots in step_through(program, example_inputs):
+        if isinstance(step, KernelStep):
+            spec = program.kernels[step.kernel]
+            seen[spec.name] = [slots[i] for i in spec.inputs]
+    return seen
+
+
+def step_through(program: Program, inputs: list[Any]
+                 ) -> Iterator[tuple[OpStep | KernelStep, list[Any]]]:
+    """Run the whole program in PyTorch, yielding each step with the slots as they are just
+    before it runs."""
+    slots: list[Any] = [None] * program.num_slots
+    for slot, x in zip(program.input_slots, inputs, strict=True):
+        slots[slot] = x
     with torch.no_grad():
         for step in program.steps:
+            yield step, slots
             if isinstance(step, KernelStep):
                 spec = program.kernels[step.kernel]
-                seen[spec.name] = [slots[i] for i in spec.inputs]
                 _torch_kernel_action(spec.steps, program.constants)(slots)
             else:
                 _op_action(step, program.constants)(slots)
-    return seen

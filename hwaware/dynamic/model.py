@@ -122,6 +122,7 @@ class RegionRunner:
         self.recording = False
         self.compile_new: Callable[[RegionRunner, Key, list[Any]], None] | None = None
         self.flat_outputs: set[Key] = set()  # specializations returning a flat tuple
+        self.checking = False  # verification: check each compiled call against eager
 
     def add(self, key: Key, cm: CompiledModel) -> None:
         """Serve inputs matching `key` with `cm`."""
@@ -142,9 +143,22 @@ class RegionRunner:
                 return self.eager(args)
             cm = self.compiled[key]
         out = cm.run_flat(graph_inputs(key, args))
-        if key in self.flat_outputs:
-            return tuple(out)
-        return pytree.tree_unflatten(out, cm._out_spec)  # type: ignore[no-any-return]
+        result = tuple(out) if key in self.flat_outputs else \
+            pytree.tree_unflatten(out, cm._out_spec)
+        if self.checking:
+            self._check(cm, key, args, result)
+        return result  # type: ignore[no-any-return]
+
+    def _check(self, cm: CompiledModel, key: Key, args: Sequence[Any], result: Any) -> None:
+        """Verification: this call's compiled result against the region's eager Python."""
+        from hwaware.verify import VerificationError, difference, differing_kernel
+
+        why = difference(result, self.eager(args)) if self.fn is not None else None
+        if why:
+            kernel = differing_kernel(cm, graph_inputs(key, args))
+            raise VerificationError(f"first differing region: {self.info.name} "
+                                    f"({self.info.where}), against its eager Python: {why}"
+                                    f"{'; ' + kernel if kernel else ''}")
 
     def eager(self, args: Sequence[Any]) -> tuple[Any, ...]:
         if self.fn is None or self.root is None:
@@ -313,8 +327,30 @@ class DynamicModel:
         self.info = info
         self._forward = make_forward(host_source, "host_program.py",
                                      host_namespace(runners, None))
+        self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
 
     def __call__(self, *args: Any) -> Any:
+        if self.verifier is not None:
+            return self.verifier.check(self._call, args, lambda: self._differing_region(args))
+        return self._call(*args)
+
+    def _differing_region(self, args: tuple[Any, ...]) -> str | None:
+        """Run once more with every region checked against its eager Python: the first region
+        (and kernel) that differs, or None."""
+        from hwaware.verify import VerificationError
+
+        for runner in self.runners.values():
+            runner.checking = True
+        try:
+            self._call(*args)
+        except VerificationError as err:
+            return str(err)
+        finally:
+            for runner in self.runners.values():
+                runner.checking = False
+        return None
+
+    def _call(self, *args: Any) -> Any:
         params = self.info.params
         if not len(params) - self.info.defaults <= len(args) <= len(params):
             raise InputMismatchError(f"expected {len(params)} input(s) "
