@@ -6,9 +6,9 @@ container that is not a pytree builtin (a Hugging Face `ModelOutput`, a dataclas
 registered with pytree) is known to pytree only once the module that defines it was imported,
 so a process that imports nothing of the user's could not read the spec back.
 
-Goes in at save (`describe`): the live tree spec. Comes out: JSON-ready metadata, the module
-that defines each non-builtin container type, and a *portable* spec of the same tree with a
-plain dict (same keys, same order) in place of each such container.
+Goes in at save (`describe`): the live tree spec. Comes out: `OutputTypes` (JSON in meta.json),
+the module that defines each non-builtin container type, and a *portable* spec of the same tree
+with a plain dict (same keys, same order) in place of each such container.
 Goes in at load (`loadable_spec`): the saved spec and that metadata. It imports a recorded
 module whose type is not registered yet, when the module's top-level package is installed
 (only recorded modules: as trusted as the saved `kernels.so` the load runs anyway), so the same
@@ -25,6 +25,7 @@ import json
 import logging
 import warnings
 from collections import OrderedDict, defaultdict, deque, namedtuple
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -41,13 +42,27 @@ class OutputTypeWarning(UserWarning):
     """A loaded model returns a dict where eager returns a container type it cannot import."""
 
 
+@dataclass(frozen=True)
+class OutputTypes:
+    """The non-builtin containers of a saved output spec (in meta.json from save format 2)."""
+
+    modules: dict[str, str]  # pytree serialized type name -> module that defines the type
+    portable: str  # treespec_dumps of the same tree, dicts in place of those containers
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> OutputTypes:
+        return OutputTypes(dict(doc["modules"]), doc["portable"])
+
+
 # ------------------------------------------------------------------------------ save
-def describe(spec: pytree.TreeSpec) -> dict[str, Any]:
-    """Save-time metadata of an output spec: {"modules": {serialized type name: module},
-    "portable": treespec_dumps of the spec with dicts in place of non-builtin containers}."""
+def describe(spec: pytree.TreeSpec) -> OutputTypes:
+    """What a save records of its output spec (see `OutputTypes`)."""
     modules: dict[str, str] = {}
     portable = _portable(spec, modules)
-    return {"modules": modules, "portable": pytree.treespec_dumps(portable)}
+    return OutputTypes(modules, pytree.treespec_dumps(portable))
 
 
 def _portable(spec: pytree.TreeSpec, modules: dict[str, str]) -> pytree.TreeSpec:
@@ -85,20 +100,20 @@ def _plain_key(entry: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ load
-def loadable_spec(out_spec: str, saved: dict[str, Any] | None, missing: dict[str, str]) -> str:
+def loadable_spec(out_spec: str, saved: OutputTypes | None, missing: dict[str, str]) -> str:
     """The output spec a loaded model runs with: `out_spec` once every container type in it is
     registered (importing the recorded modules for that), else the same tree with a dict in
     place of each unknown container; those types go into `missing` (name -> module). A save
     without metadata (`saved` None, older hwaware) gives `out_spec` back as it is."""
     if saved is None:
         return out_spec
-    _import_recorded(saved["modules"])
+    _import_recorded(saved.modules)
     protocol, schema = json.loads(out_spec)
     unknown: set[str] = set()
-    merged = _known_or_dict(schema, json.loads(saved["portable"])[1], unknown)
+    merged = _known_or_dict(schema, json.loads(saved.portable)[1], unknown)
     if not unknown:
         return out_spec
-    missing.update({name: saved["modules"].get(name, "?") for name in unknown})
+    missing.update({name: saved.modules.get(name, "?") for name in unknown})
     return json.dumps([protocol, merged])
 
 

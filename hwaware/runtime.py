@@ -228,7 +228,7 @@ class CompiledModel:
         torch.save(self.program.constants, out / "weights.pt")
         meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
                 "has_library": self.executable is not None,
-                "outputs": outputs.describe(self._out_spec), **self.info.__dict__}
+                "outputs": outputs.describe(self._out_spec).to_json(), **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         return out
 
@@ -260,7 +260,8 @@ def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
                          f"(this hwaware reads {list(READ_FORMAT_VERSIONS)})")
     constants = torch.load(src / "weights.pt", weights_only=True)
     program = Program.from_json((src / "program.json").read_text(), constants)
-    program.out_spec = outputs.loadable_spec(program.out_spec, meta.get("outputs"), missing)
+    saved = outputs.OutputTypes.from_json(meta["outputs"]) if "outputs" in meta else None
+    program.out_spec = outputs.loadable_spec(program.out_spec, saved, missing)
     executable = None
     if meta["has_library"]:
         from hwaware import tvm_compat

@@ -251,19 +251,19 @@ def test_load_imports_only_recorded_modules_of_installed_packages(
     fails gives a dict; a type already registered needs no import."""
     spec = pytree.tree_structure((savetime.Pair(1, 2), savetime.Stats(3, 4)))
     saved = outputs.describe(spec)
-    assert saved["modules"] == {"savetime_outputs.Pair": "savetime_outputs",
+    assert saved.modules == {"savetime_outputs.Pair": "savetime_outputs",
                                 "savetime_outputs.Stats": "savetime_outputs"}
     text = pytree.treespec_dumps(spec)
     gone = text.replace("savetime_outputs.Pair", "gone.Pair").replace(
         "savetime_outputs.Stats", "gone.Stats")
-    saved["modules"] = {"gone.Pair": "not_an_installed_package.defs",
-                        "gone.Stats": "hwaware.no_such_module"}
+    saved = outputs.OutputTypes({"gone.Pair": "not_an_installed_package.defs",
+                                 "gone.Stats": "hwaware.no_such_module"}, saved.portable)
     imported: list[str] = []
     monkeypatch.setattr(outputs.importlib, "import_module", lambda m: imported.append(m))
     missing: dict[str, str] = {}
     loadable = outputs.loadable_spec(gone, saved, missing)
     assert imported == ["hwaware.no_such_module"]  # installed package: tried; the other: never
-    assert missing == saved["modules"]
+    assert missing == saved.modules
     tree = pytree.tree_unflatten([1, 2, 3, 4], pytree.treespec_loads(loadable))
     assert tree == ({"first": 1, "second": 2}, {"mean": 3, "peak": 4})
     missing.clear()
