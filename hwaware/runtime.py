@@ -5,7 +5,9 @@ run on TVM. Comes out: `CompiledModel`, which checks its inputs, runs the host p
 ops on the host, TVM kernels through the Relax VM with zero-copy DLPack), and saves to / loads
 from a folder: `kernels.so` (TVM library), `program.json` (host program + kernel choices),
 `weights.pt` (constants, loaded with `weights_only=True`), `program.py` (readable host program)
-and `meta.json`. No pickle anywhere.
+and `meta.json` (build info, and since format 2 the modules defining the output containers: a
+new process imports them to return the same container types, see `outputs.py`). No pickle
+anywhere.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from hwaware import outputs
 from hwaware.program import KernelStep, OpStep, Program, bind_arg, resolve_op
 
 log = logging.getLogger(__name__)
 
-SAVE_FORMAT_VERSION = 1
+SAVE_FORMAT_VERSION = 2  # 2: meta.json has "outputs" (output container modules)
+READ_FORMAT_VERSIONS = (1, 2)
 LIBRARY_FILE = "kernels.so"  # linked here; a build-only target gets object files to link there
 CROSS_LIBRARY_FILE = "kernels.tar"
 
@@ -246,26 +250,41 @@ class CompiledModel:
         (out / "program.py").write_text(self.program.to_python())
         torch.save(self.program.constants, out / "weights.pt")
         meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
-                "has_library": self.executable is not None, **self.info.__dict__}
+                "has_library": self.executable is not None,
+                "outputs": outputs.describe(self._out_spec).to_json(), **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         return out
 
 
 def load(directory: str | os.PathLike[str]) -> CompiledModel:
-    """Load a model saved by `CompiledModel.save` (no user class or pickle needed)."""
+    """Load a model saved by `CompiledModel.save` or `DynamicModel.save` (no user class or
+    pickle needed). An output container type that cannot be imported here comes back as a dict
+    with the same keys, with one `outputs.OutputTypeWarning` naming it."""
     src = Path(directory)
     if (src / "dynamic.json").exists():
         from hwaware.dynamic.model import DynamicModel
 
         return DynamicModel.load(src)  # type: ignore[return-value]
+    missing: dict[str, str] = {}
+    model = load_compiled(src, missing)
+    outputs.warn_dict_fallback(missing)
+    return model
+
+
+def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
+    """Load one saved `CompiledModel`; the output container types it returns as dicts go into
+    `missing` (name -> module), for the caller's one warning."""
     meta_file = src / "meta.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{src}: not a saved hwaware model (no meta.json)")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != SAVE_FORMAT_VERSION:
-        raise ValueError(f"{src}: save format {meta.get('format_version')} is not supported")
+    if meta.get("format_version") not in READ_FORMAT_VERSIONS:
+        raise ValueError(f"{src}: save format {meta.get('format_version')} is not supported "
+                         f"(this hwaware reads {list(READ_FORMAT_VERSIONS)})")
     constants = torch.load(src / "weights.pt", weights_only=True)
     program = Program.from_json((src / "program.json").read_text(), constants)
+    saved = outputs.OutputTypes.from_json(meta["outputs"]) if "outputs" in meta else None
+    program.out_spec = outputs.loadable_spec(program.out_spec, saved, missing)
     executable = None
     if meta["has_library"]:
         from hwaware import tvm_compat

@@ -11,6 +11,8 @@ hand) or refused with a clear error (after `load`).
 Saved as a folder: `host_program.py` (the readable host program), `regions/region_k.py` (the
 Python each region was captured from, for people), `regions/region_k/<i>/` (one saved
 `CompiledModel` per specialization), `dynamic.json` (calling conventions and statistics).
+Output containers a region returns load as in `runtime.load` (`outputs.py`), with one warning
+for the whole model when some come back as dicts.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware.runtime import CompiledModel, InputMismatchError
-from hwaware.runtime import load as load_static
+from hwaware import outputs
+from hwaware.runtime import CompiledModel, InputMismatchError, load_compiled
 
 log = logging.getLogger(__name__)
 
@@ -420,12 +422,15 @@ class DynamicModel:
             raise ValueError(f"{directory}: dynamic model format "
                              f"{doc.get('format_version')} is not supported")
         runners: dict[str, RegionRunner] = {}
+        missing: dict[str, str] = {}  # output container types returned as dicts: one warning
         for r in doc["regions"]:
             specs = r.pop("specializations")
             runner = RegionRunner(RegionInfo(**r), None, None)
             for s in specs:
-                runner.add(_key_from_json(s["key"]), load_static(directory / "regions" / s["dir"]))
+                cm = load_compiled(directory / "regions" / s["dir"], missing)
+                runner.add(_key_from_json(s["key"]), cm)
             runners[runner.info.name] = runner
+        outputs.warn_dict_fallback(missing)
         info_doc = doc["info"]
         info_doc["explore"] = ExploreStats(**info_doc["explore"])
         source = (directory / "host_program.py").read_text()
