@@ -20,6 +20,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from hwaware.outputs import make_serializable
+
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +76,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
     finally:
         model.train(was_training)
     gm = exported.module()
+    make_serializable(exported.call_spec.out_spec)
     _drop_guards(gm)
     _require_tensor_outputs(gm, name or type(model).__name__)
     return Captured(

@@ -57,6 +57,23 @@ class OutputTypes:
         return OutputTypes(dict(doc["modules"]), doc["portable"])
 
 
+# --------------------------------------------------------------------------- capture
+def make_serializable(spec: pytree.TreeSpec) -> None:
+    """Give every namedtuple class in `spec` a pytree serialization name (its module and
+    qualified name) if it has none: pytree flattens any namedtuple but serializes only
+    registered ones, and a model returning a plain namedtuple could not be compiled."""
+    if spec.is_leaf():
+        return
+    for child in spec.children():
+        make_serializable(child)
+    if spec.type is namedtuple and spec.context not in pytree.SUPPORTED_SERIALIZED_TYPES:
+        _register_namedtuple(spec.context)
+
+
+def _register_namedtuple(cls: type) -> None:
+    pytree._register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
 # ------------------------------------------------------------------------------ save
 def describe(spec: pytree.TreeSpec) -> OutputTypes:
     """What a save records of its output spec (see `OutputTypes`)."""
@@ -122,9 +139,23 @@ def _import_recorded(modules: dict[str, str]) -> None:
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE or not _installed(module):
             continue
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
         except Exception as err:  # noqa: BLE001 - a module that fails to import: a dict then
             log.info("importing %s for output type %s failed: %s", module, name, err)
+            continue
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            _register_found_namedtuple(imported, name)
+
+
+def _register_found_namedtuple(module: Any, name: str) -> None:
+    """A namedtuple that hwaware named at compile time (`make_serializable`): registered again
+    here, where its module has just been imported."""
+    qualname = name.removeprefix(module.__name__ + ".")
+    cls: Any = module
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        _register_namedtuple(cls)
 
 
 def _installed(module: str) -> bool:

@@ -97,6 +97,19 @@ class NestedOutputs(nn.Module):
                 Stats(h.mean(), h.sum()))
 
 
+Plain = collections.namedtuple("Plain", "low high")  # not registered with pytree
+
+
+class ReturnsPlainNamedtuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return Plain(h.amin(-1), h.amax(-1))
+
+
 class EarlyExitOutputs(nn.Module):
     """Dynamic: an early exit when the input's mean is positive; both exits return a
     transformers ModelOutput and an ExitOut."""
@@ -210,6 +223,23 @@ def test_container_whose_module_is_gone_comes_back_as_a_dict_with_one_warning(
     module_dir = os.path.dirname(str(savetime.__file__))
     got = run_fresh(saved, model, [(other,)], tmp_path, pythonpath=module_dir)
     assert got["specs"] == [str(pytree.tree_structure(eager))] and got["warnings"] == []
+
+
+def test_a_plain_namedtuple_output_compiles_and_loads(savetime: ModuleType,
+                                                     tmp_path: Path) -> None:
+    """A namedtuple pytree cannot serialize (never registered): compiling failed on it."""
+    model = savetime.ReturnsPlainNamedtuple().eval()
+    x, other = torch.randn(2, 8), torch.randn(2, 8)
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    got, want = compiled(other), model(other)
+    assert type(got) is savetime.Plain
+    torch.testing.assert_close(tuple(got), tuple(want.detach() for want in want))
+    saved = compiled.save(tmp_path / "saved")
+    module_dir = os.path.dirname(str(savetime.__file__))
+    fresh = run_fresh(saved, model, [(other,)], tmp_path, pythonpath=module_dir)
+    assert fresh["type"] == "savetime_outputs.Plain" and fresh["warnings"] == []
+    fresh = run_fresh(saved, model, [(other,)], tmp_path)
+    assert fresh["type"] == "builtins.dict" and len(fresh["warnings"]) == 1
 
 
 def test_dynamic_model_keeps_known_containers_and_warns_once_for_the_gone_one(
