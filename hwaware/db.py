@@ -1,9 +1,15 @@
 """The tuning database: every measurement hwaware makes, in one sqlite file.
 
 Goes in: workloads (a fused TIR kernel as TVM JSON plus its structural hash), tuning records
-(one measured candidate schedule for one workload on one target), kernel measurements
-(a whole partitioned kernel timed as TVM or as PyTorch) and model measurements.
-Comes out: the best records per (workload, target), statistics, JSONL export/import.
+(one measured candidate schedule for one workload on one target), kernels (the schema of each
+partitioned kernel by its signature: family, shapes, attributes, FLOPs, bytes, and the TVM
+workloads it maps to), kernel measurements (a whole kernel timed as TVM or as PyTorch) and
+model measurements (a whole compiled model timed).
+Comes out: the best records per (workload, target), kernel and model measurements per target
+(what the latency predictor trains on), statistics, JSONL export/import of every table.
+
+Schema versions: 1 had no `kernels`, `kernel_workloads` or `model_measurements` tables; a
+version-1 file is migrated in place when opened (tables added, nothing rewritten).
 
 Design rules (see ROADMAP.md): keys are made in one place (`workload_key`), queries always name a
 target so one target never sees another's records, every record says which device and session
@@ -20,7 +26,7 @@ import socket
 import sqlite3
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x68776172  # "hwar": marks the file as an hwaware database
 DEFAULT_DB_PATH = Path("tuning_logs") / "hwaware.db"
 FAILED_RUN_SECS = 1e9  # MetaSchedule's convention for a candidate that did not run
@@ -58,6 +64,36 @@ class RecordRow:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class KernelMeasurement:
+    """One timing of a whole partitioned kernel on one target, as TVM or as PyTorch."""
+
+    signature: str
+    target_key: str
+    impl: str  # "tvm" or "torch"
+    run_us: float
+    family: str
+    device: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ModelMeasurement:
+    """One timing of a whole compiled model on one target (`impl`: "hwaware", "eager", ...).
+    `kernels` lists its kernels' signatures in program order; `spread_us` is the timing's
+    interquartile range."""
+
+    model: str
+    target_key: str
+    impl: str
+    latency_us: float
+    spread_us: float
+    kernels: list[str]
+    device: str
+    session_id: str | None = None
+    created_at: float = 0.0
 
 
 def candidate_key(trace_json: str) -> str:
@@ -117,12 +153,27 @@ class TuningDatabase:
         integrity = self.db.execute("PRAGMA quick_check").fetchone()[0]
         if integrity != "ok":
             raise DatabaseError(f"{self.path}: integrity check failed: {integrity}")
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older file up to this schema: version 1 lacks the kernel schema and model
+        measurement tables, which are added (its rows stay as they are)."""
+        log.info("%s: migrating the database from schema %d to %d", self.path, version,
+                 SCHEMA_VERSION)
+        self._create_tables()
+        with self.db.conn:
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
         self.db.enable_wal()
         with self.db.conn:
             self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        """Every table and index of this schema (each only if it is not there yet)."""
         self.db.table("workloads").create(
             {"hash": str, "tvm_version": str, "mod_json": str, "family": str, "shapes": str},
             pk=("hash", "tvm_version"),
@@ -163,6 +214,29 @@ class TuningDatabase:
             },
             pk="id",
             if_not_exists=True,
+        )
+        self.db.table("kernels").create(
+            {"signature": str, "family": str, "record_json": str, "flops": int,
+             "bytes_moved": int, "created_at": float},
+            pk="signature",
+            if_not_exists=True,
+        )
+        self.db.table("kernel_workloads").create(
+            {"signature": str, "workload_hash": str, "tvm_version": str, "target_key": str},
+            pk=("signature", "workload_hash", "tvm_version", "target_key"),
+            if_not_exists=True,
+        )
+        self.db.table("model_measurements").create(
+            {
+                "id": int, "model": str, "target_key": str, "impl": str, "latency_us": float,
+                "spread_us": float, "kernels_json": str, "device": str, "session_id": str,
+                "created_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        self.db.table("model_measurements").create_index(
+            ["target_key", "model"], if_not_exists=True
         )
 
     def close(self) -> None:
@@ -270,6 +344,39 @@ class TuningDatabase:
         cursor = self.db.execute(sql + " ORDER BY id", args)
         return [_row_from_cursor(cursor.description, r) for r in cursor.fetchall()]
 
+    # ----------------------------------------------------------------- kernels
+    def commit_kernel(self, record: Any, workload_hashes: Iterable[str] = (),
+                      tvm_version: str = "", target_key: str = "") -> None:
+        """Store a kernel's schema (a `hwaware.decompose.KernelRecord`) under its signature,
+        and the TVM workloads its build holds on `target_key`."""
+        with self.db.conn:
+            self.db.execute(
+                "INSERT OR IGNORE INTO kernels (signature, family, record_json, flops, "
+                "bytes_moved, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [record.signature, record.family, record.to_json(), record.flops,
+                 record.bytes_moved, time.time()])
+            for whash in workload_hashes:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO kernel_workloads (signature, workload_hash, "
+                    "tvm_version, target_key) VALUES (?, ?, ?, ?)",
+                    [record.signature, whash, tvm_version, target_key])
+
+    def kernel(self, signature: str) -> Any:
+        """The stored `KernelRecord` of a signature, or None."""
+        from hwaware.decompose import KernelRecord
+
+        row = self.db.execute("SELECT record_json FROM kernels WHERE signature = ?",
+                              [signature]).fetchone()
+        return KernelRecord.from_json(row[0]) if row else None
+
+    def kernel_workloads(self, signature: str, tvm_version: str, target_key: str) -> list[str]:
+        """The TVM workload hashes a kernel's build holds on one target."""
+        rows = self.db.execute(
+            "SELECT workload_hash FROM kernel_workloads WHERE signature = ? AND "
+            "tvm_version = ? AND target_key = ? ORDER BY workload_hash",
+            [signature, tvm_version, target_key]).fetchall()
+        return [r[0] for r in rows]
+
     # ------------------------------------------------------ kernel measurements
     def commit_kernel_measurement(
         self, signature: str, target_key: str, impl: str, run_us: float, family: str
@@ -280,6 +387,41 @@ class TuningDatabase:
                 "run_us": run_us, "device": self.device, "family": family,
                 "created_at": time.time(),
             })
+
+    def kernel_measurements(self, target_key: str, signature: str | None = None
+                            ) -> list[KernelMeasurement]:
+        """Every kernel timing on one target (of one kernel, with `signature`), oldest first."""
+        sql = "SELECT * FROM kernel_measurements WHERE target_key = ?"
+        args = [target_key]
+        if signature is not None:
+            sql += " AND signature = ?"
+            args.append(signature)
+        rows = self.db.execute(sql + " ORDER BY id", args)
+        names = [c[0] for c in rows.description]
+        return [KernelMeasurement(**{k: v for k, v in zip(names, r, strict=True) if k != "id"})
+                for r in rows.fetchall()]
+
+    # ------------------------------------------------------- model measurements
+    def commit_model_measurement(self, m: ModelMeasurement) -> None:
+        with self.db.conn:
+            self.db.table("model_measurements").insert({
+                "model": m.model, "target_key": m.target_key, "impl": m.impl,
+                "latency_us": m.latency_us, "spread_us": m.spread_us,
+                "kernels_json": json.dumps(m.kernels), "device": m.device,
+                "session_id": m.session_id, "created_at": m.created_at or time.time(),
+            })
+
+    def model_measurements(self, target_key: str, model: str | None = None
+                           ) -> list[ModelMeasurement]:
+        """Every whole-model timing on one target (of one model, with `model`), oldest first."""
+        sql = "SELECT * FROM model_measurements WHERE target_key = ?"
+        args = [target_key]
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        rows = self.db.execute(sql + " ORDER BY id", args)
+        names = [c[0] for c in rows.description]
+        return [_model_measurement(dict(zip(names, r, strict=True))) for r in rows.fetchall()]
 
     # ---------------------------------------------------------------- sessions
     def start_session(self, session_id: str, target_key: str, model: str, trials: int) -> None:
@@ -308,6 +450,8 @@ class TuningDatabase:
             "records": self.db["records"].count,
             "sessions": self.db["sessions"].count,
             "kernel_measurements": self.db["kernel_measurements"].count,
+            "kernels": self.db["kernels"].count,
+            "model_measurements": self.db["model_measurements"].count,
             "targets": [
                 {"target": t, "records": n, "workloads": w, "failed": int(f or 0)}
                 for t, n, w, f in per_target
@@ -318,7 +462,8 @@ class TuningDatabase:
         return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def export_jsonl(self, path: str | os.PathLike[str]) -> int:
-        """Write workloads then records as JSON lines; returns the number of lines."""
+        """Write every table as JSON lines (workloads first, records after them, ...); returns
+        the number of lines."""
         n = 0
         with open(path, "w", encoding="utf-8") as out:
             for line in self._iter_export_lines():
@@ -327,38 +472,49 @@ class TuningDatabase:
         return n
 
     def _iter_export_lines(self) -> Iterator[str]:
-        for w in self.db["workloads"].rows:
-            yield json.dumps({"kind": "workload", **w}, sort_keys=True)
-        for r in self.db["records"].rows_where(order_by="id"):
-            r = {k: v for k, v in r.items() if k not in ("id", "candidate")}
-            r["run_secs"] = json.loads(r["run_secs"])
-            yield json.dumps({"kind": "record", **r}, sort_keys=True)
+        for kind, (table, _) in EXPORT_KINDS.items():
+            drop = {"candidate"} | ({"id"} if self.db[table].columns_dict.get("id") is int
+                                    else set())  # derived from the row, or its local number
+            for row in self.db[table].rows:
+                row = {k: v for k, v in row.items() if k not in drop}
+                if kind == "record":
+                    row["run_secs"] = json.loads(row["run_secs"])
+                yield json.dumps({"kind": kind, **row}, sort_keys=True)
 
     def import_jsonl(self, path: str | os.PathLike[str]) -> dict[str, int]:
-        """Merge an export into this database (duplicates skipped); validates every line first."""
+        """Merge an export into this database, in one transaction after every line was
+        validated (nothing is half-imported). Returns the rows added per table found in the
+        file, and the exact duplicates of measurements and sessions skipped (a workload or
+        kernel definition already there is shared, not counted)."""
         lines = _read_jsonl(Path(path))
-        added = {"workloads": 0, "records": 0, "duplicates": 0}
-        for obj in lines:
-            if obj["kind"] == "workload":
-                if not self.has_workload(obj["hash"], obj["tvm_version"]):
-                    added["workloads"] += 1
-                self.commit_workload(
-                    obj["hash"], obj["tvm_version"], obj["mod_json"],
-                    obj.get("family") or "", obj.get("shapes") or "",
-                )
-            else:
-                row = RecordRow(
-                    workload_hash=obj["workload_hash"], target_key=obj["target_key"],
-                    trace_json=obj["trace_json"], args_info_json=obj["args_info_json"],
-                    run_secs=list(obj["run_secs"]), mean_us=obj["mean_us"], error=obj["error"],
-                    device=obj["device"], session_id=obj["session_id"],
-                    tvm_version=obj["tvm_version"], created_at=obj["created_at"],
-                )
-                if self.commit_record(row):
-                    added["records"] += 1
-                else:
+        added = {EXPORT_KINDS[obj["kind"]][0]: 0 for obj in lines}
+        added["duplicates"] = 0
+        with self.db.conn:
+            for obj in lines:
+                if self._insert_exported(obj):
+                    added[EXPORT_KINDS[obj["kind"]][0]] += 1
+                elif obj["kind"] not in DEFINITIONS:
                     added["duplicates"] += 1
         return added
+
+    def _insert_exported(self, obj: dict[str, Any]) -> bool:
+        """One exported row into its table, inside the caller's transaction; False for an
+        exact duplicate of a stored row."""
+        kind, row = obj["kind"], {k: v for k, v in obj.items() if k != "kind"}
+        table = EXPORT_KINDS[kind][0]
+        if kind == "record":
+            row["candidate"] = candidate_key(row["trace_json"])
+            row["run_secs"] = json.dumps(row["run_secs"])
+        columns = [c for c in self.db[table].columns_dict if c in row]
+        if "id" in self.db[table].columns_dict:  # no natural key: skip an identical row
+            where = " AND ".join(f"{c} IS ?" for c in columns)
+            if self.db.execute(f"SELECT 1 FROM {table} WHERE {where}",
+                               [row[c] for c in columns]).fetchone():
+                return False
+        cur = self.db.execute(
+            f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})", [row[c] for c in columns])
+        return cur.rowcount == 1
 
 
 _RECORD_FIELDS = (
@@ -366,6 +522,29 @@ _RECORD_FIELDS = (
     "error", "device", "session_id", "tvm_version", "created_at",
 )
 _WORKLOAD_FIELDS = ("hash", "tvm_version", "mod_json")
+# export kind -> (table, fields a line of that kind must have)
+EXPORT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "workload": ("workloads", _WORKLOAD_FIELDS),
+    "record": ("records", _RECORD_FIELDS),
+    "kernel": ("kernels", ("signature", "family", "record_json", "flops", "bytes_moved")),
+    "kernel_workload": ("kernel_workloads",
+                        ("signature", "workload_hash", "tvm_version", "target_key")),
+    "kernel_measurement": ("kernel_measurements",
+                           ("signature", "target_key", "impl", "run_us", "device")),
+    "model_measurement": ("model_measurements",
+                          ("model", "target_key", "impl", "latency_us", "device")),
+    "session": ("sessions", ("id", "target_key", "model", "trials", "device")),
+}
+
+DEFINITIONS = {"workload", "kernel", "kernel_workload"}  # shared by content, not measured
+
+
+def _model_measurement(d: dict[str, Any]) -> ModelMeasurement:
+    return ModelMeasurement(
+        model=d["model"], target_key=d["target_key"], impl=d["impl"],
+        latency_us=d["latency_us"], spread_us=d["spread_us"],
+        kernels=json.loads(d["kernels_json"] or "[]"), device=d["device"],
+        session_id=d["session_id"], created_at=d["created_at"])
 
 
 def _row_from_cursor(description: Any, values: tuple[Any, ...]) -> RecordRow:
@@ -390,12 +569,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise DatabaseError(f"{path}:{lineno}: not JSON ({err.msg})") from err
             kind = obj.get("kind") if isinstance(obj, dict) else None
-            needed = {"workload": _WORKLOAD_FIELDS, "record": _RECORD_FIELDS}.get(str(kind))
-            if needed is None:
-                raise DatabaseError(
-                    f"{path}:{lineno}: unknown kind {kind!r} (expected 'workload' or 'record')"
-                )
-            missing = [k for k in needed if k not in obj]
+            if kind not in EXPORT_KINDS:
+                raise DatabaseError(f"{path}:{lineno}: unknown kind {kind!r} (expected one "
+                                    f"of {', '.join(EXPORT_KINDS)})")
+            missing = [k for k in EXPORT_KINDS[kind][1] if k not in obj]
             if missing:
                 raise DatabaseError(f"{path}:{lineno}: {kind} is missing fields {missing}")
             out.append(obj)

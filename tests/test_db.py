@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hwaware.db import DatabaseError, RecordRow, TuningDatabase
+from hwaware.db import DatabaseError, ModelMeasurement, RecordRow, TuningDatabase
+from hwaware.decompose import KernelRecord
 
 
 def _row(workload: str = "123", target: str = "llvm-a", trace: str = "[1]",
@@ -137,3 +139,74 @@ def test_malformed_import_adds_nothing(tmp_path: Path, db: TuningDatabase) -> No
     with pytest.raises(DatabaseError, match="bad.jsonl:2"):
         db.import_jsonl(export)
     assert db.stats()["workloads"] == 0
+
+
+def _kernel_record(signature: str = "matmul:abc") -> KernelRecord:
+    return KernelRecord(signature=signature, family="matmul", ops=("aten.linear.default",),
+                        input_shapes=((8, 64),), output_shapes=((8, 64),),
+                        dtypes=("float32", "float32"), attributes="[]", flops=65536,
+                        bytes_moved=20480, weight_bytes=16640)
+
+
+def test_a_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    """tests/data/schema_v1.db was made by hwaware's schema-1 code (a 4-trial session and a
+    compile); opening it adds the new tables and keeps every row."""
+    path = tmp_path / "old.db"
+    shutil.copy(Path(__file__).parent / "data" / "schema_v1.db", path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        before = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                  for t in ("workloads", "records", "sessions", "kernel_measurements")}
+    with TuningDatabase(path) as db:
+        stats = db.stats()
+        assert {t: stats[t] for t in before} == before and before["records"] == 4
+        assert stats["kernels"] == 0 and stats["model_measurements"] == 0
+        target = db.records_for_target(stats["targets"][0]["target"])[0].target_key
+        assert len(db.kernel_measurements(target)) == before["kernel_measurements"]
+        db.commit_kernel(_kernel_record())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    with TuningDatabase(path) as db:  # reopening a migrated file changes nothing
+        assert db.kernel("matmul:abc") == _kernel_record()
+
+
+def test_kernel_schema_and_measurements_are_read_back_per_target(db: TuningDatabase) -> None:
+    record = _kernel_record()
+    db.commit_kernel(record, ["w1", "w2"], "0.27.0", "llvm-a")
+    db.commit_kernel(record, ["w1"], "0.27.0", "llvm-a")  # again: stored once
+    assert db.kernel(record.signature) == record and db.kernel("nope") is None
+    assert db.kernel_workloads(record.signature, "0.27.0", "llvm-a") == ["w1", "w2"]
+    assert db.kernel_workloads(record.signature, "0.27.0", "llvm-b") == []
+    db.commit_kernel_measurement(record.signature, "llvm-a", "tvm", 12.5, "matmul")
+    db.commit_kernel_measurement(record.signature, "llvm-b", "tvm", 99.0, "matmul")
+    got = db.kernel_measurements("llvm-a")
+    assert [(m.signature, m.impl, m.run_us) for m in got] == [(record.signature, "tvm", 12.5)]
+    db.commit_model_measurement(ModelMeasurement("bert", "llvm-a", "hwaware", 310.0, 4.0,
+                                                 [record.signature], "test"))
+    (model,) = db.model_measurements("llvm-a", "bert")
+    assert model.kernels == [record.signature] and model.latency_us == 310.0
+    assert db.model_measurements("llvm-b") == []
+
+
+def test_every_table_survives_export_and_import(tmp_path: Path, db: TuningDatabase) -> None:
+    db.commit_workload("123", "0.27.0", '{"mod": 1}', "conv2d", "")
+    db.commit_record(_row(trace="[1]", mean_us=12.0))
+    db.start_session("s1", "llvm-a", "bert", 8)
+    db.commit_kernel(_kernel_record(), ["123"], "0.27.0", "llvm-a")
+    db.commit_kernel_measurement("matmul:abc", "llvm-a", "torch", 20.0, "matmul")
+    db.commit_model_measurement(ModelMeasurement("bert", "llvm-a", "hwaware", 310.0, 4.0,
+                                                 ["matmul:abc"], "test", "s1"))
+    export = tmp_path / "all.jsonl"
+    assert db.export_jsonl(export) == 7
+    with TuningDatabase(tmp_path / "copy.db") as copy:
+        added = copy.import_jsonl(export)
+        assert added == {"workloads": 1, "records": 1, "sessions": 1, "kernels": 1,
+                         "kernel_workloads": 1, "kernel_measurements": 1,
+                         "model_measurements": 1, "duplicates": 0}
+        assert copy.import_jsonl(export)["duplicates"] == 4  # measurements and the session
+        assert copy.kernel("matmul:abc") == _kernel_record()
+        assert copy.kernel_measurements("llvm-a")[0].run_us == 20.0
+        assert copy.model_measurements("llvm-a")[0].session_id == "s1"
+        copy.export_jsonl(tmp_path / "again.jsonl")
+    assert sorted(export.read_text().splitlines()) == \
+        sorted((tmp_path / "again.jsonl").read_text().splitlines())

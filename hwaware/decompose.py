@@ -1,0 +1,138 @@
+"""Decomposition (public): a model -> the kernels hwaware compiles it into, without building.
+
+Goes in: a model and example inputs (what `hwaware.compile` takes). Runs stages 1-3 only:
+capture -> rewrite -> partition. Comes out: a `Decomposition`, one frozen `KernelRecord` per
+kernel: its stable signature (the key of the tuning database and of latency tables), family,
+ops, input and output shapes and dtypes, attributes, FLOPs and bytes moved. This is how the
+latency predictor and the architecture search read a model: the kernels as hwaware would build
+them (fused blocks as one kernel), not as eager PyTorch runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+KERNEL_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One kernel of a partitioned model, as the database and the predictor know it."""
+
+    signature: str
+    family: str
+    ops: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]  # -1: a size that depends on the data
+    output_shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]  # of the inputs, then the outputs
+    attributes: str  # JSON: per op, its non-tensor arguments
+    flops: int  # of the contraction (2 x multiply-accumulates); 0 for element-wise kernels
+    bytes_moved: int  # inputs, outputs and weights, each read or written once
+    weight_bytes: int
+    schema_version: int = KERNEL_SCHEMA_VERSION
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        """FLOPs per byte moved."""
+        return self.flops / self.bytes_moved if self.bytes_moved else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str | dict[str, Any]) -> KernelRecord:
+        doc = json.loads(text) if isinstance(text, str) else dict(text)
+        if doc.get("schema_version") != KERNEL_SCHEMA_VERSION:
+            raise ValueError(f"kernel record schema {doc.get('schema_version')} is not "
+                             f"supported (expected {KERNEL_SCHEMA_VERSION})")
+        for key in ("ops", "dtypes"):
+            doc[key] = tuple(doc[key])
+        for key in ("input_shapes", "output_shapes"):
+            doc[key] = tuple(tuple(s) for s in doc[key])
+        return KernelRecord(**doc)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A model's kernels in program order, and the ops that run on the host in PyTorch."""
+
+    model: str
+    kernels: tuple[KernelRecord, ...]
+    host_ops: tuple[str, ...]
+
+    @property
+    def flops(self) -> int:
+        return sum(k.flops for k in self.kernels)
+
+
+def decompose(model: torch.nn.Module, example_inputs: Any, *, fuse: bool = True
+              ) -> Decomposition:
+    """The kernels `hwaware.compile(model, example_inputs)` would build (stages 1-3)."""
+    from hwaware.capture import capture
+    from hwaware.pipeline import _as_tuple, _rewrite_and_partition
+
+    captured = capture(model, _as_tuple(example_inputs))
+    _, part = _rewrite_and_partition(captured, fuse)
+    return decomposition_of(part)
+
+
+def decomposition_of(part: Any) -> Decomposition:
+    """The records of an already partitioned graph (a `hwaware.partition.Partition`)."""
+    records = tuple(kernel_record(spec, part.kernel_graphs[name])
+                    for name, spec in part.program.kernels.items()
+                    if name in part.kernel_graphs)
+    return Decomposition(part.captured.name, records, tuple(part.host_ops))
+
+
+def kernel_record(spec: Any, graph: torch.fx.GraphModule) -> KernelRecord:
+    """A kernel's record from its `KernelSpec` and its standalone graph."""
+    nodes = list(graph.graph.nodes)
+    inputs = [_val(n) for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+    outputs = [_val(n) for n in output.args[0]]
+    weights = [b for _, b in graph.named_buffers()]
+    return KernelRecord(
+        signature=spec.signature, family=spec.family, ops=tuple(s.op for s in spec.steps),
+        input_shapes=tuple(_dims(t) for t in inputs),
+        output_shapes=tuple(_dims(t) for t in outputs),
+        dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in [*inputs, *outputs]),
+        attributes=json.dumps([[s.op, _literals(s.args), _literals(s.kwargs)]
+                               for s in spec.steps], sort_keys=True),
+        flops=int(spec.flops), bytes_moved=sum(_bytes(t) for t in [*inputs, *outputs, *weights]),
+        weight_bytes=sum(_bytes(t) for t in weights),
+    )
+
+
+def _val(node: Any) -> torch.Tensor:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise ValueError(f"kernel value {node.name} has no tensor metadata")
+    return val
+
+
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape, with -1 for a size that depends on the data (a GNN's edge count after a
+    filter): such a kernel stays in PyTorch, and a record says so rather than guess."""
+    return tuple(d if isinstance(d, int) else -1 for d in t.shape)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor of known shape (0 for a data-dependent one)."""
+    dims = _dims(t)
+    return 0 if -1 in dims else math.prod(dims) * t.element_size()
+
+
+def _literals(arg: Any) -> Any:
+    """An encoded step argument without its references to values (slots and constants)."""
+    if isinstance(arg, dict):
+        if "v" in arg or "c" in arg:
+            return None
+        return {k: _literals(v) for k, v in arg.items()}
+    if isinstance(arg, list):
+        return [_literals(a) for a in arg]
+    return arg

@@ -1,0 +1,49 @@
+"""The public decomposition: the kernels a compile would build, as frozen records."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hwaware
+from hwaware.decompose import Decomposition, KernelRecord, decompose
+from hwaware.zoo import get_model
+
+
+@pytest.mark.parametrize("name, family", [("mobilenetv2_block", "conv_block"),
+                                          ("gcn_2layer", "gnn"),
+                                          ("transformer_encoder_layer", "attention")])
+def test_records_name_the_kernels_the_build_compiles(name: str, family: str) -> None:
+    model, inputs = get_model(name, small=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = decompose(model, inputs)
+        compiled = hwaware.compile(model, inputs, db=None, show_progress=False)
+    assert isinstance(found, Decomposition) and family in {k.family for k in found.kernels}
+    built = {k.signature for k in compiled.program.kernels.values()} | \
+        set(compiled.info.dissolved)  # a fused kernel slower than PyTorch here is dissolved
+    assert {k.signature for k in found.kernels if k.family == family} <= built
+    for record in found.kernels:
+        assert KernelRecord.from_json(record.to_json()) == record
+        assert record.bytes_moved > 0 and record.bytes_moved >= record.weight_bytes
+        assert all(all(d > 0 or d == -1 for d in shape) for shape in record.input_shapes)
+    assert found.flops == sum(k.flops for k in found.kernels) > 0
+
+
+def test_a_linear_kernel_has_its_shapes_flops_and_bytes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU()).eval()
+    (record,) = decompose(model, (torch.randn(8, 64),)).kernels
+    assert record.family == "matmul" and record.ops[0] == "aten.linear.default"
+    assert record.input_shapes == ((8, 64),) and record.output_shapes == ((8, 32),)
+    assert record.flops == 2 * 8 * 64 * 32
+    assert record.weight_bytes == (64 * 32 + 32) * 4
+    assert record.bytes_moved == record.weight_bytes + (8 * 64 + 8 * 32) * 4
+    assert record.arithmetic_intensity == pytest.approx(record.flops / record.bytes_moved)
+
+
+def test_a_record_of_another_schema_is_refused() -> None:
+    doc = decompose(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),)).kernels[0].to_json()
+    with pytest.raises(ValueError, match="schema 99"):
+        KernelRecord.from_json(doc.replace('"schema_version": 1', '"schema_version": 99'))
