@@ -6,12 +6,15 @@ Public API (everything else is internal):
   tensor values; `fuse=False` leaves out the fused kernel families (`hwaware.kernels`)
 - `tune(model, example_inputs, target=..., trials=..., db=..., fuse=...)` -> `SessionSummary`
 - `load(directory)` -> `CompiledModel` or `DynamicModel`
+- `decompose(model, example_inputs)` -> `Decomposition`: the kernels a compile would build, each
+  a frozen `KernelRecord` (signature, family, shapes, FLOPs, bytes), without building them
 - `get_target(name)`, `list_targets()`, `Target`
 - `TuningDatabase`
 `torch.compile(model, backend="hwaware")` works after install without importing this package.
 """
 
 from hwaware.db import TuningDatabase
+from hwaware.decompose import Decomposition, KernelRecord, decompose
 from hwaware.dynamic.model import DynamicModel
 from hwaware.pipeline import compile, tune  # noqa: A004 - mirrors torch.compile
 from hwaware.runtime import CompiledModel, load
@@ -19,10 +22,13 @@ from hwaware.target import Target, get_target, list_targets
 
 __all__ = [
     "CompiledModel",
+    "Decomposition",
     "DynamicModel",
+    "KernelRecord",
     "Target",
     "TuningDatabase",
     "compile",
+    "decompose",
     "get_target",
     "list_targets",
     "load",
