@@ -163,10 +163,26 @@ def prim_funcs_by_var(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, tvm.tirx.Prim
 def fuse_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse exactly as `compile_relax` does, so tuned records match at build."""
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(_fuse_passes())(mod)
+        return tvm.transform.Sequential(_fuse_passes(target))(mod)
 
 
-def _fuse_passes() -> list[tvm.transform.Pass]:
+def _fuse_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """The target's library dispatch, then legalization and fusion. Sort and scan ops
+    (`R.cumsum`, `R.sort`, `R.topk`, ...) have no legalization: the dispatch passes lower them
+    to TOPI kernels; without them they reach VM codegen, which cannot emit them."""
+    return [*_dispatch_passes(target), *_legalize_passes()]
+
+
+def _dispatch_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    from tvm.relax import pipeline as relax_pipeline
+
+    try:
+        return list(relax_pipeline.library_dispatch_passes(target))
+    except ValueError:  # no per-target pipeline registered: the generic dispatch passes
+        return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+
+
+def _legalize_passes() -> list[tvm.transform.Pass]:
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -593,7 +609,7 @@ def build_executable(
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        m = tvm.transform.Sequential(_fuse_passes())(m)
+        m = tvm.transform.Sequential(_fuse_passes(target))(m)
         if database is not None:
             hashes = {n: workload_hash(workload_of(f)) for n, f in prim_funcs(m).items()}
             m = MetaScheduleApplyDatabase(enable_warning=False)(m)
