@@ -83,15 +83,22 @@ def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target
     cache = {} if cache is None else cache
     imported = {}
     for name, graph in part.kernel_graphs.items():
-        # the signature names shapes, not weights: the weights' storage completes the key
-        key = (part.program.kernels[name].signature,
-               tuple(b.data_ptr() for b in graph.buffers()))
+        key = _import_key(part.program.kernels[name], graph)
         if key not in cache:
             cache[key] = _import_kernel(part, name, graph, inputs[name], target)
         kernel = cache[key]
         if kernel is not None:
             imported[name] = kernel
     return imported
+
+
+def _import_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
+    """What makes two kernels one import: the signature names ops and shapes, not which of
+    their values leave the kernel (the same RMSNorm returns its normalized input or not,
+    depending on the graph around it) nor the weights (their storage tells)."""
+    position = {step.out: i for i, step in enumerate(spec.steps)}
+    return (spec.signature, tuple(position.get(slot) for slot in spec.outputs),
+            tuple(b.data_ptr() for b in graph.buffers()))
 
 
 def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
