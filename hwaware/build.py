@@ -136,17 +136,19 @@ def _workloads(module: Any, family: str, tgt: Any) -> tuple[dict[str, Any], set[
 
 def warn_fallback(program: Program, errors: dict[str, BaseException], what: str) -> None:
     """One warning for kernels that stay in PyTorch because TVM failed on them: each kernel
-    by name and ops, and the first error."""
+    by name and ops, and the first error. (A fused family kernel is then built unfused.)"""
     if not errors:
         return
     kernels = "; ".join(f"{name} ({', '.join(kernel_ops(program.kernels[name]))})"
                         for name in errors)
     err = next(iter(errors.values()))
     first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+    fused = any(program.kernels[name].family in FUSED_FAMILIES for name in errors)
     log.debug("kernels %s %s: %s", list(errors), what, err)
     warnings.warn(f"hwaware: kernel(s) {kernels} {what} ({type(err).__name__}: "
-                  f"{first_line[:200]}); they run in PyTorch", KernelFallbackWarning,
-                  stacklevel=4)
+                  f"{first_line[:200]}); they run in PyTorch"
+                  f"{', a fused kernel as ordinary kernels' if fused else ''}",
+                  KernelFallbackWarning, stacklevel=4)
 
 
 def kernel_ops(spec: KernelSpec) -> list[str]:
