@@ -35,7 +35,7 @@ import torch
 
 from hwaware.db import TuningDatabase
 from hwaware.kernels import FAMILY_NAMES, fixed_schedules
-from hwaware.partition import CONTRACTIONS, Partition
+from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
@@ -154,8 +154,6 @@ def warn_fallback(program: Program, errors: dict[str, BaseException], what: str)
 def kernel_ops(spec: KernelSpec) -> list[str]:
     """The distinct ops a kernel computes, in order (views and tuple indexing left out, unless
     the kernel has nothing else)."""
-    from hwaware.partition import VIEW_OPS
-
     ops = list(dict.fromkeys(step.op for step in spec.steps))
     return [op for op in ops if op not in VIEW_OPS] or ops
 
@@ -266,6 +264,7 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
         _build_module, tgt=tgt, adapter=_adapter(db, tgt, target), info=info))
     one_call = one_call and len(built) == len(imported)
     if executable is None:
+        info.tuned_workloads = []
         return part, None, one_call
     if not target.can_run_here:
         for name in built:  # build-only target: the library is for the device
@@ -283,19 +282,22 @@ def _build_library(program: Program, candidates: dict[str, KernelTasks], build_f
     """The candidate kernels built into one library, and the kernels it holds (None and none
     if nothing built). When that build fails, halves of the kernels are built until each kernel
     that fails is found alone: those stay in PyTorch (one warning naming their ops; marked, so
-    that later builds of this model leave them out) and the rest are built together again."""
+    that later builds of this model leave them out) and the rest are built together again.
+    Kernels that build apart but not together all stay in PyTorch."""
     if not candidates:
         return None, {}
     try:
         return build_fn(candidates), candidates
     except Exception as err:  # TVM's passes and codegens raise many error types
-        failed = _failing_kernels(candidates, err, build_fn)
+        failed = _failing_kernels(candidates, err, build_fn) or dict.fromkeys(candidates, err)
     rest = {n: k for n, k in candidates.items() if n not in failed}
-    try:
-        executable = build_fn(rest) if rest else None
-    except Exception as err:  # the rest build alone but not together: all stay in PyTorch
-        failed.update({n: err for n in rest})
-        executable, rest = None, {}
+    executable = None
+    if rest:
+        try:
+            executable = build_fn(rest)
+        except Exception as err:  # TVM's passes and codegens raise many error types
+            failed.update(dict.fromkeys(rest, err))
+            rest = {}
     for name in failed:
         candidates[name].builds = False
     warn_fallback(program, failed, "could not be built by TVM")

@@ -4,8 +4,9 @@ Everything else in hwaware talks to TVM through the functions here, so a TVM upg
 file. What it provides, in pipeline order:
 - `import_torch_program`: a torch ExportedProgram -> a Relax function.
 - `import_onnx`: an ONNX ModelProto -> a Relax module (weights bound as constants).
-- `fuse_for_tuning`: the exact five passes MetaSchedule's `compile_relax` runs before looking a
-  kernel up in the database (tuning anything else gives records that silently never apply).
+- `fuse_for_tuning`: the exact passes MetaSchedule's `compile_relax` runs before looking a
+  kernel up in the database: the target's library dispatch (sort and scan ops), then the five
+  legalize-and-fuse passes (tuning anything else gives records that silently never apply).
 - `SqliteDatabase`: MetaSchedule's database role, backed by hwaware's sqlite file.
 - `RecordingCallback`: commits each candidate as it is measured; drives the progress bar.
 - `fast_build`: a builder function that skips the 55-second tensor-intrinsics import in workers.
@@ -720,14 +721,19 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
 
 def is_small(workload: tvm.IRModule) -> bool:
     """Whether every block of a fused kernel runs few enough iterations that `SmallSerial`
-    schedules it well without tuning (a batch-1 matmul of a small MLP, a gate, a head)."""
+    schedules it well without tuning (a batch-1 matmul of a small MLP, a gate, a head). False
+    where the analysis fails (such a kernel waits for a tuned record)."""
     from tvm.s_tir import Schedule
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    sch = Schedule(workload["main"])
-    infos = normalize_prim_func(sch)
-    return infos is not None and all(_iterations(sch, i) <= SMALL_KERNEL_ITERATIONS
-                                     for i in infos)
+    try:
+        sch = Schedule(workload["main"])
+        infos = normalize_prim_func(sch)
+        return infos is not None and all(_iterations(sch, i) <= SMALL_KERNEL_ITERATIONS
+                                         for i in infos)
+    except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors are RuntimeErrors
+        log.debug("no default schedule for a kernel the analysis rejects: %s", err)
+        return False
 
 
 def _iterations(sch: Any, info: Any) -> int:
