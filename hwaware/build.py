@@ -6,10 +6,11 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 2. a kernel whose contraction has no tuned record stays in PyTorch (TVM without a schedule is
    ~25x slower than eager; PyTorch's own kernel is the sensible default);
 3. build the rest into one library: tuned records from the database, a rule-based default
-   schedule for element-wise and reduction kernels;
+   schedule for element-wise and reduction kernels. If that build fails, the kernels that fail
+   to build stay in PyTorch (one warning naming their ops) and the rest are built again;
 4. run each TVM kernel on the real intermediate values of the example inputs: a result that
-   differs from PyTorch's keeps the kernel in PyTorch (with a warning); otherwise time both,
-   interleaved, and keep the faster. Every timing goes into the database.
+   differs from PyTorch's (or an error) keeps the kernel in PyTorch (with a warning); otherwise
+   time both, interleaved, and keep the faster. Every timing goes into the database.
 5. a fused family kernel kept in PyTorch (wrong, or not faster) is dissolved: its ops are
    partitioned again as ordinary kernels and steps 1-4 run on them, so the group is no slower
    than the unfused build (rather than running as its PyTorch ops one by one).
@@ -34,7 +35,7 @@ import torch
 
 from hwaware.db import TuningDatabase
 from hwaware.kernels import FAMILY_NAMES, fixed_schedules
-from hwaware.partition import CONTRACTIONS, Partition
+from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
@@ -58,6 +59,10 @@ class KernelMismatchWarning(UserWarning):
     """A TVM kernel's output differed from PyTorch's; the kernel runs in PyTorch instead."""
 
 
+class KernelFallbackWarning(UserWarning):
+    """TVM could not import, build or run a kernel; the kernel runs in PyTorch instead."""
+
+
 @dataclass
 class KernelTasks:
     """A kernel imported into Relax, with the fused TIR workloads its build will contain."""
@@ -67,6 +72,7 @@ class KernelTasks:
     heavy: set[str]  # hashes of workloads holding a contraction
     prim_funcs: dict[Any, Any] = field(default_factory=dict)  # GlobalVar -> PrimFunc it calls
     fused: bool = False  # a fused family kernel: its family's fixed schedule when untuned
+    builds: bool = True  # False once TVM failed to build it alone: later builds leave it out
 
 
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
@@ -77,9 +83,7 @@ def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target
     cache = {} if cache is None else cache
     imported = {}
     for name, graph in part.kernel_graphs.items():
-        # the signature names shapes, not weights: the weights' storage completes the key
-        key = (part.program.kernels[name].signature,
-               tuple(b.data_ptr() for b in graph.buffers()))
+        key = _import_key(part.program.kernels[name], graph)
         if key not in cache:
             cache[key] = _import_kernel(part, name, graph, inputs[name], target)
         kernel = cache[key]
@@ -88,32 +92,70 @@ def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target
     return imported
 
 
+def _import_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
+    """What makes two kernels one import: the signature names ops and shapes, not which of
+    their values leave the kernel (the same RMSNorm returns its normalized input or not,
+    depending on the graph around it) nor the weights (their storage tells)."""
+    position = {step.out: i for i, step in enumerate(spec.steps)}
+    return (spec.signature, tuple(position.get(slot) for slot in spec.outputs),
+            tuple(b.data_ptr() for b in graph.buffers()))
+
+
 def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
                    ) -> KernelTasks | None:
     from hwaware import tvm_compat
 
-    tgt = _tvm_target(target)
     family = part.program.kernels[name].family
     graph, inputs = on_cpu(graph, inputs)
     try:
         module = _lower_fused(family, graph, inputs, target) if family in FUSED_FAMILIES \
             else _lower_torch(graph, inputs)
-        fused = tvm_compat.fuse_for_tuning(module, tgt)
+        workloads, heavy = _workloads(module, family, _tvm_target(target))
     except Exception as err:  # the importer and the lowerings raise many error types
-        log.debug("kernel %s stays in PyTorch: import failed: %s", name, err)
-        warnings.warn(f"hwaware: kernel {name} could not be imported into TVM "
-                      f"({type(err).__name__}); it runs in PyTorch", stacklevel=3)
+        warn_fallback(part.program, {name: err}, "could not be imported into TVM")
         return None
+    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
+                       family in FUSED_FAMILIES)
+
+
+def _workloads(module: Any, family: str, tgt: Any) -> tuple[dict[str, Any], set[str]]:
+    """The fused TIR workloads of a kernel's module by hash, and the hashes of those that need
+    a schedule of their own (a contraction, or a fused family's schedule space)."""
+    from hwaware import tvm_compat
+
     workloads, heavy = {}, set()
-    for func in tvm_compat.prim_funcs(fused).values():
+    for func in tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(module, tgt)).values():
         workload = tvm_compat.workload_of(func)
         key = tvm_compat.workload_hash(workload)
         workloads[key] = workload
         if family in FUSED_FAMILIES and tvm_compat.has_custom_schedule_rule(workload) or \
                 family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
             heavy.add(key)
-    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
-                       family in FUSED_FAMILIES)
+    return workloads, heavy
+
+
+def warn_fallback(program: Program, errors: dict[str, BaseException], what: str) -> None:
+    """One warning for kernels that stay in PyTorch because TVM failed on them: each kernel
+    by name and ops, and the first error. (A fused family kernel is then built unfused.)"""
+    if not errors:
+        return
+    kernels = "; ".join(f"{name} ({', '.join(kernel_ops(program.kernels[name]))})"
+                        for name in errors)
+    err = next(iter(errors.values()))
+    first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+    fused = any(program.kernels[name].family in FUSED_FAMILIES for name in errors)
+    log.debug("kernels %s %s: %s", list(errors), what, err)
+    warnings.warn(f"hwaware: kernel(s) {kernels} {what} ({type(err).__name__}: "
+                  f"{first_line[:200]}); they run in PyTorch"
+                  f"{', a fused kernel as ordinary kernels' if fused else ''}",
+                  KernelFallbackWarning, stacklevel=4)
+
+
+def kernel_ops(spec: KernelSpec) -> list[str]:
+    """The distinct ops a kernel computes, in order (views and tuple indexing left out, unless
+    the kernel has nothing else)."""
+    ops = list(dict.fromkeys(step.op for step in spec.steps))
+    return [op for op in ops if op not in VIEW_OPS] or ops
 
 
 def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
@@ -202,8 +244,6 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
     """Import, build and choose each kernel of `part` on its own: the partition the kernels
     came from (contractions without a schedule cut from their epilogues), the library (None if
     no kernel could go to TVM) and whether the whole graph may be tried as one TVM call."""
-    from hwaware import tvm_compat
-
     inputs = kernel_inputs(part.program, example_inputs)
     imported = import_kernels(part, inputs, target, cache)
     one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
@@ -216,29 +256,109 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
         inputs = kernel_inputs(part.program, example_inputs)
         imported = import_kernels(part, inputs, target, cache)
     program = part.program
-    candidates = {n: k for n, k in imported.items() if _has_schedules(k, db, target)}
+    candidates = {n: k for n, k in imported.items() if k.builds and _has_schedules(k, db, target)}
     for spec in program.kernels.values():
         spec.impl = "torch"
-    if not candidates:
-        return part, None, one_call
     tgt = _tvm_target(target)
-    mod = tvm_compat.module_of_functions({n: k.function for n, k in candidates.items()},
-                                         {v: f for k in candidates.values()
-                                          for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, _adapter(db, tgt, target),
-                                                      fixed_schedules())
-    info.tuned_workloads = sorted(applied)
+    executable, built = _build_library(program, candidates, partial(
+        _build_module, tgt=tgt, adapter=_adapter(db, tgt, target), info=info))
+    one_call = one_call and len(built) == len(imported)
+    if executable is None:
+        info.tuned_workloads = []
+        return part, None, one_call
     if not target.can_run_here:
-        for name in candidates:  # build-only target: the library is for the device
+        for name in built:  # build-only target: the library is for the device
             program.kernels[name].impl = "tvm"
         return part, executable, one_call
-    # on PyTorch's OpenMP team, as the compiled model will run them: on TVM's own pool, a
-    # kernel timed right after PyTorch's ops shares its cores with spinning OpenMP threads
-    vm = tvm_compat.make_vm(executable, target.kind, share_threads=True)
-    for name in candidates:
-        call = tvm_compat.torch_callable(vm, name)
-        _choose(program, name, call, inputs[name], db, target, measure, repeats)
+    _choose_each(program, executable, list(built), inputs, db, target, measure, repeats)
     return part, executable, one_call
+
+
+BuildFn = Callable[[dict[str, KernelTasks]], Any]  # kernels -> a library of them, or raises
+
+
+def _build_library(program: Program, candidates: dict[str, KernelTasks], build_fn: BuildFn
+                   ) -> tuple[Any, dict[str, KernelTasks]]:
+    """The candidate kernels built into one library, and the kernels it holds (None and none
+    if nothing built). When that build fails, halves of the kernels are built until each kernel
+    that fails is found alone: those stay in PyTorch (one warning naming their ops; marked, so
+    that later builds of this model leave them out) and the rest are built together again.
+    Kernels that build apart but not together all stay in PyTorch."""
+    if not candidates:
+        return None, {}
+    try:
+        return build_fn(candidates), candidates
+    except Exception as err:  # TVM's passes and codegens raise many error types
+        failed = _failing_kernels(candidates, err, build_fn) or dict.fromkeys(candidates, err)
+    rest = {n: k for n, k in candidates.items() if n not in failed}
+    executable = None
+    if rest:
+        try:
+            executable = build_fn(rest)
+        except Exception as err:  # TVM's passes and codegens raise many error types
+            failed.update(dict.fromkeys(rest, err))
+            rest = {}
+    for name in failed:
+        candidates[name].builds = False
+    warn_fallback(program, failed, "could not be built by TVM")
+    return executable, rest
+
+
+def _failing_kernels(kernels: dict[str, KernelTasks], error: BaseException, build_fn: BuildFn
+                     ) -> dict[str, BaseException]:
+    """Of `kernels`, whose library failed to build with `error`, the ones that fail in every
+    half they are built in, with their errors (a bisection: a few builds find one bad kernel
+    among many)."""
+    if len(kernels) == 1:
+        return {next(iter(kernels)): error}
+    names = list(kernels)
+    failed: dict[str, BaseException] = {}
+    for half in (names[:len(names) // 2], names[len(names) // 2:]):
+        subset = {n: kernels[n] for n in half}
+        try:
+            build_fn(subset)
+        except Exception as err:  # TVM's passes and codegens raise many error types
+            failed.update(_failing_kernels(subset, err, build_fn))
+    return failed
+
+
+def _build_module(kernels: dict[str, KernelTasks], tgt: Any, adapter: Any, info: BuildInfo
+                  ) -> Any:
+    """One library of `kernels`, each a public function by its kernel name (records the tuned
+    workloads it applied in `info`)."""
+    from hwaware import tvm_compat
+
+    mod = tvm_compat.module_of_functions({n: k.function for n, k in kernels.items()},
+                                         {v: f for k in kernels.values()
+                                          for v, f in k.prim_funcs.items()})
+    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, fixed_schedules())
+    info.tuned_workloads = sorted(applied)
+    return executable
+
+
+def _choose_each(program: Program, executable: Any, names: list[str],
+                 inputs: dict[str, list[Any]], db: TuningDatabase | None, target: Target,
+                 measure: bool, repeats: int) -> None:
+    """Check and time each kernel of the library against PyTorch (`_choose`); a kernel whose
+    check or timing raises stays in PyTorch."""
+    from hwaware import tvm_compat
+
+    failed: dict[str, BaseException] = {}
+    try:
+        # on PyTorch's OpenMP team, as the compiled model will run them: on TVM's own pool, a
+        # kernel timed right after PyTorch's ops shares its cores with spinning OpenMP threads
+        vm = tvm_compat.make_vm(executable, target.kind, share_threads=True)
+    except Exception as err:  # the VM refuses the library: every kernel stays in PyTorch
+        failed = {name: err for name in names}
+        names = []
+    for name in names:
+        try:
+            call = tvm_compat.torch_callable(vm, name)
+            _choose(program, name, call, inputs[name], db, target, measure, repeats)
+        except Exception as err:  # a kernel that raises on its example inputs
+            program.kernels[name].impl = "torch"
+            failed[name] = err
+    warn_fallback(program, failed, "failed when run on TVM")
 
 
 def _tvm_target(target: Target) -> Any:
@@ -265,27 +385,47 @@ def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: A
                     ) -> CompiledModel | None:
     """The whole graph as ONE TVM function: one VM call per inference instead of one per
     kernel, which is what counts for small batch-1 graphs (a gate, an exit head, an MLP).
-    Offered only when every op imports and every contraction has a schedule (tuned, or small
-    enough for the default one); kept only if it matches PyTorch."""
-    from hwaware import tvm_compat
-
+    Offered only when every op imports and builds and every contraction has a schedule (tuned,
+    or small enough for the default one); kept only if it matches PyTorch (and None whenever a
+    step of it raises)."""
     program = chosen.program
     if len(set(program.output_slots)) != len(program.output_slots) or \
             set(program.output_slots) & set(program.input_slots):
         return None
     try:
-        graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
-        with torch.no_grad():
-            exported = torch.export.export(graph, tuple(inputs), strict=False)
-        function = tvm_compat.import_torch_program(exported)
-        executable, _ = tvm_compat.build_executable(
-            tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
-        call = tvm_compat.torch_callable(tvm_compat.make_vm(executable, target.kind), ONE_CALL,
-                                         len(program.output_slots))
-        got = call(*example_inputs)
+        executable, got = _build_one_call(part, tgt, adapter, target, example_inputs,
+                                          len(program.output_slots))
+        whole = _whole_program(program)
+        matches = _all_close(got, run_kernel_in_torch(whole, ONE_CALL, list(example_inputs)))
     except Exception as err:  # the importer and the build raise many error types
         log.debug("no one-call build: %s", err)
         return None
+    if not matches:
+        log.debug("one-call build differs from PyTorch; not used")
+        return None
+    return CompiledModel(whole, executable, info, target.kind)
+
+
+def _build_one_call(part: Partition, tgt: Any, adapter: Any, target: Target,
+                    example_inputs: list[torch.Tensor], num_outputs: int
+                    ) -> tuple[Any, list[Any]]:
+    """The captured graph imported and built as one TVM function, and its outputs on the
+    example inputs."""
+    from hwaware import tvm_compat
+
+    graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
+    with torch.no_grad():
+        exported = torch.export.export(graph, tuple(inputs), strict=False)
+    function = tvm_compat.import_torch_program(exported)
+    executable, _ = tvm_compat.build_executable(
+        tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
+    call = tvm_compat.torch_callable(tvm_compat.make_vm(executable, target.kind), ONE_CALL,
+                                     num_outputs)
+    return executable, call(*example_inputs)
+
+
+def _whole_program(program: Program) -> Program:
+    """`program` as one kernel, `ONE_CALL`, whose PyTorch steps are all of its steps."""
     torch_steps: list[OpStep] = []
     for step in program.steps:
         torch_steps += [step] if isinstance(step, OpStep) else program.kernels[step.kernel].steps
@@ -295,14 +435,9 @@ def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: A
     spec = KernelSpec(ONE_CALL, "whole", signature, program.input_slots,
                       program.output_slots, torch_steps, impl="tvm",
                       flops=sum(k.flops for k in program.kernels.values()))
-    whole = replace(program, steps=[KernelStep(ONE_CALL, program.input_slots,
-                                               program.output_slots)],
-                    kernels={ONE_CALL: spec})
-    expected = run_kernel_in_torch(whole, ONE_CALL, list(example_inputs))
-    if not _all_close(got, expected):
-        log.debug("one-call build differs from PyTorch; not used")
-        return None
-    return CompiledModel(whole, executable, info, target.kind)
+    return replace(program, steps=[KernelStep(ONE_CALL, program.input_slots,
+                                              program.output_slots)],
+                   kernels={ONE_CALL: spec})
 
 
 def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, target: Target,

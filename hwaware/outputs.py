@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from hwaware.program import dump_tree_spec
+
 log = logging.getLogger(__name__)
 
 # containers pytree serializes by itself (a namedtuple needs its class registered: not here)
@@ -79,7 +81,7 @@ def describe(spec: pytree.TreeSpec) -> OutputTypes:
     """What a save records of its output spec (see `OutputTypes`)."""
     modules: dict[str, str] = {}
     portable = _portable(spec, modules)
-    return OutputTypes(modules, pytree.treespec_dumps(portable))
+    return OutputTypes(modules, dump_tree_spec(portable))
 
 
 def _portable(spec: pytree.TreeSpec, modules: dict[str, str]) -> pytree.TreeSpec:
@@ -87,7 +89,7 @@ def _portable(spec: pytree.TreeSpec, modules: dict[str, str]) -> pytree.TreeSpec
         return spec
     children = [_portable(child, modules) for child in spec.children()]
     cls = spec.context if spec.type is namedtuple else spec.type
-    if cls in _BUILTIN_CONTAINERS:
+    if cls in _BUILTIN_CONTAINERS or cls.__module__ == "torch.return_types":
         return pytree.TreeSpec(spec.type, spec.context, children)
     modules[pytree.SUPPORTED_SERIALIZED_TYPES[cls].serialized_type_name] = cls.__module__
     return pytree.TreeSpec(dict, _keys(spec), children)
@@ -125,13 +127,25 @@ def loadable_spec(out_spec: str, saved: OutputTypes | None, missing: dict[str, s
     if saved is None:
         return out_spec
     _import_recorded(saved.modules)
-    protocol, schema = json.loads(out_spec)
+    protocol, schema = json.loads(_pytree_part(out_spec))
     unknown: set[str] = set()
-    merged = _known_or_dict(schema, json.loads(saved.portable)[1], unknown)
+    merged = _known_or_dict(schema, json.loads(_pytree_part(saved.portable))[1], unknown)
     if not unknown:
         return out_spec
     missing.update({name: saved.modules.get(name, "?") for name in unknown})
-    return json.dumps([protocol, merged])
+    return _with_pytree_part(out_spec, json.dumps([protocol, merged]))
+
+
+def _pytree_part(text: str) -> str:
+    """The `treespec_dumps` JSON inside a spec `dump_tree_spec` wrote (it wraps the spec with
+    PyTorch's return types when it has some)."""
+    doc = json.loads(text)
+    return str(doc["spec"]) if isinstance(doc, dict) else text
+
+
+def _with_pytree_part(text: str, part: str) -> str:
+    doc = json.loads(text)
+    return json.dumps({**doc, "spec": part}) if isinstance(doc, dict) else part
 
 
 def _import_recorded(modules: dict[str, str]) -> None:

@@ -6,7 +6,8 @@ the `Program` (host steps + kernel specs) and, per kernel, a small FX graph to h
 Rules, in order:
 1. Each fused kernel family (`hwaware.kernels`: conv blocks, residual blocks, GNN message
    passing, attention) finds its pattern; each group it finds becomes ONE kernel of that family.
-2. An op TVM cannot import runs on the host in PyTorch (one warning per op name).
+2. An op TVM cannot import runs on the host in PyTorch (one warning per op name), and so does
+   taking an element of the tuple such an op returns (`linalg_svd`'s U, S, Vh).
 3. The rest is cut into contiguous runs of importable ops (contiguous in topological order, so a
    run is always a valid subgraph), and each run is cut again before every contraction
    (convolution, matmul, linear, attention). A kernel is thus one contraction and the
@@ -30,7 +31,15 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from hwaware.capture import Captured
-from hwaware.program import KernelSpec, KernelStep, OpStep, Program, encode_arg, op_name
+from hwaware.program import (
+    KernelSpec,
+    KernelStep,
+    OpStep,
+    Program,
+    dump_tree_spec,
+    encode_arg,
+    op_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +215,7 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str], grouped: set[fx.Node]
     for node in nodes:
         name = op_name(node.target)
         if node in grouped or name in host_ops or "hwaware_host" in node.meta or \
-                not _tensor_valued(node):
+                not _tensor_valued(node) or _indexes_outside(node, current):
             _close(runs, current)
             current = []
             continue
@@ -216,6 +225,12 @@ def _kernel_runs(nodes: list[fx.Node], host_ops: set[str], grouped: set[fx.Node]
         current.append(node)
     _close(runs, current)
     return runs
+
+
+def _indexes_outside(node: fx.Node, run: list[fx.Node]) -> bool:
+    """Whether `node` takes an element of a tuple computed outside `run` (by a host op such as
+    `linalg_svd`): it runs on the host, as a kernel's inputs are tensors."""
+    return op_name(node.target) == "getitem" and node.args[0] not in run
 
 
 def _cut_after_contraction(run: list[fx.Node], signatures: Collection[str], gm: fx.GraphModule
@@ -320,7 +335,7 @@ class _ProgramBuilder:
             input_specs=[{"shape": list(s.shape), "dtype": s.dtype}
                          for s in self.captured.input_specs],
             output_slots=output_slots,
-            out_spec=pytree.treespec_dumps(self.captured.out_spec),
+            out_spec=dump_tree_spec(self.captured.out_spec),
             steps=self.steps, kernels=self.kernels, num_slots=len(self.slots),
             constants=self.constants,
         )

@@ -11,12 +11,15 @@ plain JSON for numbers, strings, booleans and None.
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 PROGRAM_SCHEMA_VERSION = 1
 
@@ -64,7 +67,7 @@ class Program:
     input_slots: list[int]
     input_specs: list[dict[str, Any]]
     output_slots: list[int]
-    out_spec: str  # torch.utils._pytree.treespec_dumps
+    out_spec: str  # dump_tree_spec
     steps: list[OpStep | KernelStep]
     kernels: dict[str, KernelSpec]
     num_slots: int
@@ -150,6 +153,49 @@ def _step_to_json(step: OpStep | KernelStep) -> dict[str, Any]:
 def _step_from_json(doc: dict[str, Any]) -> OpStep | KernelStep:
     kind = doc.pop("kind")
     return KernelStep(**doc) if kind == "kernel" else OpStep(**doc)
+
+
+# ---------------------------------------------------------------- output tree
+def dump_tree_spec(spec: pytree.TreeSpec) -> str:
+    """`pytree.treespec_dumps`, which also writes PyTorch's named-tuple return types (what
+    `torch.sort`, `torch.topk` or `torch.linalg.svd` return; torch cannot serialize them): as
+    tuples, with the preorder position and name of each kept next to the spec."""
+    named: dict[str, str] = {}
+
+    def plain_type(index: int, node: pytree.TreeSpec) -> Any:
+        if node.type.__module__ != "torch.return_types":
+            return node.type
+        named[str(index)] = node.type.__name__
+        return tuple
+
+    plain = pytree.treespec_dumps(_retyped(spec, plain_type))
+    return json.dumps({"spec": plain, "return_types": named}) if named else plain
+
+
+def load_tree_spec(text: str) -> pytree.TreeSpec:
+    """The spec `dump_tree_spec` wrote (or `pytree.treespec_dumps`, as older saves hold)."""
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        return pytree.treespec_loads(text)
+    named = {int(i): getattr(torch.return_types, name)
+             for i, name in doc["return_types"].items()}
+    return _retyped(pytree.treespec_loads(doc["spec"]),
+                    lambda index, node: named.get(index, node.type))
+
+
+def _retyped(spec: pytree.TreeSpec, new_type: Callable[[int, pytree.TreeSpec], Any]
+             ) -> pytree.TreeSpec:
+    """`spec` with each inner node's type replaced by `new_type(preorder index, node)`."""
+    counter = itertools.count()
+
+    def visit(node: pytree.TreeSpec) -> pytree.TreeSpec:
+        index = next(counter)
+        if node.is_leaf():
+            return node
+        return pytree.TreeSpec(new_type(index, node), node.context,
+                               [visit(child) for child in node.children()])
+
+    return visit(spec)
 
 
 # -------------------------------------------------------------- argument coding

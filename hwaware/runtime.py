@@ -24,7 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from hwaware import outputs
-from hwaware.program import KernelStep, OpStep, Program, bind_arg, resolve_op
+from hwaware.program import KernelStep, OpStep, Program, bind_arg, load_tree_spec, resolve_op
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class CompiledModel:
         self.executable = executable
         self.info = info
         self._device_kind = device_kind
-        self._out_spec = pytree.treespec_loads(program.out_spec)
+        self._out_spec = load_tree_spec(program.out_spec)
         self._run: Callable[[list[Any]], list[Any]] | None = None
         self._vm: Any = None
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified

@@ -4,8 +4,9 @@ Everything else in hwaware talks to TVM through the functions here, so a TVM upg
 file. What it provides, in pipeline order:
 - `import_torch_program`: a torch ExportedProgram -> a Relax function.
 - `import_onnx`: an ONNX ModelProto -> a Relax module (weights bound as constants).
-- `fuse_for_tuning`: the exact five passes MetaSchedule's `compile_relax` runs before looking a
-  kernel up in the database (tuning anything else gives records that silently never apply).
+- `fuse_for_tuning`: the exact passes MetaSchedule's `compile_relax` runs before looking a
+  kernel up in the database: the target's library dispatch (sort and scan ops), then the five
+  legalize-and-fuse passes (tuning anything else gives records that silently never apply).
 - `SqliteDatabase`: MetaSchedule's database role, backed by hwaware's sqlite file.
 - `RecordingCallback`: commits each candidate as it is measured; drives the progress bar.
 - `fast_build`: a builder function that skips the 55-second tensor-intrinsics import in workers.
@@ -174,10 +175,26 @@ def prim_funcs_by_var(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, tvm.tirx.Prim
 def fuse_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse exactly as `compile_relax` does, so tuned records match at build."""
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(_fuse_passes())(mod)
+        return tvm.transform.Sequential(_fuse_passes(target))(mod)
 
 
-def _fuse_passes() -> list[tvm.transform.Pass]:
+def _fuse_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """The target's library dispatch, then legalization and fusion. Sort and scan ops
+    (`R.cumsum`, `R.sort`, `R.topk`, ...) have no legalization: the dispatch passes lower them
+    to TOPI kernels; without them they reach VM codegen, which cannot emit them."""
+    return [*_dispatch_passes(target), *_legalize_passes()]
+
+
+def _dispatch_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    from tvm.relax import pipeline as relax_pipeline
+
+    try:
+        return list(relax_pipeline.library_dispatch_passes(target))
+    except ValueError:  # no per-target pipeline registered: the generic dispatch passes
+        return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+
+
+def _legalize_passes() -> list[tvm.transform.Pass]:
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -604,7 +621,7 @@ def build_executable(
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        m = tvm.transform.Sequential(_fuse_passes())(m)
+        m = tvm.transform.Sequential(_fuse_passes(target))(m)
         if database is not None:
             hashes = {n: workload_hash(workload_of(f)) for n, f in prim_funcs(m).items()}
             m = MetaScheduleApplyDatabase(enable_warning=False)(m)
@@ -715,14 +732,19 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
 
 def is_small(workload: tvm.IRModule) -> bool:
     """Whether every block of a fused kernel runs few enough iterations that `SmallSerial`
-    schedules it well without tuning (a batch-1 matmul of a small MLP, a gate, a head)."""
+    schedules it well without tuning (a batch-1 matmul of a small MLP, a gate, a head). False
+    where the analysis fails (such a kernel waits for a tuned record)."""
     from tvm.s_tir import Schedule
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    sch = Schedule(workload["main"])
-    infos = normalize_prim_func(sch)
-    return infos is not None and all(_iterations(sch, i) <= SMALL_KERNEL_ITERATIONS
-                                     for i in infos)
+    try:
+        sch = Schedule(workload["main"])
+        infos = normalize_prim_func(sch)
+        return infos is not None and all(_iterations(sch, i) <= SMALL_KERNEL_ITERATIONS
+                                         for i in infos)
+    except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors are RuntimeErrors
+        log.debug("no default schedule for a kernel the analysis rejects: %s", err)
+        return False
 
 
 def _iterations(sch: Any, info: Any) -> int:

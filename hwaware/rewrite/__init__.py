@@ -12,6 +12,7 @@ from torch import fx
 
 from hwaware.capture import Captured
 from hwaware.rewrite.constants import fold_constants
+from hwaware.rewrite.explicit_dtypes import explicit_dtypes
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
 from hwaware.rewrite.functionalize import functionalize
 
@@ -21,6 +22,9 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
     # would otherwise make batch_norm+relu its own kernel).
     ("fold_batchnorm", fold_batchnorm),
+    # Ops that promote their input's dtype (a bool mask's cumsum is int64) say so, as TVM's
+    # importer keeps the input's dtype otherwise.
+    ("explicit_dtypes", explicit_dtypes),
     # Anything computed from weights alone (a linear layer's weight transpose, ...) is computed
     # once now, so no kernel recomputes it per call.
     ("fold_constants", fold_constants),
