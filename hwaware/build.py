@@ -271,7 +271,21 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
             program.kernels[name].impl = "tvm"
         return part, executable, one_call
     _choose_each(program, executable, list(built), inputs, db, target, measure, repeats)
+    if db is not None:
+        _commit_kernels(db, part, built, target)
     return part, executable, one_call
+
+
+def _commit_kernels(db: TuningDatabase, part: Partition, built: dict[str, KernelTasks],
+                    target: Target) -> None:
+    """Each built kernel's schema (`decompose.KernelRecord`) and the TVM workloads it holds,
+    beside the measurements `_choose` committed: what the latency predictor reads."""
+    from hwaware.decompose import kernel_record
+    from hwaware.tvm_compat import TVM_VERSION
+
+    for name, kernel in built.items():
+        record = kernel_record(part.program.kernels[name], part.kernel_graphs[name])
+        db.commit_kernel(record, kernel.workloads, TVM_VERSION, target.key)
 
 
 BuildFn = Callable[[dict[str, KernelTasks]], Any]  # kernels -> a library of them, or raises

@@ -9,6 +9,7 @@ import torch
 
 import hwaware
 from hwaware.decompose import Decomposition, KernelRecord, decompose
+from hwaware.tvm_compat import TVM_VERSION
 from hwaware.zoo import get_model
 
 
@@ -47,3 +48,16 @@ def test_a_record_of_another_schema_is_refused() -> None:
     doc = decompose(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),)).kernels[0].to_json()
     with pytest.raises(ValueError, match="schema 99"):
         KernelRecord.from_json(doc.replace('"schema_version": 1', '"schema_version": 99'))
+
+
+def test_a_build_stores_each_kernel_schema_beside_its_measurements(db) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 16)
+    compiled = hwaware.compile(model, (x,), db=db, show_progress=False)
+    measured = {m.signature for m in db.kernel_measurements(compiled.info.target_key)}
+    assert measured
+    for signature in measured:
+        record = db.kernel(signature)
+        assert record is not None and record.signature == signature
+        assert db.kernel_workloads(signature, TVM_VERSION, compiled.info.target_key)
