@@ -109,21 +109,10 @@ def tvm_target(tvm_dict: dict[str, Any], host: dict[str, Any] | None = None) -> 
 
 # ------------------------------------------------------------------------- import
 def import_torch_program(exported: Any) -> relax.Function:
-    """A torch.export ExportedProgram -> a Relax function with weights bound as constants.
-
-    hwaware's graphs are ATen already (captured, rewritten, cut into kernels), so they are
-    imported as they are: torch's decompositions, which the importer runs by default, cost
-    about a second per kernel (a third of a small BERT's compile) and change nothing the
-    importer needs. A graph holding an op the importer knows only in decomposed form is
-    imported again after them. (Every kernel is checked against PyTorch before it is used.)"""
+    """A torch.export ExportedProgram -> a Relax function with weights bound as constants."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    try:
-        mod = from_exported_program(exported, keep_params_as_input=False,
-                                    run_ep_decomposition=False)
-    except Exception as err:  # the importer raises many error types for an op it lacks
-        log.debug("importing after torch's decompositions: %s", err)
-        mod = from_exported_program(exported, keep_params_as_input=False)
+    mod = from_exported_program(exported, keep_params_as_input=False)
     return mod["main"]
 
 
