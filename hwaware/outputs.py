@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import types
 import warnings
 from collections import OrderedDict, defaultdict, deque, namedtuple
 from dataclasses import asdict, dataclass
@@ -157,7 +158,8 @@ def _import_recorded(modules: dict[str, str]) -> None:
         except Exception as err:  # noqa: BLE001 - a module that fails to import: a dict then
             log.info("importing %s for output type %s failed: %s", module, name, err)
             continue
-        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE and \
+                isinstance(imported, types.ModuleType):
             _register_found_namedtuple(imported, name)
 
 
