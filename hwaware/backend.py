@@ -22,10 +22,12 @@ of weight updates never compiles unboundedly, and never runs a build of stale we
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx
 
 from hwaware.db import DEFAULT_DB_PATH
@@ -66,7 +68,8 @@ class GraphVariants:
         self.verifier = Verifier(gm.forward, opts["verify"], describe_graph(gm)) \
             if opts["verify"] else None
         self.symbolic = any(_is_symbolic(value) for value in example_inputs)
-        self.frozen = frozen_positions(gm, example_inputs)
+        self.frozen = [i for i in frozen_positions(gm, example_inputs)
+                       if isinstance(example_inputs[i], torch.Tensor)]
         self.variants: dict[tuple[Any, ...], tuple[Callable[..., Any], list[Any]]] = {}
         self.shapes: set[tuple[Any, ...]] = set()
         self.weight_sets: set[tuple[Any, ...]] = set()
@@ -88,7 +91,7 @@ class GraphVariants:
 
     def _key(self, args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
         sizes = _shape_key(args) if self.symbolic else tuple(a for a in args if type(a) is int)
-        return sizes, tuple(_frozen_identity(args[i]) for i in self.frozen)
+        return sizes, _frozen_identity([args[i] for i in self.frozen])
 
     def _specialize(self, args: list[Any]) -> tuple[Callable[..., Any], list[Any]]:
         key = self._key(args)
@@ -130,19 +133,21 @@ def _compile_or_fall_back(gm: fx.GraphModule, inputs: list[Any],
 
 def _is_symbolic(value: Any) -> bool:
     """A SymInt input, or a tensor with a symbolic size: the graph is dynamic."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         return any(isinstance(size, torch.SymInt) for size in value.shape)
     return isinstance(value, torch.SymInt)
 
 
-def _frozen_identity(value: Any) -> Any:
-    """What a build frozen from `value` is valid for: the same tensor object, storage and
-    version counter (an in-place update bumps it); a plain int by its value."""
-    if type(value) is int:
-        return None  # part of the sizes key
-    return id(value), value.data_ptr(), value._version
+def _frozen_identity(tensors: list[Any]) -> tuple[Any, ...]:
+    """What a build frozen from `tensors` is valid for: the same tensor objects, storages and
+    version counters (an in-place update bumps it). Checked on every call: builtins mapped
+    over the list (about 30 us for 200 parameters)."""
+    return (tuple(map(id, tensors)), tuple(map(_data_ptr, tensors)),
+            tuple(map(_version, tensors)))
+
+
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
 
 
 def _shape_key(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
