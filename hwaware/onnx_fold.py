@@ -32,6 +32,9 @@ NEVER_FOLD = frozenset({
     "Bernoulli", "Dropout",  # Dropout: training mode and its mask output
 })
 Shapes = dict[str, tuple[int, ...]]
+# tensor name -> value: an initializer as stored (decoded only when a node reads it), or a
+# folded result
+Known = dict[str, "onnx.TensorProto | np.ndarray"]
 
 
 def fold_constants(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
@@ -42,7 +45,7 @@ def fold_constants(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[i
     folded.CopyFrom(model)
     _set_input_shapes(folded.graph, input_shapes)
     folded = _infer(folded)
-    known = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    known: Known = {t.name: t for t in folded.graph.initializer}
     shapes = _static_shapes(folded.graph)
     opsets = {o.domain or "": o.version for o in folded.opset_import}
     outputs = {o.name for o in folded.graph.output}
@@ -88,7 +91,7 @@ def _static_shapes(graph: onnx.GraphProto) -> Shapes:
     return shapes
 
 
-def _fold_node(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: Shapes,
+def _fold_node(node: onnx.NodeProto, known: Known, shapes: Shapes,
                opsets: dict[str, int]) -> list[np.ndarray] | None:
     """The node's output values when they can be computed now and are small enough, else None."""
     if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_FOLD or any(
@@ -121,28 +124,31 @@ def _shape_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
 
 def _too_big(node: onnx.NodeProto, shapes: Shapes) -> bool:
     """Whether an output inference sized statically would exceed the folding limit (checked
-    before evaluating, so that a huge ConstantOfShape is never materialized)."""
+    before evaluating, so that a huge ConstantOfShape is never materialized; 8 bytes an
+    element, the widest numeric type)."""
     return any(name in shapes and int(np.prod(shapes[name])) * 8 > MAX_FOLD_BYTES
                for name in node.output)
 
 
-def _evaluate(node: onnx.NodeProto, opsets: dict[str, int], known: dict[str, np.ndarray]
+def _evaluate(node: onnx.NodeProto, opsets: dict[str, int], known: Known
               ) -> list[np.ndarray]:
     """Run one node with `onnx.reference.ReferenceEvaluator` on known numpy values."""
     from onnx.reference import ReferenceEvaluator
 
     evaluator = ReferenceEvaluator(node, opsets=opsets)
-    return list(evaluator.run(None, {name: known[name] for name in node.input if name}))
+    return list(evaluator.run(None, {name: _array(known[name]) for name in node.input if name}))
 
 
-def _rewrite_graph(graph: onnx.GraphProto, kept: list[onnx.NodeProto],
-                   known: dict[str, np.ndarray]) -> None:
+def _array(value: onnx.TensorProto | np.ndarray) -> np.ndarray:
+    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
+
+
+def _rewrite_graph(graph: onnx.GraphProto, kept: list[onnx.NodeProto], known: Known) -> None:
     """Keep the live nodes of `kept`; the constants they (or the graph outputs) read become
     initializers; value infos of folded tensors are dropped (inference finds them again)."""
     live = _live_nodes(graph, kept)
     used = {name for node in live for name in _reads(node)} | {o.name for o in graph.output}
-    initializers = [numpy_helper.from_array(np.asarray(known[name]), name)
-                    for name in sorted(used & set(known))]
+    initializers = [_tensor(known[name], name) for name in sorted(used & set(known))]
     del graph.node[:]
     graph.node.extend(live)
     del graph.initializer[:]
@@ -151,6 +157,10 @@ def _rewrite_graph(graph: onnx.GraphProto, kept: list[onnx.NodeProto],
     del graph.input[:]
     graph.input.extend(inputs)
     del graph.value_info[:]
+
+
+def _tensor(value: onnx.TensorProto | np.ndarray, name: str) -> onnx.TensorProto:
+    return value if isinstance(value, onnx.TensorProto) else numpy_helper.from_array(value, name)
 
 
 def _live_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
