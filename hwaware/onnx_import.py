@@ -5,9 +5,15 @@ path of an `.onnx` file (weights inline, or as external data beside it), a targe
 database and a trial budget. Comes out: a `CompiledModel` (torch tensors in and out, `save` and
 `hwaware.load` as for any model) or a `SessionSummary`.
 
-The whole graph becomes one kernel of the host program. It has no PyTorch steps, so it always runs
-on TVM. Its fused contraction workloads (convolutions, matmuls) are the tuning tasks. The session
-in `tune.py` tunes them and writes the records to the same database as PyTorch models' kernels.
+First the graph's constants are folded for the static input shapes (`onnx_fold.py`): exporters
+compute shapes at run time, and TVM's importer mishandles some of those chains. Then the whole
+graph becomes one kernel of the host program. It has no PyTorch steps, so it runs on TVM. Its
+fused contraction workloads (convolutions, matmuls) are the tuning tasks. The session in
+`tune.py` tunes them and writes the records to the same database as PyTorch models' kernels.
+
+Where TVM cannot import or build the graph, `compile_onnx` still returns a correct model: the one
+kernel then runs on ONNX's reference evaluator (`onnx_reference.py`, un-accelerated), with one
+warning naming the op and TVM's error. `tune_onnx` raises instead: there is nothing to tune.
 
 Security: a tensor stored as external data may only name a file inside the model's folder. Every
 location is checked before any external data is read.
@@ -15,7 +21,9 @@ location is checked before any external data is read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +36,9 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 from torch.utils import _pytree as pytree
 
+from hwaware import onnx_reference
 from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.onnx_fold import fold_constants
 from hwaware.pipeline import DbArg, open_db
 from hwaware.program import KernelSpec, KernelStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel
@@ -48,6 +58,10 @@ class OnnxImportError(ValueError):
     """An ONNX file that cannot be loaded or imported (safely)."""
 
 
+class TvmUnsupportedError(OnnxImportError):
+    """A valid ONNX graph that TVM cannot import or build (`compile_onnx` falls back)."""
+
+
 @dataclass(frozen=True)
 class GraphInput:
     """One input of the ONNX graph, with the static shape the model is compiled for."""
@@ -58,15 +72,30 @@ class GraphInput:
 
 
 @dataclass
+class OnnxGraph:
+    """An ONNX file read, checked and constant-folded for its static input shapes."""
+
+    path: Path
+    model: onnx.ModelProto
+    inputs: list[GraphInput]
+    signature: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.model.graph.output)
+
+
+@dataclass
 class ImportedOnnx:
     """An ONNX graph as one Relax kernel, with the contraction workloads to tune."""
 
-    name: str
-    inputs: list[GraphInput]
-    num_outputs: int
+    graph: OnnxGraph
     module: Any  # tvm.IRModule, not fused: `build_executable` fuses it as it tunes it
     tasks: list[TuningTask]
-    signature: str
     flops: int
 
 
@@ -74,14 +103,21 @@ class ImportedOnnx:
 def compile_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
                  db: DbArg = DEFAULT_DB_PATH, trials: int = 0, show_progress: bool = True,
                  input_shapes: ShapesArg = None) -> CompiledModel:
-    """Compile an ONNX file for `target`; tune its contraction workloads first if `trials` > 0."""
+    """Compile an ONNX file for `target`; tune its contraction workloads first if `trials` > 0.
+    A graph TVM cannot import or build runs on ONNX's reference evaluator (one warning)."""
     tgt = get_target(target)
     database = open_db(db)
-    imported = import_onnx_file(path, tgt, input_shapes)        # ONNX -> one Relax kernel
-    if trials > 0 and database is not None:                     # 4. tune into the database
-        summary = tune_tasks(imported.tasks, tgt, database, trials, imported.name, show_progress)
-        log.info("%s", summary.table())
-    return build_onnx(imported, tgt, database)                  # 5. records -> library; 6. run
+    graph = read_onnx(path, input_shapes)                       # load, check, fold constants
+    try:
+        imported = import_graph(graph, tgt)                     # ONNX -> one Relax kernel
+        if trials > 0 and database is not None:                 # 4. tune into the database
+            summary = tune_tasks(imported.tasks, tgt, database, trials, graph.name,
+                                 show_progress)
+            log.info("%s", summary.table())
+        return build_onnx(imported, tgt, database)              # 5. records -> library; 6. run
+    except TvmUnsupportedError as err:
+        log.warning("%s; the model runs un-accelerated, on ONNX's reference evaluator", err)
+        return reference_model(graph, tgt)
 
 
 def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
@@ -94,7 +130,7 @@ def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
         raise ValueError("tuning needs a database (db=None was given)")
     require_runnable(tgt)
     imported = import_onnx_file(path, tgt, input_shapes)
-    return tune_tasks(imported.tasks, tgt, database, trials, imported.name, show_progress)
+    return tune_tasks(imported.tasks, tgt, database, trials, imported.graph.name, show_progress)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -245,25 +281,60 @@ def _dtype_name(name: str, elem_type: int) -> str:
 # ---------------------------------------------------------------------------- importing
 def import_onnx_file(path: str | os.PathLike[str], target: Target,
                      input_shapes: ShapesArg = None) -> ImportedOnnx:
-    """Load, check and import an ONNX file; find the contraction workloads its build holds."""
-    from hwaware import tvm_compat
+    """Load, check, fold and import an ONNX file; find the contraction workloads its build
+    holds. Raises `TvmUnsupportedError` where TVM's importer fails."""
+    return import_graph(read_onnx(path, input_shapes), target)
 
+
+def read_onnx(path: str | os.PathLike[str], input_shapes: ShapesArg = None) -> OnnxGraph:
+    """An ONNX file, checked, with its constants folded for the static input shapes."""
     file = Path(path)
     model = load_onnx(file)
     inputs = graph_inputs(model, input_shapes)
+    folded = fold_constants(model, {i.name: i.shape for i in inputs})
+    return OnnxGraph(file, folded, inputs, _signature(folded, inputs))
+
+
+def import_graph(graph: OnnxGraph, target: Target) -> ImportedOnnx:
+    """The graph as one Relax kernel, with its contraction workloads as tuning tasks."""
+    from hwaware import tvm_compat
+
     try:
-        module = tvm_compat.import_onnx(model, {i.name: list(i.shape) for i in inputs},
-                                        {i.name: i.dtype for i in inputs}, KERNEL_NAME)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:  # the importer prints
+            module = tvm_compat.import_onnx(graph.model,
+                                            {i.name: list(i.shape) for i in graph.inputs},
+                                            {i.name: i.dtype for i in graph.inputs}, KERNEL_NAME)
     except Exception as err:  # the importer raises many error types
-        raise OnnxImportError(f"{file}: TVM's ONNX importer failed: "
-                              f"{type(err).__name__}: {err}") from err
+        log.debug("TVM's ONNX importer printed: %s", printed.getvalue())
+        raise TvmUnsupportedError(f"{graph.path}: TVM's ONNX importer failed on "
+                                  f"{_failing_op(err)}: {_first_line(err)}") from err
     fused = tvm_compat.fuse_for_tuning(module, tvm_compat.tvm_target(target.tvm, target.host_tvm))
     workloads = fused_workloads(fused)
     return ImportedOnnx(
-        name=file.stem, inputs=inputs, num_outputs=len(model.graph.output), module=module,
-        tasks=contraction_tasks(workloads), signature=_signature(model, inputs),
+        graph=graph, module=module, tasks=contraction_tasks(workloads),
         flops=sum(tvm_compat.workload_flops(w) for _, w in workloads.values()),
     )
+
+
+def _failing_op(err: BaseException) -> str:
+    """The op the importer was converting when it raised (its innermost `_construct_nodes`
+    frame holds the node), or the unsupported ops its up-front check names."""
+    node, tb = None, err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_construct_nodes":
+            node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    if isinstance(node, onnx.NodeProto):
+        return f"op {node.op_type} (node {node.name!r})"
+    unsupported = "not supported for frontend ONNX:"
+    if unsupported in str(err):
+        return "op " + str(err).split(unsupported, 1)[1].strip().splitlines()[0]
+    return "the graph"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def fused_workloads(fused: Any) -> dict[str, tuple[str, Any]]:
@@ -310,10 +381,23 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
 
     tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
     adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    try:
+        executable, applied = tvm_compat.build_executable(imported.module, tgt, adapter)
+    except Exception as err:  # TVM's passes and codegen raise many error types
+        raise TvmUnsupportedError(f"{imported.graph.path}: TVM's build failed: "
+                                  f"{_first_line(err)}") from err
     _warn_untuned(imported.tasks, db, target)
-    executable, applied = tvm_compat.build_executable(imported.module, tgt, adapter)
     info = BuildInfo.for_target(target, [], {}, sorted(applied))
-    return CompiledModel(onnx_program(imported), executable, info, target.kind)
+    program = onnx_program(imported.graph, "tvm", imported.flops)
+    return CompiledModel(program, executable, info, target.kind)
+
+
+def reference_model(graph: OnnxGraph, target: Target) -> CompiledModel:
+    """The graph on ONNX's reference evaluator: correct, un-accelerated, saves and loads."""
+    program = onnx_program(graph, onnx_reference.IMPL)
+    program.constants[onnx_reference.model_constant(KERNEL_NAME)] = \
+        onnx_reference.as_constant(graph.model.SerializeToString())
+    return CompiledModel(program, None, BuildInfo.for_target(target, [], {}), target.kind)
 
 
 def _warn_untuned(tasks: list[TuningTask], db: TuningDatabase | None, target: Target) -> None:
@@ -327,16 +411,17 @@ def _warn_untuned(tasks: list[TuningTask], db: TuningDatabase | None, target: Ta
                     len(untuned), len(tasks), target.key, ", ".join(untuned[:4]))
 
 
-def onnx_program(imported: ImportedOnnx) -> Program:
-    """The host program: inputs -> the one TVM kernel -> outputs (a tensor, or a tuple)."""
-    n_in, n_out = len(imported.inputs), imported.num_outputs
+def onnx_program(graph: OnnxGraph, impl: str, flops: int = 0) -> Program:
+    """The host program: inputs -> the one kernel (run by `impl`) -> outputs (a tensor, or a
+    tuple)."""
+    n_in, n_out = len(graph.inputs), graph.num_outputs
     in_slots, out_slots = list(range(n_in)), list(range(n_in, n_in + n_out))
-    spec = KernelSpec(KERNEL_NAME, FAMILY, imported.signature, in_slots, out_slots, steps=[],
-                      impl="tvm", flops=imported.flops)
+    spec = KernelSpec(KERNEL_NAME, FAMILY, graph.signature, in_slots, out_slots, steps=[],
+                      impl=impl, flops=flops)
     out_spec = pytree.tree_flatten(0 if n_out == 1 else tuple(range(n_out)))[1]
     return Program(
         input_slots=in_slots,
-        input_specs=[{"shape": list(i.shape), "dtype": i.dtype} for i in imported.inputs],
+        input_specs=[{"shape": list(i.shape), "dtype": i.dtype} for i in graph.inputs],
         output_slots=out_slots, out_spec=pytree.treespec_dumps(out_spec),
         steps=[KernelStep(KERNEL_NAME, in_slots, out_slots)], kernels={KERNEL_NAME: spec},
         num_slots=n_in + n_out,

@@ -54,7 +54,7 @@ class KernelSpec:
     inputs: list[int]
     outputs: list[int]
     steps: list[OpStep]
-    impl: str = "torch"  # "torch" or "tvm"
+    impl: str = "torch"  # "torch", "tvm", or "onnx-reference" (see onnx_reference.py)
     flops: int = 0
     tvm_us: float | None = None
     torch_us: float | None = None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware import outputs
+from hwaware import onnx_reference, outputs
 from hwaware.program import KernelStep, OpStep, Program, bind_arg, load_tree_spec, resolve_op
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,9 @@ class CompiledModel:
             from hwaware import tvm_compat
 
             return _tvm_action(tvm_compat.torch_callable(vm, spec.name, len(step.outputs)), step)
+        if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
+            return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
+                                                   self.program.constants)
         if not spec.steps:  # a kernel with no PyTorch steps (an ONNX graph) never runs in torch
             return _no_torch_action(spec.name)
         return _torch_kernel_action(spec.steps, self.program.constants)
