@@ -81,7 +81,7 @@ def eager_flops(model: Callable[..., Any], inputs: Sequence[Any]) -> int:
     flash-attention op, for which torch 2.13's counter has no formula and counts 0)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     counter = FlopCounterMode(display=False, custom_mapping={cpu_flash: _attention_flops})
     with torch.no_grad(), counter:
         model(*inputs)
