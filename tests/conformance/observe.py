@@ -83,9 +83,24 @@ def eager_flops(model: Callable[..., Any], inputs: Sequence[Any]) -> int:
 
     cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     counter = FlopCounterMode(display=False, custom_mapping={cpu_flash: _attention_flops})
-    with torch.no_grad(), counter:
+    with torch.no_grad(), _frozen(model), counter:
         model(*inputs)
     return int(counter.get_total_flops())
+
+
+@contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    """Parameters without requires_grad for a while: the flop counter's module tracker hooks
+    the autograd graph of every tensor argument that requires grad, and fails on a parameter
+    passed to a submodule under no_grad (DeBERTa's relative embeddings)."""
+    params = [p for p in getattr(model, "parameters", list)() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _attention_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int],

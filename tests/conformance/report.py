@@ -79,7 +79,7 @@ def cause(error: str) -> str:
     """The group key of an error line: paths, qualified class names, numbers, addresses and
     input indices taken out (ATen op names, all lower case, stay)."""
     text = re.sub(r"^input \d+: ", "", error)
-    text = re.sub(r"(/[\w.+-]+)+", "PATH", text)
+    text = re.sub(r"[\w.+-]*(/[\w.+-]+)+", "PATH", text)
     text = re.sub(r"\b([a-z_]\w*\.)+[A-Z]\w*", "CLASS", text)  # transformers....ModelOutput
     text = re.sub(r"0x[0-9a-fA-F]+", "ADDR", text)
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
