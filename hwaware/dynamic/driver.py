@@ -98,11 +98,14 @@ def explore_model(staged: Staged, plan: HostPlan, inputs: Sequence[Any], strict:
                 raise DynamicCaptureError(f"{region.where}: Python side effect "
                                           f"({region.eager_reason}) cannot be compiled "
                                           "(strict=True)")
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)  # the same random numbers for both runs (a model may sample)
         expected = staged.root(*inputs)  # the model's own errors are raised here, as they are
     runners = make_runners(staged, plan)
     try:
-        stats, got = explore(plan.source(instrumented=True), plan.sites, runners, inputs)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            stats, got = explore(plan.source(instrumented=True), plan.sites, runners, inputs)
     except Exception as err:
         raise RewriteError(f"the rewritten forward failed where eager PyTorch did not "
                            f"({type(err).__name__}: {err})") from err
@@ -119,7 +122,9 @@ def explore_model(staged: Staged, plan: HostPlan, inputs: Sequence[Any], strict:
 def capture_pending(pending: list[Pending], model_name: str, strict: bool
                     ) -> list[tuple[RegionRunner, Key, Captured]]:
     """Capture each specialization as a static graph; a region that cannot be captured runs
-    in eager (with one warning naming its line) or, with strict=True, raises."""
+    in eager (with one warning naming its line) or, with strict=True, raises. A failure on
+    inputs only met on a forced exploration path (perhaps an infeasible one) only skips that
+    specialization: a real call meeting it compiles it then."""
     out = []
     for runner, key, args in pending:
         reason = unspecializable(runner.info, key)
@@ -133,8 +138,13 @@ def capture_pending(pending: list[Pending], model_name: str, strict: bool
                                name=f"{model_name}.{runner.info.name}")
         except CaptureError as err:
             cause = err.__cause__ or err
+            if key in runner.forced_only:
+                log.info("%s: not compiled for inputs met only on a forced path: %s",
+                         runner.info.name, cause)
+                continue
             runner.mark_eager(f"cannot be made static ({type(cause).__name__}: "
-                              f"{str(cause).splitlines()[0] if str(cause) else ''})", strict)
+                              f"{str(cause).splitlines()[0] if str(cause) else ''})", strict,
+                              where_raised(cause, module.root))
             continue
         out.append((runner, key, captured))
     return out
@@ -252,8 +262,8 @@ def branches_on_values(model: torch.nn.Module, err: BaseException) -> bool:
 def where_raised(err: BaseException, model: torch.nn.Module) -> str:
     """file:line of the user's code that raised `err` (the deepest frame in a file of the
     model's classes, or in a region hwaware generated from one), else of the forward."""
-    files = {inspect.getsourcefile(c) for m in model.modules() for c in type(m).__mro__
-             if c.__module__ != "builtins" and not c.__module__.startswith("torch.")}
+    files = {_source_file(c) for m in model.modules() for c in type(m).__mro__
+             if not c.__module__.startswith(("torch.", "builtins"))}
     where = ""
     seen: set[int] = set()
     e: BaseException | None = err
@@ -270,6 +280,13 @@ def where_raised(err: BaseException, model: torch.nn.Module) -> str:
         return where
     fn = type(model).forward
     return f"{inspect.getsourcefile(fn)}:{fn.__code__.co_firstlineno}"
+
+
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # a class defined in C
+        return None
 
 
 def _call_params(model: torch.nn.Module, n_inputs: int) -> tuple[list[str], int]:

@@ -158,6 +158,7 @@ class RegionRunner:
         self.eager_reason = info.eager_reason
         self.calls = 0
         self.recorded: dict[Key, list[Any]] = {}  # exploration: first inputs per key
+        self.forced_only: set[Key] = set()  # met only on forced paths (maybe infeasible)
         self.recording = False
         self.compile_new: Callable[[RegionRunner, Key, list[Any]], None] | None = None
         self.flat_outputs: set[Key] = set()  # specializations returning a flat tuple
@@ -189,10 +190,12 @@ class RegionRunner:
         if self.fn is None or self.root is None:
             raise RuntimeError(f"{self.info.name} ({self.info.where}) runs in eager PyTorch "
                                "and needs the original module")
-        if self.recording:
-            key = specialization_key(self.info, args)
-            self.recorded.setdefault(key, [_snapshot(a) for a in args])
-        return self.fn(self.root, *args)  # type: ignore[no-any-return]
+        if not self.recording:
+            return self.fn(self.root, *args)  # type: ignore[no-any-return]
+        snapshot = [_snapshot(a) for a in args]
+        out = self.fn(self.root, *args)
+        self.recorded.setdefault(specialization_key(self.info, args), snapshot)  # it ran
+        return out  # type: ignore[no-any-return]
 
     def specialize(self, key: Key, args: Sequence[Any]) -> None:
         reason = unspecializable(self.info, key)
@@ -207,14 +210,19 @@ class RegionRunner:
                 "compile the model with example inputs that reach it with these shapes")
         log.warning("compiling %s (%s) for new inputs %s", self.info.name, self.info.where,
                     shapes)
+        self.forced_only.discard(key)  # met in a real call now
         self.compile_new(self, key, list(args))
 
     def module_for(self, key: Key, args: Sequence[Any]) -> RegionModule:
         assert self.fn is not None and self.root is not None
         return RegionModule(self.root, self.fn, key, args)
 
-    def mark_eager(self, reason: str, strict: bool) -> None:
-        message = f"{self.info.where}: {reason}; this region ({self.info.name}) runs in " \
+    def mark_eager(self, reason: str, strict: bool, where: str = "") -> None:
+        """Run this region in eager PyTorch from now on, with one warning naming `where` (the
+        line at fault, when known) or the region's first line; strict=True raises instead."""
+        region = f"{self.info.name}" if where in ("", self.info.where) else \
+            f"{self.info.name}, from {self.info.where}"
+        message = f"{where or self.info.where}: {reason}; this region ({region}) runs in " \
                   "eager PyTorch"
         if strict:
             raise DynamicCaptureError(message)
@@ -314,23 +322,37 @@ def explore(instrumented_source: str, sites: int, runners: dict[str, RegionRunne
         stats.region_calls = sum(r.calls for r in runners.values())
         stats.decisions = explorer.decisions
         stats.runs = 1
+        natural = {name: set(r.recorded) for name, r in runners.items()}
         while stats.runs < 4 * sites + 4:
             policy = explorer.next_policy(tried)
             if policy is None:
                 break
             explorer.start(policy)
             stats.runs += 1
-            try:
-                with torch.no_grad():
-                    forward(*example_inputs)
-            except Exception as err:  # noqa: BLE001 - a forced path may be infeasible
-                stats.failed_runs += 1
-                log.debug("forced run %s failed: %s", policy, err)
+            _forced_run(forward, example_inputs, runners, stats)
     finally:
         for r in runners.values():
             r.recording = False
+    for name, r in runners.items():
+        r.forced_only = set(r.recorded) - natural[name]
     stats.directions_covered = len(explorer.covered)
     return stats, output
+
+
+def _forced_run(forward: Callable[..., Any], example_inputs: Sequence[Any],
+                runners: dict[str, RegionRunner], stats: ExploreStats) -> None:
+    """One run with forced directions; a run that fails was infeasible, and the
+    specializations first met on it are forgotten (their inputs may be nonsense)."""
+    before = {name: set(r.recorded) for name, r in runners.items()}
+    try:
+        with torch.no_grad():
+            forward(*example_inputs)
+    except Exception as err:  # noqa: BLE001 - a forced path may be infeasible
+        stats.failed_runs += 1
+        log.debug("forced run failed: %s", err)
+        for name, r in runners.items():
+            for key in set(r.recorded) - before[name]:
+                del r.recorded[key]
 
 
 def same_outputs(got: Any, expected: Any) -> bool:

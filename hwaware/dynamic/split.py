@@ -268,7 +268,7 @@ class _Splitter:
         nodes = list(ast.walk(host))
         if any(isinstance(n, (ast.Return, ast.Break, ast.Continue, ast.Raise)) for n in nodes):
             return False
-        written: set[str] = set()
+        written = _mutated_containers(host)
         read: set[str] = set()
         for n in nodes:
             region = self.region_of_call.get(id(n))
@@ -562,6 +562,19 @@ def _replace_statements(body: list[ast.stmt], new: dict[int, ast.stmt]) -> None:
             inner = getattr(s, fld, None)
             if isinstance(inner, list):
                 _replace_statements(inner, new)
+
+
+def _mutated_containers(s: ast.stmt) -> set[str]:
+    """Names a statement changes in place: `outs.append(h)`, `d["k"] = v`."""
+    out: set[str] = set()
+    for n in ast.walk(s):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and \
+                isinstance(n.func.value, ast.Name) and n.func.attr in SIDE_EFFECT_METHODS:
+            out.add(n.func.value.id)
+        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and \
+                isinstance(n.value, ast.Name):
+            out.add(n.value.id)
+    return out
 
 
 def _assigned_names_read(s: ast.stmt, read: set[str]) -> bool:

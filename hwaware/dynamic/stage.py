@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNROLL = 64
 SCALARS = (int, float, bool, str, type(None))
-STATIC_CALLS = {"isinstance", "hasattr", "getattr", "len", "type", "callable"}
+STATIC_CALLS = {"isinstance", "hasattr", "getattr", "len", "type", "callable", "range"}
 
 
 class StagingError(Exception):
@@ -438,7 +438,7 @@ class _Stager:
             if alias is not None:
                 todo = _substitute_until_stored(todo, *alias)
             out.extend(self.statement(stmt))
-            if out and isinstance(out[-1], (ast.Return, ast.Raise)):
+            if out and isinstance(out[-1], (ast.Return, ast.Raise, ast.Break, ast.Continue)):
                 break  # the rest is unreachable (e.g. after a branch decided at compile time)
         return out
 
@@ -771,21 +771,59 @@ class _Stager:
 
     def returns_to_assignments(self, body: list[ast.stmt], stmt: ast.stmt
                                ) -> tuple[list[ast.stmt], ast.expr]:
+        """An inlined body with each `return` an assignment to the result name(s), and the
+        expression standing for the call's value. An early return in an `if` makes the rest
+        of the body that `if`'s other branch; returns inside loops (or in a branch that only
+        sometimes returns) break out of a one-pass loop instead."""
         returns = [n for s in body for n in _walk_code(s) if isinstance(n, ast.Return)]
         width = _tuple_width(returns)
         results = [self.fresh("ret") for _ in range(width or 1)]
         result: ast.expr = ast.Tuple([ast.Name(r, ast.Load()) for r in results], ast.Load()) \
             if width else ast.Name(results[0], ast.Load())
-        last = body[-1] if body else None
-        if not returns:  # a function without `return` gives None
-            return body + _fix([ast.Assign([ast.Name(results[0], ast.Store())],
-                                           ast.Constant(None))], stmt), result
-        if isinstance(last, ast.Return) and len(returns) == 1:
-            return body[:-1] + _return_assigns(last, results, width is not None), result
+        branched = _returns_as_branches(body, results, width is not None)
+        if branched is not None:
+            return _fix(branched, stmt), result
         flag = self.fresh("returned")
         replace = _ReplaceJumps(return_targets=results, unpack=width is not None, flag=flag)
         init = ast.Assign([ast.Name(flag, ast.Store())], ast.Constant(False))
         return _fix([init, _once_loop(replace.visit_list(body), stmt)], stmt), result
+
+
+def _returns_as_branches(stmts: list[ast.stmt], targets: list[str], unpack: bool
+                         ) -> list[ast.stmt] | None:
+    """`if c: return a` + rest -> `if c: t = a` / `else: rest` (rest's returns likewise);
+    None when a return sits in a loop or in a branch that does not always leave."""
+    out: list[ast.stmt] = []
+    for i, s in enumerate(stmts):
+        if isinstance(s, ast.Return):
+            return out + _return_assigns(s, targets, unpack)
+        if not any(isinstance(n, ast.Return) for n in _walk_code(s)):
+            out.append(s)
+            continue
+        if not isinstance(s, ast.If):
+            return None
+        rest = stmts[i + 1:]
+        if _always_leaves(s.body):
+            body, orelse = s.body, s.orelse + rest
+        elif _always_leaves(s.orelse):
+            body, orelse = s.body + rest, s.orelse
+        else:
+            return None
+        new_body = _returns_as_branches(body, targets, unpack)
+        new_orelse = _returns_as_branches(orelse, targets, unpack)
+        if new_body is None or new_orelse is None:
+            return None
+        s.body, s.orelse = new_body or [ast.Pass()], new_orelse
+        return out + [s]
+    none = ast.Constant(None)  # falling off the end returns None
+    return out + [ast.Assign([ast.Name(t, ast.Store())], none) for t in targets]
+
+
+def _always_leaves(stmts: list[ast.stmt]) -> bool:
+    """Does every path through `stmts` end in `return` or `raise`?"""
+    last = stmts[-1] if stmts else None
+    return isinstance(last, (ast.Return, ast.Raise)) or isinstance(last, ast.If) and \
+        _always_leaves(last.body) and _always_leaves(last.orelse)
 
 
 def _walk_code(node: ast.AST) -> Iterator[ast.AST]:
