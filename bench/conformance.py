@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,8 @@ def main() -> int:
         print(f"[{len(rows)}/{len(names)}] {row.name} ({row.wall_s:.0f} s): {cells}", flush=True)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM as an exception, so the running worker is stopped with this process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_corpus(names, args.timeout, args.work, on_row=write)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -57,6 +57,7 @@ from tests.conformance.observe import (
     coverage_pct,
     describe_error,
     eager_flops,
+    error_detail,
     hwaware_warnings,
     tvm_flops_on,
 )
@@ -79,7 +80,10 @@ class EntryResult:
     warnings: int = 0
     first_warning: str = ""
     coverage: float | None = None  # % of the eager FLOPs of inputs[0] run on TVM kernels
+    flops: int | None = None  # on inputs[0]: eager's, the total; elsewhere the TVM kernels'
+    fallbacks: int = 0  # graphs (torch.compile) or regions (a DynamicModel) run in eager
     notes: str = ""
+    detail: str = ""  # a failure's innermost hwaware frame and whole message
 
 
 @dataclass
@@ -90,13 +94,19 @@ class ModelRow:
     family: str
     source: str
     entries: dict[str, EntryResult] = field(default_factory=dict)
-    eager_mflops: float | None = None
+    eager_flops: int | None = None
     wall_s: float = 0.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelRow:
-        entries = {k: EntryResult(**v) for k, v in doc.pop("entries").items()}
+        entries = {k: entry_from_dict(v) for k, v in doc.pop("entries").items()}
         return cls(**doc, entries=entries)
+
+
+def entry_from_dict(doc: dict[str, Any]) -> EntryResult:
+    """An `EntryResult` from JSON (fields it does not know are left out)."""
+    known = EntryResult.__dataclass_fields__
+    return EntryResult(**{k: v for k, v in doc.items() if k in known})
 
 
 # =============================================================================== worker
@@ -122,15 +132,17 @@ class Worker:
                 return f"input {i}: {problem}"
         return None
 
-    def coverage(self, tvm_flops: int | None) -> float | None:
-        return None if tvm_flops is None else coverage_pct(tvm_flops, self.flops)
+    def add_coverage(self, result: EntryResult, tvm_flops: int | None) -> None:
+        """Record the TVM FLOPs of an entry point and their share of eager's."""
+        if tvm_flops is not None:
+            result.flops, result.coverage = tvm_flops, coverage_pct(tvm_flops, self.flops)
 
     # --------------------------------------------------------------- entry points
     def eager(self) -> EntryResult:
         problem = self.first_mismatch(self.case.model)
         if problem:
             return EntryResult("fail", f"eager is not deterministic: {problem}")
-        return EntryResult("pass", notes=f"{self.flops / 1e6:.2f} MFLOP")
+        return EntryResult("pass", flops=self.flops)
 
     def compile(self) -> EntryResult:
         import hwaware
@@ -143,8 +155,10 @@ class Worker:
         result = checked(build, self.first_mismatch)
         self.compile_failed = self.compiled is None
         if self.compiled is not None:
-            result.coverage = self.coverage(tvm_flops_on(self.compiled, self.case.inputs[0]))
+            self.add_coverage(result, tvm_flops_on(self.compiled, self.case.inputs[0]))
             result.notes = compiled_summary(self.compiled)
+            runners = getattr(self.compiled, "runners", {})
+            result.fallbacks = sum(r.eager_reason is not None for r in runners.values())
         return result
 
     def save_load(self) -> EntryResult:
@@ -157,7 +171,8 @@ class Worker:
             try:
                 saved = self.compiled.save(fresh_dir(self.work / "saved"))
             except Exception as err:
-                return EntryResult("fail", f"save: {describe_error(err)}", **caught.as_dict())
+                return EntryResult("fail", f"save: {describe_error(err)}",
+                                   detail=error_detail(err), **caught.as_dict())
         result = self.load_in_fresh_process(Path(saved))
         result.seconds = time.perf_counter() - start
         result.warnings += len(caught.texts)
@@ -180,9 +195,11 @@ class Worker:
                 proc.returncode, self.work / "load_check.log"))
         doc = json.loads(result_file.read_text())
         notes = f"load imported {', '.join(doc['imported'])}" if doc["imported"] else ""
-        return EntryResult(doc["status"], doc["error"], warnings=doc["warnings"],
-                           first_warning=doc["first_warning"], notes=notes,
-                           coverage=self.coverage(doc.get("tvm_flops")))
+        result = EntryResult(doc["status"], doc["error"], warnings=doc["warnings"],
+                             first_warning=doc["first_warning"], notes=notes,
+                             detail=doc.get("detail", ""))
+        self.add_coverage(result, doc.get("tvm_flops"))
+        return result
 
     def torch_compile(self) -> EntryResult:
         torch._dynamo.reset()
@@ -198,13 +215,14 @@ class Worker:
 
         result = checked(first_call, self.first_mismatch)
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        result.notes = (f"{len(backend.graphs)} graphs ({backend.fell_back()} eager), "
+        result.fallbacks = backend.fell_back()
+        result.notes = (f"{len(backend.graphs)} graphs ({result.fallbacks} eager), "
                         f"{breaks} graph breaks")
         backend.reset_counts()
         try:
             with torch.no_grad():
                 compiled(*self.case.inputs[0])
-            result.coverage = self.coverage(backend.tvm_flops())
+            self.add_coverage(result, backend.tvm_flops())
         except Exception:  # noqa: BLE001 - the failure is recorded above already
             pass
         return result
@@ -262,7 +280,7 @@ def checked(build: Callable[[], Any], first_mismatch: Callable[[Any], str | None
             ) -> EntryResult:
     """Time `build`, then compare what it returns with eager; hwaware's warnings recorded."""
 
-    seconds = None
+    seconds, detail = None, ""
     with hwaware_warnings() as caught:
         start = time.perf_counter()
         try:
@@ -271,8 +289,8 @@ def checked(build: Callable[[], Any], first_mismatch: Callable[[Any], str | None
             problem = first_mismatch(fn)
             status, error = ("fail", problem) if problem else ("pass", "")
         except Exception as err:  # the failure is the result
-            status, error = "fail", describe_error(err)
-    return EntryResult(status, error, seconds, **caught.as_dict())
+            status, error, detail = "fail", describe_error(err), error_detail(err)
+    return EntryResult(status, error, seconds, detail=detail, **caught.as_dict())
 
 
 def compiled_summary(compiled: Any) -> str:
@@ -384,7 +402,8 @@ def worker_main(name: str, entries: list[str], work: Path, timeout: float,
         try:
             result = getattr(worker, entry)()
         except Exception as err:  # a harness step failed (writing files, a subprocess)
-            result = EntryResult("fail", f"harness: {describe_error(err)}")
+            result = EntryResult("fail", f"harness: {describe_error(err)}",
+                                 detail=error_detail(err))
         state.finish(entry, result)
     return 0
 
@@ -406,7 +425,7 @@ def run_model(name: str, timeout: float = DEFAULT_TIMEOUT_S, work: Path | None =
         while pending:
             compile_failed = row.entries.get("compile", EntryResult("pass")).status == "fail"
             state, ended = run_worker(name, pending, model_work, timeout, compile_failed)
-            row.entries.update({k: EntryResult(**v) for k, v in state["done"].items()})
+            row.entries.update({k: entry_from_dict(v) for k, v in state["done"].items()})
             pending = [e for e in pending if e not in row.entries]
             if not pending:
                 break
@@ -418,7 +437,7 @@ def run_model(name: str, timeout: float = DEFAULT_TIMEOUT_S, work: Path | None =
             row.entries[current] = EntryResult("fail", blocker)
             pending.remove(current)
     row.wall_s = round(time.time() - start, 1)
-    row.eager_mflops = _eager_mflops(row)
+    row.eager_flops = row.entries["eager"].flops
     return row
 
 
@@ -426,12 +445,6 @@ def _no_reference(row: ModelRow, pending: list[str], error: str) -> None:
     for entry in pending:
         row.entries[entry] = EntryResult("fail", error) if entry == "eager" else \
             EntryResult("skip", "no eager reference")
-
-
-def _eager_mflops(row: ModelRow) -> float | None:
-    eager = row.entries.get("eager")
-    m = re.match(r"([\d.]+) MFLOP", eager.notes) if eager else None
-    return float(m.group(1)) if m else None
 
 
 def run_worker(name: str, entries: list[str], work: Path, timeout: float,
@@ -447,17 +460,27 @@ def run_worker(name: str, entries: list[str], work: Path, timeout: float,
     with open(log_file, "a") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        spawned = time.time()
-        while proc.poll() is None:
-            state = StateFile.read(state_file)
-            since = state.get("started") or spawned
-            if time.time() - since > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return StateFile.read(state_file), f"timed out after {timeout:.0f} s"
-            time.sleep(POLL_S)
+    try:
+        timed_out = _watch(proc, state_file, timeout)
+    finally:  # the supervisor itself stopped (Ctrl-C, SIGTERM): take the worker with it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if timed_out:
+        return StateFile.read(state_file), f"timed out after {timeout:.0f} s"
     ended = "" if proc.returncode == 0 else describe_exit(proc.returncode, log_file)
     return StateFile.read(state_file), ended
+
+
+def _watch(proc: subprocess.Popen[bytes], state_file: Path, timeout: float) -> bool:
+    """Wait for the worker to end; True if its current entry point ran out of time."""
+    spawned = time.time()
+    while proc.poll() is None:
+        since = StateFile.read(state_file).get("started") or spawned
+        if time.time() - since > timeout:
+            return True
+        time.sleep(POLL_S)
+    return False
 
 
 def describe_exit(returncode: int, log_file: Path) -> str:

@@ -6,9 +6,9 @@ outputs with eager PyTorch's, without the model's own code.
 CASE_FILE (written by the harness with `torch.save`, read with `weights_only=True`) holds
 `inputs` (a list of input tuples) and `expected` (the eager `Reference` of each, as
 `leaves` and `structure`). RESULT_FILE gets a JSON object: `status` (pass/fail), `error`,
-`load_s`, `tvm_flops` (on the first input), hwaware's warnings, and which third-party model
-libraries the load imported. This process imports torch, hwaware and this package's torch-only
-helpers, never `transformers`, `torch_geometric` or the corpus.
+`detail`, `load_s`, `tvm_flops` (on the first input), hwaware's warnings, and which
+third-party model libraries the load imported. This process imports torch, hwaware and this
+package's torch-only helpers, never `transformers`, `torch_geometric` or the corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from tests.conformance.compare import Reference, mismatch
-from tests.conformance.observe import describe_error, hwaware_warnings, tvm_flops_on
+from tests.conformance.observe import (
+    describe_error,
+    error_detail,
+    hwaware_warnings,
+    tvm_flops_on,
+)
 
 MODEL_LIBRARIES = ("transformers", "torch_geometric")
 
@@ -34,7 +39,7 @@ def check(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
         try:
             result.update(_load_and_run(model_dir, case))
         except Exception as err:  # a failure is the result, reported by the harness
-            result.update(status="fail", error=describe_error(err))
+            result.update(status="fail", error=describe_error(err), detail=error_detail(err))
     result.update(caught.as_dict())
     result["imported"] = [m for m in MODEL_LIBRARIES if m in sys.modules]
     return result

@@ -226,3 +226,17 @@ def describe_error(err: BaseException) -> str:
     if lines and lines[0].startswith("Traceback"):  # TVM's errors end with their message
         lines = lines[::-1]
     return _one_line(f"{type(err).__name__}: {lines[0] if lines else ''}", 240)
+
+
+def error_detail(err: BaseException) -> str:
+    """Where the error was raised (the innermost hwaware frame, else the innermost frame) and
+    its whole message, on one line: what a fixer needs beyond the first line."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if "/hwaware/" in f.filename] or frames
+    where = "?"
+    if ours:
+        frame = ours[-1]
+        where = f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} {frame.name}"
+    return _one_line(f"at {where}: {type(err).__name__}: {err}", 1500)

@@ -23,8 +23,11 @@ COVERED = ("compile", "torch_compile")  # the coverage column
 
 
 def status_cell(entry: EntryResult | None) -> str:
+    """pass, **FAIL**, na, skip; `pass*`: right, with graphs or regions left to eager."""
     if entry is None:
         return "-"
+    if entry.status == "pass" and entry.fallbacks:
+        return "pass*"
     return "**FAIL**" if entry.status == "fail" else entry.status
 
 
@@ -111,7 +114,8 @@ def details(rows: Sequence[ModelRow]) -> list[str]:
     """Per model, the notes and errors of every entry point (what the table abbreviates)."""
     lines = []
     for r in rows:
-        lines.append(f"- **{r.name}** ({r.source}, {r.eager_mflops} MFLOP, {r.wall_s:.0f} s)")
+        lines.append(f"- **{r.name}** ({r.source}, {r.eager_flops} FLOPs per forward, "
+                     f"{r.wall_s:.0f} s)")
         for e in ENTRY_POINTS:
             entry = r.entries.get(e)
             if entry is None:
@@ -128,7 +132,9 @@ def markdown(rows: Sequence[ModelRow], meta: dict[str, Any]) -> str:
     head = [f"# hwaware conformance: {meta.get('cpu', '')}", ""]
     head += [f"- {k}: {v}" for k, v in meta.items()]
     parts = [head, ["", "## Results", ""], table(rows), [""], totals(rows),
-             ["", "## Failures by cause", ""], grouped(rows, "fail"),
+             ["", "`pass*`: the outputs match, but hwaware left graphs (torch.compile) or "
+              "regions (a dynamic model) to eager PyTorch: see the warnings and the coverage.",
+              "", "## Failures by cause", ""], grouped(rows, "fail"),
              ["", "## Not applicable (torch's exporter)", ""], grouped(rows, "na"),
              ["", "## Per model", ""], details(rows)]
     return "\n".join(line for part in parts for line in part) + "\n"
