@@ -10,6 +10,7 @@ rewritten after each model, so a run stopped early keeps what it measured.
 
     python bench/conformance.py                          # all models, 600 s per entry point
     python bench/conformance.py --models bert,gcn --timeout 300 --out bench/results/c.md
+    python bench/conformance.py --from-json bench/conformance-zen5-2c.json   # re-render only
 """
 
 from __future__ import annotations
@@ -97,7 +98,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="Markdown report (default "
                         "bench/conformance-<cpu>.md); the JSON rows go beside it")
     parser.add_argument("--work", type=Path, help="keep each model's files and logs here")
+    parser.add_argument("--from-json", type=Path, help="only rewrite the Markdown report of "
+                        "the JSON rows of an earlier run (to --out, default: beside it)")
     args = parser.parse_args()
+    if args.from_json:
+        rows, meta = report.from_json(args.from_json.read_text())
+        out = args.out or args.from_json.with_suffix(".md")
+        out.write_text(report.markdown(rows, meta))
+        print(f"wrote {out}")
+        return 0
     names = select(args.models, args.families)
     out = args.out or ROOT / "bench" / f"conformance-{cpu_tag()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ from tests.conformance.observe import (
     describe_error,
     eager_flops,
     error_detail,
+    first_warning,
     hwaware_warnings,
     tvm_flops_on,
 )
@@ -78,7 +79,8 @@ class EntryResult:
     seconds: float | None = None  # compile time (torch.compile: the first call; save_load:
     #                               save + load; onnx: export + compile)
     warnings: int = 0
-    first_warning: str = ""
+    first_warning: str = ""  # the first that is not informational (observe.first_warning)
+    warning_texts: list[str] = field(default_factory=list)  # distinct, at most 8
     coverage: float | None = None  # % of the eager FLOPs of inputs[0] run on TVM kernels
     flops: int | None = None  # on inputs[0]: eager's, the total; elsewhere the TVM kernels'
     fallbacks: int = 0  # graphs (torch.compile) or regions (a DynamicModel) run in eager
@@ -175,8 +177,10 @@ class Worker:
                                    detail=error_detail(err), **caught.as_dict())
         result = self.load_in_fresh_process(Path(saved))
         result.seconds = time.perf_counter() - start
+        texts = caught.texts + result.warning_texts
         result.warnings += len(caught.texts)
-        result.first_warning = caught.texts[0] if caught.texts else result.first_warning
+        result.first_warning = first_warning(texts)
+        result.warning_texts = list(dict.fromkeys(texts))[:8]
         return result
 
     def load_in_fresh_process(self, saved: Path) -> EntryResult:
@@ -196,7 +200,8 @@ class Worker:
         doc = json.loads(result_file.read_text())
         notes = f"load imported {', '.join(doc['imported'])}" if doc["imported"] else ""
         result = EntryResult(doc["status"], doc["error"], warnings=doc["warnings"],
-                             first_warning=doc["first_warning"], notes=notes,
+                             first_warning=doc["first_warning"],
+                             warning_texts=doc["warning_texts"], notes=notes,
                              detail=doc.get("detail", ""))
         self.add_coverage(result, doc.get("tvm_flops"))
         return result

@@ -39,7 +39,20 @@ class Caught:
     texts: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"warnings": len(self.texts), "first_warning": self.texts[0] if self.texts else ""}
+        """Count, the first warning that matters, and the distinct texts (at most 8)."""
+        return {"warnings": len(self.texts), "first_warning": first_warning(self.texts),
+                "warning_texts": list(dict.fromkeys(self.texts))[:8]}
+
+
+# warnings that say where things run, not that something went wrong
+INFORMATIONAL = ("UnsupportedOpWarning", "have no tuned record")
+
+
+def first_warning(texts: list[str]) -> str:
+    """The first warning that is not informational (an op TVM cannot import, an untuned ONNX
+    workload), else the first."""
+    serious = [t for t in texts if not any(word in t for word in INFORMATIONAL)]
+    return (serious or texts or [""])[0]
 
 
 class _ListHandler(logging.Handler):

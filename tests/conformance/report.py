@@ -78,10 +78,14 @@ def totals(rows: Sequence[ModelRow]) -> list[str]:
     return lines
 
 
-def cause(error: str) -> str:
-    """The group key of an error line: paths, qualified class names, numbers, addresses and
-    input indices taken out (ATen op names, all lower case, stay)."""
-    text = re.sub(r"^input \d+: ", "", error)
+def cause(entry: EntryResult) -> str:
+    """The group key of a failure: its first error line with paths, qualified class names,
+    numbers, addresses and input indices taken out (ATen op names, all lower case, stay), and
+    the Relax op TVM names as the offending call, if any."""
+    op = re.search(r"Offending call: (R\.\w+)", entry.detail)
+    text = re.sub(r"^input \d+: ", "", entry.error)
+    if op:
+        text = f"[{op.group(1)}] {text}"
     text = re.sub(r"[\w.+-]*(/[\w.+-]+)+", "PATH", text)
     text = re.sub(r"\b([a-z_]\w*\.)+[A-Z]\w*", "CLASS", text)  # transformers....ModelOutput
     text = re.sub(r"0x[0-9a-fA-F]+", "ADDR", text)
@@ -97,7 +101,7 @@ def failure_groups(rows: Sequence[ModelRow], status: str = "fail"
         for e in ENTRY_POINTS:
             entry = r.entries.get(e)
             if entry is not None and entry.status == status:
-                groups[cause(entry.error)].append((r.name, HEADINGS[e], entry.error))
+                groups[cause(entry)].append((r.name, HEADINGS[e], entry.detail or entry.error))
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
@@ -106,7 +110,7 @@ def grouped(rows: Sequence[ModelRow], status: str) -> list[str]:
     for key, members in failure_groups(rows, status):
         who = ", ".join(f"{m} ({e})" for m, e, _ in members)
         lines += [f"- **{len(members)}x** `{_cell(key, 110)}`", f"  - {who}",
-                  f"  - e.g. {members[0][0]} ({members[0][1]}): `{members[0][2]}`"]
+                  f"  - e.g. {members[0][0]} ({members[0][1]}): `{_cell(members[0][2], 600)}`"]
     return lines or ["none"]
 
 
@@ -120,10 +124,13 @@ def details(rows: Sequence[ModelRow]) -> list[str]:
             entry = r.entries.get(e)
             if entry is None:
                 continue
-            text = "; ".join(t for t in (entry.error, entry.notes,
+            error = _cell(entry.detail, 400) if entry.detail else entry.error
+            text = "; ".join(t for t in (error, entry.notes,
                                          f"first warning: {entry.first_warning}"
                                          if entry.first_warning else "") if t)
             lines.append(f"  - {HEADINGS[e]}: {entry.status}" + (f" - {text}" if text else ""))
+        texts = dict.fromkeys(t for e in r.entries.values() for t in e.warning_texts)
+        lines += [f"  - warning: {_cell(t, 300)}" for t in list(texts)[:6]]
     return lines
 
 
