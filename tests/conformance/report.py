@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tests.conformance.harness import ENTRY_POINTS, EntryResult, ModelRow
+from tests.conformance.observe import first_warning
 
 HEADINGS = {"eager": "eager", "compile": "compile", "save_load": "save/load",
             "torch_compile": "torch.compile", "onnx": "onnx"}
@@ -40,11 +41,12 @@ def _coverage(entry: EntryResult | None) -> str:
 
 
 def _warnings(row: ModelRow) -> str:
-    firsts = [e.first_warning for e in row.entries.values() if e.first_warning]
+    """Count over all entry points, and the first that matters (`observe.first_warning`)."""
     count = sum(e.warnings for e in row.entries.values())
+    first = first_warning([e.first_warning for e in row.entries.values() if e.first_warning])
     if not count:
         return "0"
-    return f"{count}: {_cell(firsts[0], 70)}" if firsts else str(count)
+    return f"{count}: {_cell(first, 70)}" if first else str(count)
 
 
 def _cell(text: str, n: int) -> str:
@@ -83,14 +85,17 @@ def cause(entry: EntryResult) -> str:
     numbers, addresses and input indices taken out (ATen op names, all lower case, stay), and
     the Relax op TVM names as the offending call, if any."""
     op = re.search(r"Offending call: (R\.\w+)", entry.detail)
-    text = re.sub(r"^input \d+: ", "", entry.error)
-    if op:
-        text = f"[{op.group(1)}] {text}"
+    text = normalized(re.sub(r"^input \d+: ", "", entry.error))
+    return f"[{op.group(1)}] {text}" if op else text
+
+
+def normalized(text: str, n: int = 110) -> str:
+    """`text` with paths, qualified class names, addresses and numbers replaced by
+    placeholders, cut to `n` characters: one key for one kind of message."""
     text = re.sub(r"[\w.+-]*(/[\w.+-]+)+", "PATH", text)
     text = re.sub(r"\b([a-z_]\w*\.)+[A-Z]\w*", "CLASS", text)  # transformers....ModelOutput
     text = re.sub(r"0x[0-9a-fA-F]+", "ADDR", text)
-    text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
-    return text[:110]
+    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)[:n]
 
 
 def failure_groups(rows: Sequence[ModelRow], status: str = "fail"
@@ -112,6 +117,21 @@ def grouped(rows: Sequence[ModelRow], status: str) -> list[str]:
         lines += [f"- **{len(members)}x** `{_cell(key, 110)}`", f"  - {who}",
                   f"  - e.g. {members[0][0]} ({members[0][1]}): `{_cell(members[0][2], 600)}`"]
     return lines or ["none"]
+
+
+def warning_kinds(rows: Sequence[ModelRow]) -> list[str]:
+    """hwaware's warnings, grouped by kind over the corpus, most widespread first."""
+    models: dict[str, set[str]] = defaultdict(set)
+    example: dict[str, str] = {}
+    for r in rows:
+        for entry in r.entries.values():
+            for text in entry.warning_texts:
+                key = normalized(text, 90)
+                models[key].add(r.name)
+                example.setdefault(key, text)
+    order = sorted(models, key=lambda k: (-len(models[k]), k))
+    return [f"- **{len(models[k])} models** `{_cell(example[k], 240)}` "
+            f"({', '.join(sorted(models[k]))})" for k in order] or ["none"]
 
 
 def details(rows: Sequence[ModelRow]) -> list[str]:
@@ -143,6 +163,7 @@ def markdown(rows: Sequence[ModelRow], meta: dict[str, Any]) -> str:
               "regions (a dynamic model) to eager PyTorch: see the warnings and the coverage.",
               "", "## Failures by cause", ""], grouped(rows, "fail"),
              ["", "## Not applicable (torch's exporter)", ""], grouped(rows, "na"),
+             ["", "## hwaware's warnings by kind", ""], warning_kinds(rows),
              ["", "## Per model", ""], details(rows)]
     return "\n".join(line for part in parts for line in part) + "\n"
 
