@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from hwaware.build import build
-from hwaware.capture import Captured, capture
+from hwaware.capture import Captured, CaptureError, capture
 from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
-from hwaware.dynamic.driver import compile_dynamic, plan_model, tune_dynamic
+from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
 from hwaware.partition import Partition, partition
 from hwaware.rewrite import rewrite
@@ -51,7 +51,8 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     A model whose forward branches or loops on tensor values (early exits, gates, adaptive
     loops, routing) becomes a host program around static regions (`hwaware.dynamic`); a region
     that cannot be made static runs in eager with a warning naming its line, or raises with
-    `strict=True`.
+    `strict=True`. Such a forward that can be neither rewritten nor captured runs in eager as a
+    whole, with one warning naming the line that decides.
 
     `verify=N` runs `model` in eager PyTorch beside the first N calls and raises
     `hwaware.verify.VerificationError` naming the first kernel (or region) whose output
@@ -69,11 +70,13 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
     inputs = _as_tuple(example_inputs)
     planned = plan_model(model)                              # 0. control flow -> host program
     if planned is not None:
-        compiled: CompiledModel | DynamicModel = compile_dynamic(
-            model, *planned, inputs, tgt, database, trials, show_progress, strict,
-            partial(compile_graphs, fuse=fuse))
+        compiled: Any = compile_dynamic(model, *planned, inputs, tgt, database, trials,
+                                        show_progress, strict, partial(compile_graphs, fuse=fuse))
     else:
-        captured = capture(model, inputs)                    # 1. model -> static ATen graph
+        try:
+            captured = capture(model, inputs)                # 1. model -> static ATen graph
+        except CaptureError as err:                          #    branches it could not rewrite:
+            return eager_model(model, inputs, tgt, err, strict)  # eager, one warning (or raise)
         compiled = compile_captured(captured, tgt, database, trials, show_progress, fuse)
     return verify_compiled(compiled, model, verify)          # eager beside the first calls
 

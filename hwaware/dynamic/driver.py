@@ -5,11 +5,18 @@ values only known at run time); `compile_dynamic` and `tune_dynamic` are what
 `hwaware.compile` / `hwaware.tune` run for such a model. Every region specialization goes
 through the same static pipeline as any model (capture, rewrite, partition, tune, build), so
 regions with the same structure share tuning records: same workload, same database rows.
+
+Nothing here may turn a model into a wrong one: the host program's run on the example inputs
+must equal eager PyTorch's, and a forward that branches on values but can be neither rewritten
+nor captured (`eager_model`) runs in eager PyTorch as one region, with one warning naming the
+line that decides.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,9 +34,11 @@ from hwaware.dynamic.model import (
     RegionRunner,
     explore,
     graph_inputs,
+    same_outputs,
+    unspecializable,
 )
 from hwaware.dynamic.split import HostPlan, split
-from hwaware.dynamic.stage import Staged, StagingError, stage
+from hwaware.dynamic.stage import Staged, StagingError, needs_inline, stage
 from hwaware.target import Target
 from hwaware.tune import SessionSummary
 
@@ -38,19 +47,25 @@ log = logging.getLogger(__name__)
 
 def plan_model(model: torch.nn.Module) -> tuple[Staged, HostPlan] | None:
     """The host plan of a model whose forward needs one; None for a straight-line forward
-    (or one whose source hwaware cannot rewrite: the static path then decides)."""
+    (or one whose source hwaware cannot rewrite: the static path then decides, and a capture
+    that fails on a value-dependent branch falls back to `eager_model`)."""
     if type(model).__module__.startswith("torch."):
         return None  # PyTorch's own modules: their branches are fast paths export handles
     try:
         staged = stage(model)
         plan = split(staged)
-    except StagingError as err:
+    except (StagingError, SyntaxError) as err:  # SyntaxError: source that does not parse alone
         log.info("%s: not rewritten as a dynamic network: %s", type(model).__name__, err)
         return None
-    except SyntaxError as err:  # source that does not parse on its own (rare)
-        log.info("%s: source not parsed: %s", type(model).__name__, err)
+    except Exception as err:  # noqa: BLE001 - a construct the rewrite trips on: not fatal
+        log.warning("%s: not rewritten as a dynamic network (%s: %s)", type(model).__name__,
+                    type(err).__name__, err)
         return None
     return (staged, plan) if plan.is_dynamic else None
+
+
+class RewriteError(Exception):
+    """The rewritten forward failed, or disagreed with eager PyTorch, on the example inputs."""
 
 
 def make_runners(staged: Staged, plan: HostPlan) -> dict[str, RegionRunner]:
@@ -74,15 +89,29 @@ Pending = tuple[RegionRunner, Key, list[Any]]
 
 def explore_model(staged: Staged, plan: HostPlan, inputs: Sequence[Any], strict: bool
                   ) -> tuple[dict[str, RegionRunner], ExploreStats, list[Pending]]:
-    """Runners for every region, the exploration statistics, and every specialization met."""
+    """Runners for every region, the exploration statistics, and every specialization met.
+    Raises RewriteError when the host program's own run on `inputs` fails or differs from
+    eager PyTorch's."""
     if strict:
         for region in plan.regions.values():
             if region.eager_reason:
                 raise DynamicCaptureError(f"{region.where}: Python side effect "
                                           f"({region.eager_reason}) cannot be compiled "
                                           "(strict=True)")
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)  # the same random numbers for both runs (a model may sample)
+        expected = staged.root(*inputs)  # the model's own errors are raised here, as they are
     runners = make_runners(staged, plan)
-    stats = explore(plan.source(instrumented=True), plan.sites, runners, inputs)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            stats, got = explore(plan.source(instrumented=True), plan.sites, runners, inputs)
+    except Exception as err:
+        raise RewriteError(f"the rewritten forward failed where eager PyTorch did not "
+                           f"({type(err).__name__}: {err})") from err
+    if not same_outputs(got, expected):
+        raise RewriteError("the rewritten forward disagrees with eager PyTorch on the "
+                           "example inputs")
     pending = [(r, k, a) for r in runners.values() if r.eager_reason is None
                for k, a in r.recorded.items()]
     for r in runners.values():
@@ -93,9 +122,14 @@ def explore_model(staged: Staged, plan: HostPlan, inputs: Sequence[Any], strict:
 def capture_pending(pending: list[Pending], model_name: str, strict: bool
                     ) -> list[tuple[RegionRunner, Key, Captured]]:
     """Capture each specialization as a static graph; a region that cannot be captured runs
-    in eager (with one warning naming its line) or, with strict=True, raises."""
+    in eager (with one warning naming its line) or, with strict=True, raises. A failure on
+    inputs only met on a forced exploration path (perhaps an infeasible one) only skips that
+    specialization: a real call meeting it compiles it then."""
     out = []
     for runner, key, args in pending:
+        reason = unspecializable(runner.info, key)
+        if reason is not None:
+            runner.mark_eager(reason, strict)
         if runner.eager_reason is not None:
             continue
         module = runner.module_for(key, args)
@@ -104,8 +138,13 @@ def capture_pending(pending: list[Pending], model_name: str, strict: bool
                                name=f"{model_name}.{runner.info.name}")
         except CaptureError as err:
             cause = err.__cause__ or err
+            if key in runner.forced_only:
+                log.info("%s: not compiled for inputs met only on a forced path: %s",
+                         runner.info.name, cause)
+                continue
             runner.mark_eager(f"cannot be made static ({type(cause).__name__}: "
-                              f"{str(cause).splitlines()[0] if str(cause) else ''})", strict)
+                              f"{str(cause).splitlines()[0] if str(cause) else ''})", strict,
+                              where_raised(cause, module.root))
             continue
         out.append((runner, key, captured))
     return out
@@ -118,7 +157,10 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
     """Explore, compile every specialization met (tuning them together first if trials > 0),
     and return the model; later unseen shapes compile on first use."""
     name = type(model).__name__
-    runners, stats, pending = explore_model(staged, plan, inputs, strict)
+    try:
+        runners, stats, pending = explore_model(staged, plan, inputs, strict)
+    except RewriteError as err:
+        return eager_model(model, inputs, target, err, strict)
 
     def build_pending(items: list[Pending], tuning_trials: int) -> None:
         captured = capture_pending(items, name, strict)
@@ -140,8 +182,13 @@ def tune_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
                  inputs: Sequence[Any], target: Target, db: TuningDatabase, trials: int,
                  show_progress: bool, tune_graphs: Callable[..., SessionSummary]
                  ) -> SessionSummary:
-    """One tuning session over the contraction workloads of every region specialization."""
-    _, _, pending = explore_model(staged, plan, inputs, strict=False)
+    """One tuning session over the contraction workloads of every region specialization
+    (none when the model will run in eager PyTorch)."""
+    try:
+        _, _, pending = explore_model(staged, plan, inputs, strict=False)
+    except RewriteError as err:
+        log.warning("%s: nothing to tune: %s", type(model).__name__, err)
+        pending = []
     captured = capture_pending(pending, type(model).__name__, strict=False)
     return tune_graphs([c for _, _, c in captured], target, db, trials, show_progress)
 
@@ -172,3 +219,81 @@ def dynamo_explain(model: torch.nn.Module, inputs: Sequence[Any]) -> tuple[int |
         return None, None
     finally:
         torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------- eager fallback
+def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
+                err: Exception, strict: bool) -> DynamicModel:
+    """The whole forward as one eager region, with one warning naming the line that made it
+    so: for a model whose rewrite failed on the example inputs (RewriteError), or that could
+    not be captured (CaptureError) while its forward branches on values. Any other capture
+    error, or strict=True, raises."""
+    cause = err.__cause__ if isinstance(err, CaptureError) and err.__cause__ else err
+    if isinstance(err, CaptureError) and not branches_on_values(model, cause):
+        raise err
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    reason = (f"{type(model).__name__}.forward cannot be made static "
+              f"({type(cause).__name__}: {text}), so all of it is one region")
+    params, defaults = _call_params(model, len(inputs))
+    info = RegionInfo("region_0", params, ["out"], where_raised(cause, model),
+                      "def region_0(self, *args):\n    return (self(*args),)")
+    runner = RegionRunner(info, _whole_forward, model)
+    runner.mark_eager(reason, strict)
+    names = ", ".join(params)
+    host = f"def forward({names}):\n    out, = region_0({names})\n    return out"
+    return DynamicModel(host, {"region_0": runner}, DynamicInfo(
+        type(model).__name__, target.name, params, ExploreStats(), defaults=defaults))
+
+
+def _whole_forward(root: torch.nn.Module, *args: Any) -> tuple[Any]:
+    return (root(*args),)
+
+
+def branches_on_values(model: torch.nn.Module, err: BaseException) -> bool:
+    """Does the forward read tensor values into Python (by its source, or by the error)?"""
+    if "data-dependent" in str(err) or "DataDependent" in type(err).__name__:
+        return True
+    try:
+        return needs_inline(type(model).forward, model)
+    except Exception:  # noqa: BLE001 - a source hwaware cannot read: not known to branch
+        return False
+
+
+def where_raised(err: BaseException, model: torch.nn.Module) -> str:
+    """file:line of the user's code that raised `err` (the deepest frame in a file of the
+    model's classes, or in a region hwaware generated from one), else of the forward."""
+    files = {_source_file(c) for m in model.modules() for c in type(m).__mro__
+             if not c.__module__.startswith(("torch.", "builtins"))}
+    where = ""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for frame, line in traceback.walk_tb(e.__traceback__):
+            name = frame.f_code.co_filename
+            if name in files:
+                where = f"{name}:{line}"
+            elif name.startswith("<hwaware region_") and " from " in name:
+                where = name.split(" from ", 1)[1].rstrip(">")
+        e = e.__cause__ or e.__context__
+    if where:
+        return where
+    fn = type(model).forward
+    return f"{inspect.getsourcefile(fn)}:{fn.__code__.co_firstlineno}"
+
+
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # a class defined in C
+        return None
+
+
+def _call_params(model: torch.nn.Module, n_inputs: int) -> tuple[list[str], int]:
+    """Names of the forward's positional parameters and how many have defaults (x0, x1, ...
+    for a forward taking *args)."""
+    sig = inspect.signature(model.forward)
+    ps = list(sig.parameters.values())
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps):
+        return [f"x{i}" for i in range(n_inputs)], 0
+    return [p.name for p in ps], sum(p.default is not p.empty for p in ps)

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,30 +65,68 @@ class RegionInfo:
 
 # ------------------------------------------------------------------ specializations
 def specialization_key(info: RegionInfo, args: Sequence[Any]) -> Key:
-    """Region inputs -> the key of the static graph that serves them."""
-    key: list[Any] = []
-    for name, a in zip(info.inputs, args, strict=True):
-        if isinstance(a, torch.Tensor):
-            key.append(("t", tuple(a.shape), a.dtype))
-        elif name in info.arithmetic_inputs and type(a) in (int, float):
-            key.append(("s", type(a).__name__))
-        elif isinstance(a, (bool, int, float, str, type(None))):
-            key.append(("v", a))
-        else:
-            key.append(("o", type(a).__name__))
-    return tuple(key)
+    """Region inputs -> the key of the static graph that serves them. Each input's entry:
+    ("t", shape, dtype) a tensor (a graph input); ("s", type) an int/float used only in
+    arithmetic (a 0-d tensor graph input); ("v", value) another scalar (a constant of the
+    graph); ("p", structure) a list/tuple/dict (its tensors are graph inputs, the rest is in
+    the structure string); ("o", identity) a submodule, function, dtype or device (a constant);
+    ("x", type) anything else: no static graph can take it without baking in its contents."""
+    return tuple(_arg_key(a, name in info.arithmetic_inputs)
+                 for name, a in zip(info.inputs, args, strict=True))
+
+
+def _arg_key(a: Any, arithmetic: bool = False) -> tuple[Any, ...]:
+    if isinstance(a, torch.Tensor):
+        return ("t", tuple(a.shape), a.dtype)
+    if arithmetic and type(a) in (int, float):
+        return ("s", type(a).__name__)
+    if isinstance(a, (bool, int, float, str, type(None))):
+        return ("v", a)
+    if type(a) in (list, tuple, dict):
+        leaves, spec = pytree.tree_flatten(a)
+        keys = [_arg_key(x) for x in leaves]
+        if any(k[0] == "x" for k in keys):
+            return ("x", type(a).__name__)
+        return ("p", f"{spec} {', '.join(_describe(k) for k in keys)}")
+    if callable(a):  # a submodule or a function: the graph calls that very object
+        return ("o", f"{type(a).__name__}@{id(a):x}")
+    if isinstance(a, (torch.dtype, torch.device, torch.Size, slice, type(Ellipsis))):
+        return ("o", repr(a))
+    return ("x", type(a).__name__)
+
+
+def unspecializable(info: RegionInfo, key: Key) -> str | None:
+    """Why no static graph can serve `key` (an input no key can describe), or None."""
+    bad = [f"`{n}` ({k[1]})" for n, k in zip(info.inputs, key, strict=True) if k[0] == "x"]
+    return f"takes Python objects a static graph would bake in: {', '.join(bad)}" if bad \
+        else None
 
 
 def graph_inputs(key: Key, args: Sequence[Any]) -> list[torch.Tensor]:
-    """The tensors a region's static graph takes: tensor inputs, and arithmetic scalars as
-    0-d tensors (so one graph serves every value of a step counter)."""
+    """The tensors a region's static graph takes: tensor inputs, the tensors inside list /
+    tuple / dict inputs, and arithmetic scalars as 0-d tensors (so one graph serves every value
+    of a step counter)."""
     out = []
     for k, a in zip(key, args, strict=True):
         if k[0] == "t":
             out.append(a)
         elif k[0] == "s":
             out.append(torch.tensor(a, dtype=torch.float32 if k[1] == "float" else torch.int64))
+        elif k[0] == "p":
+            out.extend(x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor))
     return out
+
+
+def _refill(container: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """`container` with its tensors replaced, in order, by `tensors`."""
+    leaves, spec = pytree.tree_flatten(container)
+    return pytree.tree_unflatten([next(tensors) if isinstance(x, torch.Tensor) else x
+                                  for x in leaves], spec)
+
+
+def _snapshot(a: Any) -> Any:
+    """A copy of a region input that later host work cannot change (lists get appended to)."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, a)
 
 
 class RegionModule(torch.nn.Module):
@@ -101,11 +139,12 @@ class RegionModule(torch.nn.Module):
         self.fn = fn
         self.key = key
         self.fixed = [None if k[0] in ("t", "s") else a for k, a in zip(key, args, strict=True)]
+        # a list/tuple/dict input keeps its structure here; its tensors come in as inputs
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         it = iter(tensors)
-        args = [next(it) if k[0] in ("t", "s") else f for k, f in
-                zip(self.key, self.fixed, strict=True)]
+        args = [next(it) if k[0] in ("t", "s") else _refill(f, it) if k[0] == "p" else f
+                for k, f in zip(self.key, self.fixed, strict=True)]
         return self.fn(self.root, *args)
 
 
@@ -121,6 +160,7 @@ class RegionRunner:
         self.eager_reason = info.eager_reason
         self.calls = 0
         self.recorded: dict[Key, list[Any]] = {}  # exploration: first inputs per key
+        self.forced_only: set[Key] = set()  # met only on forced paths (maybe infeasible)
         self.recording = False
         self.compile_new: Callable[[RegionRunner, Key, list[Any]], None] | None = None
         self.flat_outputs: set[Key] = set()  # specializations returning a flat tuple
@@ -166,13 +206,18 @@ class RegionRunner:
         if self.fn is None or self.root is None:
             raise RuntimeError(f"{self.info.name} ({self.info.where}) runs in eager PyTorch "
                                "and needs the original module")
-        if self.recording:
-            key = specialization_key(self.info, args)
-            self.recorded.setdefault(key, [a.detach().clone() if isinstance(a, torch.Tensor)
-                                           else a for a in args])
-        return self.fn(self.root, *args)  # type: ignore[no-any-return]
+        if not self.recording:
+            return self.fn(self.root, *args)  # type: ignore[no-any-return]
+        snapshot = [_snapshot(a) for a in args]
+        out = self.fn(self.root, *args)
+        self.recorded.setdefault(specialization_key(self.info, args), snapshot)  # it ran
+        return out  # type: ignore[no-any-return]
 
     def specialize(self, key: Key, args: Sequence[Any]) -> None:
+        reason = unspecializable(self.info, key)
+        if reason is not None and self.fn is not None:
+            self.mark_eager(reason, strict=False)
+            return
         shapes = ", ".join(f"{n}={_describe(k)}" for n, k in zip(self.info.inputs, key,
                                                                    strict=True))
         if self.compile_new is None or self.fn is None:
@@ -181,14 +226,19 @@ class RegionRunner:
                 "compile the model with example inputs that reach it with these shapes")
         log.warning("compiling %s (%s) for new inputs %s", self.info.name, self.info.where,
                     shapes)
+        self.forced_only.discard(key)  # met in a real call now
         self.compile_new(self, key, list(args))
 
     def module_for(self, key: Key, args: Sequence[Any]) -> RegionModule:
         assert self.fn is not None and self.root is not None
         return RegionModule(self.root, self.fn, key, args)
 
-    def mark_eager(self, reason: str, strict: bool) -> None:
-        message = f"{self.info.where}: {reason}; this region ({self.info.name}) runs in " \
+    def mark_eager(self, reason: str, strict: bool, where: str = "") -> None:
+        """Run this region in eager PyTorch from now on, with one warning naming `where` (the
+        line at fault, when known) or the region's first line; strict=True raises instead."""
+        region = f"{self.info.name}" if where in ("", self.info.where) else \
+            f"{self.info.name}, from {self.info.where}"
+        message = f"{where or self.info.where}: {reason}; this region ({region}) runs in " \
                   "eager PyTorch"
         if strict:
             raise DynamicCaptureError(message)
@@ -200,7 +250,7 @@ class RegionRunner:
 def _describe(k: tuple[Any, ...]) -> str:
     if k[0] == "t":
         return f"{_dtype_name(k[2])}{list(k[1])}"
-    return f"{k[1]!r}" if k[0] == "v" else f"<{k[1]}>"
+    return f"{k[1]!r}" if k[0] == "v" else str(k[1]) if k[0] == "p" else f"<{k[1]}>"
 
 
 # ---------------------------------------------------------------------- exploration
@@ -271,9 +321,10 @@ def make_forward(source: str, filename: str, namespace: dict[str, Any]) -> Calla
 
 
 def explore(instrumented_source: str, sites: int, runners: dict[str, RegionRunner],
-            example_inputs: Sequence[Any]) -> ExploreStats:
+            example_inputs: Sequence[Any]) -> tuple[ExploreStats, Any]:
     """Run the host program in eager until every reachable branch direction was taken once,
-    recording the inputs of every region specialization met on the way."""
+    recording the inputs of every region specialization met on the way. Returns the
+    statistics and the output of the natural run (no direction forced)."""
     explorer = Explorer()
     forward = make_forward(instrumented_source, "<hwaware host program>",
                            host_namespace(runners, explorer.decide))
@@ -283,27 +334,65 @@ def explore(instrumented_source: str, sites: int, runners: dict[str, RegionRunne
     tried: set[tuple[int, bool]] = set()
     try:
         with torch.no_grad():
-            forward(*example_inputs)  # natural run: errors here are the model's own
+            output = forward(*example_inputs)  # natural run: no direction forced
         stats.region_calls = sum(r.calls for r in runners.values())
         stats.decisions = explorer.decisions
         stats.runs = 1
+        natural = {name: set(r.recorded) for name, r in runners.items()}
         while stats.runs < 4 * sites + 4:
             policy = explorer.next_policy(tried)
             if policy is None:
                 break
             explorer.start(policy)
             stats.runs += 1
-            try:
-                with torch.no_grad():
-                    forward(*example_inputs)
-            except Exception as err:  # noqa: BLE001 - a forced path may be infeasible
-                stats.failed_runs += 1
-                log.debug("forced run %s failed: %s", policy, err)
+            _forced_run(forward, example_inputs, runners, stats)
     finally:
         for r in runners.values():
             r.recording = False
+    for name, r in runners.items():
+        r.forced_only = set(r.recorded) - natural[name]
     stats.directions_covered = len(explorer.covered)
-    return stats
+    return stats, output
+
+
+def _forced_run(forward: Callable[..., Any], example_inputs: Sequence[Any],
+                runners: dict[str, RegionRunner], stats: ExploreStats) -> None:
+    """One run with forced directions; a run that fails was infeasible, and the
+    specializations first met on it are forgotten (their inputs may be nonsense)."""
+    before = {name: set(r.recorded) for name, r in runners.items()}
+    try:
+        with torch.no_grad():
+            forward(*example_inputs)
+    except Exception as err:  # noqa: BLE001 - a forced path may be infeasible
+        stats.failed_runs += 1
+        log.debug("forced run failed: %s", err)
+        for name, r in runners.items():
+            for key in set(r.recorded) - before[name]:
+                del r.recorded[key]
+
+
+def same_outputs(got: Any, expected: Any) -> bool:
+    """Same nesting, same non-tensor values, tensors of the same shape and dtype and close
+    values (the same eager ops, grouped into regions)."""
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    leaves, spec = pytree.tree_flatten(expected)
+    if got_spec != spec:
+        return False
+    for g, e in zip(got_leaves, leaves, strict=True):
+        if isinstance(e, torch.Tensor):
+            if not (isinstance(g, torch.Tensor) and g.shape == e.shape and g.dtype == e.dtype
+                    and torch.allclose(g, e, rtol=1e-4, atol=1e-5, equal_nan=True)):
+                return False
+        elif not _equal(g, e):
+            return False
+    return True
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values with no plain equality are not known equal
+        return False
 
 
 # ----------------------------------------------------------------------------- model

@@ -1,13 +1,16 @@
 """Dynamic networks, step 2 (split): the staged forward -> a host program + static regions.
 
 Every statement of the staged forward is either
-- host: control flow (`if`, `while`, counted `for`, `return`, `break`, `raise`) and assignments
-  of Python scalars (`steps += 1`, `idx = t.item()`, `n = x.shape[1]`). These stay in the
-  generated host program, readable Python that is saved with the model;
+- host: control flow (`if`, `while`, counted `for`, `return`, `break`, `raise`), assignments
+  of Python scalars (`steps += 1`, `idx = t.item()`, `n = x.shape[1]`, `b, n, d = x.shape`),
+  and the Python containers the forward builds (`outs = []`, `outs.append(h)`,
+  `return {"logits": logits, "steps": steps}`: the host holds the tensors in them). These stay
+  in the generated host program, readable Python that is saved with the model;
 - tensor: everything else. Consecutive tensor statements form a region, a function
   `region_k(self, <live-in>) -> (<live-out>)` that is captured and compiled as one static graph.
-Tensor work inside host expressions (`if probs.max() > 0.9:`, `logits.argmax(-1).item()`) is
-hoisted into the region before it, so the host only reads a value that is ready. Statements with
+Tensor work inside host expressions (`if probs.max() > 0.9:`, `logits.argmax(-1).item()`,
+`scores.tolist()`, the elements of a container) is hoisted into the region before it, so the
+host only reads a value that is ready. Statements with
 Python side effects (`print`, `list.append`, `self.x = ...`) get a region of their own that
 runs in eager PyTorch.
 """
@@ -18,8 +21,9 @@ import ast
 import copy
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
-from hwaware.dynamic.stage import Origin, Staged, StagingError, origin_of
+from hwaware.dynamic.stage import VALUE_READS, Origin, Staged, StagingError, origin_of
 
 HOST_BUILTINS = {"int", "float", "bool", "len", "min", "max", "abs", "round", "range",
                  "IndexError", "ValueError", "RuntimeError", "AssertionError", "True", "False",
@@ -28,7 +32,9 @@ CONVERSIONS = {"int", "float", "bool"}
 SHAPE_METHODS = {"size", "dim", "numel"}
 SIDE_EFFECT_CALLS = {"print", "input", "open", "breakpoint", "exec", "eval"}
 SIDE_EFFECT_METHODS = {"append", "extend", "insert", "pop", "remove", "clear", "setdefault",
-                       "write"}
+                       "write", "update"}
+DISPLAYS = (ast.List, ast.Tuple, ast.Dict)
+Slot = tuple[Any, int | str]  # where an operand sits: (list, index) or (node, field name)
 
 
 @dataclass
@@ -125,11 +131,25 @@ def _is_host_call(e: ast.Call, host: set[str]) -> bool:
         return f.id in {"min", "max", "abs", "round", "range"} and \
             all(is_host_expr(a, host) for a in e.args)
     if isinstance(f, ast.Attribute):
-        if f.attr == "item" and not e.args:
+        if f.attr in VALUE_READS and not e.args:
             return True
         if f.attr in SHAPE_METHODS or isinstance(f.value, ast.Name) and f.value.id == "math":
             return all(is_host_expr(a, host) for a in e.args)
     return False
+
+
+def _container_names(body: list[ast.stmt], params: list[str]) -> set[str]:
+    """Names only ever bound to a list, tuple or dict display (`outs = []`): containers the
+    host builds and fills (`outs.append(h)`), whatever their elements are."""
+    ok: dict[str, bool] = {}
+    for node in ast.walk(ast.Module(body, [])):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            ok.setdefault(node.id, False)
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and \
+                isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            ok[name] = ok.get(name, True) and isinstance(node.value, DISPLAYS)
+    return {n for n, good in ok.items() if good} - set(params)
 
 
 def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
@@ -149,7 +169,7 @@ def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
         changed = False
         for target, value in assigns:
             names = {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
-            ok = value is not None and is_host_expr(value, host) and isinstance(target, ast.Name)
+            ok = value is not None and is_host_expr(value, host) and _names_target(target)
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and \
                     value.func.id == "range":
                 ok = True
@@ -157,6 +177,12 @@ def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
                 host -= names
                 changed = True
     return host
+
+
+def _names_target(target: ast.expr) -> bool:
+    """A name, or a tuple of names (`b, n, d = x.shape`)."""
+    return isinstance(target, ast.Name) or isinstance(target, (ast.Tuple, ast.List)) and \
+        all(isinstance(t, ast.Name) for t in target.elts)
 
 
 def _side_effect(stmt: ast.stmt) -> str | None:
@@ -190,6 +216,9 @@ class _Splitter:
     def __init__(self, staged: Staged):
         self.staged = staged
         self.host = _host_names(staged.body, staged.params)
+        self.containers = _container_names(staged.body, staged.params)
+        self.read = {n.id for n in ast.walk(ast.Module(staged.body, []))
+                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         self.counter = itertools.count()
         self.regions: dict[str, RegionDef] = {}
         self.calls: dict[str, ast.stmt] = {}
@@ -239,7 +268,7 @@ class _Splitter:
         nodes = list(ast.walk(host))
         if any(isinstance(n, (ast.Return, ast.Break, ast.Continue, ast.Raise)) for n in nodes):
             return False
-        written: set[str] = set()
+        written = _mutated_containers(host)
         read: set[str] = set()
         for n in nodes:
             region = self.region_of_call.get(id(n))
@@ -265,7 +294,10 @@ class _Splitter:
         if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False)
                                        or is_host_expr(s.iter, self.host)):
             s.body = self.lower(s.body) or [ast.Pass()]
+            s.orelse = self.lower(s.orelse)
             return [s]
+        if getattr(s, "_hw_alias", False) and not _assigned_names_read(s, self.read):
+            return []  # `blk = self.blocks[2]`, every use replaced by the submodule (stage)
         if isinstance(s, ast.Return):
             return self.lower_return(s)
         if isinstance(s, ast.Assign) and len(s.targets) == 1 and \
@@ -274,6 +306,9 @@ class _Splitter:
         if isinstance(s, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and self.is_host_assign(s):
             pre, s.value = self.hoist(s.value, s)  # type: ignore[arg-type]
             return [*pre, s]
+        operands = self.container_operands(s)
+        if operands is not None:
+            return [*self.ready(operands, s), s]
         if isinstance(s, ast.Assert):
             pre, s.test = self.host_test(s.test, s)
             return [*pre, s]
@@ -288,14 +323,15 @@ class _Splitter:
         body = s.body
         if pre:  # tensor work in the test: re-run it before each check, inside the loop
             check = ast.copy_location(ast.If(ast.UnaryOp(ast.Not(), test),
-                                             [ast.Break()], []), s)
+                                             [*self.lower(s.orelse), ast.Break()], []), s)
             check._hw_site = next(self.sites)  # type: ignore[attr-defined]
             lowered_body = self.lower(body)
-            s.test = ast.Constant(True)
+            s.test, s.orelse = ast.Constant(True), []
             s.body = self.group([*pre, check, *lowered_body])
             return [s]
         s.test = test
         s.body = self.lower(body) or [ast.Pass()]
+        s.orelse = self.lower(s.orelse)
         s._hw_site = next(self.sites)  # type: ignore[attr-defined]
         return [s]
 
@@ -306,6 +342,8 @@ class _Splitter:
                 pre, s.value = self.hoist(v, s)
                 return [*pre, s]
             return [s]
+        if isinstance(v, DISPLAYS):  # `return logits, steps`: the host builds the tuple
+            return [*self.ready(_display_slots(v), s), s]
         tmp = self.temp("out")
         assign = ast.copy_location(ast.Assign([ast.Name(tmp, ast.Store())], v), s)
         assign._hw_origin = origin_of(s)  # type: ignore[attr-defined]
@@ -314,9 +352,44 @@ class _Splitter:
 
     def is_host_assign(self, s: ast.Assign | ast.AugAssign | ast.AnnAssign) -> bool:
         targets = s.targets if isinstance(s, ast.Assign) else [s.target]
-        if not all(isinstance(t, ast.Name) and t.id in self.host for t in targets):
+        if not all(_names_target(t) and all(n.id in self.host for n in ast.walk(t)
+                                            if isinstance(n, ast.Name)) for t in targets):
             return False
         return s.value is not None and is_host_expr(s.value, self.host)
+
+    def container_operands(self, s: ast.stmt) -> list[Slot] | None:
+        """The operand slots of a statement that builds or fills a host container
+        (`outs = [a, b]`, `outs.append(h)`, `d["k"] = v`, `return a, b`), or None."""
+        if isinstance(s, ast.Assign) and len(s.targets) == 1:
+            t = s.targets[0]
+            if isinstance(t, ast.Name) and t.id in self.containers and \
+                    isinstance(s.value, DISPLAYS):
+                return _display_slots(s.value)
+            if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and \
+                    t.value.id in self.containers:
+                return [(s, "value"), (t, "slice")]
+        call = s.value if isinstance(s, ast.Expr) else None
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and \
+                isinstance(call.func.value, ast.Name) and call.func.value.id in \
+                self.containers and call.func.attr in SIDE_EFFECT_METHODS and not call.keywords:
+            return [(call.args, i) for i in range(len(call.args))]
+        return None
+
+    def ready(self, slots: list[Slot], s: ast.stmt) -> list[ast.stmt | _Tensor]:
+        """Make each operand slot a name or a host value: tensor work moves to a region."""
+        pre: list[ast.stmt | _Tensor] = []
+        for owner, key in slots:
+            e = owner[key] if isinstance(key, int) else getattr(owner, key)
+            if e is None or isinstance(e, (ast.Name, ast.Constant)):
+                continue
+            p, new = self.hoist(e, s) if is_host_expr(e, self.host) else \
+                self.to_temp(e, s, "v")
+            pre += p
+            if isinstance(key, int):
+                owner[key] = new
+            else:
+                setattr(owner, key, new)
+        return pre
 
     # ------------------------------------------------------------------- hoisting
     def host_test(self, test: ast.expr, s: ast.stmt) -> tuple[list[ast.stmt | _Tensor],
@@ -366,7 +439,7 @@ class _Splitter:
                         and node.args:
                     node.args[0] = self.operand(node.args[0])
                     return node
-                if isinstance(f, ast.Attribute) and (f.attr == "item" or f.attr in SHAPE_METHODS):
+                if isinstance(f, ast.Attribute) and f.attr in VALUE_READS | SHAPE_METHODS:
                     f.value = self.operand(f.value)
                     node.args = [self.visit(a) for a in node.args]
                     return node
@@ -489,6 +562,33 @@ def _replace_statements(body: list[ast.stmt], new: dict[int, ast.stmt]) -> None:
             inner = getattr(s, fld, None)
             if isinstance(inner, list):
                 _replace_statements(inner, new)
+
+
+def _mutated_containers(s: ast.stmt) -> set[str]:
+    """Names a statement changes in place: `outs.append(h)`, `d["k"] = v`."""
+    out: set[str] = set()
+    for n in ast.walk(s):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and \
+                isinstance(n.func.value, ast.Name) and n.func.attr in SIDE_EFFECT_METHODS:
+            out.add(n.func.value.id)
+        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and \
+                isinstance(n.value, ast.Name):
+            out.add(n.value.id)
+    return out
+
+
+def _assigned_names_read(s: ast.stmt, read: set[str]) -> bool:
+    return any(isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id in read
+               for n in ast.walk(s))
+
+
+def _display_slots(v: ast.expr) -> list[Slot]:
+    """The element (and key) slots of a list, tuple or dict display."""
+    if isinstance(v, ast.Dict):
+        return [(v.keys, i) for i in range(len(v.keys))] + \
+            [(v.values, i) for i in range(len(v.values))]
+    assert isinstance(v, (ast.List, ast.Tuple))
+    return [(v.elts, i) for i in range(len(v.elts))]
 
 
 def _names_only(v: ast.expr) -> bool:

@@ -9,8 +9,14 @@ time:
   loops whose counter picks a submodule) are unrolled, so each iteration names its own
   submodule (`self.blocks[2]`); `break`/`continue` become breaks out of a one-pass loop;
 - a ModuleList indexed by a run-time int (`self.experts[idx](x)`) becomes an if-chain;
-- calls to user submodules whose own forward branches are inlined (locals renamed, `return`
-  turned into an assignment).
+- calls to user submodules, helper methods (`self._run(x)`, `blk.decide(h)`) and plain
+  functions whose code branches (directly or in what they call) are inlined: locals renamed,
+  constant and submodule arguments substituted, `return` turned into an assignment, and a
+  returned tuple `return out, steps` into one name per element, so `self._run(x)[0]` and
+  `logits, done = self._maybe_exit(h, i)` read plain names;
+- `a if c else b` on a run-time `c` becomes an `if` statement, and an `if`/`while` test
+  `A or B(...)` is evaluated in steps, so `B` still only runs when `A` does not decide;
+- `with torch.no_grad():` blocks are flattened (compiled models run without autograd).
 Each statement remembers its file and line (for warnings) and the globals it must run with.
 """
 
@@ -20,16 +26,19 @@ import ast
 import copy
 import inspect
 import itertools
+import logging
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
+log = logging.getLogger(__name__)
+
 MAX_UNROLL = 64
 SCALARS = (int, float, bool, str, type(None))
-STATIC_CALLS = {"isinstance", "hasattr", "getattr", "len", "type", "callable"}
+STATIC_CALLS = {"isinstance", "hasattr", "getattr", "len", "type", "callable", "range"}
 
 
 class StagingError(Exception):
@@ -71,37 +80,39 @@ def stage(model: torch.nn.Module) -> Staged:
 
 # ----------------------------------------------------------------------------- source
 T = TypeVar("T")
+MAX_INLINE_DEPTH = 32
+VALUE_READS = {"item", "tolist"}  # tensor methods that read values into Python
 
 
-def _per_class(fn: Callable[[Any], T]) -> Callable[[Any], T]:
-    """Cache a function of a class (classes are hashable; mypy cannot see it for Module)."""
+def _per_object(fn: Callable[[Any], T]) -> Callable[[Any], T]:
+    """Cache a function of a class or function (kept alive by the cache, so ids stay valid)."""
     cache: dict[int, tuple[Any, T]] = {}
 
-    def cached(cls: Any) -> T:
-        if id(cls) not in cache:
-            cache[id(cls)] = (cls, fn(cls))
-        return cache[id(cls)][1]
+    def cached(obj: Any) -> T:
+        if id(obj) not in cache:
+            cache[id(obj)] = (obj, fn(obj))
+        return cache[id(obj)][1]
 
     return cached
 
 
-@_per_class
-def _forward_ast(cls: Any) -> tuple[ast.FunctionDef, str]:
-    fn = cls.forward
+@_per_object
+def _function_ast(fn: Any) -> tuple[ast.FunctionDef, str]:
+    """The parsed source of a Python function (a forward, a helper method), at its real lines."""
     try:
         lines, start = inspect.getsourcelines(fn)
         filename = inspect.getsourcefile(fn) or "<unknown>"
     except (OSError, TypeError) as err:
-        raise StagingError(f"source of {cls.__name__}.forward is not available") from err
+        raise StagingError(f"source of {fn.__qualname__} is not available") from err
     tree = ast.parse(textwrap.dedent("".join(lines)))
     ast.increment_lineno(tree, start - 1)
     func = tree.body[0]
-    if not isinstance(func, ast.FunctionDef):
-        raise StagingError(f"{cls.__name__}.forward is not a plain function")
+    if not isinstance(func, ast.FunctionDef) or func.name != fn.__name__:
+        raise StagingError(f"{fn.__qualname__} is not a plain function")
     a = func.args
     if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
-        raise StagingError(f"{filename}:{func.lineno}: forward with *args/**kwargs/keyword-only "
-                           "parameters is not supported")
+        raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} with *args/**kwargs/"
+                           "keyword-only parameters is not supported")
     return func, filename
 
 
@@ -109,19 +120,81 @@ def _is_user_module(m: Any) -> bool:
     return isinstance(m, torch.nn.Module) and not type(m).__module__.startswith("torch.")
 
 
-@_per_class
-def has_control_flow(cls: Any) -> bool:
-    """Does this class's forward branch, loop or read a tensor value into Python?"""
+def _is_user_function(fn: Any) -> bool:
+    return inspect.isfunction(fn) and not fn.__module__.startswith(("torch.", "hwaware."))
+
+
+def inline_target(callee: Any) -> tuple[Any, Any] | None:
+    """(function, the object it is bound to or None) for a call hwaware can read the code of:
+    a user submodule (its forward), a method of one, or a plain user function."""
+    if _is_user_module(callee):
+        return type(callee).forward, callee
+    if inspect.ismethod(callee) and _is_user_module(callee.__self__) and \
+            _is_user_function(callee.__func__):
+        return callee.__func__, callee.__self__
+    if _is_user_function(callee):
+        return callee, None
+    return None
+
+
+@_per_object
+def _branches(fn: Any) -> bool:
+    """Does this function's own code branch, loop or read a tensor value into Python?"""
     try:
-        func, _ = _forward_ast(cls)
+        func, _ = _function_ast(fn)
     except StagingError:
         return False
     for node in ast.walk(func):
         if isinstance(node, (ast.If, ast.While, ast.For, ast.IfExp, ast.Break)):
             return True
-        if isinstance(node, ast.Attribute) and node.attr == "item":
+        if isinstance(node, ast.Attribute) and node.attr in VALUE_READS:
             return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("bool", "int", "float"):
+            return True  # `bool(self.gate(h))` reads a tensor value
     return False
+
+
+def needs_inline(fn: Any, bound: Any, seen: frozenset[tuple[int, int]] = frozenset()) -> bool:
+    """Does calling `fn` (bound to `bound`) branch on values, in its own code or in a submodule,
+    method or function it calls? Such calls are inlined, so their decisions reach the host."""
+    if _branches(fn):
+        return True
+    seen = seen | {(id(fn), id(bound))}
+    try:
+        func, _ = _function_ast(fn)
+    except StagingError:
+        return False
+    for call in (n for n in ast.walk(func) if isinstance(n, ast.Call)):
+        for callee in _resolve(call.func, bound, fn.__globals__):
+            target = inline_target(callee)
+            if target is not None and (id(target[0]), id(target[1])) not in seen and \
+                    needs_inline(*target, seen):
+                return True
+    return False
+
+
+def _resolve(expr: ast.expr, bound: Any, fn_globals: dict[str, Any]) -> list[Any]:
+    """The objects `expr` may name in code bound to `bound` (every element for a ModuleList
+    indexed by a run-time value); [] when not known without running."""
+    if isinstance(expr, ast.Name):
+        if expr.id == "self":
+            return [bound] if bound is not None else []
+        return [fn_globals[expr.id]] if expr.id in fn_globals else []
+    if isinstance(expr, ast.Attribute):
+        return [getattr(v, expr.attr) for v in _resolve(expr.value, bound, fn_globals)
+                if hasattr(v, expr.attr)]
+    if isinstance(expr, ast.Subscript):
+        out: list[Any] = []
+        for v in _resolve(expr.value, bound, fn_globals):
+            if isinstance(v, (torch.nn.ModuleList, torch.nn.Sequential, list, tuple)):
+                i = expr.slice.value if isinstance(expr.slice, ast.Constant) else None
+                if isinstance(i, int) and -len(v) <= i < len(v):
+                    out.append(v[i])
+                else:
+                    out.extend(v)
+        return out
+    return []
 
 
 # --------------------------------------------------------------------------- helpers
@@ -175,17 +248,36 @@ def _jumps(stmts: list[ast.stmt]) -> set[str]:
 
 
 class _ReplaceJumps(ast.NodeTransformer):
-    """Turn `continue` into `break` (one-pass loop) and `return e` into `target = e; break`."""
+    """Turn `continue` into `break` (one-pass loop), flag each `break`, or `return e` into
+    assignments to
+    `return_targets` and a `break` out of the one-pass loop around an inlined body (a return
+    inside a loop also sets `flag`, and every loop holding one is followed by `if flag: break`,
+    so the break reaches the one-pass loop)."""
 
-    def __init__(self, continue_to_break: bool = False, return_target: str | None = None):
+    def __init__(self, continue_to_break: bool = False,
+                 return_targets: list[str] | None = None, unpack: bool = False,
+                 flag: str = "", break_flag: str = ""):
         self.continue_to_break = continue_to_break
-        self.return_target = return_target
+        self.return_targets = return_targets
+        self.unpack = unpack
+        self.flag = flag
+        self.break_flag = break_flag  # `break` -> `break_flag = True; break` (for ... else)
+        self.depth = 0  # loops entered inside the one-pass loop
 
-    def visit_For(self, node: ast.For) -> ast.AST:
-        return node  # jumps inside nested loops belong to them
+    def visit_For(self, node: ast.For) -> Any:
+        return self._loop(node)
 
-    def visit_While(self, node: ast.While) -> ast.AST:
-        return node
+    def visit_While(self, node: ast.While) -> Any:
+        return self._loop(node)
+
+    def _loop(self, node: ast.For | ast.While) -> Any:
+        if self.return_targets is None or "return-in-loop" not in _jumps([node]):
+            return node  # jumps inside nested loops belong to them
+        self.depth += 1
+        node.body = self.visit_list(node.body)
+        self.depth -= 1
+        check = ast.If(ast.Name(self.flag, ast.Load()), [ast.Break()], [])
+        return [node, ast.copy_location(check, node)]
 
     def visit_list(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
@@ -197,13 +289,38 @@ class _ReplaceJumps(ast.NodeTransformer):
     def visit_Continue(self, node: ast.Continue) -> ast.AST:
         return ast.copy_location(ast.Break(), node) if self.continue_to_break else node
 
-    def visit_Return(self, node: ast.Return) -> Any:
-        if self.return_target is None:
+    def visit_Break(self, node: ast.Break) -> Any:
+        if not self.break_flag:
             return node
-        value = node.value if node.value is not None else ast.Constant(None)
-        assign = ast.copy_location(
-            ast.Assign([ast.Name(self.return_target, ast.Store())], value), node)
-        return [assign, ast.copy_location(ast.Break(), node)]
+        return [ast.Assign([ast.Name(self.break_flag, ast.Store())], ast.Constant(True)), node]
+
+    def visit_Return(self, node: ast.Return) -> Any:
+        if self.return_targets is None:
+            return node
+        out = _return_assigns(node, self.return_targets, self.unpack)
+        if self.depth:
+            out.append(ast.Assign([ast.Name(self.flag, ast.Store())], ast.Constant(True)))
+        return [*out, ast.Break()]
+
+
+def _tuple_width(returns: list[ast.Return]) -> int | None:
+    """The common length of the tuples every `return` gives (`return out, steps`), if any."""
+    widths = {len(r.value.elts) if isinstance(r.value, ast.Tuple) and not any(
+        isinstance(e, ast.Starred) for e in r.value.elts) else None for r in returns}
+    width = widths.pop() if len(widths) == 1 else None
+    return width or None
+
+
+def _return_assigns(node: ast.Return, targets: list[str], unpack: bool) -> list[ast.stmt]:
+    """`return e` as `target = e`, or with `unpack`, `return a, b` as `t0 = a; t1 = b`."""
+    value = node.value if node.value is not None else ast.Constant(None)
+    parts = value.elts if unpack and isinstance(value, ast.Tuple) else [value]
+    out: list[ast.stmt] = []
+    for t, v in zip(targets, parts, strict=True):
+        assign = ast.copy_location(ast.Assign([ast.Name(t, ast.Store())], v), node)
+        assign._hw_origin = origin_of(node)  # type: ignore[attr-defined]
+        out.append(assign)
+    return out
 
 
 def _once_loop(body: list[ast.stmt], like: ast.stmt) -> ast.For:
@@ -239,9 +356,10 @@ class _Stager:
         self.globals: dict[int, dict[str, Any]] = {}
         self.counter = itertools.count()
         self.locals: set[str] = set()
+        self.depth = 0  # calls being inlined
 
     def run(self) -> Staged:
-        func, filename = _forward_ast(type(self.root))
+        func, filename = _function_ast(type(self.root).forward)
         func = copy.deepcopy(func)
         fn_globals = type(self.root).forward.__globals__
         self.globals[id(fn_globals)] = fn_globals
@@ -298,7 +416,7 @@ class _Stager:
                     ok, value = stager.static_value(node)  # type: ignore[arg-type]
                     if ok and _is_constant(value):
                         return ast.copy_location(ast.Constant(value), node)
-                return super().generic_visit(node)
+                return _simplify(super().generic_visit(node))
 
             def visit_Name(self, node: ast.Name) -> ast.AST:
                 if isinstance(node.ctx, ast.Load) and node.id not in stager.locals:
@@ -313,11 +431,35 @@ class _Stager:
     # -------------------------------------------------------------- statements
     def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
         out: list[ast.stmt] = []
-        for stmt in stmts:
+        todo = list(stmts)
+        while todo:
+            stmt = todo.pop(0)
+            alias = self.module_alias(stmt)
+            if alias is not None:
+                todo = _substitute_until_stored(todo, *alias)
             out.extend(self.statement(stmt))
-            if out and isinstance(out[-1], (ast.Return, ast.Raise)):
+            if out and isinstance(out[-1], (ast.Return, ast.Raise, ast.Break, ast.Continue)):
                 break  # the rest is unreachable (e.g. after a branch decided at compile time)
         return out
+
+    def module_alias(self, stmt: ast.stmt) -> tuple[str, ast.expr] | None:
+        """`blk = self.blocks[2]` or `expert = self.experts[idx]`: a local naming a submodule.
+        The statements after it use the submodule expression itself (so calls through the
+        name are inlined or dispatched like direct ones); the assignment is marked, and split
+        drops it when nothing reads the name any more."""
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and
+                isinstance(stmt.targets[0], ast.Name)):
+            return None
+        value = self.fold(stmt.value, stmt)
+        if isinstance(value, ast.Subscript) and self.dispatch_choices(value) is not None \
+                and not isinstance(value.slice, ast.Name):
+            return None  # `self.experts[t.argmax().item()]`: left to dispatch as a call
+        ok, module = self.static_value(value)
+        indexed = isinstance(value, ast.Subscript) and self.dispatch_choices(value) is not None
+        if not (ok and isinstance(module, torch.nn.Module)) and not indexed:
+            return None
+        stmt._hw_alias = True  # type: ignore[attr-defined]
+        return stmt.targets[0].id, value
 
     def statement(self, stmt: ast.stmt) -> list[ast.stmt]:
         if isinstance(stmt, ast.If):
@@ -328,30 +470,83 @@ class _Stager:
             return self.for_(stmt)
         if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return)):
             return self.simple(stmt)
+        if isinstance(stmt, ast.With) and all(self.is_grad_mode(i) for i in stmt.items):
+            return self.block(stmt.body)
         return [stmt]
+
+    def is_grad_mode(self, item: ast.withitem) -> bool:
+        """`torch.no_grad()` and the like: no effect on the values a compiled model computes."""
+        call = item.context_expr
+        if item.optional_vars is not None or not isinstance(call, ast.Call):
+            return False
+        ok, value = self.static_value(call.func)
+        return ok and value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
 
     def if_(self, stmt: ast.If) -> list[ast.stmt]:
         stmt.test = self.fold(stmt.test, stmt)
         ok, value = self.static_value(stmt.test)
         if ok:
             return self.block(stmt.body if value else stmt.orelse)
+        pre, stmt.test = self.split_test(stmt.test, stmt)
         stmt.body = self.block(stmt.body) or _fix([ast.Pass()], stmt)
         stmt.orelse = self.block(stmt.orelse)
-        return [stmt]
+        return self.block(pre) + [stmt]
 
     def while_(self, stmt: ast.While) -> list[ast.stmt]:
-        if stmt.orelse:
-            raise StagingError(f"{origin_of(stmt).where()}: while ... else is not supported")
         stmt.test = self.fold(stmt.test, stmt)
         ok, value = self.static_value(stmt.test)
         if ok and not value:
-            return []
+            return self.block(stmt.orelse)
+        pre, test = self.split_test(stmt.test, stmt)
+        if pre:  # `while A and self.more(h):` -> `while True:` + the test, in steps, + break
+            stop = ast.If(ast.UnaryOp(ast.Not(), test), [*stmt.orelse, ast.Break()], [])
+            stmt.test, stmt.orelse = ast.Constant(True), []
+            stmt.body = _fix([*pre, stop], stmt) + stmt.body
         stmt.body = self.block(stmt.body)
+        stmt.orelse = self.block(stmt.orelse)
         return [stmt]
 
+    def split_test(self, test: ast.expr, stmt: ast.stmt) -> tuple[list[ast.stmt], ast.expr]:
+        """Statements computing a branch test first, and the test left: a call to inline
+        (`if blk.decide(h):`) becomes `c = blk.decide(h); if c:`, and `A or B` whose `B` must
+        not run when `A` decides (it calls code to inline, or reads a name `A` checks with
+        `is None`) becomes `c = bool(A); if not c: c = bool(B)`."""
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            pre, inner = self.split_test(test.operand, stmt)
+            return pre, ast.copy_location(ast.UnaryOp(ast.Not(), inner), test)
+        inlined = [c for c in _calls_in_order(test) if self.inline_target_of(c)]
+        if isinstance(test, ast.BoolOp) and (inlined or self.guarded(test)):
+            cond = self.fresh("cond")
+            pre = self.cond_assign(cond, test.values[0], stmt)
+            for v in test.values[1:]:
+                guard: ast.expr = ast.Name(cond, ast.Load())
+                if isinstance(test.op, ast.Or):
+                    guard = ast.UnaryOp(ast.Not(), guard)
+                pre.append(ast.If(guard, self.cond_assign(cond, v, stmt), []))
+            return _fix(pre, stmt), ast.Name(cond, ast.Load())
+        if inlined:
+            cond = self.fresh("cond")
+            return _fix([ast.Assign([ast.Name(cond, ast.Store())], test)], stmt), \
+                ast.Name(cond, ast.Load())
+        return [], test
+
+    def cond_assign(self, cond: str, value: ast.expr, stmt: ast.stmt) -> list[ast.stmt]:
+        pre, value = self.split_test(value, stmt)
+        truth = ast.Call(ast.Name("bool", ast.Load()), [value], [])
+        return [*pre, ast.Assign([ast.Name(cond, ast.Store())], truth)]
+
+    def guarded(self, test: ast.BoolOp) -> bool:
+        """Does an operand read a name that an operand before it compares with `is`?"""
+        checked: set[str] = set()
+        for v in test.values:
+            if _loaded_names(v) & checked:
+                return True
+            checked |= {n.left.id for n in ast.walk(v) if isinstance(n, ast.Compare)
+                        and isinstance(n.left, ast.Name)
+                        and all(isinstance(o, (ast.Is, ast.IsNot)) for o in n.ops)}
+        return False
+
     def for_(self, stmt: ast.For) -> list[ast.stmt]:
-        if stmt.orelse:
-            raise StagingError(f"{origin_of(stmt).where()}: for ... else is not supported")
         if getattr(stmt, "_hw_keep", False):
             stmt.body = self.block(stmt.body)
             return [stmt]
@@ -359,6 +554,7 @@ class _Stager:
         bindings = self.iteration_bindings(stmt)
         if bindings is None:
             stmt.body = self.block(stmt.body)
+            stmt.orelse = self.block(stmt.orelse)
             return [stmt]
         return self.unroll(stmt, bindings)
 
@@ -414,6 +610,9 @@ class _Stager:
             return False
         var = stmt.target.id
         for node in ast.walk(ast.Module(stmt.body, [])):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id == "getattr" and var in _loaded_names(node):
+                return True  # `getattr(self, f"head{i}")`
             if isinstance(node, ast.Subscript) and var in _loaded_names(node.slice):
                 ok, value = self.static_value(node.value)
                 if ok and isinstance(value, (torch.nn.ModuleList, torch.nn.Sequential, list,
@@ -426,27 +625,49 @@ class _Stager:
         if {"break", "continue"} <= jumps:
             raise StagingError(f"{origin_of(stmt).where()}: a loop with both break and "
                                "continue is not supported")
+        source, broke = stmt.body, None
+        if stmt.orelse and "break" in jumps:  # for ... else: a flag says whether it broke
+            broke = self.fresh("broke")
+            source = _ReplaceJumps(break_flag=broke).visit_list(stmt.body)
         copies: list[list[ast.stmt]] = []
         for binding in bindings:
-            body = [_Substitute(binding).visit(copy.deepcopy(s)) for s in stmt.body]
+            body = [_Substitute(binding).visit(copy.deepcopy(s)) for s in source]
             if "continue" in jumps:
                 body = [_once_loop(_ReplaceJumps(continue_to_break=True).visit_list(body), stmt)]
             copies.append(body)
         flat = [s for body in copies for s in body]
         if "break" in jumps:
             flat = [_once_loop(flat, stmt)]
-        return self.block(flat)
+        if broke is not None:
+            flat = [ast.Assign([ast.Name(broke, ast.Store())], ast.Constant(False)), *flat,
+                    ast.If(ast.UnaryOp(ast.Not(), ast.Name(broke, ast.Load())), stmt.orelse, [])]
+        else:
+            flat += stmt.orelse
+        return self.block(_fix(flat, stmt))
 
     # --------------------------------------------------------------- simple ones
     def simple(self, stmt: ast.stmt) -> list[ast.stmt]:
-        for fld in ("value",):
-            value = getattr(stmt, fld, None)
-            if isinstance(value, ast.expr):
-                setattr(stmt, fld, self.fold(value, stmt))
+        value = getattr(stmt, "value", None)
+        if isinstance(value, ast.expr):
+            stmt.value = self.fold(value, stmt)  # type: ignore[attr-defined]
+        choice = next((n for n in _evaluated(stmt) if isinstance(n, ast.IfExp)), None)
+        if choice is not None:
+            return self.select(stmt, choice)
+        parts = _destructure(stmt)
+        if parts is not None:
+            return self.block(_fix(parts, stmt))
         dispatch = self.dynamic_index_call(stmt)
         if dispatch is not None:
             return dispatch
         return self.inline_calls(stmt)
+
+    def select(self, stmt: ast.stmt, choice: ast.IfExp) -> list[ast.stmt]:
+        """`y = f(a if c else b)` -> `if c: t = a` / `else: t = b`, then `y = f(t)`."""
+        tmp = self.fresh("sel")
+        branch = ast.If(choice.test, [ast.Assign([ast.Name(tmp, ast.Store())], choice.body)],
+                        [ast.Assign([ast.Name(tmp, ast.Store())], choice.orelse)])
+        replaced = _ReplaceNode(choice, ast.Name(tmp, ast.Load())).visit(stmt)
+        return self.statement(_fix([branch], stmt)[0]) + self.statement(replaced)
 
     def dynamic_index_call(self, stmt: ast.stmt) -> list[ast.stmt] | None:
         """`y = self.experts[idx](x)` -> `if idx == 0: y = self.experts[0](x) elif ...`."""
@@ -454,10 +675,8 @@ class _Stager:
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)):
                 continue
             sub = node.func
-            ok_c, container = self.static_value(sub.value)
-            ok_i, _ = self.static_value(sub.slice)
-            if not ok_c or ok_i or not isinstance(container, (torch.nn.ModuleList,
-                                                              torch.nn.Sequential)):
+            choices = self.dispatch_choices(sub)
+            if choices is None:
                 continue
             index = sub.slice
             pre: list[ast.stmt] = []
@@ -467,9 +686,9 @@ class _Stager:
                 index = ast.Name(tmp, ast.Load())
             chain: list[ast.stmt] = _fix([ast.Raise(ast.Call(
                 ast.Name("IndexError", ast.Load()),
-                [ast.Constant(f"{origin_of(stmt).where()}: index out of range for a "
-                              f"ModuleList of {len(container)}")], []), None)], stmt)
-            for i in reversed(range(len(container))):
+                [ast.Constant(f"{origin_of(stmt).where()}: no module {ast.unparse(sub.value)}"
+                              f"[...] for that index; there are {choices}")], []), None)], stmt)
+            for i in reversed(choices):
                 sub.slice = ast.Constant(i)
                 arm = copy.deepcopy(stmt)
                 test = ast.Compare(copy.deepcopy(index), [ast.Eq()], [ast.Constant(i)])
@@ -477,58 +696,234 @@ class _Stager:
             return pre + chain
         return None
 
+    def dispatch_choices(self, sub: ast.Subscript) -> list[Any] | None:
+        """The indices (keys) of a ModuleList (ModuleDict) indexed by a run-time value."""
+        ok_c, container = self.static_value(sub.value)
+        if not ok_c or self.static_value(sub.slice)[0]:
+            return None
+        if isinstance(container, torch.nn.ModuleDict):
+            return list(container.keys())
+        if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)):
+            return list(range(len(container)))
+        return None
+
+    def inline_target_of(self, call: ast.Call) -> tuple[Any, ast.expr | None] | None:
+        """(function, expression of its `self` or None) when `call` is to be inlined."""
+        ok, callee = self.static_value(call.func)
+        target = inline_target(callee) if ok else None
+        if target is None or not needs_inline(*target):
+            return None
+        if target[1] is None:
+            return target[0], None
+        if target[1] is callee:
+            return target[0], call.func  # a submodule: `self.gate(h)`
+        return (target[0], call.func.value) if isinstance(call.func, ast.Attribute) else None
+
     def inline_calls(self, stmt: ast.stmt) -> list[ast.stmt]:
-        """Inline calls to user submodules whose forward branches (see `has_control_flow`)."""
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Call):
-                ok, callee = self.static_value(node.func)
-                if ok and _is_user_module(callee) and has_control_flow(type(callee)):
-                    return self.inline(stmt, node, callee)
+        """Inline the first call whose code branches (see `needs_inline`). A call that cannot
+        be inlined stays a call: its region runs it (in eager if it cannot be made static)."""
+        for call in _calls_in_order(stmt):
+            target = self.inline_target_of(call)
+            if target is None:
+                continue
+            try:
+                body, result = self.inline(stmt, call, *target)
+            except StagingError as err:
+                log.info("%s: call not inlined: %s", origin_of(stmt).where(), err)
+                continue
+            replaced = _ReplaceNode(call, result).visit(stmt)
+            return body + self.statement(replaced)
         return [stmt]
 
-    def inline(self, stmt: ast.stmt, call: ast.Call, callee: torch.nn.Module) -> list[ast.stmt]:
-        if call.keywords:
-            raise StagingError(f"{origin_of(stmt).where()}: keyword arguments to an inlined "
-                               "submodule call are not supported")
-        func, filename = _forward_ast(type(callee))
+    def inline(self, stmt: ast.stmt, call: ast.Call, fn: Any, self_expr: ast.expr | None
+               ) -> tuple[list[ast.stmt], ast.expr]:
+        """The staged body of `fn` called at `call`, and the expression standing for its value
+        (a name, or a tuple of names for a function returning tuples)."""
+        func, filename = _function_ast(fn)
+        if func.decorator_list or self.depth >= MAX_INLINE_DEPTH:
+            raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} is decorated or "
+                               f"recursive beyond {MAX_INLINE_DEPTH} levels")
         func = copy.deepcopy(func)
-        fn_globals = type(callee).forward.__globals__
-        self.globals[id(fn_globals)] = fn_globals
-        _set_origin(func.body, filename, id(fn_globals))
-        prefix = f"_hw_{type(callee).__name__.lower()}{next(self.counter)}_"
-        params = [a.arg for a in func.args.args[1:]]
-        local_names = set(params) | _assigned_names(func.body)
-        rename = {n: prefix + n for n in local_names}
+        self.globals[id(fn.__globals__)] = fn.__globals__
+        _set_origin(func.body, filename, id(fn.__globals__))
+        params = [a.arg for a in func.args.args[1 if self_expr is not None else 0:]]
+        args = _bind_arguments(call, params, fn, origin_of(stmt).where())
+        assigned = _assigned_names(func.body)
+        fixed = {p: a for p, a in args.items() if p not in assigned and self.is_fixed(a)}
+        prefix = f"_hw_{fn.__name__.strip('_').lower()}{next(self.counter)}_"
+        rename = {n: prefix + n for n in (set(params) | assigned) - set(fixed)}
         self.locals |= set(rename.values())
-        self_expr = call.func
-        body = [_Substitute({"self": self_expr}, rename).visit(s) for s in func.body]
-        missing = len(params) - len(call.args)
-        defaults = func.args.defaults
-        args = list(call.args)
-        if 0 < missing <= len(defaults):
-            args += defaults[len(defaults) - missing:]
-        if len(args) != len(params):
-            raise StagingError(f"{origin_of(stmt).where()}: {type(callee).__name__} takes "
-                               f"{len(params)} argument(s), got {len(call.args)}")
+        mapping = {**fixed, **({"self": self_expr} if self_expr is not None else {})}
+        body = [_Substitute(mapping, rename).visit(s) for s in func.body]
         binds = _fix([ast.Assign([ast.Name(rename[p], ast.Store())], a)
-                      for p, a in zip(params, args, strict=True)], stmt)
-        result = self.fresh("ret")
-        jumps = _jumps(body)
-        if "return-in-loop" in jumps:
-            raise StagingError(f"{filename}:{func.lineno}: return inside a loop of an inlined "
-                               "submodule is not supported")
-        if isinstance(body[-1], ast.Return) and sum(
-                isinstance(n, ast.Return) for s in body for n in ast.walk(s)) == 1:
-            last = body[-1]
-            assert isinstance(last, ast.Return)
-            body[-1] = ast.copy_location(ast.Assign(
-                [ast.Name(result, ast.Store())], last.value or ast.Constant(None)), last)
-            body[-1]._hw_origin = origin_of(last)  # type: ignore[attr-defined]
+                      for p, a in args.items() if p not in fixed], stmt)
+        body, result = self.returns_to_assignments(body, stmt)
+        self.depth += 1
+        try:
+            return self.block(binds + body), result
+        finally:
+            self.depth -= 1
+
+    def is_fixed(self, arg: ast.expr) -> bool:
+        """An argument substituted into the inlined body as is: a constant or a submodule."""
+        ok, value = self.static_value(arg)
+        return ok and (_is_constant(value) or isinstance(value, torch.nn.Module))
+
+    def returns_to_assignments(self, body: list[ast.stmt], stmt: ast.stmt
+                               ) -> tuple[list[ast.stmt], ast.expr]:
+        """An inlined body with each `return` an assignment to the result name(s), and the
+        expression standing for the call's value. An early return in an `if` makes the rest
+        of the body that `if`'s other branch; returns inside loops (or in a branch that only
+        sometimes returns) break out of a one-pass loop instead."""
+        returns = [n for s in body for n in _walk_code(s) if isinstance(n, ast.Return)]
+        width = _tuple_width(returns)
+        results = [self.fresh("ret") for _ in range(width or 1)]
+        result: ast.expr = ast.Tuple([ast.Name(r, ast.Load()) for r in results], ast.Load()) \
+            if width else ast.Name(results[0], ast.Load())
+        branched = _returns_as_branches(body, results, width is not None)
+        if branched is not None:
+            return _fix(branched, stmt), result
+        flag = self.fresh("returned")
+        replace = _ReplaceJumps(return_targets=results, unpack=width is not None, flag=flag)
+        init = ast.Assign([ast.Name(flag, ast.Store())], ast.Constant(False))
+        return _fix([init, _once_loop(replace.visit_list(body), stmt)], stmt), result
+
+
+def _returns_as_branches(stmts: list[ast.stmt], targets: list[str], unpack: bool
+                         ) -> list[ast.stmt] | None:
+    """`if c: return a` + rest -> `if c: t = a` / `else: rest` (rest's returns likewise);
+    None when a return sits in a loop or in a branch that does not always leave."""
+    out: list[ast.stmt] = []
+    for i, s in enumerate(stmts):
+        if isinstance(s, ast.Return):
+            return out + _return_assigns(s, targets, unpack)
+        if not any(isinstance(n, ast.Return) for n in _walk_code(s)):
+            out.append(s)
+            continue
+        if not isinstance(s, ast.If):
+            return None
+        rest = stmts[i + 1:]
+        if _always_leaves(s.body):
+            body, orelse = s.body, s.orelse + rest
+        elif _always_leaves(s.orelse):
+            body, orelse = s.body + rest, s.orelse
         else:
-            body = [_once_loop(_ReplaceJumps(return_target=result).visit_list(body), stmt)]
-            _fix(body, stmt)
-        replaced = _ReplaceNode(call, ast.Name(result, ast.Load())).visit(stmt)
-        return self.block(binds + body) + self.statement(replaced)
+            return None
+        new_body = _returns_as_branches(body, targets, unpack)
+        new_orelse = _returns_as_branches(orelse, targets, unpack)
+        if new_body is None or new_orelse is None:
+            return None
+        s.body, s.orelse = new_body or [ast.Pass()], new_orelse
+        return out + [s]
+    none = ast.Constant(None)  # falling off the end returns None
+    return out + [ast.Assign([ast.Name(t, ast.Store())], none) for t in targets]
+
+
+def _always_leaves(stmts: list[ast.stmt]) -> bool:
+    """Does every path through `stmts` end in `return` or `raise`?"""
+    last = stmts[-1] if stmts else None
+    return isinstance(last, (ast.Return, ast.Raise)) or isinstance(last, ast.If) and \
+        _always_leaves(last.body) and _always_leaves(last.orelse)
+
+
+def _walk_code(node: ast.AST) -> Iterator[ast.AST]:
+    """`ast.walk` that does not enter nested functions, lambdas or classes."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
+                                  ast.ClassDef)):
+            yield from _walk_code(child)
+
+
+def _calls_in_order(node: ast.AST) -> Iterator[ast.Call]:
+    return (n for n in _evaluated(node) if isinstance(n, ast.Call))
+
+
+def _destructure(stmt: ast.stmt) -> list[ast.stmt] | None:
+    """`a, b = x, y` as `a = x; b = y` when no value reads a name assigned here."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1):
+        return None
+    target, value = stmt.targets[0], stmt.value
+    if not (isinstance(target, (ast.Tuple, ast.List)) and isinstance(value, (ast.Tuple, ast.List))
+            and len(target.elts) == len(value.elts)
+            and all(isinstance(t, ast.Name) for t in target.elts)
+            and not any(isinstance(v, ast.Starred) for v in value.elts)):
+        return None
+    names = {t.id for t in target.elts if isinstance(t, ast.Name)}
+    if _loaded_names(value) & names or len(names) < len(target.elts):
+        return None
+    return [ast.copy_location(ast.Assign([t], v), stmt)
+            for t, v in zip(target.elts, value.elts, strict=True)]
+
+
+def _substitute_until_stored(stmts: list[ast.stmt], name: str, expr: ast.expr
+                             ) -> list[ast.stmt]:
+    """`name` -> `expr` in `stmts`, up to the first statement that assigns `name` or a name
+    `expr` reads."""
+    stop = {name} | _loaded_names(expr)
+    out: list[ast.stmt] = []
+    for i, s in enumerate(stmts):
+        if _assigned_names([s]) & stop:
+            return out + stmts[i:]
+        out.append(_Substitute({name: expr}).visit(s))
+    return out
+
+
+def _evaluated(node: ast.AST) -> Iterator[ast.AST]:
+    """Sub-nodes that run whenever `node` runs, outer ones first (not those in a lambda, a
+    comprehension, an `a if c else b` arm or a short-circuited operand)."""
+    todo: list[ast.AST] = [node]
+    while todo:
+        node = todo.pop(0)
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp,
+                                  ast.GeneratorExp, ast.FunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.IfExp) and child is not node.test or \
+                    isinstance(node, ast.BoolOp) and child is not node.values[0]:
+                continue
+            todo.append(child)
+
+
+def _bind_arguments(call: ast.Call, params: list[str], fn: Any, where: str
+                    ) -> dict[str, ast.expr]:
+    """Parameter -> argument expression of an inlined call (defaults as constants)."""
+    if len(call.args) > len(params) or any(isinstance(a, ast.Starred) for a in call.args) \
+            or any(k.arg is None or k.arg not in params for k in call.keywords):
+        raise StagingError(f"{where}: the arguments of {fn.__qualname__} do not match "
+                           f"its parameters ({', '.join(params)})")
+    args = dict(zip(params, call.args, strict=False))
+    args.update({k.arg: k.value for k in call.keywords if k.arg is not None})
+    defaults = dict(zip(params[len(params) - len(fn.__defaults__ or ()):],
+                        fn.__defaults__ or (), strict=True))
+    for p in params:
+        if p not in args:
+            if p not in defaults or not _is_constant(defaults[p]):
+                raise StagingError(f"{where}: {fn.__qualname__} needs argument `{p}`")
+            args[p] = ast.Constant(defaults[p])
+    return {p: args[p] for p in params}
+
+
+def _simplify(node: ast.AST) -> ast.AST:
+    """Drop what constants decide: leading constants of `and`/`or`, `a if True else b`, and an
+    element picked from a tuple of names (`(out, steps)[0]`, what inlining leaves)."""
+    if isinstance(node, ast.BoolOp):
+        values = list(node.values)
+        while len(values) > 1 and isinstance(values[0], ast.Constant):
+            if bool(values[0].value) == isinstance(node.op, ast.Or):
+                return values[0]  # decides the whole expression (its value, too)
+            values.pop(0)
+        return values[0] if len(values) == 1 else ast.copy_location(ast.BoolOp(node.op, values),
+                                                                     node)
+    if isinstance(node, ast.IfExp) and isinstance(node.test, ast.Constant):
+        return node.body if node.test.value else node.orelse
+    if isinstance(node, ast.Subscript) and isinstance(node.value, (ast.Tuple, ast.List)) and \
+            isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int) and \
+            all(isinstance(e, (ast.Name, ast.Constant)) for e in node.value.elts) and \
+            -len(node.value.elts) <= node.slice.value < len(node.value.elts):
+        return node.value.elts[node.slice.value]
+    return node
 
 
 class _ReplaceNode(ast.NodeTransformer):

@@ -1,0 +1,1 @@
+"""Conformance cases: third-party style model code that hwaware must compile."""

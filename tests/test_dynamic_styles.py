@@ -1,0 +1,104 @@
+"""Dynamic networks in other people's styles (`tests/conformance/dynamic_styles.py`): each one
+compiles, every input's output equals eager's, each input takes its own path, and what cannot be
+static runs in eager with exactly one warning naming its line."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import hwaware
+from hwaware.dynamic.model import DynamicModel, EagerRegionWarning
+from tests.conformance import dynamic_styles
+from tests.conformance.dynamic_styles import CASES, PonderLoop
+from tests.helpers import assert_close_to_eager
+
+# case -> text of the one line its eager warning must name (the other cases: no warning)
+EAGER_LINES = {"numpy_clamp": "np.clip(", "star_args_gate": "if h.sum() > 0:"}
+
+
+@functools.cache
+def compiled(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, ...]], DynamicModel,
+                                 list[str]]:
+    """The case compiled once (untuned, no database) and run on every input, with the eager
+    region warnings that compiling and running raised."""
+    model, inputs = CASES[name]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = hwaware.compile(model, inputs[0], db=None, show_progress=False)
+        for x in inputs:
+            cm(*x)
+    assert isinstance(cm, DynamicModel), type(cm)
+    return model, inputs, cm, [str(w.message) for w in caught
+                               if issubclass(w.category, EagerRegionWarning)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_input_equals_eager(name: str) -> None:
+    model, inputs, cm, _ = compiled(name)
+    for i, x in enumerate(inputs):
+        try:
+            assert_close_to_eager(model, cm, *x)
+        except AssertionError as err:
+            raise AssertionError(f"{name}, input {i}: {err}") from err
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_what_cannot_be_static_runs_eager_with_one_warning_naming_its_line(
+        name: str) -> None:
+    _, _, cm, caught = compiled(name)
+    eager = [r.info.name for r in cm.runners.values() if r.eager_reason is not None]
+    if name not in EAGER_LINES:
+        assert caught == [] and eager == [], cm.report()
+        return
+    assert len(caught) == 1 and len(eager) == 1, caught
+    assert caught[0].startswith(f"{dynamic_styles.__file__}:{_line_of(EAGER_LINES[name])}:")
+    assert "eager" in cm.report()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_input_takes_its_own_path(name: str) -> None:
+    """Submodule call counts differ between any two inputs of a case."""
+    model, inputs = CASES[name]()
+    paths = [tuple(sorted(_call_counts(model, x).items())) for x in inputs]
+    assert len(set(paths)) == len(paths)
+
+
+def test_ponder_loop_halts_at_each_step_count_and_stays_dynamic() -> None:
+    model, inputs, cm, _ = compiled("ponder_loop")
+    assert isinstance(model, PonderLoop)
+    with torch.no_grad():
+        steps = [model._run(*x)[1] for x in inputs]
+    assert steps == [1, 4, model.max_steps]
+    assert cm.info.explore.sites > 0 and len(cm.runners) > 1
+    assert all(r.compiled for r in cm.runners.values())  # every region has a static graph
+
+
+def _line_of(text: str) -> int:
+    lines = inspect.getsource(dynamic_styles).splitlines()
+    found = [i for i, line in enumerate(lines, start=1) if text in line]
+    assert len(found) == 1, text
+    return found[0]
+
+
+def _call_counts(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def bump(name: str, *_: Any) -> None:
+        counts[name] = counts.get(name, 0) + 1
+
+    handles = [m.register_forward_hook(functools.partial(bump, n))
+               for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
