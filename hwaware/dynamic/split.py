@@ -26,9 +26,12 @@ from typing import Any
 from hwaware.dynamic.stage import VALUE_READS, Origin, Staged, StagingError, origin_of
 
 HOST_BUILTINS = {"int", "float", "bool", "len", "min", "max", "abs", "round", "range",
+                 "enumerate", "zip", "reversed", "sorted", "sum", "any", "all",
                  "IndexError", "ValueError", "RuntimeError", "AssertionError", "True", "False",
                  "None", "math", "print", "isinstance", "tuple", "list"}
 CONVERSIONS = {"int", "float", "bool"}
+HOST_ITERATION = {"min", "max", "abs", "round", "range", "enumerate", "zip", "reversed",
+                  "sorted", "sum", "any", "all", "list", "tuple"}  # host values in, host out
 SHAPE_METHODS = {"size", "dim", "numel"}
 SIDE_EFFECT_CALLS = {"print", "input", "open", "breakpoint", "exec", "eval"}
 SIDE_EFFECT_METHODS = {"append", "extend", "insert", "pop", "remove", "clear", "setdefault",
@@ -128,8 +131,7 @@ def _is_host_call(e: ast.Call, host: set[str]) -> bool:
     if isinstance(f, ast.Name):
         if f.id in CONVERSIONS and len(e.args) == 1 or f.id in ("len", "isinstance"):
             return True  # isinstance: a property of the Python object, known to the host
-        return f.id in {"min", "max", "abs", "round", "range"} and \
-            all(is_host_expr(a, host) for a in e.args)
+        return f.id in HOST_ITERATION and all(is_host_expr(a, host) for a in e.args)
     if isinstance(f, ast.Attribute):
         if f.attr in VALUE_READS and not e.args:
             return True
@@ -293,9 +295,10 @@ class _Splitter:
             return self.lower_while(s)
         if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False)
                                        or is_host_expr(s.iter, self.host)):
+            pre, s.iter = self.hoist(s.iter, s)  # `for v in scores.tolist():`
             s.body = self.lower(s.body) or [ast.Pass()]
             s.orelse = self.lower(s.orelse)
-            return [s]
+            return [*pre, s]
         if getattr(s, "_hw_alias", False) and not _assigned_names_read(s, self.read):
             return []  # `blk = self.blocks[2]`, every use replaced by the submodule (stage)
         if isinstance(s, ast.Return):
@@ -515,10 +518,9 @@ class _Splitter:
         for name, r in self.regions.items():
             stored: list[str] = []
             for s in r.statements:
-                for n in ast.walk(s):
-                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and \
-                            n.id in needed and n.id not in stored:
-                        stored.append(n.id)
+                for out in _free_names(s, ast.Store):
+                    if out in needed and out not in stored:
+                        stored.append(out)
             r.outputs = stored
             r.arithmetic_inputs = [i for i in r.inputs if i in self.host and
                                    _only_arithmetic(r.statements, i)]
@@ -602,16 +604,31 @@ def _live_in(stmts: list[ast.stmt], local: set[str]) -> list[str]:
     assigned: set[str] = set()
     inputs: list[str] = []
     for s in stmts:
-        loads = [n.id for n in ast.walk(s) if isinstance(n, ast.Name)
-                 and isinstance(n.ctx, ast.Load)]
+        loads = _free_names(s, ast.Load)
+        if isinstance(s, ast.For):  # a loop in a region binds its variables itself
+            bound = set(_free_names(s.target, ast.Store)) - set(_free_names(s.iter, ast.Load))
+            loads = [n for n in loads if n not in bound]
         if isinstance(s, ast.AugAssign) and isinstance(s.target, ast.Name):
             loads.append(s.target.id)
         for name in loads:
             if name in local and name not in assigned and name not in inputs:
                 inputs.append(name)
-        assigned |= {n.id for n in ast.walk(s) if isinstance(n, ast.Name)
-                     and isinstance(n.ctx, ast.Store)}
+        assigned |= set(_free_names(s, ast.Store))
     return inputs
+
+
+COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _free_names(node: ast.AST, ctx: type, bound: frozenset[str] = frozenset()) -> list[str]:
+    """Names `node` loads (ctx=ast.Load) or stores (ast.Store) in the function's own scope:
+    not the variables a comprehension binds for itself (`o` in `sum(o.norm() for o in outs)`)."""
+    if isinstance(node, ast.Name):
+        return [node.id] if isinstance(node.ctx, ctx) and node.id not in bound else []
+    if isinstance(node, COMPREHENSIONS):
+        bound = bound | {n.id for g in node.generators for n in ast.walk(g.target)
+                         if isinstance(n, ast.Name)}
+    return [x for child in ast.iter_child_nodes(node) for x in _free_names(child, ctx, bound)]
 
 
 def _only_arithmetic(stmts: list[ast.stmt], name: str) -> bool:

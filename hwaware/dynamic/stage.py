@@ -116,6 +116,15 @@ def _function_ast(fn: Any) -> tuple[ast.FunctionDef, str]:
     return func, filename
 
 
+@_per_object
+def _environment(fn: Any) -> dict[str, Any]:
+    """The names `fn`'s code reads besides its locals: its globals, and the variables of
+    enclosing functions it closes over (a model class defined inside a function)."""
+    if not fn.__closure__:
+        return fn.__globals__  # type: ignore[no-any-return]
+    return {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+
+
 def _is_user_module(m: Any) -> bool:
     return isinstance(m, torch.nn.Module) and not type(m).__module__.startswith("torch.")
 
@@ -166,7 +175,7 @@ def needs_inline(fn: Any, bound: Any, seen: frozenset[tuple[int, int]] = frozens
     except StagingError:
         return False
     for call in (n for n in ast.walk(func) if isinstance(n, ast.Call)):
-        for callee in _resolve(call.func, bound, fn.__globals__):
+        for callee in _resolve(call.func, bound, _environment(fn)):
             target = inline_target(callee)
             if target is not None and (id(target[0]), id(target[1])) not in seen and \
                     needs_inline(*target, seen):
@@ -359,11 +368,7 @@ class _Stager:
         self.depth = 0  # calls being inlined
 
     def run(self) -> Staged:
-        func, filename = _function_ast(type(self.root).forward)
-        func = copy.deepcopy(func)
-        fn_globals = type(self.root).forward.__globals__
-        self.globals[id(fn_globals)] = fn_globals
-        _set_origin(func.body, filename, id(fn_globals))
+        func, filename = self.enter(type(self.root).forward)
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
         defaults: list[ast.expr] = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
@@ -371,6 +376,16 @@ class _Stager:
             defaults = []  # a computed default: callers pass every argument
         return Staged(self.root, params, self.block(func.body), self.globals, filename,
                       defaults)
+
+    def enter(self, fn: Any) -> tuple[ast.FunctionDef, str]:
+        """A fresh copy of `fn`'s parsed source, each statement knowing its origin, and the
+        file it comes from."""
+        func, filename = _function_ast(fn)
+        func = copy.deepcopy(func)
+        env = _environment(fn)
+        self.globals[id(env)] = env
+        _set_origin(func.body, filename, id(env))
+        return func, filename
 
     def fresh(self, stem: str) -> str:
         name = f"_hw_{stem}{next(self.counter)}"
@@ -418,6 +433,9 @@ class _Stager:
                         return ast.copy_location(ast.Constant(value), node)
                 return _simplify(super().generic_visit(node))
 
+            def visit_ListComp(self, node: ast.ListComp) -> ast.AST:
+                return stager.unroll_comprehension(self.generic_visit(node))
+
             def visit_Name(self, node: ast.Name) -> ast.AST:
                 if isinstance(node.ctx, ast.Load) and node.id not in stager.locals:
                     node._hw_origin = origin_of(stmt)  # type: ignore[attr-defined]
@@ -427,6 +445,22 @@ class _Stager:
                 return node
 
         return Folder().visit(expr)  # type: ignore[no-any-return]
+
+    def unroll_comprehension(self, node: ast.AST) -> ast.AST:
+        """`[g(x) for g in self.gates]` -> `[self.gates[0](x), self.gates[1](x), ...]`."""
+        if not isinstance(node, ast.ListComp) or len(node.generators) != 1:
+            return node
+        gen = node.generators[0]
+        items = None if gen.ifs or gen.is_async else self.static_items(gen.iter)
+        if items is None or len(items) > MAX_UNROLL:
+            return node
+        elts = []
+        for item in items:
+            binding: dict[str, ast.expr] = {}
+            if not _bind(gen.target, item, binding):
+                return node
+            elts.append(_Substitute(binding).visit(copy.deepcopy(node.elt)))
+        return ast.copy_location(ast.List(elts, ast.Load()), node)
 
     # -------------------------------------------------------------- statements
     def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
@@ -743,9 +777,7 @@ class _Stager:
         if func.decorator_list or self.depth >= MAX_INLINE_DEPTH:
             raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} is decorated or "
                                f"recursive beyond {MAX_INLINE_DEPTH} levels")
-        func = copy.deepcopy(func)
-        self.globals[id(fn.__globals__)] = fn.__globals__
-        _set_origin(func.body, filename, id(fn.__globals__))
+        func, _ = self.enter(fn)
         params = [a.arg for a in func.args.args[1 if self_expr is not None else 0:]]
         args = _bind_arguments(call, params, fn, origin_of(stmt).where())
         assigned = _assigned_names(func.body)
