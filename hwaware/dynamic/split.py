@@ -78,10 +78,15 @@ class HostPlan:
 
     @property
     def is_dynamic(self) -> bool:
-        """Anything beyond one region followed by a return needs the host program."""
-        return self.sites > 0 or len(self.regions) > 1 or any(
-            r.eager_reason for r in self.regions.values()) or any(
-            isinstance(s, (ast.For, ast.While, ast.If)) for s in self.body)
+        """Does the forward need the host program: decisions, loops, values read into Python
+        (`.item()`, `int(t)`) or eager regions? (Regions cut only by host containers or names
+        are one static graph: the static path captures the whole forward.)"""
+        return self.sites > 0 or any(r.eager_reason for r in self.regions.values()) or any(
+            isinstance(s, (ast.For, ast.While, ast.If)) for s in self.body) or any(
+            isinstance(n, ast.Call) and (isinstance(n.func, ast.Attribute) and n.func.attr in
+                                         VALUE_READS or isinstance(n.func, ast.Name) and
+                                         n.func.id in CONVERSIONS)
+            for s in self.body for n in ast.walk(s))
 
     def source(self, instrumented: bool = False) -> str:
         """The host program as Python; `instrumented` routes each decision through

@@ -6,9 +6,12 @@ time:
 - expressions that only read the model (`self.threshold`, `len(self.blocks)`,
   `self.downsample is None`) become constants, and branches on constants are decided now;
 - loops over ModuleLists (`for blk in self.blocks`, `zip(...)`, `enumerate(...)`, and `range`
-  loops whose counter picks a submodule) are unrolled, so each iteration names its own
-  submodule (`self.blocks[2]`); `break`/`continue` become breaks out of a one-pass loop;
-- a ModuleList indexed by a run-time int (`self.experts[idx](x)`) becomes an if-chain;
+  loops whose counter picks a submodule, `getattr(self, f"head{i}")` included) are unrolled,
+  so each iteration names its own submodule (`self.blocks[2]`); `break`/`continue` become
+  breaks out of a one-pass loop (`for ... else` reads a flag); list comprehensions over them
+  become lists;
+- a ModuleList (ModuleDict) indexed by a run-time value (`self.experts[idx](x)`) becomes an
+  if-chain; a local naming a submodule (`expert = self.experts[idx]`) is replaced by it;
 - calls to user submodules, helper methods (`self._run(x)`, `blk.decide(h)`) and plain
   functions whose code branches (directly or in what they call) are inlined: locals renamed,
   constant and submodule arguments substituted, `return` turned into an assignment, and a

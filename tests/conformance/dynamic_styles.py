@@ -386,7 +386,7 @@ def shape_heads() -> Case:
 
 # ---------------------------------------------- 9. top-1 MoE through a local naming the expert
 class Top1MoE(nn.Module):
-    def __init__(self, dim: int = 16, n_experts: int = 4, hidden: int = 24):
+    def __init__(self, dim: int = 16, n_experts: int = 3, hidden: int = 24):
         super().__init__()
         self.router = nn.Linear(dim, n_experts)
         self.experts = nn.ModuleList([
@@ -407,7 +407,7 @@ def top1_moe() -> Case:
     n = len(model.experts)
     _wire(model.router, {e: e for e in range(n)})
     base = 0.3 * torch.randn(1, 5, 16)
-    order = [2, 0, 3, 1]
+    order = [2, 0, 1]
     return model, [(_controlled(base, 2, {e: float(e == k) for e in range(n)}),) for k in order]
 
 
