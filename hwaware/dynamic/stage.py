@@ -128,6 +128,12 @@ def _environment(fn: Any) -> dict[str, Any]:
     return {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
 
 
+def _mode_queries() -> list[Any]:
+    """Functions whose answer is the same for every call of a model run in Python (False)."""
+    return [torch.jit.is_scripting, torch.jit.is_tracing, torch.compiler.is_compiling,
+            torch.compiler.is_dynamo_compiling]
+
+
 def _is_user_module(m: Any) -> bool:
     return isinstance(m, torch.nn.Module) and not type(m).__module__.startswith("torch.")
 
@@ -404,6 +410,7 @@ class _Stager:
         for n in ast.walk(expr):
             if isinstance(n, ast.Call) and not (
                 isinstance(n.func, ast.Name) and n.func.id in STATIC_CALLS
+                or not n.args and not n.keywords and self.is_mode_query(n.func)
             ):
                 return False, None
             if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.ListComp, ast.GeneratorExp)):
@@ -416,6 +423,13 @@ class _Stager:
             return True, eval(code, env)  # noqa: S307 - reads model attributes only
         except Exception:  # noqa: BLE001 - not statically known; left to run time
             return False, None
+
+    def is_mode_query(self, func: ast.expr) -> bool:
+        """`torch.jit.is_scripting` and the like: fixed for a model run in Python."""
+        if not isinstance(func, ast.Attribute):
+            return False
+        ok, value = self.static_value(func)
+        return ok and any(value is f for f in _mode_queries())
 
     def _globals_for(self, node: ast.AST) -> dict[str, Any]:
         origin = getattr(node, "_hw_origin", None)

@@ -148,7 +148,7 @@ def helper_exit() -> Case:
 
 # ----------------------------------------------------------- 3. while loop with counters
 class CountedWhile(nn.Module):
-    """`i = 0; while i < self.n and not done:` with the stop flag read by `.item()`."""
+    """A `while` loop with a counter and a stop flag read by `.item()`."""
 
     def __init__(self, dim: int = 12, n: int = 4, thr: float = 0.5):
         super().__init__()
