@@ -159,8 +159,9 @@ def _container_names(body: list[ast.stmt], params: list[str]) -> set[str]:
     return {n for n, good in ok.items() if good} - set(params)
 
 
-def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
-    """Names that only ever hold host scalars (greatest fixpoint over all assignments)."""
+def _host_names(body: list[ast.stmt], params: list[str], containers: set[str]) -> set[str]:
+    """Names that only ever hold host scalars (greatest fixpoint over all assignments); not
+    the containers, whose elements may be tensors."""
     assigns: list[tuple[ast.expr, ast.expr | None]] = []
     for node in ast.walk(ast.Module(body, [])):
         if isinstance(node, ast.Assign):
@@ -170,7 +171,7 @@ def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
         elif isinstance(node, ast.For):
             assigns.append((node.target, node.iter))
     host = {n.id for t, _ in assigns for n in ast.walk(t) if isinstance(n, ast.Name)}
-    host -= set(params)
+    host -= set(params) | containers
     changed = True
     while changed:
         changed = False
@@ -222,8 +223,8 @@ class _Tensor:
 class _Splitter:
     def __init__(self, staged: Staged):
         self.staged = staged
-        self.host = _host_names(staged.body, staged.params)
         self.containers = _container_names(staged.body, staged.params)
+        self.host = _host_names(staged.body, staged.params, self.containers)
         self.read = {n.id for n in ast.walk(ast.Module(staged.body, []))
                      if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         self.counter = itertools.count()
@@ -298,8 +299,8 @@ class _Splitter:
             return [*pre, s]
         if isinstance(s, ast.While):
             return self.lower_while(s)
-        if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False)
-                                       or is_host_expr(s.iter, self.host)):
+        if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False) or  # over host values
+                                       is_host_expr(s.iter, self.host | self.containers)):
             pre, s.iter = self.hoist(s.iter, s)  # `for v in scores.tolist():`
             s.body = self.lower(s.body) or [ast.Pass()]
             s.orelse = self.lower(s.orelse)

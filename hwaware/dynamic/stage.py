@@ -266,11 +266,10 @@ def _jumps(stmts: list[ast.stmt]) -> set[str]:
 
 
 class _ReplaceJumps(ast.NodeTransformer):
-    """Turn `continue` into `break` (one-pass loop), flag each `break`, or `return e` into
-    assignments to
-    `return_targets` and a `break` out of the one-pass loop around an inlined body (a return
-    inside a loop also sets `flag`, and every loop holding one is followed by `if flag: break`,
-    so the break reaches the one-pass loop)."""
+    """Turn `continue` into `break` (one-pass loop), flag each `break` (`for ... else`), or
+    turn `return e` into assignments to `return_targets` and a `break` out of the one-pass loop
+    around an inlined body (a return inside a loop also sets `flag`, and every loop holding one
+    is followed by `if flag: break`, so the break reaches the one-pass loop)."""
 
     def __init__(self, continue_to_break: bool = False,
                  return_targets: list[str] | None = None, unpack: bool = False,
