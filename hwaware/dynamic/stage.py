@@ -128,6 +128,19 @@ def _environment(fn: Any) -> dict[str, Any]:
     return {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
 
 
+def _is_grad_mode(call: ast.expr, env: dict[str, Any]) -> bool:
+    """Is `call` (a context manager or a decorator) `torch.no_grad()` or the like: no effect
+    on the values a compiled model computes?"""
+    if not isinstance(call, ast.Call):
+        return False
+    try:
+        code = compile(ast.Expression(call.func), "<static>", "eval")
+        value = eval(code, dict(env))  # noqa: S307 - looks up a name, calls nothing
+    except Exception:  # noqa: BLE001 - not a name hwaware can look up
+        return False
+    return value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
+
+
 def _mode_queries() -> list[Any]:
     """Functions whose answer is the same for every call of a model run in Python (False)."""
     return [torch.jit.is_scripting, torch.jit.is_tracing, torch.compiler.is_compiling,
@@ -146,12 +159,12 @@ def inline_target(callee: Any) -> tuple[Any, Any] | None:
     """(function, the object it is bound to or None) for a call hwaware can read the code of:
     a user submodule (its forward), a method of one, or a plain user function."""
     if _is_user_module(callee):
-        return type(callee).forward, callee
+        return inspect.unwrap(type(callee).forward), callee
     if inspect.ismethod(callee) and _is_user_module(callee.__self__) and \
             _is_user_function(callee.__func__):
-        return callee.__func__, callee.__self__
+        return inspect.unwrap(callee.__func__), callee.__self__  # its source has decorators
     if _is_user_function(callee):
-        return callee, None
+        return inspect.unwrap(callee), None
     return None
 
 
@@ -376,7 +389,7 @@ class _Stager:
         self.depth = 0  # calls being inlined
 
     def run(self) -> Staged:
-        func, filename = self.enter(type(self.root).forward)
+        func, filename = self.enter(inspect.unwrap(type(self.root).forward))
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
         defaults: list[ast.expr] = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
@@ -520,17 +533,12 @@ class _Stager:
             return self.for_(stmt)
         if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return)):
             return self.simple(stmt)
-        if isinstance(stmt, ast.With) and all(self.is_grad_mode(i) for i in stmt.items):
-            return self.block(stmt.body)
+        if isinstance(stmt, ast.With) and all(
+                i.optional_vars is None and _is_grad_mode(
+                    i.context_expr, self.globals[origin_of(stmt).globals_id])
+                for i in stmt.items):
+            return self.block(stmt.body)  # `with torch.no_grad():`
         return [stmt]
-
-    def is_grad_mode(self, item: ast.withitem) -> bool:
-        """`torch.no_grad()` and the like: no effect on the values a compiled model computes."""
-        call = item.context_expr
-        if item.optional_vars is not None or not isinstance(call, ast.Call):
-            return False
-        ok, value = self.static_value(call.func)
-        return ok and value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
 
     def if_(self, stmt: ast.If) -> list[ast.stmt]:
         stmt.test = self.fold(stmt.test, stmt)
@@ -790,7 +798,8 @@ class _Stager:
         """The staged body of `fn` called at `call`, and the expression standing for its value
         (a name, or a tuple of names for a function returning tuples)."""
         func, filename = _function_ast(fn)
-        if func.decorator_list or self.depth >= MAX_INLINE_DEPTH:
+        if not all(_is_grad_mode(d, _environment(fn)) for d in func.decorator_list) or \
+                self.depth >= MAX_INLINE_DEPTH:
             raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} is decorated or "
                                f"recursive beyond {MAX_INLINE_DEPTH} levels")
         func, _ = self.enter(fn)
