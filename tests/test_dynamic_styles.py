@@ -93,7 +93,8 @@ def test_rewrite_failing_unexpectedly_falls_back_to_eager_not_to_a_wrong_static_
     model, inputs = CASES["counted_while"]()
     cm, caught = _compile_recording(model, inputs[0])
     assert len(caught) == 1 and "all of it is one region" in caught[0]
-    assert caught[0].startswith(f"{dynamic_styles.__file__}:{_line_of('while i < self.n and not done:')}:")
+    line = _line_of("while i < self.n and not done:")
+    assert caught[0].startswith(f"{dynamic_styles.__file__}:{line}:")
     for x in inputs:
         assert_close_to_eager(model, cm, *x)
 
