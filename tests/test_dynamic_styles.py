@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import hwaware
-from hwaware.dynamic.model import DynamicModel, EagerRegionWarning
+from hwaware.dynamic import driver
+from hwaware.dynamic.model import DynamicCaptureError, DynamicModel, EagerRegionWarning
 from tests.conformance import dynamic_styles
 from tests.conformance.dynamic_styles import CASES, PonderLoop
 from tests.helpers import assert_close_to_eager
@@ -78,6 +79,51 @@ def test_ponder_loop_halts_at_each_step_count_and_stays_dynamic() -> None:
     assert steps == [1, 4, model.max_steps]
     assert cm.info.explore.sites > 0 and len(cm.runners) > 1
     assert all(r.compiled for r in cm.runners.values())  # every region has a static graph
+
+
+def test_rewrite_failing_unexpectedly_falls_back_to_eager_not_to_a_wrong_static_graph(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split raising something other than StagingError: no host plan; export then refuses the
+    `while` on the `.item()` flag, so the whole model runs eager, with one warning naming the
+    line that decides."""
+    def broken(*_: Any) -> None:
+        raise KeyError("a bug in split")
+
+    monkeypatch.setattr(driver, "split", broken)
+    model, inputs = CASES["counted_while"]()
+    cm, caught = _compile_recording(model, inputs[0])
+    assert len(caught) == 1 and "all of it is one region" in caught[0]
+    line = _line_of("while i < self.n and not done:")
+    assert caught[0].startswith(f"{dynamic_styles.__file__}:{line}:")
+    for x in inputs:
+        assert_close_to_eager(model, cm, *x)
+
+
+def test_host_program_disagreeing_with_eager_falls_back_to_eager(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = driver.explore
+
+    def off_by_one(*args: Any) -> tuple[Any, Any]:
+        stats, out = real(*args)
+        return stats, out + 1
+
+    monkeypatch.setattr(driver, "explore", off_by_one)
+    model, inputs = CASES["counted_while"]()
+    cm, caught = _compile_recording(model, inputs[0])
+    assert len(caught) == 1 and "disagrees with eager PyTorch" in caught[0]
+    for x in inputs:
+        assert_close_to_eager(model, cm, *x)
+    with pytest.raises(DynamicCaptureError, match="disagrees with eager"):
+        hwaware.compile(model, inputs[0], db=None, show_progress=False, strict=True)
+
+
+def _compile_recording(model: nn.Module, inputs: tuple[torch.Tensor, ...]
+                       ) -> tuple[DynamicModel, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = hwaware.compile(model, inputs, db=None, show_progress=False)
+    assert isinstance(cm, DynamicModel)
+    return cm, [str(w.message) for w in caught if issubclass(w.category, EagerRegionWarning)]
 
 
 def _line_of(text: str) -> int:

@@ -155,7 +155,8 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
                     trials: int, show_progress: bool, strict: bool,
                     compile_graphs: Callable[..., list[Any]]) -> DynamicModel:
     """Explore, compile every specialization met (tuning them together first if trials > 0),
-    and return the model; later unseen shapes compile on first use."""
+    and return the model; later unseen shapes compile on first use. A host program that fails
+    or disagrees with eager PyTorch on `inputs` gives `eager_model` instead."""
     name = type(model).__name__
     try:
         runners, stats, pending = explore_model(staged, plan, inputs, strict)

@@ -26,9 +26,12 @@ from typing import Any
 from hwaware.dynamic.stage import VALUE_READS, Origin, Staged, StagingError, origin_of
 
 HOST_BUILTINS = {"int", "float", "bool", "len", "min", "max", "abs", "round", "range",
+                 "enumerate", "zip", "reversed", "sorted", "sum", "any", "all",
                  "IndexError", "ValueError", "RuntimeError", "AssertionError", "True", "False",
                  "None", "math", "print", "isinstance", "tuple", "list"}
 CONVERSIONS = {"int", "float", "bool"}
+HOST_ITERATION = {"min", "max", "abs", "round", "range", "enumerate", "zip", "reversed",
+                  "sorted", "sum", "any", "all", "list", "tuple"}  # host values in, host out
 SHAPE_METHODS = {"size", "dim", "numel"}
 SIDE_EFFECT_CALLS = {"print", "input", "open", "breakpoint", "exec", "eval"}
 SIDE_EFFECT_METHODS = {"append", "extend", "insert", "pop", "remove", "clear", "setdefault",
@@ -75,10 +78,15 @@ class HostPlan:
 
     @property
     def is_dynamic(self) -> bool:
-        """Anything beyond one region followed by a return needs the host program."""
-        return self.sites > 0 or len(self.regions) > 1 or any(
-            r.eager_reason for r in self.regions.values()) or any(
-            isinstance(s, (ast.For, ast.While, ast.If)) for s in self.body)
+        """Does the forward need the host program: decisions, loops, values read into Python
+        (`.item()`, `int(t)`) or eager regions? (Regions cut only by host containers or names
+        are one static graph: the static path captures the whole forward.)"""
+        return self.sites > 0 or any(r.eager_reason for r in self.regions.values()) or any(
+            isinstance(s, (ast.For, ast.While, ast.If)) for s in self.body) or any(
+            isinstance(n, ast.Call) and (isinstance(n.func, ast.Attribute) and n.func.attr in
+                                         VALUE_READS or isinstance(n.func, ast.Name) and
+                                         n.func.id in CONVERSIONS)
+            for s in self.body for n in ast.walk(s))
 
     def source(self, instrumented: bool = False) -> str:
         """The host program as Python; `instrumented` routes each decision through
@@ -128,8 +136,7 @@ def _is_host_call(e: ast.Call, host: set[str]) -> bool:
     if isinstance(f, ast.Name):
         if f.id in CONVERSIONS and len(e.args) == 1 or f.id in ("len", "isinstance"):
             return True  # isinstance: a property of the Python object, known to the host
-        return f.id in {"min", "max", "abs", "round", "range"} and \
-            all(is_host_expr(a, host) for a in e.args)
+        return f.id in HOST_ITERATION and all(is_host_expr(a, host) for a in e.args)
     if isinstance(f, ast.Attribute):
         if f.attr in VALUE_READS and not e.args:
             return True
@@ -152,8 +159,9 @@ def _container_names(body: list[ast.stmt], params: list[str]) -> set[str]:
     return {n for n, good in ok.items() if good} - set(params)
 
 
-def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
-    """Names that only ever hold host scalars (greatest fixpoint over all assignments)."""
+def _host_names(body: list[ast.stmt], params: list[str], containers: set[str]) -> set[str]:
+    """Names that only ever hold host scalars (greatest fixpoint over all assignments); not
+    the containers, whose elements may be tensors."""
     assigns: list[tuple[ast.expr, ast.expr | None]] = []
     for node in ast.walk(ast.Module(body, [])):
         if isinstance(node, ast.Assign):
@@ -163,7 +171,7 @@ def _host_names(body: list[ast.stmt], params: list[str]) -> set[str]:
         elif isinstance(node, ast.For):
             assigns.append((node.target, node.iter))
     host = {n.id for t, _ in assigns for n in ast.walk(t) if isinstance(n, ast.Name)}
-    host -= set(params)
+    host -= set(params) | containers
     changed = True
     while changed:
         changed = False
@@ -215,8 +223,8 @@ class _Tensor:
 class _Splitter:
     def __init__(self, staged: Staged):
         self.staged = staged
-        self.host = _host_names(staged.body, staged.params)
         self.containers = _container_names(staged.body, staged.params)
+        self.host = _host_names(staged.body, staged.params, self.containers)
         self.read = {n.id for n in ast.walk(ast.Module(staged.body, []))
                      if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         self.counter = itertools.count()
@@ -291,11 +299,12 @@ class _Splitter:
             return [*pre, s]
         if isinstance(s, ast.While):
             return self.lower_while(s)
-        if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False)
-                                       or is_host_expr(s.iter, self.host)):
+        if isinstance(s, ast.For) and (getattr(s, "_hw_keep", False) or  # over host values
+                                       is_host_expr(s.iter, self.host | self.containers)):
+            pre, s.iter = self.hoist(s.iter, s)  # `for v in scores.tolist():`
             s.body = self.lower(s.body) or [ast.Pass()]
             s.orelse = self.lower(s.orelse)
-            return [s]
+            return [*pre, s]
         if getattr(s, "_hw_alias", False) and not _assigned_names_read(s, self.read):
             return []  # `blk = self.blocks[2]`, every use replaced by the submodule (stage)
         if isinstance(s, ast.Return):
@@ -515,10 +524,9 @@ class _Splitter:
         for name, r in self.regions.items():
             stored: list[str] = []
             for s in r.statements:
-                for n in ast.walk(s):
-                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and \
-                            n.id in needed and n.id not in stored:
-                        stored.append(n.id)
+                for out in _free_names(s, ast.Store):
+                    if out in needed and out not in stored:
+                        stored.append(out)
             r.outputs = stored
             r.arithmetic_inputs = [i for i in r.inputs if i in self.host and
                                    _only_arithmetic(r.statements, i)]
@@ -602,16 +610,31 @@ def _live_in(stmts: list[ast.stmt], local: set[str]) -> list[str]:
     assigned: set[str] = set()
     inputs: list[str] = []
     for s in stmts:
-        loads = [n.id for n in ast.walk(s) if isinstance(n, ast.Name)
-                 and isinstance(n.ctx, ast.Load)]
+        loads = _free_names(s, ast.Load)
+        if isinstance(s, ast.For):  # a loop in a region binds its variables itself
+            bound = set(_free_names(s.target, ast.Store)) - set(_free_names(s.iter, ast.Load))
+            loads = [n for n in loads if n not in bound]
         if isinstance(s, ast.AugAssign) and isinstance(s.target, ast.Name):
             loads.append(s.target.id)
         for name in loads:
             if name in local and name not in assigned and name not in inputs:
                 inputs.append(name)
-        assigned |= {n.id for n in ast.walk(s) if isinstance(n, ast.Name)
-                     and isinstance(n.ctx, ast.Store)}
+        assigned |= set(_free_names(s, ast.Store))
     return inputs
+
+
+COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _free_names(node: ast.AST, ctx: type, bound: frozenset[str] = frozenset()) -> list[str]:
+    """Names `node` loads (ctx=ast.Load) or stores (ast.Store) in the function's own scope:
+    not the variables a comprehension binds for itself (`o` in `sum(o.norm() for o in outs)`)."""
+    if isinstance(node, ast.Name):
+        return [node.id] if isinstance(node.ctx, ctx) and node.id not in bound else []
+    if isinstance(node, COMPREHENSIONS):
+        bound = bound | {n.id for g in node.generators for n in ast.walk(g.target)
+                         if isinstance(n, ast.Name)}
+    return [x for child in ast.iter_child_nodes(node) for x in _free_names(child, ctx, bound)]
 
 
 def _only_arithmetic(stmts: list[ast.stmt], name: str) -> bool:

@@ -6,9 +6,12 @@ time:
 - expressions that only read the model (`self.threshold`, `len(self.blocks)`,
   `self.downsample is None`) become constants, and branches on constants are decided now;
 - loops over ModuleLists (`for blk in self.blocks`, `zip(...)`, `enumerate(...)`, and `range`
-  loops whose counter picks a submodule) are unrolled, so each iteration names its own
-  submodule (`self.blocks[2]`); `break`/`continue` become breaks out of a one-pass loop;
-- a ModuleList indexed by a run-time int (`self.experts[idx](x)`) becomes an if-chain;
+  loops whose counter picks a submodule, `getattr(self, f"head{i}")` included) are unrolled,
+  so each iteration names its own submodule (`self.blocks[2]`); `break`/`continue` become
+  breaks out of a one-pass loop (`for ... else` reads a flag); list comprehensions over them
+  become lists;
+- a ModuleList (ModuleDict) indexed by a run-time value (`self.experts[idx](x)`) becomes an
+  if-chain; a local naming a submodule (`expert = self.experts[idx]`) is replaced by it;
 - calls to user submodules, helper methods (`self._run(x)`, `blk.decide(h)`) and plain
   functions whose code branches (directly or in what they call) are inlined: locals renamed,
   constant and submodule arguments substituted, `return` turned into an assignment, and a
@@ -116,6 +119,34 @@ def _function_ast(fn: Any) -> tuple[ast.FunctionDef, str]:
     return func, filename
 
 
+@_per_object
+def _environment(fn: Any) -> dict[str, Any]:
+    """The names `fn`'s code reads besides its locals: its globals, and the variables of
+    enclosing functions it closes over (a model class defined inside a function)."""
+    if not fn.__closure__:
+        return fn.__globals__  # type: ignore[no-any-return]
+    return {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+
+
+def _is_grad_mode(call: ast.expr, env: dict[str, Any]) -> bool:
+    """Is `call` (a context manager or a decorator) `torch.no_grad()` or the like: no effect
+    on the values a compiled model computes?"""
+    if not isinstance(call, ast.Call):
+        return False
+    try:
+        code = compile(ast.Expression(call.func), "<static>", "eval")
+        value = eval(code, dict(env))  # noqa: S307 - looks up a name, calls nothing
+    except Exception:  # noqa: BLE001 - not a name hwaware can look up
+        return False
+    return value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
+
+
+def _mode_queries() -> list[Any]:
+    """Functions whose answer is the same for every call of a model run in Python (False)."""
+    return [torch.jit.is_scripting, torch.jit.is_tracing, torch.compiler.is_compiling,
+            torch.compiler.is_dynamo_compiling]
+
+
 def _is_user_module(m: Any) -> bool:
     return isinstance(m, torch.nn.Module) and not type(m).__module__.startswith("torch.")
 
@@ -128,12 +159,12 @@ def inline_target(callee: Any) -> tuple[Any, Any] | None:
     """(function, the object it is bound to or None) for a call hwaware can read the code of:
     a user submodule (its forward), a method of one, or a plain user function."""
     if _is_user_module(callee):
-        return type(callee).forward, callee
+        return inspect.unwrap(type(callee).forward), callee
     if inspect.ismethod(callee) and _is_user_module(callee.__self__) and \
             _is_user_function(callee.__func__):
-        return callee.__func__, callee.__self__
+        return inspect.unwrap(callee.__func__), callee.__self__  # its source has decorators
     if _is_user_function(callee):
-        return callee, None
+        return inspect.unwrap(callee), None
     return None
 
 
@@ -166,7 +197,7 @@ def needs_inline(fn: Any, bound: Any, seen: frozenset[tuple[int, int]] = frozens
     except StagingError:
         return False
     for call in (n for n in ast.walk(func) if isinstance(n, ast.Call)):
-        for callee in _resolve(call.func, bound, fn.__globals__):
+        for callee in _resolve(call.func, bound, _environment(fn)):
             target = inline_target(callee)
             if target is not None and (id(target[0]), id(target[1])) not in seen and \
                     needs_inline(*target, seen):
@@ -248,11 +279,10 @@ def _jumps(stmts: list[ast.stmt]) -> set[str]:
 
 
 class _ReplaceJumps(ast.NodeTransformer):
-    """Turn `continue` into `break` (one-pass loop), flag each `break`, or `return e` into
-    assignments to
-    `return_targets` and a `break` out of the one-pass loop around an inlined body (a return
-    inside a loop also sets `flag`, and every loop holding one is followed by `if flag: break`,
-    so the break reaches the one-pass loop)."""
+    """Turn `continue` into `break` (one-pass loop), flag each `break` (`for ... else`), or
+    turn `return e` into assignments to `return_targets` and a `break` out of the one-pass loop
+    around an inlined body (a return inside a loop also sets `flag`, and every loop holding one
+    is followed by `if flag: break`, so the break reaches the one-pass loop)."""
 
     def __init__(self, continue_to_break: bool = False,
                  return_targets: list[str] | None = None, unpack: bool = False,
@@ -359,11 +389,7 @@ class _Stager:
         self.depth = 0  # calls being inlined
 
     def run(self) -> Staged:
-        func, filename = _function_ast(type(self.root).forward)
-        func = copy.deepcopy(func)
-        fn_globals = type(self.root).forward.__globals__
-        self.globals[id(fn_globals)] = fn_globals
-        _set_origin(func.body, filename, id(fn_globals))
+        func, filename = self.enter(inspect.unwrap(type(self.root).forward))
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
         defaults: list[ast.expr] = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
@@ -371,6 +397,16 @@ class _Stager:
             defaults = []  # a computed default: callers pass every argument
         return Staged(self.root, params, self.block(func.body), self.globals, filename,
                       defaults)
+
+    def enter(self, fn: Any) -> tuple[ast.FunctionDef, str]:
+        """A fresh copy of `fn`'s parsed source, each statement knowing its origin, and the
+        file it comes from."""
+        func, filename = _function_ast(fn)
+        func = copy.deepcopy(func)
+        env = _environment(fn)
+        self.globals[id(env)] = env
+        _set_origin(func.body, filename, id(env))
+        return func, filename
 
     def fresh(self, stem: str) -> str:
         name = f"_hw_{stem}{next(self.counter)}"
@@ -386,6 +422,7 @@ class _Stager:
         for n in ast.walk(expr):
             if isinstance(n, ast.Call) and not (
                 isinstance(n.func, ast.Name) and n.func.id in STATIC_CALLS
+                or not n.args and not n.keywords and self.is_mode_query(n.func)
             ):
                 return False, None
             if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.ListComp, ast.GeneratorExp)):
@@ -398,6 +435,13 @@ class _Stager:
             return True, eval(code, env)  # noqa: S307 - reads model attributes only
         except Exception:  # noqa: BLE001 - not statically known; left to run time
             return False, None
+
+    def is_mode_query(self, func: ast.expr) -> bool:
+        """`torch.jit.is_scripting` and the like: fixed for a model run in Python."""
+        if not isinstance(func, ast.Attribute):
+            return False
+        ok, value = self.static_value(func)
+        return ok and any(value is f for f in _mode_queries())
 
     def _globals_for(self, node: ast.AST) -> dict[str, Any]:
         origin = getattr(node, "_hw_origin", None)
@@ -418,6 +462,9 @@ class _Stager:
                         return ast.copy_location(ast.Constant(value), node)
                 return _simplify(super().generic_visit(node))
 
+            def visit_ListComp(self, node: ast.ListComp) -> ast.AST:
+                return stager.unroll_comprehension(self.generic_visit(node))
+
             def visit_Name(self, node: ast.Name) -> ast.AST:
                 if isinstance(node.ctx, ast.Load) and node.id not in stager.locals:
                     node._hw_origin = origin_of(stmt)  # type: ignore[attr-defined]
@@ -427,6 +474,22 @@ class _Stager:
                 return node
 
         return Folder().visit(expr)  # type: ignore[no-any-return]
+
+    def unroll_comprehension(self, node: ast.AST) -> ast.AST:
+        """`[g(x) for g in self.gates]` -> `[self.gates[0](x), self.gates[1](x), ...]`."""
+        if not isinstance(node, ast.ListComp) or len(node.generators) != 1:
+            return node
+        gen = node.generators[0]
+        items = None if gen.ifs or gen.is_async else self.static_items(gen.iter)
+        if items is None or len(items) > MAX_UNROLL:
+            return node
+        elts = []
+        for item in items:
+            binding: dict[str, ast.expr] = {}
+            if not _bind(gen.target, item, binding):
+                return node
+            elts.append(_Substitute(binding).visit(copy.deepcopy(node.elt)))
+        return ast.copy_location(ast.List(elts, ast.Load()), node)
 
     # -------------------------------------------------------------- statements
     def block(self, stmts: list[ast.stmt]) -> list[ast.stmt]:
@@ -470,17 +533,12 @@ class _Stager:
             return self.for_(stmt)
         if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return)):
             return self.simple(stmt)
-        if isinstance(stmt, ast.With) and all(self.is_grad_mode(i) for i in stmt.items):
-            return self.block(stmt.body)
+        if isinstance(stmt, ast.With) and all(
+                i.optional_vars is None and _is_grad_mode(
+                    i.context_expr, self.globals[origin_of(stmt).globals_id])
+                for i in stmt.items):
+            return self.block(stmt.body)  # `with torch.no_grad():`
         return [stmt]
-
-    def is_grad_mode(self, item: ast.withitem) -> bool:
-        """`torch.no_grad()` and the like: no effect on the values a compiled model computes."""
-        call = item.context_expr
-        if item.optional_vars is not None or not isinstance(call, ast.Call):
-            return False
-        ok, value = self.static_value(call.func)
-        return ok and value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
 
     def if_(self, stmt: ast.If) -> list[ast.stmt]:
         stmt.test = self.fold(stmt.test, stmt)
@@ -740,12 +798,11 @@ class _Stager:
         """The staged body of `fn` called at `call`, and the expression standing for its value
         (a name, or a tuple of names for a function returning tuples)."""
         func, filename = _function_ast(fn)
-        if func.decorator_list or self.depth >= MAX_INLINE_DEPTH:
+        if not all(_is_grad_mode(d, _environment(fn)) for d in func.decorator_list) or \
+                self.depth >= MAX_INLINE_DEPTH:
             raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} is decorated or "
                                f"recursive beyond {MAX_INLINE_DEPTH} levels")
-        func = copy.deepcopy(func)
-        self.globals[id(fn.__globals__)] = fn.__globals__
-        _set_origin(func.body, filename, id(fn.__globals__))
+        func, _ = self.enter(fn)
         params = [a.arg for a in func.args.args[1 if self_expr is not None else 0:]]
         args = _bind_arguments(call, params, fn, origin_of(stmt).where())
         assigned = _assigned_names(func.body)

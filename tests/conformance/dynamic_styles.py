@@ -7,8 +7,9 @@ their methods (`blk.decide(h)`), in `while` loops with counters and flags, in `.
 `.tolist()` reads, Python lists appended in a loop, dict and tuple returns, shape and
 `isinstance` checks, `getattr(self, f"head{i}")`, top-1 routing through a local naming the
 expert, recursion (a module holding a smaller copy of itself; a method calling itself),
-`for ... else`, `a if c else b` on tensors, `with torch.no_grad()`, keyword arguments, one
-region that cannot be static (numpy) and one forward hwaware cannot rewrite (`*inputs`).
+`for ... else`, `a if c else b` on tensors, `with torch.no_grad()` blocks and decorators,
+keyword arguments, returns from inside loops, an optional `mask=None` parameter, one region
+that cannot be static (numpy) and one forward hwaware cannot rewrite (`*inputs`).
 
 `CASES[name]()` returns (the model in eval mode with seeded random weights, a list of input
 tuples that together take every path; the first one is the compile example). Each input takes
@@ -148,7 +149,7 @@ def helper_exit() -> Case:
 
 # ----------------------------------------------------------- 3. while loop with counters
 class CountedWhile(nn.Module):
-    """`i = 0; while i < self.n and not done:` with the stop flag read by `.item()`."""
+    """A `while` loop with a counter and a stop flag read by `.item()`."""
 
     def __init__(self, dim: int = 12, n: int = 4, thr: float = 0.5):
         super().__init__()
@@ -386,7 +387,7 @@ def shape_heads() -> Case:
 
 # ---------------------------------------------- 9. top-1 MoE through a local naming the expert
 class Top1MoE(nn.Module):
-    def __init__(self, dim: int = 16, n_experts: int = 4, hidden: int = 24):
+    def __init__(self, dim: int = 16, n_experts: int = 3, hidden: int = 24):
         super().__init__()
         self.router = nn.Linear(dim, n_experts)
         self.experts = nn.ModuleList([
@@ -407,7 +408,7 @@ def top1_moe() -> Case:
     n = len(model.experts)
     _wire(model.router, {e: e for e in range(n)})
     base = 0.3 * torch.randn(1, 5, 16)
-    order = [2, 0, 3, 1]
+    order = [2, 0, 1]
     return model, [(_controlled(base, 2, {e: float(e == k) for e in range(n)}),) for k in order]
 
 
@@ -538,7 +539,45 @@ def numpy_clamp() -> Case:
     return model, [(_controlled(base, 1, {0: 1.0}),), (_controlled(base, 1, {0: 0.0}),)]
 
 
-# ---------------------------- 14. a forward hwaware cannot rewrite (*args): eager as a whole
+# ------------- 14. a decorated helper returning from inside a loop; optional mask; tensor while
+class DecoratedSearch(nn.Module):
+    """Searches for the first step whose mean passes 0.5 in a `@torch.no_grad()` helper that
+    returns from inside its loop; then halves the state while its norm is large."""
+
+    def __init__(self, dim: int = 8, k: int = 4):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+        self.k = k
+        self.scale = 0.5
+
+    @torch.no_grad()
+    def _search(self, h, scale=1.0):
+        for k in range(self.k):
+            h = torch.tanh(self.f(h)) * scale + h
+            if h.mean() > 0.5:
+                return h, k
+        return h, -1
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        h, k = self._search(x, scale=self.scale)
+        steps = 0
+        while (h.norm() > 1) and steps < 10:
+            h = h * 0.5
+            steps += 1
+        return h, k, steps
+
+
+def decorated_search() -> Case:
+    torch.manual_seed(14)
+    model = DecoratedSearch().eval()
+    _wire(model.f, {}, bias=1.0)  # every feature grows by 0.5 tanh(1) = 0.38 a step
+    base = 0.05 * torch.randn(1, 8)
+    return model, [(base + m,) for m in (-0.5, 0.3, -3.0)]  # found at step 2, 0; never
+
+
+# ---------------------------- 15. a forward hwaware cannot rewrite (*args): eager as a whole
 class StarArgsGate(nn.Module):
     """A forward taking *inputs: not rewritten, and export refuses its data-dependent `if`."""
 
@@ -577,5 +616,6 @@ CASES: dict[str, Callable[[], Case]] = {
     "recursive_refiner": recursive_refiner,
     "for_else_exit": for_else_exit,
     "numpy_clamp": numpy_clamp,
+    "decorated_search": decorated_search,
     "star_args_gate": star_args_gate,
 }
