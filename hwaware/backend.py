@@ -89,6 +89,12 @@ class GraphVariants:
         return [run.hwaware_compiled for run, _ in self.variants.values()
                 if hasattr(run, "hwaware_compiled")]
 
+    def compiled_for(self, args: tuple[Any, ...] | list[Any]) -> Any:
+        """The hwaware model that serves a call with `args` (None: not compiled yet, or that
+        variant runs eagerly)."""
+        entry = self.variants.get(self._key(args))
+        return getattr(entry[0], "hwaware_compiled", None) if entry else None
+
     def _key(self, args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
         sizes = _shape_key(args) if self.symbolic else tuple(a for a in args if type(a) is int)
         return sizes, _frozen_identity([args[i] for i in self.frozen])

@@ -219,17 +219,15 @@ class RecordingBackend:
 
 
 def _is_hwaware(fn: Any) -> bool:
-    return hasattr(fn, "hwaware_compiled") or hasattr(fn, "by_shape")
+    """The backend compiled at least one variant of the graph with hwaware."""
+    return bool(fn.compiled()) if hasattr(fn, "compiled_for") else hasattr(fn, "hwaware_compiled")
 
 
 def _graph_call_tvm_flops(fn: Any, args: Sequence[Any]) -> int:
-    """TVM FLOPs of one call of a backend-compiled graph (for a graph with symbolic sizes,
-    of the static program compiled for these sizes)."""
-    if hasattr(fn, "by_shape"):
-        from hwaware.backend import _shape_key  # which static program serves these sizes
-
-        fn = fn.by_shape.get(_shape_key(args))
-    compiled = getattr(fn, "hwaware_compiled", None)
+    """TVM FLOPs of one call of a backend-compiled graph (of the variant, for these sizes and
+    parameters, that served the call)."""
+    compiled = fn.compiled_for(args) if hasattr(fn, "compiled_for") else \
+        getattr(fn, "hwaware_compiled", None)
     return 0 if compiled is None else program_tvm_flops(compiled)
 
 
