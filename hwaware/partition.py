@@ -293,7 +293,10 @@ class _ProgramBuilder:
             value: Any = self.gm
             for part in name.split("."):
                 value = getattr(value, part)
-            self.constants[name] = value.detach()
+            # a copy: the compiled model is a snapshot of the weights, as its TVM kernels
+            # are (they hold their own); sharing the module's storage, a weight changed in
+            # place after compiling reached the kernels that run in PyTorch and not the rest
+            self.constants[name] = value.detach().clone()
         return name
 
     def op_step(self, node: fx.Node) -> OpStep:

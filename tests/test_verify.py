@@ -49,14 +49,16 @@ def test_a_correct_model_is_checked_for_n_calls_then_runs_alone() -> None:
 
 
 def test_a_kernel_that_differs_is_named() -> None:
-    """Weights changed after compiling: the TVM kernels keep the old ones, so the model no
-    longer matches eager; verify names the kernel, not just the model."""
+    """A TVM kernel that computes something else than its PyTorch ops (here: built with other
+    weights than the program's, which match the module's): verify names the kernel, not just
+    the model."""
     model = _mlp()
     cm = hwaware.compile(model, (torch.randn(2, 8),), db=None, verify=3)
     assert isinstance(cm, CompiledModel) and _every_built_kernel_on_tvm(cm) > 0
     cm(torch.randn(2, 8))
     with torch.no_grad():
         model[2].weight.add_(0.5)
+        cm.program.constants["2.weight"].add_(0.5)
     with pytest.raises(VerificationError, match=r"call 2 of model Sequential differs from "
                                                 r"eager.*first differing kernel: k_"):
         cm(torch.randn(2, 8))
@@ -120,3 +122,20 @@ def test_difference_scales_atol_with_the_output_and_names_what_differs() -> None
     assert "max abs error" in str(difference(big + 5.0, big))
     assert "outputs where eager gives" in str(difference((big, big), (big,)))
     assert "int64" in str(difference(torch.zeros(2), torch.zeros(2, dtype=torch.int64)))
+
+
+def test_a_compiled_model_is_a_snapshot_of_the_weights() -> None:
+    """Weights changed in place after `hwaware.compile` change neither its PyTorch kernels nor
+    its TVM kernels (before, the PyTorch ones shared the module's storage: a mix of old and
+    new weights); `verify` is what tells a user the module has drifted from the build."""
+    model = _mlp()
+    cm = hwaware.compile(model, (torch.randn(2, 8),), db=None)
+    x = torch.randn(2, 8)
+    before = cm(x).clone()
+    for impl in ("tvm", "torch"):
+        for k in cm.program.kernels.values():
+            k.impl = impl if k.tvm_us is not None or impl == "torch" else k.impl
+        cm._run = None
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        torch.testing.assert_close(cm(x), before)
