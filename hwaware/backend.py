@@ -107,11 +107,23 @@ class GraphVariants:
             run: Callable[..., Any] = self.gm.forward
         else:
             log.info("compiling a graph variant (%d so far)", len(self.variants))
-            run = _compile_or_fall_back(self.gm, args, self.opts)
+            # out of Dynamo's sight: a variant met at run time compiles inside the compiled
+            # frame's call, where Dynamo would trace the compiler's own frames (a kernel graph's
+            # forward) and trip its guards ("Guard failed on the same frame it was created")
+            run = torch.compiler.disable(_compile_or_fall_back)(self.gm, self._copies(args),
+                                                                self.opts)
         self.shapes.add(key[0])
         self.weight_sets.add(key[1])
         entry = self.variants[key] = (run, [args[i] for i in self.frozen])
         return entry
+
+    def _copies(self, args: list[Any]) -> list[Any]:
+        """The call's inputs for compiling: copies of its activations (the compiler runs the
+        graph on them, and Dynamo guards on the originals it is about to run), the frozen
+        parameters themselves (their identity is the variant's key)."""
+        frozen = set(self.frozen)
+        return [a.clone() if isinstance(a, torch.Tensor) and i not in frozen else a
+                for i, a in enumerate(args)]
 
     def _over_limit(self, key: tuple[Any, ...]) -> str:
         if key[0] not in self.shapes and len(self.shapes) >= int(self.opts["max_shapes"]):

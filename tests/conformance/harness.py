@@ -278,7 +278,10 @@ class Worker:
             feed = {n: x[i].numpy() for n, i in zip(names, used, strict=True)}
             return tuple(torch.from_numpy(o) for o in session.run(None, feed))
 
-        return self.first_mismatch(run, containers=False)
+        try:
+            return self.first_mismatch(run, containers=False)
+        except Exception as err:  # noqa: BLE001 - e.g. an input of another shape than exported
+            return f"onnxruntime cannot run it on the example inputs: {describe_error(err)}"
 
 
 def checked(build: Callable[[], Any], first_mismatch: Callable[[Any], str | None]
