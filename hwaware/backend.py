@@ -139,8 +139,14 @@ class GraphVariants:
 
 def _compile_or_fall_back(gm: fx.GraphModule, inputs: list[Any],
                           opts: dict[str, Any]) -> Callable[..., Any]:
+    from torch._guards import tracing
+
     try:
-        return _compile_graph(gm, inputs, opts)
+        # outside Dynamo's tracing context: the compiler's own torch.export runs would add
+        # guards on its kernel graphs' inputs to the frame Dynamo is compiling ("Guard failed
+        # on the same frame it was created", naming a kernel input such as in_3)
+        with tracing(None):
+            return _compile_graph(gm, inputs, opts)
     except Exception as err:
         if not opts["fallback"]:
             raise
