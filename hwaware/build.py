@@ -219,6 +219,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
                       info.dissolved[signature])
         part = part.dissolve(set(lost))
     program = part.program
+    info.kernel_nodes = {name: list(nodes) for name, nodes in part.kernel_nodes.items()}
     if executable is None or not target.can_run_here or not measure:
         return CompiledModel(program, executable, info, target.kind)
     _choose_whole_program(program, executable, info, target, example_inputs, repeats)

@@ -5,6 +5,8 @@
     hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
     hwaware db stats|export FILE|import FILE [--db PATH]
     hwaware demo [--trials N] [--db PATH]
+    hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
+    hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N]
 
 MODEL is an ONNX file (`model.onnx`), a model of the built-in zoo (`resnet_basic_block`; see
 `hwaware.zoo`), or `package.module:function` naming a function that returns
@@ -70,7 +72,35 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--db", default=str(DEFAULT_DB_PATH))
     m.add_argument("--skip-inductor", action="store_true")
     m.set_defaults(func=cmd_demo)
+    _add_predictor_commands(sub)
     return p
+
+
+def _add_predictor_commands(sub: Any) -> None:
+    from hwaware.predict import DATA_DIR
+
+    pr = sub.add_parser("profile", help="measure sampled architectures for the latency predictor")
+    pr.add_argument("--target", default="host")
+    pr.add_argument("--space", default="all", help="all, cnn, mobilenet, resnet, transformer, gnn")
+    pr.add_argument("--samples", type=int, default=100)
+    pr.add_argument("--threads", type=int, default=None, help="default: all the target's cores")
+    pr.add_argument("--split", choices=["train", "ood", "real"], default="train",
+                    help="train: in the spaces' range; ood: beyond it; real: the zoo models")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--repeats", type=int, default=60)
+    pr.add_argument("--db", default=str(DEFAULT_DB_PATH))
+    pr.add_argument("--out", default=None, help=f"JSONL file (default: {DATA_DIR}/<cpu>.jsonl)")
+    pr.set_defaults(func=cmd_profile)
+
+    pd = sub.add_parser("predictor", help="train, evaluate or adapt the latency predictor")
+    pd.add_argument("action", choices=["train", "eval", "adapt"])
+    pd.add_argument("--target", default="host")
+    pd.add_argument("--threads", type=int, default=None)
+    pd.add_argument("--samples", type=int, default=10, help="adapt: measurements to adapt with")
+    pd.add_argument("--base", default=None, help="adapt: the device key to adapt from")
+    pd.add_argument("--data", default=str(DATA_DIR), help="folder of profile JSONL files")
+    pd.add_argument("--json", action="store_true", help="eval: print the metrics as JSON")
+    pd.set_defaults(func=cmd_predictor)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -140,6 +170,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(model_name=args.model, trials=args.trials, db_path=args.db,
                     with_inductor=not args.skip_inductor)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hwaware.predict import profile, spaces
+    from hwaware.predict.features import Device
+    from hwaware.target import get_target
+
+    target = get_target(args.target)
+    if not target.can_run_here:
+        raise ValueError(f"target {args.target} cannot run on this machine: profile it there")
+    device = Device.of(target, args.threads)
+    if args.split == "real":
+        archs = spaces.real_models()
+    else:
+        archs = spaces.sample(args.space, args.samples, args.seed, ood=args.split == "ood")
+    out = Path(args.out) if args.out else profile.data_file()
+    from hwaware.db import TuningDatabase
+
+    with TuningDatabase(args.db) as db:
+        new = profile.profile(archs, target, device, db, out, args.split, args.repeats)
+    print(f"profiled {len(new)} new architectures on {device.key} "
+          f"({len(archs) - len(new)} already measured or failed); data in {out}")
+    return 0
+
+
+def cmd_predictor(args: argparse.Namespace) -> int:
+    from hwaware.predict import commands
+
+    return commands.run(args)
 
 
 def resolve_model(spec: str) -> tuple[Any, tuple[Any, ...]]:

@@ -63,7 +63,9 @@ class Decomposition:
 
     model: str
     kernels: tuple[KernelRecord, ...]
-    host_ops: tuple[str, ...]
+    host_ops: tuple[str, ...]  # the distinct ops
+    host_steps: int = 0  # how many host op calls one run makes
+
 
     @property
     def flops(self) -> int:
@@ -86,7 +88,10 @@ def decomposition_of(part: Any) -> Decomposition:
     records = tuple(kernel_record(spec, part.kernel_graphs[name])
                     for name, spec in part.program.kernels.items()
                     if name in part.kernel_graphs)
-    return Decomposition(part.captured.name, records, tuple(part.host_ops))
+    from hwaware.program import OpStep
+
+    host_steps = sum(isinstance(s, OpStep) for s in part.program.steps)
+    return Decomposition(part.captured.name, records, tuple(part.host_ops), host_steps)
 
 
 def kernel_record(spec: Any, graph: torch.fx.GraphModule) -> KernelRecord:

@@ -23,7 +23,7 @@ import json
 import logging
 import warnings
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,6 +78,9 @@ class Partition:
     fuse: bool = True
     unfuse_signatures: frozenset[str] = frozenset()
     dissolved: frozenset[str] = frozenset()
+    # each kernel's nodes of the captured graph, by name: which ops a kernel runs, so that a
+    # kernel of a later partition (unfused, dissolved) can be traced to the kernels it came from
+    kernel_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def unfuse(self, signatures: set[str]) -> Partition:
         """The same graph, with each kernel named in `signatures` cut after its contraction:
@@ -116,6 +119,7 @@ def partition(captured: Captured, supported_ops: frozenset[str],
     in_kernel = {n: i for i, run in enumerate(runs) for n in run}
     emitted: set[int] = set()
     kernel_graphs = {}
+    kernel_nodes = {}
     for node in nodes:
         idx = in_kernel.get(node)
         if idx is None:
@@ -123,10 +127,11 @@ def partition(captured: Captured, supported_ops: frozenset[str],
         elif idx not in emitted:
             emitted.add(idx)
             name, sub_gm = builder.emit_kernel(runs[idx], idx)
+            kernel_nodes[name] = tuple(n.name for n in runs[idx])
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
     return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops,
-                     fuse, frozenset(unfuse or ()), dissolve)
+                     fuse, frozenset(unfuse or ()), dissolve, kernel_nodes)
 
 
 def find_fused_groups(gm: fx.GraphModule, dissolve: frozenset[str] = frozenset()

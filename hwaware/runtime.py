@@ -53,6 +53,9 @@ class BuildInfo:
     dissolved: dict[str, str] = field(default_factory=dict)
     # the Target itself: a target file may lie anywhere, and `host` is another CPU elsewhere
     target_json: str = ""
+    # each kernel's nodes of the captured graph (`Partition.kernel_nodes`), by kernel name: how
+    # the profiler charges a built kernel's time to the kernels `hwaware.decompose` reports
+    kernel_nodes: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def for_target(cls, target: Any, host_ops: list[str], rewrites: dict[str, int],

@@ -369,7 +369,7 @@ class GCN(nn.Module):
         return self.conv2(torch.relu(self.conv1(x, edge_index)), edge_index)
 
 
-def _pyg_layer(kind: str, cin: int, cout: int) -> nn.Module:
+def pyg_layer(kind: str, cin: int, cout: int) -> nn.Module:
     import torch_geometric.nn as pyg
 
     layers: dict[str, Callable[[], nn.Module]] = {
@@ -389,7 +389,7 @@ class PygLayer(nn.Module):
 
     def __init__(self, kind: str, cin: int, cout: int):
         super().__init__()
-        self.layer = _pyg_layer(kind, cin, cout)
+        self.layer = pyg_layer(kind, cin, cout)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         return self.layer(x, edge_index)  # type: ignore[no-any-return]

@@ -1,0 +1,18 @@
+"""Latency prediction: how fast a model will run once hwaware compiles it, before compiling it.
+
+The third way to use hwaware (after `torch.compile` and tuning sessions), for architecture
+search loops. Modules in pipeline order:
+- `spaces`: the architecture families profiled and checked on (and the held-out zoo models);
+- `profile`: compile and measure architectures -> samples in `cost_models/data/*.jsonl` and
+  the tuning database (`hwaware profile`);
+- `features`: kernels and models -> feature vectors (TVM-free);
+- `predictor`: `LatencyPredictor` (XGBoost per kernel, plus a learned whole-model term):
+  train, save/load under `cost_models/<device key>/`, predict, adapt to a new device;
+- `metrics`: the accuracy figures (±10%, MAPE, Spearman, ...);
+- `commands`: `hwaware predictor train|eval|adapt`.
+"""
+
+from pathlib import Path
+
+COST_MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "cost_models"
+DATA_DIR = COST_MODELS_DIR / "data"

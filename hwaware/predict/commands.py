@@ -1,0 +1,125 @@
+"""`hwaware predictor train|eval|adapt`: the latency predictor's command-line half.
+
+Goes in: the profiled samples in `cost_models/data/*.jsonl` (`hwaware profile` makes them) and a
+target with a thread count (the device). Samples are split once and for all by a hash of their
+architecture id: a fifth of the in-range architectures is held out of training, and the
+out-of-range (`ood`) and real (`zoo`) samples are never trained on. Comes out: the predictor in
+`cost_models/<device key>/` with its held-out metrics in its manifest (train), the metrics
+table (eval), or a predictor for a new device adapted from another's with a few of its
+measurements (adapt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hwaware.predict.features import Device
+from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics, noise_floor
+from hwaware.predict.predictor import LatencyPredictor, PredictorError
+from hwaware.predict.profile import Sample, all_data_files, read_samples
+
+HELD_OUT_SHARE = 5  # one in this many in-range architectures is held out
+
+
+def is_held_out(sample: Sample) -> bool:
+    """Whether a sample is kept out of training (stable: a hash of its architecture id)."""
+    if sample.split != "train":
+        return True
+    return int(hashlib.sha1(sample.id.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
+
+
+def training_samples(samples: Sequence[Sample]) -> list[Sample]:
+    return [s for s in samples if not is_held_out(s)]
+
+
+def evaluation_splits(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """Held-out samples by split: "held-out" (in range), "ood", "real"."""
+    splits: dict[str, list[Sample]] = {"held-out": [], "ood": [], "real": []}
+    for s in samples:
+        if is_held_out(s):
+            splits["held-out" if s.split == "train" else s.split].append(s)
+    return splits
+
+
+def evaluate(predictor: LatencyPredictor, samples: Sequence[Sample]) -> dict[str, Metrics]:
+    """Metrics per split and per family of the held-out samples, and the noise floor (the
+    second timing of each held-out model against its first)."""
+    results: dict[str, Metrics] = {}
+    splits = evaluation_splits(samples)
+    for name, group in splits.items():
+        if group:
+            results[name] = _metrics_of(predictor, group)
+    held = splits["held-out"]
+    for space in sorted({s.space for s in held}):
+        results[f"held-out {space}"] = _metrics_of(predictor, [s for s in held if s.space == space])
+    everything = [s for group in splits.values() for s in group]
+    if everything:
+        results["noise floor"] = noise_floor([s.latency_us for s in everything],
+                                             [s.latency2_us for s in everything])
+    return results
+
+
+def _metrics_of(predictor: LatencyPredictor, group: Sequence[Sample]) -> Metrics:
+    predicted = predictor.predict_samples(group)
+    return metrics(list(predicted), [s.latency_us for s in group])
+
+
+def table(results: dict[str, Metrics]) -> str:
+    return "\n".join([TABLE_HEADER, *(m.row(name) for name, m in results.items())])
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwaware.target import get_target
+
+    device = Device.of(get_target(args.target), args.threads)
+    samples = read_samples(all_data_files(Path(args.data)), device.key)
+    if args.action == "train":
+        return _train(device, samples)
+    if args.action == "eval":
+        predictor = LatencyPredictor.load(args.target, threads=args.threads)
+        return _print(evaluate(predictor, samples), args.json)
+    return _adapt(args, device, samples)
+
+
+def _train(device: Device, samples: list[Sample]) -> int:
+    predictor = LatencyPredictor.train(training_samples(samples), device)
+    results = evaluate(predictor, samples)
+    predictor.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
+    out = predictor.save()
+    print(table(results))
+    print(f"trained on {predictor.manifest['training']['models']} models "
+          f"({predictor.manifest['training']['kernels']} kernels); saved to {out}")
+    return 0
+
+
+def _adapt(args: argparse.Namespace, device: Device, samples: list[Sample]) -> int:
+    if not args.base:
+        raise PredictorError("adapt needs --base: the device key of the predictor to adapt "
+                             "(a folder name under cost_models/)")
+    from hwaware.predict import COST_MODELS_DIR
+
+    base = LatencyPredictor.load(directory=COST_MODELS_DIR / args.base)
+    pool = training_samples(samples)
+    picked = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))[: args.samples]]
+    adapted = base.adapt(picked, device)
+    results = evaluate(adapted, samples)
+    adapted.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
+    out = adapted.save()
+    print(table(results))
+    print(f"adapted {args.base} to {device.key} with {len(picked)} measured models; "
+          f"saved to {out}")
+    return 0
+
+
+def _print(results: dict[str, Metrics], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({k: m.to_json() for k, m in results.items()}, indent=1))
+    else:
+        print(table(results))
+    return 0

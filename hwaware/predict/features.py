@@ -1,0 +1,177 @@
+"""Features of kernels and whole models for the latency predictor (TVM-free, numpy only).
+
+Goes in: `hwaware.decompose.KernelRecord`s (a kernel as hwaware builds it: family, ops, shapes,
+attributes, FLOPs, bytes) and a `Device` (the target's hardware facts and the thread count).
+Comes out: fixed-length float vectors, one per kernel (`kernel_features`) and one per model
+(`model_features`), whose meaning is fixed by `FEATURE_SCHEMA_VERSION` and the name lists
+below. A predictor saved with another schema version is refused (`LatencyPredictor.load`).
+
+The kernel vector: the family (one-hot), op counts by category, log2 sizes (FLOPs, bytes,
+weights, input and output elements, the contraction's reduction length), convolution strides
+and groups, a roofline time on the device, and the device itself. The model vector: kernel and
+host-op counts per family, log2 totals, and the sum of the kernel predictions (the
+whole-model term learns what that sum leaves out: host ops, calls, thread wake-ups).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+FEATURE_SCHEMA_VERSION = 1
+
+# Families the features name; any other family is "other" (and its kernels `unknown`).
+FAMILIES = ("conv1d", "conv2d", "conv3d", "matmul", "sdpa", "reduction", "elementwise",
+            "conv_block", "res_block", "convnext_block", "attention", "gnn", "rgcn")
+# Op categories, matched as substrings of the ATen op name in this order (first match wins).
+OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("conv", ("conv",)),
+    ("matmul", ("linear", "addmm", ".mm.", "bmm", "matmul", "einsum", "baddbmm")),
+    ("attention", ("scaled_dot_product",)),
+    ("softmax", ("softmax",)),
+    ("norm", ("layer_norm", "batch_norm", "group_norm", "rsqrt", ".var", "rms_norm")),
+    ("pool", ("pool",)),
+    ("reduce", (".mean", ".sum", "amax", "amin", ".max.", ".min.", "cumsum", "argmax")),
+    ("gather", ("index", "gather", "scatter", "embedding", "take")),
+    ("activation", ("relu", "hardtanh", "gelu", "sigmoid", "silu", "hardswish", "tanh", "erf",
+                    "exp", "log", "pow", "sqrt", "clamp")),
+    ("arith", ("add", "sub", "mul", "div", "neg", "where", "masked_fill")),
+    ("copy", ("cat", "stack", "pad", "clone", "copy", "contiguous", "to_copy", "repeat")),
+    ("create", ("arange", "zeros", "ones", "full", "empty", "rand", "lift_fresh")),
+    ("view", ("view", "reshape", "permute", "transpose", "flatten", "squeeze", "select",
+              "slice", "expand", "t.default", "alias", "split", "chunk", "getitem")),
+)
+CATEGORY_NAMES = tuple(name for name, _ in OP_CATEGORIES) + ("other_op",)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the predictor knows of the hardware a latency is for."""
+
+    key: str  # the target's database key, with the thread count when it is not all cores
+    threads: int
+    vector_bits: int
+    peak_gflops: float  # of all `threads`
+    bandwidth_gbs: float
+    l2_kib: int
+    l3_kib: int
+
+    @staticmethod
+    def of(target: Any, threads: int | None = None) -> Device:
+        """The device of a `hwaware.Target` run with `threads` threads (default: all cores)."""
+        n = threads or target.cores
+        key = target.key if n == target.cores else f"{target.key}-{n}t"
+        return Device(key, n, target.vector_bits, target.peak_fp32_gflops * n / target.cores,
+                      target.mem_bandwidth_gbs, target.l2_kib, target.l3_kib)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+KERNEL_FEATURE_NAMES = (
+    *(f"family_{f}" for f in FAMILIES), "family_other",
+    *(f"ops_{c}" for c in CATEGORY_NAMES), "ops_total",
+    "log_flops", "log_bytes", "log_weight_bytes", "log_in_elems", "log_out_elems",
+    "log_reduction", "log_out_last_dim", "intensity", "inputs", "outputs",
+    "conv_stride", "log_conv_groups", "depthwise_convs", "log_roofline_us",
+    "threads", "vector_bits", "log_peak_gflops", "log_bandwidth", "log_l2", "log_l3",
+)
+MODEL_FEATURE_NAMES = (
+    "kernels", "host_steps", *(f"kernels_{f}" for f in FAMILIES), "kernels_other",
+    "log_flops", "log_bytes", "log_weight_bytes", "log_kernel_sum_us", "log_largest_kernel_us",
+    "threads", "log_peak_gflops",
+)
+
+
+def _log2(x: float) -> float:
+    return math.log2(1.0 + max(0.0, x))
+
+
+def op_category(op: str) -> str:
+    """The category an ATen op name counts under ("other_op" when none matches)."""
+    for name, needles in OP_CATEGORIES:
+        if any(n in op for n in needles):
+            return name
+    return "other_op"
+
+
+def is_known_family(family: str) -> bool:
+    return family in FAMILIES
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(max(d, 1) for d in shape) if shape else 1
+
+
+def _conv_attributes(attributes: str) -> tuple[float, float, float]:
+    """Largest stride, largest groups and how many depthwise-style (grouped) convolutions."""
+    stride, groups, grouped = 1, 1, 0
+    for op, args, _ in json.loads(attributes):
+        if "conv" not in op or not isinstance(args, list):
+            continue
+        s = args[3] if len(args) > 3 and isinstance(args[3], list) else [1]
+        g = args[-1] if isinstance(args[-1], int) else 1
+        stride = max(stride, *(int(v) for v in s if isinstance(v, int)))
+        groups = max(groups, g)
+        grouped += g > 1
+    return float(stride), _log2(groups), float(grouped)
+
+
+def roofline_us(flops: int, bytes_moved: int, device: Device) -> float:
+    """The time a kernel would take at the device's peak compute or memory bandwidth."""
+    return max(flops / (device.peak_gflops * 1e3), bytes_moved / (device.bandwidth_gbs * 1e3))
+
+
+def kernel_features(record: Any, device: Device) -> list[float]:
+    """The feature vector of one kernel on one device (names: `KERNEL_FEATURE_NAMES`)."""
+    family = [float(record.family == f) for f in FAMILIES]
+    family.append(float(not is_known_family(record.family)))
+    counts = dict.fromkeys(CATEGORY_NAMES, 0.0)
+    for op in record.ops:
+        counts[op_category(op)] += 1
+    in_elems = sum(_numel(s) for s in record.input_shapes)
+    out_elems = sum(_numel(s) for s in record.output_shapes)
+    largest_out = max((_numel(s) for s in record.output_shapes), default=1)
+    last_dim = record.output_shapes[0][-1] if record.output_shapes and \
+        record.output_shapes[0] else 1
+    return [
+        *family, *counts.values(), float(len(record.ops)),
+        _log2(record.flops), _log2(record.bytes_moved), _log2(record.weight_bytes),
+        _log2(in_elems), _log2(out_elems), _log2(record.flops / (2 * largest_out)),
+        _log2(last_dim), record.arithmetic_intensity,
+        float(len(record.input_shapes)), float(len(record.output_shapes)),
+        *_conv_attributes(record.attributes),
+        _log2(roofline_us(record.flops, record.bytes_moved, device)),
+        *_device_features(device),
+    ]
+
+
+def _device_features(device: Device) -> list[float]:
+    return [float(device.threads), float(device.vector_bits), _log2(device.peak_gflops),
+            _log2(device.bandwidth_gbs), _log2(device.l2_kib), _log2(device.l3_kib)]
+
+
+def kernel_matrix(records: Sequence[Any], device: Device) -> np.ndarray:
+    """Features of many kernels as one float32 matrix (one row per kernel)."""
+    if not records:
+        return np.zeros((0, len(KERNEL_FEATURE_NAMES)), dtype=np.float32)
+    return np.asarray([kernel_features(r, device) for r in records], dtype=np.float32)
+
+
+def model_features(records: Sequence[Any], host_steps: int, kernel_us: Sequence[float],
+                   device: Device) -> list[float]:
+    """The feature vector of a whole model from its kernels, its host ops and its kernels'
+    (predicted or measured) times (names: `MODEL_FEATURE_NAMES`)."""
+    per_family = [float(sum(r.family == f for r in records)) for f in FAMILIES]
+    other = float(sum(not is_known_family(r.family) for r in records))
+    return [
+        float(len(records)), float(host_steps), *per_family, other,
+        _log2(sum(r.flops for r in records)), _log2(sum(r.bytes_moved for r in records)),
+        _log2(sum(r.weight_bytes for r in records)), _log2(sum(kernel_us)),
+        _log2(max(kernel_us, default=0.0)), float(device.threads), _log2(device.peak_gflops),
+    ]

@@ -1,0 +1,407 @@
+"""`LatencyPredictor`: a model's latency on a device as hwaware would compile it, without compiling.
+
+Goes in: a model and example inputs (or a `Decomposition`), a trained predictor for a device
+(`cost_models/<device key>/`), optionally a tuning database. The model is decomposed into the
+kernels the build would make (`hwaware.decompose`: capture -> rewrite -> partition, no TVM
+build); each kernel gets a time: `measured` when the database holds this kernel's as-built time
+on this device (`hwaware profile` stores them), else `predicted` by an XGBoost regressor of
+log-microseconds on the kernel's features (`features.py`), or `unknown` when its family or one
+of its ops was never seen in training (still estimated by the same regressor, with one warning;
+never a silent zero). A second, whole-model regressor predicts the ratio of the measured model
+latency to the sum of its kernels' times (host ops, calls, thread wake-ups, cache effects);
+it is trained on out-of-fold kernel predictions, so it also corrects the kernel regressor's
+systematic errors as they appear on unseen architectures.
+
+Comes out: a `LatencyEstimate`: `total_ms`, the whole-model term, and one `KernelEstimate` row
+per kernel (signature, family, shapes, ms, source).
+
+Saved as XGBoost JSON (never pickle) plus `manifest.json`: feature schema version, device,
+versions, training size and metrics. `adapt` fits a few-shot correction for a device the
+predictor was not trained on (log-linear on the base prediction, shrunk toward the identity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+
+from hwaware.predict import COST_MODELS_DIR
+from hwaware.predict.features import (
+    CATEGORY_NAMES,
+    FEATURE_SCHEMA_VERSION,
+    KERNEL_FEATURE_NAMES,
+    MODEL_FEATURE_NAMES,
+    Device,
+    is_known_family,
+    kernel_features,
+    model_features,
+    op_category,
+)
+from hwaware.predict.profile import AS_BUILT
+
+MIN_TRAINING_MODELS = 20
+FOLDS = 5
+KERNEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 7,
+                 "subsample": 0.8, "colsample_bytree": 0.8, "min_child_weight": 2.0,
+                 "seed": 0}
+KERNEL_ROUNDS = 600
+MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
+                "subsample": 0.9, "min_child_weight": 3.0, "lambda": 5.0, "seed": 0}
+MODEL_ROUNDS = 200
+ADAPT_SHRINK = 2.0  # pulls a few-shot slope toward 1 (as strongly as this many samples)
+FILES = ("kernel_model.json", "model_model.json")
+
+
+class PredictorError(ValueError):
+    """A predictor that cannot be trained, found, or loaded (the message says why and what to
+    run)."""
+
+
+class UnknownKernelWarning(UserWarning):
+    """A kernel of a family or with ops the predictor was never trained on: estimated anyway."""
+
+
+@dataclass(frozen=True)
+class KernelEstimate:
+    signature: str
+    family: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    ms: float
+    source: str  # "measured", "predicted" or "unknown"
+
+
+@dataclass(frozen=True)
+class LatencyEstimate:
+    """A model's predicted latency on one device."""
+
+    model: str
+    device: str
+    total_ms: float
+    overhead_ms: float  # the whole-model term: total minus the kernels' sum
+    kernels: tuple[KernelEstimate, ...]
+
+    def table(self) -> str:
+        lines = [f"{self.model} on {self.device}: {self.total_ms:.3f} ms "
+                 f"({len(self.kernels)} kernels, whole-model term {self.overhead_ms:+.3f} ms)",
+                 f"{'family':<16}{'ms':>10}  {'source':<10}signature"]
+        lines += [f"{k.family:<16}{k.ms:>10.4f}  {k.source:<10}{k.signature}"
+                  for k in self.kernels]
+        return "\n".join(lines)
+
+
+@dataclass
+class TrainingSet:
+    """Samples (`profile.Sample`) flattened for XGBoost."""
+
+    samples: list[Any]
+    device: Device
+    kernel_rows: np.ndarray = field(init=False)
+    kernel_log_us: np.ndarray = field(init=False)
+    kernel_owner: np.ndarray = field(init=False)  # the sample index of each kernel row
+
+    def __post_init__(self) -> None:
+        rows, labels, owners = [], [], []
+        for i, s in enumerate(self.samples):
+            for record, us in zip(s.records, s.kernel_us, strict=True):
+                rows.append(kernel_features(record, self.device))
+                labels.append(math.log(max(us, 1e-3)))
+                owners.append(i)
+        self.kernel_rows = np.asarray(rows, dtype=np.float32).reshape(-1,
+                                                                      len(KERNEL_FEATURE_NAMES))
+        self.kernel_log_us = np.asarray(labels, dtype=np.float32)
+        self.kernel_owner = np.asarray(owners, dtype=np.int64)
+
+
+class LatencyPredictor:
+    """Kernel and whole-model regressors for one device (see module docstring)."""
+
+    def __init__(self, kernel_model: xgb.Booster, model_model: xgb.Booster,
+                 manifest: dict[str, Any], db: Any = None):
+        self.kernel_model = kernel_model
+        self.model_model = model_model
+        self.manifest = manifest
+        self.db = db
+        self.device = Device(**manifest["feature_device"])  # what the features describe
+        self.key = str(manifest["device"]["key"])  # the device the latencies are for
+        self.correction = tuple(manifest.get("correction", (0.0, 1.0)))
+        self.known_ops = frozenset(manifest.get("known_op_categories", CATEGORY_NAMES))
+
+    # ----------------------------------------------------------------- training
+    @staticmethod
+    def train(samples: Sequence[Any], device: Device, *, rounds: int = KERNEL_ROUNDS
+              ) -> LatencyPredictor:
+        """Fit both regressors on `samples` (profiled on `device`)."""
+        samples = [s for s in samples if s.device["key"] == device.key]
+        if len(samples) < MIN_TRAINING_MODELS:
+            raise PredictorError(
+                f"{len(samples)} profiled models exist for device {device.key}; training needs "
+                f"at least {MIN_TRAINING_MODELS}: run `hwaware profile --samples "
+                f"{MIN_TRAINING_MODELS * 5}` for this target first")
+        data = TrainingSet(list(samples), device)
+        oof = _out_of_fold_kernel_us(data, rounds)
+        kernel_model = _fit(data.kernel_rows, data.kernel_log_us, KERNEL_PARAMS, rounds)
+        model_rows, ratios = _model_rows(data, oof)
+        model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
+        manifest = _manifest(device, device, samples, data)
+        return LatencyPredictor(kernel_model, model_model, manifest)
+
+    def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
+        """This predictor corrected for `device` from a few of its measured models: log y =
+        a + b log(predicted), least squares with b shrunk toward 1 (HELP-style few-shot
+        transfer without retraining). Needs at least 3 samples."""
+        samples = [s for s in samples if s.device["key"] == device.key]
+        if len(samples) < 3:
+            raise PredictorError(f"{len(samples)} measured models of device {device.key}; "
+                                 "adapting needs at least 3 (10-20 recommended)")
+        base = np.log(self.predict_samples(samples, corrected=False))
+        measured = np.log([s.latency_us for s in samples])
+        a, b = _shrunk_line(base, measured, ADAPT_SHRINK)
+        manifest = {**self.manifest, "device": device.to_json(), "correction": [a, b],
+                    "adapted_from": self.key, "adapt_samples": len(samples),
+                    "created_at": time.time()}
+        return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.db)
+
+    # -------------------------------------------------------------- prediction
+    def predict(self, model: Any, example_inputs: Any, calibration: Sequence[Any] | None = None
+                ) -> Any:
+        """The latency `model` will have once hwaware compiles it for this device: a
+        `LatencyEstimate`; with `calibration` inputs, a model with value-dependent control
+        flow gets a `dynamic.DynamicEstimate` (per path, expected, p95)."""
+        from hwaware.decompose import decompose
+
+        if calibration is not None:
+            from hwaware.predict.dynamic import predict_dynamic
+
+            return predict_dynamic(self, model, _inputs(example_inputs), calibration)
+        return self.predict_decomposition(decompose(model, example_inputs))
+
+    def predict_decomposition(self, decomposition: Any) -> LatencyEstimate:
+        records = list(decomposition.kernels)
+        us = self.predict_kernels(records)
+        sources = [self._source(r) for r in records]
+        for i, record in enumerate(records):
+            measured = self._measured_us(record.signature)
+            if measured is not None:
+                us[i], sources[i] = measured, "measured"
+        unknown = [r for r, s in zip(records, sources, strict=True) if s == "unknown"]
+        if unknown:
+            warnings.warn(
+                f"hwaware: {len(unknown)} kernel(s) of {decomposition.model} are of a kind the "
+                f"latency predictor was not trained on (estimated anyway): "
+                f"{', '.join(sorted({_kind(r) for r in unknown}))}", UnknownKernelWarning,
+                stacklevel=3)
+        total_us = self._total_us(records, decomposition.host_steps, us)
+        kernels = tuple(KernelEstimate(r.signature, r.family, r.input_shapes, r.output_shapes,
+                                       float(u) / 1e3, s)
+                        for r, u, s in zip(records, us, sources, strict=True))
+        return LatencyEstimate(decomposition.model, self.key, total_us / 1e3,
+                               (total_us - float(np.sum(us))) / 1e3, kernels)
+
+    def predict_kernels(self, records: Sequence[Any]) -> np.ndarray:
+        """Predicted microseconds of many kernels at once (the regressor only)."""
+        if not records:
+            return np.zeros(0)
+        rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
+        return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64))
+
+    def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:
+        """Predicted whole-model microseconds of profiled samples (kernels predicted, never
+        looked up: what evaluation needs)."""
+        totals = []
+        for s in samples:
+            records = s.records
+            totals.append(self._total_us(records, s.host_steps, self.predict_kernels(records),
+                                         corrected))
+        return np.asarray(totals)
+
+    def _total_us(self, records: list[Any], host_steps: int, kernel_us: np.ndarray,
+                  corrected: bool = True) -> float:
+        row = np.asarray([model_features(records, host_steps, list(kernel_us), self.device)],
+                         dtype=np.float32)
+        ratio = float(self.model_model.inplace_predict(row)[0])
+        total = float(np.sum(kernel_us)) * math.exp(ratio)
+        if corrected and self.correction != (0.0, 1.0):
+            a, b = self.correction
+            total = math.exp(a + b * math.log(max(total, 1e-3)))
+        return total
+
+    def _source(self, record: Any) -> str:
+        known = is_known_family(record.family) and record.family in self.manifest.get(
+            "known_families", [record.family])
+        ops_known = all(op_category(op) in self.known_ops for op in record.ops)
+        return "predicted" if known and ops_known else "unknown"
+
+    def _measured_us(self, signature: str) -> float | None:
+        if self.db is None:
+            return None
+        times = [m.run_us for m in self.db.kernel_measurements(self.key, signature)
+                 if m.impl == AS_BUILT]
+        return float(np.median(times)) if times else None
+
+    # --------------------------------------------------------------- save/load
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Write the regressors (XGBoost JSON) and the manifest to `directory` (default:
+        `cost_models/<device key>/`)."""
+        out = Path(directory) if directory else COST_MODELS_DIR / self.key
+        out.mkdir(parents=True, exist_ok=True)
+        for name, booster in zip(FILES, (self.kernel_model, self.model_model), strict=True):
+            booster.save_model(out / name)
+        files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
+        manifest = {**self.manifest, "files": files}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        self.manifest = manifest
+        return out
+
+    @staticmethod
+    def load(target: Any = "host", db: Any = None, threads: int | None = None,
+             directory: str | Path | None = None) -> LatencyPredictor:
+        """The predictor saved for `target` run with `threads` (or the one in `directory`);
+        `db` (a `TuningDatabase` or its path) supplies measured kernel times."""
+        from hwaware.pipeline import open_db
+        from hwaware.target import get_target
+
+        tgt = get_target(target)
+        key = Device.of(tgt, threads).key
+        folder = Path(directory) if directory else COST_MODELS_DIR / key
+        manifest = _read_manifest(folder, target, key, threads)
+        boosters = [_read_booster(folder / name, manifest) for name in FILES]
+        return LatencyPredictor(boosters[0], boosters[1], manifest, open_db(db))
+
+
+# ------------------------------------------------------------------------------- helpers
+_FEATURES: dict[tuple[Any, Device], list[float]] = {}
+
+
+def _cached_features(record: Any, device: Device) -> list[float]:
+    """Kernel features, computed once per (kernel, device): search loops meet the same
+    kernels again and again."""
+    key = (record, device)
+    row = _FEATURES.get(key)
+    if row is None:
+        if len(_FEATURES) > 200_000:
+            _FEATURES.clear()
+        row = _FEATURES[key] = kernel_features(record, device)
+    return row
+
+
+def _inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _kind(record: Any) -> str:
+    if not is_known_family(record.family):
+        return f"family {record.family}"
+    ops = sorted({op for op in record.ops if op_category(op) == "other_op"})
+    return f"{record.family} with {', '.join(ops)}" if ops else record.family
+
+
+def _fit(rows: np.ndarray, labels: np.ndarray, params: dict[str, Any], rounds: int
+         ) -> xgb.Booster:
+    matrix = xgb.DMatrix(rows, label=labels, feature_names=None)
+    return xgb.train(params, matrix, num_boost_round=rounds)
+
+
+def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
+    """Each kernel's predicted microseconds from a regressor that never saw its model."""
+    fold_of_sample = np.random.default_rng(0).permutation(len(data.samples)) % FOLDS
+    fold = fold_of_sample[data.kernel_owner]
+    predicted = np.zeros(len(data.kernel_log_us))
+    for k in range(FOLDS):
+        held = fold == k
+        if not held.any() or held.all():
+            continue
+        booster = _fit(data.kernel_rows[~held], data.kernel_log_us[~held], KERNEL_PARAMS,
+                       rounds)
+        predicted[held] = booster.inplace_predict(data.kernel_rows[held])
+    return np.exp(predicted)
+
+
+def _model_rows(data: TrainingSet, kernel_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows, ratios = [], []
+    for i, s in enumerate(data.samples):
+        us = kernel_us[data.kernel_owner == i]
+        rows.append(model_features(s.records, s.host_steps, list(us), data.device))
+        ratios.append(math.log(s.latency_us) - math.log(max(float(np.sum(us)), 1e-3)))
+    return (np.asarray(rows, dtype=np.float32).reshape(-1, len(MODEL_FEATURE_NAMES)),
+            np.asarray(ratios, dtype=np.float32))
+
+
+def _shrunk_line(x: np.ndarray, y: np.ndarray, shrink: float) -> tuple[float, float]:
+    """a, b minimising sum (y - a - b x)^2 + shrink * var(x) * (b - 1)^2."""
+    xm, ym = float(np.mean(x)), float(np.mean(y))
+    sxx = float(np.sum((x - xm) ** 2))
+    sxy = float(np.sum((x - xm) * (y - ym)))
+    penalty = shrink * sxx / max(len(x), 1)
+    b = (sxy + penalty) / (sxx + penalty) if sxx + penalty > 0 else 1.0
+    return ym - b * xm, b
+
+
+def _manifest(device: Device, feature_device: Device, samples: Sequence[Any],
+              data: TrainingSet) -> dict[str, Any]:
+    import torch
+
+    from hwaware.tvm_compat import TVM_VERSION
+
+    families = sorted({r.family for s in samples for r in s.records})
+    categories = sorted({op_category(op) for s in samples for r in s.records for op in r.ops})
+    return {
+        "feature_schema_version": FEATURE_SCHEMA_VERSION,
+        "device": device.to_json(), "feature_device": feature_device.to_json(),
+        "versions": {"tvm": TVM_VERSION, "torch": torch.__version__,
+                     "xgboost": xgb.__version__},
+        "training": {"models": len(samples), "kernels": int(len(data.kernel_log_us)),
+                     "spaces": sorted({s.space for s in samples}),
+                     "cpus": sorted({s.cpu for s in samples})},
+        "known_families": families, "known_op_categories": categories,
+        "correction": [0.0, 1.0], "created_at": time.time(),
+    }
+
+
+def _read_manifest(folder: Path, target: Any, key: str, threads: int | None) -> dict[str, Any]:
+    path = folder / "manifest.json"
+    if not path.exists():
+        flag = f" --threads {threads}" if threads else ""
+        raise PredictorError(
+            f"no latency predictor for target {target} ({key}) in {folder}: make one with "
+            f"`hwaware profile --target {target}{flag}` then `hwaware predictor train "
+            f"--target {target}{flag}`")
+    try:
+        manifest = json.loads(path.read_text())
+        version = manifest["feature_schema_version"]
+        Device(**manifest["feature_device"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PredictorError(f"{path}: corrupt predictor manifest ({err})") from err
+    if version != FEATURE_SCHEMA_VERSION:
+        raise PredictorError(
+            f"{path}: predictor made with feature schema version {version}; this hwaware "
+            f"computes version {FEATURE_SCHEMA_VERSION}: train it again "
+            f"(`hwaware predictor train --target {target}`)")
+    return dict(manifest)
+
+
+def _read_booster(path: Path, manifest: dict[str, Any]) -> xgb.Booster:
+    if not path.exists():
+        raise PredictorError(f"{path}: missing predictor file")
+    expected = manifest.get("files", {}).get(path.name)
+    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise PredictorError(f"{path}: corrupt predictor file (its checksum differs from the "
+                             "manifest's)")
+    booster = xgb.Booster()
+    try:
+        booster.load_model(path)
+    except xgb.core.XGBoostError as err:
+        raise PredictorError(f"{path}: corrupt predictor file ({err})") from err
+    return booster

@@ -1,0 +1,270 @@
+"""Profiling: measure sampled architectures as hwaware compiles them (the predictor's data).
+
+Goes in: architectures (`hwaware.predict.spaces`), a target and a thread count, a tuning
+database. For each architecture: capture -> rewrite -> partition (the kernels
+`hwaware.decompose` reports), then the real build (each kernel on TVM or PyTorch as the build
+chooses, fused families dissolved where they lose), then three measurements on this machine:
+the whole compiled model, every built kernel alone with its real inputs, and the whole model
+again (two timings of one compiled model: the noise floor the predictor is judged beside).
+
+Comes out: one `Sample` per architecture, appended to a JSONL file kept in the repository
+(`cost_models/data/<cpu kind>.jsonl`: the machines change CPU kind between sessions, and
+measured data must outlive them) and to the database (`kernels`, `kernel_measurements` with
+impl "as-built", `model_measurements` with impl "hwaware"). A built kernel's time is charged to
+the decomposed kernels it runs ops of (a contraction cut from its epilogue because it has no
+tuned schedule is two built kernels for one decomposed one), so labels match what `decompose`
+reports before any build. Profiling resumes: architectures already in the file for this device
+are skipped, and each sample is written as soon as it is measured.
+
+Timing is `build.time_in_blocks` (blocks of back-to-back calls, median), as `bench/` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwaware.decompose import KernelRecord
+from hwaware.predict import DATA_DIR
+from hwaware.predict.features import Device
+from hwaware.predict.spaces import Architecture
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SCHEMA_VERSION = 1
+AS_BUILT = "as-built"  # kernel_measurements.impl of a decomposed kernel's measured time
+
+
+@dataclass
+class Sample:
+    """One profiled architecture on one device."""
+
+    id: str
+    arch: dict[str, Any]
+    split: str  # "train" (sampled in range), "ood" (beyond it) or "real" (zoo models)
+    device: dict[str, Any]
+    cpu: str
+    kernels: list[dict[str, Any]]  # KernelRecord fields plus "us": its measured time
+    host_steps: int
+    latency_us: float  # the whole compiled model
+    latency2_us: float  # the same compiled model timed again (noise)
+    eager_us: float
+    unattributed_us: float  # built kernels running ops of no decomposed kernel
+    compile_s: float
+    versions: dict[str, str]
+    created_at: float = field(default_factory=time.time)
+    schema_version: int = SAMPLE_SCHEMA_VERSION
+
+    @property
+    def records(self) -> list[KernelRecord]:
+        return [KernelRecord.from_json({k: v for k, v in d.items() if k != "us"})
+                for d in self.kernels]
+
+    @property
+    def kernel_us(self) -> list[float]:
+        return [float(d["us"]) for d in self.kernels]
+
+    @property
+    def space(self) -> str:
+        return str(self.arch["space"])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> Sample:
+        doc = json.loads(text)
+        if doc.get("schema_version") != SAMPLE_SCHEMA_VERSION:
+            raise ValueError(f"profile sample schema {doc.get('schema_version')} is not "
+                             f"supported (expected {SAMPLE_SCHEMA_VERSION})")
+        return Sample(**doc)
+
+
+def cpu_kind() -> str:
+    """This machine's CPU kind, as data files are named: LLVM's core name and the core count
+    (`znver5-2c`, `cascadelake-2c`)."""
+    from hwaware.target import get_target
+
+    host = get_target("host")
+    return f"{host.tvm.get('mcpu', platform.machine())}-{host.cores}c"
+
+
+def data_file(data_dir: Path = DATA_DIR) -> Path:
+    return data_dir / f"{cpu_kind()}.jsonl"
+
+
+def read_samples(paths: Iterable[Path], device_key: str | None = None) -> list[Sample]:
+    """Every sample in the files (of one device, with `device_key`); a line that does not
+    parse is skipped with a warning naming the file and line."""
+    samples = []
+    for path in paths:
+        if not path.exists():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                sample = Sample.from_json(line)
+            except (ValueError, TypeError, KeyError) as err:
+                warnings.warn(f"hwaware: {path}:{number}: skipped ({err})", stacklevel=2)
+                continue
+            if device_key is None or sample.device["key"] == device_key:
+                samples.append(sample)
+    return samples
+
+
+def all_data_files(data_dir: Path = DATA_DIR) -> list[Path]:
+    return sorted(data_dir.glob("*.jsonl"))
+
+
+# ------------------------------------------------------------------------------ measuring
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """PyTorch's (and so the shared kernel team's, see `hwaware.threads`) thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str = "train",
+            repeats: int = 60) -> Sample:
+    """Compile `arch` for `target` and time it (see module docstring)."""
+    from hwaware.build import build, time_in_blocks
+    from hwaware.capture import capture
+    from hwaware.decompose import decomposition_of
+    from hwaware.pipeline import _rewrite_and_partition
+    from hwaware.runtime import BuildInfo
+
+    model, inputs = arch.build()
+    with threads(device.threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        captured = capture(model, inputs)
+        rewrites, part = _rewrite_and_partition(captured)
+        decomposition = decomposition_of(part)
+        info = BuildInfo.for_target(target, part.host_ops, rewrites)
+        compiled = build(part, target, db, captured.example_inputs, info)
+        compile_s = time.perf_counter() - start
+        flat = list(captured.example_inputs)
+        run_compiled, run_eager = partial(compiled.run_flat, flat), partial(model, *inputs)
+        first, eager = time_in_blocks([run_compiled, run_eager], repeats)
+        built_us = _time_kernels(compiled, flat, repeats)
+        (second,) = time_in_blocks([run_compiled], repeats)
+    labels, unattributed = attribute(part.kernel_nodes, compiled.info.kernel_nodes, built_us)
+    kernels = [{**asdict(r), "us": labels.get(name, 0.0)}
+               for name, r in zip(_decomposed_names(part), decomposition.kernels, strict=True)]
+    return Sample(arch.id, arch.to_json(), split, device.to_json(), cpu_kind(), kernels,
+                  decomposition.host_steps, first, second, eager, unattributed, compile_s,
+                  _versions())
+
+
+def _decomposed_names(part: Any) -> list[str]:
+    """The kernel names of `part` in the order `decomposition_of` lists their records."""
+    return [n for n in part.program.kernels if n in part.kernel_graphs]
+
+
+def _time_kernels(compiled: Any, flat: list[Any], repeats: int) -> dict[str, float]:
+    """Each kernel of the built program alone, as it runs there (TVM or PyTorch), on the
+    inputs it gets in a run of `flat`."""
+    from hwaware.build import time_in_blocks
+    from hwaware.runtime import kernel_inputs, run_kernel_in_torch
+
+    program = compiled.program
+    inputs = kernel_inputs(program, flat)
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, spec in program.kernels.items():
+        if name not in inputs:
+            continue
+        if spec.impl == "tvm":
+            calls[name] = partial(compiled.kernel_callable(name), *inputs[name])
+        else:
+            calls[name] = partial(run_kernel_in_torch, program, name, inputs[name])
+    if not calls:
+        return {}
+    times = time_in_blocks(list(calls.values()), max(20, repeats // 2))
+    return dict(zip(calls, times, strict=True))
+
+
+def attribute(decomposed: dict[str, tuple[str, ...]], built: dict[str, list[str]],
+              built_us: dict[str, float]) -> tuple[dict[str, float], float]:
+    """Charge each built kernel's time to the decomposed kernels whose ops it runs, in
+    proportion to how many of its ops each holds; time of ops no decomposed kernel holds (a
+    dissolved fused kernel's ops merged with a neighbour run) is returned apart."""
+    owner = {node: name for name, nodes in decomposed.items() for node in nodes}
+    labels: dict[str, float] = dict.fromkeys(decomposed, 0.0)
+    unattributed = 0.0
+    for name, us in built_us.items():
+        owners = [owner[n] for n in built.get(name, ()) if n in owner]
+        if not owners:
+            unattributed += us
+            continue
+        for o in owners:
+            labels[o] += us / len(owners)
+    return labels, unattributed
+
+
+def _versions() -> dict[str, str]:
+    from hwaware.tvm_compat import TVM_VERSION
+
+    return {"torch": torch.__version__, "tvm": TVM_VERSION}
+
+
+# ------------------------------------------------------------------------------ sessions
+def profile(archs: list[Architecture], target: Any, device: Device, db: Any, out: Path,
+            split: str = "train", repeats: int = 60, show_progress: bool = True) -> list[Sample]:
+    """Measure every architecture not yet in `out` for this device; append each sample to
+    `out` and the database as soon as it is measured. Returns the new samples."""
+    done = {s.id for s in read_samples([out], device.key)}
+    todo = [a for a in archs if a.id not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = []
+    for arch in _progress(todo, show_progress, f"profile {device.key}"):
+        try:
+            sample = measure(arch, target, device, db, split, repeats)
+        except Exception as err:  # noqa: BLE001 - one architecture must not stop a session
+            log.warning("profile: %s failed (%s: %s); skipped", arch.id, type(err).__name__,
+                        err)
+            continue
+        with out.open("a") as f:
+            f.write(sample.to_json() + "\n")
+        if db is not None:
+            store(db, sample)
+        new.append(sample)
+    return new
+
+
+def store(db: Any, sample: Sample) -> None:
+    """A sample's kernels, kernel times and whole-model time in the tuning database."""
+    from hwaware.db import ModelMeasurement
+
+    key = sample.device["key"]
+    for record, us in zip(sample.records, sample.kernel_us, strict=True):
+        db.commit_kernel(record)
+        db.commit_kernel_measurement(record.signature, key, AS_BUILT, us, record.family)
+    db.commit_model_measurement(ModelMeasurement(
+        model=sample.id, target_key=key, impl="hwaware", latency_us=sample.latency_us,
+        spread_us=abs(sample.latency_us - sample.latency2_us),
+        kernels=[r.signature for r in sample.records], device=socket.gethostname()))
+
+
+def _progress(items: list[Architecture], show: bool, what: str) -> Iterable[Architecture]:
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="model")
