@@ -8,6 +8,9 @@ Public API (everything else is internal):
 - `load(directory)` -> `CompiledModel` or `DynamicModel`
 - `decompose(model, example_inputs)` -> `Decomposition`: the kernels a compile would build, each
   a frozen `KernelRecord` (signature, family, shapes, FLOPs, bytes), without building them
+- `LatencyPredictor.load(target=..., db=...)` -> `.predict(model, example_inputs)`: the latency
+  the model will have once compiled, per kernel and in total, without compiling
+  (`hwaware.predict`; imported on first use)
 - `get_target(name)`, `list_targets()`, `Target`
 - `TuningDatabase`
 `torch.compile(model, backend="hwaware")` works after install without importing this package.
@@ -22,6 +25,7 @@ from hwaware.target import Target, get_target, list_targets
 
 __all__ = [
     "CompiledModel",
+    "LatencyPredictor",
     "Decomposition",
     "DynamicModel",
     "KernelRecord",
@@ -35,3 +39,12 @@ __all__ = [
     "tune",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`hwaware.LatencyPredictor` without importing XGBoost for every user of the compiler."""
+    if name == "LatencyPredictor":
+        from hwaware.predict.predictor import LatencyPredictor
+
+        return LatencyPredictor
+    raise AttributeError(f"module 'hwaware' has no attribute {name!r}")

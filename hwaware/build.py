@@ -234,6 +234,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     info.plan_us[ONE_CALL] = times[1]
     if times[1] * (1 + MARGIN) < times[0]:
         info.plan = ONE_CALL
+        info.kernel_nodes = {ONE_CALL: [n for nodes in info.kernel_nodes.values() for n in nodes]}
         return whole
     return chosen
 

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_predictor_commands(sub: Any) -> None:
-    from hwaware.predict import DATA_DIR
+    from hwaware.predict import COST_MODELS_DIR, DATA_DIR
 
     pr = sub.add_parser("profile", help="measure sampled architectures for the latency predictor")
     pr.add_argument("--target", default="host")
@@ -99,6 +99,8 @@ def _add_predictor_commands(sub: Any) -> None:
     pd.add_argument("--samples", type=int, default=10, help="adapt: measurements to adapt with")
     pd.add_argument("--base", default=None, help="adapt: the device key to adapt from")
     pd.add_argument("--data", default=str(DATA_DIR), help="folder of profile JSONL files")
+    pd.add_argument("--models", default=str(COST_MODELS_DIR),
+                    help="folder of predictors, one subfolder per device key")
     pd.add_argument("--json", action="store_true", help="eval: print the metrics as JSON")
     pd.set_defaults(func=cmd_predictor)
 

@@ -79,38 +79,39 @@ def run(args: argparse.Namespace) -> int:
 
     device = Device.of(get_target(args.target), args.threads)
     samples = read_samples(all_data_files(Path(args.data)), device.key)
+    models = Path(args.models)
     if args.action == "train":
-        return _train(device, samples)
+        return _train(device, samples, models)
     if args.action == "eval":
-        predictor = LatencyPredictor.load(args.target, threads=args.threads)
+        predictor = LatencyPredictor.load(args.target, threads=args.threads,
+                                          directory=models / device.key)
         return _print(evaluate(predictor, samples), args.json)
-    return _adapt(args, device, samples)
+    return _adapt(args, device, samples, models)
 
 
-def _train(device: Device, samples: list[Sample]) -> int:
+def _train(device: Device, samples: list[Sample], models: Path) -> int:
     predictor = LatencyPredictor.train(training_samples(samples), device)
     results = evaluate(predictor, samples)
     predictor.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
-    out = predictor.save()
+    out = predictor.save(models / device.key)
     print(table(results))
     print(f"trained on {predictor.manifest['training']['models']} models "
           f"({predictor.manifest['training']['kernels']} kernels); saved to {out}")
     return 0
 
 
-def _adapt(args: argparse.Namespace, device: Device, samples: list[Sample]) -> int:
+def _adapt(args: argparse.Namespace, device: Device, samples: list[Sample], models: Path
+           ) -> int:
     if not args.base:
         raise PredictorError("adapt needs --base: the device key of the predictor to adapt "
-                             "(a folder name under cost_models/)")
-    from hwaware.predict import COST_MODELS_DIR
-
-    base = LatencyPredictor.load(directory=COST_MODELS_DIR / args.base)
+                             f"(a folder name under {models})")
+    base = LatencyPredictor.load(directory=models / args.base)
     pool = training_samples(samples)
     picked = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))[: args.samples]]
     adapted = base.adapt(picked, device)
     results = evaluate(adapted, samples)
     adapted.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
-    out = adapted.save()
+    out = adapted.save(models / device.key)
     print(table(results))
     print(f"adapted {args.base} to {device.key} with {len(picked)} measured models; "
           f"saved to {out}")

@@ -1,0 +1,265 @@
+"""Latency predictor: training, save/load, refusals, sources, metrics, dynamic networks,
+few-shot adaptation, and one real profiling run (TVM build and timing on this CPU).
+
+Most tests use synthetic samples whose latencies follow a known law of the kernels' sizes,
+so they check that the predictor learns, not what this machine measures (no timed asserts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hwaware.db import TuningDatabase
+from hwaware.decompose import Decomposition, KernelRecord
+from hwaware.predict import commands, profile, spaces
+from hwaware.predict.dynamic import predict_dynamic, summarize
+from hwaware.predict.features import FEATURE_SCHEMA_VERSION, Device
+from hwaware.predict.metrics import metrics, noise_floor
+from hwaware.predict.predictor import (
+    LatencyPredictor,
+    PredictorError,
+    UnknownKernelWarning,
+)
+from hwaware.target import get_target
+
+DEVICE = Device.of(get_target("host"))
+OTHER = Device.of(get_target("host"), 1) if DEVICE.threads > 1 else \
+    replace(DEVICE, key=DEVICE.key + "-other")
+FAMILY_OPS = {"conv2d": ("aten.conv2d.default", "aten.relu.default"),
+              "matmul": ("aten.linear.default", "aten.gelu.default"),
+              "elementwise": ("aten.add.Tensor",)}
+
+
+def _record(family: str, size: int, rng: random.Random) -> KernelRecord:
+    flops = 0 if family == "elementwise" else size * rng.choice([8, 32, 128])
+    return KernelRecord(
+        signature=f"{family}:{rng.getrandbits(48):012x}", family=family, ops=FAMILY_OPS[family],
+        input_shapes=((1, size),), output_shapes=((1, size),), dtypes=("float32",) * 2,
+        attributes="[]", flops=flops, bytes_moved=8 * size, weight_bytes=0)
+
+
+def _law_us(record: KernelRecord) -> float:
+    """The synthetic device: a fixed cost per kernel plus compute and memory terms."""
+    return 3.0 + record.flops / 4e4 + record.bytes_moved / 2e3
+
+
+def _sample(i: int, device: Device = DEVICE, scale: float = 1.0, split: str = "train"
+            ) -> profile.Sample:
+    rng = random.Random(i)
+    records = [_record(rng.choice(list(FAMILY_OPS)), int(2 ** rng.uniform(8, 16)), rng)
+               for _ in range(rng.randint(2, 8))]
+    host_steps = rng.randint(0, 3)
+    kernels = [{**asdict(r), "us": scale * _law_us(r)} for r in records]
+    total = scale * (sum(_law_us(r) for r in records) + 6.0 * host_steps + 4.0)
+    return profile.Sample(
+        id=f"synthetic-{i}", arch={"space": "synthetic", "config": {"i": i}}, split=split,
+        device=device.to_json(), cpu="test", kernels=kernels, host_steps=host_steps,
+        latency_us=total, latency2_us=total * 1.01, eager_us=total, unattributed_us=0.0,
+        compile_s=0.0, versions={})
+
+
+@pytest.fixture(scope="module")
+def trained() -> LatencyPredictor:
+    return LatencyPredictor.train([_sample(i) for i in range(80)], DEVICE, rounds=300)
+
+
+def test_predicts_held_out_synthetic_models(trained: LatencyPredictor) -> None:
+    held = [_sample(i) for i in range(1000, 1040)]
+    m = metrics(list(trained.predict_samples(held)), [s.latency_us for s in held])
+    assert m.within_10 >= 0.8 and m.spearman >= 0.95, m
+
+
+def test_save_load_round_trip_gives_identical_predictions(trained: LatencyPredictor,
+                                                          tmp_path: Path) -> None:
+    out = trained.save(tmp_path / "p")
+    loaded = LatencyPredictor.load(directory=out)
+    held = [_sample(i) for i in range(2000, 2010)]
+    assert np.array_equal(trained.predict_samples(held), loaded.predict_samples(held))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["feature_schema_version"] == FEATURE_SCHEMA_VERSION
+    assert manifest["training"]["models"] == 80
+    assert {"tvm", "torch", "xgboost"} <= set(manifest["versions"])
+    assert not list(out.glob("*.pkl")) and not list(out.glob("*.pickle"))
+
+
+def test_feature_version_mismatch_is_refused_naming_both(trained: LatencyPredictor,
+                                                         tmp_path: Path) -> None:
+    out = trained.save(tmp_path / "p")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["feature_schema_version"] = FEATURE_SCHEMA_VERSION + 7
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PredictorError, match=f"version {FEATURE_SCHEMA_VERSION + 7}.*version "
+                                             f"{FEATURE_SCHEMA_VERSION}"):
+        LatencyPredictor.load(directory=out)
+
+
+def test_corrupt_or_missing_files_are_refused_by_name(trained: LatencyPredictor,
+                                                      tmp_path: Path) -> None:
+    out = trained.save(tmp_path / "p")
+    (out / "kernel_model.json").write_text("{not json")
+    with pytest.raises(PredictorError, match="kernel_model.json: corrupt"):
+        LatencyPredictor.load(directory=out)
+    (out / "manifest.json").write_text("[1, 2")
+    with pytest.raises(PredictorError, match="manifest.json: corrupt"):
+        LatencyPredictor.load(directory=out)
+    with pytest.raises(PredictorError, match="hwaware profile --target host.*predictor train"):
+        LatencyPredictor.load(directory=tmp_path / "nothing")
+
+
+def test_too_few_samples_says_how_many_exist_and_are_needed() -> None:
+    with pytest.raises(PredictorError, match="7 profiled models .* at least 20"):
+        LatencyPredictor.train([_sample(i) for i in range(7)], DEVICE)
+    with pytest.raises(PredictorError, match="0 profiled models"):
+        LatencyPredictor.train([_sample(i, OTHER) for i in range(30)], DEVICE)
+
+
+def test_sources_measured_predicted_unknown(trained: LatencyPredictor, tmp_path: Path) -> None:
+    rng = random.Random(5)
+    seen, other_target, fresh = (_record("conv2d", 4096, rng) for _ in range(3))
+    odd = replace(_record("matmul", 4096, rng), family="fft", ops=("aten.fft_rfft.default",))
+    with TuningDatabase(tmp_path / "t.db") as db:
+        db.commit_kernel_measurement(seen.signature, trained.key, profile.AS_BUILT, 123.0,
+                                     "conv2d")
+        db.commit_kernel_measurement(other_target.signature, "llvm-other-2c-00000000",
+                                     profile.AS_BUILT, 999.0, "conv2d")
+        trained.db = db
+        with pytest.warns(UnknownKernelWarning, match="family fft"):
+            est = trained.predict_decomposition(
+                Decomposition("m", (seen, other_target, fresh, odd), (), 0))
+        trained.db = None
+    sources = [k.source for k in est.kernels]
+    assert sources == ["measured", "predicted", "predicted", "unknown"]
+    assert est.kernels[0].ms == pytest.approx(0.123)
+    assert est.kernels[1].ms != pytest.approx(0.999)  # another target's record is not used
+    assert all(k.ms > 0 for k in est.kernels)
+    assert est.total_ms == pytest.approx(sum(k.ms for k in est.kernels) + est.overhead_ms)
+
+
+def test_metrics_on_a_fixed_set() -> None:
+    m = metrics([1.05, 0.8, 2.0, 4.4], [1.0, 1.0, 2.0, 4.0])
+    assert m.n == 4
+    assert m.within_10 == pytest.approx(0.75) and m.within_5 == pytest.approx(0.5)
+    assert m.mape == pytest.approx(100 * (0.05 + 0.2 + 0 + 0.1) / 4)
+    assert m.rmse == pytest.approx(math.sqrt((0.05**2 + 0.2**2 + 0 + 0.4**2) / 4))
+    assert m.spearman == pytest.approx(0.9486832980505138)
+    assert m.kendall == pytest.approx(0.9128709291752769)
+    assert noise_floor([1.0, 2.0], [1.0, 2.0]).mape == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        metrics([1.0], [0.0])
+
+
+def test_adapt_to_another_device_with_ten_samples(trained: LatencyPredictor) -> None:
+    slower = [_sample(i, OTHER, scale=1.8) for i in range(3000, 3050)]
+    adapted = trained.adapt(slower[:10], OTHER)
+    assert adapted.key == OTHER.key and adapted.manifest["adapted_from"] == DEVICE.key
+    rest = slower[10:]
+    before = metrics(list(trained.predict_samples(rest)), [s.latency_us for s in rest])
+    after = metrics(list(adapted.predict_samples(rest)), [s.latency_us for s in rest])
+    assert before.within_10 < 0.2 and after.within_10 >= 0.8, (before, after)
+    with pytest.raises(PredictorError, match="at least 3"):
+        trained.adapt(slower[:2], OTHER)
+
+
+# ----------------------------------------------------------------------- dynamic networks
+def test_expected_latency_from_known_path_latencies() -> None:
+    a, b = ("region_0", ("t",)), ("region_1", ("t",))
+    paths = [[(a, [])]] * 3 + [[(a, []), (b, [])]]
+    est = summarize("toy", "dev", paths, {a: 1.0, b: 4.0})
+    assert [(p.regions, p.ms, p.frequency) for p in est.paths] == [
+        (("region_0",), 1.0, 0.75), (("region_0", "region_1"), 5.0, 0.25)]
+    assert est.expected_ms == pytest.approx(0.75 * 1.0 + 0.25 * 5.0)
+    assert est.p95_ms == pytest.approx(np.percentile([1, 1, 1, 5], 95))
+
+
+class EarlyExit(nn.Module):
+    """Exits after the first block when the input's mean is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.second = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        if x.mean() > 0:
+            return h
+        return self.second(h)
+
+
+def test_dynamic_network_paths_follow_the_calibration_inputs(trained: LatencyPredictor) -> None:
+    model = EarlyExit().eval()
+    calibration = [torch.randn(1, 16).abs() * (1 if i % 4 else -1) for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownKernelWarning)
+        est = predict_dynamic(trained, model, (torch.randn(1, 16),), calibration)
+    assert [p.frequency for p in est.paths] == [0.75, 0.25]
+    short, long = est.paths
+    assert len(long.regions) > len(short.regions) and long.ms > short.ms
+    assert est.expected_ms == pytest.approx(0.75 * short.ms + 0.25 * long.ms)
+    assert est.p95_ms == pytest.approx(long.ms)
+
+
+# ----------------------------------------------------------------------- real profiling
+def test_profile_measures_and_attributes_real_builds(tmp_path: Path) -> None:
+    archs = [spaces.Architecture("cnn", {"resolution": 16, "stages": [
+        {"width": 8, "kernel": 3, "depth": 1}]}),
+        spaces.Architecture("transformer", {"d_model": 16, "heads": 2, "ffn_ratio": 2,
+                                            "layers": 1, "seq": 8})]
+    out = tmp_path / "data.jsonl"
+    with TuningDatabase(tmp_path / "t.db") as db:
+        new = profile.profile(archs, get_target("host"), DEVICE, db, out, repeats=10,
+                              show_progress=False)
+        assert [s.id for s in new] == [a.id for a in archs]
+        assert profile.profile(archs, get_target("host"), DEVICE, db, out, repeats=10,
+                               show_progress=False) == []  # resumed: nothing left
+        for s in new:
+            model, inputs = spaces.Architecture(s.arch["space"], s.arch["config"]).build()
+            import hwaware
+
+            expected = hwaware.decompose(model, inputs)
+            assert [r.signature for r in s.records] == [k.signature for k in expected.kernels]
+            assert all(us > 0 for us in s.kernel_us) and s.latency_us > 0
+            assert db.model_measurements(DEVICE.key, s.id)[0].latency_us == s.latency_us
+            measured = db.kernel_measurements(DEVICE.key, s.records[0].signature)
+            assert [m.impl for m in measured].count(profile.AS_BUILT) == 1
+    assert [s.id for s in profile.read_samples([out], DEVICE.key)] == [a.id for a in archs]
+    assert profile.read_samples([out], "another-device") == []
+
+
+def test_attribution_charges_built_kernels_to_decomposed_ones() -> None:
+    decomposed = {"k0_conv2d": ("conv", "relu"), "k1_matmul": ("mm",)}
+    built = {"k0_conv2d": ["conv"], "k1_elementwise": ["relu"], "k2_x": ["mm", "extra"],
+             "k3_y": ["orphan"]}
+    labels, rest = profile.attribute(decomposed, built, {"k0_conv2d": 10.0,
+                                                         "k1_elementwise": 2.0, "k2_x": 6.0,
+                                                         "k3_y": 1.0})
+    assert labels == {"k0_conv2d": 12.0, "k1_matmul": 6.0} and rest == 1.0
+
+
+def test_cli_train_and_eval_on_profiled_data(tmp_path: Path, capsys: pytest.CaptureFixture
+                                             ) -> None:
+    from hwaware.cli import main
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    data.mkdir()
+    lines = [_sample(i).to_json() for i in range(60)]
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["predictor", "train", "--data", str(data), "--models", str(models)]
+    assert main(args) == 0
+    assert "held-out" in capsys.readouterr().out
+    assert (models / DEVICE.key / "manifest.json").exists()
+    assert main(["predictor", "eval", "--json", "--data", str(data), "--models", str(models)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["held-out"]["n"] == sum(commands.is_held_out(_sample(i)) for i in range(60))
+    assert main(["predictor", "eval", "--data", str(data), "--models", str(tmp_path)]) == 2
+    assert "hwaware predictor train" in capsys.readouterr().err
