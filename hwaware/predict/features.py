@@ -47,6 +47,7 @@ OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
               "slice", "expand", "t.default", "alias", "split", "chunk", "getitem")),
 )
 CATEGORY_NAMES = tuple(name for name, _ in OP_CATEGORIES) + ("other_op",)
+SHAPE_SLOTS = 4  # the first input's and output's last dims (N, C, H, W; or B, S, D)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ KERNEL_FEATURE_NAMES = (
     "log_flops", "log_bytes", "log_weight_bytes", "log_in_elems", "log_out_elems",
     "log_reduction", "log_out_last_dim", "intensity", "inputs", "outputs",
     "conv_stride", "log_conv_groups", "depthwise_convs", "log_roofline_us",
+    *(f"log_in_dim{i}" for i in range(SHAPE_SLOTS)),
+    *(f"log_out_dim{i}" for i in range(SHAPE_SLOTS)),
     "threads", "vector_bits", "log_peak_gflops", "log_bandwidth", "log_l2", "log_l3",
 )
 MODEL_FEATURE_NAMES = (
@@ -147,8 +150,15 @@ def kernel_features(record: Any, device: Device) -> list[float]:
         float(len(record.input_shapes)), float(len(record.output_shapes)),
         *_conv_attributes(record.attributes),
         _log2(roofline_us(record.flops, record.bytes_moved, device)),
+        *_dims(record.input_shapes), *_dims(record.output_shapes),
         *_device_features(device),
     ]
+
+
+def _dims(shapes: Sequence[Sequence[int]]) -> list[float]:
+    """log2 of the first shape's last `SHAPE_SLOTS` dims, right-aligned (0 where absent)."""
+    dims = list(shapes[0])[-SHAPE_SLOTS:] if shapes else []
+    return [0.0] * (SHAPE_SLOTS - len(dims)) + [_log2(d) for d in dims]
 
 
 def _device_features(device: Device) -> list[float]:

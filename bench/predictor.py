@@ -1,0 +1,156 @@
+"""Latency predictor benchmark: accuracy, learning curve, few-shot transfer and speed.
+
+    python bench/predictor.py [--target host] [--data cost_models/data] [--out FILE.md]
+
+Reads the profiled samples (`hwaware profile` writes them to cost_models/data/*.jsonl) and
+reports, on this CPU:
+1. accuracy on held-out architectures (a fifth of the in-range samples, by a hash of their id),
+   on out-of-range ones (`ood`), on the built-in zoo models (`real`), per family, beside the
+   noise floor (two timings of one compiled model);
+2. the learning curve: held-out accuracy when training on the first n models only;
+3. few-shot transfer: the predictor of the base device adapted to each other device in the
+   data (another thread count, AVX2 code instead of AVX-512 on this CPU, another CPU kind)
+   with 10 of that device's measurements, against that device's held-out models (3 draws);
+4. speed: batched kernel predictions per second, and `predict(model)` on a new model after
+   warm-up (decomposition included).
+No timing here is an assertion; figures go to the markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hwaware.predict import DATA_DIR  # noqa: E402
+from hwaware.predict.commands import (  # noqa: E402
+    evaluate,
+    evaluation_splits,
+    table,
+    training_samples,
+)
+from hwaware.predict.features import Device  # noqa: E402
+from hwaware.predict.metrics import TABLE_HEADER, metrics  # noqa: E402
+from hwaware.predict.predictor import LatencyPredictor  # noqa: E402
+from hwaware.predict.profile import Sample, all_data_files, read_samples  # noqa: E402
+from hwaware.target import get_target  # noqa: E402
+
+CURVE_SIZES = (25, 50, 100, 200, 400)
+ADAPT_SAMPLES = 10
+DRAWS = 3
+
+
+def accuracy(base: Device, samples: list[Sample]) -> tuple[LatencyPredictor, str]:
+    own = [s for s in samples if s.device["key"] == base.key]
+    predictor = LatencyPredictor.train(training_samples(own), base)
+    text = (f"## Accuracy on {base.key}\n\nTrained on {len(training_samples(own))} models "
+            f"({predictor.manifest['training']['kernels']} kernels); held out: "
+            + ", ".join(f"{k} {len(v)}" for k, v in evaluation_splits(own).items())
+            + ".\n\n" + table(evaluate(predictor, own)))
+    return predictor, text
+
+
+def learning_curve(base: Device, samples: list[Sample]) -> str:
+    own = [s for s in samples if s.device["key"] == base.key]
+    train = training_samples(own)
+    held = evaluation_splits(own)["held-out"]
+    rows = [TABLE_HEADER.replace("| split |", "| training models |")]
+    for n in [n for n in CURVE_SIZES if n < len(train)] + [len(train)]:
+        predictor = LatencyPredictor.train(train[:n], base)
+        m = metrics(list(predictor.predict_samples(held)), [s.latency_us for s in held])
+        rows.append(m.row(str(n)))
+    return "## Learning curve (held-out in-range models)\n\n" + "\n".join(rows)
+
+
+def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
+    keys = sorted({s.device["key"] for s in samples} - {base_predictor.key})
+    rows = ["| device | adapt samples | draw | ±10% | ±5% | MAPE | Spearman | Kendall | "
+            "unadapted ±10% | unadapted Spearman |", "|---|---:|---:|---:|---:|---:|---:|---:|"
+            "---:|---:|"]
+    for key in keys:
+        own = [s for s in samples if s.device["key"] == key]
+        device = Device(**own[0].device)
+        pool, held = training_samples(own), evaluation_splits(own)["held-out"]
+        if len(pool) < ADAPT_SAMPLES or len(held) < 5:
+            rows.append(f"| {key} | too few samples ({len(own)}) | | | | | | | | |")
+            continue
+        measured = [s.latency_us for s in held]
+        raw = metrics(list(base_predictor.predict_samples(held)), measured)
+        for draw in range(DRAWS):
+            picked = [pool[i] for i in np.random.default_rng(draw).permutation(
+                len(pool))[:ADAPT_SAMPLES]]
+            adapted = base_predictor.adapt(picked, device)
+            m = metrics(list(adapted.predict_samples(held)), measured)
+            rows.append(f"| {key} | {ADAPT_SAMPLES} | {draw} | {100 * m.within_10:.1f}% | "
+                        f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | "
+                        f"{m.kendall:.3f} | {100 * raw.within_10:.1f}% | {raw.spearman:.3f} |")
+    return (f"## Few-shot transfer from {base_predictor.key} ({ADAPT_SAMPLES} measurements of "
+            "the new device; metrics on its held-out models)\n\n" + "\n".join(rows))
+
+
+def speed(predictor: LatencyPredictor, samples: list[Sample]) -> str:
+    import hwaware
+    from hwaware.zoo import get_model
+
+    records = [r for s in samples for r in s.records]
+    batch = [records[i % len(records)] for i in range(100_000)]
+    predictor.predict_kernels(batch[:1000])
+    start = time.perf_counter()
+    predictor.predict_kernels(batch)
+    per_second = len(batch) / (time.perf_counter() - start)
+    lines = [f"- batched kernel predictions: {per_second:,.0f} per second ({len(batch):,} "
+             f"kernels, {len(records):,} distinct)"]
+    for name in ("mobilenetv2_block", "resnet_bottleneck", "transformer_encoder_layer"):
+        model, inputs = get_model(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            predictor.predict(*get_model("small_cnn"))  # warm-up: imports, first export
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                est = predictor.predict(model, inputs)
+                times.append(time.perf_counter() - start)
+        lines.append(f"- `predict({name})` on a model it has not seen: "
+                     f"{statistics.median(times):.2f} s median of 3 ({len(est.kernels)} kernels, "
+                     f"estimate {est.total_ms:.3f} ms)")
+    del hwaware
+    return "## Speed\n\n" + "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="host")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data", default=str(DATA_DIR))
+    p.add_argument("--out", default=None)
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    base = Device.of(get_target(args.target), args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples = read_samples(all_data_files(Path(args.data)))
+    cpu = platform.processor() or platform.machine()
+    parts = [f"# Latency predictor on {cpu} ({base.key})\n\nCommand: `python bench/predictor.py "
+             f"{' '.join(sys.argv[1:])}`. Samples: {len(samples)} in {args.data}. Latencies are "
+             "lower quartiles of blocks of back-to-back calls (`hwaware.predict.profile`)."]
+    predictor, text = accuracy(base, samples)
+    parts += [text, learning_curve(base, samples), transfer(predictor, samples)]
+    if not args.skip_speed:
+        parts.append(speed(predictor, samples))
+    report = "\n\n".join(parts) + "\n"
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
