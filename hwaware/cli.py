@@ -97,7 +97,8 @@ def _add_predictor_commands(sub: Any) -> None:
     pd.add_argument("--target", default="host")
     pd.add_argument("--threads", type=int, default=None)
     pd.add_argument("--samples", type=int, default=10, help="adapt: measurements to adapt with")
-    pd.add_argument("--base", default=None, help="adapt: the device key to adapt from")
+    pd.add_argument("--base", default=None, help="adapt: the device key to adapt from "
+                    "(default: the trained predictor with the most training data)")
     pd.add_argument("--data", default=str(DATA_DIR), help="folder of profile JSONL files")
     pd.add_argument("--models", default=str(COST_MODELS_DIR),
                     help="folder of predictors, one subfolder per device key")

@@ -29,9 +29,12 @@ HELD_OUT_SHARE = 5  # one in this many in-range architectures is held out
 
 def is_held_out(sample: Sample) -> bool:
     """Whether a sample is kept out of training (stable: a hash of its architecture id)."""
-    if sample.split != "train":
-        return True
-    return int(hashlib.sha1(sample.id.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
+    return sample.split != "train" or held_out_id(sample.id)
+
+
+def held_out_id(arch_id: str) -> bool:
+    """Whether an in-range architecture is held out of training (a hash of its id)."""
+    return int(hashlib.sha1(arch_id.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
 
 
 def training_samples(samples: Sequence[Sample]) -> list[Sample]:
@@ -102,20 +105,54 @@ def _train(device: Device, samples: list[Sample], models: Path) -> int:
 
 def _adapt(args: argparse.Namespace, device: Device, samples: list[Sample], models: Path
            ) -> int:
-    if not args.base:
-        raise PredictorError("adapt needs --base: the device key of the predictor to adapt "
-                             f"(a folder name under {models})")
-    base = LatencyPredictor.load(directory=models / args.base)
+    """Adapt the base predictor (--base, or the trained one with the most training models)
+    to `device` with `--samples` of its measurements, profiling the missing ones first."""
+    base_dir = models / args.base if args.base else best_trained(models, exclude=device.key)
+    base = LatencyPredictor.load(directory=base_dir)
     pool = training_samples(samples)
+    if len(pool) < args.samples:
+        pool += _profile_for_adapting(args, device, args.samples - len(pool), pool)
     picked = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))[: args.samples]]
     adapted = base.adapt(picked, device)
     results = evaluate(adapted, samples)
     adapted.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
     out = adapted.save(models / device.key)
-    print(table(results))
-    print(f"adapted {args.base} to {device.key} with {len(picked)} measured models; "
+    if results:
+        print(table(results))
+    print(f"adapted {base.key} to {device.key} with {len(picked)} measured models; "
           f"saved to {out}")
     return 0
+
+
+def best_trained(models: Path, exclude: str) -> Path:
+    """The folder of the trained (not adapted) predictor with the most training models."""
+    found = []
+    for manifest in sorted(models.glob("*/manifest.json")):
+        try:
+            doc = json.loads(manifest.read_text())
+        except ValueError:
+            continue
+        if "adapted_from" not in doc and manifest.parent.name != exclude:
+            found.append((doc.get("training", {}).get("models", 0), manifest.parent))
+    if not found:
+        raise PredictorError(f"no trained latency predictor in {models} to adapt from: train "
+                             "one on a profiled device first (`hwaware predictor train`)")
+    return max(found)[1]
+
+
+def _profile_for_adapting(args: argparse.Namespace, device: Device, missing: int,
+                          have: list[Sample]) -> list[Sample]:
+    """Measure `missing` more in-range architectures on this device (kept for training)."""
+    from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+    from hwaware.predict import profile, spaces
+    from hwaware.target import get_target
+
+    done = {s.id for s in have}
+    archs = [a for a in spaces.sample("all", 4 * (missing + len(done)), seed=0)
+             if a.id not in done and not held_out_id(a.id)][:missing]
+    with TuningDatabase(DEFAULT_DB_PATH) as db:
+        return profile.profile(archs, get_target(args.target), device, db,
+                               Path(args.data) / profile.data_file().name)
 
 
 def _print(results: dict[str, Metrics], as_json: bool) -> int:
