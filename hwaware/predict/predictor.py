@@ -60,6 +60,7 @@ MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
 MODEL_ROUNDS = 200
 ADAPT_SHRINK = 2.0  # pulls a few-shot slope toward 1 (as strongly as this many samples)
 FILES = ("kernel_model.json", "model_model.json")
+TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 
 
 class PredictorError(ValueError):
@@ -109,14 +110,16 @@ class TrainingSet:
     kernel_rows: np.ndarray = field(init=False)
     kernel_log_us: np.ndarray = field(init=False)
     kernel_owner: np.ndarray = field(init=False)  # the sample index of each kernel row
+    signatures: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        rows, labels, owners = [], [], []
+        rows, labels, owners, self.signatures = [], [], [], []
         for i, s in enumerate(self.samples):
             for record, us in zip(s.records, s.kernel_us, strict=True):
                 rows.append(kernel_features(record, self.device))
                 labels.append(math.log(max(us, 1e-3)))
                 owners.append(i)
+                self.signatures.append(record.signature)
         self.kernel_rows = np.asarray(rows, dtype=np.float32).reshape(-1,
                                                                       len(KERNEL_FEATURE_NAMES))
         self.kernel_log_us = np.asarray(labels, dtype=np.float32)
@@ -127,14 +130,16 @@ class LatencyPredictor:
     """Kernel and whole-model regressors for one device (see module docstring)."""
 
     def __init__(self, kernel_model: xgb.Booster, model_model: xgb.Booster,
-                 manifest: dict[str, Any], db: Any = None):
+                 manifest: dict[str, Any], table: dict[str, float], db: Any = None):
         self.kernel_model = kernel_model
         self.model_model = model_model
+        self.table = table  # kernels measured in the training data, by signature
         self.manifest = manifest
         self.db = db
         self.device = Device(**manifest["feature_device"])  # what the features describe
         self.key = str(manifest["device"]["key"])  # the device the latencies are for
         self.correction = tuple(manifest.get("correction", (0.0, 1.0)))
+        self.overhead = list(manifest.get("overhead_us", [0.0, 0.0, 0.0]))
         self.known_ops = frozenset(manifest.get("known_op_categories", CATEGORY_NAMES))
 
     # ----------------------------------------------------------------- training
@@ -151,10 +156,11 @@ class LatencyPredictor:
         data = TrainingSet(list(samples), device)
         oof = _out_of_fold_kernel_us(data, rounds)
         kernel_model = _fit(data.kernel_rows, data.kernel_log_us, KERNEL_PARAMS, rounds)
-        model_rows, ratios = _model_rows(data, oof)
+        overhead = _fit_overhead(data, oof)
+        model_rows, ratios = _model_rows(data, oof, overhead)
         model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
-        manifest = _manifest(device, device, samples, data)
-        return LatencyPredictor(kernel_model, model_model, manifest)
+        manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead}
+        return LatencyPredictor(kernel_model, model_model, manifest, measured_table(samples))
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
         """This predictor corrected for `device` from a few of its measured models: log y =
@@ -170,7 +176,8 @@ class LatencyPredictor:
         manifest = {**self.manifest, "device": device.to_json(), "correction": [a, b],
                     "adapted_from": self.key, "adapt_samples": len(samples),
                     "created_at": time.time()}
-        return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.db)
+        return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.table,
+                                self.db)
 
     # -------------------------------------------------------------- prediction
     def predict(self, model: Any, example_inputs: Any, calibration: Sequence[Any] | None = None
@@ -188,12 +195,7 @@ class LatencyPredictor:
 
     def predict_decomposition(self, decomposition: Any) -> LatencyEstimate:
         records = list(decomposition.kernels)
-        us = self.predict_kernels(records)
-        sources = [self._source(r) for r in records]
-        for i, record in enumerate(records):
-            measured = self._measured_us(record.signature)
-            if measured is not None:
-                us[i], sources[i] = measured, "measured"
+        us, sources = self.kernel_times(records)
         unknown = [r for r, s in zip(records, sources, strict=True) if s == "unknown"]
         if unknown:
             warnings.warn(
@@ -208,6 +210,22 @@ class LatencyPredictor:
         return LatencyEstimate(decomposition.model, self.key, total_us / 1e3,
                                (total_us - float(np.sum(us))) / 1e3, kernels)
 
+    def kernel_times(self, records: Sequence[Any], use_db: bool = True
+                     ) -> tuple[np.ndarray, list[str]]:
+        """Each kernel's microseconds and source: measured on this device (the database, then
+        the training data's table), else predicted (or unknown: predicted all the same)."""
+        us = self.predict_kernels(records)
+        sources = [self._source(r) for r in records]
+        own_table = "adapted_from" not in self.manifest  # else: another device's times
+        for i, record in enumerate(records):
+            measured = self._measured_us(record.signature) if use_db else None
+            if measured is not None:
+                us[i], sources[i] = measured, "measured"
+            elif record.signature in self.table:
+                us[i] = self.table[record.signature]
+                sources[i] = "measured" if own_table else "predicted"
+        return us, sources
+
     def predict_kernels(self, records: Sequence[Any]) -> np.ndarray:
         """Predicted microseconds of many kernels at once (the regressor only)."""
         if not records:
@@ -216,13 +234,13 @@ class LatencyPredictor:
         return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64))
 
     def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:
-        """Predicted whole-model microseconds of profiled samples (kernels predicted, never
-        looked up: what evaluation needs)."""
+        """Predicted whole-model microseconds of profiled samples, without the database (it
+        holds the held-out models' own measurements; evaluation must not see them)."""
         totals = []
         for s in samples:
             records = s.records
-            totals.append(self._total_us(records, s.host_steps, self.predict_kernels(records),
-                                         corrected))
+            us, _ = self.kernel_times(records, use_db=False)
+            totals.append(self._total_us(records, s.host_steps, us, corrected))
         return np.asarray(totals)
 
     def _total_us(self, records: list[Any], host_steps: int, kernel_us: np.ndarray,
@@ -230,7 +248,7 @@ class LatencyPredictor:
         row = np.asarray([model_features(records, host_steps, list(kernel_us), self.device)],
                          dtype=np.float32)
         ratio = float(self.model_model.inplace_predict(row)[0])
-        total = float(np.sum(kernel_us)) * math.exp(ratio)
+        total = _base_us(kernel_us, len(records), host_steps, self.overhead) * math.exp(ratio)
         if corrected and self.correction != (0.0, 1.0):
             a, b = self.correction
             total = math.exp(a + b * math.log(max(total, 1e-3)))
@@ -257,7 +275,9 @@ class LatencyPredictor:
         out.mkdir(parents=True, exist_ok=True)
         for name, booster in zip(FILES, (self.kernel_model, self.model_model), strict=True):
             booster.save_model(out / name)
-        files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
+        (out / TABLE_FILE).write_text(json.dumps(self.table, sort_keys=True, indent=0))
+        files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                 for name in (*FILES, TABLE_FILE)}
         manifest = {**self.manifest, "files": files}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         self.manifest = manifest
@@ -276,7 +296,8 @@ class LatencyPredictor:
         folder = Path(directory) if directory else COST_MODELS_DIR / key
         manifest = _read_manifest(folder, target, key, threads)
         boosters = [_read_booster(folder / name, manifest) for name in FILES]
-        return LatencyPredictor(boosters[0], boosters[1], manifest, open_db(db))
+        table = _read_table(folder / TABLE_FILE, manifest)
+        return LatencyPredictor(boosters[0], boosters[1], manifest, table, open_db(db))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -314,27 +335,67 @@ def _fit(rows: np.ndarray, labels: np.ndarray, params: dict[str, Any], rounds: i
     return xgb.train(params, matrix, num_boost_round=rounds)
 
 
+def measured_table(samples: Sequence[Any]) -> dict[str, float]:
+    """Each kernel signature measured in `samples`: its median microseconds."""
+    times: dict[str, list[float]] = {}
+    for s in samples:
+        for record, us in zip(s.records, s.kernel_us, strict=True):
+            if us > 0:
+                times.setdefault(record.signature, []).append(us)
+    return {sig: float(np.median(t)) for sig, t in times.items()}
+
+
 def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
-    """Each kernel's predicted microseconds from a regressor that never saw its model."""
+    """Each kernel's microseconds as a predictor that never saw its model would give them:
+    measured in another fold's models, else predicted by a regressor trained on those."""
     fold_of_sample = np.random.default_rng(0).permutation(len(data.samples)) % FOLDS
     fold = fold_of_sample[data.kernel_owner]
-    predicted = np.zeros(len(data.kernel_log_us))
+    result = np.zeros(len(data.kernel_log_us))
     for k in range(FOLDS):
         held = fold == k
         if not held.any() or held.all():
             continue
         booster = _fit(data.kernel_rows[~held], data.kernel_log_us[~held], KERNEL_PARAMS,
                        rounds)
-        predicted[held] = booster.inplace_predict(data.kernel_rows[held])
-    return np.exp(predicted)
+        result[held] = np.exp(booster.inplace_predict(data.kernel_rows[held]))
+        table = measured_table([s for i, s in enumerate(data.samples) if fold_of_sample[i] != k])
+        for row in np.flatnonzero(held):
+            known = table.get(data.signatures[row])
+            if known is not None:
+                result[row] = known
+    return result
 
 
-def _model_rows(data: TrainingSet, kernel_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _base_us(kernel_us: Any, kernels: int, host_steps: int, overhead: list[float]) -> float:
+    """The kernels' sum plus the linear whole-model term (per kernel call, per host op step,
+    per model call); the regressor of the whole-model term predicts the ratio to this."""
+    per_kernel, per_host_step, per_call = overhead
+    return max(float(np.sum(kernel_us)) + per_kernel * kernels + per_host_step * host_steps
+               + per_call, 1e-3)
+
+
+def _fit_overhead(data: TrainingSet, kernel_us: np.ndarray) -> list[float]:
+    """Non-negative least squares of (model latency - kernels' sum) on the counts of kernel
+    calls and host op steps and a constant: the additive part of the whole-model term."""
+    from scipy.optimize import nnls
+
+    rows, gaps = [], []
+    for i, s in enumerate(data.samples):
+        us = kernel_us[data.kernel_owner == i]
+        rows.append([float(len(us)), float(s.host_steps), 1.0])
+        gaps.append(s.latency_us - float(np.sum(us)))
+    coefficients, _ = nnls(np.asarray(rows), np.asarray(gaps))
+    return [float(c) for c in coefficients]
+
+
+def _model_rows(data: TrainingSet, kernel_us: np.ndarray, overhead: list[float]
+                ) -> tuple[np.ndarray, np.ndarray]:
     rows, ratios = [], []
     for i, s in enumerate(data.samples):
         us = kernel_us[data.kernel_owner == i]
         rows.append(model_features(s.records, s.host_steps, list(us), data.device))
-        ratios.append(math.log(s.latency_us) - math.log(max(float(np.sum(us)), 1e-3)))
+        base = _base_us(us, len(us), s.host_steps, overhead)
+        ratios.append(math.log(s.latency_us) - math.log(base))
     return (np.asarray(rows, dtype=np.float32).reshape(-1, len(MODEL_FEATURE_NAMES)),
             np.asarray(ratios, dtype=np.float32))
 
@@ -392,13 +453,26 @@ def _read_manifest(folder: Path, target: Any, key: str, threads: int | None) -> 
     return dict(manifest)
 
 
-def _read_booster(path: Path, manifest: dict[str, Any]) -> xgb.Booster:
+def _check_file(path: Path, manifest: dict[str, Any]) -> None:
     if not path.exists():
         raise PredictorError(f"{path}: missing predictor file")
     expected = manifest.get("files", {}).get(path.name)
     if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
         raise PredictorError(f"{path}: corrupt predictor file (its checksum differs from the "
                              "manifest's)")
+
+
+def _read_table(path: Path, manifest: dict[str, Any]) -> dict[str, float]:
+    _check_file(path, manifest)
+    try:
+        table = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in table.items()}
+    except (ValueError, AttributeError, TypeError) as err:
+        raise PredictorError(f"{path}: corrupt predictor file ({err})") from err
+
+
+def _read_booster(path: Path, manifest: dict[str, Any]) -> xgb.Booster:
+    _check_file(path, manifest)
     booster = xgb.Booster()
     try:
         booster.load_model(path)
