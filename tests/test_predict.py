@@ -263,3 +263,18 @@ def test_cli_train_and_eval_on_profiled_data(tmp_path: Path, capsys: pytest.Capt
     assert results["held-out"]["n"] == sum(commands.is_held_out(_sample(i)) for i in range(60))
     assert main(["predictor", "eval", "--data", str(data), "--models", str(tmp_path)]) == 2
     assert "hwaware predictor train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in Path(
+    __file__).resolve().parent.parent.joinpath("cost_models").glob("*/manifest.json")),
+    ids=lambda p: p.name)
+def test_shipped_predictors_load_and_predict(folder: Path) -> None:
+    """Every predictor in the repository loads (on any CPU) and predicts a model it has not
+    seen: a positive total equal to its kernels plus its whole-model term."""
+    predictor = LatencyPredictor.load(directory=folder)
+    assert predictor.key == folder.name
+    model, inputs = spaces.Architecture("mobilenet", {"resolution": 24, "stem": 8, "blocks": [
+        {"width": 8, "expand": 2, "kernel": 3, "stride": 1, "se": False}]}).build()
+    est = predictor.predict(model, inputs)
+    assert est.total_ms > 0 and all(k.ms > 0 for k in est.kernels)
+    assert est.total_ms == pytest.approx(sum(k.ms for k in est.kernels) + est.overhead_ms)
