@@ -103,7 +103,7 @@ def _import_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
 
 def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
                    ) -> KernelTasks | None:
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     family = part.program.kernels[name].family
     graph, inputs = on_cpu(graph, inputs)
@@ -114,22 +114,22 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
     except Exception as err:  # the importer and the lowerings raise many error types
         warn_fallback(part.program, {name: err}, "could not be imported into TVM")
         return None
-    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
+    return KernelTasks(module["main"], workloads, heavy, ir.prim_funcs_by_var(module),
                        family in FUSED_FAMILIES)
 
 
 def _workloads(module: Any, family: str, tgt: Any) -> tuple[dict[str, Any], set[str]]:
     """The fused TIR workloads of a kernel's module by hash, and the hashes of those that need
     a schedule of their own (a contraction, or a fused family's schedule space)."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     workloads, heavy = {}, set()
-    for func in tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(module, tgt)).values():
-        workload = tvm_compat.workload_of(func)
-        key = tvm_compat.workload_hash(workload)
+    for func in ir.prim_funcs(ir.fuse_for_tuning(module, tgt)).values():
+        workload = ir.workload_of(func)
+        key = ir.workload_hash(workload)
         workloads[key] = workload
-        if family in FUSED_FAMILIES and tvm_compat.has_custom_schedule_rule(workload) or \
-                family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
+        if family in FUSED_FAMILIES and ir.has_custom_schedule_rule(workload) or \
+                family in CONTRACTION_FAMILIES and ir.is_contraction(workload):
             heavy.add(key)
     return workloads, heavy
 
@@ -185,11 +185,11 @@ def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
     """An ordinary kernel: torch.export, then TVM's importer."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     with torch.no_grad():
         exported = torch.export.export(graph, tuple(inputs), strict=False)
-    return tvm_compat.module_of_functions({"main": tvm_compat.import_torch_program(exported)})
+    return ir.module_of_functions({"main": ir.import_torch_program(exported)})
 
 
 def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
@@ -281,7 +281,7 @@ def _commit_kernels(db: TuningDatabase, part: Partition, built: dict[str, Kernel
     """Each built kernel's schema (`decompose.KernelRecord`) and the TVM workloads it holds,
     beside the measurements `_choose` committed: what the latency predictor reads."""
     from hwaware.decompose import kernel_record
-    from hwaware.tvm_compat import TVM_VERSION
+    from hwaware.tvm.setup import TVM_VERSION
 
     for name, kernel in built.items():
         record = kernel_record(part.program.kernels[name], part.kernel_graphs[name])
@@ -340,12 +340,12 @@ def _build_module(kernels: dict[str, KernelTasks], tgt: Any, adapter: Any, info:
                   ) -> Any:
     """One library of `kernels`, each a public function by its kernel name (records the tuned
     workloads it applied in `info`)."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir, schedules
 
-    mod = tvm_compat.module_of_functions({n: k.function for n, k in kernels.items()},
+    mod = ir.module_of_functions({n: k.function for n, k in kernels.items()},
                                          {v: f for k in kernels.values()
                                           for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, fixed_schedules())
+    executable, applied = schedules.build_executable(mod, tgt, adapter, fixed_schedules())
     info.tuned_workloads = sorted(applied)
     return executable
 
@@ -355,19 +355,19 @@ def _choose_each(program: Program, executable: Any, names: list[str],
                  measure: bool, repeats: int) -> None:
     """Check and time each kernel of the library against PyTorch (`_choose`); a kernel whose
     check or timing raises stays in PyTorch."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import vm as tvm_vm
 
     failed: dict[str, BaseException] = {}
     try:
         # on PyTorch's OpenMP team, as the compiled model will run them: on TVM's own pool, a
         # kernel timed right after PyTorch's ops shares its cores with spinning OpenMP threads
-        vm = tvm_compat.make_vm(executable, target.kind, share_threads=True)
+        vm = tvm_vm.make_vm(executable, target.kind, share_threads=True)
     except Exception as err:  # the VM refuses the library: every kernel stays in PyTorch
         failed = {name: err for name in names}
         names = []
     for name in names:
         try:
-            call = tvm_compat.torch_callable(vm, name)
+            call = tvm_vm.torch_callable(vm, name)
             _choose(program, name, call, inputs[name], db, target, measure, repeats)
         except Exception as err:  # a kernel that raises on its example inputs
             program.kernels[name].impl = "torch"
@@ -376,15 +376,15 @@ def _choose_each(program: Program, executable: Any, names: list[str],
 
 
 def _tvm_target(target: Target) -> Any:
-    from hwaware import tvm_compat
+    from hwaware.tvm import setup
 
-    return tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    return setup.tvm_target(target.tvm, target.host_tvm)
 
 
 def _adapter(db: TuningDatabase | None, tgt: Any, target: Target) -> Any:
-    from hwaware import tvm_compat
+    from hwaware.tvm import database
 
-    return tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    return database.SqliteDatabase(db, tgt, target.key) if db is not None else None
 
 
 def _why_left(spec: KernelSpec) -> str:
@@ -425,15 +425,16 @@ def _build_one_call(part: Partition, tgt: Any, adapter: Any, target: Target,
                     ) -> tuple[Any, list[Any]]:
     """The captured graph imported and built as one TVM function, and its outputs on the
     example inputs."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir, schedules
+    from hwaware.tvm import vm as tvm_vm
 
     graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
     with torch.no_grad():
         exported = torch.export.export(graph, tuple(inputs), strict=False)
-    function = tvm_compat.import_torch_program(exported)
-    executable, _ = tvm_compat.build_executable(
-        tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(executable, target.kind), ONE_CALL,
+    function = ir.import_torch_program(exported)
+    executable, _ = schedules.build_executable(
+        ir.module_of_functions({ONE_CALL: function}), tgt, adapter)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(executable, target.kind), ONE_CALL,
                                      num_outputs)
     return executable, call(*example_inputs)
 
@@ -487,9 +488,10 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
     """Every contraction of the kernel has a tuned record, or is small enough for the
-    default schedule (`tvm_compat.SmallSerial`), or the kernel is a fused family kernel with
+    default schedule (`schedules.SmallSerial`), or the kernel is a fused family kernel with
     its family's fixed-decision schedule."""
-    from hwaware.tvm_compat import TVM_VERSION, is_small
+    from hwaware.tvm.schedules import is_small
+    from hwaware.tvm.setup import TVM_VERSION
 
     return kernel.fused or all(
         db is not None and db.top_records(h, TVM_VERSION, target.key, 1)

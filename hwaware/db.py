@@ -293,7 +293,7 @@ class TuningDatabase:
 
     def remeasure(self, row: RecordRow, run_secs: list[float]) -> None:
         """Replace a stored record's measurement by a new one of the same candidate on the same
-        target (`tvm_compat.remeasure_top_records`); its mean_us becomes their median."""
+        target (`search.remeasure_top_records`); its mean_us becomes their median."""
         with self.db.conn:
             self.db.execute(
                 "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "

@@ -145,10 +145,10 @@ def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
 
 def _rewrite_and_partition(captured: Captured, fuse: bool = True
                            ) -> tuple[dict[str, int], Partition]:
-    from hwaware import tvm_compat
+    from hwaware.aten_ops import supported_aten_ops
 
     rewrites = rewrite(captured)
-    return rewrites, partition(captured, tvm_compat.supported_aten_ops(), fuse=fuse)
+    return rewrites, partition(captured, supported_aten_ops(), fuse=fuse)
 
 
 def open_db(db: DbArg) -> TuningDatabase | None:

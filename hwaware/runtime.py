@@ -164,22 +164,22 @@ class CompiledModel:
             k.impl == "tvm" for k in self.program.kernels.values()
         ):
             return self._vm
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         if not self.info.built_for().can_run_here:
             raise RuntimeError(
                 f"this model was built for target {self.info.target_name}, whose kernels "
                 "cannot run on this machine; load it on the device"
             )
-        self._vm = tvm_compat.make_vm(self.executable, self._device_kind, share_threads=True)
+        self._vm = tvm_vm.make_vm(self.executable, self._device_kind, share_threads=True)
         return self._vm
 
     def kernel_callable(self, name: str) -> Callable[..., list[Any]]:
         """One TVM kernel of this model as a torch -> list of torch call (verification)."""
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         spec = self.program.kernels[name]
-        return tvm_compat.torch_callable(self._virtual_machine(), name, len(spec.outputs))
+        return tvm_vm.torch_callable(self._virtual_machine(), name, len(spec.outputs))
 
     def _direct_call(self, vm: Any) -> Callable[[list[Any]], list[Any]] | None:
         """A program that is one TVM kernel from inputs to outputs runs without slots."""
@@ -190,9 +190,9 @@ class CompiledModel:
         if program.kernels[step.kernel].impl != "tvm" or step.inputs != program.input_slots \
                 or step.outputs != program.output_slots:
             return None
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
-        call = tvm_compat.torch_callable(vm, step.kernel, len(step.outputs))
+        call = tvm_vm.torch_callable(vm, step.kernel, len(step.outputs))
 
         def run(flat: list[Any]) -> list[Any]:
             return _without_grad(call, *flat)
@@ -204,9 +204,9 @@ class CompiledModel:
             return _op_action(step, self.program.constants)
         spec = self.program.kernels[step.kernel]
         if spec.impl == "tvm" and vm is not None:
-            from hwaware import tvm_compat
+            from hwaware.tvm import vm as tvm_vm
 
-            return _tvm_action(tvm_compat.torch_callable(vm, spec.name, len(step.outputs)), step)
+            return _tvm_action(tvm_vm.torch_callable(vm, spec.name, len(step.outputs)), step)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
@@ -244,11 +244,11 @@ class CompiledModel:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self.executable is not None:
-            from hwaware import tvm_compat
+            from hwaware.tvm import vm as tvm_vm
 
             cross = not self.info.built_for().can_run_here
             library = CROSS_LIBRARY_FILE if cross else LIBRARY_FILE
-            tvm_compat.export_executable(self.executable, str(out / library), cross)
+            tvm_vm.export_executable(self.executable, str(out / library), cross)
         (out / "program.json").write_text(self.program.to_json())
         (out / "program.py").write_text(self.program.to_python())
         torch.save(self.program.constants, out / "weights.pt")
@@ -290,10 +290,10 @@ def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
     program.out_spec = outputs.loadable_spec(program.out_spec, saved, missing)
     executable = None
     if meta["has_library"]:
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         library = src / LIBRARY_FILE
-        executable = tvm_compat.load_executable(
+        executable = tvm_vm.load_executable(
             str(library if library.exists() else src / CROSS_LIBRARY_FILE))
     fields = {k: meta[k] for k in BuildInfo.__dataclass_fields__ if k in meta}
     info = BuildInfo(**fields)

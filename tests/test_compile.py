@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import hwaware
+from hwaware.aten_ops import supported_aten_ops
 from hwaware.capture import CaptureError, capture
 from hwaware.partition import UnsupportedOpWarning, partition
 from hwaware.runtime import InputMismatchError
 from hwaware.target import UnknownTargetError
-from hwaware.tvm_compat import supported_aten_ops
 from hwaware.zoo import ZOO, get_model
 from tests.helpers import assert_close_to_eager
 

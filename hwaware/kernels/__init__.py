@@ -117,15 +117,15 @@ def accumulate_in_registers(sch: Any, block: Any, tile_loop: Any, reduction: Any
 
 
 def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
-    """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
+    """Every family's fixed-decision schedule, by its rule name (`schedules.build_executable`)."""
     return {f.rule: f.schedule_fixed for f in families().values()}
 
 
 def default_schedule(mod: Any, target: Any) -> Any:
     """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import schedules
 
-    return tvm_compat.apply_fixed_schedules(mod, target, fixed_schedules())
+    return schedules.apply_fixed_schedules(mod, target, fixed_schedules())
 
 
 def families() -> dict[str, KernelFamily]:

@@ -733,9 +733,9 @@ def register_schedule_rules() -> None:
 
 def is_conv_block(func: Any) -> bool:
     """Whether a PrimFunc is an (unscheduled or scheduled) conv_block kernel."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, cores: Fixed(cores))

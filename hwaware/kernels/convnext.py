@@ -471,9 +471,9 @@ SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda
 
 def is_convnext_block(func: Any) -> bool:
     """Whether a PrimFunc is an (unscheduled or scheduled) convnext_block kernel."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, _cores: Fixed())

@@ -729,9 +729,9 @@ schedule_fixed = fixed_schedule(
 
 
 def _is_family_func(func: Any) -> bool:
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 # ------------------------------------------------------------------------------- lower
