@@ -46,3 +46,11 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
                               lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
                               fixed_schedules=fixed_schedules(), **search)
     return db, adapter, workloads
+
+
+def tvm_supported_aten_ops() -> frozenset[str]:
+    """The aten op names TVM's exported-program importer translates, asked of the installed TVM
+    (what `hwaware.aten_ops.SUPPORTED_ATEN_OPS` must equal)."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return frozenset(ExportedProgramImporter().create_convert_map().keys())

@@ -25,6 +25,7 @@ from torch import fx
 FAMILY_MODULES = ("convnext", "conv", "resblock", "rgcn", "gnn", "attention")
 FAMILY_NAMES = ("convnext_block", "conv_block", "res_block", "rgcn", "gnn", "attention")
 _names = itertools.count()
+_registered: set[str] = set()  # rules whose spaces are registered in this process
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class KernelFamily:
     decisions: what a build with no tuned record for it runs, and the first candidate a tuning
     session measures (its trace seeds the search, so tuning never ends worse than untuned).
     `computed_share(group, gm)`: the share of the group's contraction work its kernel does, for
-    its FLOP count (a causal attention skips the key blocks above the diagonal); None: all."""
+    its FLOP count (a causal attention skips the key blocks above the diagonal); None: all.
+    `register()`: registers the family's sampled schedule spaces with MetaSchedule (idempotent;
+    `lower` and `fixed_schedules` call it, so finding a pattern never imports TVM)."""
 
     name: str
     rule: str
@@ -51,6 +54,7 @@ class KernelFamily:
     lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
     schedule_fixed: Callable[[Any, Any], Any]
     computed_share: Callable[[list[fx.Node], fx.GraphModule], float] | None = None
+    register: Callable[[], None] = lambda: None
 
 
 def unique_name(family: str) -> str:
@@ -58,13 +62,23 @@ def unique_name(family: str) -> str:
     return f"hw_{family}_{next(_names)}"
 
 
+def first_registration(rule: str) -> bool:
+    """True the first time this process registers the schedule spaces of `rule`."""
+    if rule in _registered:
+        return False
+    _registered.add(rule)
+    return True
+
+
 def register_spaces(rule: str, schedules: dict[str, Callable[[Any, Any], Any]],
                     sampled: Callable[[], Any]) -> None:
     """Register `schedules[kind](sch, sampled())` (kind: "cpu", "cuda") as the schedule space
     MetaSchedule's ApplyCustomRule looks up for blocks annotated `schedule_rule: rule`;
-    `sampled()` makes the decisions with sampling instructions."""
+    `sampled()` makes the decisions with sampling instructions. Once per rule and process."""
     import tvm
 
+    if not first_registration(rule):
+        return
     for kind, schedule in schedules.items():
         def space(sch: Any, _block: Any, schedule: Callable[[Any, Any], Any] = schedule
                   ) -> list[Any]:
@@ -129,7 +143,7 @@ def default_schedule(mod: Any, target: Any) -> Any:
 
 
 def families() -> dict[str, KernelFamily]:
-    """Every fused kernel family, by name (imported lazily: they import TVM)."""
+    """Every fused kernel family, by name (TVM-free: a family imports TVM only to lower)."""
     import importlib
 
     modules = [importlib.import_module(f"hwaware.kernels.{m}") for m in FAMILY_MODULES]
