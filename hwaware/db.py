@@ -577,3 +577,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DatabaseError(f"{path}:{lineno}: {kind} is missing fields {missing}")
             out.append(obj)
     return out
+
+
+DbArg = TuningDatabase | str | os.PathLike[str] | None  # what the public entry points take
+
+
+def open_db(db: DbArg) -> TuningDatabase | None:
+    """The database a `db` argument names: None, an open one, or one opened at a path."""
+    if db is None or isinstance(db, TuningDatabase):
+        return db
+    return TuningDatabase(db)

@@ -37,9 +37,8 @@ from onnx.external_data_helper import load_external_data_for_model
 from torch.utils import _pytree as pytree
 
 from hwaware import onnx_reference
-from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
 from hwaware.onnx_fold import fold_constants
-from hwaware.pipeline import DbArg, open_db
 from hwaware.program import KernelSpec, KernelStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target

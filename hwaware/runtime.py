@@ -78,7 +78,7 @@ class CompiledModel:
         self.executable = executable
         self.info = info
         self._device_kind = device_kind
-        self._out_spec = load_tree_spec(program.out_spec)
+        self.out_spec = load_tree_spec(program.out_spec)
         self._run: Callable[[list[Any]], list[Any]] | None = None
         self._vm: Any = None
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
@@ -86,17 +86,16 @@ class CompiledModel:
                           for s in program.input_specs]
         n_out = len(program.output_slots)
         self._out_kind = (
-            "leaf" if self._out_spec == pytree.tree_structure(0) else
-            "tuple" if self._out_spec == pytree.tree_structure(tuple(range(n_out))) else "tree"
+            "leaf" if self.out_spec == pytree.tree_structure(0) else
+            "tuple" if self.out_spec == pytree.tree_structure(tuple(range(n_out))) else "tree"
         )
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
         if self.verifier is not None:
-            from hwaware.verify import differing_kernel
-
             return self.verifier.check(
-                self._call, args, lambda: differing_kernel(self, pytree.tree_leaves(args)))
+                self._call, args,
+                lambda: self.verifier.differing_kernel(self, pytree.tree_leaves(args)))
         return self._call(*args)
 
     def _call(self, *args: Any) -> Any:
@@ -108,7 +107,7 @@ class CompiledModel:
             return outputs[0]
         if self._out_kind == "tuple":
             return tuple(outputs)
-        return pytree.tree_unflatten(outputs, self._out_spec)
+        return pytree.tree_unflatten(outputs, self.out_spec)
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         """Run on flat input tensors already known to match; flat outputs (no checks: the
@@ -254,24 +253,9 @@ class CompiledModel:
         torch.save(self.program.constants, out / "weights.pt")
         meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
                 "has_library": self.executable is not None,
-                "outputs": outputs.describe(self._out_spec).to_json(), **self.info.__dict__}
+                "outputs": outputs.describe(self.out_spec).to_json(), **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         return out
-
-
-def load(directory: str | os.PathLike[str]) -> CompiledModel:
-    """Load a model saved by `CompiledModel.save` or `DynamicModel.save` (no user class or
-    pickle needed). An output container type that cannot be imported here comes back as a dict
-    with the same keys, with one `outputs.OutputTypeWarning` naming it."""
-    src = Path(directory)
-    if (src / "dynamic.json").exists():
-        from hwaware.dynamic.model import DynamicModel
-
-        return DynamicModel.load(src)  # type: ignore[return-value]
-    missing: dict[str, str] = {}
-    model = load_compiled(src, missing)
-    outputs.warn_dict_fallback(missing)
-    return model
 
 
 def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:

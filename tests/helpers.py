@@ -54,3 +54,11 @@ def tvm_supported_aten_ops() -> frozenset[str]:
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     return frozenset(ExportedProgramImporter().create_convert_map().keys())
+
+
+def default_schedule(mod: Any, target: Any) -> Any:
+    """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
+    from hwaware.kernels import fixed_schedules
+    from hwaware.tvm import schedules
+
+    return schedules.apply_fixed_schedules(mod, target, fixed_schedules())

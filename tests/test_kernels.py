@@ -116,8 +116,8 @@ def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
     candidate (RGCN's tile block, bound to blockIdx.x alone, made RewriteUnboundBlock raise)."""
     from tvm.s_tir import meta_schedule as ms
 
+    from hwaware.decompose import rewrite_and_partition
     from hwaware.kernels import FAMILY_NAMES, fixed_schedules
-    from hwaware.pipeline import _rewrite_and_partition
     from hwaware.tune import extract_tasks
     from hwaware.tvm import search, setup
 
@@ -125,7 +125,7 @@ def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
     tgt = setup.tvm_target(target.tvm, target.host_tvm)
     model, inputs = get_model(name, small=True)
     captured = capture(model, inputs)
-    _, part = _rewrite_and_partition(captured, True)
+    _, part = rewrite_and_partition(captured, True)
     (task,) = [t for t in extract_tasks(part, captured.example_inputs, target)
                if t.family in FAMILY_NAMES]
     setup.import_tensor_intrinsics()

@@ -15,11 +15,12 @@ from torch.fx.interpreter import Interpreter
 from hwaware import capture, rewrite
 from hwaware.aten_ops import supported_aten_ops
 from hwaware.db import TuningDatabase
-from hwaware.kernels import attention, default_schedule
+from hwaware.kernels import attention
 from hwaware.partition import _external_inputs, _kernel_graph, partition
 from hwaware.target import get_target
 from hwaware.tvm import database, ir, schedules, search, setup
 from hwaware.tvm import vm as tvm_vm
+from tests.helpers import default_schedule
 
 
 class SDPA(nn.Module):

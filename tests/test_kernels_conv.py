@@ -16,12 +16,12 @@ from torch import fx, nn
 from hwaware import partition
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import conv, default_schedule
+from hwaware.kernels import conv
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
 from hwaware.tvm import database, ir, schedules, search, setup
 from hwaware.tvm import vm as tvm_vm
-from tests.helpers import tune_kernel_module
+from tests.helpers import default_schedule, tune_kernel_module
 
 RTOL, ATOL = 1e-3, 1e-4
 

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from hwaware import partition
-from hwaware.kernels import convnext, default_schedule
+from hwaware.kernels import convnext
 from hwaware.target import get_target
 from hwaware.tvm import ir, schedules, setup
-from tests.helpers import tune_kernel_module
+from tests.helpers import default_schedule, tune_kernel_module
 from tests.test_kernels_conv import _graph, _kernel_graph, _ops, _run
 
 RTOL, ATOL = 1e-3, 1e-4

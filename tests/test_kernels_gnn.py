@@ -14,14 +14,14 @@ from torch import fx
 pyg = pytest.importorskip("torch_geometric.nn")
 
 from hwaware.capture import capture  # noqa: E402
-from hwaware.kernels import default_schedule, gnn, unique_name  # noqa: E402
+from hwaware.kernels import gnn, unique_name  # noqa: E402
 from hwaware.partition import _external_inputs, _kernel_graph  # noqa: E402
 from hwaware.program import op_name  # noqa: E402
 from hwaware.rewrite import rewrite  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 from hwaware.tvm import ir, schedules, setup  # noqa: E402
 from hwaware.tvm import vm as tvm_vm  # noqa: E402
-from tests.helpers import tune_kernel_module  # noqa: E402
+from tests.helpers import default_schedule, tune_kernel_module  # noqa: E402
 
 
 class IndexAdd(torch.nn.Module):

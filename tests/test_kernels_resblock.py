@@ -14,12 +14,13 @@ from torch import nn
 
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import default_schedule, resblock
+from hwaware.kernels import resblock
 from hwaware.partition import _external_inputs, _kernel_graph
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
 from hwaware.tvm import database, ir, schedules, search, setup
 from hwaware.tvm import vm as tvm_vm
+from tests.helpers import default_schedule
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1,

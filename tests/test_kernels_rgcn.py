@@ -15,12 +15,12 @@ import torch
 pyg = pytest.importorskip("torch_geometric.nn")
 
 
-from hwaware.kernels import default_schedule, rgcn, unique_name  # noqa: E402
+from hwaware.kernels import rgcn, unique_name  # noqa: E402
 from hwaware.partition import FUSED_META, find_fused_groups  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 from hwaware.tvm import ir, schedules, setup  # noqa: E402
 from hwaware.tvm import vm as tvm_vm  # noqa: E402
-from tests.helpers import tune_kernel_module  # noqa: E402
+from tests.helpers import default_schedule, tune_kernel_module  # noqa: E402
 from tests.test_kernels_gnn import Kernel, captured, ops  # noqa: E402
 
 

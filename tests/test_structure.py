@@ -3,7 +3,7 @@
 (a) capture -> rewrite -> partition (`hwaware.decompose`) runs without importing TVM, on a model
 with a fused conv block, a GNN layer and an attention layer; (b) only `hwaware/tvm/` and the
 kernel families' lowering code import TVM; the static table of supported ATen ops equals the
-installed TVM's.
+installed TVM's; (c) the package's module-level imports form no cycle.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from hwaware.aten_ops import SUPPORTED_ATEN_OPS
@@ -99,3 +100,77 @@ def test_only_the_tvm_package_and_lowering_code_import_tvm() -> None:
 
 def test_supported_ops_table_matches_tvm() -> None:
     assert SUPPORTED_ATEN_OPS == tvm_supported_aten_ops()
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_level_imports(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The imports a module runs when it is imported (`if TYPE_CHECKING:` blocks left out)."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            yield from _module_level_imports(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            yield from _module_level_imports(node.body + node.orelse + node.finalbody)
+
+
+def _imported(node: ast.Import | ast.ImportFrom, modules: set[str]) -> set[str]:
+    """The hwaware modules an import statement imports (`from pkg import submodule` counts)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                 for a in node.names]
+    found = set()
+    for name in names:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            found.add(name)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    return {name: {m for node in _module_level_imports(ast.parse(path.read_text()).body)
+                   for m in _imported(node, modules)} - {name}
+            for name, path in paths.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the graph (depth-first search), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)) is not None:
+                return found
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)) is not None:
+            return found
+    return None
+
+
+def test_cycle_search_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycles() -> None:
+    graph = _import_graph()
+    assert "hwaware.pipeline" in graph["hwaware"] and graph["hwaware.tvm.search"]
+    assert _cycle(graph) is None

@@ -14,6 +14,7 @@ with a debug log line); `lower` gets the kernel graph that partition cut from th
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ class KernelFamily:
     schedule_fixed: Callable[[Any, Any], Any]
     computed_share: Callable[[list[fx.Node], fx.GraphModule], float] | None = None
     register: Callable[[], None] = lambda: None
+
+
+def lowering(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, a function of a family's lowering half, imported at its first call (the
+    lowering half imports TVM; the family's pattern half does not import it at all)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def unique_name(family: str) -> str:
@@ -135,17 +147,8 @@ def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
     return {f.rule: f.schedule_fixed for f in families().values()}
 
 
-def default_schedule(mod: Any, target: Any) -> Any:
-    """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
-    from hwaware.tvm import schedules
-
-    return schedules.apply_fixed_schedules(mod, target, fixed_schedules())
-
-
 def families() -> dict[str, KernelFamily]:
     """Every fused kernel family, by name (TVM-free: a family imports TVM only to lower)."""
-    import importlib
-
     modules = [importlib.import_module(f"hwaware.kernels.{m}") for m in FAMILY_MODULES]
     found = {m.FAMILY.name: m.FAMILY for m in modules}
     assert tuple(found) == FAMILY_NAMES, "FAMILY_NAMES lists the families in this order"

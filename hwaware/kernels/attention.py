@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily
+from hwaware.kernels import KernelFamily, lowering
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
@@ -631,24 +631,11 @@ def _push_one(node: fx.Node, inner: Callable[[Index], Index], shape: tuple[int, 
     return lambda idx: delinear(linear(inner(idx), shape), new_shape)
 
 
-def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
-    """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc
-    (`attention_kernel`, the lowering half, imported here: it imports TVM)."""
-    from hwaware.kernels import attention_kernel
-
-    return attention_kernel.lower(graph, inputs, target, name)
-
-
-def schedule_fixed(func: Any, target: Any) -> Any:
-    """An attention PrimFunc scheduled by its space's fixed default decisions (the Schedule)."""
-    from hwaware.kernels import attention_kernel
-
-    return attention_kernel.schedule_fixed(func, target)
-
-
-def register_schedule_rules() -> None:
-    """Register the "hw_attention" schedule spaces (importing the lowering half does)."""
-    from hwaware.kernels import attention_kernel  # noqa: F401
+# the lowering half (TIR template, schedule spaces), imported when a kernel is lowered
+LOWERING = "hwaware.kernels.attention_kernel"
+lower = lowering(LOWERING, "lower")
+schedule_fixed = lowering(LOWERING, "schedule_fixed")
+register_schedule_rules = lowering(LOWERING, "register_schedule_rules")
 
 
 FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,

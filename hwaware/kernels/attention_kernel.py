@@ -32,6 +32,7 @@ import tvm
 from torch import fx
 from tvm import relax
 
+from hwaware.kernels import first_registration
 from hwaware.kernels.attention import (
     NEG,
     RULE,
@@ -311,8 +312,11 @@ def schedule_cuda(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
     return [sch]
 
 
-tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
-tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
+def register_schedule_rules() -> None:
+    """Register the cpu and cuda spaces of blocks annotated `schedule_rule: hw_attention`."""
+    if first_registration(RULE):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
+        tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
 
 
 def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
@@ -327,6 +331,7 @@ def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> tvm.IRModule:
     """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc."""
+    register_schedule_rules()
     plan = plan_of(graph)
     tq, tk = tile_sizes(plan, target)
     func = prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")
