@@ -224,7 +224,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     _choose_whole_program(program, executable, info, target, example_inputs, repeats)
     chosen = CompiledModel(program, executable, info, target.kind)
     tgt = _tvm_target(target)
-    whole = _one_call_model(part, chosen, tgt, _adapter(db, tgt, target), info, target,
+    whole = _one_call_model(part, chosen, tgt, _adapter(db, target), info, target,
                             example_inputs) if one_call else None
     if whole is None:
         return chosen
@@ -261,7 +261,7 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
         spec.impl = "torch"
     tgt = _tvm_target(target)
     executable, built = _build_library(program, candidates, partial(
-        _build_module, tgt=tgt, adapter=_adapter(db, tgt, target), info=info))
+        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info))
     one_call = one_call and len(built) == len(imported)
     if executable is None:
         info.tuned_workloads = []
@@ -378,13 +378,13 @@ def _choose_each(program: Program, executable: Any, names: list[str],
 def _tvm_target(target: Target) -> Any:
     from hwaware.tvm import setup
 
-    return setup.tvm_target(target.tvm, target.host_tvm)
+    return setup.resolve(target).tvm
 
 
-def _adapter(db: TuningDatabase | None, tgt: Any, target: Target) -> Any:
-    from hwaware.tvm import database
+def _adapter(db: TuningDatabase | None, target: Target) -> Any:
+    from hwaware.tvm import database, setup
 
-    return database.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    return database.SqliteDatabase.of(db, setup.resolve(target)) if db is not None else None
 
 
 def _why_left(spec: KernelSpec) -> str:

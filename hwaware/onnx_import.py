@@ -307,7 +307,7 @@ def import_graph(graph: OnnxGraph, target: Target) -> ImportedOnnx:
         log.debug("TVM's ONNX importer printed: %s", printed.getvalue())
         raise TvmUnsupportedError(f"{graph.path}: TVM's ONNX importer failed on "
                                   f"{_failing_op(err)}: {_first_line(err)}") from err
-    fused = ir.fuse_for_tuning(module, setup.tvm_target(target.tvm, target.host_tvm))
+    fused = ir.fuse_for_tuning(module, setup.resolve(target).tvm)
     workloads = fused_workloads(fused)
     return ImportedOnnx(
         graph=graph, module=module, tasks=contraction_tasks(workloads),
@@ -378,8 +378,9 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
     """Tuned records (rule-based defaults elsewhere) -> library -> one-kernel `CompiledModel`."""
     from hwaware.tvm import database, schedules, setup
 
-    tgt = setup.tvm_target(target.tvm, target.host_tvm)
-    adapter = database.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    resolved = setup.resolve(target)
+    tgt = resolved.tvm
+    adapter = database.SqliteDatabase.of(db, resolved) if db is not None else None
     try:
         executable, applied = schedules.build_executable(imported.module, tgt, adapter)
     except Exception as err:  # TVM's passes and codegen raise many error types

@@ -134,8 +134,8 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     start = time.time()
     progress = _Progress(sum(remaining[t.name] for t in todo), show_progress)
     if todo:
-        tgt = setup.tvm_target(target.tvm, target.host_tvm)
-        adapter = database.SqliteDatabase(db, tgt, target.key)
+        resolved = setup.resolve(target)
+        tgt, adapter = resolved.tvm, database.SqliteDatabase.of(db, resolved)
         fixed_schedules = family_schedules()
         with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
             search.tune_workloads(

@@ -18,7 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase
 from hwaware.tvm.ir import plain_json, workload_hash, workload_json
-from hwaware.tvm.setup import TVM_VERSION
+from hwaware.tvm.setup import TVM_VERSION, ResolvedTarget
 
 
 @derived_object
@@ -31,6 +31,11 @@ class SqliteDatabase(ms.database.PyDatabase):
         self.target = target
         self.target_key = target_key
         self._workloads: dict[str, ms.database.Workload] = {}
+
+    @classmethod
+    def of(cls, db: TuningDatabase, target: ResolvedTarget) -> SqliteDatabase:
+        """The adapter of `db` for a resolved target (its TVM target and database key)."""
+        return cls(db, target.tvm, target.key)
 
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self.db.has_workload(workload_hash(mod), TVM_VERSION)

@@ -1,17 +1,22 @@
-"""TVM set-up: the thread-pool environment, the version, the import-time patch, targets.
+"""TVM set-up: the version, the import-time patch, targets resolved once.
 
-Goes in: a target's TVM dict. Comes out: `TVM_VERSION` (part of every database key), a TVM
-target, `import_tensor_intrinsics` (~9 s instead of ~55 s) and `fast_build`, MetaSchedule's
-builder function without that import.
+Goes in: a hwaware `Target`. Comes out: `TVM_VERSION` (part of every database key), the
+`ResolvedTarget` (the target, its TVM target and its database key, built once per process),
+`import_tensor_intrinsics` (~9 s instead of ~55 s) and `fast_build`, MetaSchedule's builder
+function without that import.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
+
+from hwaware.target import Target
 
 TVM_VERSION = str(tvm.__version__)
 
@@ -53,3 +58,23 @@ def tvm_target(tvm_dict: dict[str, Any], host: dict[str, Any] | None = None) -> 
     if host is not None:
         return tvm.target.Target(tvm_dict, host=tvm.target.Target(host))
     return tvm.target.Target(tvm_dict)
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A `Target` resolved for TVM, once: every stage takes its TVM target and database key
+    from here (`resolve`), none rebuilds them."""
+
+    target: Target
+    tvm: tvm.target.Target
+
+    @property
+    def key(self) -> str:
+        """The database key of the target's records."""
+        return self.target.key
+
+
+@functools.cache
+def resolve(target: Target) -> ResolvedTarget:
+    """The target resolved for TVM (the same object for equal targets in a process)."""
+    return ResolvedTarget(target, tvm_target(target.tvm, target.host_tvm))
