@@ -23,8 +23,6 @@ import copy
 import hashlib
 import logging
 import operator
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -37,6 +35,7 @@ from hwaware.db import TuningDatabase
 from hwaware.kernels import FAMILY_NAMES, fixed_schedules
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
+from hwaware.runner import time_in_blocks  # also imported from here: hwaware.build.time_in_blocks
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
@@ -558,59 +557,3 @@ def _all_close(got: list[Any], expected: list[Any]) -> bool:
         elif not torch.equal(g, e):
             return False
     return True
-
-
-def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
-                   quantile: float = 0.5) -> list[float]:
-    """Median (or another `quantile`) microseconds of each function, timed in alternating blocks
-    of back-to-back calls (each block after one untimed call). Back to back is how a deployed
-    model runs; strict round-robin would charge each function for the thread pools the previous
-    one left spinning (PyTorch's OpenMP workers spin after every op and halve the next TVM
-    kernel's speed)."""
-    samples: list[list[float]] = [[] for _ in fns]
-    sync = device_sync()
-    with torch.no_grad():
-        for _ in range(max(1, repeats // block)):
-            for i, fn in enumerate(fns):
-                fn()
-                for _ in range(block):
-                    sync()
-                    start = time.perf_counter()
-                    fn()
-                    sync()
-                    samples[i].append((time.perf_counter() - start) * 1e6)
-    return [_quantile(s, quantile) for s in samples]
-
-
-def device_sync() -> Callable[[], None]:
-    """What a timer calls around each timed call so that it times the work and not its launch:
-    a CUDA synchronize once this process has used the GPU, else nothing."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def _quantile(samples: list[float], q: float) -> float:
-    """The q-quantile (0 < q < 1, in percent steps) of the samples, interpolated like numpy's
-    default; q = 0.5 is the median."""
-    if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
-    """Median microseconds of each function, run round-robin so noise hits all alike."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        sync = device_sync()
-        samples: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                samples[i].append((time.perf_counter() - start) * 1e6)
-    return [statistics.median(s) for s in samples]

@@ -14,7 +14,8 @@ as one OpenMP parallel region of the OpenMP runtime PyTorch loaded. The launcher
 once per machine with the system C compiler into hwaware's cache folder. Nothing changes where
 that cannot be done (no libgomp in the process, no compiler, an unwritable cache folder, a
 library with TVM barriers, or HWAWARE_THREAD_POOL=tvm): the kernels keep TVM's pool. The team
-size is PyTorch's (`torch.set_num_threads`), not TVM_NUM_THREADS.
+size is PyTorch's (`torch.set_num_threads`), not TVM_NUM_THREADS. This module imports no TVM:
+`hwaware.tvm.vm.with_shared_threads` loads a library and hands it to `share_threads`.
 """
 
 from __future__ import annotations

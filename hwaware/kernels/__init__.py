@@ -10,6 +10,9 @@ tunes it like any other workload and the tuning database keeps its records by st
 A family module (conv.py, resblock.py, gnn.py, attention.py) exports one `KernelFamily` object.
 `find` returns only groups it can lower (an unsupported variant is left to the unfused path,
 with a debug log line); `lower` gets the kernel graph that partition cut from those nodes.
+Finding imports no TVM: a family's lowering code imports it where it runs (attention's is its
+own module, `attention_kernel`, reached through `lowering`), and its schedule spaces are
+registered with MetaSchedule when it lowers (`register`), not when the family is imported.
 """
 
 from __future__ import annotations

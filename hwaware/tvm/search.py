@@ -21,6 +21,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from hwaware.db import RecordRow
+from hwaware.runner import LocalRunner
 from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row
 from hwaware.tvm.ir import plain_json, workload_hash
 from hwaware.tvm.schedules import FixedSchedules, fixed_schedule_of
@@ -189,18 +190,22 @@ def _postprocessed_fixed(workload: tvm.IRModule, target: tvm.target.Target,
 def _time_round_robin(mods: list[tvm.IRModule], target: tvm.target.Target,
                       args_info: Any, rounds: int) -> list[list[float]]:
     """Seconds per call of each scheduled module, built as the tuning builder builds and timed
-    in turns (`rounds` samples each, >= 20 ms of calls per sample) on the same random inputs."""
+    in turns (`rounds` samples each, >= 20 ms of calls per sample, by TVM's time evaluator
+    through the `LocalRunner`) on the same random inputs."""
     from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
 
     device = tvm.cpu()
     timers = [fast_build(mod, target, None).time_evaluator(
         "main", device, number=1, repeat=1, min_repeat_ms=20) for mod in mods]
     (args,) = default_alloc_argument(device, args_info, 1)
-    run_secs: list[list[float]] = [[] for _ in mods]
-    for _ in range(rounds):
-        for timer, secs in zip(timers, run_secs, strict=True):
-            secs.append(float(timer(*args).mean))
-    return run_secs
+    runner = LocalRunner(block=1, untimed_per_block=0, self_timed=True)
+    run_us = runner.run_us([_evaluation(timer, args) for timer in timers], rounds)
+    return [[us / 1e6 for us in samples] for samples in run_us]
+
+
+def _evaluation(timer: Any, args: Any) -> Callable[[], float]:
+    """One evaluation of a TVM time evaluator: its mean seconds per call."""
+    return lambda: float(timer(*args).mean)
 
 
 def tune_workloads(
