@@ -34,7 +34,8 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
     a sqlite database at `db_path` (the edge glue functions of GNN kernels are not tuned).
     Returns the database, its MetaSchedule adapter and the tuned workloads by name."""
     from hwaware.kernels import fixed_schedules
-    from hwaware.tvm import database, ir, search
+    from hwaware.tvm import database, ir
+    from hwaware.tvm.search import tune_workloads
 
     db = TuningDatabase(db_path)
     db.start_session("sess", target.key, "kernel", trials)
@@ -42,9 +43,9 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
     fused = ir.fuse_for_tuning(mod, tgt)
     workloads = {n: ir.workload_of(f) for n, f in ir.prim_funcs(fused).items()
                  if not n.endswith("_edges")}
-    search.tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
-                              fixed_schedules=fixed_schedules(), **search)
+    tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
+                   lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
+                   fixed_schedules=fixed_schedules(), **search)
     return db, adapter, workloads
 
 
