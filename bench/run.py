@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(CORES))
 import torch  # noqa: E402
 
 import hwaware  # noqa: E402
-from hwaware.build import time_in_blocks, time_interleaved  # noqa: E402
+from hwaware.runner import time_in_blocks, time_interleaved  # noqa: E402
 from hwaware.zoo import ZOO, get_model  # noqa: E402
 
 DEFAULT_MODELS = "resnet_basic_block,mobilenetv2_block,transformer_encoder_layer,gcn_2layer"

@@ -19,8 +19,9 @@ Public API (everything else is internal):
 from hwaware.db import TuningDatabase
 from hwaware.decompose import Decomposition, KernelRecord, decompose
 from hwaware.dynamic.model import DynamicModel
+from hwaware.load import load
 from hwaware.pipeline import compile, tune  # noqa: A004 - mirrors torch.compile
-from hwaware.runtime import CompiledModel, load
+from hwaware.runtime import CompiledModel
 from hwaware.target import Target, get_target, list_targets
 
 __all__ = [

@@ -226,7 +226,7 @@ _DATABASES: dict[str, Any] = {}
 def _database(path: str | None) -> Any:
     """The process's one connection to the database at `path` (every graph and variant of a
     torch.compile'd model, and every model compiled with the same path, share it)."""
-    from hwaware.pipeline import open_db
+    from hwaware.db import open_db
 
     if path is None:
         return None

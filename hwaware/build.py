@@ -23,8 +23,6 @@ import copy
 import hashlib
 import logging
 import operator
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -37,6 +35,7 @@ from hwaware.db import TuningDatabase
 from hwaware.kernels import FAMILY_NAMES, fixed_schedules
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
+from hwaware.runner import time_in_blocks  # also imported from here: hwaware.build.time_in_blocks
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
@@ -103,7 +102,7 @@ def _import_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
 
 def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
                    ) -> KernelTasks | None:
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     family = part.program.kernels[name].family
     graph, inputs = on_cpu(graph, inputs)
@@ -114,22 +113,22 @@ def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], ta
     except Exception as err:  # the importer and the lowerings raise many error types
         warn_fallback(part.program, {name: err}, "could not be imported into TVM")
         return None
-    return KernelTasks(module["main"], workloads, heavy, tvm_compat.prim_funcs_by_var(module),
+    return KernelTasks(module["main"], workloads, heavy, ir.prim_funcs_by_var(module),
                        family in FUSED_FAMILIES)
 
 
 def _workloads(module: Any, family: str, tgt: Any) -> tuple[dict[str, Any], set[str]]:
     """The fused TIR workloads of a kernel's module by hash, and the hashes of those that need
     a schedule of their own (a contraction, or a fused family's schedule space)."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     workloads, heavy = {}, set()
-    for func in tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(module, tgt)).values():
-        workload = tvm_compat.workload_of(func)
-        key = tvm_compat.workload_hash(workload)
+    for func in ir.prim_funcs(ir.fuse_for_tuning(module, tgt)).values():
+        workload = ir.workload_of(func)
+        key = ir.workload_hash(workload)
         workloads[key] = workload
-        if family in FUSED_FAMILIES and tvm_compat.has_custom_schedule_rule(workload) or \
-                family in CONTRACTION_FAMILIES and tvm_compat.is_contraction(workload):
+        if family in FUSED_FAMILIES and ir.has_custom_schedule_rule(workload) or \
+                family in CONTRACTION_FAMILIES and ir.is_contraction(workload):
             heavy.add(key)
     return workloads, heavy
 
@@ -185,11 +184,11 @@ def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
 
 def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
     """An ordinary kernel: torch.export, then TVM's importer."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     with torch.no_grad():
         exported = torch.export.export(graph, tuple(inputs), strict=False)
-    return tvm_compat.module_of_functions({"main": tvm_compat.import_torch_program(exported)})
+    return ir.module_of_functions({"main": ir.import_torch_program(exported)})
 
 
 def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
@@ -225,7 +224,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     _choose_whole_program(program, executable, info, target, example_inputs, repeats)
     chosen = CompiledModel(program, executable, info, target.kind)
     tgt = _tvm_target(target)
-    whole = _one_call_model(part, chosen, tgt, _adapter(db, tgt, target), info, target,
+    whole = _one_call_model(part, chosen, tgt, _adapter(db, target), info, target,
                             example_inputs) if one_call else None
     if whole is None:
         return chosen
@@ -263,7 +262,7 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
         spec.impl = "torch"
     tgt = _tvm_target(target)
     executable, built = _build_library(program, candidates, partial(
-        _build_module, tgt=tgt, adapter=_adapter(db, tgt, target), info=info))
+        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info))
     one_call = one_call and len(built) == len(imported)
     if executable is None:
         info.tuned_workloads = []
@@ -283,7 +282,7 @@ def _commit_kernels(db: TuningDatabase, part: Partition, built: dict[str, Kernel
     """Each built kernel's schema (`decompose.KernelRecord`) and the TVM workloads it holds,
     beside the measurements `_choose` committed: what the latency predictor reads."""
     from hwaware.decompose import kernel_record
-    from hwaware.tvm_compat import TVM_VERSION
+    from hwaware.tvm.setup import TVM_VERSION
 
     for name, kernel in built.items():
         record = kernel_record(part.program.kernels[name], part.kernel_graphs[name])
@@ -342,12 +341,12 @@ def _build_module(kernels: dict[str, KernelTasks], tgt: Any, adapter: Any, info:
                   ) -> Any:
     """One library of `kernels`, each a public function by its kernel name (records the tuned
     workloads it applied in `info`)."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir, schedules
 
-    mod = tvm_compat.module_of_functions({n: k.function for n, k in kernels.items()},
+    mod = ir.module_of_functions({n: k.function for n, k in kernels.items()},
                                          {v: f for k in kernels.values()
                                           for v, f in k.prim_funcs.items()})
-    executable, applied = tvm_compat.build_executable(mod, tgt, adapter, fixed_schedules())
+    executable, applied = schedules.build_executable(mod, tgt, adapter, fixed_schedules())
     info.tuned_workloads = sorted(applied)
     return executable
 
@@ -357,19 +356,19 @@ def _choose_each(program: Program, executable: Any, names: list[str],
                  measure: bool, repeats: int) -> None:
     """Check and time each kernel of the library against PyTorch (`_choose`); a kernel whose
     check or timing raises stays in PyTorch."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import vm as tvm_vm
 
     failed: dict[str, BaseException] = {}
     try:
         # on PyTorch's OpenMP team, as the compiled model will run them: on TVM's own pool, a
         # kernel timed right after PyTorch's ops shares its cores with spinning OpenMP threads
-        vm = tvm_compat.make_vm(executable, target.kind, share_threads=True)
+        vm = tvm_vm.make_vm(executable, target.kind, share_threads=True)
     except Exception as err:  # the VM refuses the library: every kernel stays in PyTorch
         failed = {name: err for name in names}
         names = []
     for name in names:
         try:
-            call = tvm_compat.torch_callable(vm, name)
+            call = tvm_vm.torch_callable(vm, name)
             _choose(program, name, call, inputs[name], db, target, measure, repeats)
         except Exception as err:  # a kernel that raises on its example inputs
             program.kernels[name].impl = "torch"
@@ -378,15 +377,15 @@ def _choose_each(program: Program, executable: Any, names: list[str],
 
 
 def _tvm_target(target: Target) -> Any:
-    from hwaware import tvm_compat
+    from hwaware.tvm import setup
 
-    return tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    return setup.resolve(target).tvm
 
 
-def _adapter(db: TuningDatabase | None, tgt: Any, target: Target) -> Any:
-    from hwaware import tvm_compat
+def _adapter(db: TuningDatabase | None, target: Target) -> Any:
+    from hwaware.tvm import database, setup
 
-    return tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    return database.SqliteDatabase.of(db, setup.resolve(target)) if db is not None else None
 
 
 def _why_left(spec: KernelSpec) -> str:
@@ -427,15 +426,16 @@ def _build_one_call(part: Partition, tgt: Any, adapter: Any, target: Target,
                     ) -> tuple[Any, list[Any]]:
     """The captured graph imported and built as one TVM function, and its outputs on the
     example inputs."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir, schedules
+    from hwaware.tvm import vm as tvm_vm
 
     graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
     with torch.no_grad():
         exported = torch.export.export(graph, tuple(inputs), strict=False)
-    function = tvm_compat.import_torch_program(exported)
-    executable, _ = tvm_compat.build_executable(
-        tvm_compat.module_of_functions({ONE_CALL: function}), tgt, adapter)
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(executable, target.kind), ONE_CALL,
+    function = ir.import_torch_program(exported)
+    executable, _ = schedules.build_executable(
+        ir.module_of_functions({ONE_CALL: function}), tgt, adapter)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(executable, target.kind), ONE_CALL,
                                      num_outputs)
     return executable, call(*example_inputs)
 
@@ -489,9 +489,10 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
     """Every contraction of the kernel has a tuned record, or is small enough for the
-    default schedule (`tvm_compat.SmallSerial`), or the kernel is a fused family kernel with
+    default schedule (`schedules.SmallSerial`), or the kernel is a fused family kernel with
     its family's fixed-decision schedule."""
-    from hwaware.tvm_compat import TVM_VERSION, is_small
+    from hwaware.tvm.schedules import is_small
+    from hwaware.tvm.setup import TVM_VERSION
 
     return kernel.fused or all(
         db is not None and db.top_records(h, TVM_VERSION, target.key, 1)
@@ -558,59 +559,3 @@ def _all_close(got: list[Any], expected: list[Any]) -> bool:
         elif not torch.equal(g, e):
             return False
     return True
-
-
-def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
-                   quantile: float = 0.5) -> list[float]:
-    """Median (or another `quantile`) microseconds of each function, timed in alternating blocks
-    of back-to-back calls (each block after one untimed call). Back to back is how a deployed
-    model runs; strict round-robin would charge each function for the thread pools the previous
-    one left spinning (PyTorch's OpenMP workers spin after every op and halve the next TVM
-    kernel's speed)."""
-    samples: list[list[float]] = [[] for _ in fns]
-    sync = device_sync()
-    with torch.no_grad():
-        for _ in range(max(1, repeats // block)):
-            for i, fn in enumerate(fns):
-                fn()
-                for _ in range(block):
-                    sync()
-                    start = time.perf_counter()
-                    fn()
-                    sync()
-                    samples[i].append((time.perf_counter() - start) * 1e6)
-    return [_quantile(s, quantile) for s in samples]
-
-
-def device_sync() -> Callable[[], None]:
-    """What a timer calls around each timed call so that it times the work and not its launch:
-    a CUDA synchronize once this process has used the GPU, else nothing."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def _quantile(samples: list[float], q: float) -> float:
-    """The q-quantile (0 < q < 1, in percent steps) of the samples, interpolated like numpy's
-    default; q = 0.5 is the median."""
-    if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
-    """Median microseconds of each function, run round-robin so noise hits all alike."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        sync = device_sync()
-        samples: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                samples[i].append((time.perf_counter() - start) * 1e6)
-    return [statistics.median(s) for s in samples]

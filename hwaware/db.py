@@ -293,7 +293,7 @@ class TuningDatabase:
 
     def remeasure(self, row: RecordRow, run_secs: list[float]) -> None:
         """Replace a stored record's measurement by a new one of the same candidate on the same
-        target (`tvm_compat.remeasure_top_records`); its mean_us becomes their median."""
+        target (`search.remeasure_top_records`); its mean_us becomes their median."""
         with self.db.conn:
             self.db.execute(
                 "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "
@@ -577,3 +577,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DatabaseError(f"{path}:{lineno}: {kind} is missing fields {missing}")
             out.append(obj)
     return out
+
+
+DbArg = TuningDatabase | str | os.PathLike[str] | None  # what the public entry points take
+
+
+def open_db(db: DbArg) -> TuningDatabase | None:
+    """The database a `db` argument names: None, an open one, or one opened at a path."""
+    if db is None or isinstance(db, TuningDatabase):
+        return db
+    return TuningDatabase(db)

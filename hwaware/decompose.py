@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 
+from hwaware.aten_ops import supported_aten_ops
+from hwaware.capture import Captured, capture
+from hwaware.partition import Partition, partition
+from hwaware.rewrite import rewrite
+
 KERNEL_SCHEMA_VERSION = 1
 
 
@@ -75,11 +80,8 @@ class Decomposition:
 def decompose(model: torch.nn.Module, example_inputs: Any, *, fuse: bool = True
               ) -> Decomposition:
     """The kernels `hwaware.compile(model, example_inputs)` would build (stages 1-3)."""
-    from hwaware.capture import capture
-    from hwaware.pipeline import _as_tuple, _rewrite_and_partition
-
-    captured = capture(model, _as_tuple(example_inputs))
-    _, part = _rewrite_and_partition(captured, fuse)
+    captured = capture(model, as_inputs(example_inputs))
+    _, part = rewrite_and_partition(captured, fuse)
     return decomposition_of(part)
 
 
@@ -141,3 +143,19 @@ def _literals(arg: Any) -> Any:
     if isinstance(arg, list):
         return [_literals(a) for a in arg]
     return arg
+
+
+def rewrite_and_partition(captured: Captured, fuse: bool = True
+                          ) -> tuple[dict[str, int], Partition]:
+    """Stages 2 and 3: the rewrites applied (name -> count) and the partition."""
+    rewrites = rewrite(captured)
+    return rewrites, partition(captured, supported_aten_ops(), fuse=fuse)
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Example inputs as a tuple (one tensor, or a sequence of them)."""
+    if example_inputs is None:
+        raise ValueError("example_inputs are needed to compile a PyTorch model")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)

@@ -29,7 +29,7 @@ def run_demo(model_name: str = "mobilenetv2_block", trials: int | None = None,
     import torch
 
     import hwaware
-    from hwaware.build import time_in_blocks, time_interleaved
+    from hwaware.runner import time_in_blocks, time_interleaved
     from hwaware.zoo import get_model
 
     torch.set_num_threads(cores)

@@ -37,9 +37,8 @@ from onnx.external_data_helper import load_external_data_for_model
 from torch.utils import _pytree as pytree
 
 from hwaware import onnx_reference
-from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
 from hwaware.onnx_fold import fold_constants
-from hwaware.pipeline import DbArg, open_db
 from hwaware.program import KernelSpec, KernelStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
@@ -297,22 +296,22 @@ def read_onnx(path: str | os.PathLike[str], input_shapes: ShapesArg = None) -> O
 
 def import_graph(graph: OnnxGraph, target: Target) -> ImportedOnnx:
     """The graph as one Relax kernel, with its contraction workloads as tuning tasks."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir, setup
 
     try:
         with contextlib.redirect_stdout(io.StringIO()) as printed:  # the importer prints
-            module = tvm_compat.import_onnx(graph.model,
+            module = ir.import_onnx(graph.model,
                                             {i.name: list(i.shape) for i in graph.inputs},
                                             {i.name: i.dtype for i in graph.inputs}, KERNEL_NAME)
     except Exception as err:  # the importer raises many error types
         log.debug("TVM's ONNX importer printed: %s", printed.getvalue())
         raise TvmUnsupportedError(f"{graph.path}: TVM's ONNX importer failed on "
                                   f"{_failing_op(err)}: {_first_line(err)}") from err
-    fused = tvm_compat.fuse_for_tuning(module, tvm_compat.tvm_target(target.tvm, target.host_tvm))
+    fused = ir.fuse_for_tuning(module, setup.resolve(target).tvm)
     workloads = fused_workloads(fused)
     return ImportedOnnx(
         graph=graph, module=module, tasks=contraction_tasks(workloads),
-        flops=sum(tvm_compat.workload_flops(w) for _, w in workloads.values()),
+        flops=sum(ir.workload_flops(w) for _, w in workloads.values()),
     )
 
 
@@ -339,25 +338,25 @@ def _first_line(err: BaseException) -> str:
 
 def fused_workloads(fused: Any) -> dict[str, tuple[str, Any]]:
     """Workload hash -> (fused function name, MetaSchedule workload), for every TIR kernel."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     workloads: dict[str, tuple[str, Any]] = {}
-    for fname, func in sorted(tvm_compat.prim_funcs(fused).items()):
-        workload = tvm_compat.workload_of(func)
-        workloads.setdefault(tvm_compat.workload_hash(workload), (fname, workload))
+    for fname, func in sorted(ir.prim_funcs(fused).items()):
+        workload = ir.workload_of(func)
+        workloads.setdefault(ir.workload_hash(workload), (fname, workload))
     return workloads
 
 
 def contraction_tasks(workloads: dict[str, tuple[str, Any]]) -> list[TuningTask]:
     """The workloads that need a tuned schedule (convolutions, matmuls) as tuning tasks."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
     tasks = []
     for key, (fname, workload) in workloads.items():
-        if tvm_compat.is_contraction(workload):
+        if ir.is_contraction(workload):
             family = _family(fname)
             tasks.append(TuningTask(f"{family}_{key[:10]}", workload, key, family, [KERNEL_NAME],
-                                    tvm_compat.workload_flops(workload)))
+                                    ir.workload_flops(workload)))
     return tasks
 
 
@@ -377,12 +376,13 @@ def _signature(model: onnx.ModelProto, inputs: list[GraphInput]) -> str:
 def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
                ) -> CompiledModel:
     """Tuned records (rule-based defaults elsewhere) -> library -> one-kernel `CompiledModel`."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import database, schedules, setup
 
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key) if db is not None else None
+    resolved = setup.resolve(target)
+    tgt = resolved.tvm
+    adapter = database.SqliteDatabase.of(db, resolved) if db is not None else None
     try:
-        executable, applied = tvm_compat.build_executable(imported.module, tgt, adapter)
+        executable, applied = schedules.build_executable(imported.module, tgt, adapter)
     except Exception as err:  # TVM's passes and codegen raise many error types
         raise TvmUnsupportedError(f"{imported.graph.path}: TVM's build failed: "
                                   f"{_first_line(err)}") from err
@@ -401,7 +401,7 @@ def reference_model(graph: OnnxGraph, target: Target) -> CompiledModel:
 
 
 def _warn_untuned(tasks: list[TuningTask], db: TuningDatabase | None, target: Target) -> None:
-    from hwaware.tvm_compat import TVM_VERSION
+    from hwaware.tvm.setup import TVM_VERSION
 
     untuned = [t.name for t in tasks
                if db is None or not db.top_records(t.workload_hash, TVM_VERSION, target.key, 1)]

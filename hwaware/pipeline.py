@@ -16,11 +16,11 @@ import torch
 
 from hwaware.build import build
 from hwaware.capture import Captured, CaptureError, capture
-from hwaware.db import DEFAULT_DB_PATH, TuningDatabase
+from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
+from hwaware.decompose import as_inputs, rewrite_and_partition
 from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
-from hwaware.partition import Partition, partition
-from hwaware.rewrite import rewrite
+from hwaware.partition import Partition
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
 from hwaware.tune import SessionSummary, TuningTask, extract_tasks, require_runnable, tune_tasks
@@ -28,7 +28,6 @@ from hwaware.verify import check_calls, verify_compiled
 
 log = logging.getLogger(__name__)
 
-DbArg = TuningDatabase | str | os.PathLike[str] | None
 
 
 def compile(  # noqa: A001 - the verb users expect, as in torch.compile
@@ -67,7 +66,7 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
                             show_progress=show_progress)
     tgt = get_target(target)
     database = open_db(db)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     planned = plan_model(model)                              # 0. control flow -> host program
     if planned is not None:
         compiled: Any = compile_dynamic(model, *planned, inputs, tgt, database, trials,
@@ -85,7 +84,7 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
                      trials: int = 0, show_progress: bool = True, fuse: bool = True
                      ) -> CompiledModel:
     """Stages 2-6 for an already captured graph (the torch.compile backend enters here)."""
-    rewrites, part = _rewrite_and_partition(captured, fuse)  # 2. rewrite; 3. kernels + host
+    rewrites, part = rewrite_and_partition(captured, fuse)  # 2. rewrite; 3. kernels + host
     flat_inputs = captured.example_inputs
     if trials > 0 and db is not None:                        # 4. tune into the database
         summary = _tune_parts([captured], [part], target, db, trials, show_progress)
@@ -102,7 +101,7 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
     database = open_db(db)
     if database is None:
         raise ValueError("tuning needs a database (db=None was given)")
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     planned = plan_model(model)
     if planned is not None:
         return tune_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
@@ -115,7 +114,7 @@ def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | 
                    ) -> list[CompiledModel]:
     """Stages 2-6 for several captured graphs, tuned together (a workload shared by several
     graphs is tuned once)."""
-    parts = [_rewrite_and_partition(c, fuse) for c in graphs]
+    parts = [rewrite_and_partition(c, fuse) for c in graphs]
     if trials > 0 and db is not None and graphs:
         summary = _tune_parts(graphs, [p for _, p in parts], target, db, trials, show_progress)
         log.info("%s", summary.table())
@@ -128,7 +127,7 @@ def tune_graphs(graphs: list[Captured], target: Target, db: TuningDatabase, tria
                 show_progress: bool = True, fuse: bool = True) -> SessionSummary:
     """One tuning session over the contraction workloads of several captured graphs (with
     `fuse`, a fused family kernel is one workload in place of its parts)."""
-    parts = [_rewrite_and_partition(c, fuse)[1] for c in graphs]
+    parts = [rewrite_and_partition(c, fuse)[1] for c in graphs]
     return _tune_parts(graphs, parts, target, db, trials, show_progress)
 
 
@@ -141,27 +140,3 @@ def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
             tasks.setdefault(t.workload_hash, t)
     name = graphs[0].name.split(".")[0] if graphs else ""
     return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress)
-
-
-def _rewrite_and_partition(captured: Captured, fuse: bool = True
-                           ) -> tuple[dict[str, int], Partition]:
-    from hwaware import tvm_compat
-
-    rewrites = rewrite(captured)
-    return rewrites, partition(captured, tvm_compat.supported_aten_ops(), fuse=fuse)
-
-
-def open_db(db: DbArg) -> TuningDatabase | None:
-    if db is None or isinstance(db, TuningDatabase):
-        return db
-    return TuningDatabase(db)
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if example_inputs is None:
-        raise ValueError("example_inputs are needed to compile a PyTorch model")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-

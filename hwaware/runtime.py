@@ -81,7 +81,7 @@ class CompiledModel:
         self.executable = executable
         self.info = info
         self._device_kind = device_kind
-        self._out_spec = load_tree_spec(program.out_spec)
+        self.out_spec = load_tree_spec(program.out_spec)
         self._run: Callable[[list[Any]], list[Any]] | None = None
         self._vm: Any = None
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
@@ -89,17 +89,16 @@ class CompiledModel:
                           for s in program.input_specs]
         n_out = len(program.output_slots)
         self._out_kind = (
-            "leaf" if self._out_spec == pytree.tree_structure(0) else
-            "tuple" if self._out_spec == pytree.tree_structure(tuple(range(n_out))) else "tree"
+            "leaf" if self.out_spec == pytree.tree_structure(0) else
+            "tuple" if self.out_spec == pytree.tree_structure(tuple(range(n_out))) else "tree"
         )
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any) -> Any:
         if self.verifier is not None:
-            from hwaware.verify import differing_kernel
-
             return self.verifier.check(
-                self._call, args, lambda: differing_kernel(self, pytree.tree_leaves(args)))
+                self._call, args,
+                lambda: self.verifier.differing_kernel(self, pytree.tree_leaves(args)))
         return self._call(*args)
 
     def _call(self, *args: Any) -> Any:
@@ -111,7 +110,7 @@ class CompiledModel:
             return outputs[0]
         if self._out_kind == "tuple":
             return tuple(outputs)
-        return pytree.tree_unflatten(outputs, self._out_spec)
+        return pytree.tree_unflatten(outputs, self.out_spec)
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         """Run on flat input tensors already known to match; flat outputs (no checks: the
@@ -167,22 +166,22 @@ class CompiledModel:
             k.impl == "tvm" for k in self.program.kernels.values()
         ):
             return self._vm
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         if not self.info.built_for().can_run_here:
             raise RuntimeError(
                 f"this model was built for target {self.info.target_name}, whose kernels "
                 "cannot run on this machine; load it on the device"
             )
-        self._vm = tvm_compat.make_vm(self.executable, self._device_kind, share_threads=True)
+        self._vm = tvm_vm.make_vm(self.executable, self._device_kind, share_threads=True)
         return self._vm
 
     def kernel_callable(self, name: str) -> Callable[..., list[Any]]:
         """One TVM kernel of this model as a torch -> list of torch call (verification)."""
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         spec = self.program.kernels[name]
-        return tvm_compat.torch_callable(self._virtual_machine(), name, len(spec.outputs))
+        return tvm_vm.torch_callable(self._virtual_machine(), name, len(spec.outputs))
 
     def _direct_call(self, vm: Any) -> Callable[[list[Any]], list[Any]] | None:
         """A program that is one TVM kernel from inputs to outputs runs without slots."""
@@ -193,9 +192,9 @@ class CompiledModel:
         if program.kernels[step.kernel].impl != "tvm" or step.inputs != program.input_slots \
                 or step.outputs != program.output_slots:
             return None
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
-        call = tvm_compat.torch_callable(vm, step.kernel, len(step.outputs))
+        call = tvm_vm.torch_callable(vm, step.kernel, len(step.outputs))
 
         def run(flat: list[Any]) -> list[Any]:
             return _without_grad(call, *flat)
@@ -207,9 +206,9 @@ class CompiledModel:
             return _op_action(step, self.program.constants)
         spec = self.program.kernels[step.kernel]
         if spec.impl == "tvm" and vm is not None:
-            from hwaware import tvm_compat
+            from hwaware.tvm import vm as tvm_vm
 
-            return _tvm_action(tvm_compat.torch_callable(vm, spec.name, len(step.outputs)), step)
+            return _tvm_action(tvm_vm.torch_callable(vm, spec.name, len(step.outputs)), step)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
@@ -247,34 +246,19 @@ class CompiledModel:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self.executable is not None:
-            from hwaware import tvm_compat
+            from hwaware.tvm import vm as tvm_vm
 
             cross = not self.info.built_for().can_run_here
             library = CROSS_LIBRARY_FILE if cross else LIBRARY_FILE
-            tvm_compat.export_executable(self.executable, str(out / library), cross)
+            tvm_vm.export_executable(self.executable, str(out / library), cross)
         (out / "program.json").write_text(self.program.to_json())
         (out / "program.py").write_text(self.program.to_python())
         torch.save(self.program.constants, out / "weights.pt")
         meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
                 "has_library": self.executable is not None,
-                "outputs": outputs.describe(self._out_spec).to_json(), **self.info.__dict__}
+                "outputs": outputs.describe(self.out_spec).to_json(), **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         return out
-
-
-def load(directory: str | os.PathLike[str]) -> CompiledModel:
-    """Load a model saved by `CompiledModel.save` or `DynamicModel.save` (no user class or
-    pickle needed). An output container type that cannot be imported here comes back as a dict
-    with the same keys, with one `outputs.OutputTypeWarning` naming it."""
-    src = Path(directory)
-    if (src / "dynamic.json").exists():
-        from hwaware.dynamic.model import DynamicModel
-
-        return DynamicModel.load(src)  # type: ignore[return-value]
-    missing: dict[str, str] = {}
-    model = load_compiled(src, missing)
-    outputs.warn_dict_fallback(missing)
-    return model
 
 
 def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
@@ -293,10 +277,10 @@ def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
     program.out_spec = outputs.loadable_spec(program.out_spec, saved, missing)
     executable = None
     if meta["has_library"]:
-        from hwaware import tvm_compat
+        from hwaware.tvm import vm as tvm_vm
 
         library = src / LIBRARY_FILE
-        executable = tvm_compat.load_executable(
+        executable = tvm_vm.load_executable(
             str(library if library.exists() else src / CROSS_LIBRARY_FILE))
     fields = {k: meta[k] for k in BuildInfo.__dataclass_fields__ if k in meta}
     info = BuildInfo(**fields)

@@ -8,6 +8,7 @@ cache sizes). `host` is detected from this machine's CPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ class Target:
     host_tvm: dict[str, Any] | None = field(default=None, hash=False)
     schema_version: int = TARGET_SCHEMA_VERSION
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The database key: the TVM target dict, canonicalised. Same code generation, same key."""
         canon = json.dumps(self.tvm, sort_keys=True)

@@ -14,7 +14,8 @@ as one OpenMP parallel region of the OpenMP runtime PyTorch loaded. The launcher
 once per machine with the system C compiler into hwaware's cache folder. Nothing changes where
 that cannot be done (no libgomp in the process, no compiler, an unwritable cache folder, a
 library with TVM barriers, or HWAWARE_THREAD_POOL=tvm): the kernels keep TVM's pool. The team
-size is PyTorch's (`torch.set_num_threads`), not TVM_NUM_THREADS.
+size is PyTorch's (`torch.set_num_threads`), not TVM_NUM_THREADS. This module imports no TVM:
+`hwaware.tvm.vm.with_shared_threads` loads a library and hands it to `share_threads`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
 LAUNCH_HOOK = "__TVMBackendParallelLaunch"
 BARRIER_HOOK = "__TVMBackendParallelBarrier"  # kernels that sync inside a region: left alone
-SHARED_ATTR = "_hwaware_shared_threads"
 LAUNCHER_SOURCE = r"""
 #include <omp.h>
 #include <stdint.h>
@@ -78,33 +77,6 @@ def share_threads(library: str) -> bool:
         return True
     finally:  # drop this reference: the library unloads with TVM's module, as before
         _ctypes.dlclose(handle._handle)
-
-
-def with_shared_threads(executable: Any) -> Any:
-    """An in-memory CPU executable as a loaded library whose kernels use PyTorch's OpenMP team
-    (`executable` itself where that cannot be done). The library file is deleted once loaded
-    (the mapping stays); the result is kept on `executable` for the next VM of it (the build
-    times several plans on one executable)."""
-    if openmp_launcher() is None:
-        return executable
-    shared = getattr(executable, SHARED_ATTR, None)
-    if shared is None:
-        shared = _load_shared(executable)
-        setattr(executable, SHARED_ATTR, shared)
-    return shared
-
-
-def _load_shared(executable: Any) -> Any:
-    import tvm
-
-    folder = Path(tempfile.mkdtemp(prefix="hwaware-kernels-"))
-    try:
-        path = str(folder / "kernels.so")
-        executable.export_library(path)
-        module = tvm.runtime.load_module(path)
-        return module if share_threads(path) else executable
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @functools.cache

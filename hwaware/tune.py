@@ -117,8 +117,8 @@ def require_runnable(target: Target) -> None:
 def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
                model_name: str = "", show_progress: bool = True) -> SessionSummary:
     """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
-    from hwaware import tvm_compat
     from hwaware.kernels import fixed_schedules as family_schedules
+    from hwaware.tvm import database, schedules, search, setup
 
     require_runnable(target)
     session_id = uuid.uuid4().hex[:12]
@@ -126,7 +126,7 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     if not tasks or trials <= 0:
         return summary
     per_task = _per_task_budget(trials, len(tasks))
-    before = {t.workload_hash: db.count_records(t.workload_hash, tvm_compat.TVM_VERSION,
+    before = {t.workload_hash: db.count_records(t.workload_hash, setup.TVM_VERSION,
                                                 target.key) for t in tasks}
     remaining = {t.name: max(0, per_task - before[t.workload_hash]) for t in tasks}
     todo = [t for t in tasks if remaining[t.name] > 0]
@@ -134,26 +134,26 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     start = time.time()
     progress = _Progress(sum(remaining[t.name] for t in todo), show_progress)
     if todo:
-        tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-        adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
+        resolved = setup.resolve(target)
+        tgt, adapter = resolved.tvm, database.SqliteDatabase.of(db, resolved)
         fixed_schedules = family_schedules()
         with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
-            tvm_compat.tune_workloads(
+            search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
             )
         for t in todo:  # fused kernels: re-rank their best records like for like
-            if tvm_compat.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
-                tvm_compat.remeasure_top_records(t.workload, adapter,
+            if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
+                search.remeasure_top_records(t.workload, adapter,
                                                  fixed_schedules=fixed_schedules)
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
     summary.remeasured = progress.remeasured
     for t in tasks:
-        best = db.top_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key, 1)
-        now = db.count_records(t.workload_hash, tvm_compat.TVM_VERSION, target.key)
+        best = db.top_records(t.workload_hash, setup.TVM_VERSION, target.key, 1)
+        now = db.count_records(t.workload_hash, setup.TVM_VERSION, target.key)
         summary.tasks.append(TaskSummary(
             t.name, t.workload_hash, t.family, t.kernels, t.flops, before[t.workload_hash],
             now - before[t.workload_hash], best[0].mean_us if best else None,

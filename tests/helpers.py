@@ -33,16 +33,33 @@ def tune_kernel_module(mod: Any, target: Target, tgt: Any, db_path: Path, trials
     """A real tuning session of `trials` per family workload of the lowered module `mod` into
     a sqlite database at `db_path` (the edge glue functions of GNN kernels are not tuned).
     Returns the database, its MetaSchedule adapter and the tuned workloads by name."""
-    from hwaware import tvm_compat
     from hwaware.kernels import fixed_schedules
+    from hwaware.tvm import database, ir
+    from hwaware.tvm.search import tune_workloads
 
     db = TuningDatabase(db_path)
     db.start_session("sess", target.key, "kernel", trials)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()
+    adapter = database.SqliteDatabase(db, tgt, target.key)
+    fused = ir.fuse_for_tuning(mod, tgt)
+    workloads = {n: ir.workload_of(f) for n, f in ir.prim_funcs(fused).items()
                  if not n.endswith("_edges")}
-    tvm_compat.tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
-                              lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
-                              fixed_schedules=fixed_schedules(), **search)
+    tune_workloads(workloads, {n: trials for n in workloads}, tgt, adapter, "sess",
+                   lambda *a: None, str(db_path.parent), num_trials_per_iter=trials,
+                   fixed_schedules=fixed_schedules(), **search)
     return db, adapter, workloads
+
+
+def tvm_supported_aten_ops() -> frozenset[str]:
+    """The aten op names TVM's exported-program importer translates, asked of the installed TVM
+    (what `hwaware.aten_ops.SUPPORTED_ATEN_OPS` must equal)."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return frozenset(ExportedProgramImporter().create_convert_map().keys())
+
+
+def default_schedule(mod: Any, target: Any) -> Any:
+    """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
+    from hwaware.kernels import fixed_schedules
+    from hwaware.tvm import schedules
+
+    return schedules.apply_fixed_schedules(mod, target, fixed_schedules())

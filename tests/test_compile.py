@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import hwaware
+from hwaware.aten_ops import supported_aten_ops
 from hwaware.capture import CaptureError, capture
 from hwaware.partition import UnsupportedOpWarning, partition
 from hwaware.runtime import InputMismatchError
 from hwaware.target import UnknownTargetError
-from hwaware.tvm_compat import supported_aten_ops
 from hwaware.zoo import ZOO, get_model
 from tests.helpers import assert_close_to_eager
 
@@ -147,7 +147,7 @@ def test_build_decisions_use_the_lower_quartile(monkeypatch: pytest.MonkeyPatch)
     """Kernel placement compares lower quartiles: a slow phase of the machine (noise only adds
     time) that takes up to half of one function's samples does not flip the choice. The clock
     is scripted, so this checks the statistic, not the machine's speed."""
-    from hwaware import build
+    from hwaware import build, runner
 
     # per function, 20 samples: 10 at 1 us and 10 slow-phase samples at 9 us
     durations = iter([1.0] * 10 + [9.0] * 10)
@@ -161,7 +161,7 @@ def test_build_decisions_use_the_lower_quartile(monkeypatch: pytest.MonkeyPatch)
         clock[0] = ticks.pop()
         return clock[0]
 
-    monkeypatch.setattr(build.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(runner.time, "perf_counter", perf_counter)
     (q1,) = build.time_in_blocks([lambda: None], 20, quantile=build.DECISION_QUANTILE)
     assert q1 == pytest.approx(1.0)
     durations = iter([1.0] * 10 + [9.0] * 10)

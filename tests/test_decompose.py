@@ -9,7 +9,7 @@ import torch
 
 import hwaware
 from hwaware.decompose import Decomposition, KernelRecord, decompose
-from hwaware.tvm_compat import TVM_VERSION
+from hwaware.tvm.setup import TVM_VERSION
 from hwaware.zoo import get_model
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import hwaware
+from hwaware.aten_ops import supported_aten_ops
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
 from hwaware.partition import partition
 from hwaware.rewrite import rewrite
-from hwaware.tvm_compat import TVM_VERSION, supported_aten_ops
+from hwaware.tvm.setup import TVM_VERSION
 from hwaware.zoo import get_model
 from tests.helpers import assert_close_to_eager
 
@@ -115,22 +116,22 @@ def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
     candidate (RGCN's tile block, bound to blockIdx.x alone, made RewriteUnboundBlock raise)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from hwaware import tvm_compat
+    from hwaware.decompose import rewrite_and_partition
     from hwaware.kernels import FAMILY_NAMES, fixed_schedules
-    from hwaware.pipeline import _rewrite_and_partition
     from hwaware.tune import extract_tasks
+    from hwaware.tvm import search, setup
 
     target = hwaware.get_target("cuda-sm90")
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    tgt = setup.tvm_target(target.tvm, target.host_tvm)
     model, inputs = get_model(name, small=True)
     captured = capture(model, inputs)
-    _, part = _rewrite_and_partition(captured, True)
+    _, part = rewrite_and_partition(captured, True)
     (task,) = [t for t in extract_tasks(part, captured.example_inputs, target)
                if t.family in FAMILY_NAMES]
-    tvm_compat.import_tensor_intrinsics()
+    setup.import_tensor_intrinsics()
     context = ms.TuneContext(mod=task.workload, target=tgt, space_generator="post-order-apply",
                              task_name=name)
-    assert tvm_compat.postprocessed_fixed_schedule(context, fixed_schedules()) is not None
+    assert search.postprocessed_fixed_schedule(context, fixed_schedules()) is not None
 
 
 def test_kernel_references_are_computed_without_tf32() -> None:

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.interpreter import Interpreter
 
-from hwaware import capture, rewrite, tvm_compat
+from hwaware import capture, rewrite
+from hwaware.aten_ops import supported_aten_ops
 from hwaware.db import TuningDatabase
-from hwaware.kernels import attention, default_schedule
+from hwaware.kernels import attention
 from hwaware.partition import _external_inputs, _kernel_graph, partition
 from hwaware.target import get_target
-from hwaware.tvm_compat import supported_aten_ops
+from hwaware.tvm import database, ir, schedules, search, setup
+from hwaware.tvm import vm as tvm_vm
+from tests.helpers import default_schedule
 
 
 class SDPA(nn.Module):
@@ -133,12 +136,12 @@ def _kernel(model: nn.Module, inputs: tuple[Any, ...]
 @pytest.fixture(scope="module")
 def host() -> tuple[Any, Any]:
     t = get_target("host")
-    return t, tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    return t, setup.tvm_target(t.tvm, t.host_tvm)
 
 
 def _run(mod: Any, tgt: Any, adapter: Any, args: list[torch.Tensor]) -> tuple[torch.Tensor, set]:
-    exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, "cpu"), "main", 1)
+    exe, applied = schedules.build_executable(mod, tgt, adapter)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
     return call(*args)[0], applied
 
 
@@ -213,7 +216,7 @@ def test_lower_default_schedule_matches_eager(case: str, host: tuple[Any, Any]) 
     graph, args, expected = _kernel(*CASES[case])
     mod = attention.lower(graph, args, target, f"hw_attention_test_{case}")
     calls = [b for b in mod["main"].body.blocks[0].bindings]
-    assert len(calls) == 1 and len(tvm_compat.prim_funcs(mod)) == 1
+    assert len(calls) == 1 and len(ir.prim_funcs(mod)) == 1
     got, _ = _run(default_schedule(mod, tgt), tgt, None, args)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
@@ -258,19 +261,19 @@ def test_tuning_stores_records_and_build_applies_them(tmp_path: Any,
     target, tgt = host
     graph, args, expected = _kernel(GPT2Attention(), (torch.randn(1, 33, 48),))
     mod = attention.lower(graph, args, target, "hw_attention_test_tuned")
-    fused = tvm_compat.fuse_for_tuning(mod, tgt)
-    funcs = tvm_compat.prim_funcs(fused)
+    fused = ir.fuse_for_tuning(mod, tgt)
+    funcs = ir.prim_funcs(fused)
     assert list(funcs) == ["hw_attention_test_tuned"]  # kept whole
-    workloads = {n: tvm_compat.workload_of(f) for n, f in funcs.items()}
+    workloads = {n: ir.workload_of(f) for n, f in funcs.items()}
     db = TuningDatabase(tmp_path / "t.db")
     db.start_session("sess", target.key, "attention", 8)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, target.key)
-    tvm_compat.tune_workloads(workloads, {n: 8 for n in workloads}, tgt, adapter, "sess",
+    adapter = database.SqliteDatabase(db, tgt, target.key)
+    search.tune_workloads(workloads, {n: 8 for n in workloads}, tgt, adapter, "sess",
                               lambda *a: None, str(tmp_path), num_trials_per_iter=8,
                               population=32)
-    (whash,) = {tvm_compat.workload_hash(w) for w in workloads.values()}
-    assert db.count_records(whash, tvm_compat.TVM_VERSION, target.key) > 0
-    assert db.top_records(whash, tvm_compat.TVM_VERSION, target.key), \
+    (whash,) = {ir.workload_hash(w) for w in workloads.values()}
+    assert db.count_records(whash, setup.TVM_VERSION, target.key) > 0
+    assert db.top_records(whash, setup.TVM_VERSION, target.key), \
         [r.error for r in db.records_for_target(target.key)][:1]
     got, applied = _run(mod, tgt, adapter, args)
     assert applied == {whash}
@@ -281,8 +284,8 @@ def test_tuning_stores_records_and_build_applies_them(tmp_path: Any,
 @pytest.mark.parametrize("name", ["cuda-sm90", "arm64-neon"])
 def test_builds_for_other_targets(name: str) -> None:
     target = get_target(name)
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
+    tgt = setup.tvm_target(target.tvm, target.host_tvm)
     graph, args, _ = _kernel(GPT2Attention(), (torch.randn(1, 17, 48),))
     mod = attention.lower(graph, args, target, f"hw_attention_test_{name.replace('-', '_')}")
-    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
+    exe, _ = schedules.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

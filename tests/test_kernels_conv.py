@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import fx, nn
 
-from hwaware import partition, tvm_compat
+from hwaware import partition
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import conv, default_schedule
+from hwaware.kernels import conv
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
-from tests.helpers import tune_kernel_module
+from hwaware.tvm import database, ir, schedules, search, setup
+from hwaware.tvm import vm as tvm_vm
+from tests.helpers import default_schedule, tune_kernel_module
 
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -109,14 +111,14 @@ def _lowered(model: nn.Module, x: torch.Tensor, name: str) -> Any:
 
 
 def _run(exe: Any, x: torch.Tensor) -> torch.Tensor:
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, "cpu"), "main", 1)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
     return call(x)[0]
 
 
 @pytest.fixture(scope="module")
 def host() -> tuple[Any, Any]:
     t = get_target("host")
-    return t, tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    return t, setup.tvm_target(t.tvm, t.host_tvm)
 
 
 # ---------------------------------------------------------------------------- find
@@ -213,9 +215,9 @@ def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any,
     model = InvertedResidual(cin, cout, expand, k, stride, act, **gate).eval()
     x = torch.randn(1, cin, size, size)
     mod = default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
-    funcs = tvm_compat.prim_funcs(mod)
+    funcs = ir.prim_funcs(mod)
     assert len(funcs) == 1 and all(conv.is_conv_block(f) for f in funcs.values())
-    exe, _ = tvm_compat.build_executable(mod, host[1], None)
+    exe, _ = schedules.build_executable(mod, host[1], None)
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
 
@@ -224,9 +226,9 @@ def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
     model = InvertedResidual(12, 12)
     x = torch.randn(1, 12, 7, 7)
     mod = _lowered(model, x, "hw_conv_whole")
-    assert list(tvm_compat.prim_funcs(mod)) == ["hw_conv_whole"]
-    fused = tvm_compat.fuse_for_tuning(mod, host[1])
-    (func,) = tvm_compat.prim_funcs(fused).values()
+    assert list(ir.prim_funcs(mod)) == ["hw_conv_whole"]
+    fused = ir.fuse_for_tuning(mod, host[1])
+    (func,) = ir.prim_funcs(fused).values()
     assert conv.is_conv_block(func)
 
 
@@ -261,11 +263,11 @@ def tuned(host: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory
 
 def test_tuning_stores_records_that_apply(tuned: Any, host: tuple[Any, Any]) -> None:
     model, x, mod, db, adapter = tuned
-    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
-    whash = tvm_compat.workload_hash(tvm_compat.workload_of(func))
-    assert db.count_records(whash, tvm_compat.TVM_VERSION, host[0].key) > 0
-    assert db.top_records(whash, tvm_compat.TVM_VERSION, host[0].key, 1)
-    exe, applied = tvm_compat.build_executable(mod, host[1], adapter)
+    (func,) = ir.prim_funcs(ir.fuse_for_tuning(mod, host[1])).values()
+    whash = ir.workload_hash(ir.workload_of(func))
+    assert db.count_records(whash, setup.TVM_VERSION, host[0].key) > 0
+    assert db.top_records(whash, setup.TVM_VERSION, host[0].key, 1)
+    exe, applied = schedules.build_executable(mod, host[1], adapter)
     assert whash in applied
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
@@ -276,12 +278,12 @@ def test_tuning_measures_the_fixed_schedule_first(tuned: Any, host: tuple[Any, A
     instructions with its decisions: tuning cannot end slower than untuned, and the search
     mutates from it."""
     _, _, mod, db, _ = tuned
-    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
-    workload = tvm_compat.workload_of(func)
+    (func,) = ir.prim_funcs(ir.fuse_for_tuning(mod, host[1])).values()
+    workload = ir.workload_of(func)
     (first,) = db.db.execute(
         "SELECT trace_json FROM records WHERE workload_hash = ? ORDER BY id LIMIT 1",
-        [tvm_compat.workload_hash(workload)]).fetchone()
-    insts, decisions = tvm_compat.plain_json(
+        [ir.workload_hash(workload)]).fetchone()
+    insts, decisions = ir.plain_json(
         conv.schedule_fixed(workload["main"], host[1]).trace.as_json())
     measured_insts, measured_decisions = json.loads(first)[:2]
     assert any(inst[0] == "SamplePerfectTile" for inst in insts)
@@ -293,14 +295,14 @@ def test_remeasure_replaces_a_lucky_runner_time(tuned: Any, host: tuple[Any, Any
     """remeasure_top_records rebuilds the stored best records and times them in-process: a
     record whose stored time is implausibly fast gets its real (re-timed) one."""
     _, _, mod, db, adapter = tuned
-    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
-    workload = tvm_compat.workload_of(func)
-    whash, version, key = tvm_compat.workload_hash(workload), tvm_compat.TVM_VERSION, host[0].key
+    (func,) = ir.prim_funcs(ir.fuse_for_tuning(mod, host[1])).values()
+    workload = ir.workload_of(func)
+    whash, version, key = ir.workload_hash(workload), setup.TVM_VERSION, host[0].key
     lucky = db.top_records(whash, version, key, 2)[-1]
     db.remeasure(lucky, [1e-9])
     pair = {r.trace_json for r in db.top_records(whash, version, key, 2)}
     assert lucky.trace_json in pair
-    tvm_compat.remeasure_top_records(workload, adapter, k=2, rounds=3)
+    search.remeasure_top_records(workload, adapter, k=2, rounds=3)
     rows = [r for r in db.top_records(whash, version, key, 100) if r.trace_json in pair]
     assert len(rows) == 2
     for row in rows:
@@ -314,9 +316,9 @@ def test_remeasure_stores_and_times_the_fixed_schedule(tuned: Any, host: tuple[A
     from hwaware.kernels import fixed_schedules
 
     _, _, mod, db, _ = tuned
-    (func,) = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, host[1])).values()
-    workload = tvm_compat.workload_of(func)
-    whash, version, key = tvm_compat.workload_hash(workload), tvm_compat.TVM_VERSION, host[0].key
+    (func,) = ir.prim_funcs(ir.fuse_for_tuning(mod, host[1])).values()
+    workload = ir.workload_of(func)
+    whash, version, key = ir.workload_hash(workload), setup.TVM_VERSION, host[0].key
     with sqlite3.connect(tmp_path / "copy.db") as dst:
         db.db.conn.backup(dst)
     copy = TuningDatabase(tmp_path / "copy.db")
@@ -326,8 +328,8 @@ def test_remeasure_stores_and_times_the_fixed_schedule(tuned: Any, host: tuple[A
     with copy.db.conn:
         copy.db.execute("DELETE FROM records WHERE id = ?", [fixed_id])
     assert not copy.has_candidate(whash, version, key, fixed_trace)
-    adapter = tvm_compat.SqliteDatabase(copy, host[1], key)
-    tvm_compat.remeasure_top_records(workload, adapter, k=1, rounds=3,
+    adapter = database.SqliteDatabase(copy, host[1], key)
+    search.remeasure_top_records(workload, adapter, k=1, rounds=3,
                                      fixed_schedules=fixed_schedules())
     (row,) = [r for r in copy.top_records(whash, version, key, 100)
               if r.trace_json == fixed_trace]
@@ -338,12 +340,12 @@ def test_remeasure_stores_and_times_the_fixed_schedule(tuned: Any, host: tuple[A
 @pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
 def test_builds_for_other_targets(target_name: str) -> None:
     t = get_target(target_name)
-    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    tgt = setup.tvm_target(t.tvm, t.host_tvm)
     for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7),
                         (InvertedResidual(8, 8, 3, se=True), 7)]:
         x = torch.randn(1, int(model.body[0].in_channels), size, size)
         mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
-        exe, _ = tvm_compat.build_executable(mod, tgt, None)
+        exe, _ = schedules.build_executable(mod, tgt, None)
         assert exe is not None
 
 
@@ -354,12 +356,12 @@ def test_schedule_space_is_generated(target_name: str, se: bool) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     t = get_target(target_name)
-    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
-    mod = tvm_compat.fuse_for_tuning(_lowered(InvertedResidual(8, 8, se=se),
+    tgt = setup.tvm_target(t.tvm, t.host_tvm)
+    mod = ir.fuse_for_tuning(_lowered(InvertedResidual(8, 8, se=se),
                                               torch.randn(1, 8, 9, 9), "hw_conv_space"), tgt)
-    (func,) = tvm_compat.prim_funcs(mod).values()
-    tvm_compat.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
-    ctx = ms.TuneContext(mod=tvm_compat.workload_of(func), target=tgt,
+    (func,) = ir.prim_funcs(mod).values()
+    setup.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
+    ctx = ms.TuneContext(mod=ir.workload_of(func), target=tgt,
                          space_generator="post-order-apply", task_name="space")
     (space,) = ctx.generate_design_space()
     kinds = {str(inst.kind.name) for inst in space.trace.insts}

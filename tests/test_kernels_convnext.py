@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from hwaware import partition, tvm_compat
-from hwaware.kernels import convnext, default_schedule
+from hwaware import partition
+from hwaware.kernels import convnext
 from hwaware.target import get_target
-from tests.helpers import tune_kernel_module
+from hwaware.tvm import ir, schedules, setup
+from tests.helpers import default_schedule, tune_kernel_module
 from tests.test_kernels_conv import _graph, _kernel_graph, _ops, _run
 
 RTOL, ATOL = 1e-3, 1e-4
@@ -97,7 +98,7 @@ def _lowered(model: nn.Module, x: torch.Tensor, name: str) -> Any:
 @pytest.fixture(scope="module")
 def host() -> tuple[Any, Any]:
     t = get_target("host")
-    return t, tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    return t, setup.tvm_target(t.tvm, t.host_tvm)
 
 
 # ---------------------------------------------------------------------------- find
@@ -165,9 +166,9 @@ def test_default_schedule_matches_eager(case: str, host: tuple[Any, Any]) -> Non
     model = factory().eval()
     x = torch.randn(1, channels, size, size)
     mod = default_schedule(_lowered(model, x, f"hw_convnext_test_{size}"), host[1])
-    funcs = tvm_compat.prim_funcs(mod)
+    funcs = ir.prim_funcs(mod)
     assert len(funcs) == 1 and all(convnext.is_convnext_block(f) for f in funcs.values())
-    exe, _ = tvm_compat.build_executable(mod, host[1], None)
+    exe, _ = schedules.build_executable(mod, host[1], None)
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
 
@@ -177,7 +178,7 @@ def test_gelu_has_no_libm_calls(approximate: str, host: tuple[Any, Any]) -> None
     """GELU's erf/tanh must not lower to a scalar libm call per element."""
     mod = default_schedule(_lowered(ConvNeXtBlock(16, gelu=approximate),
                                     torch.randn(1, 16, 8, 8), "hw_convnext_libm"), host[1])
-    ll = tvm_compat.build_executable(mod, host[1], None)[0].mod.imports[0].inspect_source("ll")
+    ll = schedules.build_executable(mod, host[1], None)[0].mod.imports[0].inspect_source("ll")
     calls = {line.split("@")[1].split("(")[0] for line in ll.splitlines()
              if "call " in line and "@" in line}
     assert not {c for c in calls if c.rstrip("f").endswith(("erf", "tanh"))}, calls
@@ -210,9 +211,9 @@ def test_tuning_stores_records_that_apply(host: tuple[Any, Any], tmp_path: Path)
     db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", TRIALS,
                                                 population=64)
     (workload,) = workloads.values()
-    whash = tvm_compat.workload_hash(workload)
-    assert db.count_records(whash, tvm_compat.TVM_VERSION, t.key) > 0
-    exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    whash = ir.workload_hash(workload)
+    assert db.count_records(whash, setup.TVM_VERSION, t.key) > 0
+    exe, applied = schedules.build_executable(mod, tgt, adapter)
     assert whash in applied
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
@@ -222,11 +223,11 @@ def test_tuning_stores_records_that_apply(host: tuple[Any, Any], tmp_path: Path)
 @pytest.mark.parametrize("target_name", ["cuda-sm90", "arm64-neon"])
 def test_builds_for_other_targets(target_name: str) -> None:
     t = get_target(target_name)
-    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
+    tgt = setup.tvm_target(t.tvm, t.host_tvm)
     for model, channels, size in [(ConvNeXtBlock(20), 20, 15), (ConvFirstBlock(12), 12, 7)]:
         x = torch.randn(1, channels, size, size)
         mod = default_schedule(_lowered(model, x, f"hw_convnext_{t.kind}"), tgt)
-        exe, _ = tvm_compat.build_executable(mod, tgt, None)
+        exe, _ = schedules.build_executable(mod, tgt, None)
         assert exe is not None
 
 
@@ -236,12 +237,12 @@ def test_schedule_space_is_generated(target_name: str) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     t = get_target(target_name)
-    tgt = tvm_compat.tvm_target(t.tvm, t.host_tvm)
-    mod = tvm_compat.fuse_for_tuning(_lowered(ConvNeXtBlock(8), torch.randn(1, 8, 9, 9),
+    tgt = setup.tvm_target(t.tvm, t.host_tvm)
+    mod = ir.fuse_for_tuning(_lowered(ConvNeXtBlock(8), torch.randn(1, 8, 9, 9),
                                               "hw_convnext_space"), tgt)
-    (func,) = tvm_compat.prim_funcs(mod).values()
-    tvm_compat.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
-    ctx = ms.TuneContext(mod=tvm_compat.workload_of(func), target=tgt,
+    (func,) = ir.prim_funcs(mod).values()
+    setup.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
+    ctx = ms.TuneContext(mod=ir.workload_of(func), target=tgt,
                          space_generator="post-order-apply", task_name="space")
     (space,) = ctx.generate_design_space()
     kinds = {str(inst.kind.name) for inst in space.trace.insts}

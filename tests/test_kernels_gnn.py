@@ -13,14 +13,15 @@ from torch import fx
 
 pyg = pytest.importorskip("torch_geometric.nn")
 
-from hwaware import tvm_compat  # noqa: E402
 from hwaware.capture import capture  # noqa: E402
-from hwaware.kernels import default_schedule, gnn, unique_name  # noqa: E402
+from hwaware.kernels import gnn, unique_name  # noqa: E402
 from hwaware.partition import _external_inputs, _kernel_graph  # noqa: E402
 from hwaware.program import op_name  # noqa: E402
 from hwaware.rewrite import rewrite  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
-from tests.helpers import tune_kernel_module  # noqa: E402
+from hwaware.tvm import ir, schedules, setup  # noqa: E402
+from hwaware.tvm import vm as tvm_vm  # noqa: E402
+from tests.helpers import default_schedule, tune_kernel_module  # noqa: E402
 
 
 class IndexAdd(torch.nn.Module):
@@ -106,16 +107,16 @@ class Kernel:
 
     def lower(self, target_name: str = "host") -> tuple[Any, Any, Any]:
         t = get_target(target_name)
-        return t, tvm_compat.tvm_target(t.tvm, t.host_tvm), gnn.FAMILY.lower(
+        return t, setup.tvm_target(t.tvm, t.host_tvm), gnn.FAMILY.lower(
             self.graph, self.examples, t, unique_name("gnn"))
 
     def build(self, db: Any = None, scheduled: bool = True) -> Any:
         t, tgt, mod = self.lower()
         if scheduled:
             mod = default_schedule(mod, tgt)
-        exe, applied = tvm_compat.build_executable(mod, tgt, db)
-        vm = tvm_compat.make_vm(exe, t.kind)
-        return tvm_compat.torch_callable(vm, "main", len(self.outputs)), applied
+        exe, applied = schedules.build_executable(mod, tgt, db)
+        vm = tvm_vm.make_vm(exe, t.kind)
+        return tvm_vm.torch_callable(vm, "main", len(self.outputs)), applied
 
     def run_model(self, call: Any, args: tuple[Any, ...]) -> Any:
         """The whole captured graph with the group's outputs computed by the kernel."""
@@ -261,8 +262,8 @@ def test_fuse_for_tuning_keeps_the_kernel_whole() -> None:
     x, edges = graph(10, 30, 7)
     kernel = only_kernel(layer("gat", 7), (x, edges))
     _, tgt, mod = kernel.lower()
-    fused = tvm_compat.prim_funcs(tvm_compat.fuse_for_tuning(mod, tgt))
-    assert set(fused) == set(tvm_compat.prim_funcs(mod))  # nothing fused into or out of it
+    fused = ir.prim_funcs(ir.fuse_for_tuning(mod, tgt))
+    assert set(fused) == set(ir.prim_funcs(mod))  # nothing fused into or out of it
     assert sum(gnn._is_family_func(f) for f in fused.values()) == 1
 
 
@@ -272,13 +273,13 @@ def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> Non
     kernel = only_kernel(layer("sage_max", 8), (x, edges))
     t, tgt, mod = kernel.lower()
     db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", 4)
-    whash = tvm_compat.workload_hash(next(iter(workloads.values())))
-    records = db.top_records(whash, tvm_compat.TVM_VERSION, t.key, 10)
+    whash = ir.workload_hash(next(iter(workloads.values())))
+    records = db.top_records(whash, setup.TVM_VERSION, t.key, 10)
     assert records and all(r.mean_us is not None for r in records)
     assert (tmp_path / "t.db").stat().st_size > 0
-    exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    exe, applied = schedules.build_executable(mod, tgt, adapter)
     assert whash in applied
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, t.kind), "main", 1)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, t.kind), "main", 1)
     torch.testing.assert_close(call(*kernel.examples)[0], kernel.expected[0], rtol=1e-3,
                                atol=1e-4)
     db.close()
@@ -297,9 +298,9 @@ def test_gpu_candidates_bind_only_rows_to_thread_blocks(kind: str) -> None:
     x, edges = graph(20, 60, 40)
     kernel = only_kernel(layer(kind, 40), (x, edges))
     _, tgt, mod = kernel.lower("cuda-sm90")
-    (workload,) = [tvm_compat.workload_of(f) for f in tvm_compat.prim_funcs(
-        tvm_compat.fuse_for_tuning(mod, tgt)).values() if gnn._is_family_func(f)]
-    tvm_compat.import_tensor_intrinsics()
+    (workload,) = [ir.workload_of(f) for f in ir.prim_funcs(
+        ir.fuse_for_tuning(mod, tgt)).values() if gnn._is_family_func(f)]
+    setup.import_tensor_intrinsics()
     for seed in range(3):
         ctx = ms.TuneContext(mod=workload, target=tgt, space_generator="post-order-apply",
                              task_name="gpu", rand_state=seed)
@@ -316,5 +317,5 @@ def test_builds_for_cuda_and_arm(target_name: str, kind: str) -> None:
     x, edges = graph(10, 30, 20)
     kernel = only_kernel(layer(kind, 20), (x, edges))
     _, tgt, mod = kernel.lower(target_name)
-    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
+    exe, _ = schedules.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

@@ -12,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from hwaware import tvm_compat
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import default_schedule, resblock
+from hwaware.kernels import resblock
 from hwaware.partition import _external_inputs, _kernel_graph
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
+from hwaware.tvm import database, ir, schedules, search, setup
+from hwaware.tvm import vm as tvm_vm
+from tests.helpers import default_schedule
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1,
@@ -99,10 +101,10 @@ def _kernel(model: nn.Module, x: torch.Tensor) -> Any:
 
 
 def _callable(module: Any, target: Any, database: Any = None) -> tuple[Any, set[str]]:
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-    exe, applied = tvm_compat.build_executable(module, tgt, database)
-    vm = tvm_compat.make_vm(exe, target.kind)
-    return tvm_compat.torch_callable(vm, "main", 1), applied
+    tgt = setup.tvm_target(target.tvm, target.host_tvm)
+    exe, applied = schedules.build_executable(module, tgt, database)
+    vm = tvm_vm.make_vm(exe, target.kind)
+    return tvm_vm.torch_callable(vm, "main", 1), applied
 
 
 def _with_default_schedule(module: Any, target: Any) -> Any:
@@ -110,7 +112,7 @@ def _with_default_schedule(module: Any, target: Any) -> Any:
     import tvm
 
     copy = tvm.IRModule(dict(module.functions.items()), attrs=module.attrs)
-    return default_schedule(copy, tvm_compat.tvm_target(target.tvm, target.host_tvm))
+    return default_schedule(copy, setup.tvm_target(target.tvm, target.host_tvm))
 
 
 # --------------------------------------------------------------------------- find
@@ -192,7 +194,7 @@ def test_default_schedule_matches_eager(case: str) -> None:
     model, shape = CASES[case]
     x = torch.randn(*shape)
     module = resblock.lower(_kernel(model, x), [x], HOST, f"hw_res_block_t{len(case)}")
-    assert len(tvm_compat.prim_funcs(module)) == 1
+    assert len(ir.prim_funcs(module)) == 1
     call, _ = _callable(_with_default_schedule(module, HOST), HOST)
     with torch.no_grad():
         torch.testing.assert_close(call(x)[0], model(x), rtol=1e-3, atol=1e-4)
@@ -205,13 +207,13 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     x = torch.randn(*shape)
     work = tmp_path_factory.mktemp("resblock_tune")
     module = resblock.lower(_kernel(model, x), [x], HOST, "hw_res_block_tuned")
-    tgt = tvm_compat.tvm_target(HOST.tvm, HOST.host_tvm)
-    fused = tvm_compat.fuse_for_tuning(module, tgt)
-    workloads = {n: tvm_compat.workload_of(f) for n, f in tvm_compat.prim_funcs(fused).items()}
+    tgt = setup.tvm_target(HOST.tvm, HOST.host_tvm)
+    fused = ir.fuse_for_tuning(module, tgt)
+    workloads = {n: ir.workload_of(f) for n, f in ir.prim_funcs(fused).items()}
     db = TuningDatabase(work / "tuning.db")
     db.start_session("sess", HOST.key, "resblock", 8)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, HOST.key)
-    tvm_compat.tune_workloads(workloads, {n: 8 for n in workloads}, tgt, adapter, "sess",
+    adapter = database.SqliteDatabase(db, tgt, HOST.key)
+    search.tune_workloads(workloads, {n: 8 for n in workloads}, tgt, adapter, "sess",
                               lambda *a: None, str(work))
     yield {"model": model, "x": x, "module": module, "workloads": workloads, "db": db,
            "adapter": adapter, "path": Path(work / "tuning.db")}
@@ -227,10 +229,10 @@ def test_fuse_for_tuning_keeps_the_kernel_whole(tuned: dict[str, Any]) -> None:
 
 def test_tuning_stores_records_that_the_build_applies(tuned: dict[str, Any]) -> None:
     (workload,) = tuned["workloads"].values()
-    whash = tvm_compat.workload_hash(workload)
+    whash = ir.workload_hash(workload)
     assert tuned["path"].stat().st_size > 0
-    assert tuned["db"].count_records(whash, tvm_compat.TVM_VERSION, HOST.key) == 8
-    assert tuned["db"].top_records(whash, tvm_compat.TVM_VERSION, HOST.key, 1)
+    assert tuned["db"].count_records(whash, setup.TVM_VERSION, HOST.key) == 8
+    assert tuned["db"].top_records(whash, setup.TVM_VERSION, HOST.key, 1)
     call, applied = _callable(tuned["module"], HOST, tuned["adapter"])
     assert whash in applied
     with torch.no_grad():
@@ -251,13 +253,13 @@ def test_builds_for_cross_targets(target_name: str, case: str) -> None:
     model, shape = CASES[case]
     x = torch.randn(*shape)
     module = resblock.lower(_kernel(model, x), [x], target, "hw_res_block_cross")
-    tgt = tvm_compat.tvm_target(target.tvm, target.host_tvm)
-    exe, _ = tvm_compat.build_executable(_with_default_schedule(module, target), tgt, None)
+    tgt = setup.tvm_target(target.tvm, target.host_tvm)
+    exe, _ = schedules.build_executable(_with_default_schedule(module, target), tgt, None)
     assert exe is not None
-    ((_, func),) = tvm_compat.prim_funcs(module).items()
+    ((_, func),) = ir.prim_funcs(module).items()
     kind = "cuda" if target.kind == "cuda" else "cpu"
     rule = tvm.get_global_func(f"s_tir.meta_schedule.{kind}.{resblock.RULE}")
-    sch = s_tir.Schedule(tvm_compat.workload_of(func), seed=7)
+    sch = s_tir.Schedule(ir.workload_of(func), seed=7)
     last = "conv2" if case.startswith("bottleneck") else "conv1"
     winograd = kind == "cpu" and case.startswith("basic")
     anchor = f"{last}_m" if winograd else last

@@ -15,11 +15,12 @@ import torch
 pyg = pytest.importorskip("torch_geometric.nn")
 
 
-from hwaware import tvm_compat  # noqa: E402
-from hwaware.kernels import default_schedule, rgcn, unique_name  # noqa: E402
+from hwaware.kernels import rgcn, unique_name  # noqa: E402
 from hwaware.partition import FUSED_META, find_fused_groups  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
-from tests.helpers import tune_kernel_module  # noqa: E402
+from hwaware.tvm import ir, schedules, setup  # noqa: E402
+from hwaware.tvm import vm as tvm_vm  # noqa: E402
+from tests.helpers import default_schedule, tune_kernel_module  # noqa: E402
 from tests.test_kernels_gnn import Kernel, captured, ops  # noqa: E402
 
 
@@ -69,7 +70,7 @@ class RgcnKernel(Kernel):
 
     def lower(self, target_name: str = "host") -> tuple[Any, Any, Any]:
         t = get_target(target_name)
-        return t, tvm_compat.tvm_target(t.tvm, t.host_tvm), rgcn.FAMILY.lower(
+        return t, setup.tvm_target(t.tvm, t.host_tvm), rgcn.FAMILY.lower(
             self.graph, self.examples, t, unique_name("rgcn"))
 
 
@@ -209,12 +210,12 @@ def test_tuning_stores_records_and_the_build_applies_them(tmp_path: Path) -> Non
     t, tgt, mod = kernel.lower()
     db, adapter, workloads = tune_kernel_module(mod, t, tgt, tmp_path / "t.db", 4)
     assert len(workloads) == 1
-    whash = tvm_compat.workload_hash(next(iter(workloads.values())))
-    records = db.top_records(whash, tvm_compat.TVM_VERSION, t.key, 10)
+    whash = ir.workload_hash(next(iter(workloads.values())))
+    records = db.top_records(whash, setup.TVM_VERSION, t.key, 10)
     assert records and all(r.mean_us is not None for r in records)
-    exe, applied = tvm_compat.build_executable(mod, tgt, adapter)
+    exe, applied = schedules.build_executable(mod, tgt, adapter)
     assert whash in applied
-    call = tvm_compat.torch_callable(tvm_compat.make_vm(exe, t.kind), "main", 1)
+    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, t.kind), "main", 1)
     torch.testing.assert_close(call(*kernel.examples)[0], kernel.expected[0], rtol=1e-3,
                                atol=1e-4)
     db.close()
@@ -227,5 +228,5 @@ def test_builds_for_cuda_and_arm(target_name: str, f_in: int, f_out: int) -> Non
     """With the family's own schedule for the target (on CUDA: a thread per feature of H)."""
     kernel = only_kernel(layer(f_in, f_out, 3), graph(16, 40, f_in, 3))
     _, tgt, mod = kernel.lower(target_name)
-    exe, _ = tvm_compat.build_executable(default_schedule(mod, tgt), tgt, None)
+    exe, _ = schedules.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

@@ -17,7 +17,8 @@ from onnx.external_data_helper import set_external_data
 import hwaware
 from hwaware import onnx_import
 from hwaware.onnx_import import OnnxImportError
-from hwaware.tvm_compat import TVM_VERSION
+from hwaware.tvm import ir
+from hwaware.tvm.setup import TVM_VERSION
 
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -192,7 +193,7 @@ def no_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(onnx_import, "load_external_data_for_model", spy("load_model"))
     monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_tensor", spy("tensor"))
     monkeypatch.setattr(onnx.external_data_helper, "_open_external_data_fd", spy("open"))
-    monkeypatch.setattr(hwaware.tvm_compat, "import_onnx", spy("import"))
+    monkeypatch.setattr(ir, "import_onnx", spy("import"))
     return calls
 
 

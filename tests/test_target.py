@@ -104,3 +104,13 @@ def test_fp32_peak_is_measured_once_per_machine_and_cached(tmp_path: Path,
 def test_host_peak_is_measured_where_a_compiler_is_at_hand() -> None:
     host = detect_host()
     assert host.description.endswith("FP32 peak measured"), host.description
+
+
+def test_a_target_is_resolved_for_tvm_once() -> None:
+    from hwaware.tvm.setup import resolve
+
+    target = get_target("host")
+    resolved = resolve(target)
+    assert resolve(get_target("host")) is resolved
+    assert resolved.key == target.key and resolved.tvm.kind.name == "llvm"
+    assert str(resolved.tvm.attrs["mcpu"]) == target.tvm["mcpu"]

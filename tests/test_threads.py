@@ -13,6 +13,7 @@ import torch
 
 import hwaware
 from hwaware import threads
+from hwaware.tvm.vm import with_shared_threads
 from hwaware.zoo import get_model
 from tests.helpers import assert_close_to_eager
 
@@ -83,7 +84,7 @@ def test_hwaware_thread_pool_tvm_keeps_tvms_pool(launcher_env: pytest.MonkeyPatc
     launcher_env.setenv("HWAWARE_THREAD_POOL", "tvm")
     assert threads.openmp_launcher() is None
     executable = object()
-    assert threads.with_shared_threads(executable) is executable
+    assert with_shared_threads(executable) is executable
     launcher_env.undo()
     threads.openmp_launcher.cache_clear()
     assert threads.openmp_launcher() is not None and os.environ.get("HWAWARE_THREAD_POOL") is None

@@ -17,7 +17,7 @@ from torch import nn
 import hwaware
 from hwaware.db import TuningDatabase
 from hwaware.target import get_target
-from hwaware.tvm_compat import TVM_VERSION
+from hwaware.tvm.setup import TVM_VERSION
 from tests.helpers import assert_close_to_eager
 
 
@@ -122,16 +122,17 @@ def _record_count(path: Path) -> int:
 def test_crashing_and_hanging_candidates_are_recorded_as_failed(
     tmp_path: Path, db: TuningDatabase
 ) -> None:
-    from hwaware import tvm_compat
+    from hwaware.aten_ops import supported_aten_ops
     from hwaware.capture import capture
     from hwaware.partition import partition
     from hwaware.rewrite import rewrite
     from hwaware.tune import extract_tasks
+    from hwaware.tvm import database, search, setup
 
     model, x = tiny_conv()
     captured = capture(model, (x,))
     rewrite(captured)
-    part = partition(captured, tvm_compat.supported_aten_ops())
+    part = partition(captured, supported_aten_ops())
     host = get_target("host")
     (task,) = extract_tasks(part, [x], host)
     counter = str(tmp_path / "builds")
@@ -140,7 +141,7 @@ def test_crashing_and_hanging_candidates_are_recorded_as_failed(
         import os as _os
         import time as _time
 
-        from hwaware.tvm_compat import fast_build
+        from hwaware.tvm.setup import fast_build
 
         fd = _os.open(counter, _os.O_WRONLY | _os.O_CREAT | _os.O_APPEND)
         _os.write(fd, b"x")
@@ -152,10 +153,10 @@ def test_crashing_and_hanging_candidates_are_recorded_as_failed(
             _time.sleep(600)  # the builder hangs
         return fast_build(mod, target, params)
 
-    tgt = tvm_compat.tvm_target(host.tvm)
-    adapter = tvm_compat.SqliteDatabase(db, tgt, host.key)
+    tgt = setup.tvm_target(host.tvm)
+    adapter = database.SqliteDatabase(db, tgt, host.key)
     seen: list[int] = []
-    tvm_compat.tune_workloads({task.name: task.workload}, {task.name: 8}, tgt, adapter, "faults",
+    search.tune_workloads({task.name: task.workload}, {task.name: 8}, tgt, adapter, "faults",
                               lambda _t, n, _new, _b: seen.append(n), str(tmp_path),
                               num_trials_per_iter=8, builder_timeout_s=15, f_build=faulty_build)
     rows = db.records_for_target(host.key)

@@ -11,7 +11,7 @@ hand) or refused with a clear error (after `load`).
 Saved as a folder: `host_program.py` (the readable host program), `regions/region_k.py` (the
 Python each region was captured from, for people), `regions/region_k/<i>/` (one saved
 `CompiledModel` per specialization), `dynamic.json` (calling conventions and statistics).
-Output containers a region returns load as in `runtime.load` (`outputs.py`), with one warning
+Output containers a region returns load as in `hwaware.load` (`outputs.py`), with one warning
 for the whole model when some come back as dicts.
 """
 
@@ -170,7 +170,7 @@ class RegionRunner:
         """Serve inputs matching `key` with `cm`."""
         self.compiled[key] = cm
         flat = pytree.tree_structure(tuple(range(len(self.info.outputs))))
-        if cm._out_spec == flat:
+        if cm.out_spec == flat:
             self.flat_outputs.add(key)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
@@ -186,7 +186,7 @@ class RegionRunner:
             cm = self.compiled[key]
         out = cm.run_flat(graph_inputs(key, args))
         result = tuple(out) if key in self.flat_outputs else \
-            pytree.tree_unflatten(out, cm._out_spec)
+            pytree.tree_unflatten(out, cm.out_spec)
         if self.checking:
             self._check(cm, key, args, result)
         return result  # type: ignore[no-any-return]

@@ -10,10 +10,14 @@ tunes it like any other workload and the tuning database keeps its records by st
 A family module (conv.py, resblock.py, gnn.py, attention.py) exports one `KernelFamily` object.
 `find` returns only groups it can lower (an unsupported variant is left to the unfused path,
 with a debug log line); `lower` gets the kernel graph that partition cut from those nodes.
+Finding imports no TVM: a family's lowering code imports it where it runs (attention's is its
+own module, `attention_kernel`, reached through `lowering`), and its schedule spaces are
+registered with MetaSchedule when it lowers (`register`), not when the family is imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from torch import fx
 FAMILY_MODULES = ("convnext", "conv", "resblock", "rgcn", "gnn", "attention")
 FAMILY_NAMES = ("convnext_block", "conv_block", "res_block", "rgcn", "gnn", "attention")
 _names = itertools.count()
+_registered: set[str] = set()  # rules whose spaces are registered in this process
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class KernelFamily:
     decisions: what a build with no tuned record for it runs, and the first candidate a tuning
     session measures (its trace seeds the search, so tuning never ends worse than untuned).
     `computed_share(group, gm)`: the share of the group's contraction work its kernel does, for
-    its FLOP count (a causal attention skips the key blocks above the diagonal); None: all."""
+    its FLOP count (a causal attention skips the key blocks above the diagonal); None: all.
+    `register()`: registers the family's sampled schedule spaces with MetaSchedule (idempotent;
+    `lower` and `fixed_schedules` call it, so finding a pattern never imports TVM)."""
 
     name: str
     rule: str
@@ -51,6 +58,18 @@ class KernelFamily:
     lower: Callable[[fx.GraphModule, list[Any], Any, str], Any]
     schedule_fixed: Callable[[Any, Any], Any]
     computed_share: Callable[[list[fx.Node], fx.GraphModule], float] | None = None
+    register: Callable[[], None] = lambda: None
+
+
+def lowering(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, a function of a family's lowering half, imported at its first call (the
+    lowering half imports TVM; the family's pattern half does not import it at all)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def unique_name(family: str) -> str:
@@ -58,13 +77,23 @@ def unique_name(family: str) -> str:
     return f"hw_{family}_{next(_names)}"
 
 
+def first_registration(rule: str) -> bool:
+    """True the first time this process registers the schedule spaces of `rule`."""
+    if rule in _registered:
+        return False
+    _registered.add(rule)
+    return True
+
+
 def register_spaces(rule: str, schedules: dict[str, Callable[[Any, Any], Any]],
                     sampled: Callable[[], Any]) -> None:
     """Register `schedules[kind](sch, sampled())` (kind: "cpu", "cuda") as the schedule space
     MetaSchedule's ApplyCustomRule looks up for blocks annotated `schedule_rule: rule`;
-    `sampled()` makes the decisions with sampling instructions."""
+    `sampled()` makes the decisions with sampling instructions. Once per rule and process."""
     import tvm
 
+    if not first_registration(rule):
+        return
     for kind, schedule in schedules.items():
         def space(sch: Any, _block: Any, schedule: Callable[[Any, Any], Any] = schedule
                   ) -> list[Any]:
@@ -117,21 +146,12 @@ def accumulate_in_registers(sch: Any, block: Any, tile_loop: Any, reduction: Any
 
 
 def fixed_schedules() -> dict[str, Callable[[Any, Any], Any]]:
-    """Every family's fixed-decision schedule, by its rule name (`tvm_compat.build_executable`)."""
+    """Every family's fixed-decision schedule, by its rule name (`schedules.build_executable`)."""
     return {f.rule: f.schedule_fixed for f in families().values()}
 
 
-def default_schedule(mod: Any, target: Any) -> Any:
-    """`mod` with every unscheduled fused family PrimFunc given its family's fixed schedule."""
-    from hwaware import tvm_compat
-
-    return tvm_compat.apply_fixed_schedules(mod, target, fixed_schedules())
-
-
 def families() -> dict[str, KernelFamily]:
-    """Every fused kernel family, by name (imported lazily: they import TVM)."""
-    import importlib
-
+    """Every fused kernel family, by name (TVM-free: a family imports TVM only to lower)."""
     modules = [importlib.import_module(f"hwaware.kernels.{m}") for m in FAMILY_MODULES]
     found = {m.FAMILY.name: m.FAMILY for m in modules}
     assert tuple(found) == FAMILY_NAMES, "FAMILY_NAMES lists the families in this order"

@@ -11,8 +11,9 @@ Pattern in (rewritten ATen graph, fp32):
   after the output (`permute -> contiguous -> view` back to [B, S, H*D]): the kernel reads and
   writes through those views instead of materialising them.
 
-Kernel out: ONE PrimFunc with FlashAttention's online softmax (no S x S matrix), built and
-scheduled by `attention_kernel` (tile sizes, the TIR template, the "hw_attention" schedule
+This module is the TVM-free half (pattern and `Plan`). Kernel out: ONE PrimFunc with
+FlashAttention's online softmax (no S x S matrix), built and scheduled by `attention_kernel`,
+the lowering half, imported lazily (tile sizes, the TIR template, the "hw_attention" schedule
 spaces for cpu and cuda). A causal mask (SDPA's `is_causal`, or a `where` with a
 lower-triangular constant) becomes an index test and key blocks above the diagonal are skipped.
 """
@@ -26,26 +27,37 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-import tvm
 from torch import fx
-from tvm import relax
 
-from hwaware.kernels import KernelFamily
-from hwaware.kernels.attention_kernel import (
-    NEG,
-    RULE,
-    Index,
-    delinear,
-    linear,
-    prim_func,
-    schedule_fixed,
-    tile_sizes,
-)
+from hwaware.kernels import KernelFamily, lowering
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
 
+RULE = "hw_attention"
+NEG = "T.min_value('float32')"
+Index = list[str]
+
 Expr = Callable[[Index], str]
+
+
+# ----------------------------------------------------------------------------- indices
+def linear(idx: Index, shape: Sequence[int]) -> str:
+    """Row-major linear offset of `idx` in `shape`, as a TVMScript expression."""
+    expr = "0"
+    for i, s in zip(idx, shape, strict=True):
+        expr = i if expr == "0" else f"({expr}) * {s} + {i}"
+    return expr
+
+
+def delinear(offset: str, shape: Sequence[int]) -> Index:
+    """The index in `shape` of a row-major linear offset."""
+    out, stride = [], 1
+    for s in reversed(shape):
+        out.append("0" if s == 1 else f"T.floormod(T.floordiv({offset}, {stride}), {s})")
+        stride *= s
+    return out[::-1]
+
 
 # ------------------------------------------------------------------------ lazy tensors
 @dataclass
@@ -619,24 +631,13 @@ def _push_one(node: fx.Node, inner: Callable[[Index], Index], shape: tuple[int, 
     return lambda idx: delinear(linear(inner(idx), shape), new_shape)
 
 
-def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> tvm.IRModule:
-    """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc."""
-    plan = plan_of(graph)
-    tq, tk = tile_sizes(plan, target)
-    func = prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    args = {p.name: relax.Var(p.name, relax.TensorType(_val_shape(p), _dtype(p)))
-            for p in placeholders}
-    bb = relax.BlockBuilder()
-    with bb.function("main", list(args.values())):
-        gv = bb.add_func(func, name)
-        call_args = [args[n.removeprefix("p_")] if n not in plan.constants
-                     else relax.const(plan.constants[n].cpu().numpy()) for n, _, _ in plan.params]
-        out = bb.emit(relax.call_tir(gv, call_args,
-                                     relax.TensorType(plan.out_shape, "float32")))
-        bb.emit_func_output(relax.Tuple([out]))
-    return bb.get()
+# the lowering half (TIR template, schedule spaces), imported when a kernel is lowered
+LOWERING = "hwaware.kernels.attention_kernel"
+lower = lowering(LOWERING, "lower")
+schedule_fixed = lowering(LOWERING, "schedule_fixed")
+register_schedule_rules = lowering(LOWERING, "register_schedule_rules")
 
 
 FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed, computed_share=kept_share)
+                      schedule_fixed=schedule_fixed, computed_share=kept_share,
+                      register=register_schedule_rules)

@@ -1,8 +1,9 @@
-"""The fused attention kernel: its TIR template, tile sizes and schedule spaces.
+"""The lowering half of fused attention: its TIR template, tile sizes and schedule spaces.
 
-`attention.py` finds the pattern and derives a `Plan` (how to read q, k, v, the score function,
-the causal offset, where the output goes); this module turns a plan into ONE PrimFunc and
-schedules it.
+`attention.py` (TVM-free) finds the pattern and derives a `Plan` (how to read q, k, v, the
+score function, the causal offset, where the output goes); this module, imported only when a
+kernel is lowered or scheduled, turns a plan into ONE PrimFunc, lowers the kernel graph to a
+Relax `main` that calls it, and registers and applies its schedule spaces.
 
 Template: for each (leading index n = batch*heads, query tile of `tq` rows) it loops over key
 blocks of `tk` keys keeping FlashAttention's running max `m`, running sum `l_sum` and a
@@ -25,17 +26,23 @@ FlashAttention).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tvm
+from torch import fx
+from tvm import relax
 
-if TYPE_CHECKING:
-    from hwaware.kernels.attention import Plan
-
-RULE = "hw_attention"
-NEG = "T.min_value('float32')"
-Index = list[str]
+from hwaware.kernels import first_registration
+from hwaware.kernels.attention import (
+    NEG,
+    RULE,
+    Index,
+    Plan,
+    _dtype,
+    _val_shape,
+    delinear,
+    plan_of,
+)
 
 ONE_BLOCK_MAX_KEYS = 512  # up to this many keys, one key block (K and V of a head fit in L2)
 QUERY_TILE = 64           # rows per query tile: K and V blocks are loaded once per tile
@@ -43,24 +50,6 @@ CAUSAL_BLOCK = 32         # query tile and key block of causal kernels: about ha
                           # blocks (those above the diagonal) are skipped
 # (measured on 12 heads x 128 x 64, single thread: 64 x 128 beat 32 x 128 by ~10% without a
 # mask; with a causal mask 32 x 32 beat 64 x 64, 64 x 32 and 16 x 16 by 8-15%)
-
-
-# ----------------------------------------------------------------------------- indices
-def linear(idx: Index, shape: Sequence[int]) -> str:
-    """Row-major linear offset of `idx` in `shape`, as a TVMScript expression."""
-    expr = "0"
-    for i, s in zip(idx, shape, strict=True):
-        expr = i if expr == "0" else f"({expr}) * {s} + {i}"
-    return expr
-
-
-def delinear(offset: str, shape: Sequence[int]) -> Index:
-    """The index in `shape` of a row-major linear offset."""
-    out, stride = [], 1
-    for s in reversed(shape):
-        out.append("0" if s == 1 else f"T.floormod(T.floordiv({offset}, {stride}), {s})")
-        stride *= s
-    return out[::-1]
 
 
 # --------------------------------------------------------------------------- tile sizes
@@ -323,8 +312,11 @@ def schedule_cuda(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
     return [sch]
 
 
-tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
-tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
+def register_schedule_rules() -> None:
+    """Register the cpu and cuda spaces of blocks annotated `schedule_rule: hw_attention`."""
+    if first_registration(RULE):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
+        tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
 
 
 def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
@@ -335,3 +327,23 @@ def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
     sch = Schedule(func)
     space(sch, sch.get_sblock("attention"), fixed=True)
     return sch
+
+
+def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> tvm.IRModule:
+    """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc."""
+    register_schedule_rules()
+    plan = plan_of(graph)
+    tq, tk = tile_sizes(plan, target)
+    func = prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    args = {p.name: relax.Var(p.name, relax.TensorType(_val_shape(p), _dtype(p)))
+            for p in placeholders}
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(args.values())):
+        gv = bb.add_func(func, name)
+        call_args = [args[n.removeprefix("p_")] if n not in plan.constants
+                     else relax.const(plan.constants[n].cpu().numpy()) for n, _, _ in plan.params]
+        out = bb.emit(relax.call_tir(gv, call_args,
+                                     relax.TensorType(plan.out_shape, "float32")))
+        bb.emit_func_output(relax.Tuple([out]))
+    return bb.get()

@@ -477,6 +477,7 @@ def _pixels(block: Block) -> int:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph of one block -> an IRModule whose `main` makes one call_tir."""
+    register_schedule_rules()
     dw_node = next(n for n in graph.graph.nodes
                    if n.op == "call_function" and n.target is CONV and _conv_attrs(n)[3] > 1)
     block = _match(graph, dw_node)
@@ -733,14 +734,14 @@ def register_schedule_rules() -> None:
 
 def is_conv_block(func: Any) -> bool:
     """Whether a PrimFunc is an (unscheduled or scheduled) conv_block kernel."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, cores: Fixed(cores))
 
 
-register_schedule_rules()
 FAMILY = KernelFamily(name="conv_block", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed,
+                      register=register_schedule_rules)

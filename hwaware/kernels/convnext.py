@@ -382,6 +382,7 @@ def _weights(block: Block) -> dict[str, torch.Tensor]:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph of one block -> an IRModule whose `main` makes one call_tir."""
+    register_schedule_rules()
     dw_node = next(n for n in graph.graph.nodes if _is(n, CONV) and _conv_attrs(n)[3] > 1)
     block = _match(graph, dw_node)
     return emit_one_call(graph, _weights(block), lambda x, c: block_compute(block, x, c), name)
@@ -471,14 +472,20 @@ SCHEDULES: dict[str, Callable[[Any, Decide], Any]] = {"cpu": schedule_cpu, "cuda
 
 def is_convnext_block(func: Any) -> bool:
     """Whether a PrimFunc is an (unscheduled or scheduled) convnext_block kernel."""
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 schedule_fixed = fixed_schedule(SCHEDULES, lambda _kind, _cores: Fixed())
 
 
-register_spaces(RULE, SCHEDULES, Sampled)
+def register_schedule_rules() -> None:
+    """Register the sampled schedule spaces MetaSchedule's ApplyCustomRule finds by the blocks'
+    `schedule_rule` annotation (idempotent)."""
+    register_spaces(RULE, SCHEDULES, Sampled)
+
+
 FAMILY = KernelFamily(name="convnext_block", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed,
+                      register=register_schedule_rules)

@@ -729,9 +729,9 @@ schedule_fixed = fixed_schedule(
 
 
 def _is_family_func(func: Any) -> bool:
-    from hwaware import tvm_compat
+    from hwaware.tvm import ir
 
-    return RULE in tvm_compat.schedule_rules(func)
+    return RULE in ir.schedule_rules(func)
 
 
 # ------------------------------------------------------------------------------- lower
@@ -749,6 +749,7 @@ def relax_params(graph: fx.GraphModule) -> tuple[list[Any], dict[fx.Node, Any]]:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph -> Relax `main`: edge glue (pad to E_cap, int32) + one sparse kernel."""
+    register_schedule_rules()
     from tvm import relax
 
     matches = _matches(graph)
@@ -856,6 +857,6 @@ def _pad_edges(src_row: int | None, dst_row: int | None, capacity: int, names: l
     return pad
 
 
-register_schedule_rules()
 FAMILY = KernelFamily(name="gnn", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed,
+                      register=register_schedule_rules)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, accumulate_in_registers, target_cores
+from hwaware.kernels import KernelFamily, accumulate_in_registers, first_registration, target_cores
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +553,7 @@ def lanes_for(target: Any) -> int:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph of one block -> an IRModule whose `main` is one call_tir."""
+    register_schedule_rules()
     from tvm import relax, te
 
     winograd = 0 if getattr(target, "kind", "cpu") == "cuda" else WINOGRAD_TILE
@@ -864,8 +865,13 @@ def schedule_fixed(func: Any, target: Any) -> Any:
     return sch
 
 
-def _register_rules() -> None:
+def register_schedule_rules() -> None:
+    """Register the cpu and cuda schedule spaces of blocks annotated `schedule_rule: res_block`
+    (once per process)."""
     import tvm
+
+    if not first_registration(RULE):
+        return
 
     @tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", override=True)
     def _cpu(sch: Any, block: Any) -> list[Any]:
@@ -890,7 +896,6 @@ def _already_scheduled(sch: Any, block: Any) -> bool:
     return False
 
 
-_register_rules()
-
 FAMILY = KernelFamily(name=RULE, rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed,
+                      register=register_schedule_rules)

@@ -531,6 +531,7 @@ schedule_fixed = fixed_schedule(
 # ------------------------------------------------------------------------------- lower
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> Any:
     """The kernel graph -> Relax `main`: edge glue (keys, pad to E_cap) + one rgcn kernel."""
+    register_schedule_rules()
     from tvm import relax
 
     layers = _layers(graph)
@@ -620,6 +621,6 @@ def register_schedule_rules() -> None:
     register_spaces(RULE, SCHEDULES, Sampled)
 
 
-register_schedule_rules()
 FAMILY = KernelFamily(name="rgcn", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed)
+                      schedule_fixed=schedule_fixed,
+                      register=register_schedule_rules)

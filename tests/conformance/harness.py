@@ -492,7 +492,7 @@ def _watch(proc: subprocess.Popen[bytes], state_file: Path, timeout: float) -> b
 
 
 def describe_exit(returncode: int, log_file: Path) -> str:
-    """`crashed (SIGSEGV) in tvm_compat.py:123 build_executable` from a dead process's return
+    """`crashed (SIGSEGV) in schedules.py:63 build_executable` from a dead process's return
     code and the faulthandler traceback at the end of its log."""
     if returncode < 0:
         how = f"crashed ({signal.Signals(-returncode).name})"

@@ -1,0 +1,88 @@
+"""The ATen ops TVM's exported-program importer translates, as a static table (no TVM import).
+
+Stage 3 (partition) reads it to decide what runs in a TVM kernel and what on the host in PyTorch,
+so that capture -> rewrite -> partition (and `hwaware.decompose`) never import TVM. The table is
+TVM 0.27's `ExportedProgramImporter().create_convert_map()` keys; `tests/test_structure.py`
+checks it against the installed TVM, so an upgrade that changes the set fails a test.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_ATEN_OPS: frozenset[str] = frozenset((
+    "__and__.Scalar", "__and__.Tensor", "__or__.Scalar", "__or__.Tensor", "__xor__.Scalar",
+    "__xor__.Tensor", "_adaptive_avg_pool1d.default", "_adaptive_avg_pool2d.default",
+    "_adaptive_avg_pool3d.default", "_assert_async.default", "_assert_async.msg",
+    "_assert_scalar.default", "_assert_tensor_metadata.default", "_local_scalar_dense.default",
+    "_log_softmax.default", "_native_batch_norm_legit.no_stats",
+    "_native_batch_norm_legit_functional.default", "_native_batch_norm_legit_no_training.default",
+    "_softmax.default", "_sparse_addmm.default", "_sparse_mm.default", "_to_copy.default",
+    "_upsample_bilinear2d_aa.default", "abs.default", "acos.default", "acosh.default",
+    "adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default",
+    "add", "add.Scalar", "add.Tensor", "add_.Tensor", "addmm.default",
+    "affine_grid_generator.default", "alias.default", "any.dim", "any.dims", "arange.default",
+    "arange.start", "arange.start_step", "argmax.default", "argmin.default", "argsort.default",
+    "as_strided.default", "asin.default", "asinh.default", "atan.default", "atan2.default",
+    "atanh.default", "avg_pool1d.default", "avg_pool2d.default", "avg_pool3d.default",
+    "baddbmm.default", "batch_norm.default", "bernoulli.p", "bitwise_and.Scalar",
+    "bitwise_and.Tensor", "bitwise_not.default", "bitwise_or.Scalar", "bitwise_or.Tensor",
+    "bitwise_or_.Scalar", "bitwise_or_.Tensor", "bitwise_xor.Scalar", "bitwise_xor.Tensor",
+    "bmm.default", "broadcast_to.default", "bucketize.Tensor", "cat.default", "ceil.default",
+    "celu.default", "chunk.default", "clamp.Tensor", "clamp.default", "clamp_max.default",
+    "clamp_min.default", "clone.default", "concat.default", "cond", "constant_pad_nd.default",
+    "contiguous.default", "conv1d.default", "conv2d.default", "conv3d.default",
+    "conv_transpose1d.default", "conv_transpose2d.input", "convolution.default", "copy.default",
+    "copy_.default", "cos.default", "cosh.default", "cross_entropy_loss.default",
+    "cumprod.default", "cumsum.default", "detach.default", "detach_.default", "diagonal.default",
+    "div.Scalar", "div.Tensor", "div.Tensor_mode", "dropout.default", "dropout_.default",
+    "einsum.default", "elu.default", "embedding.default", "empty.default", "empty.memory_format",
+    "empty_like.default", "empty_permuted.default", "eq", "eq.Scalar", "eq.Tensor", "erf.default",
+    "exp.default", "expand.default", "expand_as.default", "expm1.default", "exponential.default",
+    "eye.default", "eye.m", "fill.Scalar", "fill_.Scalar", "flatten.using_ints", "flip.default",
+    "floor.default", "floor_divide.default", "floordiv", "fmod.Scalar", "fmod.Tensor",
+    "full.default", "full_like.default", "gather.default", "ge", "ge.Scalar", "ge.Tensor",
+    "gelu.default", "getitem", "grid_sampler_2d.default", "group_norm.default", "gru.input", "gt",
+    "gt.Scalar", "gt.Tensor", "hamming_window.default", "hamming_window.periodic",
+    "hamming_window.periodic_alpha", "hamming_window.periodic_alpha_beta", "hardsigmoid.default",
+    "hardswish.default", "hardswish_.default", "hardtanh.default", "hardtanh_.default",
+    "index.Tensor", "index_put.default", "index_put_.default", "index_select.default",
+    "instance_norm.default", "isfinite.default", "isin.Tensor_Tensor", "isinf.default",
+    "isnan.default", "item.default", "layer_norm.default", "le", "le.Scalar", "le.Tensor",
+    "leaky_relu.default", "leaky_relu_.default", "lift_fresh_copy.default",
+    "linalg_vector_norm.default", "linear.default", "linspace.default", "log.default",
+    "log10.default", "log1p.default", "log2.default", "log_softmax.int", "logaddexp.default",
+    "logical_and.default", "logical_not.default", "logical_or.default", "logical_xor.default",
+    "lstm.input", "lt", "lt.Scalar", "lt.Tensor", "masked_fill.Scalar", "masked_fill_.Scalar",
+    "masked_select.default", "matmul.default", "max.default", "max.dim", "max.other",
+    "max_pool1d.default", "max_pool2d.default", "max_pool2d_with_indices.default",
+    "max_pool3d.default", "max_pool3d_with_indices.default", "maximum.default", "mean.default",
+    "mean.dim", "median.default", "median.dim", "meshgrid.default", "meshgrid.indexing",
+    "min.default", "min.other", "minimum.default", "mm.default", "mod", "mul", "mul.Scalar",
+    "mul.Tensor", "mul_.Tensor", "narrow.default", "native_dropout.default",
+    "native_group_norm.default", "native_layer_norm.default", "ne", "ne.Scalar", "ne.Tensor",
+    "neg", "neg.default", "new_ones.default", "new_zeros.default", "one_hot.default",
+    "ones.default", "ones_like.default", "outer.default", "pad.default", "permute.default",
+    "pixel_shuffle.default", "pow.Scalar", "pow.Tensor_Scalar", "pow.Tensor_Tensor",
+    "prelu.default", "prod.default", "randn.default", "randn_like.default", "reciprocal.default",
+    "relu.default", "relu6.default", "relu6_.default", "relu_.default", "remainder.Scalar",
+    "remainder.Tensor", "repeat.default", "reshape.default", "reshape_as.default",
+    "rnn_tanh.input", "roi_align.default", "roll.default", "round.decimals", "round.default",
+    "rsqrt.default", "rsub.Scalar", "rsub.Tensor", "scalar_tensor.default",
+    "scaled_dot_product_attention.default", "scatter.src", "scatter.value", "select.int",
+    "selu.default", "sigmoid.default", "sign.default", "silu.default", "silu_.default",
+    "sin.default", "sinh.default", "slice.Tensor", "slice_scatter.default", "softmax.int",
+    "softplus.default", "softshrink.default", "softsign.default", "sort.default", "split.Tensor",
+    "split_with_sizes.default", "sqrt.default", "square.default", "squeeze.default",
+    "squeeze.dim", "squeeze.dims", "stack.default", "std.correction", "sub", "sub.Scalar",
+    "sub.Tensor", "sum.default", "sum.dim_IntList", "sym_constrain_range_for_size.default",
+    "sym_size.int", "take.default", "tan.default", "tanh.default", "tile.default", "to.dtype",
+    "to.dtype_layout", "to_sparse.default", "topk.default", "transpose.int", "tril.default",
+    "triu.default", "trunc.default", "type_as.default", "unbind.int", "unflatten.int",
+    "unsqueeze.default", "upsample_bicubic2d.vec", "upsample_bilinear2d.vec",
+    "upsample_nearest2d.vec", "var.correction", "view.default", "where.self", "zero_.default",
+    "zeros.default", "zeros_like.default",
+))
+
+
+def supported_aten_ops() -> frozenset[str]:
+    """The aten op names ("add.Tensor", ...) TVM's exported-program importer can translate."""
+    return SUPPORTED_ATEN_OPS

@@ -1,0 +1,98 @@
+"""Timing: one `Runner` protocol and the one timing loop every in-process measurement uses.
+
+Goes in: callables (a kernel, its ops in PyTorch, a whole model) and how many runs. Comes out:
+per-run times in microseconds, one list per callable. The build's TVM-vs-PyTorch choices (per
+kernel and whole model), the tuning session's re-measurement of its best records, the demo and
+the benchmarks time through `LocalRunner`; decisions read a quantile of the samples
+(`time_in_blocks`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class Runner(Protocol):
+    """Times callables on one device."""
+
+    def run_us(self, fns: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
+        """Per-run microseconds of each of `fns` (about `repeats` runs each)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalRunner:
+    """Times callables in this process, on the device they run on (CUDA synchronized).
+
+    Each function runs in turns of `block` back-to-back timed calls, each turn after
+    `untimed_per_block` untimed calls, the turns of all functions alternating; `warmup_rounds`
+    untimed rounds over all functions come first. Back to back (`block` > 1) is how a deployed
+    model runs; strict round-robin (`block` = 1) would charge each function for the thread pools
+    the previous one left spinning (PyTorch's OpenMP workers spin after every op and halve the
+    next TVM kernel's speed), but lets noise hit all alike. `self_timed`: each function times
+    itself and returns its seconds per run (TVM's time evaluator, as MetaSchedule's runner
+    measures), instead of being timed around its call."""
+
+    block: int = 10
+    untimed_per_block: int = 1
+    warmup_rounds: int = 0
+    self_timed: bool = False
+
+    def run_us(self, fns: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
+        samples: list[list[float]] = [[] for _ in fns]
+        with torch.no_grad():
+            for _ in range(self.warmup_rounds):
+                for fn in fns:
+                    fn()
+            sync = device_sync()
+            for _ in range(max(1, repeats // self.block)):
+                for fn, times in zip(fns, samples, strict=True):
+                    for _ in range(self.untimed_per_block):
+                        fn()
+                    for _ in range(self.block):
+                        times.append(float(fn()) * 1e6 if self.self_timed else _timed_us(fn, sync))
+        return samples
+
+
+def _timed_us(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - start) * 1e6
+
+
+def device_sync() -> Callable[[], None]:
+    """What a timer calls around each timed call so that it times the work and not its launch:
+    a CUDA synchronize once this process has used the GPU, else nothing."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def quantile_of(samples: list[float], q: float) -> float:
+    """The q-quantile (0 < q < 1, in percent steps) of the samples, interpolated like numpy's
+    default; q = 0.5 is the median."""
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
+                   quantile: float = 0.5, runner: Runner | None = None) -> list[float]:
+    """Median (or another `quantile`) microseconds of each function, timed in alternating blocks
+    of back-to-back calls (each block after one untimed call) by `runner` (a `LocalRunner`)."""
+    samples = (runner or LocalRunner(block=block)).run_us(fns, repeats)
+    return [quantile_of(s, quantile) for s in samples]
+
+
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
+    """Median microseconds of each function, run round-robin so noise hits all alike."""
+    samples = LocalRunner(block=1, untimed_per_block=0, warmup_rounds=warmup).run_us(fns, repeats)
+    return [statistics.median(s) for s in samples]

@@ -1,0 +1,120 @@
+"""MetaSchedule's database role over hwaware's sqlite file.
+
+Goes in: a `TuningDatabase`, a TVM target and its database key. Comes out: `SqliteDatabase`
+(what MetaSchedule reads records from and commits them to) and `RecordingCallback`, which
+commits each candidate as it is measured, failed ones too, and drives the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase
+from hwaware.tvm.ir import plain_json, workload_hash, workload_json
+from hwaware.tvm.setup import TVM_VERSION, ResolvedTarget
+
+
+@derived_object
+class SqliteDatabase(ms.database.PyDatabase):
+    """MetaSchedule's database role over hwaware's sqlite file, for one target."""
+
+    def __init__(self, db: TuningDatabase, target: tvm.target.Target, target_key: str):
+        super().__init__()
+        self.db = db
+        self.target = target
+        self.target_key = target_key
+        self._workloads: dict[str, ms.database.Workload] = {}
+
+    @classmethod
+    def of(cls, db: TuningDatabase, target: ResolvedTarget) -> SqliteDatabase:
+        """The adapter of `db` for a resolved target (its TVM target and database key)."""
+        return cls(db, target.tvm, target.key)
+
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self.db.has_workload(workload_hash(mod), TVM_VERSION)
+
+    def commit_workload(self, mod: tvm.IRModule) -> ms.database.Workload:
+        key = workload_hash(mod)
+        if key not in self._workloads:
+            self.db.commit_workload(key, TVM_VERSION, workload_json(mod))
+            self._workloads[key] = ms.database.Workload(mod)
+        return self._workloads[key]
+
+    def commit_tuning_record(self, record: ms.database.TuningRecord) -> None:
+        trace, run_secs, _target, args_info = record.as_json()
+        self.db.commit_record(record_row(
+            workload_hash(record.workload.mod), self.target_key, trace, args_info,
+            [float(s) for s in run_secs or [FAILED_RUN_SECS]], None, self.db.device, None,
+        ))
+
+    def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[Any]:
+        rows = self.db.top_records(workload_hash(workload.mod), TVM_VERSION, self.target_key, top_k)
+        target_json = self.target.export()
+        return [
+            ms.database.TuningRecord.from_json(
+                [json.loads(r.trace_json), r.run_secs, target_json, json.loads(r.args_info_json)],
+                workload,
+            )
+            for r in rows
+        ]
+
+    def get_all_tuning_records(self) -> list[Any]:
+        records: list[Any] = []
+        for workload in self._workloads.values():
+            records.extend(self.get_top_k(workload, 1 << 20))
+        return records
+
+    def __len__(self) -> int:
+        return self.db.count_target_records(self.target_key, TVM_VERSION)
+
+
+def record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],
+                error: str | None, device: str, session_id: str | None) -> RecordRow:
+    ok = error is None and run_secs and max(run_secs) < FAILED_RUN_SECS
+    return RecordRow(
+        workload_hash=whash, target_key=target_key, trace_json=json.dumps(trace),
+        args_info_json=json.dumps(args_info), run_secs=run_secs,
+        mean_us=(sum(run_secs) / len(run_secs) * 1e6) if ok else None,
+        error=None if ok else (error or "failed"), device=device, session_id=session_id,
+        tvm_version=TVM_VERSION, created_at=time.time(),
+    )
+
+
+@derived_object
+class RecordingCallback(ms.measure_callback.PyMeasureCallback):
+    """Commits every measured candidate (failed ones too, with their error) as it is measured."""
+
+    def __init__(self, database: SqliteDatabase, session_id: str,
+                 on_measured: Callable[[str, int, int, float | None], None]):
+        super().__init__()
+        self.database = database
+        self.session_id = session_id
+        self.on_measured = on_measured
+
+    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Sequence[Any],
+              builder_results: Sequence[Any], runner_results: Sequence[Any]) -> None:
+        task = task_scheduler.tasks_[task_id].ctx
+        workload = self.database.commit_workload(task.mod)
+        whash = workload_hash(workload.mod)
+        best: float | None = None
+        new = 0
+        for cand, built, ran in zip(measure_candidates, builder_results, runner_results,
+                                    strict=True):
+            error = built.error_msg or ran.error_msg
+            run_secs = [float(s) for s in ran.run_secs] if ran.run_secs else [FAILED_RUN_SECS]
+            row = record_row(
+                whash, self.database.target_key, plain_json(cand.sch.trace.as_json()),
+                [plain_json(a.as_json()) for a in cand.args_info], run_secs,
+                str(error)[-2000:] if error else None, self.database.db.device, self.session_id,
+            )
+            new += self.database.db.commit_record(row)
+            if row.mean_us is not None:
+                best = row.mean_us if best is None else min(best, row.mean_us)
+        self.on_measured(str(task.task_name), len(measure_candidates), new, best)
