@@ -132,16 +132,15 @@ def _region_ms(predictor: LatencyPredictor, runner: Any, call: Call, args: list[
     """One region specialization's predicted time (measured in eager PyTorch when it cannot
     be made static: it runs in eager in the compiled model too)."""
     from hwaware.capture import CaptureError, capture
-    from hwaware.decompose import decomposition_of
+    from hwaware.decompose import decomposition_of, rewrite_and_partition
     from hwaware.dynamic.model import graph_inputs, unspecializable
-    from hwaware.pipeline import _rewrite_and_partition
 
     key = call[1]
     if runner.eager_reason is None and unspecializable(runner.info, key) is None:
         try:
             module = runner.module_for(key, args)
             captured = capture(module, tuple(graph_inputs(key, args)), name=f"{model}.{call[0]}")
-            _, part = _rewrite_and_partition(captured)
+            _, part = rewrite_and_partition(captured)
             return predictor.predict_decomposition(decomposition_of(part)).total_ms
         except CaptureError:
             pass

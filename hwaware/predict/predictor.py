@@ -47,7 +47,7 @@ from hwaware.predict.features import (
     model_features,
     op_category,
 )
-from hwaware.predict.profile import AS_BUILT
+from hwaware.predict.profile import AS_BUILT, versions
 
 MIN_TRAINING_MODELS = 20
 FOLDS = 5
@@ -288,7 +288,7 @@ class LatencyPredictor:
              directory: str | Path | None = None) -> LatencyPredictor:
         """The predictor saved for `target` run with `threads` (or the one in `directory`);
         `db` (a `TuningDatabase` or its path) supplies measured kernel times."""
-        from hwaware.pipeline import open_db
+        from hwaware.db import open_db
         from hwaware.target import get_target
 
         tgt = get_target(target)
@@ -412,17 +412,12 @@ def _shrunk_line(x: np.ndarray, y: np.ndarray, shrink: float) -> tuple[float, fl
 
 def _manifest(device: Device, feature_device: Device, samples: Sequence[Any],
               data: TrainingSet) -> dict[str, Any]:
-    import torch
-
-    from hwaware.tvm_compat import TVM_VERSION
-
     families = sorted({r.family for s in samples for r in s.records})
     categories = sorted({op_category(op) for s in samples for r in s.records for op in r.ops})
     return {
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
         "device": device.to_json(), "feature_device": feature_device.to_json(),
-        "versions": {"tvm": TVM_VERSION, "torch": torch.__version__,
-                     "xgboost": xgb.__version__},
+        "versions": {**versions(), "xgboost": xgb.__version__},
         "training": {"models": len(samples), "kernels": int(len(data.kernel_log_us)),
                      "spaces": sorted({s.space for s in samples}),
                      "cpus": sorted({s.cpu for s in samples})},

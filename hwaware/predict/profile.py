@@ -150,8 +150,7 @@ def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str
     """Compile `arch` for `target` and time it (see module docstring)."""
     from hwaware.build import build, time_in_blocks
     from hwaware.capture import capture
-    from hwaware.decompose import decomposition_of
-    from hwaware.pipeline import _rewrite_and_partition
+    from hwaware.decompose import decomposition_of, rewrite_and_partition
     from hwaware.runtime import BuildInfo
 
     model, inputs = arch.build()
@@ -159,7 +158,7 @@ def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str
         warnings.simplefilter("ignore")
         start = time.perf_counter()
         captured = capture(model, inputs)
-        rewrites, part = _rewrite_and_partition(captured)
+        rewrites, part = rewrite_and_partition(captured)
         decomposition = decomposition_of(part)
         info = BuildInfo.for_target(target, part.host_ops, rewrites)
         compiled = build(part, target, db, captured.example_inputs, info)
@@ -175,7 +174,7 @@ def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str
                for name, r in zip(_decomposed_names(part), decomposition.kernels, strict=True)]
     return Sample(arch.id, arch.to_json(), split, device.to_json(), cpu_kind(), kernels,
                   decomposition.host_steps, first, second, eager, unattributed, compile_s,
-                  _versions())
+                  versions())
 
 
 def _decomposed_names(part: Any) -> list[str]:
@@ -224,10 +223,16 @@ def attribute(decomposed: dict[str, tuple[str, ...]], built: dict[str, list[str]
     return labels, unattributed
 
 
-def _versions() -> dict[str, str]:
-    from hwaware.tvm_compat import TVM_VERSION
+def versions() -> dict[str, str]:
+    """The versions a measurement depends on (read from the installed packages: no TVM
+    import)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"torch": torch.__version__, "tvm": TVM_VERSION}
+    try:
+        tvm = version("apache-tvm")
+    except PackageNotFoundError:
+        tvm = "none"
+    return {"torch": torch.__version__, "tvm": tvm}
 
 
 # ------------------------------------------------------------------------------ sessions
