@@ -259,19 +259,22 @@ class CompiledModel:
         return out
 
 
-def load(directory: str | os.PathLike[str]) -> CompiledModel:
+def load(directory: str | os.PathLike[str], model: torch.nn.Module | None = None
+         ) -> CompiledModel:
     """Load a model saved by `CompiledModel.save` or `DynamicModel.save` (no user class or
     pickle needed). An output container type that cannot be imported here comes back as a dict
-    with the same keys, with one `outputs.OutputTypeWarning` naming it."""
+    with the same keys, with one `outputs.OutputTypeWarning` naming it. `model`: the module a
+    dynamic model was compiled from, needed (and checked) where some of its regions run in
+    eager PyTorch; load names those regions when it is missing."""
     src = Path(directory)
     if (src / "dynamic.json").exists():
         from hwaware.dynamic.model import DynamicModel
 
-        return DynamicModel.load(src)  # type: ignore[return-value]
+        return DynamicModel.load(src, model)  # type: ignore[return-value]
     missing: dict[str, str] = {}
-    model = load_compiled(src, missing)
+    compiled = load_compiled(src, missing)
     outputs.warn_dict_fallback(missing)
-    return model
+    return compiled
 
 
 def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
