@@ -5,7 +5,8 @@ Public API (everything else is internal):
   `CompiledModel`, or `DynamicModel` (host program + compiled regions) when forward branches on
   tensor values; `fuse=False` leaves out the fused kernel families (`hwaware.kernels`)
 - `tune(model, example_inputs, target=..., trials=..., db=..., fuse=...)` -> `SessionSummary`
-- `load(directory)` -> `CompiledModel` or `DynamicModel`
+- `load(directory, model=None)` -> `CompiledModel` or `DynamicModel` (`model`: the original
+  module, for a dynamic model whose regions run in eager PyTorch)
 - `decompose(model, example_inputs)` -> `Decomposition`: the kernels a compile would build, each
   a frozen `KernelRecord` (signature, family, shapes, FLOPs, bytes), without building them
 - `LatencyPredictor.load(target=..., db=...)` -> `.predict(model, example_inputs)`: the latency

@@ -63,8 +63,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
     bad = [type(x).__name__ for x in flat_inputs if not isinstance(x, torch.Tensor)]
     if bad:
         raise TypeError(f"example inputs must be tensors, got {', '.join(bad)}")
-    was_training = model.training
-    model.eval()
+    modes = {m: m.training for m in model.modules()}  # each one: a wrapper (a dynamic
+    model.eval()                                       # region) may differ from what it wraps
     try:
         with torch.no_grad(), _export_friendly_libraries():
             exported = torch.export.export(model, tuple(example_inputs), strict=False)
@@ -74,7 +74,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], name: str =
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     gm = exported.module()
     make_serializable(exported.call_spec.out_spec)
     _drop_guards(gm)

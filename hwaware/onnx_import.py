@@ -13,7 +13,10 @@ fused contraction workloads (convolutions, matmuls) are the tuning tasks. The se
 
 Where TVM cannot import or build the graph, `compile_onnx` still returns a correct model: the one
 kernel then runs on ONNX's reference evaluator (`onnx_reference.py`, un-accelerated), with one
-warning naming the op and TVM's error. `tune_onnx` raises instead: there is nothing to tune.
+warning naming the op and TVM's error. The build runs in a child process stopped after
+`BUILD_TIMEOUT_S` (environment variable `HWAWARE_ONNX_BUILD_TIMEOUT_S`, default 600): a kernel
+LLVM cannot finish must never hang the user's program; that too falls back, with one warning.
+`tune_onnx` raises instead: there is nothing to tune.
 
 Security: a tensor stored as external data may only name a file inside the model's folder. Every
 location is checked before any external data is read.
@@ -21,11 +24,15 @@ location is checked before any external data is read.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 
 KERNEL_NAME = "onnx_graph"
 FAMILY = "onnx"
+TIMEOUT_ENV = "HWAWARE_ONNX_BUILD_TIMEOUT_S"
+BUILD_TIMEOUT_S = float(os.environ.get(TIMEOUT_ENV, "600"))
 _FAMILY_WORDS = ("conv1d", "conv2d", "conv3d", "conv", "matmul", "dense", "attention")
 
 ShapesArg = Mapping[str, Sequence[int]] | None
@@ -376,20 +385,83 @@ def _signature(model: onnx.ModelProto, inputs: list[GraphInput]) -> str:
 def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
                ) -> CompiledModel:
     """Tuned records (rule-based defaults elsewhere) -> library -> one-kernel `CompiledModel`."""
-    from hwaware.tvm import database, schedules, setup
+    from hwaware.tvm import database, setup
 
     resolved = setup.resolve(target)
     tgt = resolved.tvm
     adapter = database.SqliteDatabase.of(db, resolved) if db is not None else None
-    try:
-        executable, applied = schedules.build_executable(imported.module, tgt, adapter)
-    except Exception as err:  # TVM's passes and codegen raise many error types
-        raise TvmUnsupportedError(f"{imported.graph.path}: TVM's build failed: "
-                                  f"{_first_line(err)}") from err
+    if target.can_run_here:
+        executable, applied = build_with_time_limit(imported, tgt, adapter)
+    else:  # a cross library cannot be loaded here, so it cannot come from a child process
+        executable, applied = _build(imported, tgt, adapter)
     _warn_untuned(imported.tasks, db, target)
     info = BuildInfo.for_target(target, [], {}, sorted(applied))
     program = onnx_program(imported.graph, "tvm", imported.flops)
     return CompiledModel(program, executable, info, target.kind)
+
+
+def _build(imported: ImportedOnnx, tgt: Any, adapter: Any) -> tuple[Any, set[str]]:
+    from hwaware.tvm import schedules
+
+    try:
+        return schedules.build_executable(imported.module, tgt, adapter)
+    except Exception as err:  # TVM's passes and codegen raise many error types
+        raise TvmUnsupportedError(f"{imported.graph.path}: TVM's build failed: "
+                                  f"{_first_line(err)}") from err
+
+
+def build_with_time_limit(imported: ImportedOnnx, tgt: Any, adapter: Any
+                          ) -> tuple[Any, set[str]]:
+    """TVM's build in a child process, stopped after `BUILD_TIMEOUT_S` (LLVM's codegen has sat
+    on one badly scheduled kernel for hours): the library it writes, loaded here, and the
+    workloads that got tuned records. Raises `TvmUnsupportedError` when the build fails, dies
+    or runs past the limit."""
+    from hwaware.tvm import vm
+
+    folder = tempfile.mkdtemp(prefix="hwaware-onnx-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "kernels.so")
+    context = multiprocessing.get_context("fork")  # the child inherits the imported module
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_build_child, args=(sender, imported, tgt, adapter, path),
+                            daemon=True)
+    child.start()
+    sender.close()
+    try:
+        outcome = receiver.recv() if receiver.poll(BUILD_TIMEOUT_S) else ("timeout", "")
+    except EOFError:
+        outcome = ("died", "")
+    finally:
+        child.join(timeout=10)
+        child.kill()
+    status, detail = outcome
+    if status != "ok":
+        raise TvmUnsupportedError(_failed_build_message(imported, status, detail,
+                                                        child.exitcode))
+    return vm.LibraryFile(path), set(detail)
+
+
+def _build_child(sender: Any, imported: ImportedOnnx, tgt: Any, adapter: Any,
+                 path: str) -> None:
+    from hwaware.tvm import vm
+
+    try:
+        executable, applied = _build(imported, tgt, adapter)
+        vm.export_executable(executable, path)
+        sender.send(("ok", sorted(applied)))
+    except Exception as err:
+        sender.send(("error", str(err)))
+
+
+def _failed_build_message(imported: ImportedOnnx, status: str, detail: str,
+                          exitcode: int | None) -> str:
+    if status == "timeout":
+        return (f"{imported.graph.path}: TVM's build of its {len(imported.tasks)} contraction "
+                f"workloads ran past {BUILD_TIMEOUT_S:.0f} s and was stopped (the limit: "
+                f"{TIMEOUT_ENV})")
+    if status == "died":
+        return f"{imported.graph.path}: TVM's build process died (exit code {exitcode})"
+    return detail
 
 
 def reference_model(graph: OnnxGraph, target: Target) -> CompiledModel:

@@ -241,3 +241,23 @@ def test_decoder_models_compile_and_match_eager(kind: str) -> None:
     # in PyTorch by design
     assert any(k.family in build.CONTRACTION_FAMILIES and k.tvm_us is not None
                for k in kernels), compiled.report()
+
+
+@pytest.mark.parametrize("rows, cols", [(512, 80), (1280, 128), (200, 200)])
+def test_default_gemv_schedules_never_vectorize_wider_than_llvm_can_build(
+        rows: int, cols: int) -> None:
+    """DLight's CPU GEMV vectorized 128 rows of a 1x1 conv on a 1x1 image (MobileNetV2's last
+    conv): LLVM then built that one kernel for over 10 minutes."""
+    import tvm
+    from tvm import te
+
+    from hwaware.tvm import schedules, setup
+
+    x, w = te.placeholder((1, cols), name="x"), te.placeholder((rows, cols), name="w")
+    k = te.reduce_axis((0, cols), "k")
+    y = te.compute((1, rows), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="y")
+    target = setup.tvm_target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    with target:
+        scheduled = schedules.default_schedule(
+            tvm.IRModule({"main": te.create_prim_func([x, w, y])}), target)
+    assert schedules.widest_vector(scheduled["main"].body) <= schedules.MAX_VECTOR_LANES < 128

@@ -155,7 +155,7 @@ def _line_of(cls: type, text: str) -> int:
 @pytest.mark.parametrize(("cls", "marker"), [(PrintsInForward, "print("),
                                              (NumpyInForward, "np.sort")])
 def test_region_that_cannot_be_static_runs_eager_with_one_warning_naming_its_line(
-        cls: type, marker: str, capsys: pytest.CaptureFixture[str]) -> None:
+        cls: type, marker: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     model = cls().eval()
     x = torch.randn(1, 4)
     with warnings.catch_warnings(record=True) as caught:
@@ -167,9 +167,13 @@ def test_region_that_cannot_be_static_runs_eager_with_one_warning_naming_its_lin
     for inputs in [(x,), (-x,), (torch.ones(1, 4),)]:
         assert_close_to_eager(model, cm, *inputs)
     assert "eager" in cm.report()
-    with pytest.raises(ValueError, match="eager"):
-        cm.save(Path("/tmp/never-written"))  # refused before anything is written
-    assert not Path("/tmp/never-written").exists()
+    saved = cm.save(tmp_path / "saved")  # the eager region as its source: load needs model=
+    eager = next(r.info.name for r in cm.runners.values() if r.eager_reason is not None)
+    with pytest.raises(ValueError, match=f"{eager} .*model="):
+        hwaware.load(saved)
+    loaded = hwaware.load(saved, model=model)
+    for inputs in [(x,), (-x,), (torch.ones(1, 4),)]:
+        assert_close_to_eager(model, loaded, *inputs)
 
 
 @pytest.mark.parametrize(("cls", "marker"), [(PrintsInForward, "print("),

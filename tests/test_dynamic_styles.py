@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +24,8 @@ from hwaware.dynamic.model import DynamicCaptureError, DynamicModel, EagerRegion
 from tests.conformance import dynamic_styles
 from tests.conformance.dynamic_styles import CASES, PonderLoop
 from tests.helpers import assert_close_to_eager
+
+REPO = Path(__file__).resolve().parents[1]
 
 # case -> text of the one line its eager warning must name (the other cases: no warning)
 EAGER_LINES = {"numpy_clamp": "np.clip(", "star_args_gate": "if h.sum() > 0:"}
@@ -148,3 +155,62 @@ def _call_counts(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str
         for handle in handles:
             handle.remove()
     return counts
+
+
+# Runs in a new process: the case's model, built again (same seed, same weights), rebinds the
+# saved model's eager regions; without it, load names the regions and the argument.
+FRESH_LOAD = """
+import json, sys, torch
+import hwaware
+from tests.conformance.dynamic_styles import CASES
+model, inputs = CASES[sys.argv[2]]()
+try:
+    hwaware.load(sys.argv[1])
+    refusal = ""
+except ValueError as err:
+    refusal = str(err)
+loaded = hwaware.load(sys.argv[1], model=model)
+inputs += [tuple(-0.7 * x for x in xs) for xs in inputs]  # other inputs than compile's
+worst = 0.0
+with torch.no_grad():
+    for xs in inputs:
+        got, want = loaded(*xs), model(*xs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+print(json.dumps({"refusal": refusal, "checked": len(inputs)}))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(EAGER_LINES))
+def test_eager_regions_save_and_load_in_a_fresh_process_with_the_model(
+        name: str, tmp_path: Path) -> None:
+    _, _, cm, _ = compiled(name)
+    saved = cm.save(tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(saved), name], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    eager = [r.info.name for r in cm.runners.values() if r.eager_reason is not None]
+    assert eager and all(region in result["refusal"] for region in eager)
+    assert "model=" in result["refusal"] and result["checked"] >= 4
+
+
+@pytest.mark.parametrize("name", sorted(EAGER_LINES))
+def test_a_model_with_other_weights_is_refused_for_the_eager_regions(
+        name: str, tmp_path: Path) -> None:
+    _, _, cm, _ = compiled(name)
+    saved = cm.save(tmp_path / name)
+    other, _ = CASES[name]()
+    with torch.no_grad():
+        next(iter(other.parameters())).add_(0.5)
+    with pytest.raises(ValueError, match="differ from"):
+        hwaware.load(saved, model=other)
+
+
+@pytest.mark.parametrize("name", ["numpy_clamp", "ponder_loop"])
+def test_compiling_leaves_every_submodule_in_eval_mode(name: str) -> None:
+    """Capturing a region (a training-mode wrapper around the user's module) restored only the
+    wrapper's flag, recursively: the user's model came back in training mode (dropout on in
+    its eager regions)."""
+    model, _, _, _ = compiled(name)
+    assert not any(m.training for m in model.modules())

@@ -107,6 +107,23 @@ def test_save_load_round_trip(conv: Any, conv_compiled: hwaware.CompiledModel,
         assert_close(loaded(x), model(x))
 
 
+def test_a_build_past_the_time_limit_falls_back_with_one_warning(
+        conv: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """LLVM sat for hours on one kernel (MobileNetV2's last conv): the build is stopped at the
+    limit, and the model runs, right, on ONNX's reference evaluator."""
+    model, x, path = conv
+    monkeypatch.setattr(onnx_import, "BUILD_TIMEOUT_S", 0.01)
+    with caplog.at_level(logging.WARNING, logger="hwaware.onnx_import"):
+        compiled = hwaware.compile(path, target="host", db=None)
+    slow = [r for r in caplog.records if "ran past 0 s" in r.getMessage()]
+    assert len(slow) == 1 and str(path) in slow[0].getMessage()
+    assert compiled.program.kernels[onnx_import.KERNEL_NAME].impl == "onnx-reference"
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        assert_close(compiled(x2), model(x2))
+
+
 def test_kernel_without_torch_steps_never_falls_back(conv: Any, conv_compiled: Any) -> None:
     """Without its TVM library the ONNX kernel raises instead of silently returning nothing."""
     _, x, _ = conv

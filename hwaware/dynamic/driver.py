@@ -34,6 +34,7 @@ from hwaware.dynamic.model import (
     RegionRunner,
     explore,
     graph_inputs,
+    identified,
     same_outputs,
     unspecializable,
 )
@@ -76,7 +77,7 @@ def make_runners(staged: Staged, plan: HostPlan) -> dict[str, RegionRunner]:
         exec(compile(source, f"<hwaware {name} from {r.where}>", "exec"),  # noqa: S102
              namespace)
         info = RegionInfo(name, r.inputs, r.outputs, r.where, source, None,
-                          r.arithmetic_inputs)
+                          r.arithmetic_inputs, str(namespace.get("__name__", "")))
         runner = RegionRunner(info, namespace[name], staged.root)
         if r.eager_reason:
             runner.mark_eager(f"Python side effect ({r.eager_reason})", strict=False)
@@ -173,8 +174,8 @@ def compile_dynamic(model: torch.nn.Module, staged: Staged, plan: HostPlan,
     build_pending(pending, trials)
     for r in runners.values():
         r.compile_new = lambda runner, key, args: build_pending([(runner, key, args)], 0)
-    info = DynamicInfo(name, target.name, list(staged.params), stats,
-                       defaults=len(staged.defaults))
+    info = identified(DynamicInfo(name, target.name, list(staged.params), stats,
+                                  defaults=len(staged.defaults)), model)
     info.dynamo_graphs, info.dynamo_breaks = dynamo_explain(model, inputs)
     return DynamicModel(plan.source(), runners, info)
 
@@ -242,8 +243,8 @@ def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
     runner.mark_eager(reason, strict)
     names = ", ".join(params)
     host = f"def forward({names}):\n    out, = region_0({names})\n    return out"
-    return DynamicModel(host, {"region_0": runner}, DynamicInfo(
-        type(model).__name__, target.name, params, ExploreStats(), defaults=defaults))
+    return DynamicModel(host, {"region_0": runner}, identified(DynamicInfo(
+        type(model).__name__, target.name, params, ExploreStats(), defaults=defaults), model))
 
 
 def _whole_forward(root: torch.nn.Module, *args: Any) -> tuple[Any]:

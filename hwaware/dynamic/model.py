@@ -12,12 +12,18 @@ Saved as a folder: `host_program.py` (the readable host program), `regions/regio
 Python each region was captured from, for people), `regions/region_k/<i>/` (one saved
 `CompiledModel` per specialization), `dynamic.json` (calling conventions and statistics).
 Output containers a region returns load as in `hwaware.load` (`outputs.py`), with one warning
-for the whole model when some come back as dicts.
+for the whole model when some come back as dicts. A region that runs in eager PyTorch (numpy,
+a forward that cannot be rewritten) is saved as its source, with the model's class and a
+fingerprint of its weights and attributes: `hwaware.load(path, model=m)` rebinds it to `m`, and
+refuses an `m` of another class or with other weights; without `model=` load names the regions
+and the argument.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
+import importlib
 import json
 import logging
 import math
@@ -61,6 +67,7 @@ class RegionInfo:
     source: str
     eager_reason: str | None = None
     arithmetic_inputs: list[str] = field(default_factory=list)
+    globals_module: str = ""  # the module whose globals the region's source runs in
 
 
 # ------------------------------------------------------------------ specializations
@@ -407,6 +414,8 @@ class DynamicInfo:
     dynamo_graphs: int | None = None
     dynamo_breaks: int | None = None
     defaults: int = 0  # how many of the last params have a default
+    model_class: str = ""  # module.QualName of the compiled model (eager regions need it)
+    fingerprint: str = ""  # of its weights and plain attributes (`model_fingerprint`)
 
 
 class DynamicModel:
@@ -480,10 +489,8 @@ class DynamicModel:
 
     # -------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        eager = [x.info for x in self.runners.values() if x.eager_reason is not None]
-        if eager:
-            raise ValueError("cannot save: regions run in eager PyTorch and need the user's "
-                             "module: " + ", ".join(f"{i.name} ({i.where})" for i in eager))
+        """Write the model to `directory`. Regions that run in eager PyTorch are saved as their
+        source; `load` rebinds them to the model passed as `model=`."""
         out = Path(directory)
         if out.exists():
             shutil.rmtree(out / "regions", ignore_errors=True)
@@ -499,13 +506,16 @@ class DynamicModel:
             for i, (key, cm) in enumerate(x.compiled.items()):
                 cm.save(out / "regions" / x.info.name / str(i))
                 specs.append({"key": _key_to_json(key), "dir": f"{x.info.name}/{i}"})
-            regions.append({**asdict(x.info), "specializations": specs})
+            info = {**asdict(x.info), "eager_reason": x.eager_reason}
+            regions.append({**info, "specializations": specs})
         doc = {"format_version": FORMAT_VERSION, "info": asdict(self.info), "regions": regions}
         (out / "dynamic.json").write_text(json.dumps(doc, indent=1))
         return out
 
     @staticmethod
-    def load(directory: Path) -> DynamicModel:
+    def load(directory: Path, model: torch.nn.Module | None = None) -> DynamicModel:
+        """Load a saved dynamic model; `model`: the module it was compiled from (its class,
+        weights and attributes), needed where regions run in eager PyTorch."""
         doc = json.loads((directory / "dynamic.json").read_text())
         if doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: dynamic model format "
@@ -522,8 +532,68 @@ class DynamicModel:
         outputs.warn_dict_fallback(missing)
         info_doc = doc["info"]
         info_doc["explore"] = ExploreStats(**info_doc["explore"])
+        info = DynamicInfo(**info_doc)
+        bind_eager_regions(directory, runners, info, model)
         source = (directory / "host_program.py").read_text()
-        return DynamicModel(source, runners, DynamicInfo(**info_doc))
+        return DynamicModel(source, runners, info)
+
+
+# ------------------------------------------------------------------- eager regions
+def class_name(model: torch.nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def identified(info: DynamicInfo, model: torch.nn.Module) -> DynamicInfo:
+    """`info` with `model`'s class and fingerprint (what `load` checks a `model=` against)."""
+    info.model_class, info.fingerprint = class_name(model), model_fingerprint(model)
+    return info
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of what a model computes with besides its code: every parameter and buffer
+    (names, dtypes, shapes, values) and every plain attribute (numbers, strings) of every
+    submodule (a step count, a scale)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {list(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for prefix, module in sorted(model.named_modules()):
+        plain = {k: v for k, v in vars(module).items()
+                 if not k.startswith("_") and type(v) in (bool, int, float, str, type(None))}
+        digest.update(f"{prefix} {type(module).__qualname__} {sorted(plain.items())}".encode())
+    return digest.hexdigest()[:32]
+
+
+def bind_eager_regions(directory: Path, runners: dict[str, RegionRunner], info: DynamicInfo,
+                       model: torch.nn.Module | None) -> None:
+    """Give the regions that run in eager PyTorch their Python back: each region's saved
+    source, run in its module's globals, called on `model`. Refuses a `model` of another
+    class, or with other weights or attributes than the compiled one (never a wrong number)."""
+    eager = [r for r in runners.values() if r.eager_reason is not None]
+    if not eager:
+        return
+    names = ", ".join(f"{r.info.name} ({r.info.where})" for r in eager)
+    if model is None:
+        raise ValueError(f"{directory}: regions {names} run in eager PyTorch and need the "
+                         f"original module: pass hwaware.load(path, model=m), m an instance of "
+                         f"{info.model_class or 'the compiled class'} with the same weights")
+    if class_name(model) != info.model_class or model_fingerprint(model) != info.fingerprint:
+        raise ValueError(f"{directory}: model= is a {class_name(model)} whose weights or "
+                         f"attributes differ from the {info.model_class} that was compiled; "
+                         f"its eager regions ({names}) would compute other numbers than its "
+                         "compiled ones")
+    for runner in eager:
+        runner.fn, runner.root = region_function(runner.info), model
+
+
+def region_function(info: RegionInfo) -> Callable[..., Any]:
+    """A region's Python, from its saved source, in the globals of the module it came from."""
+    module = importlib.import_module(info.globals_module) if info.globals_module else None
+    namespace: dict[str, Any] = dict(vars(module)) if module is not None else {"torch": torch}
+    exec(compile(info.source, f"<hwaware {info.name} from {info.where}>", "exec"),  # noqa: S102
+         namespace)
+    return namespace[info.name]  # type: ignore[no-any-return]
 
 
 def _short(where: str) -> str:

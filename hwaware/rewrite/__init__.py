@@ -12,13 +12,21 @@ from torch import fx
 
 from hwaware.capture import Captured
 from hwaware.rewrite.constants import fold_constants
+from hwaware.rewrite.conversions import simplify_conversions
 from hwaware.rewrite.explicit_dtypes import explicit_dtypes
+from hwaware.rewrite.explicit_padding import explicit_padding
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
 from hwaware.rewrite.functionalize import functionalize
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # In-place ops become out-of-place, so no host op can write into a buffer TVM returned.
     ("functionalize", functionalize),
+    # Conversions on one device (Hugging Face's masks moved "to the input's device") are dropped
+    # where they change nothing and become plain casts where they change the dtype, so they no
+    # longer split graphs between PyTorch and TVM.
+    ("simplify_conversions", simplify_conversions),
+    # padding="same"/"valid" convolutions get explicit padding, which the conv kernels cover.
+    ("explicit_padding", explicit_padding),
     # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
     # would otherwise make batch_norm+relu its own kernel).
     ("fold_batchnorm", fold_batchnorm),

@@ -108,7 +108,8 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [Tolerant(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
     else:
-        rules = [SmallSerial(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelVectorize()]
+        rules = [SmallSerial(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
+                 ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
 
 
@@ -125,6 +126,39 @@ class Tolerant(ScheduleRule):  # type: ignore[misc]
         except (AssertionError, RuntimeError, ValueError) as err:  # TVM errors are RuntimeErrors
             log.debug("%s does not apply: %s", type(self.rule).__name__, err)
             return None
+
+
+MAX_VECTOR_LANES = 64  # wider vectorized loops can take LLVM's codegen minutes to hours
+
+
+class NarrowVectors(ScheduleRule):  # type: ignore[misc]
+    """A DLight rule whose schedule is refused (the next rule applies) where it vectorizes a loop
+    wider than `MAX_VECTOR_LANES`. DLight's CPU GEMV vectorizes 128 output rows around the
+    unrolled reduction (strided weight loads, one gather per row): a 1280x80 GEMV, MobileNetV2's
+    last 1x1 conv, sat in LLVM codegen for over 10 minutes."""
+
+    def __init__(self, rule: Any):
+        self.rule = rule
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        sch = self.rule.apply(func, target, tunable)
+        if sch is None or isinstance(sch, list):
+            return sch
+        widest = widest_vector(sch.mod["main"].body)
+        if widest > MAX_VECTOR_LANES:
+            log.debug("%s vectorizes %d lanes; not applied", type(self.rule).__name__, widest)
+            return None
+        return sch
+
+
+def widest_vector(stmt: Any) -> int:
+    """The largest constant extent of a vectorized loop in a TIR statement (0 if none)."""
+    widest = 0
+    if isinstance(stmt, tvm.tirx.For) and stmt.kind == tvm.tirx.ForKind.VECTORIZED:
+        widest = int(stmt.extent) if isinstance(stmt.extent, tvm.tirx.IntImm) else 1 << 30
+    children = list(stmt.seq) if isinstance(stmt, tvm.tirx.SeqStmt) else \
+        [getattr(stmt, a, None) for a in ("body", "block", "init", "then_case", "else_case")]
+    return max([widest, *(widest_vector(c) for c in children if isinstance(c, tvm.tirx.Stmt))])
 
 
 SMALL_KERNEL_ITERATIONS = 1 << 15  # below this, waking worker threads costs more than it saves

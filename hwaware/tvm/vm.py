@@ -31,9 +31,20 @@ def load_executable(path: str) -> Any:
     return module
 
 
+class LibraryFile:
+    """A kernel library another process built and wrote to `path`, loaded here. A loaded
+    library cannot be exported again, so saving it copies the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.module = load_executable(path)
+
+
 def make_vm(executable: Any, device_kind: str = "cpu", share_threads: bool = False) -> Any:
     """A VM for `executable`; `share_threads`: a CPU executable built in this process runs its
     kernels on PyTorch's OpenMP team (`hwaware.threads`)."""
+    if isinstance(executable, LibraryFile):
+        executable = executable.module
     if share_threads and device_kind == "cpu" and isinstance(executable, tvm.runtime.Executable):
             executable = with_shared_threads(executable)
     device = tvm.cuda() if device_kind == "cuda" else tvm.cpu()
@@ -71,7 +82,9 @@ def torch_callable(vm: Any, name: str, num_outputs: int | None = None
 def export_executable(executable: Any, path: str, cross: bool = False) -> None:
     """Write the library: a shared object, or for a cross target a tar of object files that
     `load_executable` links on the device with its own compiler."""
-    if cross:
+    if isinstance(executable, LibraryFile):
+        shutil.copyfile(executable.path, path)
+    elif cross:
         from tvm.support.tar import tar
 
         executable.export_library(path, fcompile=tar)

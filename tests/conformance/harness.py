@@ -7,7 +7,8 @@ Entry points, in the order a worker runs them (`ENTRY_POINTS`):
 - `compile`: `hwaware.compile(model, inputs[0], db=None)`.
 - `save_load`: `compiled.save(dir)`, then `hwaware.load(dir)` in a fresh process that imports
   torch and hwaware only (`load_check`); inputs and expected outputs go there as
-  `torch.save` files read with `weights_only=True`.
+  `torch.save` files read with `weights_only=True`. A dynamic model with regions in eager
+  PyTorch loads with `model=` the case's model, built again there, as its user would.
 - `torch_compile`: `torch.compile(model, backend=..., options={"db": None, "trials": 0})`,
   where the backend is the registered `hwaware` backend wrapped to record the graphs it compiles
   (`observe.RecordingBackend`): the coverage figure needs their programs.
@@ -186,8 +187,10 @@ class Worker:
     def load_in_fresh_process(self, saved: Path) -> EntryResult:
         case_file, result_file = self.work / "load_case.pt", self.work / "load_result.json"
         result_file.unlink(missing_ok=True)
-        torch.save({"inputs": self.case.inputs,
-                    "expected": [asdict(r) for r in self.refs]}, case_file)
+        runners = getattr(self.compiled, "runners", {}).values()
+        needs_model = any(r.eager_reason is not None for r in runners)  # eager regions
+        torch.save({"inputs": self.case.inputs, "expected": [asdict(r) for r in self.refs],
+                    "model_case": self.name if needs_model else ""}, case_file)
         with open(self.work / "load_check.log", "w") as log:
             proc = subprocess.run(
                 [sys.executable, "-X", "faulthandler", "-m", "tests.conformance.load_check",

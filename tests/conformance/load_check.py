@@ -1,5 +1,7 @@
 """The save -> load check, in a fresh process: `hwaware.load` a saved model and compare its
-outputs with eager PyTorch's, without the model's own code.
+outputs with eager PyTorch's, without the model's own code (except a dynamic model with regions
+in eager PyTorch: CASE_FILE's `model_case` names the corpus model to build again and pass as
+`hwaware.load(..., model=)`, as its user would).
 
     python -m tests.conformance.load_check MODEL_DIR CASE_FILE RESULT_FILE
 
@@ -8,7 +10,8 @@ CASE_FILE (written by the harness with `torch.save`, read with `weights_only=Tru
 `leaves` and `structure`). RESULT_FILE gets a JSON object: `status` (pass/fail), `error`,
 `detail`, `load_s`, `tvm_flops` (on the first input), hwaware's warnings, and which
 third-party model libraries the load imported. This process imports torch, hwaware and this
-package's torch-only helpers, never `transformers`, `torch_geometric` or the corpus.
+package's torch-only helpers, never `transformers`, `torch_geometric` or the corpus (but for
+the `model_case` above).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ def check(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
 def _load_and_run(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
     import hwaware
 
+    original = _original_model(case.get("model_case", ""))
     start = time.perf_counter()
-    model = hwaware.load(model_dir)
+    model = hwaware.load(model_dir, model=original)
     load_s = time.perf_counter() - start
     for i, (inputs, ref) in enumerate(zip(case["inputs"], case["expected"], strict=True)):
         with torch.no_grad():
@@ -58,6 +62,16 @@ def _load_and_run(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
         if problem:
             return {"status": "fail", "error": f"input {i}: {problem}", "load_s": load_s}
     return {"load_s": load_s, "tvm_flops": tvm_flops_on(model, case["inputs"][0])}
+
+
+def _original_model(name: str) -> torch.nn.Module | None:
+    """The corpus model `name`, built again (seeded: the same weights), for a saved model whose
+    regions run in eager PyTorch; None when the case names none."""
+    if not name:
+        return None
+    from tests.conformance.models import get_case
+
+    return get_case(name).model
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,59 @@
+"""Rewrite passes (hwaware/rewrite/): string-padded convolutions get explicit padding, and
+conversions to the dtype and device a tensor already has disappear; each model still equals
+eager PyTorch on inputs other than the compile inputs, with those ops no longer on the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hwaware
+from tests.helpers import assert_close_to_eager
+
+
+class SamePadded(nn.Module):
+    """padding="same" with an odd kernel, an even one (the extra column goes right), a dilated
+    depthwise one (EfficientNet's), a 1-d one, and a "valid" one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.odd = nn.Conv2d(3, 8, 3, padding="same")
+        self.even = nn.Conv2d(8, 8, (4, 2), padding="same", bias=False)
+        self.depthwise = nn.Conv2d(8, 8, 5, padding="same", dilation=2, groups=8)
+        self.valid = nn.Conv2d(8, 4, 3, padding="valid")
+        self.seq = nn.Conv1d(4, 4, 4, padding="same")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.depthwise(self.even(self.odd(x))))
+        h = self.valid(h)
+        return self.seq(h.flatten(2))
+
+
+class MaskConversions(nn.Module):
+    """BERT's mask handling: an int64 mask moved to the input's device and cast to bool in one
+    `.to`, casts to the dtype and device a tensor has, and a cast of a result (kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x > 0).to(torch.int64).to(x.device, torch.bool)
+        h = self.fc(x).to(dtype=x.dtype, device=x.device, copy=False)
+        h = torch.where(mask.to(dtype=torch.bool, device=x.device), h, -h)
+        return h + h.cumsum(-1).to(torch.float64).to(h.dtype)
+
+
+@pytest.mark.parametrize(("make", "shape", "gone"), [
+    (SamePadded, (1, 3, 12, 12), "aten.conv2d.padding"),
+    (MaskConversions, (2, 8), "aten.to."),
+])
+def test_rewritten_model_matches_eager_with_the_op_off_the_host(
+        make: type, shape: tuple[int, ...], gone: str) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    compiled = hwaware.compile(model, (torch.randn(shape),), db=None, show_progress=False)
+    assert not any(gone in op for op in compiled.info.host_ops), compiled.info.host_ops
+    for _ in range(2):
+        assert_close_to_eager(model, compiled, torch.randn(shape))
