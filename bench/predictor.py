@@ -65,7 +65,7 @@ def learning_curve(base: Device, samples: list[Sample]) -> str:
     rows = [TABLE_HEADER.replace("| split |", "| training models |")]
     for n in [n for n in CURVE_SIZES if n < len(train)] + [len(train)]:
         predictor = LatencyPredictor.train(train[:n], base)
-        m = metrics(list(predictor.predict_samples(held)), [s.latency_us for s in held])
+        m = metrics(list(predictor.predict_samples(held)), [s.measured_us for s in held])
         rows.append(m.row(str(n)))
     return "## Learning curve (held-out in-range models)\n\n" + "\n".join(rows)
 
@@ -82,7 +82,7 @@ def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
         if len(pool) < ADAPT_SAMPLES or len(held) < 5:
             rows.append(f"| {key} | too few samples ({len(own)}) | | | | | | | | |")
             continue
-        measured = [s.latency_us for s in held]
+        measured = [s.measured_us for s in held]
         raw = metrics(list(base_predictor.predict_samples(held)), measured)
         for draw in range(DRAWS):
             picked = [pool[i] for i in np.random.default_rng(draw).permutation(

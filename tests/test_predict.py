@@ -229,7 +229,7 @@ def test_profile_measures_and_attributes_real_builds(tmp_path: Path) -> None:
             expected = hwaware.decompose(model, inputs)
             assert [r.signature for r in s.records] == [k.signature for k in expected.kernels]
             assert all(us > 0 for us in s.kernel_us) and s.latency_us > 0
-            assert db.model_measurements(DEVICE.key, s.id)[0].latency_us == s.latency_us
+            assert db.model_measurements(DEVICE.key, s.id)[0].latency_us == s.measured_us
             measured = db.kernel_measurements(DEVICE.key, s.records[0].signature)
             assert [m.impl for m in measured].count(profile.AS_BUILT) == 1
     assert [s.id for s in profile.read_samples([out], DEVICE.key)] == [a.id for a in archs]

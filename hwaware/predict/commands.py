@@ -70,7 +70,7 @@ def evaluate(predictor: LatencyPredictor, samples: Sequence[Sample]) -> dict[str
 
 def _metrics_of(predictor: LatencyPredictor, group: Sequence[Sample]) -> Metrics:
     predicted = predictor.predict_samples(group)
-    return metrics(list(predicted), [s.latency_us for s in group])
+    return metrics(list(predicted), [s.measured_us for s in group])
 
 
 def table(results: dict[str, Metrics]) -> str:

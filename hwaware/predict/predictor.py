@@ -171,7 +171,7 @@ class LatencyPredictor:
             raise PredictorError(f"{len(samples)} measured models of device {device.key}; "
                                  "adapting needs at least 3 (10-20 recommended)")
         base = np.log(self.predict_samples(samples, corrected=False))
-        measured = np.log([s.latency_us for s in samples])
+        measured = np.log([s.measured_us for s in samples])
         a, b = _shrunk_line(base, measured, ADAPT_SHRINK)
         manifest = {**self.manifest, "device": device.to_json(), "correction": [a, b],
                     "adapted_from": self.key, "adapt_samples": len(samples),
@@ -383,7 +383,7 @@ def _fit_overhead(data: TrainingSet, kernel_us: np.ndarray) -> list[float]:
     for i, s in enumerate(data.samples):
         us = kernel_us[data.kernel_owner == i]
         rows.append([float(len(us)), float(s.host_steps), 1.0])
-        gaps.append(s.latency_us - float(np.sum(us)))
+        gaps.append(s.measured_us - float(np.sum(us)))
     coefficients, _ = nnls(np.asarray(rows), np.asarray(gaps))
     return [float(c) for c in coefficients]
 
@@ -395,7 +395,7 @@ def _model_rows(data: TrainingSet, kernel_us: np.ndarray, overhead: list[float]
         us = kernel_us[data.kernel_owner == i]
         rows.append(model_features(s.records, s.host_steps, list(us), data.device))
         base = _base_us(us, len(us), s.host_steps, overhead)
-        ratios.append(math.log(s.latency_us) - math.log(base))
+        ratios.append(math.log(s.measured_us) - math.log(base))
     return (np.asarray(rows, dtype=np.float32).reshape(-1, len(MODEL_FEATURE_NAMES)),
             np.asarray(ratios, dtype=np.float32))
 
