@@ -58,7 +58,6 @@ KERNEL_ROUNDS = 600
 MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
                 "subsample": 0.9, "min_child_weight": 3.0, "lambda": 5.0, "seed": 0}
 MODEL_ROUNDS = 200
-ADAPT_SHRINK = 2.0  # pulls a few-shot slope toward 1 (as strongly as this many samples)
 FILES = ("kernel_model.json", "model_model.json")
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 
@@ -163,17 +162,20 @@ class LatencyPredictor:
         return LatencyPredictor(kernel_model, model_model, manifest, measured_table(samples))
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
-        """This predictor corrected for `device` from a few of its measured models: log y =
-        a + b log(predicted), least squares with b shrunk toward 1 (HELP-style few-shot
-        transfer without retraining). Needs at least 3 samples."""
+        """This predictor corrected for `device` from a few of its measured models (few-shot
+        transfer without retraining): one scale, the median ratio of measured to predicted
+        latency, applied only where it stands out of the ratios' own spread (a correction
+        fitted to 10 noisy ratios made predictions worse than none on devices that differ
+        little). A fitted slope as well (log y = a + b log predicted) was worse still: with so
+        few points it fits the base predictor's errors. Needs at least 3 samples."""
         samples = [s for s in samples if s.device["key"] == device.key]
         if len(samples) < 3:
             raise PredictorError(f"{len(samples)} measured models of device {device.key}; "
                                  "adapting needs at least 3 (10-20 recommended)")
         base = np.log(self.predict_samples(samples, corrected=False))
         measured = np.log([s.measured_us for s in samples])
-        a, b = _shrunk_line(base, measured, ADAPT_SHRINK)
-        manifest = {**self.manifest, "device": device.to_json(), "correction": [a, b],
+        scale = _significant_median(measured - base)
+        manifest = {**self.manifest, "device": device.to_json(), "correction": [scale, 1.0],
                     "adapted_from": self.key, "adapt_samples": len(samples),
                     "created_at": time.time()}
         return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.table,
@@ -400,14 +402,12 @@ def _model_rows(data: TrainingSet, kernel_us: np.ndarray, overhead: list[float]
             np.asarray(ratios, dtype=np.float32))
 
 
-def _shrunk_line(x: np.ndarray, y: np.ndarray, shrink: float) -> tuple[float, float]:
-    """a, b minimising sum (y - a - b x)^2 + shrink * var(x) * (b - 1)^2."""
-    xm, ym = float(np.mean(x)), float(np.mean(y))
-    sxx = float(np.sum((x - xm) ** 2))
-    sxy = float(np.sum((x - xm) * (y - ym)))
-    penalty = shrink * sxx / max(len(x), 1)
-    b = (sxy + penalty) / (sxx + penalty) if sxx + penalty > 0 else 1.0
-    return ym - b * xm, b
+def _significant_median(log_ratios: np.ndarray) -> float:
+    """The median log ratio, or 0 where it is within two standard errors (robust: from the
+    median absolute deviation) of no change."""
+    median = float(np.median(log_ratios))
+    spread = 1.4826 * float(np.median(np.abs(log_ratios - median)))
+    return median if abs(median) > 2 * spread / math.sqrt(len(log_ratios)) else 0.0
 
 
 def _manifest(device: Device, feature_device: Device, samples: Sequence[Any],
