@@ -107,16 +107,19 @@ class InvertedResidual(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """MobileNetV3 squeeze-excite: global pool, 1x1 reduce, ReLU, 1x1 expand, hardsigmoid."""
+    """MobileNetV3 squeeze-excite: global pool, 1x1 reduce, ReLU, 1x1 expand, hardsigmoid (or
+    another `gate`: EfficientNet-style blocks use sigmoid)."""
 
-    def __init__(self, ch: int, squeeze: int):
+    def __init__(self, ch: int, squeeze: int,
+                 gate: Callable[[torch.Tensor], torch.Tensor] = nn.functional.hardsigmoid):
         super().__init__()
         self.reduce = nn.Conv2d(ch, squeeze, 1)
         self.expand = nn.Conv2d(squeeze, ch, 1)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
-        return x * nn.functional.hardsigmoid(self.expand(s))
+        return x * self.gate(self.expand(s))
 
 
 class MobileNetV3Block(nn.Module):

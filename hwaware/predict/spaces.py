@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hwaware.zoo import ZOO, HandwrittenGCNConv, pyg_layer, random_graph
+from hwaware.zoo import ZOO, HandwrittenGCNConv, SqueezeExcite, pyg_layer, random_graph
 
 Config = dict[str, Any]
 
@@ -72,17 +72,6 @@ def _randomize_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-class _SqueezeExcite(nn.Module):
-    def __init__(self, ch: int, squeeze: int):
-        super().__init__()
-        self.reduce = nn.Conv2d(ch, squeeze, 1)
-        self.expand = nn.Conv2d(squeeze, ch, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
-        return x * torch.sigmoid(self.expand(s))
-
-
 class _MBConv(nn.Module):
     """Inverted residual: 1x1 expand (skipped at ratio 1), kxk depthwise, optional SE, 1x1
     project; a residual when the shape is kept."""
@@ -93,7 +82,7 @@ class _MBConv(nn.Module):
         layers = _conv_bn_act(cin, hid, 1, act=nn.ReLU6) if expand > 1 else []
         layers += _conv_bn_act(hid, hid, k, stride, groups=hid, act=nn.ReLU6)
         if se:
-            layers.append(_SqueezeExcite(hid, max(4, hid // 4)))
+            layers.append(SqueezeExcite(hid, max(4, hid // 4), gate=torch.sigmoid))
         layers += _conv_bn_act(hid, cout, 1, act=None)
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
