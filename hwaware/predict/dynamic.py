@@ -148,10 +148,12 @@ def _region_ms(predictor: LatencyPredictor, runner: Any, call: Call, args: list[
 
 
 def _eager_ms(runner: Any, args: list[Any]) -> float:
-    from hwaware.build import time_in_blocks
+    from hwaware.predict.profile import TIMING_QUANTILE
+    from hwaware.runner import time_in_blocks
 
     with torch.no_grad():
-        (us,) = time_in_blocks([lambda: runner.fn(runner.root, *args)], 20)
+        (us,) = time_in_blocks([lambda: runner.fn(runner.root, *args)], 20,
+                               quantile=TIMING_QUANTILE)
     return us / 1e3
 
 

@@ -22,6 +22,7 @@ predictor was not trained on (log-linear on the base prediction, shrunk toward t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -303,19 +304,11 @@ class LatencyPredictor:
 
 
 # ------------------------------------------------------------------------------- helpers
-_FEATURES: dict[tuple[Any, Device], list[float]] = {}
-
-
+@functools.lru_cache(maxsize=200_000)
 def _cached_features(record: Any, device: Device) -> list[float]:
     """Kernel features, computed once per (kernel, device): search loops meet the same
     kernels again and again."""
-    key = (record, device)
-    row = _FEATURES.get(key)
-    if row is None:
-        if len(_FEATURES) > 200_000:
-            _FEATURES.clear()
-        row = _FEATURES[key] = kernel_features(record, device)
-    return row
+    return kernel_features(record, device)
 
 
 def _inputs(example_inputs: Any) -> tuple[Any, ...]:

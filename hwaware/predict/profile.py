@@ -16,7 +16,7 @@ tuned schedule is two built kernels for one decomposed one), so labels match wha
 reports before any build. Profiling resumes: architectures already in the file for this device
 are skipped, and each sample is written as soon as it is measured.
 
-Timing is `build.time_in_blocks` (blocks of back-to-back calls, as `bench/` does), reporting
+Timing is `runner.time_in_blocks` (blocks of back-to-back calls, as `bench/` does), reporting
 the lower quartile of the calls: on a shared machine, bursts of other work only add time, and
 the lower quartile is what the model costs when it has the cores (the median moved by up to 5%
 between two timings of one model while other jobs ran here; two timings 10x apart were seen).
@@ -24,6 +24,7 @@ between two timings of one model while other jobs ran here; two timings 10x apar
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -71,7 +72,7 @@ class Sample:
     created_at: float = field(default_factory=time.time)
     schema_version: int = SAMPLE_SCHEMA_VERSION
 
-    @property
+    @functools.cached_property
     def records(self) -> list[KernelRecord]:
         return [KernelRecord.from_json({k: v for k, v in d.items() if k != "us"})
                 for d in self.kernels]
@@ -154,9 +155,10 @@ def threads(n: int) -> Iterator[None]:
 def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str = "train",
             repeats: int = 60) -> Sample:
     """Compile `arch` for `target` and time it (see module docstring)."""
-    from hwaware.build import build, time_in_blocks
+    from hwaware.build import build
     from hwaware.capture import capture
     from hwaware.decompose import decomposition_of, rewrite_and_partition
+    from hwaware.runner import time_in_blocks
     from hwaware.runtime import BuildInfo
 
     model, inputs = arch.build()
@@ -191,7 +193,7 @@ def _decomposed_names(part: Any) -> list[str]:
 def _time_kernels(compiled: Any, flat: list[Any], repeats: int) -> dict[str, float]:
     """Each kernel of the built program alone, as it runs there (TVM or PyTorch), on the
     inputs it gets in a run of `flat`."""
-    from hwaware.build import time_in_blocks
+    from hwaware.runner import time_in_blocks
     from hwaware.runtime import kernel_inputs, run_kernel_in_torch
 
     program = compiled.program
