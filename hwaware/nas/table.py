@@ -1,0 +1,246 @@
+"""`LatencyTable`: an architecture's latency on a device, as hwaware compiles it, in microseconds.
+
+Goes in: architectures of one search space (`Arch`s, OFA-style dicts, or the encoded matrix),
+a target and optionally a tuning database. Comes out: milliseconds per architecture and where
+each answer comes from (`measured`: every kernel's as-built time is in the database or the
+predictor's measured table; `predicted`: some kernel's time comes from the learned model;
+`unknown`: some kernel is of a kind the predictor never saw).
+
+How, without `torch.export` per architecture: a space's network is a chain of blocks
+(`builders.py`). A block's kernels depend on the block and, where the partitioner fuses across
+a block boundary (a transformer layer's residual add with the next layer's norm), on its
+neighbours' kind and input shape. So the unit of caching is the block in that context: its
+kernels are read once from the real decomposition (capture -> rewrite -> partition) of the
+chain (previous block, block, next block), keeping the kernels whose first op the block owns.
+Each such unit holds its kernels' times (measured or predicted) as additive totals
+(`features.model_totals`); an architecture's totals are the sums over its blocks, and the
+predictor's whole-model term turns them into a latency (`total_us_of_totals`), for one
+architecture or a whole batch at once in numpy. Tests check the blocks' kernels against the
+real decomposition of built architectures.
+
+`get_efficiency(arch_dict)` is the method Once-for-All's `EvolutionFinder` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hwaware.decompose import KernelRecord
+from hwaware.nas.builders import Block, Chain
+from hwaware.nas.space import Space, get_space
+from hwaware.predict.features import LARGEST_KERNEL, model_totals
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("measured", "predicted", "unknown")  # an answer's source is its blocks' worst
+Boundary = tuple[str, tuple[int, ...]] | None
+BlockKey = tuple[Boundary, Block, Boundary]
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """A block's kernels (in context) and what they add to a model's totals."""
+
+    records: tuple[KernelRecord, ...]
+    host_steps: int
+    totals: np.ndarray
+    source: int  # index into SOURCES
+
+
+class LatencyTable:
+    """Latency lookup for NAS loops over one search space (see the module docstring)."""
+
+    def __init__(self, target: Any = "host", db: Any = None, *, space: str | Space = "ofa-mbv3",
+                 threads: int | None = None, predictor: Any = None):
+        from hwaware.predict.predictor import LatencyPredictor
+
+        self.space = space if isinstance(space, Space) else get_space(space)
+        self.predictor = predictor or LatencyPredictor.load(target, db=db, threads=threads)
+        self.costs: dict[BlockKey, BlockCost] = {}
+        self.answers: dict[Any, tuple[float, str]] = {}
+        self._slots = _SlotIndex(self.space)
+
+    # ------------------------------------------------------------------ lookups
+    def latency_ms(self, arch: Mapping[str, Any]) -> float:
+        """Predicted milliseconds of `arch` compiled by hwaware on this table's device."""
+        return self.latency(arch)[0]
+
+    def latency(self, arch: Mapping[str, Any]) -> tuple[float, str]:
+        """(milliseconds, source) of one architecture; answers are cached per architecture."""
+        key = _arch_key(arch)
+        answer = self.answers.get(key)
+        if answer is None:
+            costs = [self.cost(k, ctx) for k, ctx in self.contexts(arch)]
+            totals = _reduce(np.stack([c.totals for c in costs])[None])
+            ms = float(self.predictor.total_us_of_totals(totals)[0]) / 1e3
+            answer = self.answers[key] = (ms, SOURCES[max(c.source for c in costs)])
+        return answer
+
+    def get_efficiency(self, arch_dict: Mapping[str, Any]) -> float:
+        """Once-for-All's efficiency-predictor interface: latency in milliseconds."""
+        return self.latency_ms(arch_dict)
+
+    def latency_ms_batch(self, archs: np.ndarray | Sequence[Mapping[str, Any]],
+                         return_source: bool = False) -> Any:
+        """Milliseconds of many architectures: an encoded matrix (`space.encode`) or a list of
+        architectures in, a numpy vector out (with `return_source`, also a vector of sources)."""
+        encoded = archs if isinstance(archs, np.ndarray) else self.space.encode(archs)
+        totals, sources = self._slots.totals(np.atleast_2d(encoded), self)
+        ms = self.predictor.total_us_of_totals(totals) / 1e3
+        return (ms, np.asarray(SOURCES)[sources]) if return_source else ms
+
+    def kernels(self, arch: Mapping[str, Any]) -> list[KernelRecord]:
+        """The kernels the table charges `arch` for, block by block."""
+        return [r for k, ctx in self.contexts(arch) for r in self.cost(k, ctx).records]
+
+    # ------------------------------------------------------------------- blocks
+    def contexts(self, arch: Mapping[str, Any]) -> list[tuple[BlockKey, tuple[Block, ...]]]:
+        """Each active block's cache key and its context (previous, block, next)."""
+        blocks = [b for b in self.space.blocks(arch) if b is not None]
+        out = []
+        for i, block in enumerate(blocks):
+            prev = blocks[i - 1] if i else None
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            context = tuple(b for b in (prev, block, nxt) if b is not None)
+            out.append(((_boundary(prev), block, _boundary(nxt)), context))
+        return out
+
+    def cost(self, key: BlockKey, context: tuple[Block, ...]) -> BlockCost:
+        """The block's cost, decomposed and timed at its first use."""
+        cost = self.costs.get(key)
+        if cost is None:
+            records, host_steps = block_kernels(self.space, context, key[0] is not None)
+            cost = self.costs[key] = self._price(records, host_steps, key[1])
+        return cost
+
+    def _price(self, records: list[KernelRecord], host_steps: int, block: Block) -> BlockCost:
+        us, sources = self.predictor.kernel_times(records)
+        if "unknown" in sources:
+            warnings.warn(f"hwaware: block {block.kind}{block.params} has kernels of a kind the "
+                          f"latency predictor was not trained on (estimated anyway)",
+                          stacklevel=4)
+        source = max((SOURCES.index(s) for s in sources), default=0)
+        return BlockCost(tuple(records), host_steps, model_totals(records, host_steps, list(us)),
+                         source)
+
+
+def block_kernels(space: Space, context: tuple[Block, ...], has_prev: bool
+                  ) -> tuple[list[KernelRecord], int]:
+    """The kernels the middle block of `context` owns in the real decomposition of the chain,
+    and its host op steps."""
+    from hwaware.capture import capture
+    from hwaware.decompose import decomposition_of, kernels_by_module, rewrite_and_partition
+
+    index = 1 if has_prev else 0
+    builder = space.builder
+    chain = Chain([builder.module(b) for b in context]).eval()
+    with torch.no_grad():
+        captured = capture(chain, builder.block_inputs(context[0]))
+    _, part = rewrite_and_partition(captured)
+    owner = f"blocks.{index}"
+    records = [r for path, r in kernels_by_module(part)
+               if path == owner or path.startswith(owner + ".")]
+    host_steps = decomposition_of(part).host_steps
+    if host_steps:  # host ops are rare; count the block's own
+        block = context[index]
+        alone = Chain([builder.module(block)]).eval()
+        _, own = rewrite_and_partition(capture(alone, builder.block_inputs(block)))
+        host_steps = decomposition_of(own).host_steps
+    return records, host_steps
+
+
+class _SlotIndex:
+    """The batched path: per slot, the block (in context) of each combination of the gene
+    positions that slot depends on (`Builder.slot_genes`), found on first sight."""
+
+    def __init__(self, space: Space):
+        self.space = space
+        self.columns = [[space.column[g] for g in genes]
+                        for genes in space.builder.slot_genes()]
+        radix = [np.asarray([len(space.genes[c].choices) for c in cols]) for cols in self.columns]
+        self.strides = [np.concatenate([np.cumprod(r[::-1])[::-1][1:], [1]]) for r in radix]
+        self.rows = [np.full(int(np.prod(r)), -2, dtype=np.int64) for r in radix]  # -2: unseen
+        self.totals_rows: list[np.ndarray] = []
+        self.sources: list[int] = []
+        self.table: tuple[np.ndarray, np.ndarray] | None = None  # the two lists as arrays
+
+    def totals(self, encoded: np.ndarray, table: LatencyTable) -> tuple[np.ndarray, np.ndarray]:
+        n, width = len(encoded), len(self._empty())
+        sums, largest = np.zeros((n, width)), np.zeros(n)
+        source = np.zeros(n, dtype=np.int64)
+        for slot, cols in enumerate(self.columns):
+            ids = encoded[:, cols] @ self.strides[slot]
+            self._fill(slot, ids, encoded, table)
+            rows = self.rows[slot][ids]
+            active = rows >= 0
+            all_totals, all_sources = self._arrays()
+            block_totals = all_totals[rows[active]]
+            sums[active] += block_totals
+            largest[active] = np.maximum(largest[active], block_totals[:, LARGEST_KERNEL])
+            source[active] = np.maximum(source[active], all_sources[rows[active]])
+        sums[:, LARGEST_KERNEL] = largest
+        return sums, source
+
+    def _fill(self, slot: int, ids: np.ndarray, encoded: np.ndarray, table: LatencyTable
+              ) -> None:
+        unseen, first = np.unique(ids[self.rows[slot][ids] == -2], return_index=True)
+        if not len(unseen):
+            return
+        positions = np.flatnonzero(self.rows[slot][ids] == -2)[first]
+        for block_id, at in zip(unseen, positions, strict=True):
+            self.rows[slot][block_id] = self._row(slot, self.space.decode(encoded[at]), table)
+
+    def _row(self, slot: int, arch: Any, table: LatencyTable) -> int:
+        blocks = self.space.blocks(arch)
+        if blocks[slot] is None:
+            return -1
+        active = sum(b is not None for b in blocks[:slot])
+        key, context = table.contexts(arch)[active]
+        cost = table.cost(key, context)
+        self.totals_rows.append(cost.totals)
+        self.sources.append(cost.source)
+        self.table = None
+        return len(self.totals_rows) - 1
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.table is None:
+            width = len(self._empty())
+            self.table = (np.asarray(self.totals_rows).reshape(-1, width),
+                          np.asarray(self.sources, dtype=np.int64))
+        return self.table
+
+    def _empty(self) -> np.ndarray:
+        return model_totals([], 0, [])
+
+
+def _boundary(block: Block | None) -> Boundary:
+    """What of a neighbouring block can change a block's kernels: its kind and input shape."""
+    return None if block is None else (block.kind, block.input_shape)
+
+
+def _reduce(stacked: np.ndarray) -> np.ndarray:
+    """Totals of chains of blocks ([models, blocks, totals] -> [models, totals])."""
+    out = stacked.sum(axis=1)
+    out[:, LARGEST_KERNEL] = stacked[:, :, LARGEST_KERNEL].max(axis=1)
+    return out
+
+
+def _arch_key(arch: Mapping[str, Any]) -> Any:
+    """A hashable key of an architecture (an `Arch`, or a plain dict of lists)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(arch.items()))
+
+
+def warm(table: LatencyTable, archs: Iterable[Mapping[str, Any]]) -> int:
+    """Decompose every block (in context) of `archs` now; returns how many were new."""
+    before = len(table.costs)
+    for arch in archs:
+        for key, context in table.contexts(arch):
+            table.cost(key, context)
+    return len(table.costs) - before
