@@ -4,7 +4,7 @@ multi-objective search (NSGA-II) over (objective, latency on a device as hwaware
 - `get_space(name)` (`space.py`, data in `spaces/`, builders in `builders.py`);
 - `LatencyTable(target, db=...)` (`table.py`): an architecture's latency from its blocks'
   kernels, measured where the database has them and predicted otherwise;
-- `search(...)` (`search.py`): NSGA-II from pymoo, with hard limits and the outputs.
+- `search(...)` (`evolve.py`): NSGA-II from pymoo, with hard limits and the outputs.
 """
 
 from hwaware.nas.space import Arch, Space, SpaceError, get_space, space_names
@@ -18,7 +18,7 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
         return LatencyTable
     if name == "search":
-        from hwaware.nas.search import search
+        from hwaware.nas.evolve import search
 
         return search
     raise AttributeError(name)

@@ -243,12 +243,10 @@ class OfaResNet(Builder):
         return [*out, Block("head", (cin, c["classes"]), (1, cin, size, size))]
 
     def slot_genes(self) -> list[list[str]]:
-        out, i = [["image_size", "d[0]", "w[0]", "w[1]"]], 0
-        for s, slots in enumerate(self._depths()):
-            for j in range(slots):
-                out.append(["image_size", f"d[{1 + s}]", f"e[{i}]", f"w[{2 + s}]", f"w[{1 + s}]"])
-                i += 1
-        return [*out, ["image_size", "w[5]"]]
+        stages = [s for s, slots in enumerate(self._depths()) for _ in range(slots)]
+        blocks = [["image_size", f"d[{1 + s}]", f"e[{i}]", f"w[{2 + s}]", f"w[{1 + s}]"]
+                  for i, s in enumerate(stages)]
+        return [["image_size", "d[0]", "w[0]", "w[1]"], *blocks, ["image_size", "w[5]"]]
 
     def module(self, block: Block) -> nn.Module:
         kinds: dict[str, type[nn.Module]] = {"stem": ResNetStem, "bottleneck": Bottleneck,

@@ -1,4 +1,4 @@
-"""Search spaces as data: a JSON file of genes and constants plus a builder, registered in one place.
+"""Search spaces as data: a JSON file of genes and constants plus a builder, registered once.
 
 Goes in: a space name (a file in `hwaware/nas/spaces/`) or the path of a user's space file. The
 file names the space's genes (each a choice list, or `length` choices of one list, or one list

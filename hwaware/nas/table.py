@@ -27,6 +27,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,10 +60,15 @@ class LatencyTable:
 
     def __init__(self, target: Any = "host", db: Any = None, *, space: str | Space = "ofa-mbv3",
                  threads: int | None = None, predictor: Any = None):
+        """`predictor`: a `LatencyPredictor`, or the folder of a saved one (default: the one
+        saved for `target` and `threads` in `cost_models/`)."""
         from hwaware.predict.predictor import LatencyPredictor
 
         self.space = space if isinstance(space, Space) else get_space(space)
-        self.predictor = predictor or LatencyPredictor.load(target, db=db, threads=threads)
+        if predictor is None or isinstance(predictor, (str, Path)):  # a saved predictor's folder
+            predictor = LatencyPredictor.load(target, db=db, threads=threads,
+                                              directory=predictor)
+        self.predictor = predictor
         self.costs: dict[BlockKey, BlockCost] = {}
         self.answers: dict[Any, tuple[float, str]] = {}
         self._slots = _SlotIndex(self.space)
