@@ -53,6 +53,7 @@ from hwaware.kernels.lowering_common import (
 
 REDUCTIONS = ("mean", "var", "fc1")  # blocks whose innermost loop is a reduction
 
+
 # ------------------------------------------------------------------------------- compute
 # Rational approximations of erf and tanh for float32 (the forms Eigen vectorizes; error a few
 # ulp): TVM's LLVM backend lowers tirx.erf to a scalar libm call per element.
