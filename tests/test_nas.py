@@ -6,8 +6,10 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,19 @@ from hwaware.predict.predictor import LatencyPredictor
 
 PREDICTOR_DIR = COST_MODELS_DIR / "llvm-znver5-2c-4ed1a17c"  # shipped; loads on any machine
 SPACES = ("ofa-mbv3", "resnet", "transformer", "gnn")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def block_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh on-disk block cache: these tests decompose for real."""
+    path = tmp_path_factory.mktemp("nas_cache")
+    saved = os.environ.get("HWAWARE_NAS_CACHE")
+    os.environ["HWAWARE_NAS_CACHE"] = str(path)
+    yield path
+    if saved is None:
+        del os.environ["HWAWARE_NAS_CACHE"]
+    else:
+        os.environ["HWAWARE_NAS_CACHE"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +176,26 @@ def test_ofa_style_dicts_get_the_same_answer(gnn_table: LatencyTable,
     assert table.get_efficiency(arch.to_dict()) == ms
     ms_batch, sources = table.latency_ms_batch([arch], return_source=True)
     assert ms_batch[0] == pytest.approx(ms) and sources[0] in ("measured", "predicted")
+
+
+def test_blocks_are_read_back_from_the_disk_cache(gnn_table: LatencyTable,
+                                                 predictor: LatencyPredictor,
+                                                 block_cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    archs = gnn_table.space.sample(3, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [gnn_table.latency_ms(a) for a in archs]
+    import hwaware.nas.table
+
+    def no_decomposition(*args: object) -> None:
+        raise AssertionError("decomposed a block the disk cache holds")
+
+    monkeypatch.setattr(hwaware.nas.table, "chain_kernels", no_decomposition)
+    again = LatencyTable(space="gnn", predictor=predictor)
+    assert again.kernel_cache.path.parent == block_cache and again.kernel_cache.entries
+    assert [again.latency_ms(a) for a in archs] == pytest.approx(expected, rel=1e-9)
+    assert len(again.kernel_cache.entries) == len(gnn_table.kernel_cache.entries)
 
 
 def test_nsga2_is_reproducible_and_respects_the_limits(gnn_table: LatencyTable) -> None:

@@ -23,7 +23,10 @@ real decomposition of built architectures.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +74,7 @@ class LatencyTable:
         self.predictor = predictor
         self.costs: dict[BlockKey, BlockCost] = {}
         self.answers: dict[Any, tuple[float, str]] = {}
+        self.kernel_cache = BlockKernelCache(self.space)
         self._slots = _SlotIndex(self.space)
 
     # ------------------------------------------------------------------ lookups
@@ -122,9 +126,31 @@ class LatencyTable:
         """The block's cost, decomposed and timed at its first use."""
         cost = self.costs.get(key)
         if cost is None:
-            records, host_steps = block_kernels(self.space, context, key[0] is not None)
-            cost = self.costs[key] = self._price(records, host_steps, key[1])
+            found = self.kernel_cache.get(key)
+            if found is None:
+                found = block_kernels(self.space, context, key[0] is not None)
+                self.kernel_cache.put(key, *found)
+            cost = self.costs[key] = self._price(*found, key[1])
         return cost
+
+    def warm(self, archs: Iterable[Mapping[str, Any]]) -> int:
+        """Decompose, one whole architecture at a time, every block in context of `archs` the
+        table has not seen (one export for all of an architecture's blocks instead of one per
+        block); returns how many were new."""
+        before = len(self.costs)
+        for arch in archs:
+            contexts = self.contexts(arch)
+            missing = [k for k, _ in contexts
+                       if k not in self.costs and self.kernel_cache.get(k) is None]
+            if len(missing) > 1:
+                blocks = [ctx[1 if k[0] is not None else 0] for k, ctx in contexts]
+                per_block, host_steps = chain_kernels(self.space, blocks)
+                for (key, _), records in zip(contexts, per_block, strict=True):
+                    if key in missing and not host_steps:  # else: per block, host ops apart
+                        self.kernel_cache.put(key, records, 0)
+            for key, context in contexts:
+                self.cost(key, context)
+        return len(self.costs) - before
 
     def _price(self, records: list[KernelRecord], host_steps: int, block: Block) -> BlockCost:
         us, sources = self.predictor.kernel_times(records)
@@ -141,25 +167,89 @@ def block_kernels(space: Space, context: tuple[Block, ...], has_prev: bool
                   ) -> tuple[list[KernelRecord], int]:
     """The kernels the middle block of `context` owns in the real decomposition of the chain,
     and its host op steps."""
+    index = 1 if has_prev else 0
+    per_block, host_steps = chain_kernels(space, context)
+    if host_steps:  # host ops are rare; count the block's own
+        _, host_steps = chain_kernels(space, (context[index],))
+    return per_block[index], host_steps
+
+
+def chain_kernels(space: Space, blocks: Sequence[Block]) -> tuple[list[list[KernelRecord]], int]:
+    """The real decomposition (capture -> rewrite -> partition) of the chain of `blocks`: each
+    block's kernels (those whose first op it owns) and the chain's host op steps."""
     from hwaware.capture import capture
     from hwaware.decompose import decomposition_of, kernels_by_module, rewrite_and_partition
 
-    index = 1 if has_prev else 0
     builder = space.builder
-    chain = Chain([builder.module(b) for b in context]).eval()
+    chain = Chain([builder.module(b) for b in blocks]).eval()
     with torch.no_grad():
-        captured = capture(chain, builder.block_inputs(context[0]))
+        captured = capture(chain, builder.block_inputs(blocks[0]))
     _, part = rewrite_and_partition(captured)
-    owner = f"blocks.{index}"
-    records = [r for path, r in kernels_by_module(part)
-               if path == owner or path.startswith(owner + ".")]
-    host_steps = decomposition_of(part).host_steps
-    if host_steps:  # host ops are rare; count the block's own
-        block = context[index]
-        alone = Chain([builder.module(block)]).eval()
-        _, own = rewrite_and_partition(capture(alone, builder.block_inputs(block)))
-        host_steps = decomposition_of(own).host_steps
-    return records, host_steps
+    per_block: list[list[KernelRecord]] = [[] for _ in blocks]
+    for path, record in kernels_by_module(part):
+        parts = path.split(".")
+        if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+            per_block[int(parts[1])].append(record)
+        else:
+            log.warning("kernel %s of a %s chain has no block; not charged", record.signature,
+                        space.name)
+    return per_block, decomposition_of(part).host_steps
+
+
+class BlockKernelCache:
+    """Blocks' kernels (device-independent) kept on disk across runs, one JSONL file per space
+    and version of the code that decomposes (`fingerprint`): a change to capture, rewrites,
+    partition or the kernel patterns starts a new file rather than reuse stale kernels."""
+
+    def __init__(self, space: Space, directory: Path | None = None):
+        from hwaware.threads import cache_dir
+
+        base = directory or Path(os.environ.get("HWAWARE_NAS_CACHE", cache_dir() / "nas"))
+        self.path = base / f"{space.name}-{fingerprint(space)}.jsonl"
+        self.entries: dict[str, tuple[list[KernelRecord], int]] = {}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                doc = json.loads(line)
+                records = [KernelRecord.from_json(r) for r in doc["records"]]
+                self.entries[doc["key"]] = (records, int(doc["host_steps"]))
+            except (ValueError, KeyError, TypeError) as err:  # a torn last line: recompute
+                log.info("%s:%d: skipped (%s)", self.path, number, err)
+
+    def get(self, key: BlockKey) -> tuple[list[KernelRecord], int] | None:
+        return self.entries.get(_key_text(key))
+
+    def put(self, key: BlockKey, records: list[KernelRecord], host_steps: int) -> None:
+        text = _key_text(key)
+        self.entries[text] = (records, host_steps)
+        line = json.dumps({"key": text, "host_steps": host_steps,
+                           "records": [json.loads(r.to_json()) for r in records]})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+        except OSError as err:  # a read-only home: the cache is only an optimisation
+            log.info("block cache %s not written: %s", self.path, err)
+
+
+def fingerprint(space: Space) -> str:
+    """A hash of the space file and of the code and versions a decomposition depends on."""
+    import hwaware
+
+    root = Path(hwaware.__file__).parent
+    parts = [Path(space.source).read_bytes(), torch.__version__.encode()]
+    for pattern in ("capture.py", "decompose.py", "partition.py", "aten_ops.py", "program.py",
+                    "rewrite/*.py", "kernels/*.py", "nas/builders.py", "predict/spaces.py"):
+        parts += [p.read_bytes() for p in sorted(root.glob(pattern))]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def _key_text(key: BlockKey) -> str:
+    prev, block, nxt = key
+    return json.dumps([prev, [block.kind, block.params, block.input_shape], nxt])
 
 
 class _SlotIndex:
@@ -200,6 +290,7 @@ class _SlotIndex:
         if not len(unseen):
             return
         positions = np.flatnonzero(self.rows[slot][ids] == -2)[first]
+        table.warm(self.space.decode(encoded[at]) for at in positions)
         for block_id, at in zip(unseen, positions, strict=True):
             self.rows[slot][block_id] = self._row(slot, self.space.decode(encoded[at]), table)
 
@@ -241,12 +332,3 @@ def _reduce(stacked: np.ndarray) -> np.ndarray:
 def _arch_key(arch: Mapping[str, Any]) -> Any:
     """A hashable key of an architecture (an `Arch`, or a plain dict of lists)."""
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(arch.items()))
-
-
-def warm(table: LatencyTable, archs: Iterable[Mapping[str, Any]]) -> int:
-    """Decompose every block (in context) of `archs` now; returns how many were new."""
-    before = len(table.costs)
-    for arch in archs:
-        for key, context in table.contexts(arch):
-            table.cost(key, context)
-    return len(table.costs) - before
