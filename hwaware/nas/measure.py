@@ -42,8 +42,9 @@ class SpaceArchitecture:
 
 
 def measure(space: Space, archs: Sequence[Mapping[str, Any]], out: Path, target: Any = "host",
-            threads: int | None = None, db: Any = None, repeats: int = 60) -> list[Any]:
-    """Samples of `archs` (measured now, or read back from `out` where measured before)."""
+            threads: int | None = None, db: Any = None, repeats: int = 60) -> list[Any | None]:
+    """Samples of `archs` (measured now, or read back from `out` where measured before), in
+    order; None for an architecture whose build or run failed (the profiler logs why)."""
     from hwaware.predict.features import Device
     from hwaware.predict.profile import profile, read_samples
     from hwaware.target import get_target
@@ -53,4 +54,4 @@ def measure(space: Space, archs: Sequence[Mapping[str, Any]], out: Path, target:
     wanted = [SpaceArchitecture(space, space.validate(a)) for a in archs]
     profile(wanted, tgt, device, db, out, split="nas", repeats=repeats, show_progress=False)
     by_id = {s.id: s for s in read_samples([out], device.key)}
-    return [by_id[a.id] for a in wanted if a.id in by_id]
+    return [by_id.get(a.id) for a in wanted]
