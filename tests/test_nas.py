@@ -245,3 +245,24 @@ def test_cli_search_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.Captur
     assert len(archs) == len(set(archs)) and lines[:len(first)] == first
     model = get_space("gnn").build(front["front"][0]["arch"])
     assert isinstance(model, torch.nn.Module)
+
+
+def test_linas_measures_the_front_stores_it_and_refits(gnn_table: LatencyTable,
+                                                      predictor: LatencyPredictor,
+                                                      tmp_path: Path) -> None:
+    from hwaware.db import TuningDatabase
+
+    db = TuningDatabase(tmp_path / "linas.db")
+    table = LatencyTable(space="gnn", predictor=predictor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = search("gnn", table=table, latency_ms=2.0, evals=30, population=10,
+                        measure_every=2, measure_top=2, db=db, out_dir=tmp_path / "out")
+    assert len(result.measured) >= 3 and all(ms > 0 for ms in result.measured.values())
+    lines = (tmp_path / "out" / "measured.jsonl").read_text().splitlines()
+    assert len(lines) == len(result.measured)
+    assert table.predictor is not predictor and table.predictor.db is db
+    assert "adapted_from" in table.predictor.manifest
+    device_key = json.loads(lines[0])["device"]["key"]
+    assert len(db.model_measurements(device_key)) == len(lines)
+    assert db.kernel_measurements(device_key)  # the measured kernels now answer for themselves

@@ -28,6 +28,10 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--db", default=str(DEFAULT_DB_PATH),
                    help="tuning database: measured kernel times where it has them")
+    r.add_argument("--measure-every", type=int, default=None, metavar="K",
+                   help="LINAS: every K generations compile and time the front's best, "
+                   "store them and refit the predictor")
+    r.add_argument("--measure-top", type=int, default=4, help="LINAS: models measured each time")
     r.add_argument("--predictor", default=None, help="folder of a saved latency predictor "
                    "(default: the one in cost_models/ for the target and threads)")
     r.add_argument("--out", default="nas_out", help="folder for the front (CSV, JSON, PNG) "
@@ -53,7 +57,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     latency_ms=args.latency_ms, max_params=args.max_params, evals=args.evals,
                     population=args.population, seed=args.seed, db=args.db,
                     threads=args.threads, predictor=args.predictor, out_dir=args.out,
-                    progress=args.verbose)
+                    progress=args.verbose, measure_every=args.measure_every,
+                    measure_top=args.measure_top)
     if not result.met_limit:
         print("no architecture met the limits; the fastest found:")
     print(f"{'latency_ms':>10}  {result.objective:>12}  source     arch")

@@ -14,13 +14,22 @@ architectures, every evaluated point, and, written to `out_dir`, `front.csv`, `f
 rerun resumes from: evaluated architectures are not evaluated again) and `pareto.png`. A limit
 no architecture meets: the search says so and returns the fastest architecture it found, never
 an empty front.
+
+LINAS (DyNAS-T's outer loop), with `measure_every` = K: every K generations the front's
+unmeasured members (a few, spread along it) are compiled and timed for real (`measure.py`),
+stored in the database and `measured.jsonl`, and the table's predictor is refitted (the
+database's measured kernels answer for themselves; from 3 measured models on, a correction
+fitted to them); the archive is re-priced and the search goes on from its last population.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
+import math
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +71,7 @@ class SearchResult:
     front: list[Point]
     evaluated: list[Point]
     met_limit: bool
+    measured: dict[Arch, float] = field(default_factory=dict)  # LINAS: measured ms
     files: dict[str, Path] = field(default_factory=dict)
 
     def build(self, index: int = 0) -> Any:
@@ -108,16 +118,24 @@ class _Evaluator:
         return f, g
 
     def _point(self, arch: Arch, ms: float, source: str) -> Point:
-        known = self.archive.points.get(arch)
-        if known is not None:
-            return known
-        n = params(self.space, arch)
-        point = Point(arch, float("nan"), ms, source, n, False)
+        point = self.archive.points.get(arch)
+        fresh = point is None
+        if point is None:
+            point = Point(arch, float("nan"), ms, source, params(self.space, arch), False)
+        point.latency_ms, point.source = ms, source  # the table may have been refitted
         point.feasible = not any(v > 0 for v in self._violations(point))
-        if point.feasible:  # rejected candidates never reach the (costly) objective
-            point.objective = float(self.objective(arch))
-        self.archive.add(point)
+        if point.feasible and math.isnan(point.objective):
+            point.objective = float(self.objective(arch))  # rejected ones never get here
+            fresh = True
+        if fresh:
+            self.archive.add(point)
         return point
+
+    def refresh(self) -> None:
+        """Every archived point re-priced by the table as it is now."""
+        points = list(self.archive.points.values())
+        if points:
+            self(self.space.encode([p.arch for p in points]))
 
     def _violations(self, point: Point) -> tuple[float, float]:
         over_latency = point.latency_ms / self.latency_ms - 1 if self.latency_ms else -1.0
@@ -129,16 +147,11 @@ def search(space: str | Space = "ofa-mbv3", target: Any = "host", *,
            objective: str | Objective = "params", latency_ms: float | None = None,
            max_params: int | None = None, evals: int = 1000, population: int = 50,
            seed: int = 0, db: Any = None, threads: int | None = None, table: Any = None,
-           predictor: Any = None, out_dir: str | Path | None = None, progress: bool = False
-           ) -> SearchResult:
-    """NSGA-II over (objective, latency); see the module docstring."""
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.core.problem import Problem
-    from pymoo.operators.crossover.sbx import SBX
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
-
+           predictor: Any = None, out_dir: str | Path | None = None, progress: bool = False,
+           measure_every: int | None = None, measure_top: int = 4) -> SearchResult:
+    """NSGA-II over (objective, latency); see the module docstring. With `measure_every` = K,
+    a LINAS loop: every K generations the front's `measure_top` unmeasured members are
+    compiled and timed, stored, and the table's predictor refitted to them."""
     from hwaware.nas.table import LatencyTable
 
     chosen = space if isinstance(space, Space) else get_space(space)
@@ -152,27 +165,98 @@ def search(space: str | Space = "ofa-mbv3", target: Any = "host", *,
         out.mkdir(parents=True, exist_ok=True)
     archive = Archive(chosen, out / "evaluated.jsonl" if out else None)
     evaluate = _Evaluator(chosen, table, function, latency_ms, max_params, archive)
+    start = _start(chosen, archive, population)
+    linas = None
+    if measure_every is None:
+        _run(chosen, evaluate, population, start, ("n_evals", evals), seed, progress)
+    else:
+        linas = Linas(chosen, table, target, threads, db, out, measure_top)
+        for segment in itertools.count():
+            start = _run(chosen, evaluate, population, start, ("n_gen", measure_every),
+                         seed + segment, progress)
+            linas.step(pareto_front(list(archive.points.values())))
+            evaluate.refresh()
+            if len(archive.points) >= evals:
+                break
+    result = _result(chosen, (name, function), list(archive.points.values()), latency_ms, out,
+                     linas.measured if linas else {})
+    return result
+
+
+def _run(space: Space, evaluate: _Evaluator, population: int, start: Any,
+         termination: tuple[str, int], seed: int, progress: bool) -> np.ndarray:
+    """One NSGA-II run from `start`; returns its last population (encoded)."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.problem import Problem
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.optimize import minimize
 
     class _Problem(Problem):
         def __init__(self) -> None:
-            upper = [len(g.choices) - 1 for g in chosen.genes]
+            upper = [len(g.choices) - 1 for g in space.genes]
             super().__init__(n_var=len(upper), n_obj=2, n_ieq_constr=2, xl=0, xu=upper,
                              vtype=int)
 
         def _evaluate(self, x: np.ndarray, out: dict[str, Any], *args: Any, **kw: Any) -> None:
             out["F"], out["G"] = evaluate(np.asarray(x, dtype=np.int64))
 
-    algorithm = NSGA2(pop_size=population, sampling=_start(chosen, archive, population, seed),
+    algorithm = NSGA2(pop_size=population, sampling=start,
                       crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
                       mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
                       eliminate_duplicates=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        minimize(_Problem(), algorithm, ("n_evals", evals), seed=seed, verbose=progress)
-    return _result(chosen, (name, function), list(archive.points.values()), latency_ms, out)
+        res = minimize(_Problem(), algorithm, termination, seed=seed, verbose=progress)
+    return np.asarray(res.pop.get("X"), dtype=float)
 
 
-def _start(space: Space, archive: Archive, population: int, seed: int) -> Any:
+class Linas:
+    """The LINAS outer loop (DyNAS-T): measure the front for real, refit, go on."""
+
+    def __init__(self, space: Space, table: Any, target: Any, threads: int | None, db: Any,
+                 out: Path | None, top: int):
+        from hwaware.db import open_db
+
+        self.space, self.table, self.top = space, table, top
+        self.target, self.threads, self.db = target, threads, open_db(db)
+        self.file = (out or Path(tempfile.mkdtemp(prefix="hwaware-linas-"))) / "measured.jsonl"
+        self.base = table.predictor
+        self.samples: list[Any] = []
+        self.measured: dict[Arch, float] = {}
+
+    def step(self, front: list[Point]) -> None:
+        from hwaware.nas.measure import measure
+
+        todo = [p.arch for p in front if p.arch not in self.measured]
+        chosen = todo[:: max(1, len(todo) // self.top)][: self.top]
+        if not chosen:
+            return
+        samples = measure(self.space, chosen, self.file, self.target, self.threads, self.db)
+        for arch, sample in zip(chosen, samples, strict=True):
+            if sample is not None:
+                self.samples.append(sample)
+                self.measured[arch] = sample.measured_us / 1e3
+        self.table.use(self._refitted())
+        log.info("LINAS: %d architectures measured; predictor refitted", len(self.samples))
+
+    def _refitted(self) -> Any:
+        """The base predictor with this session's database (its measured kernels now answer
+        for themselves) and, from 3 measured models on, a correction fitted to them."""
+        from hwaware.predict.features import Device
+        from hwaware.predict.predictor import LatencyPredictor
+        from hwaware.target import get_target
+
+        base = self.base
+        device = Device.of(get_target(self.target), self.threads)
+        if len([s for s in self.samples if s.device["key"] == device.key]) >= 3:
+            base = base.adapt(self.samples, device)
+        return LatencyPredictor(base.kernel_model, base.model_model, base.manifest, base.table,
+                                self.db or base.db)
+
+
+def _start(space: Space, archive: Archive, population: int) -> Any:
     """The first population: random, or the best of a resumed run's archive."""
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
 
@@ -196,7 +280,8 @@ def pareto_front(points: list[Point]) -> list[Point]:
 
 
 def _result(space: Space, objective: tuple[str, Objective], points: list[Point],
-            latency_ms: float | None, out: Path | None) -> SearchResult:
+            latency_ms: float | None, out: Path | None, measured: dict[Arch, float]
+            ) -> SearchResult:
     name, function = objective
     front = pareto_front(points)
     met = bool(front)
@@ -207,7 +292,7 @@ def _result(space: Space, objective: tuple[str, Objective], points: list[Point],
                       f"ms and is returned instead", stacklevel=3)
         fastest.objective = float(function(fastest.arch))
         front = [fastest]
-    result = SearchResult(space, name, front, points, met)
+    result = SearchResult(space, name, front, points, met, measured)
     if out is not None:
         result.files = write_outputs(result, out, latency_ms)
     return result
@@ -226,7 +311,7 @@ def write_outputs(result: SearchResult, out: Path, latency_ms: float | None) -> 
         {"space": result.space.name, "objective": result.objective, "latency_limit_ms":
          latency_ms, "met_limit": result.met_limit,
          "front": [p.to_json() for p in result.front]}, indent=1, sort_keys=True))
-    plot_front(result, files["png"], latency_ms)
+    plot_front(result, files["png"], latency_ms, result.measured)
     return files
 
 

@@ -38,7 +38,7 @@ class SpaceArchitecture:
         return self.space.build(self.arch), self.space.example_inputs(self.arch)
 
     def to_json(self) -> dict[str, Any]:
-        return {"space": f"nas:{self.space.name}", "config": self.arch}
+        return {"space": f"nas:{self.space.name}", "config": self.arch.to_dict()}
 
 
 def measure(space: Space, archs: Sequence[Mapping[str, Any]], out: Path, target: Any = "host",

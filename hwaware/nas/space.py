@@ -38,9 +38,9 @@ class Arch(dict):  # type: ignore[type-arg]
     """An architecture: gene name -> value (a tuple for list genes). Frozen and hashable, and a
     `dict`, so `json.dumps` takes it as it is; `copy.deepcopy` gives a plain, editable dict."""
 
-    def __init__(self, values: Mapping[str, Any]):
+    def __init__(self, values: Mapping[str, Any] | Iterable[tuple[str, Any]]):
         super().__init__({k: tuple(v) if isinstance(v, (list, tuple)) else v
-                          for k, v in values.items()})
+                          for k, v in dict(values).items()})
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))

@@ -77,6 +77,14 @@ class LatencyTable:
         self.kernel_cache = BlockKernelCache(self.space)
         self._slots = _SlotIndex(self.space)
 
+    def use(self, predictor: Any) -> None:
+        """Answer with another predictor from now on (a refitted one): blocks' kernels stay,
+        their prices and every cached answer go."""
+        self.predictor = predictor
+        self.costs.clear()
+        self.answers.clear()
+        self._slots = _SlotIndex(self.space)
+
     # ------------------------------------------------------------------ lookups
     def latency_ms(self, arch: Mapping[str, Any]) -> float:
         """Predicted milliseconds of `arch` compiled by hwaware on this table's device."""
