@@ -16,17 +16,17 @@ conventions and statistics) and `manifest.json` (a SHA-256 of every file, checke
 `hwaware.load`).
 Output containers a region returns load as in `hwaware.load` (`outputs.py`), with one warning
 for the whole model when some come back as dicts. A region that runs in eager PyTorch (numpy,
-a forward that cannot be rewritten) is saved as its source, with the model's class and a
-fingerprint of its weights and attributes: `hwaware.load(path, model=m)` rebinds it to `m`, and
-refuses an `m` of another class or with other weights; without `model=` load names the regions
-and the argument.
+a forward that cannot be rewritten) is saved as its source (for people), with the model's class
+and a fingerprint of its weights and attributes: `hwaware.load(path, model=m)` makes its Python
+again from `m`'s own forward and binds it to `m`, and refuses an `m` of another class, with
+other weights, or whose forward no longer gives that source; without `model=` load names the
+regions and the argument.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -596,9 +596,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def bind_eager_regions(directory: Path, runners: dict[str, RegionRunner], info: DynamicInfo,
                        model: torch.nn.Module | None) -> None:
-    """Give the regions that run in eager PyTorch their Python back: each region's saved
-    source, run in its module's globals, called on `model`. Refuses a `model` of another
-    class, or with other weights or attributes than the compiled one (never a wrong number)."""
+    """Give the regions that run in eager PyTorch their Python back, made again from `model`'s
+    forward (never from the saved source, which is for people) and called on `model`. Refuses
+    a `model` of another class, or with other weights or attributes than the compiled one, or
+    whose forward no longer gives the saved regions (never a wrong number)."""
     eager = [r for r in runners.values() if r.eager_reason is not None]
     if not eager:
         return
@@ -612,17 +613,11 @@ def bind_eager_regions(directory: Path, runners: dict[str, RegionRunner], info: 
                          f"attributes differ from the {info.model_class} that was compiled; "
                          f"its eager regions ({names}) would compute other numbers than its "
                          "compiled ones")
+    from hwaware.dynamic.driver import eager_region_functions  # it imports this module
+
+    functions = eager_region_functions(model, [r.info for r in eager])
     for runner in eager:
-        runner.fn, runner.root = region_function(runner.info), model
-
-
-def region_function(info: RegionInfo) -> Callable[..., Any]:
-    """A region's Python, from its saved source, in the globals of the module it came from."""
-    module = importlib.import_module(info.globals_module) if info.globals_module else None
-    namespace: dict[str, Any] = dict(vars(module)) if module is not None else {"torch": torch}
-    exec(compile(info.source, f"<hwaware {info.name} from {info.where}>", "exec"),  # noqa: S102
-         namespace)
-    return namespace[info.name]  # type: ignore[no-any-return]
+        runner.fn, runner.root = functions[runner.info.name], model
 
 
 def _short(where: str) -> str:
