@@ -47,7 +47,8 @@ NODE_TYPES: dict[str, type[ast.AST]] = {cls.__name__: cls for cls in (
     ast.Mod, ast.Pow, ast.LShift, ast.RShift, ast.BitOr, ast.BitXor, ast.BitAnd, ast.And,
     ast.Or, ast.Not, ast.Invert, ast.UAdd, ast.USub, ast.Eq, ast.NotEq, ast.Lt, ast.LtE,
     ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn)}
-ATTRIBUTES = VALUE_READS | SHAPE_METHODS | SIDE_EFFECT_METHODS | {
+# a tensor's values and sizes, and the methods of the lists and dicts the host builds
+ATTRIBUTES = VALUE_READS | SHAPE_METHODS | (SIDE_EFFECT_METHODS - {"write"}) | {
     "shape", "ndim", "dtype", "keys", "values", "items", "get", "index", "count"}
 MATH_FUNCTIONS = frozenset(n for n in dir(math) if not n.startswith("_"))
 _CONSTANTS = (str, int, float, bool, type(None))
@@ -84,7 +85,7 @@ def _encode(node: Any) -> Any:
     if isinstance(node, ast.AST):
         kind = type(node).__name__
         if kind not in NODE_TYPES:
-            raise HostProgramError(f"construct {kind} is not allowed in a host program")
+            raise HostProgramError(f"construct {kind!r} is not allowed in a host program")
         return {"_": kind, **{f: _encode(getattr(node, f)) for f in node._fields
                               if getattr(node, f, None) is not None}}
     if isinstance(node, list):
@@ -134,7 +135,7 @@ def check(tree: ast.Module, regions: Iterable[str], where: str) -> None:
 def _refused(node: ast.AST, known: set[str]) -> str | None:
     """Why `node` may not be in a host program, or None."""
     if type(node).__name__ not in NODE_TYPES or type(node) is ast.FunctionDef:
-        return f"construct {type(node).__name__} is not allowed"
+        return f"construct {type(node).__name__!r} is not allowed"
     names = [node.id] if isinstance(node, ast.Name) else [node.arg] \
         if isinstance(node, (ast.arg, ast.keyword)) and node.arg else []
     if any(not isinstance(n, str) or not n.isidentifier() or n.startswith("__") for n in names):
