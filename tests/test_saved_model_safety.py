@@ -28,6 +28,7 @@ from hwaware.dynamic.model import DynamicModel
 from hwaware.manifest import ManifestError
 from hwaware.program import DisallowedOpError
 from hwaware.runtime import CompiledModel
+from tests.helpers import resign
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "hwaware"
@@ -86,14 +87,6 @@ def no_library_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = vm.load_executable
     monkeypatch.setattr(vm, "load_executable", lambda path: opened.append(path) or real(path))
     return opened
-
-
-def resign(directory: Path) -> None:
-    """Write the manifest again over the folder as it is now (an attacker who can)."""
-    old = manifest.Manifest.from_json((directory / manifest.MANIFEST_FILE).read_text(), directory)
-    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*")
-             if p.is_file() and p.name != manifest.MANIFEST_FILE]
-    manifest.write(directory, old.kind, old.format_version, files)
 
 
 def flip_byte(path: Path) -> None:
