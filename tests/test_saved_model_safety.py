@@ -23,6 +23,7 @@ from torch import nn
 
 import hwaware
 from hwaware import manifest
+from hwaware.dynamic import host
 from hwaware.dynamic.host import HostProgramError
 from hwaware.dynamic.model import DynamicModel
 from hwaware.manifest import ManifestError
@@ -252,6 +253,28 @@ def _inject_host_statement(directory: Path, statement: str) -> None:
     doc = json.loads(path.read_text())
     doc["forward"]["body"][0]["body"][:0] = [_json_ast(s) for s in ast.parse(statement).body]
     path.write_text(json.dumps(doc))
+
+
+def _host_plans() -> list[tuple[str, Any]]:
+    from hwaware.dynamic.driver import plan_model
+    from hwaware.dynamic_zoo import DYNAMIC_MODELS, get_dynamic_case
+    from tests.conformance.dynamic_styles import CASES
+
+    models = [(n, get_dynamic_case(n).model) for n in sorted(DYNAMIC_MODELS)]
+    models += [(n, CASES[n]()[0]) for n in sorted(CASES)]
+    return [(n, plan[1]) for n, m in models if (plan := plan_model(m)) is not None]
+
+
+def test_every_generated_host_program_round_trips_through_its_declarative_form() -> None:
+    """Every host program of the dynamic zoo and of the conformance styles passes the checks
+    and comes back as the same tree (a save never writes what a load refuses)."""
+    plans = _host_plans()
+    assert len(plans) >= 20
+    for name, plan in plans:
+        source = plan.source()
+        doc = json.loads(json.dumps(host.to_json(source, plan.regions)))
+        tree = host.from_json(doc, plan.regions, name)
+        assert ast.dump(tree) == ast.dump(ast.parse(source)), name
 
 
 def test_an_edited_host_program_is_refused_by_the_manifest(dynamic_dir: Path,

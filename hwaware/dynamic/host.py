@@ -87,7 +87,7 @@ def _encode(node: Any) -> Any:
         if kind not in NODE_TYPES:
             raise HostProgramError(f"construct {kind!r} is not allowed in a host program")
         return {"_": kind, **{f: _encode(getattr(node, f)) for f in node._fields
-                              if getattr(node, f, None) is not None}}
+                              if hasattr(node, f)}}
     if isinstance(node, list):
         return [_encode(x) for x in node]
     if isinstance(node, _CONSTANTS):
