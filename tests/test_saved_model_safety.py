@@ -307,6 +307,17 @@ def test_a_resigned_host_program_doing_more_than_hwaware_writes_is_refused(
     assert not marker.exists() and no_library_loads == []
 
 
+@pytest.mark.parametrize("region", ["__builtins__", "_hw_decide", "len", "a.b"])
+def test_a_region_named_like_anything_but_a_region_is_refused(dynamic_dir: Path,
+                                                               region: str) -> None:
+    doc = json.loads((dynamic_dir / "dynamic.json").read_text())
+    doc["regions"][0]["name"] = region
+    (dynamic_dir / "dynamic.json").write_text(json.dumps(doc))
+    resign(dynamic_dir)
+    with pytest.raises(HostProgramError, match=f"'{region}' is not a region name"):
+        hwaware.load(dynamic_dir)
+
+
 def test_host_program_py_is_never_executed(dynamic_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     readable = dynamic_dir / "host_program.py"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ast
 import builtins
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from hwaware.dynamic.split import HOST_BUILTINS, SHAPE_METHODS, SIDE_EFFECT_METHODS
@@ -59,14 +59,14 @@ class HostProgramError(ValueError):
 
 
 # ------------------------------------------------------------------------------ JSON
-def to_json(source: str, regions: Iterable[str]) -> dict[str, Any]:
+def to_json(source: str, regions: Collection[str]) -> dict[str, Any]:
     """The host program `source` as a JSON document (checked first, as a load will)."""
     tree = ast.parse(source)
     check(tree, regions, "the host program to save")
     return {"format_version": HOST_FORMAT_VERSION, "forward": _encode(tree)}
 
 
-def from_json(doc: Any, regions: Iterable[str], where: str) -> ast.Module:
+def from_json(doc: Any, regions: Collection[str], where: str) -> ast.Module:
     """The host program's syntax tree from the document `to_json` wrote; raises
     `HostProgramError` naming `where` (the file) and the construct it refuses."""
     if not isinstance(doc, dict) or doc.get("format_version") != HOST_FORMAT_VERSION:
@@ -115,12 +115,17 @@ def _decode(doc: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- checks
-def check(tree: ast.Module, regions: Iterable[str], where: str) -> None:
-    """Refuse, naming `where`, a tree that is not a host program hwaware writes."""
+def check(tree: ast.Module, regions: Collection[str], where: str) -> None:
+    """Refuse, naming `where`, a tree that is not a host program hwaware writes (or region
+    names that could stand for anything but a region)."""
     body = tree.body
     if len(body) != 1 or not isinstance(body[0], ast.FunctionDef) or body[0].name != "forward" \
             or body[0].decorator_list or body[0].returns is not None:
         raise HostProgramError(f"{where}: a host program is exactly one `def forward(...)`")
+    bad = [r for r in regions if not (isinstance(r, str) and r.isidentifier())
+           or r.startswith("_") or r in HOST_BUILTINS]
+    if bad:
+        raise HostProgramError(f"{where}: {bad[0]!r} is not a region name")
     forward = body[0]
     nodes = [n for n in ast.walk(forward) if n is not forward]
     stored = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
