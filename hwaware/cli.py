@@ -33,20 +33,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if _INTERRUPTED:  # TVM turns a KeyboardInterrupt raised in a callback into its error
+            return _interrupted()
         print(f"hwaware: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hwaware: interrupted; every record measured so far is kept", file=sys.stderr)
-        return 130  # the databases close (checkpointed) at exit: hwaware.db.close_all
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM ends the command like Ctrl-C: through `finally` blocks, the database closed."""
+_INTERRUPTED: list[int] = []  # the signals received
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM end the command through `finally` blocks and exit handlers, so the
+    session's records are checkpointed into the .db file (`hwaware.db.close_all`)."""
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("hwaware: interrupted; every record measured so far is kept", file=sys.stderr)
+    return 130
 
 
 def _parser() -> argparse.ArgumentParser:

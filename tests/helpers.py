@@ -63,3 +63,10 @@ def default_schedule(mod: Any, target: Any) -> Any:
     from hwaware.tvm import schedules
 
     return schedules.apply_fixed_schedules(mod, target, fixed_schedules())
+
+
+def tiny_conv() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """A one-task model for real tuning sessions (`hwaware tune tests.helpers:tiny_conv`)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    return model, (torch.randn(1, 4, 8, 8),)
