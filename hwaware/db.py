@@ -6,15 +6,19 @@ partitioned kernel by its signature: family, shapes, attributes, FLOPs, bytes, a
 workloads it maps to), kernel measurements (a whole kernel timed as TVM or as PyTorch) and
 model measurements (a whole compiled model timed).
 Comes out: the best records per (workload, target), kernel and model measurements per target
-(what the latency predictor trains on), statistics, JSONL export/import of every table.
+(what the latency predictor trains on), statistics, JSONL export of every table, import and
+merge of other databases or exports (every row validated first: `db_validate`), and readable
+views (`VIEWS`: best records, sessions, kernel and model timings) for sqlite-utils/datasette.
 
 Schema versions: 1 had no `kernels`, `kernel_workloads` or `model_measurements` tables; a
 version-1 file is migrated in place when opened (tables added, nothing rewritten).
 
 Design rules (see ROADMAP.md): keys are made in one place (`workload_key`), queries always name a
 target so one target never sees another's records, every record says which device and session
-measured it, and the file is safe under several writer processes (WAL + busy timeout, one
-transaction per committed candidate).
+measured it, and the file is safe under several writer processes (WAL, busy timeout, one
+`BEGIN IMMEDIATE` transaction per committed candidate, retried with backoff on SQLITE_BUSY).
+A process holds one connection per file (`open_db`); every connection is closed at exit
+(`close_all`), and closing checkpoints the WAL, so the `.db` file alone holds every record.
 """
 
 from __future__ import annotations
