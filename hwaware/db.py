@@ -218,6 +218,10 @@ class TuningDatabase:
         self._create_views()
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _execute_write(self, sql: str, args: list[Any]) -> sqlite3.Cursor:
+        """One write statement in its own transaction (`_write`)."""
+        return self._write(lambda: self.db.execute(sql, args))
+
     def _write(self, body: Callable[[], T]) -> T:
         """Run `body` in one write transaction (BEGIN IMMEDIATE ... COMMIT), retried with
         backoff while another process holds the write lock; rolled back if it raises."""
@@ -357,13 +361,11 @@ class TuningDatabase:
         self, workload_hash: str, tvm_version: str, mod_json: str,
         family: str = "", shapes: str = "",
     ) -> None:
-        def _body() -> None:
-            self.db.execute(
-                "INSERT OR IGNORE INTO workloads (hash, tvm_version, mod_json, family, shapes) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [workload_hash, tvm_version, mod_json, family, shapes],
-            )
-        self._write(_body)
+        self._execute_write(
+            "INSERT OR IGNORE INTO workloads (hash, tvm_version, mod_json, family, shapes) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [workload_hash, tvm_version, mod_json, family, shapes],
+        )
 
     def workload_json(self, workload_hash: str, tvm_version: str) -> str | None:
         row = self.db.execute(
@@ -375,31 +377,27 @@ class TuningDatabase:
     # ----------------------------------------------------------------- records
     def commit_record(self, row: RecordRow) -> bool:
         """Commit one measured candidate at once (its own transaction). False if already there."""
-        def _body() -> sqlite3.Cursor:
-            return self.db.execute(
-                "INSERT OR IGNORE INTO records (workload_hash, tvm_version, target_key, candidate, "
-                "trace_json, args_info_json, run_secs, mean_us, error, device, session_id, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    row.workload_hash, row.tvm_version, row.target_key,
-                    candidate_key(row.trace_json), row.trace_json, row.args_info_json,
-                    json.dumps(row.run_secs), row.mean_us, row.error, row.device,
-                    row.session_id, row.created_at,
-                ],
-            )
-        cur = self._write(_body)
+        cur = self._execute_write(
+            "INSERT OR IGNORE INTO records (workload_hash, tvm_version, target_key, candidate, "
+            "trace_json, args_info_json, run_secs, mean_us, error, device, session_id, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                row.workload_hash, row.tvm_version, row.target_key,
+                candidate_key(row.trace_json), row.trace_json, row.args_info_json,
+                json.dumps(row.run_secs), row.mean_us, row.error, row.device,
+                row.session_id, row.created_at,
+            ],
+        )
         return cur.rowcount == 1
 
     def remeasure(self, row: RecordRow, run_secs: list[float]) -> None:
         """Replace a stored record's measurement by a new one of the same candidate on the same
         target (`search.remeasure_top_records`); its mean_us becomes their median."""
-        def _body() -> None:
-            self.db.execute(
-                "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "
-                "tvm_version = ? AND target_key = ? AND candidate = ?",
-                [json.dumps(run_secs), statistics.median(run_secs) * 1e6, row.workload_hash,
-                 row.tvm_version, row.target_key, candidate_key(row.trace_json)])
-        self._write(_body)
+        self._execute_write(
+            "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "
+            "tvm_version = ? AND target_key = ? AND candidate = ?",
+            [json.dumps(run_secs), statistics.median(run_secs) * 1e6, row.workload_hash,
+             row.tvm_version, row.target_key, candidate_key(row.trace_json)])
 
     def has_candidate(self, workload_hash: str, tvm_version: str, target_key: str,
                       trace_json: str) -> bool:
@@ -449,6 +447,7 @@ class TuningDatabase:
                       tvm_version: str = "", target_key: str = "") -> None:
         """Store a kernel's schema (a `hwaware.decompose.KernelRecord`) under its signature,
         and the TVM workloads its build holds on `target_key`."""
+
         def _body() -> None:
             self.db.execute(
                 "INSERT OR IGNORE INTO kernels (signature, family, record_json, flops, "
@@ -482,13 +481,11 @@ class TuningDatabase:
     def commit_kernel_measurement(
         self, signature: str, target_key: str, impl: str, run_us: float, family: str
     ) -> None:
-        def _body() -> None:
-            self.db.table("kernel_measurements").insert({
-                "signature": signature, "target_key": target_key, "impl": impl,
-                "run_us": run_us, "device": self.device, "family": family,
-                "created_at": time.time(),
-            })
-        self._write(_body)
+        self._write(lambda: self.db.table("kernel_measurements").insert({
+            "signature": signature, "target_key": target_key, "impl": impl,
+            "run_us": run_us, "device": self.device, "family": family,
+            "created_at": time.time(),
+        }))
 
     def kernel_measurements(self, target_key: str, signature: str | None = None
                             ) -> list[KernelMeasurement]:
@@ -505,14 +502,12 @@ class TuningDatabase:
 
     # ------------------------------------------------------- model measurements
     def commit_model_measurement(self, m: ModelMeasurement) -> None:
-        def _body() -> None:
-            self.db.table("model_measurements").insert({
-                "model": m.model, "target_key": m.target_key, "impl": m.impl,
-                "latency_us": m.latency_us, "spread_us": m.spread_us,
-                "kernels_json": json.dumps(m.kernels), "device": m.device,
-                "session_id": m.session_id, "created_at": m.created_at or time.time(),
-            })
-        self._write(_body)
+        self._write(lambda: self.db.table("model_measurements").insert({
+            "model": m.model, "target_key": m.target_key, "impl": m.impl,
+            "latency_us": m.latency_us, "spread_us": m.spread_us,
+            "kernels_json": json.dumps(m.kernels), "device": m.device,
+            "session_id": m.session_id, "created_at": m.created_at or time.time(),
+        }))
 
     def model_measurements(self, target_key: str, model: str | None = None
                            ) -> list[ModelMeasurement]:
@@ -528,19 +523,14 @@ class TuningDatabase:
 
     # ---------------------------------------------------------------- sessions
     def start_session(self, session_id: str, target_key: str, model: str, trials: int) -> None:
-        def _body() -> None:
-            self.db.table("sessions").insert({
-                "id": session_id, "target_key": target_key, "model": model, "trials": trials,
-                "device": self.device, "started_at": time.time(),
-            })
-        self._write(_body)
+        self._write(lambda: self.db.table("sessions").insert({
+            "id": session_id, "target_key": target_key, "model": model, "trials": trials,
+            "device": self.device, "started_at": time.time(),
+        }))
 
     def finish_session(self, session_id: str, summary_json: str) -> None:
-        def _body() -> None:
-            self.db.table("sessions").update(
-                session_id, {"finished_at": time.time(), "summary_json": summary_json}
-            )
-        self._write(_body)
+        self._write(lambda: self.db.table("sessions").update(
+            session_id, {"finished_at": time.time(), "summary_json": summary_json}))
 
     # ------------------------------------------------------------- inspection
     def stats(self) -> dict[str, Any]:
