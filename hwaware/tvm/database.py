@@ -17,7 +17,7 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase
+from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase, candidate_key
 from hwaware.tvm.ir import plain_json, workload_hash, workload_json
 from hwaware.tvm.setup import TVM_VERSION, ResolvedTarget
 
@@ -110,9 +110,10 @@ def _warn_unusable(row: RecordRow, err: Exception) -> None:
     _WARNED.add(key)
     reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
     warnings.warn(
-        f"hwaware: skipping a stored tuning record that does not replay (workload "
-        f"{row.workload_hash}, target {row.target_key}, session {row.session_id}, "
-        f"mean_us {row.mean_us}): {reason}", StoredRecordWarning, stacklevel=3)
+        f"hwaware: skipping a stored tuning record that does not replay (candidate "
+        f"{candidate_key(row.trace_json)} of workload {row.workload_hash}, target "
+        f"{row.target_key}, session {row.session_id}, mean_us {row.mean_us}): {reason}",
+        StoredRecordWarning, stacklevel=3)
 
 
 def record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],
