@@ -61,9 +61,11 @@ def test_a_cli_session_beside_three_writers_leaves_every_record_in_the_db_file(
         outs = [w.communicate(timeout=240)[0] for w in writers]
         _, err = tune.communicate(timeout=300)
     finally:
-        for proc in [tune, *writers]:
-            if proc.poll() is None:
-                os.killpg(tune.pid, signal.SIGKILL) if proc is tune else proc.kill()
+        for writer in writers:
+            if writer.poll() is None:
+                writer.kill()
+        if tune.poll() is None:
+            os.killpg(tune.pid, signal.SIGKILL)  # the session and its builder/runner workers
     assert tune.returncode == 0, err
     assert "locked" not in err
     assert all('"errors": 0' in out for out in outs), outs
