@@ -20,6 +20,7 @@ from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
 from hwaware.decompose import as_inputs, rewrite_and_partition
 from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
+from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
@@ -64,6 +65,7 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
 
         return compile_onnx(Path(model), target=target, db=db, trials=trials,
                             show_progress=show_progress)
+    check_count("trials", trials)
     tgt = get_target(target)
     database = open_db(db)
     inputs = as_inputs(example_inputs)
@@ -97,6 +99,7 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
          trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True,
          fuse: bool = True) -> SessionSummary:
     """Run a tuning session for `model` and return its summary (records go to `db`)."""
+    check_count("trials", trials)
     tgt = get_target(target)
     database = open_db(db)
     if database is None:

@@ -24,6 +24,7 @@ import torch
 
 from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
+from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import kernel_inputs
 from hwaware.target import Target
@@ -116,15 +117,27 @@ def require_runnable(target: Target) -> None:
 
 def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
                model_name: str = "", show_progress: bool = True) -> SessionSummary:
-    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
+    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX).
+    However the session ends, the WAL is checkpointed so the `.db` file holds its records."""
+    require_runnable(target)
+    summary = SessionSummary(uuid.uuid4().hex[:12], target.key, check_count("trials", trials),
+                             0, 0.0)
+    if not tasks or trials == 0:
+        return summary
+    try:
+        return _run_session(tasks, target, db, summary, model_name, show_progress)
+    finally:  # also on Ctrl-C or an error: the records so far go into the .db file itself
+        db.checkpoint()
+
+
+def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
+                 summary: SessionSummary, model_name: str, show_progress: bool
+                 ) -> SessionSummary:
+    """The session itself: each task's remaining budget measured, the summary filled in."""
     from hwaware.kernels import fixed_schedules as family_schedules
     from hwaware.tvm import database, schedules, search, setup
 
-    require_runnable(target)
-    session_id = uuid.uuid4().hex[:12]
-    summary = SessionSummary(session_id, target.key, trials, 0, 0.0)
-    if not tasks or trials <= 0:
-        return summary
+    session_id, trials = summary.session_id, summary.trials_requested
     per_task = _per_task_budget(trials, len(tasks))
     before = {t.workload_hash: db.count_records(t.workload_hash, setup.TVM_VERSION,
                                                 target.key) for t in tasks}
