@@ -5,6 +5,7 @@
     hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
     hwaware db stats|export FILE|import FILE... [--db PATH]
     hwaware db merge A B... --out C
+    hwaware report DB [--session ID | --target KEY] --out report.html
     hwaware demo [--trials N] [--db PATH]
     hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
     hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N]
@@ -103,7 +104,29 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
     _add_predictor_commands(sub)
     _add_nas_commands(sub)
+    _add_report_command(sub)
     return p
+
+
+def _add_report_command(sub: Any) -> None:
+    r = sub.add_parser("report", help="an HTML report (with PNG charts) of tuning sessions",
+                       description="Convergence per task, time per task and phase, model "
+                       "speed-ups and the tasks worth more trials, for one session (default: "
+                       "the latest) or every session of a target. The PNGs go next to --out.")
+    r.add_argument("db", help="the tuning database")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--session", help="the session id (default: the latest session)")
+    which.add_argument("--target", help="report every session of this target key")
+    r.add_argument("--out", default="report.html", help="the HTML file to write")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hwaware.report import write_report
+
+    paths = write_report(args.db, args.out, session=args.session, target=args.target)
+    print(f"wrote {paths[0]} and {len(paths) - 1} PNGs beside it")
+    return 0
 
 
 def _add_predictor_commands(sub: Any) -> None:

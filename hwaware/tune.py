@@ -63,6 +63,9 @@ class SessionSummary:
     elapsed_s: float
     remeasured: int = 0
     tasks: list[TaskSummary] = field(default_factory=list)
+    # seconds per phase (search, build, run, cost_model, database: `hwaware.tvm.phases`, and
+    # remeasure: the best records timed again); the rest of elapsed_s is in no phase
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -135,7 +138,7 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
                  ) -> SessionSummary:
     """The session itself: each task's remaining budget measured, the summary filled in."""
     from hwaware.kernels import fixed_schedules as family_schedules
-    from hwaware.tvm import database, schedules, search, setup
+    from hwaware.tvm import database, phases, schedules, search, setup
 
     session_id, trials = summary.session_id, summary.trials_requested
     per_task = _per_task_budget(trials, len(tasks))
@@ -150,16 +153,19 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
         resolved = setup.resolve(target)
         tgt, adapter = resolved.tvm, database.SqliteDatabase.of(db, resolved)
         fixed_schedules = family_schedules()
-        with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
+        with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir, \
+                phases.phase_times() as summary.phases_s:
             search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
             )
+        remeasure_start = time.time()
         for t in todo:  # fused kernels: re-rank their best records like for like
             if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
                 search.remeasure_top_records(t.workload, adapter,
                                                  fixed_schedules=fixed_schedules)
+        summary.phases_s["remeasure"] = time.time() - remeasure_start
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
