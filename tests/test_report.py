@@ -146,3 +146,17 @@ def test_tasks_worth_more_trials_are_the_improving_and_the_dominant_ones() -> No
     assert "only 40 trials" in improving.reasons[-1]
     assert converged.reasons == []
     assert failing.reasons and "no candidate ran" in failing.reasons[0]
+
+
+def test_wall_time_per_task_shares_the_first_round_and_charges_later_batches() -> None:
+    from hwaware.report import wall_time_per_task
+
+    def recs(whash: str, n: int, at: float) -> list[dict[str, object]]:
+        return [{"workload_hash": whash, "created_at": at, "id": 0}] * n
+
+    # round robin: a (3 candidates) and b (1) committed 40 s after the start; then b, then a
+    records = recs("a", 3, 100.0) + recs("b", 1, 100.5) + recs("b", 4, 110.5) + \
+        recs("a", 4, 130.5)
+    wall = wall_time_per_task(60.0, records)
+    assert wall == {"a": 40.5 * 3 / 4 + 20.0, "b": 40.5 / 4 + 10.0}
+    assert sum(wall.values()) == 130.5 - 60.0
