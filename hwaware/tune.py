@@ -7,6 +7,10 @@ The tasks are the fused TIR workloads of the kernels that hold a contraction (co
 matmul, attention); element-wise and reduction kernels get a rule-based schedule instead.
 Resuming: a task that already has its share of the budget in the database is skipped; one with
 part of it gets only the rest; MetaSchedule seeds its search from the stored records.
+
+On a device farm (`Farm`): candidates are built here in parallel and measured on the farm's
+devices (MetaSchedule's `RPCRunner`), the re-measure of top records too; each record names the
+farm's device (`rpc:KEY`) instead of this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
+from hwaware.farm import Farm
 from hwaware.partition import Partition
 from hwaware.runtime import kernel_inputs
 from hwaware.target import Target
@@ -107,20 +112,23 @@ def extract_tasks(part: Partition, example_inputs: list[torch.Tensor], target: T
     return list(tasks.values())
 
 
-def require_runnable(target: Target) -> None:
-    """Tuning measures kernels: refuse a target whose kernels cannot run on this machine."""
-    if not target.can_run_here:
+def require_runnable(target: Target, farm: Farm | None = None) -> None:
+    """Tuning measures kernels: refuse a target whose kernels cannot run on this machine, unless
+    a farm measures them."""
+    if farm is None and not target.can_run_here:
         raise ValueError(f"target {target.name} cannot run on this machine; tuning measures "
                          "kernels, so tune on the device itself (or through the device farm)")
 
 
 def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
-               model_name: str = "", show_progress: bool = True) -> SessionSummary:
-    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX)."""
+               model_name: str = "", show_progress: bool = True, farm: Farm | None = None
+               ) -> SessionSummary:
+    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX);
+    measured on `farm`'s devices when one is given, else on this machine."""
     from hwaware.kernels import fixed_schedules as family_schedules
     from hwaware.tvm import database, schedules, search, setup
 
-    require_runnable(target)
+    require_runnable(target, farm)
     session_id = uuid.uuid4().hex[:12]
     summary = SessionSummary(session_id, target.key, trials, 0, 0.0)
     if not tasks or trials <= 0:
@@ -135,18 +143,21 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
     progress = _Progress(sum(remaining[t.name] for t in todo), show_progress)
     if todo:
         resolved = setup.resolve(target)
-        tgt, adapter = resolved.tvm, database.SqliteDatabase.of(db, resolved)
+        tgt = resolved.tvm
+        adapter = database.SqliteDatabase.of(db, resolved, farm.device if farm else None)
         fixed_schedules = family_schedules()
+        runners = _runners(farm)
         with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
             search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
+                runner=runners[0],
             )
         for t in todo:  # fused kernels: re-rank their best records like for like
             if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
                 search.remeasure_top_records(t.workload, adapter,
-                                                 fixed_schedules=fixed_schedules)
+                                             fixed_schedules=fixed_schedules, runner=runners[1])
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
@@ -160,6 +171,19 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
         ))
     db.finish_session(session_id, summary.to_json())
     return summary
+
+
+def _runners(farm: Farm | None) -> tuple[Any, Any]:
+    """MetaSchedule's runner and hwaware's `Runner` for the re-measure: the farm's (RPC), or
+    None for both (this machine's)."""
+    if farm is None:
+        return None, None
+    from hwaware.tvm import rpc
+
+    log.warning("measuring on the farm's %r devices (tracker %s); a build's TVM-vs-PyTorch "
+                "choice still times both sides on the machine that builds: a TVM RPC server "
+                "runs TVM modules, not PyTorch", farm.key, farm.tracker)
+    return rpc.tuning_runner(farm), rpc.RpcRunner(farm)
 
 
 def _batch_size(per_task: int) -> int:
