@@ -21,6 +21,7 @@ from typing import Any
 
 import tvm
 from tvm import rpc
+from tvm.rpc.tracker import Tracker
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
@@ -34,7 +35,7 @@ SERVER_PORT_RANGE = 100  # a server takes the first free port from --port on
 
 def serve_tracker(host: str, port: int) -> None:
     """Run a TVM RPC tracker on host:port until this process is killed."""
-    tracker = rpc.Tracker(host, port=port, port_end=port + 1)
+    tracker = Tracker(host, port=port, port_end=port + 1)
     log.warning("TVM RPC tracker on %s:%d", host, tracker.port)
     tracker.proc.join()
 
