@@ -69,6 +69,7 @@ def _wait_for_servers(tracker: str, count: int, procs: list[subprocess.Popen[byt
 class LoopbackFarm:
     tracker: str
     servers: list[subprocess.Popen[bytes]]
+    logs: list[Path]
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ def loopback_farm(tmp_path: Path) -> Iterator[LoopbackFarm]:
                           "--port", str(_free_port())], tmp_path / f"server{i}.log")
                   for i in range(2)]
         _wait_for_servers(tracker, 2, procs)
-        yield LoopbackFarm(tracker, procs[1:])
+        yield LoopbackFarm(tracker, procs[1:], [tmp_path / f"server{i}.log" for i in range(2)])
     finally:
         for proc in procs:
             _kill(proc)
@@ -108,14 +109,22 @@ def _records(path: Path) -> Records:
         return {c: (d, m, len(json.loads(r))) for c, d, m, r in rows.fetchall()}
 
 
-def _kill_after_first_records(path: Path, server: subprocess.Popen[bytes],
-                              seen: Records) -> threading.Thread:
-    """Kill `server` as soon as the session has committed records; `seen`: those records."""
+def _sessions_served(log: Path) -> int:
+    return log.read_text().count("connected from")
+
+
+def _kill_mid_measurement(path: Path, server: subprocess.Popen[bytes], log: Path,
+                          seen: Records) -> threading.Thread:
+    """Once the session has committed records (`seen`: those), SIGKILL `server` as soon as it
+    serves another measurement (or once 8 records are in, should it get none)."""
     def watch() -> None:
         while not seen:
-            time.sleep(0.5)
+            time.sleep(0.2)
             if path.exists():
                 seen.update(_records(path))
+        served = _sessions_served(log)
+        while _sessions_served(log) == served and len(_records(path)) < 8:
+            time.sleep(0.05)
         _kill(server)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -136,7 +145,8 @@ def test_session_survives_a_killed_server(loopback_farm: LoopbackFarm, tmp_path:
     model, x = conv_block()
     before_kill: Records = {}
     # 16 trials: the fixed-decision schedule first (1), then one batch of 15
-    watcher = _kill_after_first_records(path, loopback_farm.servers[0], before_kill)
+    watcher = _kill_mid_measurement(path, loopback_farm.servers[0], loopback_farm.logs[0],
+                                    before_kill)
     summary = hwaware.tune(model, (x,), trials=16, db=path, show_progress=False,
                            rpc=loopback_farm.tracker, key=KEY)
     watcher.join(timeout=5)
@@ -145,6 +155,8 @@ def test_session_survives_a_killed_server(loopback_farm: LoopbackFarm, tmp_path:
     assert summary.trials_measured == 16 and len(after) == 16
     assert set(before_kill) <= set(after)  # nothing committed before the kill is lost
     assert {device for device, _, _ in after.values()} == {f"rpc:{KEY}"}
+    # a measurement the kill broke was run again on the other server, not recorded as failed
+    assert [c for c, (_, us, _) in after.items() if us is None] == []
     measured_after_kill = [c for c, (_, us, _) in after.items() if c not in before_kill and us]
     assert len(measured_after_kill) >= 10, "the surviving server measured the rest"
     # the re-measure of the best records ran on the farm too (30 rounds each)

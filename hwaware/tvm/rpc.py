@@ -21,6 +21,7 @@ from typing import Any
 
 import tvm
 from tvm import rpc
+from tvm.ir.utils import derived_object
 from tvm.rpc.tracker import Tracker
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
@@ -66,14 +67,57 @@ def rpc_config(farm: Farm) -> Any:
 
 def tuning_runner(farm: Farm, evaluator: Any = None) -> Any:
     """MetaSchedule's `RPCRunner` on the farm: one measurement in flight per device (at least
-    one), each a session the tracker gives to whichever device of the key is free."""
+    one), each a session the tracker gives to whichever device of the key is free; a
+    measurement whose session broke is run once more (`RetryBrokenSessions`)."""
     devices = count_devices(farm)
     if devices == 0:
         raise RuntimeError(f"the tracker {farm.tracker} has no device under key "
                            f"{farm.key!r} (see `hwaware farm status --tracker {farm.tracker}`)")
     log.info("measuring on %d device(s) of %r via %s", devices, farm.key, farm.tracker)
-    return ms.runner.RPCRunner(rpc_config=rpc_config(farm), evaluator_config=evaluator,
-                               max_workers=devices)
+    return RetryBrokenSessions(ms.runner.RPCRunner(
+        rpc_config=rpc_config(farm), evaluator_config=evaluator, max_workers=devices))
+
+
+BROKEN_SESSION = "RPCRunner: An exception occurred"  # RPCRunnerFuture's words; not a timeout
+
+
+@derived_object
+class RetryBrokenSessions(ms.runner.PyRunner):
+    """A runner that measures a candidate once more when its RPC session broke (the device died
+    or dropped the connection), on whichever device of the key the tracker gives next; the
+    second result stands, failed or not. A candidate that timed out is not retried (it hangs).
+
+    Without it, a device lost mid-measurement leaves a sound candidate recorded as failed, and
+    the search never proposes a stored candidate again."""
+
+    def __init__(self, inner: Any):
+        super().__init__()
+        self.inner = inner
+
+    def run(self, runner_inputs: list[Any]) -> list[Any]:
+        futures = self.inner.run(runner_inputs)
+        return [_RetriedFuture(self.inner, runner_input, future)
+                for runner_input, future in zip(runner_inputs, futures, strict=True)]
+
+
+@derived_object
+class _RetriedFuture(ms.runner.PyRunnerFuture):
+    def __init__(self, runner: Any, runner_input: Any, future: Any):
+        super().__init__()
+        self.runner = runner
+        self.runner_input = runner_input
+        self.future = future
+
+    def done(self) -> bool:
+        return bool(self.future.done())
+
+    def result(self) -> Any:
+        result = self.future.result()
+        if result.error_msg and str(result.error_msg).startswith(BROKEN_SESSION):
+            log.warning("an RPC session broke (%s); measuring the candidate again",
+                        str(result.error_msg).strip().splitlines()[-1][:200])
+            result = self.runner.run([self.runner_input])[0].result()
+        return result
 
 
 @dataclass(frozen=True)
