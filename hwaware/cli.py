@@ -157,11 +157,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import hwaware
     from hwaware.farm import farm_of
 
+    farm = farm_of(args.rpc, args.key)  # a bad address, or a key alone, fails before any work
     if _is_onnx(args.model):
         from hwaware.onnx_import import tune_onnx
 
         summary = tune_onnx(Path(args.model), target=args.target, db=args.db, trials=args.trials,
-                            show_progress=True, farm=farm_of(args.rpc, args.key))
+                            show_progress=True, farm=farm)
     else:
         model, inputs = resolve_model(args.model)
         summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db,

@@ -146,18 +146,17 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
         tgt = resolved.tvm
         adapter = database.SqliteDatabase.of(db, resolved, farm.device if farm else None)
         fixed_schedules = family_schedules()
-        runners = _runners(farm)
+        ms_runner, remeasure_runner = _runners(farm)
         with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
             search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
-                runner=runners[0],
+                runner=ms_runner,
             )
         for t in todo:  # fused kernels: re-rank their best records like for like
             if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
-                search.remeasure_top_records(t.workload, adapter,
-                                             fixed_schedules=fixed_schedules, runner=runners[1])
+                _remeasure(t, adapter, fixed_schedules, remeasure_runner)
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
@@ -184,6 +183,21 @@ def _runners(farm: Farm | None) -> tuple[Any, Any]:
                 "choice still times both sides on the machine that builds: a TVM RPC server "
                 "runs TVM modules, not PyTorch", farm.key, farm.tracker)
     return rpc.tuning_runner(farm), rpc.RpcRunner(farm)
+
+
+def _remeasure(task: TuningTask, adapter: Any, fixed_schedules: Any, runner: Any) -> None:
+    """Re-time the task's best records side by side; on a farm, a device lost by then costs
+    only this step (the records keep their runner times), never the finished session."""
+    from hwaware.tvm import search
+
+    try:
+        search.remeasure_top_records(task.workload, adapter, fixed_schedules=fixed_schedules,
+                                     runner=runner)
+    except (RuntimeError, ValueError, OSError) as err:  # TVM's errors are RuntimeErrors
+        if runner is None:
+            raise
+        log.warning("re-measuring %s on the farm failed, its records keep their runner times: "
+                    "%s", task.name, str(err).strip().splitlines()[-1][:300])
 
 
 def _batch_size(per_task: int) -> int:

@@ -164,3 +164,22 @@ def test_session_survives_a_killed_server(loopback_farm: LoopbackFarm, tmp_path:
     assert len(farm.status(loopback_farm.tracker)[KEY]["servers"]) == 1
     (task,) = summary.tasks
     assert task.family == "conv_block" and task.best_us is not None
+
+
+def test_bad_farm_arguments_exit_2_naming_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["tune", "resnet_basic_block", "--rpc", "no-port", "--key", KEY]) == 2
+    assert "'no-port'" in capsys.readouterr().err
+    assert cli_main(["tune", "resnet_basic_block", "--key", KEY]) == 2
+    assert "--rpc" in capsys.readouterr().err
+    assert cli_main(["tune", "resnet_basic_block", "--rpc", "127.0.0.1:9190"]) == 2
+    assert "--key" in capsys.readouterr().err
+    closed = _free_port()  # nothing listens there
+    assert cli_main(["farm", "status", "--tracker", f"127.0.0.1:{closed}"]) == 2
+    assert f"no TVM RPC tracker at 127.0.0.1:{closed}" in capsys.readouterr().err
+
+
+def test_help_says_a_server_runs_any_code(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["farm"], ["farm", "server"], ["farm", "tracker"]):
+        with pytest.raises(SystemExit):
+            cli_main([*command, "--help"])
+        assert "runs whatever code a client sends" in " ".join(capsys.readouterr().out.split())

@@ -12,6 +12,7 @@ A TVM RPC server runs whatever a client sends: bind it to a network you trust.
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,13 @@ def serve_device(key: str, tracker: tuple[str, int], host: str, port: int) -> No
 
 
 def tracker_summary(tracker: tuple[str, int]) -> dict[str, Any]:
-    """TVM's tracker summary: `queue_info` (per key: free, pending) and `server_info`."""
+    """TVM's tracker summary: `queue_info` (per key: free, pending) and `server_info`; no
+    tracker at that address raises at once, naming it (TVM's client retries for a minute)."""
+    try:
+        socket.create_connection(tracker, timeout=5).close()
+    except OSError as err:
+        raise RuntimeError(f"no TVM RPC tracker at {tracker[0]}:{tracker[1]} ({err}); start "
+                           "one with `hwaware farm tracker`") from err
     return dict(rpc.connect_tracker(*tracker).summary())
 
 
