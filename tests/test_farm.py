@@ -72,8 +72,11 @@ class LoopbackFarm:
     logs: list[Path]
 
 
-@pytest.fixture
-def loopback_farm(tmp_path: Path) -> Iterator[LoopbackFarm]:
+@pytest.fixture(scope="module")
+def loopback_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFarm]:
+    """A tracker and two servers for the module (the status test runs first: the session test
+    kills a server)."""
+    tmp_path = tmp_path_factory.mktemp("farm")
     port = _free_port()
     tracker = f"127.0.0.1:{port}"
     procs = [_start(["farm", "tracker", "--port", str(port)], tmp_path / "tracker.log")]
