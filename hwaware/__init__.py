@@ -7,7 +7,8 @@ Public API (everything else is internal):
 - `tune(model, example_inputs, target=..., trials=..., db=..., fuse=..., rpc=..., key=...)`
   -> `SessionSummary` (`rpc`/`key`: measure on a TVM RPC device farm, see `hwaware.farm`)
 - `load(directory, model=None)` -> `CompiledModel` or `DynamicModel` (`model`: the original
-  module, for a dynamic model whose regions run in eager PyTorch)
+  module, for a dynamic model whose regions run in eager PyTorch); checks every file against the
+  folder's `manifest.json` first. A saved model holds native code: trust it like a program
 - `decompose(model, example_inputs)` -> `Decomposition`: the kernels a compile would build, each
   a frozen `KernelRecord` (signature, family, shapes, FLOPs, bytes), without building them
 - `LatencyPredictor.load(target=..., db=...)` -> `.predict(model, example_inputs)`: the latency

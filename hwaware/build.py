@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from hwaware.db import TuningDatabase
-from hwaware.kernels import FAMILY_NAMES, fixed_schedules
+from hwaware.kernels import families, fixed_schedules, unique_name
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
 from hwaware.runner import time_in_blocks  # also imported from here: hwaware.build.time_in_blocks
@@ -42,7 +42,7 @@ from hwaware.target import Target
 log = logging.getLogger(__name__)
 
 RTOL, ATOL = 1e-3, 1e-4
-FUSED_FAMILIES = set(FAMILY_NAMES)
+FUSED_FAMILIES = set(families())
 CONTRACTION_FAMILIES = set(CONTRACTIONS.values()) | FUSED_FAMILIES
 # A kernel moves to TVM only when clearly faster: each switch between PyTorch and TVM costs
 # (their thread pools disturb each other), and timings on a shared machine are noisy.
@@ -193,8 +193,6 @@ def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
 
 def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
     """A fused family kernel: the family's own TIR definition (`hwaware.kernels`)."""
-    from hwaware.kernels import families, unique_name
-
     return families()[family].lower(graph, inputs, target, unique_name(family))
 
 

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-inductor", action="store_true")
     m.set_defaults(func=cmd_demo)
     _add_predictor_commands(sub)
+    _add_nas_commands(sub)
     _add_farm_commands(sub)
     return p
 
@@ -137,6 +138,12 @@ def _add_predictor_commands(sub: Any) -> None:
                     help="folder of predictors, one subfolder per device key")
     pd.add_argument("--json", action="store_true", help="eval: print the metrics as JSON")
     pd.set_defaults(func=cmd_predictor)
+
+
+def _add_nas_commands(sub: Any) -> None:
+    from hwaware.nas.commands import add_parser
+
+    add_parser(sub)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:

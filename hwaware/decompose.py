@@ -96,6 +96,24 @@ def decomposition_of(part: Any) -> Decomposition:
     return Decomposition(part.captured.name, records, tuple(part.host_ops), host_steps)
 
 
+def kernels_by_module(part: Any) -> list[tuple[str, KernelRecord]]:
+    """Each kernel's record with the module that owns it: the `nn.Module` path of its first
+    node that has one ("" for none). A kernel that fuses ops of two modules (a residual add with
+    the next layer's norm) belongs to the one its first op comes from."""
+    nodes = {n.name: n for n in part.captured.graph_module.graph.nodes}
+    return [(_owner([nodes[n] for n in part.kernel_nodes.get(name, ()) if n in nodes]),
+             kernel_record(spec, part.kernel_graphs[name]))
+            for name, spec in part.program.kernels.items() if name in part.kernel_graphs]
+
+
+def _owner(nodes: list[Any]) -> str:
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return str(list(stack.values())[-1][0])
+    return ""
+
+
 def kernel_record(spec: Any, graph: torch.fx.GraphModule) -> KernelRecord:
     """A kernel's record from its `KernelSpec` and its standalone graph."""
     nodes = list(graph.graph.nodes)

@@ -7,6 +7,12 @@ and saves next to the TVM library, and readable Python for people (`to_python`).
 Values are numbered slots; step arguments are encoded as JSON: `{"v": i}` for slot i,
 `{"c": name}` for a constant tensor, `{"dtype": ...}` for torch dtypes, lists for lists, and
 plain JSON for numbers, strings, booleans and None.
+
+A program names only allowed ops (`resolve_op`): PyTorch operators of the namespaces the
+compiler emits (`TORCH_OP_NAMESPACES`, looked up in PyTorch's operator registry and checked to
+be operator overloads), `getitem`, and the `operator` functions of symbolic-size arithmetic
+(`HOST_OPERATORS`). Anything else, when a program is read, raises `DisallowedOpError` naming
+the op and the file: a program file is data, never a way to call arbitrary Python.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import itertools
 import json
 import operator
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +83,7 @@ class Program:
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> str:
+        self.check_ops("the program to save")  # never write what `from_json` refuses
         doc = {
             "schema_version": self.schema_version,
             "input_slots": self.input_slots,
@@ -90,12 +98,15 @@ class Program:
         return json.dumps(doc, indent=1)
 
     @staticmethod
-    def from_json(text: str, constants: dict[str, torch.Tensor]) -> Program:
+    def from_json(text: str, constants: dict[str, torch.Tensor], where: str = "program.json"
+                  ) -> Program:
+        """The program `to_json` wrote; raises `DisallowedOpError` naming the op and `where`
+        (the file) for an op outside the allowlist, before anything runs."""
         doc = json.loads(text)
         if doc.get("schema_version") != PROGRAM_SCHEMA_VERSION:
             raise ValueError(
-                f"program schema version {doc.get('schema_version')} is not supported "
-                f"(expected {PROGRAM_SCHEMA_VERSION})"
+                f"{where}: program schema version {doc.get('schema_version')} is not "
+                f"supported (expected {PROGRAM_SCHEMA_VERSION})"
             )
         missing = sorted(set(doc["constants"]) - set(constants))
         if missing:
@@ -104,12 +115,28 @@ class Program:
         for name, k in doc["kernels"].items():
             k["steps"] = [OpStep(**s) for s in k["steps"]]
             kernels[name] = KernelSpec(**k)
-        return Program(
+        program = Program(
             input_slots=doc["input_slots"], input_specs=doc["input_specs"],
             output_slots=doc["output_slots"], out_spec=doc["out_spec"],
             steps=[_step_from_json(s) for s in doc["steps"]], kernels=kernels,
             num_slots=doc["num_slots"], constants=constants,
         )
+        program.check_ops(where)
+        return program
+
+    def op_steps(self) -> Iterator[OpStep]:
+        """Every PyTorch step: on the host and inside each kernel."""
+        yield from (s for s in self.steps if isinstance(s, OpStep))
+        for kernel in self.kernels.values():
+            yield from kernel.steps
+
+    def check_ops(self, where: str) -> None:
+        """Raise `DisallowedOpError` naming the first op outside the allowlist and `where`."""
+        for step in self.op_steps():
+            try:
+                resolve_op(step.op)
+            except DisallowedOpError as err:
+                raise DisallowedOpError(f"{where}: {err}") from None
 
     # ---------------------------------------------------------------- python
     def to_python(self) -> str:
@@ -177,10 +204,18 @@ def load_tree_spec(text: str) -> pytree.TreeSpec:
     doc = json.loads(text)
     if not isinstance(doc, dict):
         return pytree.treespec_loads(text)
-    named = {int(i): getattr(torch.return_types, name)
-             for i, name in doc["return_types"].items()}
+    named = {int(i): _return_type(name) for i, name in doc["return_types"].items()}
     return _retyped(pytree.treespec_loads(doc["spec"]),
                     lambda index, node: named.get(index, node.type))
+
+
+def _return_type(name: str) -> type:
+    """A named-tuple return type of PyTorch's (`torch.return_types`), looked up by name."""
+    types = {n: t for n, t in vars(torch.return_types).items()
+             if isinstance(t, type) and issubclass(t, tuple) and not n.startswith("_")}
+    if name not in types:
+        raise ValueError(f"{name!r} is not one of PyTorch's return types")
+    return types[name]
 
 
 def _retyped(spec: pytree.TreeSpec, new_type: Callable[[int, pytree.TreeSpec], Any]
@@ -201,6 +236,24 @@ def _retyped(spec: pytree.TreeSpec, new_type: Callable[[int, pytree.TreeSpec], A
 # -------------------------------------------------------------- argument coding
 _TORCH_ENUMS = {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format,
                 "device": torch.device}
+# name -> value of each enum a program may hold (`torch.float32` is "float32"); a lookup table,
+# so a program never names an arbitrary attribute of `torch`
+_ENUM_VALUES = {tag: {name: value for name, value in vars(torch).items()
+                      if isinstance(value, kind) and not name.startswith("_")}
+                for tag, kind in _TORCH_ENUMS.items() if kind is not torch.device}
+
+
+def torch_enum(tag: str, name: str) -> Any:
+    """`torch.<name>` for a dtype, layout or memory format (`tag`), by lookup."""
+    values = _ENUM_VALUES.get(tag, {})
+    if name not in values:
+        raise ValueError(f"{name!r} is not a torch {tag} (valid: {sorted(values)[:8]}...)")
+    return values[name]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch.float32 for "float32" (by lookup)."""
+    return torch_enum("dtype", name)  # type: ignore[no-any-return]
 
 
 def encode_arg(a: Any, slot_of: Any, const_of: Any) -> Any:
@@ -229,7 +282,7 @@ def decode_arg(a: Any, slots: list[Any], constants: dict[str, torch.Tensor]) -> 
         if "device" in a:
             return torch.device(a["device"])
         tag, name = next(iter(a.items()))
-        return getattr(torch, name)
+        return torch_enum(tag, name)
     if isinstance(a, list):
         return [decode_arg(x, slots, constants) for x in a]
     return a
@@ -250,21 +303,62 @@ def bind_arg(a: Any, constants: dict[str, torch.Tensor]) -> tuple[bool, Any]:
     return False, decode_arg(a, [], constants)
 
 
+class DisallowedOpError(ValueError):
+    """A program names an op outside the allowlist (see the module docstring)."""
+
+
+TORCH_OP_NAMESPACES = frozenset({"aten", "prims"})  # the torch.ops namespaces export emits
+REFUSED_TORCH_OPS = frozenset({"aten.from_file"})  # reads a file named by the program
+# the `operator` functions of arithmetic on symbolic sizes: the exact set `op_name` writes
+HOST_OPERATORS: dict[str, Callable[..., Any]] = {
+    f.__name__: f for f in (
+        operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+        operator.mod, operator.pow, operator.neg, operator.pos, operator.abs,
+        operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+        operator.and_, operator.or_, operator.xor, operator.not_, operator.invert,
+        operator.lshift, operator.rshift, operator.truth)}
+_TORCH_OP = re.compile(r"([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
 def resolve_op(op: str) -> Any:
-    """"aten.add.Tensor" -> torch.ops.aten.add.Tensor; "getitem" -> operator.getitem."""
+    """"aten.add.Tensor" -> torch.ops.aten.add.Tensor; "getitem" -> operator.getitem;
+    "operator.mul" -> operator.mul. Raises `DisallowedOpError` for any other name."""
     if op == "getitem":
         return operator.getitem
     if op.startswith("operator."):  # arithmetic on symbolic sizes
-        return getattr(operator, op.removeprefix("operator."))
-    namespace, name, overload = op.split(".")
-    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+        fn = HOST_OPERATORS.get(op.removeprefix("operator."))
+        if fn is None:
+            raise DisallowedOpError(f"op {op!r} is not allowed (allowed operator functions: "
+                                    f"{sorted(HOST_OPERATORS)})")
+        return fn
+    return _torch_op(op)
+
+
+def _torch_op(op: str) -> torch._ops.OpOverload:
+    """An operator overload from PyTorch's registry, for an op name of an allowed namespace."""
+    match = _TORCH_OP.fullmatch(op)
+    if match is None or match[1] not in TORCH_OP_NAMESPACES or \
+            any(part.startswith("__") for part in match.groups()) or \
+            op.rpartition(".")[0] in REFUSED_TORCH_OPS:
+        raise DisallowedOpError(f"op {op!r} is not allowed (a program may name PyTorch operators "
+                                f"of {sorted(TORCH_OP_NAMESPACES)}, 'getitem' and "
+                                "'operator.<arithmetic>')")
+    namespace, name, overload = match.groups()
+    try:
+        found = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError) as err:
+        raise DisallowedOpError(f"op {op!r}: PyTorch has no such operator ({err})") from None
+    if not isinstance(found, torch._ops.OpOverload):
+        raise DisallowedOpError(f"op {op!r} is not a PyTorch operator overload")
+    return found
 
 
 def op_name(target: Any) -> str:
+    """The name a program stores for an FX call target (what `resolve_op` reads back)."""
     if target is operator.getitem:
         return "getitem"
     name = str(getattr(target, "__name__", ""))
-    if name and getattr(operator, name, None) is target:
+    if HOST_OPERATORS.get(name) is target:
         return f"operator.{name}"
     if not isinstance(target, torch._ops.OpOverload):
         raise TypeError(f"the host program cannot call {target!r}")

@@ -4,10 +4,11 @@ Goes in: a `Program` (host steps + kernels) and the TVM executable holding the k
 run on TVM. Comes out: `CompiledModel`, which checks its inputs, runs the host program (PyTorch
 ops on the host, TVM kernels through the Relax VM with zero-copy DLPack), and saves to / loads
 from a folder: `kernels.so` (TVM library), `program.json` (host program + kernel choices),
-`weights.pt` (constants, loaded with `weights_only=True`), `program.py` (readable host program)
-and `meta.json` (build info, and since format 2 the modules defining the output containers: a
-new process imports them to return the same container types, see `outputs.py`). No pickle
-anywhere.
+`weights.pt` (constants, loaded with `weights_only=True`), `program.py` (readable host program,
+never executed), `meta.json` (build info, and since format 2 the modules defining the output
+containers: a new process imports them to return the same container types, see `outputs.py`)
+and `manifest.json` (a SHA-256 of each, checked by `hwaware.load` first: `manifest.py`). No
+pickle anywhere.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware import onnx_reference, outputs
-from hwaware.program import KernelStep, OpStep, Program, bind_arg, load_tree_spec, resolve_op
+from hwaware import manifest, onnx_reference, outputs
+from hwaware.program import (
+    KernelStep,
+    OpStep,
+    Program,
+    bind_arg,
+    load_tree_spec,
+    resolve_op,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +94,7 @@ class CompiledModel:
         self._run: Callable[[list[Any]], list[Any]] | None = None
         self._vm: Any = None
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
-        self._expected = [(torch.Size(s["shape"]), getattr(torch, s["dtype"]))
+        self._expected = [(torch.Size(s["shape"]), torch_dtype(s["dtype"]))
                           for s in program.input_specs]
         n_out = len(program.output_slots)
         self._out_kind = (
@@ -243,14 +252,26 @@ class CompiledModel:
 
     # ------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the model to `directory` (its own folder: `hwaware.load` refuses files that
+        the save did not write), with `manifest.json` over every file."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        manifest.write(out, "compiled", SAVE_FORMAT_VERSION, self.write_files(out))
+        return out
+
+    def write_files(self, out: Path) -> list[str]:
+        """Write the model's files into the existing folder `out` (no manifest: a dynamic model
+        writes one over all of its regions); the names written, relative to `out`."""
+        for stale in (LIBRARY_FILE, CROSS_LIBRARY_FILE, manifest.MANIFEST_FILE):
+            (out / stale).unlink(missing_ok=True)  # from an earlier save into the same folder
+        written = ["program.json", "program.py", "weights.pt", "meta.json"]
         if self.executable is not None:
             from hwaware.tvm import vm as tvm_vm
 
             cross = not self.info.built_for().can_run_here
             library = CROSS_LIBRARY_FILE if cross else LIBRARY_FILE
             tvm_vm.export_executable(self.executable, str(out / library), cross)
+            written.append(library)
         (out / "program.json").write_text(self.program.to_json())
         (out / "program.py").write_text(self.program.to_python())
         torch.save(self.program.constants, out / "weights.pt")
@@ -258,12 +279,14 @@ class CompiledModel:
                 "has_library": self.executable is not None,
                 "outputs": outputs.describe(self.out_spec).to_json(), **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
-        return out
+        return written
 
 
 def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
-    """Load one saved `CompiledModel`; the output container types it returns as dicts go into
-    `missing` (name -> module), for the caller's one warning."""
+    """Load one saved `CompiledModel` from a folder `hwaware.load` has checked against its
+    manifest; the output container types it returns as dicts go into `missing` (name ->
+    module), for the caller's one warning. The program's ops are checked against the allowlist
+    (`program.resolve_op`) before the kernel library is loaded."""
     meta_file = src / "meta.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{src}: not a saved hwaware model (no meta.json)")
@@ -272,7 +295,8 @@ def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
         raise ValueError(f"{src}: save format {meta.get('format_version')} is not supported "
                          f"(this hwaware reads {list(READ_FORMAT_VERSIONS)})")
     constants = torch.load(src / "weights.pt", weights_only=True)
-    program = Program.from_json((src / "program.json").read_text(), constants)
+    program_file = src / "program.json"
+    program = Program.from_json(program_file.read_text(), constants, str(program_file))
     saved = outputs.OutputTypes.from_json(meta["outputs"]) if "outputs" in meta else None
     program.out_spec = outputs.loadable_spec(program.out_spec, saved, missing)
     executable = None

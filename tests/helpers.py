@@ -1,4 +1,4 @@
-"""Assertions shared by the tests."""
+"""Assertions and helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -63,3 +63,14 @@ def default_schedule(mod: Any, target: Any) -> Any:
     from hwaware.tvm import schedules
 
     return schedules.apply_fixed_schedules(mod, target, fixed_schedules())
+
+
+def resign(directory: Path) -> None:
+    """Write a saved model's manifest again over its folder as it is now (a test that edits a
+    saved file on purpose; `hwaware.load` refuses the edit otherwise)."""
+    from hwaware import manifest
+
+    old = manifest.Manifest.from_json((directory / manifest.MANIFEST_FILE).read_text(), directory)
+    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*")
+             if p.is_file() and p.name != manifest.MANIFEST_FILE]
+    manifest.write(directory, old.kind, old.format_version, files)

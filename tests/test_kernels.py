@@ -117,7 +117,7 @@ def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     from hwaware.decompose import rewrite_and_partition
-    from hwaware.kernels import FAMILY_NAMES, fixed_schedules
+    from hwaware.kernels import families, fixed_schedules
     from hwaware.tune import extract_tasks
     from hwaware.tvm import search, setup
 
@@ -127,7 +127,7 @@ def test_gpu_tuning_seed_passes_metaschedules_postprocs(name: str) -> None:
     captured = capture(model, inputs)
     _, part = rewrite_and_partition(captured, True)
     (task,) = [t for t in extract_tasks(part, captured.example_inputs, target)
-               if t.family in FAMILY_NAMES]
+               if t.family in families()]
     setup.import_tensor_intrinsics()
     context = ms.TuneContext(mod=task.workload, target=tgt, space_generator="post-order-apply",
                              task_name=name)

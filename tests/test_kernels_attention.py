@@ -214,7 +214,7 @@ def test_lower_default_schedule_matches_eager(case: str, host: tuple[Any, Any]) 
     target, tgt = host
     torch.manual_seed(0)
     graph, args, expected = _kernel(*CASES[case])
-    mod = attention.lower(graph, args, target, f"hw_attention_test_{case}")
+    mod = attention.FAMILY.lower(graph, args, target, f"hw_attention_test_{case}")
     calls = [b for b in mod["main"].body.blocks[0].bindings]
     assert len(calls) == 1 and len(ir.prim_funcs(mod)) == 1
     got, _ = _run(default_schedule(mod, tgt), tgt, None, args)
@@ -250,7 +250,7 @@ def test_a_causal_kernel_counts_the_flops_of_the_pairs_it_computes(
 def test_unscheduled_kernel_matches_eager(host: tuple[Any, Any]) -> None:
     target, tgt = host
     graph, args, expected = _kernel(*CASES["bert_padding_b2_s17"])
-    got, _ = _run(attention.lower(graph, args, target, "hw_attention_test_plain"), tgt, None,
+    got, _ = _run(attention.FAMILY.lower(graph, args, target, "hw_attention_test_plain"), tgt, None,
                   args)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
@@ -260,7 +260,7 @@ def test_tuning_stores_records_and_build_applies_them(tmp_path: Any,
                                                       host: tuple[Any, Any]) -> None:
     target, tgt = host
     graph, args, expected = _kernel(GPT2Attention(), (torch.randn(1, 33, 48),))
-    mod = attention.lower(graph, args, target, "hw_attention_test_tuned")
+    mod = attention.FAMILY.lower(graph, args, target, "hw_attention_test_tuned")
     fused = ir.fuse_for_tuning(mod, tgt)
     funcs = ir.prim_funcs(fused)
     assert list(funcs) == ["hw_attention_test_tuned"]  # kept whole
@@ -286,6 +286,6 @@ def test_builds_for_other_targets(name: str) -> None:
     target = get_target(name)
     tgt = setup.tvm_target(target.tvm, target.host_tvm)
     graph, args, _ = _kernel(GPT2Attention(), (torch.randn(1, 17, 48),))
-    mod = attention.lower(graph, args, target, f"hw_attention_test_{name.replace('-', '_')}")
+    mod = attention.FAMILY.lower(graph, args, target, f"hw_attention_test_{name.replace('-', '_')}")
     exe, _ = schedules.build_executable(default_schedule(mod, tgt), tgt, None)
     assert exe is not None

@@ -107,7 +107,7 @@ def _kernel_graph(gm: fx.GraphModule, group: list[fx.Node]) -> fx.GraphModule:
 def _lowered(model: nn.Module, x: torch.Tensor, name: str) -> Any:
     gm = _graph(model, x)
     (group,) = conv.find(gm)
-    return conv.lower(_kernel_graph(gm, group), [x], get_target("host"), name)
+    return conv.FAMILY.lower(_kernel_graph(gm, group), [x], get_target("host"), name)
 
 
 def _run(exe: Any, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any,
     x = torch.randn(1, cin, size, size)
     mod = default_schedule(_lowered(model, x, f"hw_conv_test_{size}"), host[1])
     funcs = ir.prim_funcs(mod)
-    assert len(funcs) == 1 and all(conv.is_conv_block(f) for f in funcs.values())
+    assert len(funcs) == 1 and all(conv.RULE in ir.schedule_rules(f) for f in funcs.values())
     exe, _ = schedules.build_executable(mod, host[1], None)
     with torch.no_grad():
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
@@ -229,7 +229,7 @@ def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
     assert list(ir.prim_funcs(mod)) == ["hw_conv_whole"]
     fused = ir.fuse_for_tuning(mod, host[1])
     (func,) = ir.prim_funcs(fused).values()
-    assert conv.is_conv_block(func)
+    assert conv.RULE in ir.schedule_rules(func)
 
 
 def test_zoo_mobilenetv3_block_se_compiles_to_one_checked_kernel() -> None:
@@ -284,7 +284,7 @@ def test_tuning_measures_the_fixed_schedule_first(tuned: Any, host: tuple[Any, A
         "SELECT trace_json FROM records WHERE workload_hash = ? ORDER BY id LIMIT 1",
         [ir.workload_hash(workload)]).fetchone()
     insts, decisions = ir.plain_json(
-        conv.schedule_fixed(workload["main"], host[1]).trace.as_json())
+        conv.FAMILY.schedule_fixed(workload["main"], host[1]).trace.as_json())
     measured_insts, measured_decisions = json.loads(first)[:2]
     assert any(inst[0] == "SamplePerfectTile" for inst in insts)
     assert measured_insts[:len(insts)] == insts

@@ -14,7 +14,7 @@ from torch import fx
 pyg = pytest.importorskip("torch_geometric.nn")
 
 from hwaware.capture import capture  # noqa: E402
-from hwaware.kernels import gnn, unique_name  # noqa: E402
+from hwaware.kernels import gnn, gnn_kernel, unique_name  # noqa: E402
 from hwaware.partition import _external_inputs, _kernel_graph  # noqa: E402
 from hwaware.program import op_name  # noqa: E402
 from hwaware.rewrite import rewrite  # noqa: E402
@@ -204,7 +204,7 @@ def test_symbolic_edge_count_has_a_bound() -> None:
     match = gnn._matches(kernel.graph)[0]
     assert not isinstance(gnn.edge_count(match), int)
     assert gnn.edge_bound(match) == 40  # at most the 30 edges (none removed) + 10 self-loops
-    assert gnn.edge_capacity(40) == 64
+    assert gnn_kernel.edge_capacity(40) == 64
 
 
 # ------------------------------------------------------------------------- correctness
@@ -264,7 +264,7 @@ def test_fuse_for_tuning_keeps_the_kernel_whole() -> None:
     _, tgt, mod = kernel.lower()
     fused = ir.prim_funcs(ir.fuse_for_tuning(mod, tgt))
     assert set(fused) == set(ir.prim_funcs(mod))  # nothing fused into or out of it
-    assert sum(gnn._is_family_func(f) for f in fused.values()) == 1
+    assert sum(gnn.RULE in ir.schedule_rules(f) for f in fused.values()) == 1
 
 
 # ------------------------------------------------------------------------------ tuning
@@ -299,7 +299,7 @@ def test_gpu_candidates_bind_only_rows_to_thread_blocks(kind: str) -> None:
     kernel = only_kernel(layer(kind, 40), (x, edges))
     _, tgt, mod = kernel.lower("cuda-sm90")
     (workload,) = [ir.workload_of(f) for f in ir.prim_funcs(
-        ir.fuse_for_tuning(mod, tgt)).values() if gnn._is_family_func(f)]
+        ir.fuse_for_tuning(mod, tgt)).values() if gnn.RULE in ir.schedule_rules(f)]
     setup.import_tensor_intrinsics()
     for seed in range(3):
         ctx = ms.TuneContext(mod=workload, target=tgt, space_generator="post-order-apply",

@@ -14,7 +14,7 @@ from torch import nn
 
 from hwaware.capture import capture
 from hwaware.db import TuningDatabase
-from hwaware.kernels import resblock
+from hwaware.kernels import resblock, resblock_kernel
 from hwaware.partition import _external_inputs, _kernel_graph
 from hwaware.rewrite import rewrite
 from hwaware.target import get_target
@@ -164,7 +164,7 @@ CASES = {
 @pytest.mark.parametrize("tile", [2, 4])
 def test_winograd_matrices_compute_a_3x3_correlation(tile: int) -> None:
     """A^T [(G g G^T) * (B^T d B)] A is the tile x tile output of g slid over d."""
-    a, b, g = resblock.winograd_matrices(tile)
+    a, b, g = resblock_kernel.winograd_matrices(tile)
     rng = np.random.default_rng(tile)
     d, w = rng.standard_normal((tile + 2, tile + 2)), rng.standard_normal((3, 3))
     direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * w) for j in range(tile)]
@@ -178,11 +178,12 @@ def test_a_basic_blocks_stride_1_convs_are_winograd_convs_on_cpu() -> None:
     def convs(case: str, target: Any) -> list[int]:
         model, shape = CASES[case]
         x = torch.randn(*shape)
-        block = resblock.block_def(_kernel(model, x), resblock.lanes_for(target),
-                                   0 if target.kind == "cuda" else resblock.WINOGRAD_TILE)
+        winograd = 0 if target.kind == "cuda" else resblock_kernel.WINOGRAD_TILE
+        block = resblock_kernel.block_def(_kernel(model, x), resblock_kernel.lanes_for(target),
+                                          winograd)
         return [layer.winograd for layer in block.main]
 
-    tile = resblock.WINOGRAD_TILE
+    tile = resblock_kernel.WINOGRAD_TILE
     assert convs("basic_12_identity_9x9", HOST) == [tile, tile]
     assert convs("basic_12_20_stride2_downsample_9x9", HOST) == [0, tile]
     assert convs("bottleneck_20_identity_7x7", HOST) == [0, 0, 0]
@@ -193,7 +194,7 @@ def test_a_basic_blocks_stride_1_convs_are_winograd_convs_on_cpu() -> None:
 def test_default_schedule_matches_eager(case: str) -> None:
     model, shape = CASES[case]
     x = torch.randn(*shape)
-    module = resblock.lower(_kernel(model, x), [x], HOST, f"hw_res_block_t{len(case)}")
+    module = resblock.FAMILY.lower(_kernel(model, x), [x], HOST, f"hw_res_block_t{len(case)}")
     assert len(ir.prim_funcs(module)) == 1
     call, _ = _callable(_with_default_schedule(module, HOST), HOST)
     with torch.no_grad():
@@ -206,7 +207,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model, shape = CASES["basic_12_20_stride2_downsample_9x9"]
     x = torch.randn(*shape)
     work = tmp_path_factory.mktemp("resblock_tune")
-    module = resblock.lower(_kernel(model, x), [x], HOST, "hw_res_block_tuned")
+    module = resblock.FAMILY.lower(_kernel(model, x), [x], HOST, "hw_res_block_tuned")
     tgt = setup.tvm_target(HOST.tvm, HOST.host_tvm)
     fused = ir.fuse_for_tuning(module, tgt)
     workloads = {n: ir.workload_of(f) for n, f in ir.prim_funcs(fused).items()}
@@ -252,7 +253,7 @@ def test_builds_for_cross_targets(target_name: str, case: str) -> None:
     target = get_target(target_name)
     model, shape = CASES[case]
     x = torch.randn(*shape)
-    module = resblock.lower(_kernel(model, x), [x], target, "hw_res_block_cross")
+    module = resblock.FAMILY.lower(_kernel(model, x), [x], target, "hw_res_block_cross")
     tgt = setup.tvm_target(target.tvm, target.host_tvm)
     exe, _ = schedules.build_executable(_with_default_schedule(module, target), tgt, None)
     assert exe is not None

@@ -1,9 +1,11 @@
 """The package's structure: where TVM may be imported, and no import cycles.
 
 (a) capture -> rewrite -> partition (`hwaware.decompose`) runs without importing TVM, on a model
-with a fused conv block, a GNN layer and an attention layer; (b) only `hwaware/tvm/` and the
-kernel families' lowering code import TVM; the static table of supported ATen ops equals the
-installed TVM's; (c) the package's module-level imports form no cycle.
+of each fused kernel family (conv block, ConvNeXt block, residual block, GNN layer, RGCN layer,
+attention); (b) only `hwaware/tvm/` and the kernel families' lowering modules import TVM (at
+all: a family's pattern module not even inside a function), and every family names an existing
+lowering module; the static table of supported ATen ops equals the installed TVM's; (c) the
+package's module-level imports form no cycle.
 """
 
 from __future__ import annotations
@@ -22,80 +24,66 @@ from tests.helpers import tvm_supported_aten_ops
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hwaware"
 TVM_MODULES = ("tvm", "tvm_ffi")
-# lowering modules: they import TVM at module level (imported only to lower or schedule)
-LOWERING_MODULES = {"hwaware/kernels/attention_kernel.py"}
+# the kernel families' lowering halves: they import TVM at module level (imported only to lower
+# or schedule); their pattern halves (hwaware/kernels/<family>.py) must not
+LOWERING_MODULES = {f"hwaware/kernels/{m}.py" for m in (
+    "attention_kernel", "conv_kernel", "convnext_kernel", "gnn_kernel", "lowering_common",
+    "resblock_kernel", "rgcn_kernel")}
 
+# one zoo model per fused kernel family
+FAMILY_OF_MODEL = {"mobilenetv2_block": "conv_block", "convnext_block": "convnext_block",
+                   "resnet_basic_block": "res_block", "gcn_layer": "gnn", "rgcn_layer": "rgcn",
+                   "attention_core": "attention"}
 DECOMPOSE_WITHOUT_TVM = textwrap.dedent('''
     import json, sys
-    import torch
-    from torch import nn
     import hwaware
+    from hwaware.zoo import get_model
 
-    class Block(nn.Module):  # MobileNetV2 block: the conv_block family
-        def __init__(self, c=8, hidden=24):
-            super().__init__()
-            self.body = nn.Sequential(
-                nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-                nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False),
-                nn.BatchNorm2d(hidden), nn.ReLU6(),
-                nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
-
-        def forward(self, x):
-            return x + self.body(x)
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block, self.lin = Block().eval(), nn.Linear(16, 16)
-
-        def forward(self, image, nodes, src, dst, q):
-            message = torch.zeros_like(nodes).index_add_(0, dst, nodes.index_select(0, src))
-            attention = nn.functional.scaled_dot_product_attention(q, q, q)
-            return self.block(image), self.lin(message), attention
-
-    torch.manual_seed(0)
-    edges = torch.randint(0, 10, (2, 30))
-    inputs = (torch.randn(1, 8, 14, 14), torch.randn(10, 16), edges[0], edges[1],
-              torch.randn(1, 2, 16, 8))
-    found = hwaware.decompose(Model().eval(), inputs)
+    families = {}
+    for name in sys.argv[1:]:
+        found = hwaware.decompose(*get_model(name, small=True))
+        families[name] = sorted({k.family for k in found.kernels})
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tvm", "tvm_ffi"))
-    print(json.dumps({"families": sorted({k.family for k in found.kernels}), "tvm": loaded}))
+    print(json.dumps({"families": families, "tvm": loaded}))
 ''')
 
 
 def test_decompose_does_not_import_tvm() -> None:
-    done = subprocess.run([sys.executable, "-c", DECOMPOSE_WITHOUT_TVM], cwd=ROOT, check=True,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", DECOMPOSE_WITHOUT_TVM, *FAMILY_OF_MODEL],
+                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"conv_block", "gnn", "attention"} <= set(result["families"]), result["families"]
+    for name, family in FAMILY_OF_MODEL.items():
+        assert family in result["families"][name], (name, result["families"][name])
     assert result["tvm"] == []
 
 
-def _tvm_imports(tree: ast.Module) -> tuple[list[int], list[int]]:
-    """Lines that import TVM at module level, and inside functions."""
-    top = {id(n) for n in tree.body}
-    module_level, in_functions = [], []
+def _tvm_imports(tree: ast.Module) -> list[int]:
+    """Lines that import TVM (at module level or inside functions)."""
+    lines = []
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
         if any(n.split(".")[0] in TVM_MODULES for n in names):
-            (module_level if id(node) in top else in_functions).append(node.lineno)
-    return module_level, in_functions
+            lines.append(node.lineno)
+    return lines
 
 
-def test_only_the_tvm_package_and_lowering_code_import_tvm() -> None:
+def test_only_the_tvm_package_and_lowering_modules_import_tvm() -> None:
     offending = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith("hwaware/tvm/"):
-            continue
-        module_level, in_functions = _tvm_imports(ast.parse(path.read_text()))
-        if module_level and rel not in LOWERING_MODULES:
-            offending.append(f"{rel}:{module_level} (module level)")
-        # the kernel families' lowering functions import TVM where they run
-        if in_functions and not rel.startswith("hwaware/kernels/"):
-            offending.append(f"{rel}:{in_functions}")
+        lines = _tvm_imports(ast.parse(path.read_text()))
+        if lines and not rel.startswith("hwaware/tvm/") and rel not in LOWERING_MODULES:
+            offending.append(f"{rel}:{lines}")
     assert offending == []
+
+
+def test_every_family_has_its_lowering_module() -> None:
+    from hwaware.kernels import families
+
+    lowering = {f"hwaware/kernels/{f.lowering.rpartition('.')[2]}.py" for f in families().values()}
+    assert lowering == LOWERING_MODULES - {"hwaware/kernels/lowering_common.py"}
+    assert all((ROOT / path).is_file() for path in lowering)
 
 
 def test_supported_ops_table_matches_tvm() -> None:

@@ -38,7 +38,7 @@ from hwaware.dynamic.model import (
     same_outputs,
     unspecializable,
 )
-from hwaware.dynamic.split import HostPlan, split
+from hwaware.dynamic.split import HostPlan, RegionDef, split
 from hwaware.dynamic.stage import Staged, StagingError, needs_inline, stage
 from hwaware.target import Target
 from hwaware.tune import SessionSummary
@@ -72,17 +72,44 @@ class RewriteError(Exception):
 def make_runners(staged: Staged, plan: HostPlan) -> dict[str, RegionRunner]:
     runners = {}
     for name, r in plan.regions.items():
-        source = r.source()
-        namespace = dict(staged.globals[r.origin.globals_id])
-        exec(compile(source, f"<hwaware {name} from {r.where}>", "exec"),  # noqa: S102
-             namespace)
-        info = RegionInfo(name, r.inputs, r.outputs, r.where, source, None,
+        fn, namespace = region_function(staged, r)
+        info = RegionInfo(name, r.inputs, r.outputs, r.where, r.source(), None,
                           r.arithmetic_inputs, str(namespace.get("__name__", "")))
-        runner = RegionRunner(info, namespace[name], staged.root)
+        runner = RegionRunner(info, fn, staged.root)
         if r.eager_reason:
             runner.mark_eager(f"Python side effect ({r.eager_reason})", strict=False)
         runners[name] = runner
     return runners
+
+
+def region_function(staged: Staged, region: RegionDef) -> tuple[Callable[..., Any],
+                                                                   dict[str, Any]]:
+    """A region's Python function, made from the live model's own forward (the source `split`
+    generated from it), in the globals of the module that forward comes from; and those
+    globals."""
+    namespace = dict(staged.globals[region.origin.globals_id])
+    code = compile(region.source(), f"<hwaware {region.name} from {region.where}>", "exec")
+    exec(code, namespace)  # noqa: S102 - generated from the live class, never from a folder
+    return namespace[region.name], namespace
+
+
+def eager_region_functions(model: torch.nn.Module, regions: list[RegionInfo]
+                           ) -> dict[str, Callable[..., Any]]:
+    """The Python of a loaded model's eager regions, made again from `model`'s own forward,
+    never from the saved folder. Raises ValueError naming a region whose source `model`'s
+    forward no longer gives (its class changed since the compile)."""
+    functions: dict[str, Callable[..., Any]] = {
+        info.name: _whole_forward for info in regions if info.source == WHOLE_FORWARD}
+    rest = [info for info in regions if info.name not in functions]
+    planned = plan_model(model) if rest else None
+    for info in rest:
+        region = planned[1].regions.get(info.name) if planned else None
+        if planned is None or region is None or region.source() != info.source:
+            raise ValueError(f"{info.name} ({info.where}): the forward of model= no longer "
+                             "gives the region that was compiled (its class changed since); "
+                             "compile and save it again")
+        functions[info.name] = region_function(planned[0], region)[0]
+    return functions
 
 
 Pending = tuple[RegionRunner, Key, list[Any]]
@@ -237,14 +264,16 @@ def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
     reason = (f"{type(model).__name__}.forward cannot be made static "
               f"({type(cause).__name__}: {text}), so all of it is one region")
     params, defaults = _call_params(model, len(inputs))
-    info = RegionInfo("region_0", params, ["out"], where_raised(cause, model),
-                      "def region_0(self, *args):\n    return (self(*args),)")
+    info = RegionInfo("region_0", params, ["out"], where_raised(cause, model), WHOLE_FORWARD)
     runner = RegionRunner(info, _whole_forward, model)
     runner.mark_eager(reason, strict)
     names = ", ".join(params)
     host = f"def forward({names}):\n    out, = region_0({names})\n    return out"
     return DynamicModel(host, {"region_0": runner}, identified(DynamicInfo(
         type(model).__name__, target.name, params, ExploreStats(), defaults=defaults), model))
+
+
+WHOLE_FORWARD = "def region_0(self, *args):\n    return (self(*args),)"  # eager_model's region
 
 
 def _whole_forward(root: torch.nn.Module, *args: Any) -> tuple[Any]:

@@ -8,25 +8,27 @@ taken, so every region on every path gets real example inputs and is compiled be
 call. A region met later with shapes never seen is compiled then (while the user's module is at
 hand) or refused with a clear error (after `load`).
 
-Saved as a folder: `host_program.py` (the readable host program), `regions/region_k.py` (the
-Python each region was captured from, for people), `regions/region_k/<i>/` (one saved
-`CompiledModel` per specialization), `dynamic.json` (calling conventions and statistics).
+Saved as a folder: `host_program.json` (the host program's declarative form, `host.py`: what
+load runs, after checking it), `host_program.py` (the same as Python, for people; never
+executed), `regions/region_k.py` (the Python each region was captured from, for people),
+`regions/region_k/<i>/` (one saved `CompiledModel` per specialization), `dynamic.json` (calling
+conventions and statistics) and `manifest.json` (a SHA-256 of every file, checked first by
+`hwaware.load`).
 Output containers a region returns load as in `hwaware.load` (`outputs.py`), with one warning
 for the whole model when some come back as dicts. A region that runs in eager PyTorch (numpy,
-a forward that cannot be rewritten) is saved as its source, with the model's class and a
-fingerprint of its weights and attributes: `hwaware.load(path, model=m)` rebinds it to `m`, and
-refuses an `m` of another class or with other weights; without `model=` load names the regions
-and the argument.
+a forward that cannot be rewritten) is saved as its source (for people), with the model's class
+and a fingerprint of its weights and attributes: `hwaware.load(path, model=m)` makes its Python
+again from `m`'s own forward and binds it to `m`, and refuses an `m` of another class, with
+other weights, or whose forward no longer gives that source; without `model=` load names the
+regions and the argument.
 """
 
 from __future__ import annotations
 
-import builtins
+import ast
 import hashlib
-import importlib
 import json
 import logging
-import math
 import os
 import shutil
 import warnings
@@ -38,7 +40,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware import outputs
+from hwaware import manifest, outputs
+from hwaware.dynamic import host
+from hwaware.program import torch_dtype
 from hwaware.runtime import CompiledModel, InputMismatchError, load_compiled
 
 log = logging.getLogger(__name__)
@@ -313,28 +317,14 @@ class ExploreStats:
     decisions: int = 0         # host decisions (device -> host reads) on the example inputs
 
 
-def host_namespace(runners: dict[str, RegionRunner], decide: Callable[[int, Any], bool] | None
-                   ) -> dict[str, Any]:
-    ns: dict[str, Any] = {"__builtins__": builtins, "math": math, "torch": torch}
-    ns.update(runners)
-    if decide is not None:
-        ns["_hw_decide"] = decide
-    return ns
-
-
-def make_forward(source: str, filename: str, namespace: dict[str, Any]) -> Callable[..., Any]:
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - hwaware's own program
-    return namespace["forward"]  # type: ignore[no-any-return]
-
-
 def explore(instrumented_source: str, sites: int, runners: dict[str, RegionRunner],
             example_inputs: Sequence[Any]) -> tuple[ExploreStats, Any]:
     """Run the host program in eager until every reachable branch direction was taken once,
     recording the inputs of every region specialization met on the way. Returns the
     statistics and the output of the natural run (no direction forced)."""
     explorer = Explorer()
-    forward = make_forward(instrumented_source, "<hwaware host program>",
-                           host_namespace(runners, explorer.decide))
+    forward = host.make_forward(instrumented_source, "<hwaware host program>",
+                                host.namespace(runners, explorer.decide))
     stats = ExploreStats(sites=sites)
     for r in runners.values():
         r.recording, r.calls = True, 0
@@ -421,12 +411,16 @@ class DynamicInfo:
 class DynamicModel:
     """A compiled dynamic network: call it like the original module."""
 
-    def __init__(self, host_source: str, runners: dict[str, RegionRunner], info: DynamicInfo):
-        self.host_source = host_source
+    def __init__(self, host_program: str | ast.Module, runners: dict[str, RegionRunner],
+                 info: DynamicInfo):
+        """`host_program`: the source `split` generated, or the checked tree
+        `host.from_json` read from a saved model."""
+        self.host_source = host_program if isinstance(host_program, str) else \
+            ast.unparse(host_program)
         self.runners = runners
         self.info = info
-        self._forward = make_forward(host_source, "host_program.py",
-                                     host_namespace(runners, None))
+        self._forward = host.make_forward(host_program, "<hwaware host program>",
+                                          host.namespace(runners, None))
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
 
     def __call__(self, *args: Any) -> Any:
@@ -489,44 +483,55 @@ class DynamicModel:
 
     # -------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the model to `directory`. Regions that run in eager PyTorch are saved as their
-        source; `load` rebinds them to the model passed as `model=`."""
+        """Write the model to `directory` (its own folder: `hwaware.load` refuses files that
+        the save did not write), with `manifest.json` over every file. Regions that run in
+        eager PyTorch are saved as their source; `load` rebinds them to the model passed as
+        `model=`."""
         out = Path(directory)
         if out.exists():
             shutil.rmtree(out / "regions", ignore_errors=True)
+            (out / manifest.MANIFEST_FILE).unlink(missing_ok=True)
         (out / "regions").mkdir(parents=True, exist_ok=True)
-        (out / "host_program.py").write_text(
-            f'"""Host program of {self.info.model_name}, generated by hwaware.\n\nEach '
-            'region_k(...) runs one compiled static subgraph (see regions/); everything else '
-            'here\nis the control flow of the original forward."""\n\n' + self.host_source + "\n")
-        regions = []
-        for x in self.runners.values():
-            (out / "regions" / f"{x.info.name}.py").write_text(x.info.source + "\n")
-            specs = []
-            for i, (key, cm) in enumerate(x.compiled.items()):
-                cm.save(out / "regions" / x.info.name / str(i))
-                specs.append({"key": _key_to_json(key), "dir": f"{x.info.name}/{i}"})
-            info = {**asdict(x.info), "eager_reason": x.eager_reason}
-            regions.append({**info, "specializations": specs})
+        files = self._write_host(out)
+        regions = [_write_region(out, x, files) for x in self.runners.values()]
         doc = {"format_version": FORMAT_VERSION, "info": asdict(self.info), "regions": regions}
         (out / "dynamic.json").write_text(json.dumps(doc, indent=1))
+        manifest.write(out, "dynamic", FORMAT_VERSION, [*files, "dynamic.json"])
         return out
+
+    def _write_host(self, out: Path) -> list[str]:
+        """The host program: its declarative form (what `load` reads) and, for people, as
+        Python (never executed)."""
+        doc = host.to_json(self.host_source, self.runners)
+        (out / host.HOST_FILE).write_text(json.dumps(doc))
+        (out / "host_program.py").write_text(
+            f'"""Host program of {self.info.model_name}, generated by hwaware (for reading: '
+            f'hwaware runs {host.HOST_FILE}).\n\nEach region_k(...) runs one compiled static '
+            'subgraph (see regions/); everything else here\nis the control flow of the '
+            'original forward."""\n\n' + self.host_source + "\n")
+        return [host.HOST_FILE, "host_program.py"]
 
     @staticmethod
     def load(directory: Path, model: torch.nn.Module | None = None) -> DynamicModel:
-        """Load a saved dynamic model; `model`: the module it was compiled from (its class,
-        weights and attributes), needed where regions run in eager PyTorch."""
+        """Load a saved dynamic model from a folder `hwaware.load` has checked against its
+        manifest; `model`: the module it was compiled from (its class, weights and
+        attributes), needed where regions run in eager PyTorch. The host program is rebuilt
+        from its declarative form (`host.from_json`, checked) before any kernel library is
+        loaded."""
         doc = json.loads((directory / "dynamic.json").read_text())
         if doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: dynamic model format "
                              f"{doc.get('format_version')} is not supported")
+        host_file = directory / host.HOST_FILE
+        tree = host.from_json(json.loads(host_file.read_text()),
+                              [r["name"] for r in doc["regions"]], str(host_file))
         runners: dict[str, RegionRunner] = {}
         missing: dict[str, str] = {}  # output container types returned as dicts: one warning
         for r in doc["regions"]:
             specs = r.pop("specializations")
             runner = RegionRunner(RegionInfo(**r), None, None)
             for s in specs:
-                cm = load_compiled(directory / "regions" / s["dir"], missing)
+                cm = load_compiled(_region_dir(directory, s["dir"]), missing)
                 runner.add(_key_from_json(s["key"]), cm)
             runners[runner.info.name] = runner
         outputs.warn_dict_fallback(missing)
@@ -534,8 +539,32 @@ class DynamicModel:
         info_doc["explore"] = ExploreStats(**info_doc["explore"])
         info = DynamicInfo(**info_doc)
         bind_eager_regions(directory, runners, info, model)
-        source = (directory / "host_program.py").read_text()
-        return DynamicModel(source, runners, info)
+        return DynamicModel(tree, runners, info)
+
+
+def _write_region(out: Path, runner: RegionRunner, files: list[str]) -> dict[str, Any]:
+    """Write one region (its source, for people, and each specialization as a compiled model's
+    files); its entry of `dynamic.json`. Appends the files written to `files`."""
+    name = runner.info.name
+    (out / "regions" / f"{name}.py").write_text(runner.info.source + "\n")
+    files.append(f"regions/{name}.py")
+    specs = []
+    for i, (key, cm) in enumerate(runner.compiled.items()):
+        sub = out / "regions" / name / str(i)
+        sub.mkdir(parents=True)
+        files.extend(f"regions/{name}/{i}/{f}" for f in cm.write_files(sub))
+        specs.append({"key": _key_to_json(key), "dir": f"{name}/{i}"})
+    return {**asdict(runner.info), "eager_reason": runner.eager_reason, "specializations": specs}
+
+
+def _region_dir(directory: Path, name: str) -> Path:
+    """`regions/<name>`, refusing a name that leads out of `regions/`."""
+    regions = (directory / "regions").resolve()
+    path = (regions / name).resolve()
+    if not path.is_relative_to(regions):
+        raise ValueError(f"{directory / 'dynamic.json'}: region folder {name!r} is outside "
+                         "regions/")
+    return path
 
 
 # ------------------------------------------------------------------- eager regions
@@ -567,9 +596,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def bind_eager_regions(directory: Path, runners: dict[str, RegionRunner], info: DynamicInfo,
                        model: torch.nn.Module | None) -> None:
-    """Give the regions that run in eager PyTorch their Python back: each region's saved
-    source, run in its module's globals, called on `model`. Refuses a `model` of another
-    class, or with other weights or attributes than the compiled one (never a wrong number)."""
+    """Give the regions that run in eager PyTorch their Python back, made again from `model`'s
+    forward (never from the saved source, which is for people) and called on `model`. Refuses
+    a `model` of another class, or with other weights or attributes than the compiled one, or
+    whose forward no longer gives the saved regions (never a wrong number)."""
     eager = [r for r in runners.values() if r.eager_reason is not None]
     if not eager:
         return
@@ -583,17 +613,11 @@ def bind_eager_regions(directory: Path, runners: dict[str, RegionRunner], info: 
                          f"attributes differ from the {info.model_class} that was compiled; "
                          f"its eager regions ({names}) would compute other numbers than its "
                          "compiled ones")
+    from hwaware.dynamic.driver import eager_region_functions  # it imports this module
+
+    functions = eager_region_functions(model, [r.info for r in eager])
     for runner in eager:
-        runner.fn, runner.root = region_function(runner.info), model
-
-
-def region_function(info: RegionInfo) -> Callable[..., Any]:
-    """A region's Python, from its saved source, in the globals of the module it came from."""
-    module = importlib.import_module(info.globals_module) if info.globals_module else None
-    namespace: dict[str, Any] = dict(vars(module)) if module is not None else {"torch": torch}
-    exec(compile(info.source, f"<hwaware {info.name} from {info.where}>", "exec"),  # noqa: S102
-         namespace)
-    return namespace[info.name]  # type: ignore[no-any-return]
+        runner.fn, runner.root = functions[runner.info.name], model
 
 
 def _short(where: str) -> str:
@@ -610,5 +634,5 @@ def _key_to_json(key: Key) -> list[Any]:
 
 
 def _key_from_json(doc: list[Any]) -> Key:
-    return tuple(("t", tuple(k[1]), getattr(torch, k[2])) if k[0] == "t" else tuple(k)
+    return tuple(("t", tuple(k[1]), torch_dtype(k[2])) if k[0] == "t" else tuple(k)
                  for k in doc)

@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from hwaware.kernels import KernelFamily, lowering
+from hwaware.kernels import KernelFamily
 from hwaware.program import op_name
 
 log = logging.getLogger(__name__)
@@ -631,13 +631,5 @@ def _push_one(node: fx.Node, inner: Callable[[Index], Index], shape: tuple[int, 
     return lambda idx: delinear(linear(inner(idx), shape), new_shape)
 
 
-# the lowering half (TIR template, schedule spaces), imported when a kernel is lowered
-LOWERING = "hwaware.kernels.attention_kernel"
-lower = lowering(LOWERING, "lower")
-schedule_fixed = lowering(LOWERING, "schedule_fixed")
-register_schedule_rules = lowering(LOWERING, "register_schedule_rules")
-
-
-FAMILY = KernelFamily(name="attention", rule=RULE, find=find, lower=lower,
-                      schedule_fixed=schedule_fixed, computed_share=kept_share,
-                      register=register_schedule_rules)
+FAMILY = KernelFamily(name="attention", rule=RULE, find=find,
+                      lowering="hwaware.kernels.attention_kernel", computed_share=kept_share)

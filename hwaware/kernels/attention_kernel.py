@@ -32,7 +32,6 @@ import tvm
 from torch import fx
 from tvm import relax
 
-from hwaware.kernels import first_registration
 from hwaware.kernels.attention import (
     NEG,
     RULE,
@@ -43,6 +42,7 @@ from hwaware.kernels.attention import (
     delinear,
     plan_of,
 )
+from hwaware.kernels.lowering_common import Space, register_spaces
 
 ONE_BLOCK_MAX_KEYS = 512  # up to this many keys, one key block (K and V of a head fit in L2)
 QUERY_TILE = 64           # rows per query tile: K and V blocks are loaded once per tile
@@ -312,11 +312,7 @@ def schedule_cuda(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
     return [sch]
 
 
-def register_schedule_rules() -> None:
-    """Register the cpu and cuda spaces of blocks annotated `schedule_rule: hw_attention`."""
-    if first_registration(RULE):
-        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{RULE}", schedule_cpu, override=True)
-        tvm.register_global_func(f"s_tir.meta_schedule.cuda.{RULE}", schedule_cuda, override=True)
+SPACES: dict[str, Space] = {"cpu": schedule_cpu, "cuda": schedule_cuda}
 
 
 def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
@@ -331,7 +327,7 @@ def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
 
 def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> tvm.IRModule:
     """The kernel graph -> a Relax `main` with one call_tir to the fused attention PrimFunc."""
-    register_schedule_rules()
+    register_spaces(RULE, SPACES)
     plan = plan_of(graph)
     tq, tk = tile_sizes(plan, target)
     func = prim_func(plan, name, tq, tk, "local" if target.kind == "cuda" else "global")

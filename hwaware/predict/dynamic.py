@@ -99,7 +99,8 @@ def record_path(runners: dict[str, Any], plan: Any, inputs: tuple[Any, ...]
                 ) -> list[tuple[Call, list[Any]]]:
     """The region calls one run of the host program makes on `inputs` (eager PyTorch), each
     with its arguments."""
-    from hwaware.dynamic.model import host_namespace, make_forward, specialization_key
+    from hwaware.dynamic.host import make_forward, namespace
+    from hwaware.dynamic.model import specialization_key
 
     calls: list[tuple[Call, list[Any]]] = []
 
@@ -109,9 +110,8 @@ def record_path(runners: dict[str, Any], plan: Any, inputs: tuple[Any, ...]
             return runner.fn(runner.root, *args)
         return call
 
-    namespace = host_namespace({}, None)
-    namespace.update({n: recording(n, r) for n, r in runners.items()})
-    forward = make_forward(plan.source(), "<hwaware host program>", namespace)
+    recorders = {n: recording(n, r) for n, r in runners.items()}
+    forward = make_forward(plan.source(), "<hwaware host program>", namespace(recorders, None))
     with torch.no_grad():
         forward(*inputs)
     return calls

@@ -173,15 +173,44 @@ def kernel_matrix(records: Sequence[Any], device: Device) -> np.ndarray:
     return np.asarray([kernel_features(r, device) for r in records], dtype=np.float32)
 
 
+# Additive totals of a model's kernels: a model's (or a chain of blocks') totals are the sums
+# of its parts' (the largest kernel's time: their maximum). `model_rows` turns them into features.
+MODEL_TOTAL_NAMES = (
+    "kernels", "host_steps", *(f"kernels_{f}" for f in FAMILIES), "kernels_other",
+    "flops", "bytes", "weight_bytes", "kernel_sum_us", "largest_kernel_us",
+)
+LARGEST_KERNEL = MODEL_TOTAL_NAMES.index("largest_kernel_us")
+_LOGGED = slice(MODEL_TOTAL_NAMES.index("flops"), len(MODEL_TOTAL_NAMES))
+
+
+def model_totals(records: Sequence[Any], host_steps: int, kernel_us: Sequence[float]
+                 ) -> np.ndarray:
+    """The additive totals (`MODEL_TOTAL_NAMES`) of kernels with their (predicted or measured)
+    times and `host_steps` host op calls."""
+    per_family = [float(sum(r.family == f for r in records)) for f in FAMILIES]
+    other = float(sum(not is_known_family(r.family) for r in records))
+    return np.asarray([
+        float(len(records)), float(host_steps), *per_family, other,
+        float(sum(r.flops for r in records)), float(sum(r.bytes_moved for r in records)),
+        float(sum(r.weight_bytes for r in records)), float(sum(kernel_us)),
+        float(max(kernel_us, default=0.0)),
+    ], dtype=np.float64)
+
+
+def model_rows(totals: np.ndarray, device: Device) -> np.ndarray:
+    """Model feature rows (`MODEL_FEATURE_NAMES`, float32) of a matrix of totals, one row
+    per model."""
+    totals = np.atleast_2d(np.asarray(totals, dtype=np.float64))
+    logged = np.log2(1.0 + np.maximum(totals[:, _LOGGED], 0.0))
+    device_columns = np.broadcast_to([float(device.threads), _log2(device.peak_gflops)],
+                                     (len(totals), 2))
+    return np.concatenate([totals[:, :_LOGGED.start], logged, device_columns],
+                          axis=1).astype(np.float32)
+
+
 def model_features(records: Sequence[Any], host_steps: int, kernel_us: Sequence[float],
                    device: Device) -> list[float]:
     """The feature vector of a whole model from its kernels, its host ops and its kernels'
     (predicted or measured) times (names: `MODEL_FEATURE_NAMES`)."""
-    per_family = [float(sum(r.family == f for r in records)) for f in FAMILIES]
-    other = float(sum(not is_known_family(r.family) for r in records))
-    return [
-        float(len(records)), float(host_steps), *per_family, other,
-        _log2(sum(r.flops for r in records)), _log2(sum(r.bytes_moved for r in records)),
-        _log2(sum(r.weight_bytes for r in records)), _log2(sum(kernel_us)),
-        _log2(max(kernel_us, default=0.0)), float(device.threads), _log2(device.peak_gflops),
-    ]
+    return [float(v) for v in model_rows(model_totals(records, host_steps, kernel_us),
+                                         device)[0]]

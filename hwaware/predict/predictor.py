@@ -42,10 +42,13 @@ from hwaware.predict.features import (
     FEATURE_SCHEMA_VERSION,
     KERNEL_FEATURE_NAMES,
     MODEL_FEATURE_NAMES,
+    MODEL_TOTAL_NAMES,
     Device,
     is_known_family,
     kernel_features,
     model_features,
+    model_rows,
+    model_totals,
     op_category,
 )
 from hwaware.predict.profile import AS_BUILT, versions
@@ -248,14 +251,23 @@ class LatencyPredictor:
 
     def _total_us(self, records: list[Any], host_steps: int, kernel_us: np.ndarray,
                   corrected: bool = True) -> float:
-        row = np.asarray([model_features(records, host_steps, list(kernel_us), self.device)],
-                         dtype=np.float32)
-        ratio = float(self.model_model.inplace_predict(row)[0])
-        total = _base_us(kernel_us, len(records), host_steps, self.overhead) * math.exp(ratio)
+        totals = model_totals(records, host_steps, list(kernel_us))
+        return float(self.total_us_of_totals(totals[None, :], corrected)[0])
+
+    def total_us_of_totals(self, totals: np.ndarray, corrected: bool = True) -> np.ndarray:
+        """Whole-model microseconds of many models at once from their additive totals
+        (`features.model_totals`, one row per model): the kernels' sum, the linear overhead
+        term, the whole-model regressor's ratio and the device correction."""
+        ratio = self.model_model.inplace_predict(model_rows(totals, self.device))
+        per_kernel, per_host_step, per_call = self.overhead
+        column = MODEL_TOTAL_NAMES.index
+        base = (totals[:, column("kernel_sum_us")] + per_kernel * totals[:, column("kernels")]
+                + per_host_step * totals[:, column("host_steps")] + per_call)
+        total = np.maximum(base, 1e-3) * np.exp(np.asarray(ratio, dtype=np.float64))
         if corrected and self.correction != (0.0, 1.0):
             a, b = self.correction
-            total = math.exp(a + b * math.log(max(total, 1e-3)))
-        return total
+            total = np.exp(a + b * np.log(np.maximum(total, 1e-3)))
+        return np.asarray(total)
 
     def _source(self, record: Any) -> str:
         known = is_known_family(record.family) and record.family in self.manifest.get(

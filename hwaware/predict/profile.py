@@ -31,19 +31,30 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from hwaware.decompose import KernelRecord
 from hwaware.predict import DATA_DIR
 from hwaware.predict.features import Device
-from hwaware.predict.spaces import Architecture
+
+
+class Measurable(Protocol):
+    """What the profiler measures: an `Architecture`, or a search space's architecture
+    (`hwaware.nas.measure.SpaceArchitecture`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def build(self) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +163,7 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def measure(arch: Architecture, target: Any, device: Device, db: Any, split: str = "train",
+def measure(arch: Measurable, target: Any, device: Device, db: Any, split: str = "train",
             repeats: int = 60) -> Sample:
     """Compile `arch` for `target` and time it (see module docstring)."""
     from hwaware.build import build
@@ -244,7 +255,7 @@ def versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ sessions
-def profile(archs: list[Architecture], target: Any, device: Device, db: Any, out: Path,
+def profile(archs: Sequence[Measurable], target: Any, device: Device, db: Any, out: Path,
             split: str = "train", repeats: int = 60, show_progress: bool = True) -> list[Sample]:
     """Measure every architecture not yet in `out` for this device; append each sample to
     `out` and the database as soon as it is measured. Returns the new samples."""
@@ -281,7 +292,7 @@ def store(db: Any, sample: Sample) -> None:
         kernels=[r.signature for r in sample.records], device=socket.gethostname()))
 
 
-def _progress(items: list[Architecture], show: bool, what: str) -> Iterable[Architecture]:
+def _progress(items: list[Measurable], show: bool, what: str) -> Iterable[Measurable]:
     if not show:
         return items
     from tqdm import tqdm

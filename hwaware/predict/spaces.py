@@ -53,7 +53,7 @@ class Architecture:
 
 
 # ------------------------------------------------------------------------------ CNN blocks
-def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
+def conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
                  act: type[nn.Module] | None = nn.ReLU) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
                                nn.BatchNorm2d(cout)]
@@ -62,7 +62,7 @@ def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
     return layers
 
 
-def _randomize_batchnorm(model: nn.Module) -> nn.Module:
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
     """Random BN statistics: fresh BN layers are the identity and would fold into nothing."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None \
@@ -79,11 +79,11 @@ class _MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int, se: bool):
         super().__init__()
         hid = cin * expand
-        layers = _conv_bn_act(cin, hid, 1, act=nn.ReLU6) if expand > 1 else []
-        layers += _conv_bn_act(hid, hid, k, stride, groups=hid, act=nn.ReLU6)
+        layers = conv_bn_act(cin, hid, 1, act=nn.ReLU6) if expand > 1 else []
+        layers += conv_bn_act(hid, hid, k, stride, groups=hid, act=nn.ReLU6)
         if se:
             layers.append(SqueezeExcite(hid, max(4, hid // 4), gate=torch.sigmoid))
-        layers += _conv_bn_act(hid, cout, 1, act=None)
+        layers += conv_bn_act(hid, cout, 1, act=None)
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
@@ -99,12 +99,12 @@ class _ResBlock(nn.Module):
         super().__init__()
         if bottleneck:
             mid = max(8, cout // bottleneck)
-            body = [*_conv_bn_act(cin, mid, 1), *_conv_bn_act(mid, mid, 3, stride),
-                    *_conv_bn_act(mid, cout, 1, act=None)]
+            body = [*conv_bn_act(cin, mid, 1), *conv_bn_act(mid, mid, 3, stride),
+                    *conv_bn_act(mid, cout, 1, act=None)]
         else:
-            body = [*_conv_bn_act(cin, cout, 3, stride), *_conv_bn_act(cout, cout, 3, act=None)]
+            body = [*conv_bn_act(cin, cout, 3, stride), *conv_bn_act(cout, cout, 3, act=None)]
         self.body = nn.Sequential(*body)
-        self.shortcut = nn.Sequential(*_conv_bn_act(cin, cout, 1, stride, act=None)) \
+        self.shortcut = nn.Sequential(*conv_bn_act(cin, cout, 1, stride, act=None)) \
             if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,24 +124,24 @@ def build_cnn(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     cin = 3
     for stage in cfg["stages"]:
         for i in range(stage["depth"]):
-            layers += _conv_bn_act(cin, stage["width"], stage["kernel"], 2 if i == 0 else 1)
+            layers += conv_bn_act(cin, stage["width"], stage["kernel"], 2 if i == 0 else 1)
             cin = stage["width"]
     model = nn.Sequential(*layers, *_head(cin))
-    return _randomize_batchnorm(model), _image(cfg)
+    return randomize_batchnorm(model), _image(cfg)
 
 
 def build_mobilenet(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    layers: list[nn.Module] = _conv_bn_act(3, cfg["stem"], 3, 2, act=nn.ReLU6)
+    layers: list[nn.Module] = conv_bn_act(3, cfg["stem"], 3, 2, act=nn.ReLU6)
     cin = cfg["stem"]
     for b in cfg["blocks"]:
         layers.append(_MBConv(cin, b["width"], b["expand"], b["kernel"], b["stride"], b["se"]))
         cin = b["width"]
     model = nn.Sequential(*layers, *_head(cin))
-    return _randomize_batchnorm(model), _image(cfg)
+    return randomize_batchnorm(model), _image(cfg)
 
 
 def build_resnet(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    layers: list[nn.Module] = _conv_bn_act(3, cfg["stem"], 3, 2)
+    layers: list[nn.Module] = conv_bn_act(3, cfg["stem"], 3, 2)
     cin = cfg["stem"]
     for s, stage in enumerate(cfg["stages"]):
         for i in range(stage["depth"]):
@@ -149,11 +149,11 @@ def build_resnet(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
             layers.append(_ResBlock(cin, stage["width"], stride, cfg["bottleneck"]))
             cin = stage["width"]
     model = nn.Sequential(*layers, *_head(cin))
-    return _randomize_batchnorm(model), _image(cfg)
+    return randomize_batchnorm(model), _image(cfg)
 
 
 # ---------------------------------------------------------------------------- transformer
-class _EncoderLayer(nn.Module):
+class EncoderLayer(nn.Module):
     """Pre-norm encoder layer written out as BERT-style code does: Q/K/V linears, scaled
     softmax attention, output linear, GELU MLP."""
 
@@ -176,7 +176,7 @@ class _EncoderLayer(nn.Module):
 
 def build_transformer(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     d = cfg["d_model"]
-    layers = [_EncoderLayer(d, cfg["heads"], d * cfg["ffn_ratio"]) for _ in range(cfg["layers"])]
+    layers = [EncoderLayer(d, cfg["heads"], d * cfg["ffn_ratio"]) for _ in range(cfg["layers"])]
     model = nn.Sequential(*layers, nn.LayerNorm(d))
     return model, (torch.randn(1, cfg["seq"], d),)
 
