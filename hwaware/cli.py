@@ -221,8 +221,11 @@ def cmd_farm(args: argparse.Namespace) -> int:
     from hwaware import farm
 
     if args.farm_command == "tracker":
+        print(f"TVM RPC tracker on {args.host}:{args.port} (until killed)", file=sys.stderr)
         farm.run_tracker(args.host, args.port)
     elif args.farm_command == "server":
+        print(f"TVM RPC server for key {args.key!r} on {args.host}, tracker {args.tracker} "
+              "(until killed)", file=sys.stderr)
         farm.run_server(args.key, args.tracker, args.host, args.port)
     else:
         devices = farm.status(args.tracker)

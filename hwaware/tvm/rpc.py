@@ -38,7 +38,7 @@ SERVER_PORT_RANGE = 100  # a server takes the first free port from --port on
 def serve_tracker(host: str, port: int) -> None:
     """Run a TVM RPC tracker on host:port until this process is killed."""
     tracker = Tracker(host, port=port, port_end=port + 1)
-    log.warning("TVM RPC tracker on %s:%d", host, tracker.port)
+    log.info("TVM RPC tracker on %s:%d", host, tracker.port)
     tracker.proc.join()
 
 
@@ -46,7 +46,7 @@ def serve_device(key: str, tracker: tuple[str, int], host: str, port: int) -> No
     """Run a TVM RPC server for this machine, registered under `key` with the tracker, until
     this process is killed."""
     server = rpc.Server(host, port, port + SERVER_PORT_RANGE, key=key, tracker_addr=tracker)
-    log.warning("TVM RPC server %r on %s:%d, tracker %s:%d", key, host, server.port, *tracker)
+    log.info("TVM RPC server %r on %s:%d, tracker %s:%d", key, host, server.port, *tracker)
     server.proc.join()
 
 
