@@ -7,7 +7,9 @@ Options: `target` (default "host"), `db` (path, default tuning_logs/hwaware.db),
 (default 0: use the records already in the database), `fuse` (default True: fused conv-block,
 GNN and attention kernels), `fallback` (default True: if compiling a graph fails, run it eagerly
 with one warning instead of raising), `max_shapes` (default 8) and `max_weight_sets` (default
-32, see below).
+32, see below). A bad option value (an unknown target, a corrupt database, `trials=-1`) raises
+before any graph is compiled, naming the option: `fallback` covers graphs that fail to compile,
+not configuration mistakes.
 
 Variants: a build is static, with the parameters frozen into it, but one Dynamo graph is called
 with other sizes (a second input shape makes Dynamo recompile the frame with symbolic sizes, or
@@ -181,24 +183,33 @@ def _shape_key(args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
 
 
 def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Every option checked before a graph is compiled: an unknown name or a bad value raises
+    (naming it and the valid values) instead of running the model eagerly; the target is
+    resolved and the database opened here (one connection per path and process)."""
+    from hwaware import options
+    from hwaware.verify import check_calls
+
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown hwaware option(s) {unknown}; valid options: {sorted(OPTIONS)}")
-    from hwaware.verify import check_calls
-
-    check_calls(opts.get("verify", 0))
-    return {**OPTIONS, **opts}
+    opts = {**OPTIONS, **opts}
+    check_calls(opts["verify"])
+    for name in ("fallback", "fuse", "show_progress"):
+        options.check_flag(name, opts[name])
+    options.check_count("trials", opts["trials"])
+    for name in ("max_shapes", "max_weight_sets"):
+        options.check_count(name, opts[name], minimum=1)
+    opts["target"] = options.check_target(opts["target"])
+    opts["db"] = options.check_db(opts["db"])
+    return opts
 
 
 def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
                    opts: dict[str, Any]) -> Callable[..., Any]:
     from hwaware.capture import capture_dynamo_graph
     from hwaware.pipeline import compile_captured
-    from hwaware.target import get_target
-
-    target = get_target(opts["target"])
     captured, kept = capture_dynamo_graph(gm, list(example_inputs))
-    compiled = compile_captured(captured, target, _database(opts["db"]), int(opts["trials"]),
+    compiled = compile_captured(captured, opts["target"], opts["db"], int(opts["trials"]),
                                 bool(opts["show_progress"]), bool(opts["fuse"]))
 
     def run(*args: Any) -> Any:
@@ -218,19 +229,3 @@ def _differing_kernel(run: Callable[..., Any], args: tuple[Any, ...]) -> str | N
         return None
     found = differing_kernel(compiled, [args[i] for i in run.hwaware_inputs])  # type: ignore
     return found
-
-
-_DATABASES: dict[str, Any] = {}
-
-
-def _database(path: str | None) -> Any:
-    """The process's one connection to the database at `path` (every graph and variant of a
-    torch.compile'd model, and every model compiled with the same path, share it)."""
-    from hwaware.db import open_db
-
-    if path is None:
-        return None
-    key = str(path)
-    if key not in _DATABASES:
-        _DATABASES[key] = open_db(path)
-    return _DATABASES[key]

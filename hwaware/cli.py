@@ -3,7 +3,8 @@
     hwaware targets [--json]
     hwaware tune MODEL [--target T] [--trials N] [--db PATH] [--rpc HOST:PORT --key K]
     hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
-    hwaware db stats|export FILE|import FILE [--db PATH]
+    hwaware db stats|export FILE|import FILE... [--db PATH]
+    hwaware db merge A B... --out C
     hwaware demo [--trials N] [--db PATH]
     hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
     hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N]
@@ -22,6 +23,7 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if _INTERRUPTED:  # TVM turns a KeyboardInterrupt raised in a callback into its error
+            return _interrupted()
         print(f"hwaware: error: {err}", file=sys.stderr)
         return 2
+
+
+_INTERRUPTED: list[int] = []  # the signals received
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM end the command through `finally` blocks and exit handlers, so the
+    session's records are checkpointed into the .db file (`hwaware.db.close_all`)."""
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("hwaware: interrupted; every record measured so far is kept", file=sys.stderr)
+    return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,10 +90,16 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--key", default=None, help="the farm devices' key (with --rpc)")
         c.set_defaults(func=func)
 
-    d = sub.add_parser("db", help="inspect or move the tuning database")
-    d.add_argument("action", choices=["stats", "export", "import"])
-    d.add_argument("file", nargs="?", help="the JSONL file for export/import")
+    d = sub.add_parser("db", help="inspect, move or merge tuning databases",
+                       description="import takes other hwaware databases (.db) or JSONL "
+                       "exports: every row is checked first, and a bad one (named by file and "
+                       "line, or table and rowid) imports nothing; exact duplicates are "
+                       "skipped. merge writes a new database from several.")
+    d.add_argument("action", choices=["stats", "export", "import", "merge"])
+    d.add_argument("file", nargs="*", help="export: the JSONL file to write; import, merge: "
+                   "the databases or JSONL files to read")
     d.add_argument("--db", default=str(DEFAULT_DB_PATH))
+    d.add_argument("--out", help="merge: the new database to write")
     d.set_defaults(func=cmd_db)
 
     m = sub.add_parser("demo", help="tune, compile and time a sample network on this CPU")
@@ -194,20 +223,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from hwaware.db import TuningDatabase
+    from hwaware.db import TuningDatabase, merge_databases
 
     if args.action != "stats" and not args.file:
         raise ValueError(f"'hwaware db {args.action}' needs a FILE argument")
-    if args.action == "import" and not Path(args.file).exists():
-        raise FileNotFoundError(f"{args.file}: no such file")
+    if args.action == "merge":
+        if not args.out:
+            raise ValueError("'hwaware db merge' needs --out NEW.db")
+        print(_import_report(merge_databases(args.file, args.out), f"merged into {args.out}"))
+        return 0
+    if args.action == "export" and len(args.file) != 1:
+        raise ValueError("'hwaware db export' writes one FILE")
     with TuningDatabase(args.db) as db:
         if args.action == "stats":
             print(json.dumps(db.stats(), indent=1))
         elif args.action == "export":
-            print(f"exported {db.export_jsonl(args.file)} lines to {args.file}")
+            print(f"exported {db.export_jsonl(args.file[0])} lines to {args.file[0]}")
         else:
-            print(json.dumps(db.import_jsonl(args.file)))
+            print(_import_report(db.import_files(args.file), f"imported into {args.db}"))
     return 0
+
+
+def _import_report(counts: dict[str, int], what: str) -> str:
+    added = {k: v for k, v in counts.items() if k != "duplicates"}
+    tables = ", ".join(f"{n} {table}" for table, n in added.items())
+    return (f"{what}: {sum(added.values())} rows ({tables or 'none'}); "
+            f"{counts.get('duplicates', 0)} exact duplicates skipped")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -6,32 +6,42 @@ partitioned kernel by its signature: family, shapes, attributes, FLOPs, bytes, a
 workloads it maps to), kernel measurements (a whole kernel timed as TVM or as PyTorch) and
 model measurements (a whole compiled model timed).
 Comes out: the best records per (workload, target), kernel and model measurements per target
-(what the latency predictor trains on), statistics, JSONL export/import of every table.
+(what the latency predictor trains on), statistics, JSONL export of every table, import and
+merge of other databases or exports (every row validated first: `db_validate`), and readable
+views (`VIEWS`: best records, sessions, kernel and model timings) for sqlite-utils/datasette.
 
 Schema versions: 1 had no `kernels`, `kernel_workloads` or `model_measurements` tables; a
 version-1 file is migrated in place when opened (tables added, nothing rewritten).
 
 Design rules (see ROADMAP.md): keys are made in one place (`workload_key`), queries always name a
 target so one target never sees another's records, every record says which device and session
-measured it, and the file is safe under several writer processes (WAL + busy timeout, one
-transaction per committed candidate).
+measured it, and the file is safe under several writer processes (WAL, busy timeout, one
+`BEGIN IMMEDIATE` transaction per committed candidate, retried with backoff on SQLITE_BUSY).
+A process holds one connection per file (`open_db`); every connection is closed at exit
+(`close_all`), and closing checkpoints the WAL, so the `.db` file alone holds every record.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import random
 import socket
 import sqlite3
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+import urllib.parse
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
+
+from hwaware.db_validate import KINDS, RecordError, check_row
 
 log = logging.getLogger(__name__)
 
@@ -104,44 +114,69 @@ def candidate_key(trace_json: str) -> str:
 
 
 class TuningDatabase:
-    """A sqlite tuning database on disk (sqlite-utils, WAL, schema version)."""
+    """A sqlite tuning database on disk (sqlite-utils, WAL, schema version).
+
+    Every write is one `BEGIN IMMEDIATE` transaction, retried with backoff while another
+    process holds the write lock (`_write`); `close` checkpoints the WAL into the file, so the
+    `.db` alone holds every record once the database is closed. `read_only=True` opens another
+    machine's file for reading (import, merge) without changing a byte of it."""
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_DB_PATH, *,
-                 device: str | None = None):
+                 device: str | None = None, read_only: bool = False):
         self.path = Path(path)
         self.device = device or socket.gethostname()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self.closed = False
+        if read_only and not self.path.is_file():
+            raise DatabaseError(f"{self.path}: no such database file")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._check_file_before_open()
-        conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False)
+        conn = _connect(self.path, read_only)
         self.db = sqlite_utils.Database(conn)
         try:
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            self._open_or_create()
+            _retry_busy(self._open_or_create, self.path)
         except sqlite3.DatabaseError as err:
             conn.close()
             raise DatabaseError(f"{self.path}: not a usable hwaware database ({err})") from err
+        except BaseException:
+            conn.close()
+            raise
+        _OPEN.add(self)
 
     # ----------------------------------------------------------------- opening
     def _check_file_before_open(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
+            if self.read_only:
+                raise DatabaseError(f"{self.path}: empty file, not an hwaware database")
             return
         with open(self.path, "rb") as f:
-            header = f.read(16)
-        if header != b"SQLite format 3\x00":
+            header = f.read(100)
+        if header[:16] != SQLITE_HEADER:
             raise DatabaseError(
                 f"{self.path}: not an sqlite database (corrupt or foreign file); "
                 "refusing to open or overwrite it"
             )
+        pages = int.from_bytes(header[28:32], "big")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        wal = Path(f"{self.path}-wal")
+        if pages and page_size and self.path.stat().st_size < pages * page_size and \
+                not (wal.exists() and wal.stat().st_size > 0):
+            raise DatabaseError(
+                f"{self.path}: truncated ({self.path.stat().st_size} bytes, its header says "
+                f"{pages * page_size}); refusing to open or overwrite it")
 
     def _open_or_create(self) -> None:
+        if self._is_fresh():
+            self._write(self._create_schema_if_fresh)
+            with self.db.ensure_autocommit_on():
+                self.db.execute("PRAGMA journal_mode = WAL")
         app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
-        tables = set(self.db.table_names())
-        if app_id == 0 and not tables:
-            self._create_schema()
-            return
         if app_id != APPLICATION_ID:
+            tables = sorted(self.db.table_names())
             raise DatabaseError(
-                f"{self.path}: a foreign sqlite database (tables: {sorted(tables) or 'none'}); "
+                f"{self.path}: a foreign sqlite database (tables: {tables or 'none'}); "
                 "refusing to use or overwrite it"
             )
         version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -153,24 +188,73 @@ class TuningDatabase:
         integrity = self.db.execute("PRAGMA quick_check").fetchone()[0]
         if integrity != "ok":
             raise DatabaseError(f"{self.path}: integrity check failed: {integrity}")
-        if version < SCHEMA_VERSION:
-            self._migrate(version)
+        if not self.read_only and (version < SCHEMA_VERSION or not self._has_views()):
+            self._write(self._migrate)
 
-    def _migrate(self, version: int) -> None:
+    def _is_fresh(self) -> bool:
+        """A new (or empty) file: no application id and no tables yet."""
+        app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
+        return not self.read_only and app_id == 0 and not self.db.table_names()
+
+    def _create_schema_if_fresh(self) -> None:
+        """Inside the write transaction: another process may have created it meanwhile."""
+        if self.db.execute("PRAGMA application_id").fetchone()[0] != 0 or \
+                self.db.table_names():
+            return
+        self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._create_tables()
+        self._create_views()
+
+    def _migrate(self) -> None:
         """Bring an older file up to this schema: version 1 lacks the kernel schema and model
-        measurement tables, which are added (its rows stay as they are)."""
-        log.info("%s: migrating the database from schema %d to %d", self.path, version,
-                 SCHEMA_VERSION)
+        measurement tables, which are added (its rows stay as they are); a file of this
+        version made before the views gets them."""
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version < SCHEMA_VERSION:
+            log.info("%s: migrating the database from schema %d to %d", self.path, version,
+                     SCHEMA_VERSION)
         self._create_tables()
-        with self.db.conn:
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._create_views()
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _create_schema(self) -> None:
-        self.db.enable_wal()
-        with self.db.conn:
-            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._create_tables()
+    def _execute_write(self, sql: str, args: list[Any]) -> sqlite3.Cursor:
+        """One write statement in its own transaction (`_write`)."""
+        return self._write(lambda: self.db.execute(sql, args))
+
+    def _write(self, body: Callable[[], T]) -> T:
+        """Run `body` in one write transaction (BEGIN IMMEDIATE ... COMMIT), retried with
+        backoff while another process holds the write lock; rolled back if it raises."""
+        if self.read_only:
+            raise DatabaseError(f"{self.path}: opened read-only")
+
+        def attempt() -> T:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body()
+                self.db.conn.execute("COMMIT")
+            except BaseException:
+                if self.db.conn.in_transaction:
+                    self.db.conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return _retry_busy(attempt, self.path)
+
+    def checkpoint(self) -> None:
+        """Copy every committed transaction from the `-wal` file into the database file and
+        empty the WAL (when no other process is reading; else the last one to close does)."""
+        if self.closed or self.read_only:
+            return
+        try:
+            self.db.conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            busy = self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                self.db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as err:  # another process is mid-write: its close checkpoints
+            log.debug("%s: checkpoint deferred (%s)", self.path, err)
+        finally:
+            self.db.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def _create_tables(self) -> None:
         """Every table and index of this schema (each only if it is not there yet)."""
@@ -239,8 +323,25 @@ class TuningDatabase:
             ["target_key", "model"], if_not_exists=True
         )
 
+    def _create_views(self) -> None:
+        """Readable views for sqlite-utils and datasette (see README, "The tuning database")."""
+        for name, sql in VIEWS.items():
+            self.db.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {sql}")
+
+    def _has_views(self) -> bool:
+        names = ", ".join(f"'{n}'" for n in VIEWS)
+        found = self.db.execute(
+            f"SELECT COUNT(*) FROM sqlite_master WHERE type = 'view' AND name IN ({names})"
+        ).fetchone()[0]
+        return int(found) == len(VIEWS)
+
     def close(self) -> None:
+        """Checkpoint the WAL into the file and close (idempotent)."""
+        if self.closed:
+            return
+        self.checkpoint()
         self.db.conn.close()
+        self.closed = True
 
     def __enter__(self) -> TuningDatabase:
         return self
@@ -260,12 +361,11 @@ class TuningDatabase:
         self, workload_hash: str, tvm_version: str, mod_json: str,
         family: str = "", shapes: str = "",
     ) -> None:
-        with self.db.conn:
-            self.db.execute(
-                "INSERT OR IGNORE INTO workloads (hash, tvm_version, mod_json, family, shapes) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [workload_hash, tvm_version, mod_json, family, shapes],
-            )
+        self._execute_write(
+            "INSERT OR IGNORE INTO workloads (hash, tvm_version, mod_json, family, shapes) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [workload_hash, tvm_version, mod_json, family, shapes],
+        )
 
     def workload_json(self, workload_hash: str, tvm_version: str) -> str | None:
         row = self.db.execute(
@@ -277,18 +377,17 @@ class TuningDatabase:
     # ----------------------------------------------------------------- records
     def commit_record(self, row: RecordRow) -> bool:
         """Commit one measured candidate at once (its own transaction). False if already there."""
-        with self.db.conn:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO records (workload_hash, tvm_version, target_key, candidate, "
-                "trace_json, args_info_json, run_secs, mean_us, error, device, session_id, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    row.workload_hash, row.tvm_version, row.target_key,
-                    candidate_key(row.trace_json), row.trace_json, row.args_info_json,
-                    json.dumps(row.run_secs), row.mean_us, row.error, row.device,
-                    row.session_id, row.created_at,
-                ],
-            )
+        cur = self._execute_write(
+            "INSERT OR IGNORE INTO records (workload_hash, tvm_version, target_key, candidate, "
+            "trace_json, args_info_json, run_secs, mean_us, error, device, session_id, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                row.workload_hash, row.tvm_version, row.target_key,
+                candidate_key(row.trace_json), row.trace_json, row.args_info_json,
+                json.dumps(row.run_secs), row.mean_us, row.error, row.device,
+                row.session_id, row.created_at,
+            ],
+        )
         return cur.rowcount == 1
 
     def remeasure(self, row: RecordRow, run_secs: list[float], device: str | None = None
@@ -296,12 +395,11 @@ class TuningDatabase:
         """Replace a stored record's measurement by a new one of the same candidate on the same
         target (`search.remeasure_top_records`); its mean_us becomes their median, its device
         the one that re-measured it (`device`, default: unchanged)."""
-        with self.db.conn:
-            self.db.execute(
-                "UPDATE records SET run_secs = ?, mean_us = ?, device = COALESCE(?, device) "
-                "WHERE workload_hash = ? AND tvm_version = ? AND target_key = ? AND candidate = ?",
-                [json.dumps(run_secs), statistics.median(run_secs) * 1e6, device, row.workload_hash,
-                 row.tvm_version, row.target_key, candidate_key(row.trace_json)])
+        self._execute_write(
+            "UPDATE records SET run_secs = ?, mean_us = ?, device = COALESCE(?, device) "
+            "WHERE workload_hash = ? AND tvm_version = ? AND target_key = ? AND candidate = ?",
+            [json.dumps(run_secs), statistics.median(run_secs) * 1e6, device, row.workload_hash,
+             row.tvm_version, row.target_key, candidate_key(row.trace_json)])
 
     def has_candidate(self, workload_hash: str, tvm_version: str, target_key: str,
                       trace_json: str) -> bool:
@@ -351,7 +449,8 @@ class TuningDatabase:
                       tvm_version: str = "", target_key: str = "") -> None:
         """Store a kernel's schema (a `hwaware.decompose.KernelRecord`) under its signature,
         and the TVM workloads its build holds on `target_key`."""
-        with self.db.conn:
+
+        def _body() -> None:
             self.db.execute(
                 "INSERT OR IGNORE INTO kernels (signature, family, record_json, flops, "
                 "bytes_moved, created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -362,6 +461,7 @@ class TuningDatabase:
                     "INSERT OR IGNORE INTO kernel_workloads (signature, workload_hash, "
                     "tvm_version, target_key) VALUES (?, ?, ?, ?)",
                     [record.signature, whash, tvm_version, target_key])
+        self._write(_body)
 
     def kernel(self, signature: str) -> Any:
         """The stored `KernelRecord` of a signature, or None."""
@@ -383,12 +483,11 @@ class TuningDatabase:
     def commit_kernel_measurement(
         self, signature: str, target_key: str, impl: str, run_us: float, family: str
     ) -> None:
-        with self.db.conn:
-            self.db.table("kernel_measurements").insert({
-                "signature": signature, "target_key": target_key, "impl": impl,
-                "run_us": run_us, "device": self.device, "family": family,
-                "created_at": time.time(),
-            })
+        self._write(lambda: self.db.table("kernel_measurements").insert({
+            "signature": signature, "target_key": target_key, "impl": impl,
+            "run_us": run_us, "device": self.device, "family": family,
+            "created_at": time.time(),
+        }))
 
     def kernel_measurements(self, target_key: str, signature: str | None = None
                             ) -> list[KernelMeasurement]:
@@ -405,13 +504,12 @@ class TuningDatabase:
 
     # ------------------------------------------------------- model measurements
     def commit_model_measurement(self, m: ModelMeasurement) -> None:
-        with self.db.conn:
-            self.db.table("model_measurements").insert({
-                "model": m.model, "target_key": m.target_key, "impl": m.impl,
-                "latency_us": m.latency_us, "spread_us": m.spread_us,
-                "kernels_json": json.dumps(m.kernels), "device": m.device,
-                "session_id": m.session_id, "created_at": m.created_at or time.time(),
-            })
+        self._write(lambda: self.db.table("model_measurements").insert({
+            "model": m.model, "target_key": m.target_key, "impl": m.impl,
+            "latency_us": m.latency_us, "spread_us": m.spread_us,
+            "kernels_json": json.dumps(m.kernels), "device": m.device,
+            "session_id": m.session_id, "created_at": m.created_at or time.time(),
+        }))
 
     def model_measurements(self, target_key: str, model: str | None = None
                            ) -> list[ModelMeasurement]:
@@ -427,17 +525,14 @@ class TuningDatabase:
 
     # ---------------------------------------------------------------- sessions
     def start_session(self, session_id: str, target_key: str, model: str, trials: int) -> None:
-        with self.db.conn:
-            self.db.table("sessions").insert({
-                "id": session_id, "target_key": target_key, "model": model, "trials": trials,
-                "device": self.device, "started_at": time.time(),
-            })
+        self._write(lambda: self.db.table("sessions").insert({
+            "id": session_id, "target_key": target_key, "model": model, "trials": trials,
+            "device": self.device, "started_at": time.time(),
+        }))
 
     def finish_session(self, session_id: str, summary_json: str) -> None:
-        with self.db.conn:
-            self.db.table("sessions").update(
-                session_id, {"finished_at": time.time(), "summary_json": summary_json}
-            )
+        self._write(lambda: self.db.table("sessions").update(
+            session_id, {"finished_at": time.time(), "summary_json": summary_json}))
 
     # ------------------------------------------------------------- inspection
     def stats(self) -> dict[str, Any]:
@@ -474,36 +569,57 @@ class TuningDatabase:
         return n
 
     def _iter_export_lines(self) -> Iterator[str]:
-        for kind, (table, _) in EXPORT_KINDS.items():
-            drop = {"candidate"} | ({"id"} if self.db[table].columns_dict.get("id") is int
-                                    else set())  # derived from the row, or its local number
-            for row in self.db[table].rows:
+        for _, obj in self.export_rows():
+            yield json.dumps(obj, sort_keys=True)
+
+    def export_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every row of every table as an export object (its `kind` added, its local `id` and
+        derived `candidate` left out), with where it is: `FILE:table/rowid N`."""
+        present = set(self.db.table_names())
+        for kind, spec in KINDS.items():
+            if spec.table not in present:  # a schema-1 file opened read-only
+                continue
+            columns = self.db[spec.table].columns_dict
+            drop = {"candidate"} | ({"id"} if columns.get("id") is int else set())
+            cursor = self.db.execute(f"SELECT rowid AS _rowid, * FROM {spec.table} ORDER BY rowid")
+            names = [c[0] for c in cursor.description]
+            for values in cursor:
+                row = dict(zip(names, values, strict=True))
+                where = f"{self.path}:{spec.table}/rowid {row.pop('_rowid')}"
                 row = {k: v for k, v in row.items() if k not in drop}
                 if kind == "record":
-                    row["run_secs"] = json.loads(row["run_secs"])
-                yield json.dumps({"kind": kind, **row}, sort_keys=True)
+                    row["run_secs"] = _json_or_text(row["run_secs"])
+                yield where, {"kind": kind, **row}
 
     def import_jsonl(self, path: str | os.PathLike[str]) -> dict[str, int]:
-        """Merge an export into this database, in one transaction after every line was
-        validated (nothing is half-imported). Returns the rows added per table found in the
-        file, and the exact duplicates of measurements and sessions skipped (a workload or
-        kernel definition already there is shared, not counted)."""
-        lines = _read_jsonl(Path(path))
-        added = {EXPORT_KINDS[obj["kind"]][0]: 0 for obj in lines}
+        """`import_files` of one file (kept for the existing API)."""
+        return self.import_files([path])
+
+    def import_files(self, paths: Iterable[str | os.PathLike[str]]) -> dict[str, int]:
+        """Merge other databases (.db files) or JSONL exports into this one, in one transaction
+        after every row of every file was validated (`db_validate`): a bad row raises
+        `DatabaseError` naming its file and line (or table and rowid) and nothing is imported.
+        Returns the rows added per table found, and the exact duplicates of measurements and
+        sessions skipped (a workload or kernel definition already there is shared, not
+        counted)."""
+        rows = [obj for path in paths for _, obj in read_rows(path)]
+        return self._write(lambda: self._insert_rows(rows))
+
+    def _insert_rows(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+        added = {KINDS[obj["kind"]].table: 0 for obj in rows}
         added["duplicates"] = 0
-        with self.db.conn:
-            for obj in lines:
-                if self._insert_exported(obj):
-                    added[EXPORT_KINDS[obj["kind"]][0]] += 1
-                elif obj["kind"] not in DEFINITIONS:
-                    added["duplicates"] += 1
+        for obj in rows:
+            if self._insert_exported(obj):
+                added[KINDS[obj["kind"]].table] += 1
+            elif obj["kind"] not in DEFINITIONS:
+                added["duplicates"] += 1
         return added
 
     def _insert_exported(self, obj: dict[str, Any]) -> bool:
         """One exported row into its table, inside the caller's transaction; False for an
         exact duplicate of a stored row."""
         kind, row = obj["kind"], {k: v for k, v in obj.items() if k != "kind"}
-        table = EXPORT_KINDS[kind][0]
+        table = KINDS[kind].table
         if kind == "record":
             row["candidate"] = candidate_key(row["trace_json"])
             row["run_secs"] = json.dumps(row["run_secs"])
@@ -519,26 +635,46 @@ class TuningDatabase:
         return cur.rowcount == 1
 
 
-_RECORD_FIELDS = (
-    "workload_hash", "target_key", "trace_json", "args_info_json", "run_secs", "mean_us",
-    "error", "device", "session_id", "tvm_version", "created_at",
-)
-_WORKLOAD_FIELDS = ("hash", "tvm_version", "mod_json")
-# export kind -> (table, fields a line of that kind must have)
-EXPORT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "workload": ("workloads", _WORKLOAD_FIELDS),
-    "record": ("records", _RECORD_FIELDS),
-    "kernel": ("kernels", ("signature", "family", "record_json", "flops", "bytes_moved")),
-    "kernel_workload": ("kernel_workloads",
-                        ("signature", "workload_hash", "tvm_version", "target_key")),
-    "kernel_measurement": ("kernel_measurements",
-                           ("signature", "target_key", "impl", "run_us", "device")),
-    "model_measurement": ("model_measurements",
-                          ("model", "target_key", "impl", "latency_us", "device")),
-    "session": ("sessions", ("id", "target_key", "model", "trials", "device")),
-}
-
 DEFINITIONS = {"workload", "kernel", "kernel_workload"}  # shared by content, not measured
+
+_WHEN = "datetime({}, 'unixepoch')"  # a readable UTC time of a created_at/started_at column
+# readable views (name -> SELECT), made with the schema; see README, "The tuning database"
+VIEWS: dict[str, str] = {
+    "best_records": f"""
+        SELECT target_key, workload_hash, family, tvm_version, mean_us AS best_us, trials,
+               failed, device, session_id, {_WHEN.format("created_at")} AS measured_at,
+               id AS record_id
+        FROM (SELECT r.*, w.family,
+                     ROW_NUMBER() OVER (PARTITION BY r.target_key, r.workload_hash,
+                         r.tvm_version ORDER BY r.mean_us IS NULL, r.mean_us, r.id) AS pos,
+                     COUNT(*) OVER (PARTITION BY r.target_key, r.workload_hash,
+                         r.tvm_version) AS trials,
+                     SUM(r.mean_us IS NULL) OVER (PARTITION BY r.target_key, r.workload_hash,
+                         r.tvm_version) AS failed
+              FROM records r LEFT JOIN workloads w
+                   ON w.hash = r.workload_hash AND w.tvm_version = r.tvm_version)
+        WHERE pos = 1 AND mean_us IS NOT NULL""",
+    "session_overview": f"""
+        SELECT s.id AS session_id, s.target_key, s.model, s.trials AS trials_requested,
+               (SELECT COUNT(*) FROM records r WHERE r.session_id = s.id) AS records,
+               (SELECT MIN(r.mean_us) FROM records r WHERE r.session_id = s.id) AS best_us,
+               s.device, {_WHEN.format("s.started_at")} AS started_at,
+               {_WHEN.format("s.finished_at")} AS finished_at,
+               ROUND(s.finished_at - s.started_at, 1) AS elapsed_s,
+               CASE WHEN s.finished_at IS NULL THEN 'unfinished' ELSE 'finished' END AS state
+        FROM sessions s""",
+    "kernel_timings": f"""
+        SELECT m.target_key, m.signature, m.family, m.impl, m.run_us, m.device,
+               {_WHEN.format("m.created_at")} AS measured_at,
+               k.flops, k.bytes_moved,
+               CASE WHEN k.flops > 0 THEN ROUND(k.flops / m.run_us / 1e3, 2) END AS gflops
+        FROM kernel_measurements m LEFT JOIN kernels k ON k.signature = m.signature""",
+    "model_timings": f"""
+        SELECT target_key, model, impl, ROUND(latency_us / 1e3, 3) AS latency_ms,
+               ROUND(spread_us / 1e3, 3) AS spread_ms, json_array_length(kernels_json)
+               AS kernels, device, session_id, {_WHEN.format("created_at")} AS measured_at
+        FROM model_measurements""",
+}
 
 
 def _model_measurement(d: dict[str, Any]) -> ModelMeasurement:
@@ -559,33 +695,145 @@ def _row_from_cursor(description: Any, values: tuple[Any, ...]) -> RecordRow:
     )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Parse and validate a whole export before anything is written (nothing half-imported)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def read_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every row of an hwaware database file or JSONL export, each validated, with where it is
+    (`FILE:LINE` or `FILE:table/rowid N`). Raises `DatabaseError` naming the file and the
+    reason for a file that is missing, truncated, corrupt or foreign, or the first bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatabaseError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        is_sqlite = f.read(16) == SQLITE_HEADER
+    try:
+        if is_sqlite:
+            with TuningDatabase(path, read_only=True) as src:
+                return [(where, check_row(where, obj)) for where, obj in src.export_rows()]
+        return [(where, check_row(where, obj)) for where, obj in _jsonl_objects(path)]
+    except RecordError as err:
+        raise DatabaseError(f"{err}; nothing was imported") from err
+    except sqlite3.DatabaseError as err:
+        raise DatabaseError(f"{path}: unreadable database ({err})") from err
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatabaseError(f"{where}: not UTF-8 text ({err.reason})") from err
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DatabaseError(f"{path}:{lineno}: not JSON ({err.msg})") from err
-            kind = obj.get("kind") if isinstance(obj, dict) else None
-            if kind not in EXPORT_KINDS:
-                raise DatabaseError(f"{path}:{lineno}: unknown kind {kind!r} (expected one "
-                                    f"of {', '.join(EXPORT_KINDS)})")
-            missing = [k for k in EXPORT_KINDS[kind][1] if k not in obj]
-            if missing:
-                raise DatabaseError(f"{path}:{lineno}: {kind} is missing fields {missing}")
-            out.append(obj)
-    return out
+                cut = "" if raw.endswith(b"\n") else "; the file looks truncated"
+                raise DatabaseError(f"{where}: not JSON ({err.msg}){cut}") from err
+
+
+def merge_databases(sources: list[str | os.PathLike[str]], out: str | os.PathLike[str]
+                    ) -> dict[str, int]:
+    """A new database `out` holding every valid row of `sources` (databases or JSONL), exact
+    duplicates once. Every source is validated first; `out` appears only when complete."""
+    out = Path(out)
+    if out.exists():
+        raise DatabaseError(f"{out}: already exists; merge writes a new database")
+    rows = [obj for src in sources for _, obj in read_rows(src)]
+    partial = out.with_name(out.name + ".partial")
+    _remove_database_files(partial)
+    try:
+        with TuningDatabase(partial) as db:
+            counts = db._write(lambda: db._insert_rows(rows))
+        os.replace(partial, out)
+    finally:
+        _remove_database_files(partial)
+    return counts
+
+
+def _remove_database_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _json_or_text(text: Any) -> Any:
+    """A stored JSON column parsed, or left as it is when it does not parse (validation then
+    names it)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 10_000  # sqlite waits this long for a lock before a retry with backoff
+BUSY_GIVE_UP_S = 600.0
+CHECKPOINT_WAIT_MS = 1_000
+T = TypeVar("T")
+
+
+def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit: `TuningDatabase._write`)."""
+    target, uri = str(path), False
+    if read_only:
+        target, uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", True
+    conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    # WAL + NORMAL: a commit survives the process being killed (not a power cut right after
+    # it) and no fsync per record; the file is never corrupted either way
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _is_busy(err: sqlite3.OperationalError) -> bool:
+    text = str(err).lower()
+    return "locked" in text or "busy" in text
+
+
+def _retry_busy(attempt: Callable[[], T], path: Path) -> T:
+    """`attempt()`, again after a randomised, growing pause while sqlite reports the database
+    locked by another process (SQLITE_BUSY), for up to BUSY_GIVE_UP_S."""
+    delay, deadline = 0.005, time.monotonic() + BUSY_GIVE_UP_S
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as err:
+            if not _is_busy(err):
+                raise
+            if time.monotonic() > deadline:
+                raise DatabaseError(f"{path}: still locked by another process after "
+                                    f"{BUSY_GIVE_UP_S:.0f} s ({err})") from err
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, 0.5)
 
 
 DbArg = TuningDatabase | str | os.PathLike[str] | None  # what the public entry points take
 
 
+_OPEN: weakref.WeakSet[TuningDatabase] = weakref.WeakSet()  # closed (checkpointed) at exit
+_SHARED: dict[Path, TuningDatabase] = {}
+
+
 def open_db(db: DbArg) -> TuningDatabase | None:
-    """The database a `db` argument names: None, an open one, or one opened at a path."""
+    """The database a `db` argument names: None, an open one, or the process's one connection
+    to the file at a path (shared by every compile, tune and torch.compile graph; closed,
+    with its WAL checkpointed into the file, when the process exits)."""
     if db is None or isinstance(db, TuningDatabase):
         return db
-    return TuningDatabase(db)
+    if not isinstance(db, (str, os.PathLike)):
+        raise TypeError(f"db must be a path, a TuningDatabase or None, not {db!r}")
+    key = Path(db).resolve()
+    shared = _SHARED.get(key)
+    if shared is None or shared.closed:
+        shared = _SHARED[key] = TuningDatabase(db)
+    return shared
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every database this process opened (normal exit, an uncaught exception, Ctrl-C):
+    each close checkpoints its WAL, so the `.db` file alone holds every record."""
+    for db in list(_OPEN):
+        db.close()
+    _SHARED.clear()

@@ -21,6 +21,7 @@ from hwaware.decompose import as_inputs, rewrite_and_partition
 from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
 from hwaware.farm import Farm, farm_of
+from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
@@ -65,6 +66,7 @@ def compile(  # noqa: A001 - the verb users expect, as in torch.compile
 
         return compile_onnx(Path(model), target=target, db=db, trials=trials,
                             show_progress=show_progress)
+    check_count("trials", trials)
     tgt = get_target(target)
     database = open_db(db)
     inputs = as_inputs(example_inputs)
@@ -101,6 +103,7 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
 
     `rpc="HOST:PORT"` and `key`: measure on the devices registered under `key` with that TVM
     RPC tracker (`hwaware farm`), building here; else measure on this machine."""
+    check_count("trials", trials)
     farm = farm_of(rpc, key)
     tgt = get_target(target)
     database = open_db(db)

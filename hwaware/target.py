@@ -8,6 +8,7 @@ cache sizes). `host` is detected from this machine's CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -78,25 +79,47 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
 
 
-def get_target(name_or_path: str | Target) -> Target:
+def get_target(name_or_path: str | os.PathLike[str] | Target) -> Target:
     """Load a target by name (see `list_targets()`) or from a JSON file path."""
     if isinstance(name_or_path, Target):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UnknownTargetError(
+            f"a target is a name or the path of a target JSON file, not {name_or_path!r}; "
+            f"valid targets: {', '.join(list_targets())}")
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
-        return _target_from_data(json.loads(path.read_text()))
+        return load_target_file(path)
     file = TARGETS_DIR / f"{name_or_path}.json"
     if not file.exists():
         raise UnknownTargetError(
-            f"unknown target {name_or_path!r}; valid targets: {', '.join(list_targets())}"
+            f"unknown target {str(name_or_path)!r}; valid targets: {', '.join(list_targets())}"
         )
-    return _target_from_data(json.loads(file.read_text()))
+    return load_target_file(file)
 
 
-def _target_from_data(data: dict[str, Any]) -> Target:
+def load_target_file(path: Path) -> Target:
+    """A target JSON file, refused with its name and the reason if it is not JSON, lacks
+    fields or has fields a `Target` does not know."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"target file {path}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"target file {path}: must hold a JSON object, not {type(data).__name__}")
     if data.get("detect"):
         return detect_host()
     data = {k: v for k, v in data.items() if k != "detect"}
+    fields = {f.name: f for f in dataclasses.fields(Target)}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    unknown = sorted(set(data) - set(fields))
+    if missing or unknown:
+        raise ValueError(f"target file {path}: " + "; ".join(
+            part for part in (f"missing fields {missing}" if missing else "",
+                              f"unknown fields {unknown}" if unknown else "") if part)
+            + f" (a target has {sorted(fields)})")
     return Target(**data)
 
 

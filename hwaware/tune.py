@@ -29,6 +29,7 @@ import torch
 from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
 from hwaware.farm import Farm
+from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import kernel_inputs
 from hwaware.target import Target
@@ -124,15 +125,28 @@ def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, tria
                model_name: str = "", show_progress: bool = True, farm: Farm | None = None
                ) -> SessionSummary:
     """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX);
-    measured on `farm`'s devices when one is given, else on this machine."""
+    measured on `farm`'s devices when one is given, else on this machine. However the session
+    ends, the WAL is checkpointed so the `.db` file holds its records."""
+    require_runnable(target, farm)
+    summary = SessionSummary(uuid.uuid4().hex[:12], target.key, check_count("trials", trials),
+                             0, 0.0)
+    if not tasks or trials == 0:
+        return summary
+    try:
+        return _run_session(tasks, target, db, summary, model_name, show_progress, farm)
+    finally:  # also on Ctrl-C or an error: the records so far go into the .db file itself
+        db.checkpoint()
+
+
+def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
+                 summary: SessionSummary, model_name: str, show_progress: bool,
+                 farm: Farm | None) -> SessionSummary:
+    """The session itself: each task's remaining budget measured (on `farm`, if one is given),
+    the summary filled in."""
     from hwaware.kernels import fixed_schedules as family_schedules
     from hwaware.tvm import database, schedules, search, setup
 
-    require_runnable(target, farm)
-    session_id = uuid.uuid4().hex[:12]
-    summary = SessionSummary(session_id, target.key, trials, 0, 0.0)
-    if not tasks or trials <= 0:
-        return summary
+    session_id, trials = summary.session_id, summary.trials_requested
     per_task = _per_task_budget(trials, len(tasks))
     before = {t.workload_hash: db.count_records(t.workload_hash, setup.TVM_VERSION,
                                                 target.key) for t in tasks}

@@ -74,3 +74,10 @@ def resign(directory: Path) -> None:
     files = [p.relative_to(directory).as_posix() for p in directory.rglob("*")
              if p.is_file() and p.name != manifest.MANIFEST_FILE]
     manifest.write(directory, old.kind, old.format_version, files)
+
+
+def tiny_conv() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """A one-task model for real tuning sessions (`hwaware tune tests.helpers:tiny_conv`)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    return model, (torch.randn(1, 4, 8, 8),)

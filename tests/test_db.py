@@ -16,10 +16,16 @@ from hwaware.db import DatabaseError, ModelMeasurement, RecordRow, TuningDatabas
 from hwaware.decompose import KernelRecord
 
 
+def trace_of(tag: str) -> str:
+    """A MetaSchedule-shaped trace (one instruction) told apart by `tag`."""
+    return json.dumps([[["GetSBlock", [], [tag, "main"], ["b0"]]], []])
+
+
 def _row(workload: str = "123", target: str = "llvm-a", trace: str = "[1]",
          mean_us: float | None = 10.0) -> RecordRow:
     return RecordRow(
-        workload_hash=workload, target_key=target, trace_json=trace, args_info_json="[]",
+        workload_hash=workload, target_key=target, trace_json=trace_of(trace),
+        args_info_json="[]",
         run_secs=[mean_us * 1e-6] if mean_us else [1e9], mean_us=mean_us,
         error=None if mean_us else "builder crashed", device="test", session_id="s1",
         tvm_version="0.27.0", created_at=time.time(),
@@ -42,7 +48,7 @@ def test_records_round_trip_best_first(db: TuningDatabase) -> None:
 def test_same_candidate_is_stored_once(db: TuningDatabase) -> None:
     assert db.commit_record(_row(trace="[1]"))
     assert not db.commit_record(_row(trace="[1]", mean_us=5.0))
-    assert db.has_candidate("123", "0.27.0", "llvm-a", "[1]")
+    assert db.has_candidate("123", "0.27.0", "llvm-a", trace_of("[1]"))
     assert db.count_records("123", "0.27.0", "llvm-a") == 1
 
 
@@ -134,7 +140,7 @@ def test_export_import_round_trip(tmp_path: Path, db: TuningDatabase) -> None:
 
 def test_malformed_import_adds_nothing(tmp_path: Path, db: TuningDatabase) -> None:
     export = tmp_path / "bad.jsonl"
-    good = json.dumps({"kind": "workload", "hash": "1", "tvm_version": "v", "mod_json": "{}"})
+    good = json.dumps({"kind": "workload", "hash": "1", "tvm_version": "0.27.0", "mod_json": "{}"})
     export.write_text(good + "\n{not json\n")
     with pytest.raises(DatabaseError, match="bad.jsonl:2"):
         db.import_jsonl(export)

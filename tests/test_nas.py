@@ -266,3 +266,26 @@ def test_linas_measures_the_front_stores_it_and_refits(gnn_table: LatencyTable,
     device_key = json.loads(lines[0])["device"]["key"]
     assert len(db.model_measurements(device_key)) == len(lines)
     assert db.kernel_measurements(device_key)  # the measured kernels now answer for themselves
+
+
+def test_device_specific_space_keeps_the_efficient_choices(gnn_table: LatencyTable,
+                                                          tmp_path: Path) -> None:
+    from hwaware.nas.specialize import specialize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        everything = specialize(gnn_table.space, gnn_table, samples=30, keep=0.0)
+        strict = specialize(gnn_table.space, gnn_table, samples=30, keep=1.0, minimum=2)
+    assert {c.gene for c in everything.choices} == {"aggregator", "hidden", "heads"}
+    assert all(c.kept for c in everything.choices)
+    for gene in ("aggregator", "hidden"):
+        rows = [c for c in strict.choices if c.gene == gene]
+        kept = sorted((c for c in rows if c.kept), key=lambda c: -c.roofline_share)
+        assert len(kept) == 2 and kept[0].roofline_share == max(c.roofline_share for c in rows)
+    path = strict.write(tmp_path / "gnn-here.json")
+    derived = get_space(path)
+    assert derived.name.startswith("gnn@") and derived.groups["layers"] == \
+        gnn_table.space.groups["layers"]  # not specialised: a depth
+    allowed = {c.choice for c in strict.choices if c.gene == "hidden" and c.kept}
+    assert {a["hidden"] for a in derived.sample(50)} <= allowed
+    assert "hidden" in strict.table() and "-" in strict.table()

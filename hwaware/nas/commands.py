@@ -1,4 +1,4 @@
-"""`hwaware nas spaces|search`: the architecture search's command-line half."""
+"""`hwaware nas spaces|search|space`: the architecture search's command-line half."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--out", default="nas_out", help="folder for the front (CSV, JSON, PNG) "
                    "and the archive a rerun resumes from")
     r.set_defaults(func=cmd_search)
+    d = actions.add_parser("space", help="a device-specific space: drop the choices this "
+                           "device runs far below the best choice's share of its roofline")
+    d.add_argument("--space", default="ofa-mbv3")
+    d.add_argument("--target", default="host")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--samples", type=int, default=300, help="architectures to read blocks of")
+    d.add_argument("--keep", type=float, default=0.6,
+                   help="a choice stays when its roofline share is at least this times the "
+                   "best choice's")
+    d.add_argument("--db", default=str(DEFAULT_DB_PATH))
+    d.add_argument("--predictor", default=None, help="folder of a saved latency predictor")
+    d.add_argument("--out", default=None, help="the new space file (default: "
+                   "<space>@<device key>.json here)")
+    d.set_defaults(func=cmd_space)
 
 
 def cmd_spaces(args: argparse.Namespace) -> int:
@@ -67,4 +81,17 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{json.dumps(p.arch, sort_keys=True)}")
     print(f"{len(result.evaluated)} architectures evaluated; front: "
           + ", ".join(str(f) for f in result.files.values()))
+    return 0
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    from hwaware.nas import LatencyTable, get_space
+    from hwaware.nas.specialize import specialize
+
+    table = LatencyTable(args.target, args.db, space=get_space(args.space),
+                         threads=args.threads, predictor=args.predictor)
+    result = specialize(table.space, table, samples=args.samples, keep=args.keep)
+    print(result.table())
+    out = result.write(args.out or f"{table.space.name}@{table.predictor.key}.json")
+    print(f"space written to {out} (use it as --space {out})")
     return 0

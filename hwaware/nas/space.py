@@ -2,7 +2,8 @@
 
 Goes in: a space name (a file in `hwaware/nas/spaces/`) or the path of a user's space file. The
 file names the space's genes (each a choice list, or `length` choices of one list, or one list
-per position), the constants its builder reads, and the builder (a name in
+per position; `"specialize": false` on input sizes and depths, which `hwaware nas space` keeps
+whole), the constants its builder reads, and the builder (a name in
 `hwaware.nas.builders.BUILDERS`). Comes out: a `Space`:
 - `sample(n, seed)` -> `Arch`s: plain mappings of gene name to value (lists for list genes),
   frozen, hashable, and JSON-serialisable as they are (`json.dumps(arch)`);
@@ -69,6 +70,7 @@ class Gene:
     name: str
     index: int | None
     choices: tuple[Any, ...]
+    specialize: bool = True  # False: an input size or a depth, which `nas space` never prunes
 
     @property
     def label(self) -> str:
@@ -89,6 +91,7 @@ class Space:
         if builder not in BUILDERS:
             raise SpaceError(f"{source}: builder {builder!r} is not registered; registered: "
                              f"{', '.join(sorted(BUILDERS))} (hwaware/nas/builders.py)")
+        self.builder_name = builder
         self.builder = BUILDERS[builder](self)
         self.groups = _genes(doc, source)
         self.genes = [g for group in self.groups.values() for g in group]
@@ -203,6 +206,26 @@ def _load(path: Path) -> Space:
     return Space(doc, str(path))
 
 
+def space_file_text(doc: dict[str, Any]) -> str:
+    """A space document as the shipped files write it: one line per gene and constant."""
+    def entries(items: list[str], close: str, last: bool) -> list[str]:
+        return [*(f"    {x}," for x in items[:-1]), *(f"    {x}" for x in items[-1:]),
+                f"  {close}" + ("" if last else ",")]
+
+    keys = list(doc)
+    lines = ["{"]
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if key == "genes":
+            lines += ['  "genes": [', *entries([json.dumps(g) for g in doc[key]], "]", last)]
+        elif key == "constants":
+            items = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in doc[key].items()]
+            lines += ['  "constants": {', *entries(items, "}", last)]
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(doc[key])}" + ("" if last else ","))
+    return "\n".join([*lines, "}"]) + "\n"
+
+
 def _field(doc: dict[str, Any], key: str, kind: type, source: str) -> Any:
     if not isinstance(doc.get(key), kind):
         raise SpaceError(f"{source}: field {key!r} must be a {kind.__name__}")
@@ -216,14 +239,15 @@ def _genes(doc: dict[str, Any], source: str) -> dict[str, list[Gene]]:
                 or not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise SpaceError(f"{source}: genes[{i}] needs a 'name' and a non-empty 'choices'")
         name, choices, length = spec["name"], spec["choices"], spec.get("length")
+        specialize = bool(spec.get("specialize", True))
         if length is None:
-            groups[name] = [Gene(name, None, tuple(choices))]
+            groups[name] = [Gene(name, None, tuple(choices), specialize)]
             continue
         per_index = choices if isinstance(choices[0], list) else [choices] * int(length)
         if len(per_index) != length:
             raise SpaceError(f"{source}: gene {name!r} has {len(per_index)} choice lists for "
                              f"length {length}")
-        groups[name] = [Gene(name, j, tuple(c)) for j, c in enumerate(per_index)]
+        groups[name] = [Gene(name, j, tuple(c), specialize) for j, c in enumerate(per_index)]
     return groups
 
 

@@ -205,15 +205,17 @@ def chain_kernels(space: Space, blocks: Sequence[Block]) -> tuple[list[list[Kern
 
 
 class BlockKernelCache:
-    """Blocks' kernels (device-independent) kept on disk across runs, one JSONL file per space
-    and version of the code that decomposes (`fingerprint`): a change to capture, rewrites,
-    partition or the kernel patterns starts a new file rather than reuse stale kernels."""
+    """Blocks' kernels (device-independent) kept on disk across runs, one JSONL file per
+    builder and version of the code that decomposes (`fingerprint`): a change to capture,
+    rewrites, partition, the kernel patterns or the builders starts a new file rather than reuse
+    stale kernels. A key names the block's parameters and shapes, so spaces of one builder
+    (a space and its device-specific versions) share the file."""
 
     def __init__(self, space: Space, directory: Path | None = None):
         from hwaware.threads import cache_dir
 
         base = directory or Path(os.environ.get("HWAWARE_NAS_CACHE", cache_dir() / "nas"))
-        self.path = base / f"{space.name}-{fingerprint(space)}.jsonl"
+        self.path = base / f"{space.builder_name}-{fingerprint(space)}.jsonl"
         self.entries: dict[str, tuple[list[KernelRecord], int]] = {}
         if self.path.exists():
             self._read()
@@ -244,11 +246,11 @@ class BlockKernelCache:
 
 
 def fingerprint(space: Space) -> str:
-    """A hash of the space file and of the code and versions a decomposition depends on."""
+    """A hash of the code and versions a decomposition depends on."""
     import hwaware
 
     root = Path(hwaware.__file__).parent
-    parts = [Path(space.source).read_bytes(), torch.__version__.encode()]
+    parts = [space.builder_name.encode(), torch.__version__.encode()]
     for pattern in ("capture.py", "decompose.py", "partition.py", "aten_ops.py", "program.py",
                     "rewrite/*.py", "kernels/*.py", "nas/builders.py", "predict/spaces.py"):
         parts += [p.read_bytes() for p in sorted(root.glob(pattern))]

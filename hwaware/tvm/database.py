@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase
+from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase, candidate_key
 from hwaware.tvm.ir import plain_json, workload_hash, workload_json
 from hwaware.tvm.setup import TVM_VERSION, ResolvedTarget
 
@@ -59,15 +60,16 @@ class SqliteDatabase(ms.database.PyDatabase):
         ))
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[Any]:
-        rows = self.db.top_records(workload_hash(workload.mod), TVM_VERSION, self.target_key, top_k)
-        target_json = self.target.export()
-        return [
-            ms.database.TuningRecord.from_json(
-                [json.loads(r.trace_json), r.run_secs, target_json, json.loads(r.args_info_json)],
-                workload,
-            )
-            for r in rows
-        ]
+        """The k fastest stored records that replay on `workload`; one that does not (a
+        garbage trace, say, imported from elsewhere) is skipped with a warning naming it."""
+        whash = workload_hash(workload.mod)
+        asked = top_k
+        while True:
+            rows = self.db.top_records(whash, TVM_VERSION, self.target_key, asked)
+            replayed = replay_records(rows, workload, self.target)
+            if len(replayed) >= top_k or len(rows) < asked:
+                return [record for _, record in replayed[:top_k]]
+            asked += top_k - len(replayed)
 
     def get_all_tuning_records(self) -> list[Any]:
         records: list[Any] = []
@@ -77,6 +79,45 @@ class SqliteDatabase(ms.database.PyDatabase):
 
     def __len__(self) -> int:
         return self.db.count_target_records(self.target_key, TVM_VERSION)
+
+
+class StoredRecordWarning(UserWarning):
+    """A stored tuning record that does not replay on its workload; it is skipped."""
+
+
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def replay_records(rows: list[RecordRow], workload: ms.database.Workload,
+                   target: tvm.target.Target) -> list[tuple[RecordRow, Any]]:
+    """Each stored record as MetaSchedule's `TuningRecord` (its trace replayed on the
+    workload), with its row; a record that fails to parse or replay is left out, with one
+    warning per record naming it."""
+    target_json = target.export()
+    out = []
+    for row in rows:
+        try:
+            record = ms.database.TuningRecord.from_json(
+                [json.loads(row.trace_json), row.run_secs, target_json,
+                 json.loads(row.args_info_json)], workload)
+        except Exception as err:  # json, TVM's parser and the replay raise many types
+            _warn_unusable(row, err)
+            continue
+        out.append((row, record))
+    return out
+
+
+def _warn_unusable(row: RecordRow, err: Exception) -> None:
+    key = (row.workload_hash, row.target_key, row.trace_json)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    warnings.warn(
+        f"hwaware: skipping a stored tuning record that does not replay (candidate "
+        f"{candidate_key(row.trace_json)} of workload {row.workload_hash}, target "
+        f"{row.target_key}, session {row.session_id}, mean_us {row.mean_us}): {reason}",
+        StoredRecordWarning, stacklevel=3)
 
 
 def record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],

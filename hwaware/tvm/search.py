@@ -22,7 +22,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from hwaware.db import RecordRow
 from hwaware.runner import LocalRunner
-from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row
+from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row, replay_records
 from hwaware.tvm.ir import plain_json, workload_hash
 from hwaware.tvm.rpc import RpcRunner, kernel_evaluations
 from hwaware.tvm.schedules import FixedSchedules, fixed_schedule_of
@@ -137,10 +137,12 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     record (4.3 ms) ran at 6.6 ms against 5.0 ms for the default it displaced. The default is
     always in the group: a database tuned before it was measured first, or one whose lucky
     records pushed it out of the top k, would otherwise keep a record slower than untuned."""
-    rows = database.db.top_records(workload_hash(workload), TVM_VERSION, database.target_key, k)
-    if not rows or database.target.kind.name != "llvm":
+    stored = database.db.top_records(workload_hash(workload), TVM_VERSION, database.target_key,
+                                     k)
+    if not stored or database.target.kind.name != "llvm":
         return
-    schedules = _replayed(workload, rows, database.target)
+    replayed = _replayed(workload, stored, database.target)
+    rows, schedules = [r for r, _ in replayed], [s for _, s in replayed]
     fixed = _postprocessed_fixed(workload, database.target, fixed_schedules or {})
     fixed_trace = None if fixed is None else plain_json(fixed.trace.as_json())
     if fixed is not None and all(json.loads(r.trace_json) != fixed_trace for r in rows):
@@ -165,18 +167,14 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
 
 
 def _replayed(workload: tvm.IRModule, rows: list[RecordRow], target: tvm.target.Target
-              ) -> list[Any]:
-    """The schedules of stored records, their traces replayed on `workload`."""
-    target_json, ms_workload = target.export(), ms.database.Workload(workload)
-    schedules = []
-    for row in rows:
+              ) -> list[tuple[RecordRow, Any]]:
+    """The schedules of the stored records that replay on `workload`, with their rows."""
+    replayed = []
+    for row, record in replay_records(rows, ms.database.Workload(workload), target):
         sch = tvm.s_tir.Schedule(workload)
-        ms.database.TuningRecord.from_json(
-            [json.loads(row.trace_json), None, target_json, json.loads(row.args_info_json)],
-            ms_workload,
-        ).trace.apply_to_schedule(sch, remove_postproc=False)
-        schedules.append(sch)
-    return schedules
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        replayed.append((row, sch))
+    return replayed
 
 
 def _postprocessed_fixed(workload: tvm.IRModule, target: tvm.target.Target,
