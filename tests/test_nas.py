@@ -60,7 +60,7 @@ def _smallest(name: str, seed: int = 0) -> Arch:
 
 
 def test_shipped_spaces() -> None:
-    assert set(SPACES) <= set(space_names())
+    assert {*SPACES, "ofa-mbv3-exit"} <= set(space_names())
 
 
 @pytest.mark.parametrize("name", SPACES)
@@ -289,3 +289,53 @@ def test_device_specific_space_keeps_the_efficient_choices(gnn_table: LatencyTab
     allowed = {c.choice for c in strict.choices if c.gene == "hidden" and c.kept}
     assert {a["hidden"] for a in derived.sample(50)} <= allowed
     assert "hidden" in strict.table() and "-" in strict.table()
+
+
+def _exit_arch(thresholds: list[float], exits: tuple[int, ...] = (1, 1, 1)) -> Arch:
+    space = get_space("ofa-mbv3-exit")
+    return space.validate({**_smallest("ofa-mbv3-exit", 3).to_dict(), "exit": list(exits),
+                           "threshold": thresholds})
+
+
+def test_early_exit_space_prices_each_path_and_weights_them(predictor: LatencyPredictor
+                                                            ) -> None:
+    """A dynamic network's expected latency: each path (leave at an exit, or run to the head
+    past the exit heads it tried) priced from its blocks, weighted by the exit rates."""
+    table = LatencyTable(space="ofa-mbv3-exit", predictor=predictor)
+    static = LatencyTable(space="ofa-mbv3", predictor=predictor)
+    arch = _exit_arch([0.5, 0.7, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = table.path_latencies(arch)
+        assert [p.name for p, _, _ in paths] == ["exit1", "exit2", "exit3", "all"]
+        assert sum(p.probability for p, _, _ in paths) == pytest.approx(1.0)
+        times = [ms for _, ms, _ in paths]
+        assert times == sorted(times)
+        expected = sum(p.probability * ms for p, ms, _ in paths)
+        assert table.latency_ms(arch) == pytest.approx(expected)
+        base = {k: v for k, v in arch.to_dict().items() if k not in ("exit", "threshold")}
+        assert table.latency_ms({**arch.to_dict(), "exit": [0, 0, 0]}) == \
+            pytest.approx(static.latency_ms(base))  # no exit: the static network
+        always = LatencyTable(space="ofa-mbv3-exit", predictor=predictor,
+                              exit_rates=lambda arch: [1.0, 1.0, 1.0])
+        assert always.latency_ms(arch) == pytest.approx(times[0])
+        assert table.latency_ms_batch([arch])[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("threshold", "exits"), [(0.0, (1, 1, 1)), (1.1, (0, 1, 0))])
+def test_early_exit_architectures_compile_and_match_eager(threshold: float,
+                                                         exits: tuple[int, ...]) -> None:
+    """Threshold 0: every input leaves at the first exit; above 1: none ever does."""
+    space = get_space("ofa-mbv3-exit")
+    arch = _exit_arch([0.5, 0.5, 0.5], exits)
+    model, inputs = space.build(arch), space.example_inputs(arch)
+    model.thresholds = {k: threshold for k in model.thresholds}  # type: ignore[union-attr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = hwaware.compile(model, inputs, trials=0, db=None)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x = torch.randn_like(inputs[0])
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-3, atol=1e-3)

@@ -586,7 +586,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {t.dtype} {list(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for prefix, module in sorted(model.named_modules()):
         plain = {k: v for k, v in vars(module).items()
                  if not k.startswith("_") and type(v) in (bool, int, float, str, type(None))}

@@ -40,6 +40,17 @@ class Block:
     input_shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Path:
+    """One way a dynamic network runs: the chain of blocks it goes through (`trunk`), the side
+    blocks it also runs (exit heads it evaluated and did not take) and how often it is taken."""
+
+    name: str
+    trunk: tuple[Block, ...]
+    side: tuple[Block, ...]
+    probability: float
+
+
 class Chain(nn.Module):
     """The blocks in order; each takes the previous output and the model's extra inputs."""
 
@@ -78,6 +89,13 @@ class Builder:
     def build(self, arch: Any) -> nn.Module:
         return randomize_batchnorm(Chain([self.module(b) for b in self.blocks(arch)
                                           if b is not None]))
+
+    dynamic = False  # True: `paths` has more than the one static path
+
+    def paths(self, arch: Any, rates: Any = None) -> list[Path]:
+        """The ways the network runs (a static network: one, through all its blocks). `rates`:
+        a dynamic network's calibration, `rates(arch)` -> each exit's leave probability."""
+        return [Path("all", tuple(b for b in self.blocks(arch) if b is not None), (), 1.0)]
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -166,6 +184,101 @@ class OfaMbv3(Builder):
 
 def _conv_out(size: int, stride: int) -> int:
     return math.ceil(size / stride)
+
+
+class PoolLinear(nn.Module):
+    """An early-exit classifier: global average pool and a linear layer."""
+
+    def __init__(self, cin: int, classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.mean((2, 3)))  # type: ignore[no-any-return]
+
+
+class EarlyExitNet(nn.Module):
+    """Stages of blocks with exit classifiers after some: an input leaves at the first exit
+    whose softmax confidence reaches that exit's threshold (batch 1), else runs to the head."""
+
+    def __init__(self, stem: nn.Module, stages: list[list[nn.Module]], head: nn.Module,
+                 exits: dict[int, tuple[nn.Module, float]]):
+        super().__init__()
+        self.stem, self.head = stem, head
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
+        self.exit_heads = nn.ModuleDict({str(s): m for s, (m, _) in exits.items()})
+        self.thresholds = {str(s): t for s, (_, t) in exits.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s, stage in enumerate(self.stages):
+            x = stage(x)
+            if str(s) in self.exit_heads:
+                logits = self.exit_heads[str(s)](x)
+                if torch.softmax(logits, dim=-1).max() >= self.thresholds[str(s)]:
+                    return logits  # type: ignore[no-any-return]
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+class OfaMbv3Exit(OfaMbv3):
+    """OFA MobileNetV3 with early exits (a dynamic network): genes of `ofa-mbv3` plus `exit`
+    (an exit classifier after each of `exit_stages`, on or off) and `threshold` (its softmax
+    confidence threshold). How often an exit is taken comes from a calibration: by default the
+    space's `exit_confidence` (a Beta distribution of the exit's top softmax probability per
+    exit position, a stand-in for a trained supernet's), or a user's callable."""
+
+    dynamic = True
+
+    def _exits(self, arch: Any) -> list[tuple[int, float, int]]:
+        """(stage, threshold, exit position) of each exit that is on."""
+        c = self.constants
+        return [(s, t, i) for i, (s, on, t) in enumerate(
+            zip(c["exit_stages"], arch["exit"], arch["threshold"], strict=True)) if on]
+
+    def _stage_ends(self, arch: Any) -> dict[int, int]:
+        """Stage -> how many active blocks (stem included) run up to its end."""
+        blocks, ends, count = self.blocks(arch), {}, 1
+        for s in range(len(self.constants["widths"])):
+            count += sum(b is not None for b in blocks[1 + s * self.DEPTH:1 + (s + 1) * self.DEPTH])
+            ends[s] = count
+        return ends
+
+    def exit_rate(self, position: int, threshold: float) -> float:
+        """P(an input reaching exit `position` leaves there) from the space's calibration."""
+        from scipy.stats import beta
+
+        a, b = self.constants["exit_confidence"][position]
+        return float(beta.sf(threshold, a, b))
+
+    def paths(self, arch: Any, rates: Any = None) -> list[Path]:
+        active = tuple(b for b in self.blocks(arch) if b is not None)
+        ends, reach, out = self._stage_ends(arch), 1.0, []
+        side: tuple[Block, ...] = ()
+        for stage, threshold, position in self._exits(arch):
+            trunk = active[:ends[stage]]
+            head = self._exit_block(trunk[-1])
+            leave = rates(arch)[position] if rates else self.exit_rate(position, threshold)
+            out.append(Path(f"exit{stage}", (*trunk, head), side, reach * leave))
+            side, reach = (*side, head), reach * (1 - leave)
+        return [*out, Path("all", active, side, reach)]
+
+    def _exit_block(self, last: Block) -> Block:
+        width, size = last.params[1], _conv_out(last.input_shape[-1], last.params[4])
+        return Block("exit", (width, self.constants["classes"]), (1, width, size, size))
+
+    def module(self, block: Block) -> nn.Module:
+        return PoolLinear(*block.params) if block.kind == "exit" else super().module(block)
+
+    def build(self, arch: Any) -> nn.Module:
+        blocks = self.blocks(arch)
+        stages = [[self.module(b) for b in blocks[1 + s * self.DEPTH:1 + (s + 1) * self.DEPTH]
+                   if b is not None] for s in range(len(self.constants["widths"]))]
+        trunk = [b for b in blocks if b is not None]
+        ends = self._stage_ends(arch)
+        exits = {s: (self.module(self._exit_block(trunk[ends[s] - 1])), t)
+                 for s, t, _ in self._exits(arch)}
+        return randomize_batchnorm(EarlyExitNet(self.module(trunk[0]), stages,
+                                                self.module(trunk[-1]), exits))
 
 
 # ------------------------------------------------------------------------------ OFA ResNet
@@ -375,6 +488,7 @@ def _graph(nodes: int, edges: int) -> torch.Tensor:
 
 BUILDERS: dict[str, type[Builder]] = {
     "ofa_mbv3": OfaMbv3,
+    "ofa_mbv3_exit": OfaMbv3Exit,
     "ofa_resnet": OfaResNet,
     "transformer": Transformer,
     "gnn": Gnn,

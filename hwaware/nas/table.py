@@ -62,9 +62,12 @@ class LatencyTable:
     """Latency lookup for NAS loops over one search space (see the module docstring)."""
 
     def __init__(self, target: Any = "host", db: Any = None, *, space: str | Space = "ofa-mbv3",
-                 threads: int | None = None, predictor: Any = None):
+                 threads: int | None = None, predictor: Any = None, exit_rates: Any = None):
         """`predictor`: a `LatencyPredictor`, or the folder of a saved one (default: the one
-        saved for `target` and `threads` in `cost_models/`)."""
+        saved for `target` and `threads` in `cost_models/`). `exit_rates`: for a dynamic space,
+        `exit_rates(arch)` -> the probability of leaving at each exit position (measured on
+        your supernet with calibration data); default: the space file's calibration."""
+        self.exit_rates = exit_rates
         from hwaware.predict.predictor import LatencyPredictor
 
         self.space = space if isinstance(space, Space) else get_space(space)
@@ -95,11 +98,24 @@ class LatencyTable:
         key = _arch_key(arch)
         answer = self.answers.get(key)
         if answer is None:
-            costs = [self.cost(k, ctx) for k, ctx in self.contexts(arch)]
-            totals = _reduce(np.stack([c.totals for c in costs])[None])
-            ms = float(self.predictor.total_us_of_totals(totals)[0]) / 1e3
-            answer = self.answers[key] = (ms, SOURCES[max(c.source for c in costs)])
+            paths = self.path_latencies(arch)
+            ms = sum(p.probability * path_ms for p, path_ms, _ in paths)
+            source = SOURCES[max(SOURCES.index(s) for _, _, s in paths)]
+            answer = self.answers[key] = (ms, source)
         return answer
+
+    def path_latencies(self, arch: Mapping[str, Any]) -> list[tuple[Any, float, str]]:
+        """(path, milliseconds, source) of each way the architecture runs: one path for a
+        static network; for a dynamic one (early exits) each path, whose probabilities weight
+        `latency` into the expected latency."""
+        paths = self.space.builder.paths(self.space.validate(arch), self.exit_rates)
+        costs = [[self.cost(k, ctx) for k, ctx in self._contexts(p.trunk)]
+                 + [self.cost((None, b, None), (b,)) for b in p.side] for p in paths]
+        totals = np.concatenate([_reduce(np.stack([c.totals for c in path])[None])
+                                 for path in costs])
+        ms = self.predictor.total_us_of_totals(totals) / 1e3
+        return [(p, float(m), SOURCES[max(c.source for c in path)])
+                for p, m, path in zip(paths, ms, costs, strict=True)]
 
     def get_efficiency(self, arch_dict: Mapping[str, Any]) -> float:
         """Once-for-All's efficiency-predictor interface: latency in milliseconds."""
@@ -109,10 +125,16 @@ class LatencyTable:
                          return_source: bool = False) -> Any:
         """Milliseconds of many architectures: an encoded matrix (`space.encode`) or a list of
         architectures in, a numpy vector out (with `return_source`, also a vector of sources)."""
-        encoded = archs if isinstance(archs, np.ndarray) else self.space.encode(archs)
-        totals, sources = self._slots.totals(np.atleast_2d(encoded), self)
+        encoded = np.atleast_2d(archs if isinstance(archs, np.ndarray)
+                                else self.space.encode(archs))
+        if self.space.builder.dynamic:  # several paths each: priced one architecture at a time
+            answers = [self.latency(self.space.decode(row)) for row in encoded]
+            ms, sources = np.asarray([a[0] for a in answers]), [a[1] for a in answers]
+            return (ms, np.asarray(sources)) if return_source else ms
+        totals, source_ids = self._slots.totals(encoded, self)
         ms = self.predictor.total_us_of_totals(totals) / 1e3
-        return (ms, np.asarray(SOURCES)[sources]) if return_source else ms
+        sources = np.asarray(SOURCES)[source_ids]
+        return (ms, sources) if return_source else ms
 
     def kernels(self, arch: Mapping[str, Any]) -> list[KernelRecord]:
         """The kernels the table charges `arch` for, block by block."""
@@ -121,7 +143,9 @@ class LatencyTable:
     # ------------------------------------------------------------------- blocks
     def contexts(self, arch: Mapping[str, Any]) -> list[tuple[BlockKey, tuple[Block, ...]]]:
         """Each active block's cache key and its context (previous, block, next)."""
-        blocks = [b for b in self.space.blocks(arch) if b is not None]
+        return self._contexts([b for b in self.space.blocks(arch) if b is not None])
+
+    def _contexts(self, blocks: Sequence[Block]) -> list[tuple[BlockKey, tuple[Block, ...]]]:
         out = []
         for i, block in enumerate(blocks):
             prev = blocks[i - 1] if i else None
