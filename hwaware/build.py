@@ -381,9 +381,16 @@ def _tvm_target(target: Target) -> Any:
 
 
 def _adapter(db: TuningDatabase | None, target: Target) -> Any:
+    """The database as the build reads it: on a CPU target that runs here, every record it
+    applies is first checked to compute its workload's outputs (`hwaware.tvm.check`); a wrong
+    one is excluded with a warning and the next best is applied instead."""
     from hwaware.tvm import database, setup
 
-    return database.SqliteDatabase.of(db, setup.resolve(target)) if db is not None else None
+    if db is None:
+        return None
+    resolved = setup.resolve(target)
+    verify = target.can_run_here and resolved.tvm.kind.name == "llvm"
+    return database.SqliteDatabase.of(db, resolved, verify=verify)
 
 
 def _why_left(spec: KernelSpec) -> str:
