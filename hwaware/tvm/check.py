@@ -3,7 +3,8 @@
 Goes in: a workload (the fused TIR function, unscheduled: its definition as the importer
 produced it from PyTorch's ops), a tuning record of it (a trace) and a CPU target. Comes out:
 None when the scheduled kernel, built and run on random inputs, gives the same outputs as the
-workload built without any schedule, else why not.
+workload built without any schedule, else why not (wrong numbers, or a kernel that fails to
+build, segfaults or hangs: the check runs in a worker process, stopped after `TIMEOUT_S`).
 
 A schedule is meant to preserve its workload's meaning, but a record can compute wrong numbers:
 a buggy schedule rule or postproc, an unsafe primitive (`unsafe_set_dtype`), a record imported
@@ -18,6 +19,8 @@ rtol 1e-2, atol 1e-3 for float16. Integer outputs must be equal.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 from typing import Any
 
@@ -28,6 +31,67 @@ log = logging.getLogger(__name__)
 
 TOLERANCES = {"float32": (1e-3, 1e-4), "float64": (1e-3, 1e-4), "float16": (1e-2, 1e-3)}
 SEED = 0
+# a check runs in a worker process stopped after this long (per stage): the unscheduled
+# reference of a large workload takes seconds, a hanging kernel forever
+TIMEOUT_S = 120.0
+_WORKER: Any = None  # the worker process checks run in, started on first use
+
+
+def contained_mismatch(workload: tvm.IRModule, trace_json: str, target: tvm.target.Target
+                       ) -> str | None:
+    """`record_mismatch` of the record with trace `trace_json`, in a worker process (TVM's
+    `PopenWorker`, kept for later checks), so that a record whose kernel segfaults or hangs is
+    excluded instead of killing or hanging the build: its verdict then says so, and the worker
+    is replaced. If the reference itself fails, the record passes unchecked (logged)."""
+    from tvm.support.popen_pool import PopenWorker
+
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = PopenWorker()
+        atexit.register(_WORKER.kill)
+    mod_json, target_json = tvm.ir.save_json(workload), target.export()
+    for stage, fn, args in (("reference", _reference_in_worker, (mod_json, target_json)),
+                            ("record", _record_in_worker, (mod_json, trace_json, target_json))):
+        try:
+            _WORKER.send(fn, args, timeout=TIMEOUT_S)
+            verdict = _WORKER.recv()
+            if stage == "record":
+                return verdict  # type: ignore[no-any-return]
+            continue
+        except TimeoutError:
+            why = f"its kernel did not finish within {TIMEOUT_S:g} s"
+        except ChildProcessError:
+            why = "its kernel crashed the process running it"
+        except Exception as err:  # what the worker raised, as TVM raises it
+            why = f"{type(err).__name__}: {str(err).strip()[-200:]}"
+        if stage == "record":
+            return why
+        log.warning("could not check a tuning record: the reference failed (%s)", why)
+        return None
+    return None
+
+
+_EXPECTED: dict[str, list[np.ndarray] | None] = {}  # in the worker: workload JSON -> outputs
+
+
+def _reference_in_worker(mod_json: str, target_json: Any) -> None:
+    workload = tvm.ir.load_json(mod_json)
+    args = _random_args(workload)
+    _EXPECTED.clear()
+    _EXPECTED[mod_json] = None if args is None else \
+        _run(tvm.compile(workload, target=tvm.target.Target(target_json)), args)
+
+
+def _record_in_worker(mod_json: str, trace_json: str, target_json: Any) -> str | None:
+    workload = tvm.ir.load_json(mod_json)
+    expected = _EXPECTED[mod_json]
+    if expected is None:
+        return None  # nothing to feed it: unchecked
+
+    def apply(sch: Any) -> None:
+        tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json), sch)
+
+    return _compare(workload, apply, tvm.target.Target(target_json), expected)
 
 
 def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Target
@@ -35,18 +99,32 @@ def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Targ
     """None when `record` (a MetaSchedule `TuningRecord` of `workload`) computes the
     workload's outputs within the tolerance on random inputs, else what differs (or how its
     kernel fails to build or run). A workload this check cannot feed (symbolic shapes, a dtype
-    numpy lacks) passes unchecked."""
-    from hwaware.tvm.setup import fast_build
-
+    numpy lacks) passes unchecked. In this process: see `contained_mismatch`."""
     args = _random_args(workload)
     if args is None:
         log.debug("record check skipped: a parameter of the workload has no static shape or "
                   "numpy dtype")
         return None
     expected = _run(tvm.compile(workload, target=target), args)
+
+    def apply(sch: Any) -> None:
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+
+    return _compare(workload, apply, target, expected)
+
+
+def _compare(workload: tvm.IRModule, apply: Any, target: tvm.target.Target,
+             expected: list[np.ndarray]) -> str | None:
+    """The workload scheduled by `apply`, built and run on the random inputs: None if its
+    buffers after the call match `expected`, else the first that differs."""
+    from hwaware.tvm.setup import fast_build
+
+    args = _random_args(workload)
+    if args is None:  # as for `expected`: not reached
+        return None
     try:
         sch = tvm.s_tir.Schedule(workload)
-        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        apply(sch)
         got = _run(fast_build(sch.mod, target, None), args)
     except Exception as err:  # TVM's schedule, build and run raise many error types
         return f"its kernel fails to build or run: {type(err).__name__}: " + \

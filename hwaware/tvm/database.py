@@ -89,15 +89,15 @@ class SqliteDatabase(ms.database.PyDatabase):
             self.get_top_k(ms.database.Workload(mod), 1)
 
     def _computes(self, workload: ms.database.Workload, row: RecordRow, record: Any) -> bool:
-        """Whether `record` computes `workload`'s outputs (`check.record_mismatch`, once per
+        """Whether `record` computes `workload`'s outputs (`check.contained_mismatch`, once per
         record and process); one that does not is marked failed in the database, so that no
         later build or search uses it, with one warning naming it."""
-        from hwaware.tvm.check import record_mismatch
+        from hwaware.tvm.check import contained_mismatch
 
         key = (row.workload_hash, row.target_key, row.trace_json)
         if key not in _VERDICTS:
             try:
-                _VERDICTS[key] = record_mismatch(workload.mod, record, self.target)
+                _VERDICTS[key] = contained_mismatch(workload.mod, row.trace_json, self.target)
             except Exception as err:  # the reference failed: the record stays, unchecked
                 log.warning("could not check tuning record %s of workload %s: %s",
                             candidate_key(row.trace_json), row.workload_hash, err)
