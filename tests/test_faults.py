@@ -224,3 +224,46 @@ def test_fault_tests_leave_no_worker_behind() -> None:
     alive = [p for p in psutil.Process(os.getpid()).children(recursive=True)
              if "popen_worker" in " ".join(p.cmdline()) and p.status() == "running"]
     assert not alive
+
+
+def test_a_crashing_best_record_is_excluded_and_the_check_survives(tmp_path: Path) -> None:
+    """A best record whose kernel segfaults (its trace stores computed indices as uint8: they
+    lose their high bits and index >= 2 GB before the buffer) is excluded by the check, which
+    runs in a worker process; the next best record is handed out."""
+    import json
+
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from hwaware.db import candidate_key
+    from hwaware.tvm import database, setup
+    from hwaware.tvm.ir import plain_json, workload_hash, workload_json
+
+    a = te.placeholder((64,), "float32", name="A")
+    far = 1 << 23  # i + (i + 64) * far = i (mod 256): the index, once its high bits are gone
+    index = te.compute((64,), lambda i: i + (i + 64) * far, name="t")
+    b = te.compute((64,), lambda i: a[index[i] - (i + 64) * far], name="b")
+    workload = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    crash = tvm.s_tir.Schedule(workload)
+    crash.unsafe_set_dtype(crash.get_sblock("t"), 0, "uint8")
+    fine = tvm.s_tir.Schedule(workload)
+    fine.compute_inline(fine.get_sblock("t"))
+    target = get_target("host")
+    resolved = setup.resolve(target)
+    whash = workload_hash(workload)
+    args = [plain_json(x.as_json()) for x in ArgInfo.from_entry_func(workload)]
+    db = TuningDatabase(tmp_path / "c.db")
+    db.commit_workload(whash, setup.TVM_VERSION, workload_json(workload))
+    traces = [json.dumps(plain_json(s.trace.as_json())) for s in (crash, fine)]
+    for trace, us in zip(traces, (1.0, 2.0), strict=True):
+        db.commit_record(database.record_row(whash, target.key, json.loads(trace), args,
+                                             [us * 1e-6], None, "test", None))
+    adapter = database.SqliteDatabase.of(db, resolved, verify=True)
+    with pytest.warns(database.WrongRecordWarning, match=candidate_key(traces[0])) as caught:
+        (record,) = adapter.get_top_k(ms.database.Workload(workload), 1)
+    assert "crashed" in str(caught[0].message)
+    assert json.dumps(plain_json(record.trace.as_json())) == traces[1]
+    (best,) = db.top_records(whash, setup.TVM_VERSION, target.key, 5)
+    assert best.mean_us == pytest.approx(2.0)
+    db.close()
