@@ -10,7 +10,7 @@ A schedule is meant to preserve its workload's meaning, but a record can compute
 a buggy schedule rule or postproc, an unsafe primitive (`unsafe_set_dtype`), a record imported
 from another database. The runner times candidates and never looks at their outputs, so such a
 record can be the fastest (doing less work is fast). The build (`SqliteDatabase(verify=True)`)
-checks the best record of each workload with `record_mismatch` before applying it.
+checks the best record of each workload with `contained_mismatch` before applying it.
 
 Tolerance: rtol 1e-3, atol 1e-4 scaled by the reference's largest magnitude when above 1 (as
 `hwaware.verify`: summation order alone moves large float32 sums by more than a fixed atol);
@@ -62,8 +62,10 @@ def contained_mismatch(workload: tvm.IRModule, trace_json: str, target: tvm.targ
             why = f"its kernel did not finish within {TIMEOUT_S:g} s"
         except ChildProcessError:
             why = "its kernel crashed the process running it"
-        except Exception as err:  # what the worker raised, as TVM raises it
-            why = f"{type(err).__name__}: {str(err).strip()[-200:]}"
+        except Exception as err:  # the check itself failed (it catches the kernel's errors)
+            log.warning("could not check a tuning record (%s stage): %s: %s", stage,
+                        type(err).__name__, str(err).strip()[-200:])
+            return None
         if stage == "record":
             return why
         log.warning("could not check a tuning record: the reference failed (%s)", why)

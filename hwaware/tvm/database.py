@@ -68,6 +68,8 @@ class SqliteDatabase(ms.database.PyDatabase):
         """The k fastest stored records that replay on `workload`; one that does not (a
         garbage trace, say, imported from elsewhere) is skipped with a warning naming it.
         With `verify`, so is one whose outputs differ from the workload's (`_computes`)."""
+        if top_k <= 0:
+            return []
         whash = workload_hash(workload.mod)
         asked = top_k
         while True:
