@@ -34,6 +34,7 @@ from hwaware.nas import LatencyTable, search  # noqa: E402
 from hwaware.nas.evolve import Point, SearchResult, pareto_front, plot_front  # noqa: E402
 from hwaware.nas.measure import measure  # noqa: E402
 from hwaware.nas.objectives import params  # noqa: E402
+from hwaware.predict import COST_MODELS_DIR  # noqa: E402
 from hwaware.predict.profile import cpu_kind  # noqa: E402
 
 SPACES = ("ofa-mbv3", "resnet", "transformer", "gnn")
@@ -130,6 +131,24 @@ def search_figures(table: LatencyTable) -> tuple[str, SearchResult]:
     return text, result
 
 
+def device_spaces(predictors: list[str], keep: float) -> str:
+    """`hwaware nas space` on `ofa-mbv3` for each predictor folder: the derived spaces side by
+    side (choices kept per device)."""
+    from hwaware.nas.specialize import specialize
+
+    rows = []
+    for folder in predictors:
+        key = Path(folder).name
+        table = LatencyTable(space="ofa-mbv3", predictor=folder)
+        result = specialize(table.space, table, samples=100, keep=keep)
+        for c in result.choices:
+            rows.append(f"| {key} | {c.gene} | {c.choice} | {c.roofline_share:.0%} | "
+                        f"{c.gflops:.0f} | {'kept' if c.kept else 'dropped'} |")
+    return (f"## Device-specific spaces (`hwaware nas space --space ofa-mbv3 --keep {keep}`)\n\n"
+            "| device | gene | choice | share of roofline | GFLOP/s | |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def _points(table: LatencyTable, archs: list) -> list[Point]:
     ms = table.latency_ms_batch(archs)
     return [Point(a, float(params(table.space, a)), float(m), "", 0, True)
@@ -172,6 +191,10 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=10,
                         help="architectures per space to compile and time (0: none)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device-predictors", nargs="*", default=[],
+                        help="predictor folders of other devices, for the device-specific "
+                        "spaces section (e.g. from `hwaware predictor train --target x86-avx2`)")
+    parser.add_argument("--keep", type=float, default=0.8)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     kind = cpu_kind()
@@ -179,7 +202,7 @@ def main() -> None:
     table = LatencyTable(args.target, space="ofa-mbv3", predictor=args.predictor)
     sections = [f"# Architecture search on {kind} ({platform.processor() or platform.machine()}"
                 f", predictor {table.predictor.key})\n\nCommand: `python bench/nas.py "
-                f"--measure {args.measure}`\n", table_speed(table)]
+                f"{' '.join(sys.argv[1:])}`\n", table_speed(table)]
     text, result = search_figures(table)
     sections.append(text)
     measured: dict = {}
@@ -191,6 +214,9 @@ def main() -> None:
         for p, s in zip(front, samples, strict=True):
             if s is not None:
                 measured[p.arch] = s.measured_us / 1e3
+    if args.device_predictors:
+        own = args.predictor or str(COST_MODELS_DIR / table.predictor.key)
+        sections.append(device_spaces([own, *args.device_predictors], args.keep))
     plot_front(result, out.with_name(f"nas-pareto-{kind}.png"), None, measured)
     out.write_text("\n".join(sections))
     print("\n".join(sections))

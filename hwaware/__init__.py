@@ -4,7 +4,8 @@ Public API (everything else is internal):
 - `compile(model, example_inputs, target=..., db=..., trials=..., strict=..., fuse=...)` ->
   `CompiledModel`, or `DynamicModel` (host program + compiled regions) when forward branches on
   tensor values; `fuse=False` leaves out the fused kernel families (`hwaware.kernels`)
-- `tune(model, example_inputs, target=..., trials=..., db=..., fuse=...)` -> `SessionSummary`
+- `tune(model, example_inputs, target=..., trials=..., db=..., fuse=..., rpc=..., key=...)`
+  -> `SessionSummary` (`rpc`/`key`: measure on a TVM RPC device farm, see `hwaware.farm`)
 - `load(directory, model=None)` -> `CompiledModel` or `DynamicModel` (`model`: the original
   module, for a dynamic model whose regions run in eager PyTorch); checks every file against the
   folder's `manifest.json` first. A saved model holds native code: trust it like a program

@@ -1,13 +1,17 @@
 """The `hwaware` command line: a thin layer over the public API.
 
     hwaware targets [--json]
-    hwaware tune MODEL [--target T] [--trials N] [--db PATH]
+    hwaware tune MODEL [--target T] [--trials N] [--db PATH] [--rpc HOST:PORT --key K]
     hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
     hwaware db stats|export FILE|import FILE... [--db PATH]
     hwaware db merge A B... --out C
+    hwaware report DB [--session ID | --target KEY] --out report.html
     hwaware demo [--trials N] [--db PATH]
     hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
     hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N]
+    hwaware farm tracker [--host H] [--port P]
+    hwaware farm server --key K --tracker HOST:PORT [--host H] [--port P]
+    hwaware farm status --tracker HOST:PORT [--json]
 
 MODEL is an ONNX file (`model.onnx`), a model of the built-in zoo (`resnet_basic_block`; see
 `hwaware.zoo`), or `package.module:function` naming a function that returns
@@ -81,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="leave out the fused conv-block, GNN and attention kernels")
         if name == "compile":
             c.add_argument("--out", required=True, help="folder to save the compiled model in")
+        else:
+            c.add_argument("--rpc", metavar="HOST:PORT", default=None,
+                           help="measure on a device farm: its TVM RPC tracker (hwaware farm)")
+            c.add_argument("--key", default=None, help="the farm devices' key (with --rpc)")
         c.set_defaults(func=func)
 
     d = sub.add_parser("db", help="inspect, move or merge tuning databases",
@@ -103,7 +111,55 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
     _add_predictor_commands(sub)
     _add_nas_commands(sub)
+    _add_farm_commands(sub)
+    _add_report_command(sub)
     return p
+
+
+def _add_farm_commands(sub: Any) -> None:
+    from hwaware.farm import DEFAULT_TRACKER_PORT, LOOPBACK, SECURITY_WARNING
+
+    f = sub.add_parser("farm", help="a device farm over TVM RPC: tracker, servers, status",
+                       description="Start a TVM RPC tracker or device server, or list the "
+                       f"tracker's devices and queues. WARNING: {SECURITY_WARNING}")
+    fsub = f.add_subparsers(dest="farm_command", required=True)
+    tr = fsub.add_parser("tracker", help="run a TVM RPC tracker (until killed)",
+                         description=f"Run a TVM RPC tracker. {SECURITY_WARNING}")
+    tr.add_argument("--host", default=LOOPBACK, help="address to bind (default: loopback only)")
+    tr.add_argument("--port", type=int, default=DEFAULT_TRACKER_PORT)
+    sv = fsub.add_parser("server", help="serve this machine as a farm device (until killed)",
+                         description="Run a TVM RPC server for this machine, registered with "
+                         f"the tracker under KEY. WARNING: {SECURITY_WARNING}")
+    sv.add_argument("--key", required=True, help="the device key sessions ask for (--key K)")
+    sv.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    sv.add_argument("--host", default=LOOPBACK, help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=9090, help="first port to try (the next "
+                    "free one is taken)")
+    st = fsub.add_parser("status", help="list the tracker's devices and queues")
+    st.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    st.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_farm)
+
+
+def _add_report_command(sub: Any) -> None:
+    r = sub.add_parser("report", help="an HTML report (with PNG charts) of tuning sessions",
+                       description="Convergence per task, time per task and phase, model "
+                       "speed-ups and the tasks worth more trials, for one session (default: "
+                       "the latest) or every session of a target. The PNGs go next to --out.")
+    r.add_argument("db", help="the tuning database")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--session", help="the session id (default: the latest session)")
+    which.add_argument("--target", help="report every session of this target key")
+    r.add_argument("--out", default="report.html", help="the HTML file to write")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hwaware.report import write_report
+
+    paths = write_report(args.db, args.out, session=args.session, target=args.target)
+    print(f"wrote {paths[0]} and {len(paths) - 1} PNGs beside it")
+    return 0
 
 
 def _add_predictor_commands(sub: Any) -> None:
@@ -158,16 +214,18 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     import hwaware
+    from hwaware.farm import farm_of
 
+    farm = farm_of(args.rpc, args.key)  # a bad address, or a key alone, fails before any work
     if _is_onnx(args.model):
         from hwaware.onnx_import import tune_onnx
 
         summary = tune_onnx(Path(args.model), target=args.target, db=args.db, trials=args.trials,
-                            show_progress=True)
+                            show_progress=True, farm=farm)
     else:
         model, inputs = resolve_model(args.model)
         summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db,
-                               fuse=args.fuse)
+                               fuse=args.fuse, rpc=args.rpc, key=args.key)
     print(summary.table())
     return 0
 
@@ -221,6 +279,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(model_name=args.model, trials=args.trials, db_path=args.db,
                     with_inductor=not args.skip_inductor)
+
+
+def cmd_farm(args: argparse.Namespace) -> int:
+    from hwaware import farm
+
+    if args.farm_command == "tracker":
+        print(f"TVM RPC tracker on {args.host}:{args.port} (until killed)", file=sys.stderr)
+        farm.run_tracker(args.host, args.port)
+    elif args.farm_command == "server":
+        print(f"TVM RPC server for key {args.key!r} on {args.host}, tracker {args.tracker} "
+              "(until killed)", file=sys.stderr)
+        farm.run_server(args.key, args.tracker, args.host, args.port)
+    else:
+        devices = farm.status(args.tracker)
+        print(json.dumps(devices, indent=1) if args.json else farm.status_table(devices))
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -390,13 +390,15 @@ class TuningDatabase:
         )
         return cur.rowcount == 1
 
-    def remeasure(self, row: RecordRow, run_secs: list[float]) -> None:
+    def remeasure(self, row: RecordRow, run_secs: list[float], device: str | None = None
+                  ) -> None:
         """Replace a stored record's measurement by a new one of the same candidate on the same
-        target (`search.remeasure_top_records`); its mean_us becomes their median."""
+        target (`search.remeasure_top_records`); its mean_us becomes their median, its device
+        the one that re-measured it (`device`, default: unchanged)."""
         self._execute_write(
-            "UPDATE records SET run_secs = ?, mean_us = ? WHERE workload_hash = ? AND "
-            "tvm_version = ? AND target_key = ? AND candidate = ?",
-            [json.dumps(run_secs), statistics.median(run_secs) * 1e6, row.workload_hash,
+            "UPDATE records SET run_secs = ?, mean_us = ?, device = COALESCE(?, device) "
+            "WHERE workload_hash = ? AND tvm_version = ? AND target_key = ? AND candidate = ?",
+            [json.dumps(run_secs), statistics.median(run_secs) * 1e6, device, row.workload_hash,
              row.tvm_version, row.target_key, candidate_key(row.trace_json)])
 
     def mark_failed(self, row: RecordRow, error: str) -> None:

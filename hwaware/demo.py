@@ -2,8 +2,9 @@
 
 Goes in: a zoo model name, a trial budget and the database path. Comes out: one table on stdout,
 eager vs torch.compile (Inductor) vs hwaware untuned vs hwaware tuned, in ms and as speed-ups over
-eager, measured in one run, interleaved, medians. The tuning records stay in the database, so a
-second run skips the tuning and finishes in about a minute.
+eager, measured in one run, interleaved, medians; the timings also go into the database's model
+measurements, tied to the tuning session (`hwaware report` shows them). The tuning records stay
+in the database, so a second run skips the tuning and finishes in about a minute.
 """
 
 from __future__ import annotations
@@ -54,8 +55,30 @@ def run_demo(model_name: str = "mobilenetv2_block", trials: int | None = None,
     blocks = time_in_blocks(list(impls.values()), REPEATS)
     interleaved = time_interleaved(list(impls.values()), REPEATS)
     print(_table(list(impls), blocks, interleaved, budget, summary.trials_measured))
+    _store_timings(db_path, model_name, target.key, summary.session_id,
+                   dict(zip(impls, zip(blocks, interleaved, strict=True), strict=True)))
     print(f"total {time.time() - started:.0f} s")
     return 0
+
+
+IMPL_KEYS = {"eager": "eager", "torch.compile (Inductor)": "inductor",
+             "hwaware untuned": "hwaware-untuned", "hwaware tuned": "hwaware"}
+
+
+def _store_timings(db_path: str, model_name: str, target_key: str, session_id: str,
+                   timings_us: dict[str, tuple[float, float]]) -> None:
+    """Each implementation's model latency (block median) into the database's model
+    measurements, tied to the tuning session (what `hwaware report` reads for speed-ups); the
+    spread is how far the round-robin median lies from it."""
+    from hwaware.db import ModelMeasurement, open_db
+
+    db = open_db(db_path)
+    assert db is not None  # a path always opens a database
+    for name, (block_us, rr_us) in timings_us.items():
+        db.commit_model_measurement(ModelMeasurement(
+            model=model_name, target_key=target_key, impl=IMPL_KEYS.get(name, name),
+            latency_us=block_us, spread_us=abs(block_us - rr_us), kernels=[], device=db.device,
+            session_id=session_id, created_at=time.time()))
 
 
 def _inductor(model: Any, inputs: tuple[Any, ...]) -> Callable[[], Any]:

@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from hwaware import onnx_reference
 from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
+from hwaware.farm import Farm
 from hwaware.onnx_fold import fold_constants
 from hwaware.program import KernelSpec, KernelStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel
@@ -130,15 +131,17 @@ def compile_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
 
 def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
               db: DbArg = DEFAULT_DB_PATH, trials: int = 200, show_progress: bool = True,
-              input_shapes: ShapesArg = None) -> SessionSummary:
-    """Run a tuning session over an ONNX file's contraction workloads (records go to `db`)."""
+              input_shapes: ShapesArg = None, farm: Farm | None = None) -> SessionSummary:
+    """Run a tuning session over an ONNX file's contraction workloads (records go to `db`),
+    measured on `farm` if one is given."""
     tgt = get_target(target)
     database = open_db(db)
     if database is None:
         raise ValueError("tuning needs a database (db=None was given)")
-    require_runnable(tgt)
+    require_runnable(tgt, farm)
     imported = import_onnx_file(path, tgt, input_shapes)
-    return tune_tasks(imported.tasks, tgt, database, trials, imported.graph.name, show_progress)
+    return tune_tasks(imported.tasks, tgt, database, trials, imported.graph.name, show_progress,
+                      farm)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -390,7 +393,7 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
     resolved = setup.resolve(target)
     tgt = resolved.tvm
     verify = target.can_run_here and tgt.kind.name == "llvm"  # see build._adapter
-    adapter = database.SqliteDatabase.of(db, resolved, verify) if db is not None else None
+    adapter = database.SqliteDatabase.of(db, resolved, verify=verify) if db is not None else None
     if adapter is not None and verify:  # here: the build's forked child must not write to db
         adapter.check_best([task.workload for task in imported.tasks])
     if target.can_run_here:

@@ -20,6 +20,7 @@ from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
 from hwaware.decompose import as_inputs, rewrite_and_partition
 from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
+from hwaware.farm import Farm, farm_of
 from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import BuildInfo, CompiledModel
@@ -97,9 +98,13 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
 
 def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str | Target = "host",
          trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True,
-         fuse: bool = True) -> SessionSummary:
-    """Run a tuning session for `model` and return its summary (records go to `db`)."""
+         fuse: bool = True, rpc: str | None = None, key: str | None = None) -> SessionSummary:
+    """Run a tuning session for `model` and return its summary (records go to `db`).
+
+    `rpc="HOST:PORT"` and `key`: measure on the devices registered under `key` with that TVM
+    RPC tracker (`hwaware farm`), building here; else measure on this machine."""
     check_count("trials", trials)
+    farm = farm_of(rpc, key)
     tgt = get_target(target)
     database = open_db(db)
     if database is None:
@@ -108,8 +113,8 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
     planned = plan_model(model)
     if planned is not None:
         return tune_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
-                            partial(tune_graphs, fuse=fuse))
-    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress, fuse)
+                            partial(tune_graphs, fuse=fuse, farm=farm))
+    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress, fuse, farm)
 
 
 def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | None,
@@ -127,19 +132,22 @@ def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | 
 
 
 def tune_graphs(graphs: list[Captured], target: Target, db: TuningDatabase, trials: int,
-                show_progress: bool = True, fuse: bool = True) -> SessionSummary:
+                show_progress: bool = True, fuse: bool = True, farm: Farm | None = None
+                ) -> SessionSummary:
     """One tuning session over the contraction workloads of several captured graphs (with
-    `fuse`, a fused family kernel is one workload in place of its parts)."""
+    `fuse`, a fused family kernel is one workload in place of its parts), measured on `farm`
+    if one is given."""
     parts = [rewrite_and_partition(c, fuse)[1] for c in graphs]
-    return _tune_parts(graphs, parts, target, db, trials, show_progress)
+    return _tune_parts(graphs, parts, target, db, trials, show_progress, farm)
 
 
 def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
-                db: TuningDatabase, trials: int, show_progress: bool) -> SessionSummary:
-    require_runnable(target)
+                db: TuningDatabase, trials: int, show_progress: bool, farm: Farm | None = None
+                ) -> SessionSummary:
+    require_runnable(target, farm)
     tasks: dict[str, TuningTask] = {}
     for c, part in zip(graphs, parts, strict=True):
         for t in extract_tasks(part, c.example_inputs, target):
             tasks.setdefault(t.workload_hash, t)
     name = graphs[0].name.split(".")[0] if graphs else ""
-    return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress)
+    return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress, farm)

@@ -17,6 +17,7 @@ the op and the file: a program file is data, never a way to call arbitrary Pytho
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import operator
@@ -335,10 +336,13 @@ def resolve_op(op: str) -> Any:
 
 
 def _torch_op(op: str) -> torch._ops.OpOverload:
-    """An operator overload from PyTorch's registry, for an op name of an allowed namespace."""
+    """An operator overload from PyTorch's registry, for an op name of an allowed namespace.
+    The name must be registered with PyTorch's dispatcher before any attribute is looked up, so
+    dunder operators (`aten.__and__.Tensor`, what `x & y` exports to) resolve and nothing else
+    of the namespace objects (`aten.__class__`) can."""
     match = _TORCH_OP.fullmatch(op)
     if match is None or match[1] not in TORCH_OP_NAMESPACES or \
-            any(part.startswith("__") for part in match.groups()) or \
+            not _registered(*match.groups()) or \
             op.rpartition(".")[0] in REFUSED_TORCH_OPS:
         raise DisallowedOpError(f"op {op!r} is not allowed (a program may name PyTorch operators "
                                 f"of {sorted(TORCH_OP_NAMESPACES)}, 'getitem' and "
@@ -351,6 +355,17 @@ def _torch_op(op: str) -> torch._ops.OpOverload:
     if not isinstance(found, torch._ops.OpOverload):
         raise DisallowedOpError(f"op {op!r} is not a PyTorch operator overload")
     return found
+
+
+def _registered(namespace: str, name: str, overload: str) -> bool:
+    """Whether PyTorch's dispatcher has the operator `namespace::name.overload`."""
+    qualified = f"{namespace}::{name}" + ("" if overload == "default" else f".{overload}")
+    return qualified in _dispatcher_ops()
+
+
+@functools.cache
+def _dispatcher_ops() -> frozenset[str]:
+    return frozenset(torch._C._dispatch_get_all_op_names())
 
 
 def op_name(target: Any) -> str:

@@ -4,7 +4,9 @@ Goes in: callables (a kernel, its ops in PyTorch, a whole model) and how many ru
 per-run times in microseconds, one list per callable. The build's TVM-vs-PyTorch choices (per
 kernel and whole model), the tuning session's re-measurement of its best records, the demo and
 the benchmarks time through `LocalRunner`; decisions read a quantile of the samples
-(`time_in_blocks`).
+(`time_in_blocks`). On a device farm, `hwaware.tvm.rpc.RpcRunner` times kernels on a farm device
+(the re-measure of a farm session's best records); it cannot time PyTorch, so a build's
+TVM-vs-PyTorch choice is always timed here.
 """
 
 from __future__ import annotations

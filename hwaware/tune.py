@@ -7,6 +7,10 @@ The tasks are the fused TIR workloads of the kernels that hold a contraction (co
 matmul, attention); element-wise and reduction kernels get a rule-based schedule instead.
 Resuming: a task that already has its share of the budget in the database is skipped; one with
 part of it gets only the rest; MetaSchedule seeds its search from the stored records.
+
+On a device farm (`Farm`): candidates are built here in parallel and measured on the farm's
+devices (MetaSchedule's `RPCRunner`), the re-measure of top records too; each record names the
+farm's device (`rpc:KEY`) instead of this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
+from hwaware.farm import Farm
 from hwaware.options import check_count
 from hwaware.partition import Partition
 from hwaware.runtime import kernel_inputs
@@ -63,6 +68,9 @@ class SessionSummary:
     elapsed_s: float
     remeasured: int = 0
     tasks: list[TaskSummary] = field(default_factory=list)
+    # seconds per phase (search, build, run, cost_model, database: `hwaware.tvm.phases`, and
+    # remeasure: the best records timed again); the rest of elapsed_s is in no phase
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -108,34 +116,38 @@ def extract_tasks(part: Partition, example_inputs: list[torch.Tensor], target: T
     return list(tasks.values())
 
 
-def require_runnable(target: Target) -> None:
-    """Tuning measures kernels: refuse a target whose kernels cannot run on this machine."""
-    if not target.can_run_here:
+def require_runnable(target: Target, farm: Farm | None = None) -> None:
+    """Tuning measures kernels: refuse a target whose kernels cannot run on this machine, unless
+    a farm measures them."""
+    if farm is None and not target.can_run_here:
         raise ValueError(f"target {target.name} cannot run on this machine; tuning measures "
                          "kernels, so tune on the device itself (or through the device farm)")
 
 
 def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
-               model_name: str = "", show_progress: bool = True) -> SessionSummary:
-    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX).
-    However the session ends, the WAL is checkpointed so the `.db` file holds its records."""
-    require_runnable(target)
+               model_name: str = "", show_progress: bool = True, farm: Farm | None = None
+               ) -> SessionSummary:
+    """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX);
+    measured on `farm`'s devices when one is given, else on this machine. However the session
+    ends, the WAL is checkpointed so the `.db` file holds its records."""
+    require_runnable(target, farm)
     summary = SessionSummary(uuid.uuid4().hex[:12], target.key, check_count("trials", trials),
                              0, 0.0)
     if not tasks or trials == 0:
         return summary
     try:
-        return _run_session(tasks, target, db, summary, model_name, show_progress)
+        return _run_session(tasks, target, db, summary, model_name, show_progress, farm)
     finally:  # also on Ctrl-C or an error: the records so far go into the .db file itself
         db.checkpoint()
 
 
 def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
-                 summary: SessionSummary, model_name: str, show_progress: bool
-                 ) -> SessionSummary:
-    """The session itself: each task's remaining budget measured, the summary filled in."""
+                 summary: SessionSummary, model_name: str, show_progress: bool,
+                 farm: Farm | None) -> SessionSummary:
+    """The session itself: each task's remaining budget measured (on `farm`, if one is given),
+    the summary filled in."""
     from hwaware.kernels import fixed_schedules as family_schedules
-    from hwaware.tvm import database, schedules, search, setup
+    from hwaware.tvm import database, phases, schedules, search, setup
 
     session_id, trials = summary.session_id, summary.trials_requested
     per_task = _per_task_budget(trials, len(tasks))
@@ -148,18 +160,23 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
     progress = _Progress(sum(remaining[t.name] for t in todo), show_progress)
     if todo:
         resolved = setup.resolve(target)
-        tgt, adapter = resolved.tvm, database.SqliteDatabase.of(db, resolved)
+        tgt = resolved.tvm
+        adapter = database.SqliteDatabase.of(db, resolved, farm.device if farm else None)
         fixed_schedules = family_schedules()
-        with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir:
+        ms_runner, remeasure_runner = _runners(farm)
+        with tempfile.TemporaryDirectory(prefix="hwaware-ms-") as work_dir, \
+                phases.phase_times() as summary.phases_s:
             search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
+                runner=ms_runner,
             )
+        remeasure_start = time.time()
         for t in todo:  # fused kernels: re-rank their best records like for like
             if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
-                search.remeasure_top_records(t.workload, adapter,
-                                                 fixed_schedules=fixed_schedules)
+                _remeasure(t, adapter, fixed_schedules, remeasure_runner)
+        summary.phases_s["remeasure"] = time.time() - remeasure_start
     progress.close()
     summary.elapsed_s = time.time() - start
     summary.trials_measured = progress.done
@@ -173,6 +190,34 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
         ))
     db.finish_session(session_id, summary.to_json())
     return summary
+
+
+def _runners(farm: Farm | None) -> tuple[Any, Any]:
+    """MetaSchedule's runner and hwaware's `Runner` for the re-measure: the farm's (RPC), or
+    None for both (this machine's)."""
+    if farm is None:
+        return None, None
+    from hwaware.tvm import rpc
+
+    log.warning("measuring on the farm's %r devices (tracker %s); a build's TVM-vs-PyTorch "
+                "choice still times both sides on the machine that builds: a TVM RPC server "
+                "runs TVM modules, not PyTorch", farm.key, farm.tracker)
+    return rpc.tuning_runner(farm), rpc.RpcRunner(farm)
+
+
+def _remeasure(task: TuningTask, adapter: Any, fixed_schedules: Any, runner: Any) -> None:
+    """Re-time the task's best records side by side; on a farm, a device lost by then costs
+    only this step (the records keep their runner times), never the finished session."""
+    from hwaware.tvm import search
+
+    try:
+        search.remeasure_top_records(task.workload, adapter, fixed_schedules=fixed_schedules,
+                                     runner=runner)
+    except (RuntimeError, ValueError, OSError) as err:  # TVM's errors are RuntimeErrors
+        if runner is None:
+            raise
+        log.warning("re-measuring %s on the farm failed, its records keep their runner times: "
+                    "%s", task.name, str(err).strip().splitlines()[-1][:300])
 
 
 def _batch_size(per_task: int) -> int:

@@ -229,6 +229,18 @@ def test_ops_outside_the_allowlist_are_refused_naming_op_and_file(
         hwaware.load(static_dir)
 
 
+def test_registered_dunder_operators_resolve_and_namespace_attributes_do_not() -> None:
+    """`x & y` exports to aten.__and__.Tensor (BERT's masks): a real operator, allowed; the
+    namespace object's own attributes are not operators and stay refused."""
+    from hwaware.program import resolve_op
+
+    assert resolve_op("aten.__and__.Tensor") is torch.ops.aten.__and__.Tensor
+    assert resolve_op("aten.add.Tensor") is torch.ops.aten.add.Tensor
+    for op in ("aten.__class__.default", "aten.__dict__.default", "aten.__and__.nope"):
+        with pytest.raises(DisallowedOpError):
+            resolve_op(op)
+
+
 def test_a_dtype_argument_names_only_torch_dtypes(static_dir: Path) -> None:
     def bad_dtype(doc: dict[str, Any]) -> None:
         doc["input_specs"][0]["dtype"] = "load"

@@ -27,25 +27,27 @@ log = logging.getLogger(__name__)
 
 @derived_object
 class SqliteDatabase(ms.database.PyDatabase):
-    """MetaSchedule's database role over hwaware's sqlite file, for one target."""
+    """MetaSchedule's database role over hwaware's sqlite file, for one target; the records it
+    commits name `device` as where they were measured (default: the database's, this machine)."""
 
     def __init__(self, db: TuningDatabase, target: tvm.target.Target, target_key: str,
-                 verify: bool = False):
+                 device: str | None = None, verify: bool = False):
         super().__init__()
         self.db = db
         self.target = target
         self.target_key = target_key
+        self.device = device or db.device
         self.verify = verify
         self._workloads: dict[str, ms.database.Workload] = {}
 
     @classmethod
-    def of(cls, db: TuningDatabase, target: ResolvedTarget, verify: bool = False
-           ) -> SqliteDatabase:
+    def of(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None,
+           verify: bool = False) -> SqliteDatabase:
         """The adapter of `db` for a resolved target (its TVM target and database key).
         `verify` (for a build on a CPU target that runs here): every record it hands out has
         been checked to compute its workload's outputs (`hwaware.tvm.check`); one that does
         not is excluded, marked failed in the database, with one warning naming it."""
-        return cls(db, target.tvm, target.key, verify)
+        return cls(db, target.tvm, target.key, device, verify)
 
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self.db.has_workload(workload_hash(mod), TVM_VERSION)
@@ -61,7 +63,7 @@ class SqliteDatabase(ms.database.PyDatabase):
         trace, run_secs, _target, args_info = record.as_json()
         self.db.commit_record(record_row(
             workload_hash(record.workload.mod), self.target_key, trace, args_info,
-            [float(s) for s in run_secs or [FAILED_RUN_SECS]], None, self.db.device, None,
+            [float(s) for s in run_secs or [FAILED_RUN_SECS]], None, self.device, None,
         ))
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[Any]:
@@ -209,7 +211,7 @@ class RecordingCallback(ms.measure_callback.PyMeasureCallback):
             row = record_row(
                 whash, self.database.target_key, plain_json(cand.sch.trace.as_json()),
                 [plain_json(a.as_json()) for a in cand.args_info], run_secs,
-                str(error)[-2000:] if error else None, self.database.db.device, self.session_id,
+                str(error)[-2000:] if error else None, self.database.device, self.session_id,
             )
             new += self.database.db.commit_record(row)
             if row.mean_us is not None:

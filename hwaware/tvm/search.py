@@ -24,6 +24,7 @@ from hwaware.db import RecordRow
 from hwaware.runner import LocalRunner
 from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row, replay_records
 from hwaware.tvm.ir import plain_json, workload_hash
+from hwaware.tvm.rpc import RpcRunner, kernel_evaluations
 from hwaware.tvm.schedules import FixedSchedules, fixed_schedule_of
 from hwaware.tvm.setup import TVM_VERSION, fast_build, import_tensor_intrinsics
 
@@ -123,8 +124,8 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
 
 
 def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: int = 4,
-                          rounds: int = 30, fixed_schedules: FixedSchedules | None = None
-                          ) -> None:
+                          rounds: int = 30, fixed_schedules: FixedSchedules | None = None,
+                          runner: RpcRunner | None = None) -> None:
     """Rebuild the k fastest stored records of `workload` (a CPU target's) and its fixed-decision
     schedule (`fixed_schedules`, stored if it is not yet), time them in this process round-robin
     on the runner's random inputs, and store the medians (scaled to the group's median runner
@@ -149,7 +150,7 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     if len(schedules) < 2:
         return
     run_secs = _time_round_robin([sch.mod for sch in schedules], database.target,
-                                 json.loads(rows[0].args_info_json), rounds)
+                                 json.loads(rows[0].args_info_json), rounds, runner)
     # the runner's scale: records not re-timed keep their runner times, and the re-timed best
     # (<= the median of the group) still ranks above every one of those
     scale = statistics.median(r.mean_us or 0.0 for r in rows) / 1e6 / \
@@ -158,10 +159,11 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
     if len(schedules) > len(rows):  # the fixed schedule, stored now
         rows.append(record_row(workload_hash(workload), database.target_key, fixed_trace,
                                 json.loads(rows[0].args_info_json), scaled[-1], None,
-                                database.db.device, None))
+                                database.device, None))
         database.db.commit_record(rows[-1])
     for row, secs in zip(rows, scaled, strict=True):
-        database.db.remeasure(row, secs)  # mean_us: the median, as for every re-timed record
+        # mean_us: the median, as for every re-timed record; device: where it was re-timed
+        database.db.remeasure(row, secs, database.device)
 
 
 def _replayed(workload: tvm.IRModule, rows: list[RecordRow], target: tvm.target.Target
@@ -186,24 +188,17 @@ def _postprocessed_fixed(workload: tvm.IRModule, target: tvm.target.Target,
 
 
 def _time_round_robin(mods: list[tvm.IRModule], target: tvm.target.Target,
-                      args_info: Any, rounds: int) -> list[list[float]]:
+                      args_info: Any, rounds: int, runner: RpcRunner | None = None
+                      ) -> list[list[float]]:
     """Seconds per call of each scheduled module, built as the tuning builder builds and timed
-    in turns (`rounds` samples each, >= 20 ms of calls per sample, by TVM's time evaluator
-    through the `LocalRunner`) on the same random inputs."""
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
-
-    device = tvm.cpu()
-    timers = [fast_build(mod, target, None).time_evaluator(
-        "main", device, number=1, repeat=1, min_repeat_ms=20) for mod in mods]
-    (args,) = default_alloc_argument(device, args_info, 1)
-    runner = LocalRunner(block=1, untimed_per_block=0, self_timed=True)
-    run_us = runner.run_us([_evaluation(timer, args) for timer in timers], rounds)
+    in turns (`rounds` samples each, >= 20 ms of calls per sample, by TVM's time evaluator) on
+    the same random inputs: in this process through the `LocalRunner`, or on a farm device
+    (`runner`)."""
+    libs = [fast_build(mod, target, None) for mod in mods]
+    with kernel_evaluations(libs, args_info, runner) as evaluations:
+        timer = runner or LocalRunner(block=1, untimed_per_block=0, self_timed=True)
+        run_us = timer.run_us(evaluations, rounds)
     return [[us / 1e6 for us in samples] for samples in run_us]
-
-
-def _evaluation(timer: Any, args: Any) -> Callable[[], float]:
-    """One evaluation of a TVM time evaluator: its mean seconds per call."""
-    return lambda: float(timer(*args).mean)
 
 
 def tune_workloads(
@@ -220,12 +215,14 @@ def tune_workloads(
     population: int = 256,
     f_build: Callable[[Any, Any, Any], Any] | None = None,
     fixed_schedules: FixedSchedules | None = None,
+    runner: Any = None,
 ) -> None:
     """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
 
     The search population is half MetaSchedule's default: on a 2-core machine each generation
     of 512 costs ~6 s of feature extraction, as much as building the batch it picks.
-    `fixed_schedules` (rule -> fixed-decision Schedule): measured first (SkipStoredCandidates)."""
+    `fixed_schedules` (rule -> fixed-decision Schedule): measured first (SkipStoredCandidates).
+    `runner`: MetaSchedule's runner (default: its `LocalRunner`; a farm's `RPCRunner`)."""
     import_tensor_intrinsics()
     cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else \
         len(os.sched_getaffinity(0))  # a GPU target: this host's cores build its candidates
@@ -256,7 +253,7 @@ def tune_workloads(
         num_trials_per_iter=num_trials_per_iter,
         builder=ms.builder.LocalBuilder(f_build=f_build or fast_build, max_workers=cores,
                                         timeout_sec=builder_timeout_s),
-        runner=ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
+        runner=runner or ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
         database=database,
         cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
         measure_callbacks=callbacks,
