@@ -6,8 +6,12 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 2. a kernel whose contraction has no tuned record stays in PyTorch (TVM without a schedule is
    ~25x slower than eager; PyTorch's own kernel is the sensible default);
 3. build the rest into one library: tuned records from the database, a rule-based default
-   schedule for element-wise and reduction kernels. If that build fails, the kernels that fail
-   to build stay in PyTorch (one warning naming their ops) and the rest are built again;
+   schedule for element-wise and reduction kernels. The best record of each workload is first
+   run against the workload's unscheduled definition on random inputs (`hwaware.tvm.check`:
+   rtol 1e-3, atol 1e-4 scaled by the largest output magnitude, in a worker process): one that
+   differs, crashes or hangs is excluded (one warning naming it) and the next best is used.
+   If that build fails, the kernels that fail to build stay in PyTorch (one warning naming
+   their ops) and the rest are built again;
 4. run each TVM kernel on the real intermediate values of the example inputs: a result that
    differs from PyTorch's (or an error) keeps the kernel in PyTorch (with a warning); otherwise
    time both, interleaved, and keep the faster. Every timing goes into the database.
@@ -381,9 +385,16 @@ def _tvm_target(target: Target) -> Any:
 
 
 def _adapter(db: TuningDatabase | None, target: Target) -> Any:
+    """The database as the build reads it: on a CPU target that runs here, every record it
+    applies is first checked to compute its workload's outputs (`hwaware.tvm.check`); a wrong
+    one is excluded with a warning and the next best is applied instead."""
     from hwaware.tvm import database, setup
 
-    return database.SqliteDatabase.of(db, setup.resolve(target)) if db is not None else None
+    if db is None:
+        return None
+    resolved = setup.resolve(target)
+    verify = target.can_run_here and resolved.tvm.kind.name == "llvm"
+    return database.SqliteDatabase.of(db, resolved, verify=verify)
 
 
 def _why_left(spec: KernelSpec) -> str:

@@ -401,6 +401,15 @@ class TuningDatabase:
             [json.dumps(run_secs), statistics.median(run_secs) * 1e6, device, row.workload_hash,
              row.tvm_version, row.target_key, candidate_key(row.trace_json)])
 
+    def mark_failed(self, row: RecordRow, error: str) -> None:
+        """Mark a stored record failed (its mean_us cleared, `error` kept): a record whose
+        kernel computes wrong outputs (`hwaware.tvm.check`) is never used again."""
+        self._execute_write(
+            "UPDATE records SET mean_us = NULL, error = ? WHERE workload_hash = ? AND "
+            "tvm_version = ? AND target_key = ? AND candidate = ?",
+            [error[:2000], row.workload_hash, row.tvm_version, row.target_key,
+             candidate_key(row.trace_json)])
+
     def has_candidate(self, workload_hash: str, tvm_version: str, target_key: str,
                       trace_json: str) -> bool:
         row = self.db.execute(

@@ -8,6 +8,7 @@ commits each candidate as it is measured, failed ones too, and drives the progre
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from hwaware.db import FAILED_RUN_SECS, RecordRow, TuningDatabase, candidate_key
 from hwaware.tvm.ir import plain_json, workload_hash, workload_json
 from hwaware.tvm.setup import TVM_VERSION, ResolvedTarget
 
+log = logging.getLogger(__name__)
+
 
 @derived_object
 class SqliteDatabase(ms.database.PyDatabase):
@@ -28,19 +31,23 @@ class SqliteDatabase(ms.database.PyDatabase):
     commits name `device` as where they were measured (default: the database's, this machine)."""
 
     def __init__(self, db: TuningDatabase, target: tvm.target.Target, target_key: str,
-                 device: str | None = None):
+                 device: str | None = None, verify: bool = False):
         super().__init__()
         self.db = db
         self.target = target
         self.target_key = target_key
         self.device = device or db.device
+        self.verify = verify
         self._workloads: dict[str, ms.database.Workload] = {}
 
     @classmethod
-    def of(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None
-           ) -> SqliteDatabase:
-        """The adapter of `db` for a resolved target (its TVM target and database key)."""
-        return cls(db, target.tvm, target.key, device)
+    def of(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None,
+           verify: bool = False) -> SqliteDatabase:
+        """The adapter of `db` for a resolved target (its TVM target and database key).
+        `verify` (for a build on a CPU target that runs here): every record it hands out has
+        been checked to compute its workload's outputs (`hwaware.tvm.check`); one that does
+        not is excluded, marked failed in the database, with one warning naming it."""
+        return cls(db, target.tvm, target.key, device, verify)
 
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self.db.has_workload(workload_hash(mod), TVM_VERSION)
@@ -61,15 +68,49 @@ class SqliteDatabase(ms.database.PyDatabase):
 
     def get_top_k(self, workload: ms.database.Workload, top_k: int) -> list[Any]:
         """The k fastest stored records that replay on `workload`; one that does not (a
-        garbage trace, say, imported from elsewhere) is skipped with a warning naming it."""
+        garbage trace, say, imported from elsewhere) is skipped with a warning naming it.
+        With `verify`, so is one whose outputs differ from the workload's (`_computes`)."""
+        if top_k <= 0:
+            return []
         whash = workload_hash(workload.mod)
         asked = top_k
         while True:
             rows = self.db.top_records(whash, TVM_VERSION, self.target_key, asked)
-            replayed = replay_records(rows, workload, self.target)
-            if len(replayed) >= top_k or len(rows) < asked:
-                return [record for _, record in replayed[:top_k]]
-            asked += top_k - len(replayed)
+            usable = []
+            for row, record in replay_records(rows, workload, self.target):
+                if not self.verify or self._computes(workload, row, record):
+                    usable.append(record)
+                if len(usable) == top_k:
+                    return usable
+            if len(rows) < asked:
+                return usable
+            asked *= 2
+
+    def check_best(self, workloads: Sequence[tvm.IRModule]) -> None:
+        """With `verify`: check the best record of each workload now (`_computes`), so that a
+        build in a forked child finds the verdicts made and writes nothing to the database."""
+        for mod in workloads:
+            self.get_top_k(ms.database.Workload(mod), 1)
+
+    def _computes(self, workload: ms.database.Workload, row: RecordRow, record: Any) -> bool:
+        """Whether `record` computes `workload`'s outputs (`check.contained_mismatch`, once per
+        record and process); one that does not is marked failed in the database, so that no
+        later build or search uses it, with one warning naming it."""
+        from hwaware.tvm.check import contained_mismatch
+
+        key = (row.workload_hash, row.target_key, row.trace_json)
+        if key not in _VERDICTS:
+            try:
+                _VERDICTS[key] = contained_mismatch(workload.mod, row.trace_json, self.target)
+            except Exception as err:  # the reference failed: the record stays, unchecked
+                log.warning("could not check tuning record %s of workload %s: %s",
+                            candidate_key(row.trace_json), row.workload_hash, err)
+                _VERDICTS[key] = None
+            if _VERDICTS[key] is not None:
+                _warn_wrong(row, str(_VERDICTS[key]))
+                if not self.db.read_only:
+                    self.db.mark_failed(row, f"wrong results: {_VERDICTS[key]}")
+        return _VERDICTS[key] is None
 
     def get_all_tuning_records(self) -> list[Any]:
         records: list[Any] = []
@@ -85,7 +126,12 @@ class StoredRecordWarning(UserWarning):
     """A stored tuning record that does not replay on its workload; it is skipped."""
 
 
+class WrongRecordWarning(UserWarning):
+    """A stored tuning record whose kernel computes wrong outputs; it is excluded."""
+
+
 _WARNED: set[tuple[str, str, str]] = set()
+_VERDICTS: dict[tuple[str, str, str], str | None] = {}  # record -> why it is wrong, or None
 
 
 def replay_records(rows: list[RecordRow], workload: ms.database.Workload,
@@ -118,6 +164,14 @@ def _warn_unusable(row: RecordRow, err: Exception) -> None:
         f"{candidate_key(row.trace_json)} of workload {row.workload_hash}, target "
         f"{row.target_key}, session {row.session_id}, mean_us {row.mean_us}): {reason}",
         StoredRecordWarning, stacklevel=3)
+
+
+def _warn_wrong(row: RecordRow, why: str) -> None:
+    warnings.warn(
+        f"hwaware: excluding tuning record (candidate {candidate_key(row.trace_json)} of "
+        f"workload {row.workload_hash}, target {row.target_key}, session {row.session_id}, "
+        f"mean_us {row.mean_us}): checked against its workload on random inputs, "
+        f"{why}; the next best record is used", WrongRecordWarning, stacklevel=3)
 
 
 def record_row(whash: str, target_key: str, trace: Any, args_info: Any, run_secs: list[float],
