@@ -275,7 +275,7 @@ def fingerprint(space: Space) -> str:
 
     root = Path(hwaware.__file__).parent
     parts = [space.builder_name.encode(), torch.__version__.encode()]
-    for pattern in ("capture.py", "decompose.py", "partition.py", "aten_ops.py", "program.py",
+    for pattern in ("capture.py", "decompose.py", "partition.py", "aten_ops.py",
                     "rewrite/*.py", "kernels/*.py", "nas/builders.py", "predict/spaces.py"):
         parts += [p.read_bytes() for p in sorted(root.glob(pattern))]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
