@@ -186,8 +186,8 @@ def _conv_out(size: int, stride: int) -> int:
     return math.ceil(size / stride)
 
 
-class PoolLinear(nn.Module):
-    """An early-exit classifier: global average pool and a linear layer."""
+class PoolClassify(nn.Module):
+    """Global average pool and a linear classifier (ResNet's head, an early exit's)."""
 
     def __init__(self, cin: int, classes: int):
         super().__init__()
@@ -267,7 +267,7 @@ class OfaMbv3Exit(OfaMbv3):
         return Block("exit", (width, self.constants["classes"]), (1, width, size, size))
 
     def module(self, block: Block) -> nn.Module:
-        return PoolLinear(*block.params) if block.kind == "exit" else super().module(block)
+        return PoolClassify(*block.params) if block.kind == "exit" else super().module(block)
 
     def build(self, arch: Any) -> nn.Module:
         blocks = self.blocks(arch)
@@ -311,17 +311,6 @@ class ResNetStem(nn.Module):
         if self.residual is not None:
             x = x + self.residual(x)
         return self.last(x)  # type: ignore[no-any-return]
-
-
-class PoolClassify(nn.Module):
-    """Global average pool and a linear classifier."""
-
-    def __init__(self, cin: int, classes: int):
-        super().__init__()
-        self.classifier = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x.mean((2, 3)))  # type: ignore[no-any-return]
 
 
 class OfaResNet(Builder):

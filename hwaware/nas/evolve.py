@@ -178,9 +178,8 @@ def search(space: str | Space = "ofa-mbv3", target: Any = "host", *,
             evaluate.refresh()
             if len(archive.points) >= evals:
                 break
-    result = _result(chosen, (name, function), list(archive.points.values()), latency_ms, out,
-                     linas.measured if linas else {})
-    return result
+    return _result(chosen, (name, function), list(archive.points.values()), latency_ms, out,
+                   linas.measured if linas else {})
 
 
 def _run(space: Space, evaluate: _Evaluator, population: int, start: Any,
