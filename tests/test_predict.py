@@ -53,10 +53,10 @@ def _law_us(record: KernelRecord) -> float:
     return 3.0 + record.flops / 4e4 + record.bytes_moved / 2e3
 
 
-def _sample(i: int, device: Device = DEVICE, scale: float = 1.0, split: str = "train"
-            ) -> profile.Sample:
+def _sample(i: int, device: Device = DEVICE, scale: float = 1.0, split: str = "train",
+            log2_sizes: tuple[float, float] = (8, 16)) -> profile.Sample:
     rng = random.Random(i)
-    records = [_record(rng.choice(list(FAMILY_OPS)), int(2 ** rng.uniform(8, 16)), rng)
+    records = [_record(rng.choice(list(FAMILY_OPS)), int(2 ** rng.uniform(*log2_sizes)), rng)
                for _ in range(rng.randint(2, 8))]
     host_steps = rng.randint(0, 3)
     kernels = [{**asdict(r), "us": scale * _law_us(r)} for r in records]
@@ -77,6 +77,18 @@ def test_predicts_held_out_synthetic_models(trained: LatencyPredictor) -> None:
     held = [_sample(i) for i in range(1000, 1040)]
     m = metrics(list(trained.predict_samples(held)), [s.latency_us for s in held])
     assert m.within_10 >= 0.8 and m.spearman >= 0.95, m
+
+
+def test_kernels_larger_than_any_trained_on_are_priced_by_their_size(
+        trained: LatencyPredictor) -> None:
+    """Kernels 8-64x larger than the training's largest: a regressor of times would price them
+    all at the largest trained kernel's time; the ratio to the physical baseline scales."""
+    rng = random.Random(5)
+    big = [_record(family, 2 ** rng.randint(19, 22), rng) for family in FAMILY_OPS
+           for _ in range(10)]
+    predicted = trained.predict_kernels(big)
+    law = np.asarray([_law_us(r) for r in big])
+    assert np.all(np.abs(predicted / law - 1) < 0.3), predicted / law
 
 
 def test_save_load_round_trip_gives_identical_predictions(trained: LatencyPredictor,

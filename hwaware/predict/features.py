@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2  # 2: the kernel regressor predicts log(time / baseline_us)
 
 # Families the features name; any other family is "other" (and its kernels `unknown`).
 FAMILIES = ("conv1d", "conv2d", "conv3d", "matmul", "sdpa", "reduction", "elementwise",
@@ -128,6 +128,21 @@ def _conv_attributes(attributes: str) -> tuple[float, float, float]:
 def roofline_us(flops: int, bytes_moved: int, device: Device) -> float:
     """The time a kernel would take at the device's peak compute or memory bandwidth."""
     return max(flops / (device.peak_gflops * 1e3), bytes_moved / (device.bandwidth_gbs * 1e3))
+
+
+BASELINE_FLOOR_US = 1.0  # a kernel call's least cost: keeps tiny kernels' ratios sane
+
+
+def baseline_us(flops: int, bytes_moved: int, device: Device) -> float:
+    """What the kernel regressor's answer is relative to: the kernel's FLOPs at the device's
+    peak plus its bytes at its memory bandwidth plus a call's floor. The regressor predicts
+    the log ratio of the measured time to this (an efficiency), not the time itself:
+    regression trees answer within the range of their training labels, so a regressor of
+    times could not price a kernel larger than any it was trained on (it priced ResNet-50
+    sized layers at the largest small-model kernel's time, 4-7x too fast); a ratio to a
+    physical baseline carries over to larger kernels."""
+    return (flops / (device.peak_gflops * 1e3) + bytes_moved / (device.bandwidth_gbs * 1e3)
+            + BASELINE_FLOOR_US)
 
 
 def kernel_features(record: Any, device: Device) -> list[float]:

@@ -5,7 +5,9 @@ Goes in: a model and example inputs (or a `Decomposition`), a trained predictor 
 kernels the build would make (`hwaware.decompose`: capture -> rewrite -> partition, no TVM
 build); each kernel gets a time: `measured` when the database holds this kernel's as-built time
 on this device (`hwaware profile` stores them), else `predicted` by an XGBoost regressor of
-log-microseconds on the kernel's features (`features.py`), or `unknown` when its family or one
+the log ratio of its time to a physical baseline (`features.baseline_us`: FLOPs at peak plus
+bytes at bandwidth; a ratio carries over to kernels larger than any trained on, a time would
+not), or `unknown` when its family or one
 of its ops was never seen in training (still estimated by the same regressor, with one warning;
 never a silent zero). A second, whole-model regressor predicts the ratio of the measured model
 latency to the sum of its kernels' times (host ops, calls, thread wake-ups, cache effects);
@@ -44,6 +46,7 @@ from hwaware.predict.features import (
     MODEL_FEATURE_NAMES,
     MODEL_TOTAL_NAMES,
     Device,
+    baseline_us,
     is_known_family,
     kernel_features,
     model_features,
@@ -111,21 +114,24 @@ class TrainingSet:
     samples: list[Any]
     device: Device
     kernel_rows: np.ndarray = field(init=False)
-    kernel_log_us: np.ndarray = field(init=False)
+    kernel_log_ratio: np.ndarray = field(init=False)  # the label: log(measured us / baseline us)
+    kernel_log_baseline: np.ndarray = field(init=False)
     kernel_owner: np.ndarray = field(init=False)  # the sample index of each kernel row
     signatures: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        rows, labels, owners, self.signatures = [], [], [], []
+        rows, labels, baselines, owners, self.signatures = [], [], [], [], []
         for i, s in enumerate(self.samples):
             for record, us in zip(s.records, s.kernel_us, strict=True):
                 rows.append(kernel_features(record, self.device))
-                labels.append(math.log(max(us, 1e-3)))
+                baselines.append(_log_baseline(record, self.device))
+                labels.append(math.log(max(us, 1e-3)) - baselines[-1])
                 owners.append(i)
                 self.signatures.append(record.signature)
         self.kernel_rows = np.asarray(rows, dtype=np.float32).reshape(-1,
                                                                       len(KERNEL_FEATURE_NAMES))
-        self.kernel_log_us = np.asarray(labels, dtype=np.float32)
+        self.kernel_log_ratio = np.asarray(labels, dtype=np.float32)
+        self.kernel_log_baseline = np.asarray(baselines, dtype=np.float64)
         self.kernel_owner = np.asarray(owners, dtype=np.int64)
 
 
@@ -158,7 +164,7 @@ class LatencyPredictor:
                 f"{MIN_TRAINING_MODELS * 5}` for this target first")
         data = TrainingSet(list(samples), device)
         oof = _out_of_fold_kernel_us(data, rounds)
-        kernel_model = _fit(data.kernel_rows, data.kernel_log_us, KERNEL_PARAMS, rounds)
+        kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds)
         overhead = _fit_overhead(data, oof)
         model_rows, ratios = _model_rows(data, oof, overhead)
         model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
@@ -237,7 +243,8 @@ class LatencyPredictor:
         if not records:
             return np.zeros(0)
         rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
-        return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64))
+        log_baselines = np.asarray([_log_baseline(r, self.device) for r in records])
+        return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
 
     def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:
         """Predicted whole-model microseconds of profiled samples, without the database (it
@@ -323,6 +330,10 @@ def _cached_features(record: Any, device: Device) -> list[float]:
     return kernel_features(record, device)
 
 
+def _log_baseline(record: Any, device: Device) -> float:
+    return math.log(baseline_us(record.flops, record.bytes_moved, device))
+
+
 def _inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
@@ -357,14 +368,15 @@ def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
     measured in another fold's models, else predicted by a regressor trained on those."""
     fold_of_sample = np.random.default_rng(0).permutation(len(data.samples)) % FOLDS
     fold = fold_of_sample[data.kernel_owner]
-    result = np.zeros(len(data.kernel_log_us))
+    result = np.zeros(len(data.kernel_log_ratio))
     for k in range(FOLDS):
         held = fold == k
         if not held.any() or held.all():
             continue
-        booster = _fit(data.kernel_rows[~held], data.kernel_log_us[~held], KERNEL_PARAMS,
+        booster = _fit(data.kernel_rows[~held], data.kernel_log_ratio[~held], KERNEL_PARAMS,
                        rounds)
-        result[held] = np.exp(booster.inplace_predict(data.kernel_rows[held]))
+        result[held] = np.exp(booster.inplace_predict(data.kernel_rows[held])
+                              + data.kernel_log_baseline[held])
         table = measured_table([s for i, s in enumerate(data.samples) if fold_of_sample[i] != k])
         for row in np.flatnonzero(held):
             known = table.get(data.signatures[row])
@@ -423,7 +435,7 @@ def _manifest(device: Device, feature_device: Device, samples: Sequence[Any],
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
         "device": device.to_json(), "feature_device": feature_device.to_json(),
         "versions": {**versions(), "xgboost": xgb.__version__},
-        "training": {"models": len(samples), "kernels": int(len(data.kernel_log_us)),
+        "training": {"models": len(samples), "kernels": int(len(data.kernel_log_ratio)),
                      "spaces": sorted({s.space for s in samples}),
                      "cpus": sorted({s.cpu for s in samples})},
         "known_families": families, "known_op_categories": categories,
