@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="import takes other hwaware databases (.db) or JSONL "
                        "exports: every row is checked first, and a bad one (named by file and "
                        "line, or table and rowid) imports nothing; exact duplicates are "
-                       "skipped. merge writes a new database from several.")
+                       "skipped; rows of another TVM version than this install's are "
+                       "rejected (named in a warning) and the rest imported. merge writes a "
+                       "new database from several.")
     d.add_argument("action", choices=["stats", "export", "import", "merge"])
     d.add_argument("file", nargs="*", help="export: the JSONL file to write; import, merge: "
                    "the databases or JSONL files to read")
@@ -268,10 +270,13 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def _import_report(counts: dict[str, int], what: str) -> str:
-    added = {k: v for k, v in counts.items() if k != "duplicates"}
+    from hwaware.db import OTHER_TVM
+
+    added = {k: v for k, v in counts.items() if k not in ("duplicates", OTHER_TVM)}
     tables = ", ".join(f"{n} {table}" for table, n in added.items())
     return (f"{what}: {sum(added.values())} rows ({tables or 'none'}); "
-            f"{counts.get('duplicates', 0)} exact duplicates skipped")
+            f"{counts.get('duplicates', 0)} exact duplicates skipped; "
+            f"{counts.get(OTHER_TVM, 0)} rows of another TVM version rejected")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ workloads it maps to), kernel measurements (a whole kernel timed as TVM or as Py
 model measurements (a whole compiled model timed).
 Comes out: the best records per (workload, target), kernel and model measurements per target
 (what the latency predictor trains on), statistics, JSONL export of every table, import and
-merge of other databases or exports (every row validated first: `db_validate`), and readable
+merge of other databases or exports (every row validated first: `db_validate`; rows of
+another TVM version left out, named in a warning: `rows_to_import`), and readable
 views (`VIEWS`: best records, sessions, kernel and model timings) for sqlite-utils/datasette.
 
 Schema versions: 1 had no `kernels`, `kernel_workloads` or `model_measurements` tables; a
@@ -608,15 +609,17 @@ class TuningDatabase:
         """Merge other databases (.db files) or JSONL exports into this one, in one transaction
         after every row of every file was validated (`db_validate`): a bad row raises
         `DatabaseError` naming its file and line (or table and rowid) and nothing is imported.
-        Returns the rows added per table found, and the exact duplicates of measurements and
-        sessions skipped (a workload or kernel definition already there is shared, not
-        counted)."""
-        rows = [obj for path in paths for _, obj in read_rows(path)]
-        return self._write(lambda: self._insert_rows(rows))
+        Rows of another TVM version are left out with a warning naming the file, the rows and
+        both versions (`rows_to_import`); the rest is imported. Returns the rows added per
+        table found, the exact duplicates of measurements and sessions skipped (a workload or
+        kernel definition already there is shared, not counted) and `other_tvm_version`."""
+        rows, rejected = rows_to_import(paths)
+        return self._write(lambda: self._insert_rows(rows, rejected))
 
-    def _insert_rows(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+    def _insert_rows(self, rows: list[dict[str, Any]], rejected: int) -> dict[str, int]:
         added = {KINDS[obj["kind"]].table: 0 for obj in rows}
         added["duplicates"] = 0
+        added[OTHER_TVM] = rejected
         for obj in rows:
             if self._insert_exported(obj):
                 added[KINDS[obj["kind"]].table] += 1
@@ -724,6 +727,43 @@ def read_rows(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
         raise DatabaseError(f"{path}: unreadable database ({err})") from err
 
 
+OTHER_TVM = "other_tvm_version"  # import counts: rows left out for their TVM version
+_NAMED_PER_FILE = 3  # rows of another TVM version named in each file's warning
+
+
+def rows_to_import(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows of `paths` (each read and validated by `read_rows`) that this install can use,
+    and how many were left out because they carry another TVM version than this install's
+    `tvm.__version__` (records, workloads and kernel-workload links are keyed by it, so no
+    build here would ever read them). Each file with such rows gets one warning naming the
+    file, the first rows (`FILE:LINE` or `FILE:table/rowid N`) and both versions."""
+    mine = this_tvm_version()
+    kept: list[dict[str, Any]] = []
+    foreign: dict[tuple[Path, str], list[str]] = {}
+    for path in paths:
+        for where, obj in read_rows(path):
+            version = obj.get("tvm_version", mine)
+            if version == mine:
+                kept.append(obj)
+            else:
+                foreign.setdefault((Path(path), version), []).append(where)
+    for (path, version), places in foreign.items():
+        more = len(places) - _NAMED_PER_FILE
+        log.warning("%s: %d rows from TVM %s not imported (this install runs TVM %s; records "
+                    "are kept per TVM version and these would never be used here): %s%s",
+                    path, len(places), version, mine, ", ".join(places[:_NAMED_PER_FILE]),
+                    f" and {more} more" if more > 0 else "")
+    return kept, sum(len(p) for p in foreign.values())
+
+
+def this_tvm_version() -> str:
+    """This install's `tvm.__version__`, the version builds key their records by (imports TVM,
+    ~3 s, so only import and merge call it)."""
+    from hwaware.tvm.setup import TVM_VERSION
+
+    return TVM_VERSION
+
+
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -744,16 +784,17 @@ def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
 def merge_databases(sources: list[str | os.PathLike[str]], out: str | os.PathLike[str]
                     ) -> dict[str, int]:
     """A new database `out` holding every valid row of `sources` (databases or JSONL), exact
-    duplicates once. Every source is validated first; `out` appears only when complete."""
+    duplicates once, rows of another TVM version left out (`rows_to_import`). Every source is
+    validated first; `out` appears only when complete."""
     out = Path(out)
     if out.exists():
         raise DatabaseError(f"{out}: already exists; merge writes a new database")
-    rows = [obj for src in sources for _, obj in read_rows(src)]
+    rows, rejected = rows_to_import(sources)
     partial = out.with_name(out.name + ".partial")
     _remove_database_files(partial)
     try:
         with TuningDatabase(partial) as db:
-            counts = db._write(lambda: db._insert_rows(rows))
+            counts = db._write(lambda: db._insert_rows(rows, rejected))
         os.replace(partial, out)
     finally:
         _remove_database_files(partial)

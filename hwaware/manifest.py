@@ -7,6 +7,12 @@ file). `verify` checks a directory against its manifest before `hwaware.load` re
 else in it (no native library is loaded, no program is read first) and refuses, naming the
 file, one that changed, one that is missing, and one that the save did not write.
 
+`save_atomically` is how both saves write: into a hidden folder beside the target
+(`.NAME.partial-PID-*`), manifest last, then renamed into place. A save killed part-way leaves
+the target as it was (absent, or the previous save) and a partial folder that `verify` refuses
+as an unfinished save; the next save beside it removes such leftovers once their process is
+gone.
+
 What this protects against: corruption (a flipped byte in `kernels.so` runs as wrong numbers,
 a segfault or an illegal instruction), truncation, and edits to a folder after it was saved.
 What it does not: a folder made by someone you do not trust, who can write a matching manifest.
@@ -15,15 +21,22 @@ A compiled model contains native code; trust it as you would a program.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.metadata
 import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 KINDS = ("compiled", "dynamic")
+SAVE_FILES = (MANIFEST_FILE, "meta.json", "dynamic.json")  # one of them: a folder a save wrote
+_PARTIAL, _OLD = "partial", "old"  # hidden folders beside a save while it is written / swapped
 _CHUNK = 1 << 20
 
 
@@ -71,6 +84,79 @@ def write(directory: Path, kind: str, format_version: int, files: list[str]) -> 
     return out
 
 
+def save_atomically(directory: str | os.PathLike[str], kind: str, format_version: int,
+                    write_files: Callable[[Path], list[str]]) -> Path:
+    """Save a model into `directory`: `write_files` fills a new hidden folder beside it and
+    returns the files it wrote, the manifest goes in last, then the folder is renamed into
+    place (replacing an earlier save there). Refuses a `directory` that holds anything but a
+    save, naming it. Returns `directory`."""
+    out = Path(directory)
+    target = out.resolve()
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    partial = _beside(target, _PARTIAL)
+    partial.mkdir()
+    try:
+        write(partial, kind, format_version, write_files(partial))
+        _rename_into_place(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_replaceable(target: Path) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a folder; save into a new folder")
+    if any(target.iterdir()) and not any((target / name).exists() for name in SAVE_FILES):
+        raise FileExistsError(f"{target}: exists and is not a saved hwaware model (none of "
+                              f"{list(SAVE_FILES)}); save into a new or empty folder")
+
+
+def _beside(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _rename_into_place(partial: Path, target: Path) -> None:
+    """`partial` becomes `target`; an earlier save there is moved aside first, then removed."""
+    if not target.exists():
+        os.rename(partial, target)
+        return
+    old = _beside(target, _OLD)
+    os.rename(target, old)
+    os.rename(partial, target)
+    shutil.rmtree(old)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the hidden folders of earlier saves to `target` whose process is gone (killed
+    part-way); a save still running elsewhere keeps its own."""
+    for tag in (_PARTIAL, _OLD):
+        for path in target.parent.glob(f".{glob.escape(target.name)}.{tag}-*"):
+            pid = path.name[len(f".{target.name}.{tag}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_unfinished_save(directory: Path) -> bool:
+    """A hidden folder a save was writing when it stopped (`save_atomically`)."""
+    name = directory.name
+    return name.startswith(".") and f".{_PARTIAL}-" in name
+
+
 def verify(directory: Path) -> Manifest:
     """The manifest of `directory` once every file matches it; raises `ManifestError` naming
     the first file that changed, is missing, or was not written by the save."""
@@ -81,6 +167,8 @@ def verify(directory: Path) -> Manifest:
         hint = " (saved by an hwaware older than manifests: compile and save it again)" \
             if (directory / "meta.json").exists() or (directory / "dynamic.json").exists() \
             else ""
+        if is_unfinished_save(directory):
+            hint = " (an unfinished save: the process writing it stopped; save the model again)"
         raise ManifestError(f"{directory}: not a saved hwaware model, no {MANIFEST_FILE}{hint}")
     manifest = Manifest.from_json(path.read_text(), path)
     present = _files_in(directory)

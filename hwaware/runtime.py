@@ -253,17 +253,16 @@ class CompiledModel:
     # ------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the model to `directory` (its own folder: `hwaware.load` refuses files that
-        the save did not write), with `manifest.json` over every file."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        manifest.write(out, "compiled", SAVE_FORMAT_VERSION, self.write_files(out))
-        return out
+        the save did not write), with `manifest.json` over every file. Atomic: written beside
+        it and renamed into place (`manifest.save_atomically`), so a save killed part-way
+        leaves `directory` as it was."""
+        return manifest.save_atomically(directory, "compiled", SAVE_FORMAT_VERSION,
+                                        self.write_files)
 
     def write_files(self, out: Path) -> list[str]:
-        """Write the model's files into the existing folder `out` (no manifest: a dynamic model
-        writes one over all of its regions); the names written, relative to `out`."""
-        for stale in (LIBRARY_FILE, CROSS_LIBRARY_FILE, manifest.MANIFEST_FILE):
-            (out / stale).unlink(missing_ok=True)  # from an earlier save into the same folder
+        """Write the model's files into the new, empty folder `out` (no manifest: the caller
+        writes one, a dynamic model over all of its regions); the names written, relative to
+        `out`."""
         written = ["program.json", "program.py", "weights.pt", "meta.json"]
         if self.executable is not None:
             from hwaware.tvm import vm as tvm_vm

@@ -3,6 +3,7 @@ files, real processes, no mocks. (Real tuning sessions: tests/test_db_sessions.p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,9 +18,11 @@ import sqlite_utils
 
 from hwaware.cli import main
 from hwaware.db import DatabaseError, ModelMeasurement, RecordRow, TuningDatabase
+from hwaware.tvm.setup import TVM_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
-TVM = "0.27.0.post1"
+TVM = TVM_VERSION  # this install's: import keeps only rows of it
+OLD_TVM = "0.19.0"
 
 
 def trace_of(tag: str) -> str:
@@ -158,7 +161,7 @@ def test_import_keeps_every_record_and_skips_exact_duplicates(tmp_path: Path) ->
         b.commit_record(row("a0", 10.0))  # already here
         added = b.import_files([tmp_path / "a.db"])
         assert added == {"records": 5, "model_measurements": 1, "sessions": 1,
-                         "duplicates": 1}
+                         "duplicates": 1, "other_tvm_version": 0}
         again = b.import_files([tmp_path / "a.jsonl"])
         assert again["duplicates"] == 8 and again["records"] == 0
     assert count(tmp_path / "b.db") == 6
@@ -197,6 +200,49 @@ def test_cli_merge_writes_a_new_database_of_both(tmp_path: Path, capsys) -> None
                  str(tmp_path / "d.db")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert not (tmp_path / "d.db").exists()
+
+
+def test_import_rejects_rows_of_another_tvm_version_naming_file_and_line(
+        tmp_path: Path, db: TuningDatabase, caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / "other.jsonl"
+    old_workload = {"kind": "workload", "hash": "w1", "tvm_version": OLD_TVM, "mod_json": "{}"}
+    src.write_text("\n".join([
+        record_line(trace_json=trace_of("a")),
+        record_line(trace_json=trace_of("b"), tvm_version=OLD_TVM),
+        json.dumps(old_workload),
+        record_line(trace_json=trace_of("c"), target_key="llvm-other-device"),
+    ]) + "\n")
+    with caplog.at_level("WARNING", logger="hwaware.db"):
+        added = db.import_files([src])
+    assert added == {"records": 2, "duplicates": 0, "other_tvm_version": 2}
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"other.jsonl: 2 rows from TVM {OLD_TVM} not imported" in warning
+    assert f"this install runs TVM {TVM}" in warning
+    assert f"{src}:2, {src}:3" in warning
+    with sqlite3.connect(db.path) as conn:
+        kept = conn.execute("SELECT target_key, tvm_version FROM records ORDER BY id").fetchall()
+        assert conn.execute("SELECT COUNT(*) FROM workloads").fetchone()[0] == 0
+    # another target's records are a team's other device: kept (builds never read them)
+    assert kept == [("llvm-a", TVM), ("llvm-other-device", TVM)]
+
+
+def test_cli_import_and_merge_report_rows_of_another_tvm_version(
+        tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore
+    a = tmp_path / "a.db"
+    with TuningDatabase(a) as db:
+        db.commit_record(row("mine"))
+        db.commit_record(dataclasses.replace(row("old"), tvm_version=OLD_TVM))
+    before = digest(a)
+    assert main(["db", "import", str(a), "--db", str(tmp_path / "b.db")]) == 0
+    assert ("1 rows (1 records); 0 exact duplicates skipped; 1 rows of another TVM version "
+            "rejected") in capsys.readouterr().out
+    assert f"{a}:records/rowid 2" in caplog.text and f"from TVM {OLD_TVM}" in caplog.text
+    assert main(["db", "merge", str(a), "--out", str(tmp_path / "c.db")]) == 0
+    assert "1 rows of another TVM version rejected" in capsys.readouterr().out
+    for out in ("b.db", "c.db"):
+        with sqlite3.connect(tmp_path / out) as conn:
+            assert conn.execute("SELECT tvm_version FROM records").fetchall() == [(TVM,)]
+    assert digest(a) == before  # the source is only read
 
 
 # ------------------------------------------------------------ truncated or corrupt files

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,43 @@ def test_saving_again_into_the_same_folder_loads(static_dir: Path) -> None:
     compiled.save(static_dir)
     x = torch.randn(2, 8)
     torch.testing.assert_close(hwaware.load(static_dir)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_truncated_file_is_refused(static_dir: Path, no_library_loads: list[str]) -> None:
+    library = static_dir / "kernels.so"
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+    with pytest.raises(ManifestError, match=r"kernels.so: changed since the model was saved"):
+        hwaware.load(static_dir)
+    assert no_library_loads == []
+
+
+def test_save_refuses_a_folder_that_is_not_a_save(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine: exists and is not a saved hwaware model"):
+        _static()[1].save(mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert not list(tmp_path.glob(".mine.*"))  # nothing left beside it either
+
+
+def test_a_killed_saves_folder_is_refused_and_removed_by_the_next_save(
+        static_dir: Path) -> None:
+    """What a save killed part-way leaves (its real kill: tests/test_db_kill.py): a hidden
+    folder beside the target, refused by load, removed by the next save once its process is
+    gone; one whose process still runs is left alone."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = static_dir.with_name(f".{static_dir.name}.partial-{ended.pid}-0a0a")
+    shutil.copytree(static_dir, gone)
+    (gone / manifest.MANIFEST_FILE).unlink()
+    running = static_dir.with_name(f".{static_dir.name}.partial-{os.getpid()}-0b0b")
+    running.mkdir()
+    with pytest.raises(ManifestError, match=rf"{gone.name}: .*an unfinished save"):
+        hwaware.load(gone)
+    _static()[1].save(static_dir)
+    assert not gone.exists() and running.exists()
+    hwaware.load(static_dir)
 
 
 # -------------------------------------------------------------------- op allowlist

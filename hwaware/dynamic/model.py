@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -486,18 +485,18 @@ class DynamicModel:
         """Write the model to `directory` (its own folder: `hwaware.load` refuses files that
         the save did not write), with `manifest.json` over every file. Regions that run in
         eager PyTorch are saved as their source; `load` rebinds them to the model passed as
-        `model=`."""
-        out = Path(directory)
-        if out.exists():
-            shutil.rmtree(out / "regions", ignore_errors=True)
-            (out / manifest.MANIFEST_FILE).unlink(missing_ok=True)
-        (out / "regions").mkdir(parents=True, exist_ok=True)
+        `model=`. Atomic: written beside it and renamed into place
+        (`manifest.save_atomically`), so a save killed part-way leaves `directory` as it was."""
+        return manifest.save_atomically(directory, "dynamic", FORMAT_VERSION, self._write_files)
+
+    def _write_files(self, out: Path) -> list[str]:
+        """Every file of the save into the new, empty folder `out`; the names written."""
+        (out / "regions").mkdir()
         files = self._write_host(out)
         regions = [_write_region(out, x, files) for x in self.runners.values()]
         doc = {"format_version": FORMAT_VERSION, "info": asdict(self.info), "regions": regions}
         (out / "dynamic.json").write_text(json.dumps(doc, indent=1))
-        manifest.write(out, "dynamic", FORMAT_VERSION, [*files, "dynamic.json"])
-        return out
+        return [*files, "dynamic.json"]
 
     def _write_host(self, out: Path) -> list[str]:
         """The host program: its declarative form (what `load` reads) and, for people, as
