@@ -117,6 +117,9 @@ def _add_padding(conv: fx.Node, extra: list[int]) -> None:
     current = [int(p) for p in padding] * (ndim if len(padding) == 1 else 1) \
         if isinstance(padding, (list, tuple)) else [int(padding)] * ndim
     args[4] = [c + e for c, e in zip(current, extra, strict=True)]
+    for i in (3, 5):  # stride, dilation: SymInt[] in the schema, a default filled in as int
+        if isinstance(args[i], int):
+            args[i] = [args[i]] * ndim
     conv.args = tuple(args)
     conv.kwargs = {}
 
