@@ -10,6 +10,12 @@ padding plus an optional zero `constant_pad_nd` read only by it (what `rewrite.f
 leaves of TF-style "same" padding: one more row and column at the bottom and right).
 Anything else (dilation, grouped convs, other paddings or activations, batch > 1, non-fp32,
 ...) is skipped with a debug log line and stays on the unfused path.
+Grouped convs with 1 < groups < channels (RegNet, ResNeXt) are not taken: the dw stage is one
+vector lane per channel with no reduction, and a group width g > 1 adds a g-term reduction
+whose inputs (channels of the same group) are not the output's lane, so it needs its own
+layout and schedule; RegNet's block also differs around it (adaptive_avg_pool2d squeeze-excite,
+relu after the residual add, strided 1x1 shortcut). Today each such conv is a plain
+contraction kernel (on PyTorch untuned) with its epilogue on TVM.
 
 This module is the TVM-free half (`find` and the `Block` it matches). Kernel out: one
 depth-first PrimFunc, built and scheduled by `conv_kernel`, the lowering half, imported when a
