@@ -356,6 +356,12 @@ def test_builds_for_other_targets(target_name: str) -> None:
         mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
         exe, _ = schedules.build_executable(mod, tgt, None)
         assert exe is not None
+    # TF-same at stride 2: a (0, 1, 0, 1) zero pad before the depthwise conv, in the kernel
+    from tests.test_real_patterns import PadBlock
+    x = torch.randn(1, 8, 12, 12)
+    mod = default_schedule(_lowered(PadBlock((0, 1, 0, 1), stride=2), x, f"hw_conv_tf_{t.kind}"),
+                           tgt)
+    assert schedules.build_executable(mod, tgt, None)[0] is not None
 
 
 @pytest.mark.parametrize("se", [False, True], ids=["plain", "squeeze_excite"])
