@@ -218,3 +218,21 @@ def test_transformers_mobilenet_v2_blocks_are_fused_and_match_eager() -> None:
     compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
     for scale in (1.0, 2.0):
         assert_close_to_eager(model, compiled, scale * torch.randn(1, 3, 40, 40))
+
+
+def test_transformers_efficientnet_blocks_are_fused_and_match_eager() -> None:
+    """EfficientNet (ZeroPad2d before its 'valid' stride-2 depthwise convs, squeeze-excite
+    pooled with adaptive_avg_pool2d): every block is one conv_block kernel."""
+    transformers = pytest.importorskip("transformers")
+    from tests.conformance.models import randomize
+
+    torch.manual_seed(0)
+    config = transformers.EfficientNetConfig(image_size=64, width_coefficient=0.1,
+                                             depth_coefficient=0.1, hidden_dim=128)
+    model = randomize(transformers.EfficientNetModel(config).eval())
+    depthwise = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+    x = torch.randn(1, 3, 64, 64)
+    fused = [k for k in decompose(model, (x,)).kernels if k.family == "conv_block"]
+    assert len(fused) == depthwise == 7
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    assert_close_to_eager(model, compiled, 2.0 * torch.randn(1, 3, 64, 64))

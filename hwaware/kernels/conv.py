@@ -4,7 +4,8 @@ Pattern in (rewritten ATen graph, NCHW, fp32, batch 1, BatchNorm already folded 
     [1x1 conv (expand) -> act] -> [zero pad] -> kxk depthwise conv (k 3 or 5, stride 1 or 2)
     -> [act] -> [squeeze-excite] -> 1x1 conv (project) -> [+ block input (residual)]
 with act one of relu, hardtanh/clamp/relu6, hardswish, silu; the squeeze-excite is
-mean over (H, W) -> 1x1 conv -> act -> 1x1 conv -> hardsigmoid or sigmoid -> channel scale.
+mean over (H, W) (or adaptive_avg_pool2d to 1x1) -> 1x1 conv -> act -> 1x1 conv ->
+hardsigmoid or sigmoid -> channel scale.
 The depthwise conv's padding is (top, left, bottom, right), each 0..k-1: its own symmetric
 padding plus an optional zero `constant_pad_nd` read only by it (what `rewrite.fold_padding`
 leaves of TF-style "same" padding: one more row and column at the bottom and right).
@@ -40,6 +41,7 @@ RULE = "hw_conv_block"
 CONV = torch.ops.aten.conv2d.default
 ADD = torch.ops.aten.add.Tensor
 MEAN = torch.ops.aten.mean.dim
+POOL = torch.ops.aten.adaptive_avg_pool2d.default  # to 1x1: the same global mean
 MUL = torch.ops.aten.mul.Tensor
 GATES: dict[Any, str] = {torch.ops.aten.hardsigmoid.default: "hardsigmoid",
                          torch.ops.aten.sigmoid.default: "sigmoid"}
@@ -254,14 +256,19 @@ def _int_list(value: Any) -> list[int]:
 def _squeeze_excite(gm: fx.GraphModule, x: fx.Node) -> SqueezeExcite:
     """The squeeze-excite reading `x` (the depthwise output, used by the pool and the scale),
     else NoMatch."""
-    pool = next((u for u in x.users if u.target is MEAN), None)
+    pool = next((u for u in x.users if u.target in (MEAN, POOL)), None)
     scale = next((u for u in x.users if u.target is MUL), None)
     if pool is None or scale is None:
         raise NoMatch(f"{x.name} feeds {[str(u.target) for u in x.users]}, not a squeeze-excite")
-    dims = sorted(int(d) % 4 for d in _int_list(pool.args[1]))
-    keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
-    if dims != [2, 3] or not keepdim or pool.kwargs.get("dtype") is not None:
-        raise NoMatch(f"{pool.name}: mean over {dims} (keepdim {keepdim}), not a global pool")
+    if pool.target is POOL:
+        if _int_list(pool.args[1]) != [1, 1]:
+            raise NoMatch(f"{pool.name}: adaptive_avg_pool2d to {pool.args[1]}, not 1x1")
+    else:
+        dims = sorted(int(d) % 4 for d in _int_list(pool.args[1]))
+        keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
+        if dims != [2, 3] or not keepdim or pool.kwargs.get("dtype") is not None:
+            raise NoMatch(f"{pool.name}: mean over {dims} (keepdim {keepdim}), not a global "
+                          "pool")
     reduce = _conv(gm, _only_user(pool), "pointwise")
     act_node = _only_user(reduce.node)
     act = _act(act_node)
