@@ -25,7 +25,6 @@ fitted to them); the archive is re-priced and the search goes on from its last p
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import logging
 import math
@@ -171,13 +170,15 @@ def search(space: str | Space = "ofa-mbv3", target: Any = "host", *,
         _run(chosen, evaluate, population, start, ("n_evals", evals), seed, progress)
     else:
         linas = Linas(chosen, table, target, threads, db, out, measure_top)
-        for segment in itertools.count():
+        generations = math.ceil(evals / population)  # the budget plain NSGA-II would get
+        for segment in range(math.ceil(generations / measure_every)):
+            seen = len(archive.points)
             start = _run(chosen, evaluate, population, start, ("n_gen", measure_every),
                          seed + segment, progress)
             linas.step(pareto_front(list(archive.points.values())))
             evaluate.refresh()
-            if len(archive.points) >= evals:
-                break
+            if len(archive.points) >= evals or len(archive.points) == seen:
+                break  # the budget is spent, or the search found nothing new (a small space)
     return _result(chosen, (name, function), list(archive.points.values()), latency_ms, out,
                    linas.measured if linas else {})
 
