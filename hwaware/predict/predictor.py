@@ -395,15 +395,19 @@ def _base_us(kernel_us: Any, kernels: int, host_steps: int, overhead: list[float
 
 def _fit_overhead(data: TrainingSet, kernel_us: np.ndarray) -> list[float]:
     """Non-negative least squares of (model latency - kernels' sum) on the counts of kernel
-    calls and host op steps and a constant: the additive part of the whole-model term."""
+    calls and host op steps and a constant: the additive part of the whole-model term. Each
+    model's row is divided by its latency (relative errors: the gaps of models of tens of
+    milliseconds must not set a per-call cost for models of a hundred microseconds)."""
     from scipy.optimize import nnls
 
-    rows, gaps = [], []
+    rows, gaps, weights = [], [], []
     for i, s in enumerate(data.samples):
         us = kernel_us[data.kernel_owner == i]
         rows.append([float(len(us)), float(s.host_steps), 1.0])
         gaps.append(s.measured_us - float(np.sum(us)))
-    coefficients, _ = nnls(np.asarray(rows), np.asarray(gaps))
+        weights.append(1.0 / s.measured_us)
+    w = np.asarray(weights)
+    coefficients, _ = nnls(np.asarray(rows) * w[:, None], np.asarray(gaps) * w)
     return [float(c) for c in coefficients]
 
 
