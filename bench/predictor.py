@@ -39,7 +39,7 @@ from hwaware.predict.commands import (  # noqa: E402
 )
 from hwaware.predict.features import Device  # noqa: E402
 from hwaware.predict.metrics import TABLE_HEADER, metrics  # noqa: E402
-from hwaware.predict.predictor import LatencyPredictor  # noqa: E402
+from hwaware.predict.predictor import PRIORS, LatencyPredictor  # noqa: E402
 from hwaware.predict.profile import Sample, all_data_files, read_samples  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 
@@ -61,13 +61,21 @@ def accuracy(base: Device, samples: list[Sample]) -> tuple[LatencyPredictor, str
 def learning_curve(base: Device, samples: list[Sample]) -> str:
     own = [s for s in samples if s.device["key"] == base.key]
     train = training_samples(own)
-    held = evaluation_splits(own)["held-out"]
-    rows = [TABLE_HEADER.replace("| split |", "| training models |")]
+    splits = evaluation_splits(own)
+    rows = [TABLE_HEADER.replace("| split |", "| training models, kernel prior, split |")]
     for n in [n for n in CURVE_SIZES if n < len(train)] + [len(train)]:
-        predictor = LatencyPredictor.train(train[:n], base)
-        m = metrics(list(predictor.predict_samples(held)), [s.measured_us for s in held])
-        rows.append(m.row(str(n)))
-    return "## Learning curve (held-out in-range models)\n\n" + "\n".join(rows)
+        for prior in PRIORS:
+            predictor = LatencyPredictor.train(train[:n], base, prior=prior)
+            for split in ("held-out", "ood"):
+                group = splits[split]
+                if group:
+                    m = metrics(list(predictor.predict_samples(group)),
+                                [s.measured_us for s in group])
+                    rows.append(m.row(f"{n}, {prior}, {split}"))
+    return ("## Learning curve (held-out in-range and out-of-range models)\n\n"
+            "Kernel prior `physical`: the kernel regressor learns the ratio of a kernel's time to "
+            "its FLOPs at peak plus its bytes at bandwidth (free statistics); `none`: the time "
+            "itself.\n\n" + "\n".join(rows))
 
 
 def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:

@@ -104,6 +104,17 @@ def test_save_load_round_trip_gives_identical_predictions(trained: LatencyPredic
     assert not list(out.glob("*.pkl")) and not list(out.glob("*.pickle"))
 
 
+def test_kernel_prior_is_saved_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    samples = [_sample(i) for i in range(30)]
+    plain = LatencyPredictor.train(samples, DEVICE, rounds=50, prior="none")
+    loaded = LatencyPredictor.load(directory=plain.save(tmp_path / "p"))
+    held = [_sample(i) for i in range(3000, 3010)]
+    assert loaded.prior == "none"
+    assert np.array_equal(plain.predict_samples(held), loaded.predict_samples(held))
+    with pytest.raises(PredictorError, match="prior 'flops'.*physical, none"):
+        LatencyPredictor.train(samples, DEVICE, prior="flops")
+
+
 def test_feature_version_mismatch_is_refused_naming_both(trained: LatencyPredictor,
                                                          tmp_path: Path) -> None:
     out = trained.save(tmp_path / "p")

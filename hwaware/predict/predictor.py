@@ -65,6 +65,7 @@ KERNEL_ROUNDS = 600
 MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
                 "subsample": 0.9, "min_child_weight": 3.0, "lambda": 5.0, "seed": 0}
 MODEL_ROUNDS = 200
+PRIORS = ("physical", "none")
 FILES = ("kernel_model.json", "model_model.json")
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 
@@ -113,6 +114,7 @@ class TrainingSet:
 
     samples: list[Any]
     device: Device
+    prior: str = "physical"  # the kernel label's baseline: PRIORS
     kernel_rows: np.ndarray = field(init=False)
     kernel_log_ratio: np.ndarray = field(init=False)  # the label: log(measured us / baseline us)
     kernel_log_baseline: np.ndarray = field(init=False)
@@ -124,7 +126,7 @@ class TrainingSet:
         for i, s in enumerate(self.samples):
             for record, us in zip(s.records, s.kernel_us, strict=True):
                 rows.append(kernel_features(record, self.device))
-                baselines.append(_log_baseline(record, self.device))
+                baselines.append(_log_baseline(record, self.device, self.prior))
                 labels.append(math.log(max(us, 1e-3)) - baselines[-1])
                 owners.append(i)
                 self.signatures.append(record.signature)
@@ -150,25 +152,32 @@ class LatencyPredictor:
         self.correction = tuple(manifest.get("correction", (0.0, 1.0)))
         self.overhead = list(manifest.get("overhead_us", [0.0, 0.0, 0.0]))
         self.known_ops = frozenset(manifest.get("known_op_categories", CATEGORY_NAMES))
+        self.prior = str(manifest.get("kernel_prior", "physical"))
 
     # ----------------------------------------------------------------- training
     @staticmethod
-    def train(samples: Sequence[Any], device: Device, *, rounds: int = KERNEL_ROUNDS
-              ) -> LatencyPredictor:
-        """Fit both regressors on `samples` (profiled on `device`)."""
+    def train(samples: Sequence[Any], device: Device, *, rounds: int = KERNEL_ROUNDS,
+              prior: str = "physical") -> LatencyPredictor:
+        """Fit both regressors on `samples` (profiled on `device`). `prior`: what the kernel
+        regressor learns relative to: "physical" (`features.baseline_us`, free statistics of
+        the kernel: its FLOPs and bytes on the device), or "none" (its time itself; kept for
+        `bench/predictor.py`'s comparison of the two)."""
+        if prior not in PRIORS:
+            raise PredictorError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
         samples = [s for s in samples if s.device["key"] == device.key]
         if len(samples) < MIN_TRAINING_MODELS:
             raise PredictorError(
                 f"{len(samples)} profiled models exist for device {device.key}; training needs "
                 f"at least {MIN_TRAINING_MODELS}: run `hwaware profile --samples "
                 f"{MIN_TRAINING_MODELS * 5}` for this target first")
-        data = TrainingSet(list(samples), device)
+        data = TrainingSet(list(samples), device, prior)
         oof = _out_of_fold_kernel_us(data, rounds)
         kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds)
         overhead = _fit_overhead(data, oof)
         model_rows, ratios = _model_rows(data, oof, overhead)
         model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
-        manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead}
+        manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead,
+                    "kernel_prior": prior}
         return LatencyPredictor(kernel_model, model_model, manifest, measured_table(samples))
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
@@ -243,7 +252,8 @@ class LatencyPredictor:
         if not records:
             return np.zeros(0)
         rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
-        log_baselines = np.asarray([_log_baseline(r, self.device) for r in records])
+        log_baselines = np.asarray([_log_baseline(r, self.device, self.prior)
+                                    for r in records])
         return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
 
     def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:
@@ -330,7 +340,9 @@ def _cached_features(record: Any, device: Device) -> list[float]:
     return kernel_features(record, device)
 
 
-def _log_baseline(record: Any, device: Device) -> float:
+def _log_baseline(record: Any, device: Device, prior: str) -> float:
+    if prior == "none":
+        return 0.0
     return math.log(baseline_us(record.flops, record.bytes_moved, device))
 
 
