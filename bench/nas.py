@@ -35,7 +35,7 @@ from hwaware.nas.evolve import Point, SearchResult, pareto_front, plot_front  # 
 from hwaware.nas.measure import measure  # noqa: E402
 from hwaware.nas.objectives import params  # noqa: E402
 from hwaware.predict import COST_MODELS_DIR  # noqa: E402
-from hwaware.predict.profile import cpu_kind  # noqa: E402
+from hwaware.predict.profile import Sample, cpu_kind  # noqa: E402
 
 SPACES = ("ofa-mbv3", "resnet", "transformer", "gnn")
 SEEDS = 5
@@ -75,12 +75,22 @@ def table_speed(table: LatencyTable) -> str:
 
 
 def table_accuracy(predictor: str | None, samples: int, target: str, out: Path) -> str:
+    """The table against `samples` new random architectures per space, measured now (or read
+    back from `out`)."""
+    measured = []
+    for name in SPACES:
+        space = LatencyTable(target, space=name, predictor=predictor).space
+        measured += filter(None, measure(space, space.sample(samples, seed=777), out, target))
+    return accuracy_of(predictor, target, measured)
+
+
+def accuracy_of(predictor: str | None, target: str, measured: list) -> str:
+    """The table's answers (db=None: no measured kernel answers for itself) against measured
+    samples of the spaces."""
     rows, lines = [], []
     for name in SPACES:
-        table = LatencyTable(target, space=name, predictor=predictor)
-        archs = table.space.sample(samples, seed=777)
-        measured = measure(table.space, archs, out, target)
-        for s in filter(None, measured):
+        table = LatencyTable(target, space=name, predictor=predictor, db=None)
+        for s in (s for s in measured if s.space == f"nas:{name}"):
             arch = table.space.validate(s.arch["config"])
             rows.append((name, table.latency_ms(arch), s.measured_us / 1e3,
                          abs(s.latency_us - s.latency2_us) / s.measured_us))
@@ -195,10 +205,18 @@ def main() -> None:
                         help="predictor folders of other devices, for the device-specific "
                         "spaces section (e.g. from `hwaware predictor train --target x86-avx2`)")
     parser.add_argument("--keep", type=float, default=0.8)
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="only the table against every architecture already measured in "
+                        "bench/nas-<cpu>.jsonl (none of them is in the predictor's data)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     kind = cpu_kind()
     out = Path(args.out or Path(__file__).parent / f"nas-{kind}.md")
+    if args.accuracy_only:
+        data = Path(__file__).parent / f"nas-{kind}.jsonl"
+        samples = [Sample.from_json(line) for line in data.read_text().splitlines()]
+        print(accuracy_of(args.predictor, args.target, samples))
+        return
     table = LatencyTable(args.target, space="ofa-mbv3", predictor=args.predictor)
     sections = [f"# Architecture search on {kind} ({platform.processor() or platform.machine()}"
                 f", predictor {table.predictor.key})\n\nCommand: `python bench/nas.py "
