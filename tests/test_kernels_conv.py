@@ -151,8 +151,6 @@ SKIPPED = {
         8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 2, dilation=2, groups=48, bias=False)),
     "grouped": lambda: InvertedResidual(
         8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=2, bias=False)),
-    "reflect_padding": lambda: InvertedResidual(
-        8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False, padding_mode="reflect")),
     "kernel_7": lambda: InvertedResidual(8, 8, k=7),
     "squeeze_excite_tanh_gate": lambda: InvertedResidual(8, 8, se=True, se_gate=torch.tanh),
     "gelu_after_depthwise": lambda: InvertedResidual(8, 8, dw_act=nn.GELU),
@@ -190,6 +188,17 @@ def test_find_leaves_unsupported_expand_outside() -> None:
     assert _ops(group) == ["conv2d", "hardtanh", "conv2d"]  # no residual: input is the gelu
     gelu = next(n for n in gm.graph.nodes if "gelu" in str(n.target))
     assert group[0].args[0] is gelu
+
+
+def test_find_leaves_reflect_padding_outside() -> None:
+    """A reflect-padded depthwise conv is an explicit reflect pad then an unpadded conv: the
+    pad (not zeros) stays outside the group, which starts at the depthwise conv."""
+    model = InvertedResidual(
+        8, 8, dw_conv=nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False, padding_mode="reflect"))
+    gm = _graph(model, torch.randn(1, 8, 9, 9))
+    (group,) = conv.find(gm)
+    assert _ops(group) == ["conv2d", "hardtanh", "conv2d"]
+    assert "pad" in str(group[0].args[0].target) and group[0].args[0] not in group
 
 
 # ------------------------------------------------------------------ lower + build
@@ -347,6 +356,12 @@ def test_builds_for_other_targets(target_name: str) -> None:
         mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
         exe, _ = schedules.build_executable(mod, tgt, None)
         assert exe is not None
+    # TF-same at stride 2: a (0, 1, 0, 1) zero pad before the depthwise conv, in the kernel
+    from tests.test_real_patterns import PadBlock
+    x = torch.randn(1, 8, 12, 12)
+    mod = default_schedule(_lowered(PadBlock((0, 1, 0, 1), stride=2), x, f"hw_conv_tf_{t.kind}"),
+                           tgt)
+    assert schedules.build_executable(mod, tgt, None)[0] is not None
 
 
 @pytest.mark.parametrize("se", [False, True], ids=["plain", "squeeze_excite"])

@@ -1,12 +1,22 @@
 """conv_block: a MobileNetV2/V3 inverted-residual block as ONE depth-first TIR kernel.
 
 Pattern in (rewritten ATen graph, NCHW, fp32, batch 1, BatchNorm already folded into the convs):
-    [1x1 conv (expand) -> act] -> kxk depthwise conv (k 3 or 5, stride 1 or 2, padding k//2)
+    [1x1 conv (expand) -> act] -> [zero pad] -> kxk depthwise conv (k 3 or 5, stride 1 or 2)
     -> [act] -> [squeeze-excite] -> 1x1 conv (project) -> [+ block input (residual)]
-with act one of relu, hardtanh/clamp (relu6), hardswish, silu; the squeeze-excite is
-mean over (H, W) -> 1x1 conv -> act -> 1x1 conv -> hardsigmoid or sigmoid -> channel scale.
+with act one of relu, hardtanh/clamp/relu6, hardswish, silu; the squeeze-excite is
+mean over (H, W) (or adaptive_avg_pool2d to 1x1) -> 1x1 conv -> act -> 1x1 conv ->
+hardsigmoid or sigmoid -> channel scale.
+The depthwise conv's padding is (top, left, bottom, right), each 0..k-1: its own symmetric
+padding plus an optional zero `constant_pad_nd` read only by it (what `rewrite.fold_padding`
+leaves of TF-style "same" padding: one more row and column at the bottom and right).
 Anything else (dilation, grouped convs, other paddings or activations, batch > 1, non-fp32,
 ...) is skipped with a debug log line and stays on the unfused path.
+Grouped convs with 1 < groups < channels (RegNet, ResNeXt) are not taken: the dw stage is one
+vector lane per channel with no reduction, and a group width g > 1 adds a g-term reduction
+whose inputs (channels of the same group) are not the output's lane, so it needs its own
+layout and schedule; RegNet's block also differs around it (adaptive_avg_pool2d squeeze-excite,
+relu after the residual add, strided 1x1 shortcut). Today each such conv is a plain
+contraction kernel (on PyTorch untuned) with its epilogue on TVM.
 
 This module is the TVM-free half (`find` and the `Block` it matches). Kernel out: one
 depth-first PrimFunc, built and scheduled by `conv_kernel`, the lowering half, imported when a
@@ -23,6 +33,7 @@ import torch
 from torch import fx
 
 from hwaware.kernels import KernelFamily
+from hwaware.rewrite.fold_padding import zero_pad_widths
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +41,14 @@ RULE = "hw_conv_block"
 CONV = torch.ops.aten.conv2d.default
 ADD = torch.ops.aten.add.Tensor
 MEAN = torch.ops.aten.mean.dim
+POOL = torch.ops.aten.adaptive_avg_pool2d.default  # to 1x1: the same global mean
 MUL = torch.ops.aten.mul.Tensor
 GATES: dict[Any, str] = {torch.ops.aten.hardsigmoid.default: "hardsigmoid",
                          torch.ops.aten.sigmoid.default: "sigmoid"}
 ACTIVATIONS: dict[Any, str] = {
     torch.ops.aten.relu.default: "relu",
     torch.ops.aten.hardtanh.default: "clamp",
+    torch.ops.aten.relu6.default: "clamp",  # F.relu6 (nn.ReLU6 is hardtanh)
     torch.ops.aten.clamp.default: "clamp",
     torch.ops.aten.hardswish.default: "hardswish",
     torch.ops.aten.silu.default: "silu",
@@ -87,6 +100,7 @@ class Block:
     project: Conv
     residual: bool
     se: SqueezeExcite | None = None
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)  # of the depthwise conv: top, left, bottom, right
 
     @property
     def stride(self) -> int:
@@ -124,9 +138,10 @@ def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def _conv(gm: fx.GraphModule, node: Any, kind: str, kernels: tuple[int, ...] = DW_KERNELS,
-          strides: tuple[int, ...] = DW_STRIDES) -> Conv:
+          strides: tuple[int, ...] = DW_STRIDES, any_padding: bool = False) -> Conv:
     """`node` as a supported conv of `kind` ("pointwise" or "depthwise", the latter with a
-    square kernel in `kernels`, a stride in `strides` and padding k//2), else NoMatch."""
+    square kernel in `kernels`, a stride in `strides` and padding k//2, or with `any_padding`
+    any padding the caller checks itself), else NoMatch."""
     if not isinstance(node, fx.Node) or node.target is not CONV:
         raise NoMatch(f"{kind}: not an aten.conv2d")
     stride, padding, dilation, groups = _conv_attrs(node)
@@ -148,7 +163,8 @@ def _conv(gm: fx.GraphModule, node: Any, kind: str, kernels: tuple[int, ...] = D
             raise NoMatch(f"depthwise: groups {groups} for {channels} channels")
         if tuple(weight.shape[-2:]) != (k, k) or k not in kernels:
             raise NoMatch(f"depthwise: kernel {tuple(weight.shape[-2:])}")
-        if stride[0] != stride[1] or stride[0] not in strides or padding != [k // 2] * 2:
+        if stride[0] != stride[1] or stride[0] not in strides or \
+                not any_padding and padding != [k // 2] * 2:
             raise NoMatch(f"depthwise: stride {stride} padding {padding}")
     return Conv(node, weight, bias)
 
@@ -169,7 +185,9 @@ def _act(node: Any) -> Act | None:
         return None
     if kind == "clamp":
         lo, hi = (list(node.args[1:3]) + [None, None])[:2]
-        if node.target is torch.ops.aten.hardtanh.default:
+        if node.target is torch.ops.aten.relu6.default:
+            lo, hi = 0.0, 6.0
+        elif node.target is torch.ops.aten.hardtanh.default:
             lo = -1.0 if lo is None else lo
             hi = 1.0 if hi is None else hi
         if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
@@ -185,13 +203,14 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _match(gm: fx.GraphModule, dw_node: fx.Node) -> Block:
     """The block around depthwise conv `dw_node`, or NoMatch naming why not."""
-    dw = _conv(gm, dw_node, "depthwise")
+    dw = _conv(gm, dw_node, "depthwise", any_padding=True)
     if _val(dw_node).shape[0] != 1:
         raise NoMatch(f"batch {_val(dw_node).shape[0]} (only batch 1)")
-    nodes = [dw_node]
-    expand, expand_act = _expand_of(gm, dw_node.args[0])
+    pad_node, pad = _padding(dw_node, int(dw.weight.shape[-1]))
+    nodes = [dw_node] if pad_node is None else [pad_node, dw_node]
+    expand, expand_act = _expand_of(gm, nodes[0].args[0])
     if expand is not None:
-        nodes = [expand.node, dw_node.args[0], dw_node]  # type: ignore[list-item]
+        nodes = [expand.node, nodes[0].args[0], *nodes]  # type: ignore[list-item]
     after = _only_user(dw_node)
     dw_act = _act(after)
     if dw_act is not None and after is not None:
@@ -209,7 +228,25 @@ def _match(gm: fx.GraphModule, dw_node: fx.Node) -> Block:
     residual = _residual(project.node, nodes[0].args[0])
     if residual is not None:
         nodes.append(residual)
-    return Block(nodes, expand, expand_act, dw, dw_act, project, residual is not None, se)
+    return Block(nodes, expand, expand_act, dw, dw_act, project, residual is not None, se, pad)
+
+
+def _padding(dw_node: fx.Node, k: int) -> tuple[fx.Node | None, tuple[int, int, int, int]]:
+    """The depthwise conv's (top, left, bottom, right) padding: its own plus that of a zero
+    pad node read by it alone (returned too, else None), each 0..k-1, else NoMatch."""
+    ph, pw = _conv_attrs(dw_node)[1]
+    source = dw_node.args[0]
+    widths = zero_pad_widths(source)
+    pad_node = None
+    extra = [0, 0, 0, 0]  # left, right, top, bottom (constant_pad_nd order)
+    if widths is not None and isinstance(source, fx.Node) and _only_user(source) is dw_node \
+            and len(widths) <= 4:
+        pad_node, extra = source, widths + [0] * (4 - len(widths))
+    pad = (ph + extra[2], pw + extra[0], ph + extra[3], pw + extra[1])
+    if not all(0 <= p < k for p in pad):
+        raise NoMatch(f"depthwise {dw_node.name}: padding {pad} (top, left, bottom, right) "
+                      f"outside 0..{k - 1}")
+    return pad_node, pad
 
 
 def _int_list(value: Any) -> list[int]:
@@ -219,14 +256,19 @@ def _int_list(value: Any) -> list[int]:
 def _squeeze_excite(gm: fx.GraphModule, x: fx.Node) -> SqueezeExcite:
     """The squeeze-excite reading `x` (the depthwise output, used by the pool and the scale),
     else NoMatch."""
-    pool = next((u for u in x.users if u.target is MEAN), None)
+    pool = next((u for u in x.users if u.target in (MEAN, POOL)), None)
     scale = next((u for u in x.users if u.target is MUL), None)
     if pool is None or scale is None:
         raise NoMatch(f"{x.name} feeds {[str(u.target) for u in x.users]}, not a squeeze-excite")
-    dims = sorted(int(d) % 4 for d in _int_list(pool.args[1]))
-    keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
-    if dims != [2, 3] or not keepdim or pool.kwargs.get("dtype") is not None:
-        raise NoMatch(f"{pool.name}: mean over {dims} (keepdim {keepdim}), not a global pool")
+    if pool.target is POOL:
+        if _int_list(pool.args[1]) != [1, 1]:
+            raise NoMatch(f"{pool.name}: adaptive_avg_pool2d to {pool.args[1]}, not 1x1")
+    else:
+        dims = sorted(int(d) % 4 for d in _int_list(pool.args[1]))
+        keepdim = pool.args[2] if len(pool.args) > 2 else pool.kwargs.get("keepdim", False)
+        if dims != [2, 3] or not keepdim or pool.kwargs.get("dtype") is not None:
+            raise NoMatch(f"{pool.name}: mean over {dims} (keepdim {keepdim}), not a global "
+                          "pool")
     reduce = _conv(gm, _only_user(pool), "pointwise")
     act_node = _only_user(reduce.node)
     act = _act(act_node)

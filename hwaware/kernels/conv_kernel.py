@@ -5,7 +5,7 @@ kernel is lowered or scheduled, re-derives the block from the kernel graph and t
 one PrimFunc. Internally the intermediates are channel-last (h, w, channel) so that every stage
 vectorizes over channels; the input and output stay NCHW. Blocks:
     expand  (1x1 conv, reduction over input channels)         [absent for expand ratio 1]
-    pad     (bias + act of expand, zero halo)
+    pad     (bias + act of expand, zero halo: top, left, bottom, right, TF-same's too)
     dw      (depthwise conv + bias + act, k*k terms, no reduction axis)
     proj    (1x1 conv, reduction over expanded channels)
     out     (bias [+ residual], back to NCHW; carries the `schedule_rule` annotation)
@@ -107,15 +107,17 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
     the kernel's layouts (see `_weights`). Returns the NCHW output tensor."""
     _, c_in, h, w = (int(s) for s in x.shape)
     k = int(block.dw.weight.shape[-1])
-    s, p = block.stride, k // 2
+    s = block.stride
+    top, left, bottom, right = block.pad
     e = int(block.dw.weight.shape[0])
     c_out = int(block.project.weight.shape[0])
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    ph, pw = h + top + bottom, w + left + right
+    oh, ow = (ph - k) // s + 1, (pw - k) // s + 1
     none = {"schedule_rule": "None"}
     zero = tirx.const(0.0, "float32")
 
     def inside(i: Any, j: Any) -> Any:
-        return tirx.all(i >= p, i < h + p, j >= p, j < w + p)
+        return tirx.all(i >= top, i < h + top, j >= left, j < w + left)
 
     if block.expand is not None:
         # an explicit sum, not a reduction: TIR cannot vectorize a reduction block that
@@ -127,13 +129,13 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
         act1 = block.expand_act
 
         def padded(i: Any, j: Any, f: Any) -> Any:
-            v = _apply_act(expanded[i - p, j - p, f] + consts["b1"][f], act1)
+            v = _apply_act(expanded[i - top, j - left, f] + consts["b1"][f], act1)
             return tirx.if_then_else(inside(i, j), v, zero)
     else:
         def padded(i: Any, j: Any, f: Any) -> Any:
-            return tirx.if_then_else(inside(i, j), x[0, f, i - p, j - p], zero)
+            return tirx.if_then_else(inside(i, j), x[0, f, i - top, j - left], zero)
 
-    pad = te.compute((h + 2 * p, w + 2 * p, e), padded, name="pad", attrs=none)
+    pad = te.compute((ph, pw, e), padded, name="pad", attrs=none)
 
     def depthwise(i: Any, j: Any, f: Any) -> Any:
         taps = [(a, b) for a in range(k) for b in range(k)]

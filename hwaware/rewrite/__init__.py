@@ -16,6 +16,7 @@ from hwaware.rewrite.conversions import simplify_conversions
 from hwaware.rewrite.explicit_dtypes import explicit_dtypes
 from hwaware.rewrite.explicit_padding import explicit_padding
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
+from hwaware.rewrite.fold_padding import fold_padding
 from hwaware.rewrite.functionalize import functionalize
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
@@ -27,6 +28,10 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     ("simplify_conversions", simplify_conversions),
     # padding="same"/"valid" convolutions get explicit padding, which the conv kernels cover.
     ("explicit_padding", explicit_padding),
+    # A zero pad written before a convolution (F.pad, TF-style "same") becomes the
+    # convolution's padding where it is symmetric; an asymmetric rest stays a smaller pad,
+    # which the conv families take as (top, left, bottom, right) padding.
+    ("fold_padding", fold_padding),
     # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
     # would otherwise make batch_norm+relu its own kernel).
     ("fold_batchnorm", fold_batchnorm),
