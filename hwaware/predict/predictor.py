@@ -340,7 +340,10 @@ def _cached_features(record: Any, device: Device) -> list[float]:
     return kernel_features(record, device)
 
 
+@functools.lru_cache(maxsize=200_000)
 def _log_baseline(record: Any, device: Device, prior: str) -> float:
+    """log of the kernel's baseline microseconds (cached like its features: search loops
+    price the same kernels again and again)."""
     if prior == "none":
         return 0.0
     return math.log(baseline_us(record.flops, record.bytes_moved, device))
