@@ -214,3 +214,219 @@ def test_compiling_leaves_every_submodule_in_eval_mode(name: str) -> None:
     its eager regions)."""
     model, _, _, _ = compiled(name)
     assert not any(m.training for m in model.modules())
+
+
+# ------------------------------------------------------------------ forwards of other shapes
+# Early exits written the ways the rewrite used to assume away: a module not called `self`,
+# keyword-only and **kwargs parameters, a forward defined outside the class, a helper with its
+# own receiver name, a static method, a class made inside a function or closing over an outer
+# `self`. `a` has no bias, so x and -x take opposite branches.
+def _layers(m: nn.Module) -> None:
+    m.a = nn.Linear(8, 8, bias=False)
+    m.head = nn.Linear(8, 4, bias=False)
+    m.tail = nn.Linear(8, 4, bias=False)
+
+
+class ReceiverS(nn.Module):
+    def __init__(s) -> None:
+        super().__init__()
+        _layers(s)
+
+    def forward(s, x):
+        h = s.a(x)
+        if h.mean() > 0:
+            return s.head(h)
+        return s.tail(h) * 2
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    def forward(self, x, *, scale=3.0, **unused):
+        h = self.a(x)
+        if h.mean() > 0:
+            return self.head(h) * scale
+        return self.tail(h)
+
+
+def _forward_outside(me, x):
+    h = me.a(x)
+    return me.head(h) if h.mean() > 0 else me.tail(h) - 1
+
+
+class ForwardAssigned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    forward = _forward_outside
+
+
+class HelperReceiver(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    def _decide(me, h):
+        if h.mean() > 0:
+            return me.head(h)
+        return me.tail(h)
+
+    def forward(this, x):
+        return this._decide(this.a(x)) + 1
+
+
+class StaticHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    @staticmethod
+    def _pick(h, head, tail):
+        if h.mean() > 0:
+            return head(h)
+        return tail(h)
+
+    def forward(self, x):
+        m = self
+        return m._pick(m.a(x), m.head, m.tail)
+
+
+def _local_class() -> nn.Module:
+    class Local(nn.Module):
+        def __init__(s) -> None:
+            super().__init__()
+            _layers(s)
+
+        def forward(s, x):
+            h = s.a(x)
+            if h.mean() > 0:
+                return s.head(h)
+            return s.tail(h)
+
+    return Local()
+
+
+class _Builder:
+    k = 3.0
+
+    def build(self) -> nn.Module:
+        class Closed(nn.Module):
+            def __init__(m) -> None:
+                super().__init__()
+                _layers(m)
+
+            def forward(s, x):
+                h = s.a(x)
+                if h.mean() > 0:
+                    return s.head(h) * self.k
+                return s.tail(h)
+
+        return Closed()
+
+
+SHAPES = {"receiver_s": ReceiverS, "keyword_only": KeywordOnly,
+          "forward_assigned": ForwardAssigned, "helper_receiver": HelperReceiver,
+          "static_helper": StaticHelper, "local_class": _local_class,
+          "closure_self": lambda: _Builder().build()}
+
+
+def _shape(make: Any) -> tuple[nn.Module, torch.Tensor, list[torch.Tensor]]:
+    """The model (seeded), its compile example and other inputs taking both branches."""
+    torch.manual_seed(5)
+    model = make().eval()
+    x, other = torch.randn(2, 8), 2.0 * torch.randn(2, 8)
+    with torch.no_grad():
+        assert (model.a(other).mean() > 0) != (model.a(-other).mean() > 0)
+    return model, x, [other, -other, -x]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_forwards_of_other_shapes_compile_to_eager_outputs_on_both_branches(name: str) -> None:
+    model, x, others = _shape(SHAPES[name])
+    cm, caught = _compile_recording(model, (x,))
+    assert caught == [], caught
+    assert all(r.compiled and r.eager_reason is None for r in cm.runners.values()), cm.report()
+    assert cm.info.explore.sites > 0
+    for i, xi in enumerate(others):
+        try:
+            assert_close_to_eager(model, cm, xi)
+        except AssertionError as err:
+            raise AssertionError(f"{name}, input {i}: {err}") from err
+
+
+def test_a_module_not_called_self_compiles_with_torch_compile_too() -> None:
+    model, x, others = _shape(ReceiverS)
+    compiled_model = torch.compile(model, backend="hwaware")
+    for xi in [x, *others]:
+        assert_close_to_eager(model, compiled_model, xi)
+
+
+def _pass_through(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(self: Any, x: torch.Tensor) -> Any:
+        return fn(self, x) * 10  # what reading `fn`'s source alone would leave out
+    return wrapper
+
+
+class WrappedForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    @_pass_through
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:
+            return self.head(h)
+        return self.tail(h)
+
+
+class ReadsStarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        _layers(self)
+
+    def forward(self, x, **options):
+        h = self.a(x) * options.get("scale", 1.0)
+        if h.mean() > 0:
+            return self.head(h)
+        return self.tail(h)
+
+
+EXECUTED = """
+class Executed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        _layers(self)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:
+            return self.head(h)
+        return self.tail(h)
+"""
+
+
+def _executed() -> nn.Module:
+    namespace: dict[str, Any] = {"nn": nn, "_layers": _layers}
+    exec(EXECUTED, namespace)  # noqa: S102 - a class whose source inspect cannot find
+    return namespace["Executed"]()  # type: ignore[no-any-return]
+
+
+REFUSED = {"wrapped_forward": (WrappedForward, "wrapped by a decorator"),
+           "reads_kwargs": (ReadsStarArgs, "**options"),
+           "executed": (_executed, "source of Executed.forward is not available")}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_forwards_the_rewrite_refuses_run_eager_with_one_warning_saying_why(name: str) -> None:
+    make, why = REFUSED[name]
+    model, x, others = _shape(make)
+    cm, caught = _compile_recording(model, (x,))
+    assert len(caught) == 1 and why in caught[0], caught
+    assert f"{type(model).__name__}.forward" in caught[0] and not caught[0].startswith("None:")
+    for xi in [x, *others]:
+        assert_close_to_eager(model, cm, xi)

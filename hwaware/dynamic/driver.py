@@ -261,8 +261,10 @@ def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
     if isinstance(err, CaptureError) and not branches_on_values(model, cause):
         raise err
     text = str(cause).splitlines()[0] if str(cause) else ""
+    refusal = rewrite_refusal(model) if isinstance(err, CaptureError) else None
+    not_rewritten = f"; hwaware did not rewrite its Python: {refusal}" if refusal else ""
     reason = (f"{type(model).__name__}.forward cannot be made static "
-              f"({type(cause).__name__}: {text}), so all of it is one region")
+              f"({type(cause).__name__}: {text}){not_rewritten}, so all of it is one region")
     params, defaults = _call_params(model, len(inputs))
     info = RegionInfo("region_0", params, ["out"], where_raised(cause, model), WHOLE_FORWARD)
     runner = RegionRunner(info, _whole_forward, model)
@@ -274,6 +276,20 @@ def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
 
 
 WHOLE_FORWARD = "def region_0(self, *args):\n    return (self(*args),)"  # eager_model's region
+
+
+def rewrite_refusal(model: torch.nn.Module) -> str | None:
+    """Why the dynamic-network rewrite refused `model`'s forward (its source is not available,
+    a decorator hides its code, it reads *args, ...), for the warning; None if it did not."""
+    if type(model).__module__.startswith("torch."):
+        return None
+    try:
+        stage(model)
+    except StagingError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - plan_model already logged it
+        return None
+    return None
 
 
 def _whole_forward(root: torch.nn.Module, *args: Any) -> tuple[Any]:
@@ -309,8 +325,11 @@ def where_raised(err: BaseException, model: torch.nn.Module) -> str:
         e = e.__cause__ or e.__context__
     if where:
         return where
-    fn = type(model).forward
-    return f"{inspect.getsourcefile(fn)}:{fn.__code__.co_firstlineno}"
+    fn = inspect.unwrap(type(model).forward)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"<{type(model).__qualname__}.forward>"
+    return f"{inspect.getsourcefile(fn) or code.co_filename}:{code.co_firstlineno}"
 
 
 def _source_file(cls: type) -> str | None:

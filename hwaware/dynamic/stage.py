@@ -26,6 +26,7 @@ Each statement remembers its file and line (for warnings) and the globals it mus
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import inspect
 import itertools
@@ -101,21 +102,61 @@ def _per_object(fn: Callable[[Any], T]) -> Callable[[Any], T]:
 
 @_per_object
 def _function_ast(fn: Any) -> tuple[ast.FunctionDef, str]:
-    """The parsed source of a Python function (a forward, a helper method), at its real lines."""
+    """The parsed source of a Python function (a forward, a helper method), at its real lines,
+    positional-only parameters read as plain positional ones."""
+    name = getattr(fn, "__qualname__", repr(fn))
     try:
         lines, start = inspect.getsourcelines(fn)
         filename = inspect.getsourcefile(fn) or "<unknown>"
     except (OSError, TypeError) as err:
-        raise StagingError(f"source of {fn.__qualname__} is not available") from err
+        raise StagingError(f"the source of {name} is not available (defined by exec or "
+                           "in an interactive session)") from err
     tree = ast.parse(textwrap.dedent("".join(lines)))
     ast.increment_lineno(tree, start - 1)
     func = tree.body[0]
     if not isinstance(func, ast.FunctionDef) or func.name != fn.__name__:
-        raise StagingError(f"{fn.__qualname__} is not a plain function")
+        raise StagingError(f"{name} is not a plain function (a lambda, or made at run time)")
+    func.args.args = func.args.posonlyargs + func.args.args
+    func.args.posonlyargs = []
+    return func, filename
+
+
+def _plain_parameters(func: ast.FunctionDef, fn: Any, filename: str) -> None:
+    """Refuse a function with *args, **kwargs or keyword-only parameters (an inlined call
+    binds positional and keyword arguments to plain parameters only)."""
     a = func.args
-    if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
+    if a.vararg or a.kwarg or a.kwonlyargs:
         raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} with *args/**kwargs/"
                            "keyword-only parameters is not supported")
+
+
+@_per_object
+def _method_ast(fn: Any) -> tuple[ast.FunctionDef, str]:
+    """`_function_ast` of a function called as a method, its receiver (the first parameter,
+    whatever its name: `s`, `me`, `this`) renamed `self`, the name the rewrite gives the
+    module; a free `self` it also reads (a class defined in a method, closing over that
+    method's `self`) becomes `_hw_outer_self` (see `_environment`)."""
+    func, filename = _function_ast(fn)
+    where = f"{filename}:{func.lineno}: {fn.__qualname__}"
+    if not func.args.args:
+        raise StagingError(f"{where} has no parameter for the module it is called on")
+    receiver = func.args.args[0].arg
+    names = [n for n in ast.walk(func) if isinstance(n, (ast.Name, ast.arg))]
+    rebinds = [n for n in names if n is not func.args.args[0] and (
+        isinstance(n, ast.arg) and n.arg == receiver or
+        isinstance(n, ast.Name) and n.id == receiver and not isinstance(n.ctx, ast.Load))]
+    if rebinds:
+        raise StagingError(f"{where} assigns (or shadows) `{receiver}`, the module it is "
+                           "called on")
+    if receiver == "self":
+        return func, filename
+    if any(isinstance(n, ast.arg) and n.arg == "self" for n in names):
+        raise StagingError(f"{where} has a parameter `self` that is not its module")
+    func = copy.deepcopy(func)
+    func.args.args[0].arg = "self"
+    for n in ast.walk(func):
+        if isinstance(n, ast.Name) and n.id in ("self", receiver):
+            n.id = "_hw_outer_self" if n.id == "self" else "self"
     return func, filename
 
 
@@ -125,7 +166,10 @@ def _environment(fn: Any) -> dict[str, Any]:
     enclosing functions it closes over (a model class defined inside a function)."""
     if not fn.__closure__:
         return fn.__globals__  # type: ignore[no-any-return]
-    return {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+    env = {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+    if "self" in env:
+        env["_hw_outer_self"] = env["self"]  # read as such by a method renaming its receiver
+    return env
 
 
 def _is_grad_mode(call: ast.expr, env: dict[str, Any]) -> bool:
@@ -139,6 +183,12 @@ def _is_grad_mode(call: ast.expr, env: dict[str, Any]) -> bool:
     except Exception:  # noqa: BLE001 - not a name hwaware can look up
         return False
     return value in (torch.no_grad, torch.inference_mode, torch.enable_grad)
+
+
+def _is_static_method(decorator: ast.expr, env: dict[str, Any]) -> bool:
+    """Is `decorator` `staticmethod` (no wrapper: the function is called as written)?"""
+    return isinstance(decorator, ast.Name) and \
+        env.get(decorator.id, getattr(builtins, decorator.id, None)) is staticmethod
 
 
 def _mode_queries() -> list[Any]:
@@ -159,13 +209,36 @@ def inline_target(callee: Any) -> tuple[Any, Any] | None:
     """(function, the object it is bound to or None) for a call hwaware can read the code of:
     a user submodule (its forward), a method of one, or a plain user function."""
     if _is_user_module(callee):
-        return inspect.unwrap(type(callee).forward), callee
-    if inspect.ismethod(callee) and _is_user_module(callee.__self__) and \
+        fn, bound = _unwrapped(type(callee).forward), callee
+    elif inspect.ismethod(callee) and _is_user_module(callee.__self__) and \
             _is_user_function(callee.__func__):
-        return inspect.unwrap(callee.__func__), callee.__self__  # its source has decorators
-    if _is_user_function(callee):
-        return inspect.unwrap(callee), None
-    return None
+        fn, bound = _unwrapped(callee.__func__), callee.__self__
+    elif _is_user_function(callee):
+        fn, bound = _unwrapped(callee), None
+    else:
+        return None
+    return (fn, bound) if fn is not None else None
+
+
+def _unwrapped(fn: Any) -> Any | None:
+    """The function under `fn`'s decorators when they are all grad-mode ones written on its
+    def (`@torch.no_grad()`: no effect on the values a compiled model computes); None when a
+    wrapper's code is not that (a user decorator, `forward = wrap(f)`): reading the inner
+    function's source would leave out what the wrapper does."""
+    inner = inspect.unwrap(fn)
+    if inner is fn:
+        return fn
+    try:
+        func, _ = _function_ast(inner)
+    except StagingError:
+        return None
+    depth, f = 0, fn
+    while f is not inner:
+        f, depth = f.__wrapped__, depth + 1
+    env = _environment(inner)
+    decorators = [d for d in func.decorator_list if not _is_static_method(d, env)]
+    ok = len(decorators) == depth and all(_is_grad_mode(d, env) for d in decorators)
+    return inner if ok else None
 
 
 @_per_object
@@ -193,7 +266,7 @@ def needs_inline(fn: Any, bound: Any, seen: frozenset[tuple[int, int]] = frozens
         return True
     seen = seen | {(id(fn), id(bound))}
     try:
-        func, _ = _function_ast(fn)
+        func, _ = _method_ast(fn) if bound is not None else _function_ast(fn)
     except StagingError:
         return False
     for call in (n for n in ast.walk(func) if isinstance(n, ast.Call)):
@@ -389,7 +462,12 @@ class _Stager:
         self.depth = 0  # calls being inlined
 
     def run(self) -> Staged:
-        func, filename = self.enter(inspect.unwrap(type(self.root).forward))
+        forward = _unwrapped(type(self.root).forward)
+        if forward is None:
+            raise StagingError(f"{type(self.root).forward.__qualname__} is wrapped by a "
+                               "decorator whose code hwaware cannot see through")
+        func, filename = self.enter(forward, method=True)
+        func.body = _keyword_only_as_locals(func, forward, filename) + func.body
         params = [a.arg for a in func.args.args[1:]]
         self.locals = set(params) | _assigned_names(func.body)
         defaults: list[ast.expr] = [d for d in func.args.defaults if isinstance(d, ast.Constant)]
@@ -398,10 +476,10 @@ class _Stager:
         return Staged(self.root, params, self.block(func.body), self.globals, filename,
                       defaults)
 
-    def enter(self, fn: Any) -> tuple[ast.FunctionDef, str]:
-        """A fresh copy of `fn`'s parsed source, each statement knowing its origin, and the
-        file it comes from."""
-        func, filename = _function_ast(fn)
+    def enter(self, fn: Any, method: bool) -> tuple[ast.FunctionDef, str]:
+        """A fresh copy of `fn`'s parsed source (its receiver named `self` when it is called
+        as a `method`), each statement knowing its origin, and the file it comes from."""
+        func, filename = _method_ast(fn) if method else _function_ast(fn)
         func = copy.deepcopy(func)
         env = _environment(fn)
         self.globals[id(env)] = env
@@ -798,11 +876,13 @@ class _Stager:
         """The staged body of `fn` called at `call`, and the expression standing for its value
         (a name, or a tuple of names for a function returning tuples)."""
         func, filename = _function_ast(fn)
-        if not all(_is_grad_mode(d, _environment(fn)) for d in func.decorator_list) or \
+        if not all(_is_grad_mode(d, _environment(fn)) or _is_static_method(d, _environment(fn))
+                   for d in func.decorator_list) or \
                 self.depth >= MAX_INLINE_DEPTH:
             raise StagingError(f"{filename}:{func.lineno}: {fn.__qualname__} is decorated or "
                                f"recursive beyond {MAX_INLINE_DEPTH} levels")
-        func, _ = self.enter(fn)
+        func, _ = self.enter(fn, method=self_expr is not None)
+        _plain_parameters(func, fn, filename)
         params = [a.arg for a in func.args.args[1 if self_expr is not None else 0:]]
         args = _bind_arguments(call, params, fn, origin_of(stmt).where())
         assigned = _assigned_names(func.body)
@@ -844,6 +924,29 @@ class _Stager:
         replace = _ReplaceJumps(return_targets=results, unpack=width is not None, flag=flag)
         init = ast.Assign([ast.Name(flag, ast.Store())], ast.Constant(False))
         return _fix([init, _once_loop(replace.visit_list(body), stmt)], stmt), result
+
+
+def _keyword_only_as_locals(func: ast.FunctionDef, fn: Any, filename: str
+                            ) -> list[ast.stmt]:
+    """A root forward's signature beyond plain parameters: keyword-only parameters with
+    constant defaults become locals set to them (the compiled model is called positionally),
+    and a `*args` / `**kwargs` its code never reads is dropped. The assignments to put first
+    in the body; StagingError for anything else."""
+    a = func.args
+    where = f"{filename}:{func.lineno}: {fn.__qualname__}"
+    read = _loaded_names(ast.Module(func.body, []))
+    for star in (a.vararg, a.kwarg):
+        if star is not None and star.arg in read:
+            raise StagingError(f"{where} reads its arguments through *{star.arg} / "
+                               f"**{star.arg}: not supported")
+    out: list[ast.stmt] = []
+    for arg, default in zip(a.kwonlyargs, a.kw_defaults, strict=True):
+        if not isinstance(default, ast.Constant):
+            raise StagingError(f"{where}: keyword-only parameter `{arg.arg}` without a "
+                               "constant default is not supported")
+        out.append(ast.Assign([ast.Name(arg.arg, ast.Store())], default))
+    a.vararg, a.kwarg, a.kwonlyargs, a.kw_defaults = None, None, [], []
+    return _fix(out, func.body[0])
 
 
 def _returns_as_branches(stmts: list[ast.stmt], targets: list[str], unpack: bool
