@@ -218,7 +218,7 @@ def test_compiling_leaves_every_submodule_in_eval_mode(name: str) -> None:
 
 # ------------------------------------------------------------------ forwards of other shapes
 # Early exits written the ways the rewrite used to assume away: a module not called `self`,
-# keyword-only and **kwargs parameters, a forward defined outside the class, a helper with its
+# keyword-only and unread *args parameters, a forward defined outside the class, a helper with its
 # own receiver name, a static method, a class made inside a function or closing over an outer
 # `self`. `a` has no bias, so x and -x take opposite branches.
 def _layers(m: nn.Module) -> None:
@@ -244,7 +244,7 @@ class KeywordOnly(nn.Module):
         super().__init__()
         _layers(self)
 
-    def forward(self, x, *, scale=3.0, **unused):
+    def forward(self, x, *unused, scale=3.0):
         h = self.a(x)
         if h.mean() > 0:
             return self.head(h) * scale
@@ -416,8 +416,17 @@ def _executed() -> nn.Module:
     return namespace["Executed"]()  # type: ignore[no-any-return]
 
 
+class UnreadKwargs(ReadsStarArgs):
+    def forward(self, x, **unused):
+        h = self.a(x)
+        if h.mean() > 0:
+            return self.head(h)
+        return self.tail(h)
+
+
 REFUSED = {"wrapped_forward": (WrappedForward, "wrapped by a decorator"),
            "reads_kwargs": (ReadsStarArgs, "**options"),
+           "unread_kwargs": (UnreadKwargs, "**unused"),
            "executed": (_executed, "source of Executed.forward is not available")}
 
 
@@ -430,3 +439,27 @@ def test_forwards_the_rewrite_refuses_run_eager_with_one_warning_saying_why(name
     assert f"{type(model).__name__}.forward" in caught[0] and not caught[0].startswith("None:")
     for xi in [x, *others]:
         assert_close_to_eager(model, cm, xi)
+
+
+# ------------------------------------------------------------------ static models stay static
+# Hugging Face forwards take **kwargs and branch on flag parameters (return_dict,
+# output_hidden_states, labels is None); planned as host programs they were split at every
+# such branch (MobileNetV2: a region per layer, compile 32 s -> over 300 s). They must reach
+# the static path, which specializes the flags at the call's values.
+def _hf_mobilenet_v2() -> nn.Module:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+    return MobileNetV2ForImageClassification(
+        MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=4)).eval()
+
+
+def _hf_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+    return BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("make", [_hf_mobilenet_v2, _hf_bert], ids=["mobilenet_v2", "bert"])
+def test_hugging_face_forwards_are_not_planned_as_dynamic(make: Any) -> None:
+    pytest.importorskip("transformers")
+    assert driver.plan_model(make()) is None

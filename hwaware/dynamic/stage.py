@@ -930,15 +930,19 @@ def _keyword_only_as_locals(func: ast.FunctionDef, fn: Any, filename: str
                             ) -> list[ast.stmt]:
     """A root forward's signature beyond plain parameters: keyword-only parameters with
     constant defaults become locals set to them (the compiled model is called positionally),
-    and a `*args` / `**kwargs` its code never reads is dropped. The assignments to put first
-    in the body; StagingError for anything else."""
+    and a `*args` its code never reads is dropped. The assignments to put first in the body;
+    StagingError for anything else, `**kwargs` included: that is the Hugging Face convention,
+    whose forwards branch on flag parameters (`return_dict`, `output_hidden_states`,
+    `labels is None`) that the static path specializes at the call's values, while a host
+    program would split the model at every such branch (each layer of a loop testing
+    `output_hidden_states` its own region)."""
     a = func.args
     where = f"{filename}:{func.lineno}: {fn.__qualname__}"
-    read = _loaded_names(ast.Module(func.body, []))
-    for star in (a.vararg, a.kwarg):
-        if star is not None and star.arg in read:
-            raise StagingError(f"{where} reads its arguments through *{star.arg} / "
-                               f"**{star.arg}: not supported")
+    if a.kwarg is not None:
+        raise StagingError(f"{where} takes **{a.kwarg.arg}: left to the static path")
+    if a.vararg is not None and a.vararg.arg in _loaded_names(ast.Module(func.body, [])):
+        raise StagingError(f"{where} reads its arguments through *{a.vararg.arg}: "
+                           "not supported")
     out: list[ast.stmt] = []
     for arg, default in zip(a.kwonlyargs, a.kw_defaults, strict=True):
         if not isinstance(default, ast.Constant):
