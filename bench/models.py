@@ -1,0 +1,315 @@
+"""Whole real models through both hwaware entry points against their peers, in one run.
+
+Per model: eager PyTorch, Inductor (`torch.compile`), ONNX Runtime, `hwaware.compile` and
+`torch.compile(backend="hwaware")`, both hwaware entry points untuned (trials=0, no database:
+what a new user gets). Models: the conformance corpus (`tests/conformance/models.py`: tiny
+configurations of transformers and PyTorch Geometric models, batch 1) and, with `--full`, the
+full-size ResNet-50 and MobileNetV2 1.0 at 224 px and BERT-base at sequence 128 (transformers'
+default configurations, random weights). Each model runs in its own process (a compile that
+hangs or crashes costs that model only, under `--timeout`); its implementations are timed
+interleaved (round robin, medians of `--repeats` calls) and checked against eager before and
+after. The report gives, per model, the ratios to eager and to the fastest correct peer, the
+share of eager's FLOPs on TVM kernels and, for CNNs, of the convolution FLOPs in fused block
+kernels; and per family the geometric means of those ratios.
+
+    python bench/models.py --families cnn,attention --full --out bench/models-<cpu>.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+# bench/ is sys.path[0] when run as a script: its kernels.py would shadow the `kernels` package
+# transformers imports. The repository root instead, for tests.conformance.
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _bench_run() -> Any:
+    """bench/run.py as a module (bench/ is not on sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).with_name("run.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _bench_run()
+CORES, Impl, check, first_line = run.CORES, run.Impl, run.check, run.first_line
+
+import torch  # noqa: E402
+
+from hwaware.runner import time_interleaved  # noqa: E402
+
+PEERS = ("inductor", "onnxruntime")
+ENTRY_POINTS = ("hwaware.compile", "torch.compile hwaware")
+FUSED_CONV_FAMILIES = ("conv_block", "res_block", "convnext_block")
+
+
+# ---------------------------------------------------------------------------------- models
+def full_size_cases() -> dict[str, tuple[str, Any]]:
+    """Full-size models: name -> (family, zero-argument builder of (model, inputs))."""
+    def vision(model_cls: str, config_cls: str) -> Any:
+        def build() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+            import transformers
+
+            from tests.conformance.models import randomize
+            torch.manual_seed(0)
+            config = getattr(transformers, config_cls)()
+            model = randomize(getattr(transformers, model_cls)(config).eval())
+            return model, (torch.randn(1, 3, 224, 224),)
+        return build
+
+    def bert() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        import transformers
+        torch.manual_seed(0)
+        model = transformers.BertModel(transformers.BertConfig()).eval()
+        ids = torch.randint(0, 30522, (1, 128))
+        return model, (ids, torch.ones(1, 128, dtype=torch.long))
+
+    return {"resnet50_224": ("cnn", vision("ResNetForImageClassification", "ResNetConfig")),
+            "mobilenet_v2_224": ("cnn", vision("MobileNetV2ForImageClassification",
+                                               "MobileNetV2Config")),
+            "bert_base_128": ("attention", bert)}
+
+
+def build_case(name: str) -> tuple[str, torch.nn.Module, tuple[torch.Tensor, ...]]:
+    full = full_size_cases()
+    if name in full:
+        family, build = full[name]
+        model, inputs = build()
+        return family, model, inputs
+    from tests.conformance.models import CASES
+    case = CASES[name]()
+    return CASES[name].family, case.model, tuple(case.inputs[0])
+
+
+# --------------------------------------------------------------------------- one model
+def make_dynamo_hwaware(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Impl:
+    """`torch.compile(model, backend="hwaware")`, untuned and without a database."""
+    from tests.conformance.observe import RecordingBackend
+    torch._dynamo.reset()
+    backend = RecordingBackend()
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = torch.compile(model, backend=backend, options={"db": None, "trials": 0})
+            with torch.no_grad():
+                compiled(*inputs)
+    except Exception as err:  # a failure is a result to report
+        return Impl(ENTRY_POINTS[1], None, f"failed: {first_line(err)}")
+    note = f"{len(backend.graphs)} graph(s); compile {time.perf_counter() - start:.0f} s"
+    impl = Impl(ENTRY_POINTS[1], lambda: compiled(*inputs), note)
+    impl.compiled = backend
+    return impl
+
+
+def coverage(compiled: Any, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+             ) -> dict[str, float | None]:
+    """% of eager FLOPs on TVM kernels, and % of eager conv FLOPs in fused block kernels."""
+    from tests.conformance.observe import compiled_programs, coverage_pct, eager_flops
+    programs = compiled_programs(compiled)
+    kernels = [k for cm in programs for k in cm.program.kernels.values() if k.impl == "tvm"]
+    total = eager_flops(model, inputs)
+    fused = sum(k.flops for k in kernels if k.family in FUSED_CONV_FAMILIES)
+    conv = conv_flops(model, inputs)
+    return {"tvm_flops_pct": coverage_pct(sum(k.flops for k in kernels), total),
+            "fused_conv_pct": coverage_pct(fused, conv) if conv else None}
+
+
+def conv_flops(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of eager's convolutions (PyTorch's flop counter, 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    per_op = counter.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in per_op.items() if "convolution" in str(op)))
+
+
+def bench_one(name: str, repeats: int) -> dict[str, Any]:
+    """Every implementation of one model, checked and timed interleaved; a JSON-able row."""
+    torch.set_num_threads(CORES)
+    family, model, inputs = build_case(name)
+    with torch.no_grad():
+        expected = model(*inputs)
+    with tempfile.TemporaryDirectory(prefix="hwaware-models-") as tmp:
+        impls = [run.make_eager(model, inputs), run.make_inductor(model, inputs),
+                 run.make_ort(model, inputs, Path(tmp))]
+        start = time.perf_counter()
+        impls.append(run.make_hwaware(ENTRY_POINTS[0], model, inputs, None))
+        impls[-1].note += f"; compile {time.perf_counter() - start:.0f} s"
+        impls.append(make_dynamo_hwaware(model, inputs))
+        live = [(i, i.fn) for i in impls if i.fn is not None]
+        live = [(i, fn) for i, fn in live if check(i, fn, expected)]
+        medians = time_interleaved([fn for _, fn in live], repeats)
+        for (impl, fn), us in zip(live, medians, strict=True):
+            impl.interleaved_ms = us / 1e3
+            check(impl, fn, expected)
+    row: dict[str, Any] = {"model": name, "family": family, "impls": {
+        i.name: {"ms": i.interleaved_ms, "correct": i.correct, "note": i.note} for i in impls}}
+    if impls[3].compiled is not None:
+        row.update(coverage(impls[3].compiled, model, inputs))
+    return row
+
+
+# ------------------------------------------------------------------------------ report
+def ratio(row: dict[str, Any], name: str, base: float | None) -> float | None:
+    """base ms / impl ms for a correct implementation (above 1: faster than base)."""
+    impl = row["impls"].get(name, {})
+    if base is None or not impl.get("correct") or not impl.get("ms"):
+        return None
+    return base / impl["ms"]
+
+
+def fastest_peer(row: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The fastest correct peer (Inductor or ONNX Runtime) and its ms."""
+    timed = [(n, row["impls"][n]["ms"]) for n in PEERS
+             if row["impls"].get(n, {}).get("correct") and row["impls"][n].get("ms")]
+    return min(timed, key=lambda t: t[1]) if timed else (None, None)
+
+
+def geomean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in kept) / len(kept)) if kept else None
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+def model_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | family | eager ms | inductor | onnxruntime | hwaware.compile "
+             "| torch.compile hwaware | fastest peer | compile vs peer | torch.compile vs "
+             "peer | TVM FLOPs | fused conv FLOPs | notes |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['family']} | | | | | | | | | | | "
+                         f"{r['error']} |")
+            continue
+        eager = r["impls"]["eager"]["ms"]
+        peer, peer_ms = fastest_peer(r)
+        cells = [_x(ratio(r, n, eager)) for n in (*PEERS, *ENTRY_POINTS)]
+        vs_peer = [_x(ratio(r, n, peer_ms)) for n in ENTRY_POINTS]
+        notes = "; ".join(f"{n}: {i['note']}" for n, i in r["impls"].items()
+                          if i["note"] and n != "eager" or i["correct"] is False)
+        lines.append(f"| {r['model']} | {r['family']} | {eager:.3f} | {' | '.join(cells)} "
+                     f"| {peer or '-'} | {' | '.join(vs_peer)} | {_pct(r.get('tvm_flops_pct'))} "
+                     f"| {_pct(r.get('fused_conv_pct'))} | {notes.replace('|', '/')} |")
+    return lines
+
+
+def family_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| family | models | hwaware.compile vs eager | torch.compile hwaware vs eager "
+             "| fastest peer vs eager | hwaware.compile vs peer | torch.compile hwaware vs "
+             "peer | torch.compile vs hwaware.compile | slower than eager |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    done = [r for r in rows if "error" not in r]
+    for family in sorted({r["family"] for r in done}):
+        fam = [r for r in done if r["family"] == family]
+        eager = [r["impls"]["eager"]["ms"] for r in fam]
+        peers = [fastest_peer(r)[1] for r in fam]
+        cols = [geomean([ratio(r, n, e) for r, e in zip(fam, eager, strict=True)])
+                for n in ENTRY_POINTS]
+        peer_vs_eager = geomean([e / p if p else None for e, p in zip(eager, peers,
+                                                                         strict=True)])
+        vs_peer = [geomean([ratio(r, n, p) for r, p in zip(fam, peers, strict=True)])
+                   for n in ENTRY_POINTS]
+        gap = geomean([ratio(r, ENTRY_POINTS[1], r["impls"][ENTRY_POINTS[0]]["ms"])
+                       for r in fam if r["impls"][ENTRY_POINTS[0]]["correct"]])
+        slower = sorted(r["model"] for r in fam for n in ENTRY_POINTS
+                        if (ratio(r, n, r["impls"]["eager"]["ms"]) or 1) < 1)
+        lines.append(f"| {family} | {len(fam)} | {_x(cols[0])} | {_x(cols[1])} "
+                     f"| {_x(peer_vs_eager)} | {_x(vs_peer[0])} | {_x(vs_peer[1])} | {_x(gap)} "
+                     f"| {', '.join(sorted(set(slower))) or 'none'} |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -> str:
+    head = [
+        "# hwaware on whole real models, both entry points, against their peers", "",
+        f"- cpu: {run._cpu_name()}, {CORES} cores (every runtime uses {CORES} threads)",
+        f"- torch {torch.__version__}; batch 1; untuned (trials=0, no database); medians of "
+        f"{args.repeats} interleaved calls; {wall_s / 60:.0f} min",
+        f"- command: python bench/models.py {' '.join(sys.argv[1:])}",
+        "- ratios: eager ms / implementation ms (above 1 is faster than eager); vs peer: "
+        "the fastest correct peer's ms / hwaware's (above 1: hwaware is faster); only "
+        "correct outputs (rtol 1e-3, atol 1e-4 x max(1, max |eager|)) are ratioed",
+        "- TVM FLOPs: share of eager's FLOPs on TVM kernels; fused conv FLOPs: share of "
+        "eager's convolution FLOPs in fused block kernels (hwaware.compile)", "",
+        "## Per family (geometric means)", ""]
+    return "\n".join(head + family_lines(rows) + ["", "## Per model", ""] +
+                     model_lines(rows)) + "\n"
+
+
+# -------------------------------------------------------------------------------- main
+def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """bench_one(name) in a child process, under the timeout."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--one", name, "--json", out.name,
+               "--repeats", str(args.repeats)]
+        try:
+            proc = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"model": name, "family": "?", "error": f"timed out after {args.timeout} s"}
+        text = Path(out.name).read_text()
+        if proc.returncode != 0 or not text:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            return {"model": name, "family": "?", "error": f"exit {proc.returncode}: {tail[0]}"}
+        return json.loads(text)  # type: ignore[no-any-return]
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    from tests.conformance.models import CASES
+    if args.models:
+        return args.models.split(",")
+    families = args.families.split(",") if args.families else ["cnn", "attention", "decoder",
+                                                               "encdec", "gnn"]
+    names = [n for n, c in CASES.items() if c.family in families]
+    return names + (list(full_size_cases()) if args.full else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", help="comma-separated corpus or full-size names")
+    p.add_argument("--families", help="corpus families (default: all but dynamic)")
+    p.add_argument("--full", action="store_true", help="add ResNet-50, MobileNetV2, BERT-base")
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    p.add_argument("--out", default="bench/results/models.md")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        Path(args.json).write_text(json.dumps(bench_one(args.one, args.repeats)))
+        return 0
+    start, rows = time.perf_counter(), []
+    for name in selected(args):
+        print(f"== {name}", flush=True)
+        rows.append(run_isolated(name, args))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown(rows, args, time.perf_counter() - start))
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print(Path(args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
