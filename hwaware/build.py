@@ -39,7 +39,7 @@ from hwaware.db import TuningDatabase
 from hwaware.kernels import families, fixed_schedules, unique_name
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
-from hwaware.runner import time_in_blocks  # also imported from here: hwaware.build.time_in_blocks
+from hwaware.runner import Timing, time_until_clear
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
@@ -230,10 +230,10 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
                             example_inputs) if one_call else None
     if whole is None:
         return chosen
-    times = time_in_blocks([partial(m, *example_inputs) for m in (chosen, whole)], 3 * repeats,
-                           quantile=DECISION_QUANTILE)
-    info.plan_us[ONE_CALL] = times[1]
-    if times[1] * (1 + MARGIN) < times[0]:
+    times = time_until_clear([partial(m, *example_inputs) for m in (whole, chosen)],
+                             3 * repeats, DECISION_QUANTILE, MARGIN)
+    info.plan_us[ONE_CALL], info.plan_spread[ONE_CALL] = times[0].us, times[0].spread
+    if times[0].us * (1 + MARGIN) < times[1].us:
         info.plan = ONE_CALL
         info.kernel_nodes = {ONE_CALL: [n for nodes in info.kernel_nodes.values() for n in nodes]}
         return whole
@@ -449,6 +449,26 @@ def _build_one_call(part: Partition, tgt: Any, adapter: Any, target: Target,
     return executable, call(*example_inputs)
 
 
+def redecide(model: CompiledModel, example_inputs: list[Any], repeats: int = 30) -> None:
+    """Choose again, on this machine, where each kernel of a built or loaded model runs: every
+    kernel its library holds (those that passed the build's check) is checked and timed
+    against its PyTorch ops here, then the whole-model check runs again. The choices a saved
+    model carries were timed where it was compiled, on a machine that may have been busy or of
+    another CPU kind. Raises ValueError when there is nothing to re-time here."""
+    target = model.info.built_for()
+    if model.executable is None:
+        raise ValueError("this model has no TVM kernels: every kernel runs in PyTorch already")
+    if not target.can_run_here:
+        raise ValueError(f"its kernels are built for target {target.name}, which cannot run "
+                         "on this machine")
+    program = model.program
+    names = [k.name for k in program.kernels.values() if k.impl == "tvm" or k.tvm_us is not None]
+    inputs = kernel_inputs(program, example_inputs)
+    _choose_each(program, model.executable, names, inputs, None, target, True, repeats)
+    _choose_whole_program(program, model.executable, model.info, target, example_inputs,
+                          repeats)
+
+
 def _whole_program(program: Program) -> Program:
     """`program` as one kernel, `ONE_CALL`, whose PyTorch steps are all of its steps."""
     torch_steps: list[OpStep] = []
@@ -482,9 +502,10 @@ def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, ta
     }
     models = [CompiledModel(_with_impls(program, plan), executable, info, target.kind)
               for plan in plans.values()]
-    times = time_in_blocks([partial(m, *example_inputs) for m in models], 3 * repeats,
-                           quantile=DECISION_QUANTILE)
-    info.plan_us = dict(zip(plans, times, strict=True))
+    times = time_until_clear([partial(m, *example_inputs) for m in models], 3 * repeats,
+                             DECISION_QUANTILE)
+    info.plan_us = {name: t.us for name, t in zip(plans, times, strict=True)}
+    info.plan_spread = {name: t.spread for name, t in zip(plans, times, strict=True)}
     best = min(plans, key=lambda name: info.plan_us[name])
     for name, impl in plans[best].items():
         program.kernels[name].impl = impl
@@ -524,22 +545,29 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
         spec.impl = "tvm"
         return
     sides = [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)]
-    tvm_us, torch_us = time_in_blocks(sides, repeats, quantile=DECISION_QUANTILE)
-    if not _tvm_wins(tvm_us, torch_us):  # a loss is timed again, each side keeping its best
-        again = time_in_blocks(sides, repeats, quantile=DECISION_QUANTILE)
-        tvm_us, torch_us = min(tvm_us, again[0]), min(torch_us, again[1])
+    tvm, torch_side = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
+    if not _tvm_wins(tvm.us, torch_side.us):  # a loss is timed again, each side keeping its best
+        again = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
+        tvm, torch_side = min(tvm, again[0], key=_us_of), min(torch_side, again[1], key=_us_of)
+    tvm_us, torch_us = tvm.us, torch_side.us
     spec.tvm_us, spec.torch_us = tvm_us, torch_us
+    spec.tvm_spread, spec.torch_spread = tvm.spread, torch_side.spread
     spec.impl = "tvm" if _tvm_wins(tvm_us, torch_us) else "torch"
     if db is not None:
         db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
         db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
 
 
+def _us_of(timing: Timing) -> float:
+    return timing.us
+
+
 def _tvm_wins(tvm_us: float, torch_us: float) -> bool:
-    """Whether a TVM kernel is clearly (MARGIN) faster than its ops in PyTorch. A loss is timed
-    twice before it stands: noise on a shared machine only adds time, in phases that can hit
-    one side's blocks alone (the fused ResNet basic block, 1.1-1.4x faster than its PyTorch
-    ops in four bench runs, timed 0.61x in a fifth and was dissolved)."""
+    """Whether a TVM kernel is clearly (MARGIN) faster than its ops in PyTorch. The timings come
+    from `time_until_clear`: a near-tie or a noisy side is timed again, more interleaved, before
+    a choice stands (noise on a shared machine only adds time, in phases that can hit one
+    side's blocks alone: the fused ResNet basic block, 1.1-1.4x faster than its PyTorch ops in
+    four bench runs, timed 0.61x in a fifth and was dissolved)."""
     return tvm_us * (1 + MARGIN) < torch_us
 
 

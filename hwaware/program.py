@@ -66,6 +66,9 @@ class KernelSpec:
     flops: int = 0
     tvm_us: float | None = None
     torch_us: float | None = None
+    # the timings' spreads (`runner.Timing.spread`): how far the choice above can be trusted
+    tvm_spread: float | None = None
+    torch_spread: float | None = None
 
 
 @dataclass

@@ -94,6 +94,59 @@ def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
     return [quantile_of(s, quantile) for s in samples]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One side of a decision: `us`, a quantile of its samples (microseconds); `spread`, their
+    interquartile range over their median (0.05: the middle half of the runs lie within 5% of
+    each other); `samples`, how many runs."""
+
+    us: float
+    spread: float
+    samples: int
+
+
+def timing_of(samples: list[float], quantile: float) -> Timing:
+    q25, median, q75 = (quantile_of(samples, q) for q in (0.25, 0.5, 0.75))
+    return Timing(quantile_of(samples, quantile), (q75 - q25) / median if median > 0 else 0.0,
+                  len(samples))
+
+
+# Timing rounds for one decision: the first in blocks of 10 (how a deployed model runs), the
+# next ones in blocks of 2 (near-ties re-timed interleaved, so a slow phase of a shared machine
+# hits both sides), until the choice is clear or the rounds run out.
+DECISION_BLOCKS = (10, 2, 2, 2)
+TIGHT_SPREAD = 0.05
+
+
+def time_until_clear(fns: list[Callable[[], Any]], repeats: int, quantile: float,
+                     margin: float = 0.0) -> list[Timing]:
+    """Each of `fns` timed for a choice between them, the first chosen only when `margin`
+    faster (`Timing`s, over the samples of every round): rounds of about `repeats` runs each
+    (`DECISION_BLOCKS`) until the choice is clear (`is_clear`)."""
+    samples: list[list[float]] = [[] for _ in fns]
+    timings: list[Timing] = []
+    for block in DECISION_BLOCKS:
+        for kept, new in zip(samples, LocalRunner(block=block).run_us(fns, repeats), strict=True):
+            kept += new
+        timings = [timing_of(s, quantile) for s in samples]
+        if is_clear(timings, margin):
+            break
+    return timings
+
+
+def is_clear(timings: list[Timing], margin: float) -> bool:
+    """Whether the timings settle the choice of the fastest side, the first side chosen only
+    when `margin` (a fraction) faster than the others: every spread under `TIGHT_SPREAD` (a
+    near-tie measured precisely), or the chosen side's lead over each other side larger than
+    their two spreads together (noise could not turn the choice around)."""
+    if all(t.spread <= TIGHT_SPREAD for t in timings):
+        return True
+    cost = [t.us * (1 + margin if i == 0 else 1) for i, t in enumerate(timings)]
+    best = min(range(len(cost)), key=cost.__getitem__)
+    return all(abs(cost[i] / cost[best] - 1) > timings[best].spread + timings[i].spread
+               for i in range(len(cost)) if i != best)
+
+
 def time_interleaved(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
     """Median microseconds of each function, run round-robin so noise hits all alike."""
     samples = LocalRunner(block=1, untimed_per_block=0, warmup_rounds=warmup).run_us(fns, repeats)

@@ -58,6 +58,7 @@ class BuildInfo:
     tuned_workloads: list[str] = field(default_factory=list)
     plan: str = "per-kernel"  # which whole-program assignment won (see build.py)
     plan_us: dict[str, float] = field(default_factory=dict)
+    plan_spread: dict[str, float] = field(default_factory=dict)  # each plan's timing spread
     # fused kernels built as ordinary kernels instead: signature -> why
     dissolved: dict[str, str] = field(default_factory=dict)
     # the Target itself: a target file may lie anywhere, and `host` is another CPU elsewhere
@@ -226,6 +227,18 @@ class CompiledModel:
         return _torch_kernel_action(spec.steps, self.program.constants)
 
     # ---------------------------------------------------------------- report
+    def redecide(self, *example_inputs: Any, repeats: int = 30) -> CompiledModel:
+        """Time again, on this machine and `example_inputs`, where each kernel runs (TVM or
+        PyTorch) and which whole-model plan wins, and run by the new choices (`report()`
+        shows them): for a model saved on another machine, or compiled while this one was
+        busy. Returns the model itself."""
+        from hwaware.build import redecide
+
+        with torch.no_grad():
+            redecide(self, pytree.tree_leaves(example_inputs), repeats)
+        self._run = None  # made again from the new choices on the next call
+        return self
+
     def report(self) -> str:
         """What runs where: kernels, their implementation and measured times."""
         kernels = list(self.program.kernels.values())
@@ -238,16 +251,21 @@ class CompiledModel:
             f"{len(self.info.tuned_workloads)} fused workloads with tuned records",
         ]
         if self.info.plan_us:
-            timings = ", ".join(f"{k} {v:.0f} us" for k, v in self.info.plan_us.items())
+            timings = ", ".join(f"{k} {v:.0f} us{_spread(self.info.plan_spread.get(k))}"
+                                for k, v in self.info.plan_us.items())
             lines.append(f"whole-model check chose {self.info.plan} ({timings})")
         for signature, why in self.info.dissolved.items():
             lines.append(f"fused kernel {signature} {why}: its ops are built as ordinary kernels")
         if self.info.host_ops:
             lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
-        lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'torch us':>10}")
+        lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'':<7}"
+                     f"{'torch us':>10}")
         for k in kernels:
             lines.append(f"{k.name:<22}{k.family:<12}{k.impl:<9}{_us(k.tvm_us):>10}"
-                         f"{_us(k.torch_us):>10}")
+                         f"{_spread(k.tvm_spread):<7}{_us(k.torch_us):>10}"
+                         f"{_spread(k.torch_spread)}")
+        if any(k.tvm_spread is not None for k in kernels):
+            lines.append("(+-N%: the timings' interquartile range over their median)")
         return "\n".join(lines)
 
     # ------------------------------------------------------------- save/load
@@ -326,6 +344,10 @@ def _run_actions(actions: list[Callable[[list[Any]], None]], slots: list[Any]) -
 
 def _us(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+def _spread(v: float | None) -> str:
+    return "" if v is None else f" +-{100 * v:.0f}%"
 
 
 def _op_action(step: OpStep, constants: dict[str, torch.Tensor]) -> Callable[[list[Any]], None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,8 +163,89 @@ def test_build_decisions_use_the_lower_quartile(monkeypatch: pytest.MonkeyPatch)
         return clock[0]
 
     monkeypatch.setattr(runner.time, "perf_counter", perf_counter)
-    (q1,) = build.time_in_blocks([lambda: None], 20, quantile=build.DECISION_QUANTILE)
+    (q1,) = runner.time_in_blocks([lambda: None], 20, quantile=build.DECISION_QUANTILE)
     assert q1 == pytest.approx(1.0)
     durations = iter([1.0] * 10 + [9.0] * 10)
-    (median,) = build.time_in_blocks([lambda: None], 20)
+    (median,) = runner.time_in_blocks([lambda: None], 20)
     assert median == pytest.approx(5.0)
+
+
+def _scripted_clock(monkeypatch: pytest.MonkeyPatch, durations: Any) -> None:
+    """time.perf_counter as the runner reads it around each timed call: the call lasts
+    next(durations) us, drawn when the call has run (so `durations` can see which one ran)."""
+    from hwaware import runner
+
+    clock, started = [0.0], [False]
+
+    def perf_counter() -> float:
+        if started[0]:
+            clock[0] += next(durations) * 1e-6
+        started[0] = not started[0]
+        return clock[0]
+
+    monkeypatch.setattr(runner.time, "perf_counter", perf_counter)
+
+
+@pytest.mark.parametrize(("first", "second", "rounds"), [
+    ([10.0], [20.0], 1),                 # steady and far apart: settled by the first round
+    ([10.0, 10.4], [10.2, 10.6], 1),     # a near-tie measured precisely (spreads under 5%)
+    ([10.0, 14.0], [11.0, 15.0], 4),     # a near-tie inside the noise: timed in every round
+])
+def test_a_choice_is_timed_again_until_noise_cannot_turn_it(
+        first: list[float], second: list[float], rounds: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`time_until_clear` times again, in smaller alternating blocks, while the two sides'
+    difference is within their spreads; each Timing keeps every round's samples and reports
+    the spread. The clock is scripted (each side's calls cycle through its durations)."""
+    import itertools
+
+    from hwaware import runner
+
+    calls = {"a": itertools.cycle(first), "b": itertools.cycle(second)}
+    order: list[str] = []
+    fns = [lambda: order.append("a"), lambda: order.append("b")]
+
+    def durations() -> Any:
+        while True:
+            yield next(calls[order[-1]])
+
+    _scripted_clock(monkeypatch, durations())
+    a, b = runner.time_until_clear(fns, 20, quantile=0.25)
+    assert a.samples == b.samples == 20 * rounds
+    assert a.us == pytest.approx(min(first)) and b.us == pytest.approx(min(second))
+    expected_spread = (max(first) - min(first)) / (sum(first) / len(first))
+    assert a.spread == pytest.approx(expected_spread)
+
+
+def test_is_clear_weighs_the_margin_and_the_spreads() -> None:
+    from hwaware.runner import Timing, is_clear
+
+    def t(us: float, spread: float) -> Timing:
+        return Timing(us, spread, 30)
+
+    assert is_clear([t(50, 0.2), t(100, 0.2)], margin=0.1)      # 2x apart, 20% spreads
+    assert not is_clear([t(90, 0.1), t(100, 0.1)], margin=0.0)  # 10% apart, 10% spreads each
+    assert not is_clear([t(90, 0.06), t(100, 0.06)], margin=0.1)  # right at the margin
+    assert is_clear([t(90, 0.02), t(100, 0.02)], margin=0.1)    # precise: a tie is a tie
+
+
+def test_a_loaded_model_redecides_on_this_machine(tmp_path: Path) -> None:
+    """`redecide` re-checks and re-times every kernel of the library here (a model whose
+    saved choices were all PyTorch gets timings and spreads for each TVM kernel again), and the
+    model stays correct on other inputs; a model without TVM kernels says so."""
+    model, inputs = get_model("resnet_basic_block", small=True)
+    hwaware.compile(model, inputs, db=None).save(tmp_path / "m")
+    loaded = hwaware.load(tmp_path / "m")
+    built = [k for k in loaded.program.kernels.values() if k.impl == "tvm"]
+    assert built
+    for k in built:
+        k.tvm_us = k.torch_us = k.tvm_spread = None
+    assert loaded.redecide(*inputs) is loaded
+    assert all(k.tvm_us and k.torch_us and k.tvm_spread is not None for k in built)
+    assert "+-" in loaded.report()
+    other = tuple(torch.randn_like(x) for x in inputs)
+    assert_close_to_eager(model, loaded, *other)
+    eager_only = hwaware.compile(model, inputs, db=None, target="host")
+    eager_only.executable = None
+    with pytest.raises(ValueError, match="no TVM kernels"):
+        eager_only.redecide(*inputs)

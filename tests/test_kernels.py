@@ -166,19 +166,20 @@ def test_a_fused_kernel_that_loses_is_timed_again_before_it_is_dissolved(
     best, so the kernel stays on TVM when the second timing is a clear win, and not otherwise.
     The build, the kernel and the check against eager are real."""
     from hwaware import build
+    from hwaware.runner import Timing
 
-    real = build.time_in_blocks
+    real = build.time_until_clear
     scripted = iter([[300.0, 100.0], list(second)])
 
-    def first_decision_scripted(fns: list[Any], *args: Any, **kwargs: Any) -> list[float]:
+    def first_decision_scripted(fns: list[Any], *args: Any, **kwargs: Any) -> list[Timing]:
         times = next(scripted, None)
         if times is None:
             return real(fns, *args, **kwargs)
         for fn in fns:
             fn()
-        return times
+        return [Timing(us, 0.01, 30) for us in times]
 
-    monkeypatch.setattr(build, "time_in_blocks", first_decision_scripted)
+    monkeypatch.setattr(build, "time_until_clear", first_decision_scripted)
     model, inputs = get_model("resnet_basic_block", small=True)
     compiled = hwaware.compile(model, inputs, db=None)
     fused = [k for k in compiled.program.kernels.values() if k.family == "res_block"]
