@@ -212,3 +212,23 @@ def test_tuning_shares_records_between_regions_of_the_same_structure(tmp_path: P
     assert len(users) > len(summary.tasks)  # the blocks' regions use the same tuned records
     for inputs in case.branch_inputs.values():
         assert_close_to_eager(case.model, cm, *inputs)
+
+
+def test_a_loaded_dynamic_model_redecides_every_region_its_inputs_reach(tmp_path: Path
+                                                                        ) -> None:
+    """`redecide` on a loaded dynamic model re-times the kernels of every compiled region the
+    given inputs run (their timings and spreads filled again), and every path stays equal to
+    eager."""
+    case, cm = compiled_case("branchy_cnn")
+    loaded = hwaware.load(cm.save(tmp_path / "saved"))
+    assert isinstance(loaded, DynamicModel)
+    kernels = [k for r in loaded.runners.values() for c in r.compiled.values()
+               for k in c.program.kernels.values() if k.impl == "tvm"]
+    assert kernels
+    for k in kernels:
+        k.tvm_us = k.tvm_spread = None
+    for inputs in case.branch_inputs.values():
+        assert loaded.redecide(*inputs) is loaded
+    assert all(k.tvm_us and k.tvm_spread is not None for k in kernels)
+    for inputs in case.branch_inputs.values():
+        assert_close_to_eager(case.model, loaded, *inputs)

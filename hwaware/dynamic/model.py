@@ -451,6 +451,25 @@ class DynamicModel:
         with torch.no_grad():
             return self._forward(*args)
 
+    def redecide(self, *example_inputs: Any, repeats: int = 30) -> DynamicModel:
+        """`CompiledModel.redecide` for every compiled specialization the example inputs run
+        (on the inputs it is called with): the TVM-vs-PyTorch choices timed again on this
+        machine. Specializations these inputs do not reach keep their choices; give inputs
+        that take every path to re-time them all. Returns the model itself."""
+        seen: dict[int, tuple[CompiledModel, list[Any]]] = {}
+        programs = [cm for runner in self.runners.values() for cm in runner.compiled.values()]
+        for cm in programs:
+            cm.run_flat = _first_inputs_kept(cm, seen)  # type: ignore[method-assign, assignment]
+        try:
+            self(*example_inputs)
+        finally:
+            for cm in programs:
+                del cm.run_flat  # back to the class's method
+        for cm, flat in seen.values():
+            if cm.executable is not None:
+                cm.redecide(*flat, repeats=repeats)
+        return self
+
     # ----------------------------------------------------------------- report
     def report(self) -> str:
         """Regions, specializations, host round trips, next to what Dynamo makes of it."""
@@ -635,3 +654,15 @@ def _key_to_json(key: Key) -> list[Any]:
 def _key_from_json(doc: list[Any]) -> Key:
     return tuple(("t", tuple(k[1]), torch_dtype(k[2])) if k[0] == "t" else tuple(k)
                  for k in doc)
+
+
+def _first_inputs_kept(cm: CompiledModel, seen: dict[int, tuple[CompiledModel, list[Any]]]
+                       ) -> Callable[[list[Any]], list[Any]]:
+    """`cm.run_flat` that records the flat inputs of its first call in `seen`."""
+    run = type(cm).run_flat
+
+    def run_flat(flat: list[Any]) -> list[Any]:
+        seen.setdefault(id(cm), (cm, list(flat)))
+        return run(cm, flat)
+
+    return run_flat
