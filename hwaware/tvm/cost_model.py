@@ -70,9 +70,10 @@ class WarmXGBModel(ms.cost_model.XGBModel._cls):  # type: ignore[name-defined,mi
     which workload groups this session measured (the newest, kept first when capping).
 
     TVM retrains only once the data grew by a fifth since the last training: counted over
-    the loaded data too, a session would not retrain before ~5000 new samples and never learn
-    its own workloads. Here the rule counts this session's samples, so a warm model retrains
-    when a cold one would, on the loaded data plus the new."""
+    the loaded data too, a session would not retrain before hundreds of new samples, and a
+    short one would never learn its own workloads. Here the rule counts this session's
+    samples, so a warm model retrains when a cold one would, on the loaded data plus the
+    new."""
 
     data_size: int
     last_train_size: int
