@@ -2,6 +2,7 @@
 
     hwaware targets [--json]
     hwaware tune MODEL [--target T] [--trials N] [--db PATH] [--rpc HOST:PORT --key K]
+                       [--cold-start]
     hwaware compile MODEL --out DIR [--target T] [--trials N] [--db PATH]
     hwaware db stats|export FILE|import FILE... [--db PATH]
     hwaware db merge A B... --out C
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--rpc", metavar="HOST:PORT", default=None,
                            help="measure on a device farm: its TVM RPC tracker (hwaware farm)")
             c.add_argument("--key", default=None, help="the farm devices' key (with --rpc)")
+            c.add_argument("--cold-start", action="store_true",
+                           help="start the search's cost model untrained, not from the one "
+                           "earlier sessions left for this target (and do not save it)")
         c.set_defaults(func=func)
 
     d = sub.add_parser("db", help="inspect, move or merge tuning databases",
@@ -223,11 +227,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from hwaware.onnx_import import tune_onnx
 
         summary = tune_onnx(Path(args.model), target=args.target, db=args.db, trials=args.trials,
-                            show_progress=True, farm=farm)
+                            show_progress=True, farm=farm, cold_start=args.cold_start)
     else:
         model, inputs = resolve_model(args.model)
         summary = hwaware.tune(model, inputs, target=args.target, trials=args.trials, db=args.db,
-                               fuse=args.fuse, rpc=args.rpc, key=args.key)
+                               fuse=args.fuse, rpc=args.rpc, key=args.key,
+                               cold_start=args.cold_start)
     print(summary.table())
     return 0
 

@@ -7,7 +7,8 @@ file). `verify` checks a directory against its manifest before `hwaware.load` re
 else in it (no native library is loaded, no program is read first) and refuses, naming the
 file, one that changed, one that is missing, and one that the save did not write.
 
-`save_atomically` is how both saves write: into a hidden folder beside the target
+`save_atomically` is how both saves write (and the MetaSchedule cost model a tuning session
+keeps per target, `hwaware.tvm.cost_model`): into a hidden folder beside the target
 (`.NAME.partial-PID-*`), manifest last, then renamed into place. A save killed part-way leaves
 the target as it was (absent, or the previous save) and a partial folder that `verify` refuses
 as an unfinished save; the next save beside it removes such leftovers once their process is
@@ -34,7 +35,7 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
-KINDS = ("compiled", "dynamic")
+KINDS = ("compiled", "dynamic", "search-cost-model")  # the last: `hwaware.tvm.cost_model`
 SAVE_FILES = (MANIFEST_FILE, "meta.json", "dynamic.json")  # one of them: a folder a save wrote
 _PARTIAL, _OLD = "partial", "old"  # hidden folders beside a save while it is written / swapped
 _CHUNK = 1 << 20

@@ -131,9 +131,10 @@ def compile_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
 
 def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
               db: DbArg = DEFAULT_DB_PATH, trials: int = 200, show_progress: bool = True,
-              input_shapes: ShapesArg = None, farm: Farm | None = None) -> SessionSummary:
+              input_shapes: ShapesArg = None, farm: Farm | None = None,
+              cold_start: bool = False) -> SessionSummary:
     """Run a tuning session over an ONNX file's contraction workloads (records go to `db`),
-    measured on `farm` if one is given."""
+    measured on `farm` if one is given; `cold_start`: see `hwaware.tune`."""
     tgt = get_target(target)
     database = open_db(db)
     if database is None:
@@ -141,7 +142,7 @@ def tune_onnx(path: str | os.PathLike[str], *, target: str | Target = "host",
     require_runnable(tgt, farm)
     imported = import_onnx_file(path, tgt, input_shapes)
     return tune_tasks(imported.tasks, tgt, database, trials, imported.graph.name, show_progress,
-                      farm)
+                      farm, cold_start)
 
 
 # ----------------------------------------------------------------------------- loading

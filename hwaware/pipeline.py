@@ -21,7 +21,7 @@ from hwaware.decompose import as_inputs, rewrite_and_partition
 from hwaware.dynamic.driver import compile_dynamic, eager_model, plan_model, tune_dynamic
 from hwaware.dynamic.model import DynamicModel
 from hwaware.farm import Farm, farm_of
-from hwaware.options import check_count
+from hwaware.options import check_count, check_flag
 from hwaware.partition import Partition
 from hwaware.runtime import BuildInfo, CompiledModel
 from hwaware.target import Target, get_target
@@ -98,12 +98,17 @@ def compile_captured(captured: Captured, target: Target, db: TuningDatabase | No
 
 def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str | Target = "host",
          trials: int = 200, db: DbArg = DEFAULT_DB_PATH, show_progress: bool = True,
-         fuse: bool = True, rpc: str | None = None, key: str | None = None) -> SessionSummary:
+         fuse: bool = True, rpc: str | None = None, key: str | None = None,
+         cold_start: bool = False) -> SessionSummary:
     """Run a tuning session for `model` and return its summary (records go to `db`).
 
     `rpc="HOST:PORT"` and `key`: measure on the devices registered under `key` with that TVM
-    RPC tracker (`hwaware farm`), building here; else measure on this machine."""
+    RPC tracker (`hwaware farm`), building here; else measure on this machine.
+    `cold_start=True`: the search's cost model starts untrained instead of from the one
+    earlier sessions left for this target (`cost_models/<target key>/metaschedule/`), and this
+    session's is not saved."""
     check_count("trials", trials)
+    check_flag("cold_start", cold_start)
     farm = farm_of(rpc, key)
     tgt = get_target(target)
     database = open_db(db)
@@ -113,8 +118,9 @@ def tune(model: torch.nn.Module, example_inputs: tuple[Any, ...], *, target: str
     planned = plan_model(model)
     if planned is not None:
         return tune_dynamic(model, *planned, inputs, tgt, database, trials, show_progress,
-                            partial(tune_graphs, fuse=fuse, farm=farm))
-    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress, fuse, farm)
+                            partial(tune_graphs, fuse=fuse, farm=farm, cold_start=cold_start))
+    return tune_graphs([capture(model, inputs)], tgt, database, trials, show_progress, fuse, farm,
+                       cold_start)
 
 
 def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | None,
@@ -132,22 +138,23 @@ def compile_graphs(graphs: list[Captured], target: Target, db: TuningDatabase | 
 
 
 def tune_graphs(graphs: list[Captured], target: Target, db: TuningDatabase, trials: int,
-                show_progress: bool = True, fuse: bool = True, farm: Farm | None = None
-                ) -> SessionSummary:
+                show_progress: bool = True, fuse: bool = True, farm: Farm | None = None,
+                cold_start: bool = False) -> SessionSummary:
     """One tuning session over the contraction workloads of several captured graphs (with
     `fuse`, a fused family kernel is one workload in place of its parts), measured on `farm`
-    if one is given."""
+    if one is given; `cold_start`: see `tune`."""
     parts = [rewrite_and_partition(c, fuse)[1] for c in graphs]
-    return _tune_parts(graphs, parts, target, db, trials, show_progress, farm)
+    return _tune_parts(graphs, parts, target, db, trials, show_progress, farm, cold_start)
 
 
 def _tune_parts(graphs: list[Captured], parts: list[Partition], target: Target,
-                db: TuningDatabase, trials: int, show_progress: bool, farm: Farm | None = None
-                ) -> SessionSummary:
+                db: TuningDatabase, trials: int, show_progress: bool, farm: Farm | None = None,
+                cold_start: bool = False) -> SessionSummary:
     require_runnable(target, farm)
     tasks: dict[str, TuningTask] = {}
     for c, part in zip(graphs, parts, strict=True):
         for t in extract_tasks(part, c.example_inputs, target):
             tasks.setdefault(t.workload_hash, t)
     name = graphs[0].name.split(".")[0] if graphs else ""
-    return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress, farm)
+    return tune_tasks(list(tasks.values()), target, db, trials, name, show_progress, farm,
+                      cold_start)

@@ -7,6 +7,9 @@ The tasks are the fused TIR workloads of the kernels that hold a contraction (co
 matmul, attention); element-wise and reduction kernels get a rule-based schedule instead.
 Resuming: a task that already has its share of the budget in the database is skipped; one with
 part of it gets only the rest; MetaSchedule seeds its search from the stored records.
+Warm start: the search's XGBoost cost model is kept per target between sessions
+(`cost_models/<target key>/metaschedule/`), so a new session ranks its first candidates with
+what earlier ones learned; `cold_start=True` leaves it out.
 
 On a device farm (`Farm`): candidates are built here in parallel and measured on the farm's
 devices (MetaSchedule's `RPCRunner`), the re-measure of top records too; each record names the
@@ -29,7 +32,7 @@ import torch
 from hwaware.build import import_kernels
 from hwaware.db import TuningDatabase
 from hwaware.farm import Farm
-from hwaware.options import check_count
+from hwaware.options import check_count, check_flag
 from hwaware.partition import Partition
 from hwaware.runtime import kernel_inputs
 from hwaware.target import Target
@@ -125,29 +128,35 @@ def require_runnable(target: Target, farm: Farm | None = None) -> None:
 
 
 def tune_tasks(tasks: list[TuningTask], target: Target, db: TuningDatabase, trials: int,
-               model_name: str = "", show_progress: bool = True, farm: Farm | None = None
-               ) -> SessionSummary:
+               model_name: str = "", show_progress: bool = True, farm: Farm | None = None,
+               cold_start: bool = False) -> SessionSummary:
     """Tune `tasks` within `trials` measurements in total; any frontend's tasks (torch, ONNX);
     measured on `farm`'s devices when one is given, else on this machine. However the session
-    ends, the WAL is checkpointed so the `.db` file holds its records."""
+    ends, the WAL is checkpointed so the `.db` file holds its records.
+
+    The search's cost model starts from the one earlier sessions left for this target and is
+    saved for the next (`hwaware.tvm.cost_model`); `cold_start=True` neither reads nor
+    writes it."""
     require_runnable(target, farm)
     summary = SessionSummary(uuid.uuid4().hex[:12], target.key, check_count("trials", trials),
                              0, 0.0)
+    check_flag("cold_start", cold_start)
     if not tasks or trials == 0:
         return summary
     try:
-        return _run_session(tasks, target, db, summary, model_name, show_progress, farm)
+        return _run_session(tasks, target, db, summary, model_name, show_progress, farm,
+                            cold_start)
     finally:  # also on Ctrl-C or an error: the records so far go into the .db file itself
         db.checkpoint()
 
 
 def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
                  summary: SessionSummary, model_name: str, show_progress: bool,
-                 farm: Farm | None) -> SessionSummary:
+                 farm: Farm | None, cold_start: bool) -> SessionSummary:
     """The session itself: each task's remaining budget measured (on `farm`, if one is given),
     the summary filled in."""
     from hwaware.kernels import fixed_schedules as family_schedules
-    from hwaware.tvm import database, phases, schedules, search, setup
+    from hwaware.tvm import cost_model, database, phases, schedules, search, setup
 
     session_id, trials = summary.session_id, summary.trials_requested
     per_task = _per_task_budget(trials, len(tasks))
@@ -171,6 +180,7 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
                 tgt, adapter, session_id, progress.update, work_dir,
                 num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
                 runner=ms_runner,
+                cost_model_dir=None if cold_start else cost_model.model_dir(target.key),
             )
         remeasure_start = time.time()
         for t in todo:  # fused kernels: re-rank their best records like for like

@@ -1,4 +1,6 @@
-"""Shared fixtures: a fresh on-disk tuning database per test and deterministic torch settings."""
+"""Shared fixtures: a fresh on-disk tuning database per test, deterministic torch settings, and
+the search cost models tuning sessions keep (`hwaware.tvm.cost_model`) in a temporary folder
+instead of the repository's `cost_models/`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ import pytest
 import torch
 
 from hwaware.db import TuningDatabase
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _search_models_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with pytest.MonkeyPatch.context() as mp:  # session-wide: module fixtures tune too
+        mp.setenv("HWAWARE_SEARCH_MODELS_DIR", str(tmp_path_factory.mktemp("cost_models")))
+        yield
 
 
 @pytest.fixture(autouse=True)

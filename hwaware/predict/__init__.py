@@ -10,9 +10,18 @@ search loops. Modules in pipeline order:
   train, save/load under `cost_models/<device key>/`, predict, adapt to a new device;
 - `metrics`: the accuracy figures (±10%, MAPE, Spearman, ...);
 - `commands`: `hwaware predictor train|eval|adapt`.
+
+`device_dir` is where each device's models live (`cost_models/<device key>/`).
 """
 
 from pathlib import Path
 
 COST_MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "cost_models"
 DATA_DIR = COST_MODELS_DIR / "data"
+
+
+def device_dir(key: str, root: Path | None = None) -> Path:
+    """The folder of a device's (or target's) learned models: `cost_models/<key>/`, or `<key>/`
+    under `root`. The latency predictor lives there; MetaSchedule's search cost model in its
+    `metaschedule/` folder (`hwaware.tvm.cost_model`)."""
+    return (root or COST_MODELS_DIR) / key

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from hwaware.predict import COST_MODELS_DIR
+from hwaware.predict import device_dir
 from hwaware.predict.features import (
     CATEGORY_NAMES,
     FEATURE_SCHEMA_VERSION,
@@ -303,7 +303,7 @@ class LatencyPredictor:
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the regressors (XGBoost JSON) and the manifest to `directory` (default:
         `cost_models/<device key>/`)."""
-        out = Path(directory) if directory else COST_MODELS_DIR / self.key
+        out = Path(directory) if directory else device_dir(self.key)
         out.mkdir(parents=True, exist_ok=True)
         for name, booster in zip(FILES, (self.kernel_model, self.model_model), strict=True):
             booster.save_model(out / name)
@@ -325,7 +325,7 @@ class LatencyPredictor:
 
         tgt = get_target(target)
         key = Device.of(tgt, threads).key
-        folder = Path(directory) if directory else COST_MODELS_DIR / key
+        folder = Path(directory) if directory else device_dir(key)
         manifest = _read_manifest(folder, target, key, threads)
         boosters = [_read_booster(folder / name, manifest) for name in FILES]
         table = _read_table(folder / TABLE_FILE, manifest)

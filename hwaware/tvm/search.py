@@ -4,7 +4,8 @@ Goes in: workloads, budgets, a target and a `SqliteDatabase`. Comes out: records
 database. The search measures each fused family's fixed-decision schedule first, never
 measures a candidate the database already holds (`SkipStoredCandidates`), and
 `remeasure_top_records` re-times the best stored records side by side so the build picks the
-best by a like-for-like comparison.
+best by a like-for-like comparison. The XGBoost cost model that ranks candidates starts from
+the target's saved one and is saved again after the session (`hwaware.tvm.cost_model`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import tvm
@@ -22,6 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from hwaware.db import RecordRow
 from hwaware.runner import LocalRunner
+from hwaware.tvm import cost_model as search_cost_model
 from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row, replay_records
 from hwaware.tvm.ir import plain_json, workload_hash
 from hwaware.tvm.rpc import RpcRunner, kernel_evaluations
@@ -216,13 +219,17 @@ def tune_workloads(
     f_build: Callable[[Any, Any, Any], Any] | None = None,
     fixed_schedules: FixedSchedules | None = None,
     runner: Any = None,
+    cost_model_dir: Path | None = None,
 ) -> None:
     """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
 
     The search population is half MetaSchedule's default: on a 2-core machine each generation
     of 512 costs ~6 s of feature extraction, as much as building the batch it picks.
     `fixed_schedules` (rule -> fixed-decision Schedule): measured first (SkipStoredCandidates).
-    `runner`: MetaSchedule's runner (default: its `LocalRunner`; a farm's `RPCRunner`)."""
+    `runner`: MetaSchedule's runner (default: its `LocalRunner`; a farm's `RPCRunner`).
+    `cost_model_dir`: where the target's search cost model is kept between sessions
+    (`cost_model.model_dir`); the session starts from it and saves it, with this session's
+    data, when done. None: a cold session, which reads and writes none."""
     import_tensor_intrinsics()
     cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else \
         len(os.sched_getaffinity(0))  # a GPU target: this host's cores build its candidates
@@ -244,6 +251,7 @@ def tune_workloads(
         ms.measure_callback.UpdateCostModel(),
     ]
     total = sum(budgets[n] for n in names)
+    model = search_cost_model.warm_model(cost_model_dir, database.target_key, cores)
     ms.tune_tasks(
         tasks=contexts,
         task_weights=[1.0] * len(names),
@@ -255,7 +263,9 @@ def tune_workloads(
                                         timeout_sec=builder_timeout_s),
         runner=runner or ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
         database=database,
-        cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+        cost_model=model,
         measure_callbacks=callbacks,
         task_scheduler="gradient",
     )
+    if cost_model_dir is not None:
+        search_cost_model.save(model, cost_model_dir, database.target_key)
