@@ -1,13 +1,19 @@
 """Latency predictor benchmark: accuracy, learning curve, few-shot transfer and speed.
 
     python bench/predictor.py [--target host] [--data cost_models/data] [--out FILE.md]
+                              [--curve-only] [--skip-speed]
 
 Reads the profiled samples (`hwaware profile` writes them to cost_models/data/*.jsonl) and
 reports, on this CPU:
 1. accuracy on held-out architectures (a fifth of the in-range samples, by a hash of their id),
    on out-of-range ones (`ood`), on the built-in zoo models (`real`), per family, beside the
    noise floor (two timings of one compiled model);
-2. the learning curve: held-out accuracy when training on the first n models only;
+2. the learning curve: held-out and out-of-range accuracy when training on n measured models
+   only (3 random draws of n, averaged), for each kernel prior (`none`: the regressor learns
+   times; `physical`: ratios to FLOPs at peak plus bytes at bandwidth; `pretrained`: times,
+   boosting on from a regressor pretrained on the baselines of the kernels of thousands of
+   unmeasured architectures, `hwaware.predict.pretrain`), and how many measured models each
+   needs to reach the bars (±10% >= 95%, Spearman >= 0.95);
 3. few-shot transfer: the predictor of the base device adapted to each other device in the
    data (another thread count, AVX2 code instead of AVX-512 on this CPU, another CPU kind)
    with 10 of that device's measurements, against that device's held-out models (3 draws);
@@ -38,12 +44,15 @@ from hwaware.predict.commands import (  # noqa: E402
     training_samples,
 )
 from hwaware.predict.features import Device  # noqa: E402
-from hwaware.predict.metrics import TABLE_HEADER, metrics  # noqa: E402
+from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics  # noqa: E402
 from hwaware.predict.predictor import PRIORS, LatencyPredictor  # noqa: E402
 from hwaware.predict.profile import Sample, all_data_files, read_samples  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 
-CURVE_SIZES = (25, 50, 100, 200, 400)
+CURVE_SIZES = (5, 10, 20, 40, 80, 160)
+CURVE_DRAWS = 3
+CURVE_SPLITS = ("held-out", "ood")
+BARS = (("within_10", 0.95, "±10% >= 95%"), ("spearman", 0.95, "Spearman >= 0.95"))
 ADAPT_SAMPLES = 10
 DRAWS = 3
 
@@ -60,22 +69,75 @@ def accuracy(base: Device, samples: list[Sample]) -> tuple[LatencyPredictor, str
 
 def learning_curve(base: Device, samples: list[Sample]) -> str:
     own = [s for s in samples if s.device["key"] == base.key]
-    train = training_samples(own)
-    splits = evaluation_splits(own)
+    train, splits = training_samples(own), evaluation_splits(own)
+    sizes = [n for n in CURVE_SIZES if n < len(train)] + [len(train)]
+    curve = {(n, prior): _curve_point(base, train, splits, n, prior)
+             for n in sizes for prior in PRIORS}
     rows = [TABLE_HEADER.replace("| split |", "| training models, kernel prior, split |")]
-    for n in [n for n in CURVE_SIZES if n < len(train)] + [len(train)]:
-        for prior in PRIORS:
-            predictor = LatencyPredictor.train(train[:n], base, prior=prior)
-            for split in ("held-out", "ood"):
-                group = splits[split]
-                if group:
-                    m = metrics(list(predictor.predict_samples(group)),
-                                [s.measured_us for s in group])
-                    rows.append(m.row(f"{n}, {prior}, {split}"))
+    rows += [curve[n, prior][split].row(f"{n}, {prior}, {split}")
+             for n in sizes for prior in PRIORS for split in CURVE_SPLITS]
+    pretraining = LatencyPredictor.train(train[:CURVE_SIZES[0]], base, prior="pretrained",
+                                         min_models=CURVE_SIZES[0]).manifest["pretraining"]
     return ("## Learning curve (held-out in-range and out-of-range models)\n\n"
-            "Kernel prior `physical`: the kernel regressor learns the ratio of a kernel's time to "
-            "its FLOPs at peak plus its bytes at bandwidth (free statistics); `none`: the time "
-            "itself.\n\n" + "\n".join(rows))
+            f"Kernel prior `none`: the kernel regressor learns a kernel's time; `physical`: the "
+            "ratio of its time to its FLOPs at peak plus its bytes at bandwidth (free statistics "
+            "of the kernel); `pretrained`: its time, boosting on from a regressor pretrained on "
+            f"the log baselines of the {pretraining['kernels']} distinct kernels of "
+            f"{pretraining['archs']} unmeasured architectures (seed {pretraining['seed']}, "
+            f"{pretraining['rounds']} rounds; {pretraining['seconds']} s with the "
+            "decompositions cached). Below the full set, each row is the mean of "
+            f"{CURVE_DRAWS} random draws of n training models.\n\n" + "\n".join(rows)
+            + "\n\n" + _measurements_needed(curve, sizes))
+
+
+def _curve_point(base: Device, train: list[Sample], splits: dict[str, list[Sample]], n: int,
+                 prior: str) -> dict[str, Metrics]:
+    """Metrics per split of predictors trained on `n` models (mean over draws)."""
+    draws = CURVE_DRAWS if n < len(train) else 1
+    found: dict[str, list[Metrics]] = {split: [] for split in CURVE_SPLITS}
+    for draw in range(draws):
+        order = np.random.default_rng(draw).permutation(len(train)) if draws > 1 \
+            else np.arange(len(train))
+        predictor = LatencyPredictor.train([train[i] for i in order[:n]], base, prior=prior,
+                                           min_models=CURVE_SIZES[0])
+        for split in CURVE_SPLITS:
+            group = splits[split]
+            found[split].append(metrics(list(predictor.predict_samples(group)),
+                                        [s.measured_us for s in group]))
+    return {split: _mean(ms) for split, ms in found.items()}
+
+
+def _mean(ms: list[Metrics]) -> Metrics:
+    fields = {k: float(np.mean([getattr(m, k) for m in ms])) for k in Metrics.__annotations__}
+    return Metrics(**{**fields, "n": ms[0].n})
+
+
+def _measurements_needed(curve: dict[tuple[int, str], dict[str, Metrics]], sizes: list[int]
+                         ) -> str:
+    """The fewest measured models with which each prior reaches each bar, per split."""
+    rows = ["| kernel prior | split | " + " | ".join(label for _, _, label in BARS) + " |",
+            "|---|---|" + "---:|" * len(BARS)]
+    for prior in PRIORS:
+        for split in CURVE_SPLITS:
+            cells = [_needed([(n, getattr(curve[n, prior][split], field)) for n in sizes], bar)
+                     for field, bar, _ in BARS]
+            rows.append(f"| {prior} | {split} | " + " | ".join(cells) + " |")
+    return ("Measured models needed to reach the bars (mean over draws; `first`: the fewest "
+            "that reach it, `held from`: the fewest from which every larger size in the curve "
+            "stays at or above it):\n\n" + "\n".join(rows))
+
+
+def _needed(curve: list[tuple[int, float]], bar: float) -> str:
+    """Where a learning curve ((models, value) by size) first reaches `bar`, and from where
+    it holds."""
+    reached = [n for n, value in curve if value >= bar]
+    if not reached:
+        best, at = max((value, n) for n, value in curve)
+        return f"not reached (best {best:.3f} at {at})"
+    held = [n for i, (n, _) in enumerate(curve) if all(v >= bar for _, v in curve[i:])]
+    if held and held[0] == reached[0]:
+        return f"{reached[0]} models"
+    return f"first {reached[0]}, held from {held[0] if held else 'never'}"
 
 
 def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
@@ -140,6 +202,7 @@ def main() -> int:
     p.add_argument("--data", default=str(DATA_DIR))
     p.add_argument("--out", default=None)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--curve-only", action="store_true", help="the learning curve alone")
     args = p.parse_args()
     base = Device.of(get_target(args.target), args.threads)
     with warnings.catch_warnings():
@@ -149,10 +212,13 @@ def main() -> int:
     parts = [f"# Latency predictor on {cpu} ({base.key})\n\nCommand: `python bench/predictor.py "
              f"{' '.join(sys.argv[1:])}`. Samples: {len(samples)} in {args.data}. Latencies are "
              "lower quartiles of blocks of back-to-back calls (`hwaware.predict.profile`)."]
-    predictor, text = accuracy(base, samples)
-    parts += [text, learning_curve(base, samples), transfer(predictor, samples)]
-    if not args.skip_speed:
-        parts.append(speed(predictor, samples))
+    if args.curve_only:
+        parts.append(learning_curve(base, samples))
+    else:
+        predictor, text = accuracy(base, samples)
+        parts += [text, learning_curve(base, samples), transfer(predictor, samples)]
+        if not args.skip_speed:
+            parts.append(speed(predictor, samples))
     report = "\n\n".join(parts) + "\n"
     print(report)
     if args.out:

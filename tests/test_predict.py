@@ -21,14 +21,16 @@ from torch import nn
 
 from hwaware.db import TuningDatabase
 from hwaware.decompose import Decomposition, KernelRecord
-from hwaware.predict import commands, profile, spaces
+from hwaware.predict import commands, pretrain, profile, spaces
 from hwaware.predict.dynamic import predict_dynamic, summarize
 from hwaware.predict.features import FEATURE_SCHEMA_VERSION, Device
 from hwaware.predict.metrics import metrics, noise_floor
 from hwaware.predict.predictor import (
+    PRETRAIN_ROUNDS,
     LatencyPredictor,
     PredictorError,
     UnknownKernelWarning,
+    pretrained_kernel_model,
 )
 from hwaware.target import get_target
 
@@ -111,8 +113,75 @@ def test_kernel_prior_is_saved_and_a_bad_one_is_refused(tmp_path: Path) -> None:
     held = [_sample(i) for i in range(3000, 3010)]
     assert loaded.prior == "none"
     assert np.array_equal(plain.predict_samples(held), loaded.predict_samples(held))
-    with pytest.raises(PredictorError, match="prior 'flops'.*physical, none"):
+    with pytest.raises(PredictorError, match="prior 'flops'.*physical, none, pretrained"):
         LatencyPredictor.train(samples, DEVICE, prior="flops")
+
+
+PRETRAIN_ARCHS = 10  # a small pretraining set: decomposed in a few seconds, then cached
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> LatencyPredictor:
+    return LatencyPredictor.train([_sample(i) for i in range(40)], DEVICE, rounds=150,
+                                  prior="pretrained", pretrain_archs=PRETRAIN_ARCHS)
+
+
+def test_pretrained_prior_learns_and_round_trips(pretrained: LatencyPredictor,
+                                                 tmp_path: Path) -> None:
+    held = [_sample(i) for i in range(1000, 1040)]
+    m = metrics(list(pretrained.predict_samples(held)), [s.latency_us for s in held])
+    assert m.within_10 >= 0.8 and m.spearman >= 0.95, m
+    out = pretrained.save(tmp_path / "p")
+    loaded = LatencyPredictor.load(directory=out)
+    assert loaded.prior == "pretrained"
+    assert np.array_equal(pretrained.predict_samples(held), loaded.predict_samples(held))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kernel_prior"] == "pretrained"
+    info = manifest["pretraining"]
+    assert (info["archs"], info["seed"]) == (PRETRAIN_ARCHS, pretrain.PRETRAIN_SEED)
+    assert info["kernels"] > 10 and info["proxy"] == "log baseline_us"
+
+
+def test_pretrained_trees_stay_under_the_fine_tuned_ones(pretrained: LatencyPredictor) -> None:
+    """Fine-tuning boosts on from the pretrained regressor (which it leaves unchanged): the
+    saved regressor holds both sets of trees, and the pretrained one alone answers the proxy."""
+    base, _ = pretrained_kernel_model(DEVICE, PRETRAIN_ARCHS)
+    assert pretrained.kernel_model.num_boosted_rounds() == PRETRAIN_ROUNDS + 150
+    assert base.num_boosted_rounds() == PRETRAIN_ROUNDS
+    data = pretrain.pretraining_set(DEVICE, PRETRAIN_ARCHS)
+    error = base.inplace_predict(data.rows) - data.log_baseline_us
+    assert np.mean(np.abs(error)) < 0.1, np.abs(error).max()
+
+
+def test_pretraining_set_is_reproducible(tmp_path: Path) -> None:
+    """Same seed, same architectures and rows, decomposed afresh or read from the cache;
+    another seed, other architectures."""
+    ids = [a.id for a in pretrain.pretraining_archs(5, seed=0)]
+    assert ids == [a.id for a in pretrain.pretraining_archs(5, seed=0)] and len(set(ids)) == 5
+    assert ids != [a.id for a in pretrain.pretraining_archs(5, seed=1)]
+    assert sum(a.split("-")[0] == "cnn" for a in ids) == 2  # one in range, one beyond
+    first = pretrain.pretraining_set(DEVICE, 5, seed=0, directory=tmp_path / "a")
+    cached = pretrain.pretraining_set(DEVICE, 5, seed=0, directory=tmp_path / "a")
+    fresh = pretrain.pretraining_set(DEVICE, 5, seed=0, directory=tmp_path / "b")
+    for other in (cached, fresh):
+        assert other.signatures == first.signatures
+        assert np.array_equal(other.rows, first.rows)
+        assert np.array_equal(other.log_baseline_us, first.log_baseline_us)
+    assert len(set(first.signatures)) == len(first.signatures) > 5
+    (cache,) = (tmp_path / "a").glob("predict-spaces-*.jsonl")  # one line per architecture
+    assert [json.loads(line)["key"] for line in cache.read_text().splitlines()] == ids
+
+
+def test_prior_option_of_the_train_command() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    commands.add_arguments(parser)
+    assert commands.prior_of(parser.parse_args(["--prior", "pretrained"])) == "pretrained"
+    assert commands.prior_of(parser.parse_args([])) == "physical"
+    assert commands.prior_of(argparse.Namespace()) == "physical"  # a parser without --prior
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prior", "flops"])
 
 
 def test_feature_version_mismatch_is_refused_naming_both(trained: LatencyPredictor,

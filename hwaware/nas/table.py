@@ -23,7 +23,6 @@ real decomposition of built architectures.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch
 from hwaware.decompose import KernelRecord
 from hwaware.nas.builders import Block, Chain
 from hwaware.nas.space import Space, get_space
+from hwaware.predict.cache import KernelRecordCache, code_fingerprint
 from hwaware.predict.features import LARGEST_KERNEL, model_totals
 
 log = logging.getLogger(__name__)
@@ -228,57 +228,28 @@ def chain_kernels(space: Space, blocks: Sequence[Block]) -> tuple[list[list[Kern
     return per_block, decomposition_of(part).host_steps
 
 
-class BlockKernelCache:
+class BlockKernelCache(KernelRecordCache):
     """Blocks' kernels (device-independent) kept on disk across runs, one JSONL file per
-    builder and version of the code that decomposes (`fingerprint`): a change to capture,
-    rewrites, partition, the kernel patterns or the builders starts a new file rather than reuse
-    stale kernels. A key names the block's parameters and shapes, so spaces of one builder
-    (a space and its device-specific versions) share the file."""
+    builder and version of the code that decomposes (`fingerprint`). A key names the block's
+    parameters and shapes, so spaces of one builder (a space and its device-specific versions)
+    share the file."""
 
     def __init__(self, space: Space, directory: Path | None = None):
         from hwaware.threads import cache_dir
 
         base = directory or Path(os.environ.get("HWAWARE_NAS_CACHE", cache_dir() / "nas"))
-        self.path = base / f"{space.builder_name}-{fingerprint(space)}.jsonl"
-        self.entries: dict[str, tuple[list[KernelRecord], int]] = {}
-        if self.path.exists():
-            self._read()
-
-    def _read(self) -> None:
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
-            try:
-                doc = json.loads(line)
-                records = [KernelRecord.from_json(r) for r in doc["records"]]
-                self.entries[doc["key"]] = (records, int(doc["host_steps"]))
-            except (ValueError, KeyError, TypeError) as err:  # a torn last line: recompute
-                log.info("%s:%d: skipped (%s)", self.path, number, err)
+        super().__init__(base / f"{space.builder_name}-{fingerprint(space)}.jsonl")
 
     def get(self, key: BlockKey) -> tuple[list[KernelRecord], int] | None:
-        return self.entries.get(_key_text(key))
+        return self.lookup(_key_text(key))
 
     def put(self, key: BlockKey, records: list[KernelRecord], host_steps: int) -> None:
-        text = _key_text(key)
-        self.entries[text] = (records, host_steps)
-        line = json.dumps({"key": text, "host_steps": host_steps,
-                           "records": [json.loads(r.to_json()) for r in records]})
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(line + "\n")
-        except OSError as err:  # a read-only home: the cache is only an optimisation
-            log.info("block cache %s not written: %s", self.path, err)
+        self.store(_key_text(key), records, host_steps)
 
 
 def fingerprint(space: Space) -> str:
-    """A hash of the code and versions a decomposition depends on."""
-    import hwaware
-
-    root = Path(hwaware.__file__).parent
-    parts = [space.builder_name.encode(), torch.__version__.encode()]
-    for pattern in ("capture.py", "decompose.py", "partition.py", "aten_ops.py",
-                    "rewrite/*.py", "kernels/*.py", "nas/builders.py", "predict/spaces.py"):
-        parts += [p.read_bytes() for p in sorted(root.glob(pattern))]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+    """A hash of the code and versions a decomposition of the space's blocks depends on."""
+    return code_fingerprint(space.builder_name)
 
 
 def _key_text(key: BlockKey) -> str:

@@ -6,6 +6,9 @@ search loops. Modules in pipeline order:
 - `profile`: compile and measure architectures -> samples in `cost_models/data/*.jsonl` and
   the tuning database (`hwaware profile`);
 - `features`: kernels and models -> feature vectors (TVM-free);
+- `cache`: decompositions' kernel records kept on disk (the NAS table's blocks, pretraining);
+- `pretrain`: free statistics of thousands of unmeasured architectures' kernels (the
+  `pretrained` kernel prior's pretraining set);
 - `predictor`: `LatencyPredictor` (XGBoost per kernel, plus a learned whole-model term):
   train, save/load under `cost_models/<device key>/`, predict, adapt to a new device;
 - `metrics`: the accuracy figures (±10%, MAPE, Spearman, ...);

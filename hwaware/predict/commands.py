@@ -21,7 +21,7 @@ import numpy as np
 
 from hwaware.predict.features import Device
 from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics, noise_floor
-from hwaware.predict.predictor import LatencyPredictor, PredictorError
+from hwaware.predict.predictor import PRIORS, LatencyPredictor, PredictorError
 from hwaware.predict.profile import Sample, all_data_files, read_samples
 
 HELD_OUT_SHARE = 5  # one in this many in-range architectures is held out
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     samples = read_samples(all_data_files(Path(args.data)), device.key)
     models = Path(args.models)
     if args.action == "train":
-        return _train(device, samples, models)
+        return _train(device, samples, models, prior_of(args))
     if args.action == "eval":
         predictor = LatencyPredictor.load(args.target, threads=args.threads,
                                           directory=models / device.key)
@@ -92,14 +92,31 @@ def run(args: argparse.Namespace) -> int:
     return _adapt(args, device, samples, models)
 
 
-def _train(device: Device, samples: list[Sample], models: Path) -> int:
-    predictor = LatencyPredictor.train(training_samples(samples), device)
+def prior_of(args: argparse.Namespace) -> str:
+    """The kernel prior to train with: `--prior` where the parser has it (`add_arguments`),
+    else "physical" (`LatencyPredictor.train` refuses any other value, naming the choices)."""
+    return str(getattr(args, "prior", None) or "physical")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This module's own options of `hwaware predictor` (for the parser in `hwaware.cli`)."""
+    parser.add_argument("--prior", choices=PRIORS, default="physical",
+                        help="train: the kernel regressor's prior (physical: ratios to FLOPs "
+                             "at peak plus bytes at bandwidth; none: times; pretrained: times, "
+                             "boosting on from a regressor pretrained on free statistics of "
+                             "unmeasured architectures)")
+
+
+def _train(device: Device, samples: list[Sample], models: Path, prior: str = "physical"
+           ) -> int:
+    predictor = LatencyPredictor.train(training_samples(samples), device, prior=prior)
     results = evaluate(predictor, samples)
     predictor.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
     out = predictor.save(models / device.key)
     print(table(results))
     print(f"trained on {predictor.manifest['training']['models']} models "
-          f"({predictor.manifest['training']['kernels']} kernels); saved to {out}")
+          f"({predictor.manifest['training']['kernels']} kernels, kernel prior {prior}); "
+          f"saved to {out}")
     return 0
 
 

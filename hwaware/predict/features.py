@@ -145,6 +145,11 @@ def baseline_us(flops: int, bytes_moved: int, device: Device) -> float:
             + BASELINE_FLOOR_US)
 
 
+def log_baseline_us(record: Any, device: Device) -> float:
+    """log of a kernel's `baseline_us` on the device (free: its FLOPs and bytes only)."""
+    return math.log(baseline_us(record.flops, record.bytes_moved, device))
+
+
 def kernel_features(record: Any, device: Device) -> list[float]:
     """The feature vector of one kernel on one device (names: `KERNEL_FEATURE_NAMES`)."""
     family = [float(record.family == f) for f in FAMILIES]

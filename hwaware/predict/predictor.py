@@ -7,7 +7,9 @@ build); each kernel gets a time: `measured` when the database holds this kernel'
 on this device (`hwaware profile` stores them), else `predicted` by an XGBoost regressor of
 the log ratio of its time to a physical baseline (`features.baseline_us`: FLOPs at peak plus
 bytes at bandwidth; a ratio carries over to kernels larger than any trained on, a time would
-not), or `unknown` when its family or one
+not; or, `prior="pretrained"`, of its time, boosting on from a regressor pretrained on that
+baseline over the kernels of thousands of unmeasured architectures, `predict.pretrain`), or
+`unknown` when its family or one
 of its ops was never seen in training (still estimated by the same regressor, with one warning;
 never a silent zero). A second, whole-model regressor predicts the ratio of the measured model
 latency to the sum of its kernels' times (host ops, calls, thread wake-ups, cache effects);
@@ -46,14 +48,15 @@ from hwaware.predict.features import (
     MODEL_FEATURE_NAMES,
     MODEL_TOTAL_NAMES,
     Device,
-    baseline_us,
     is_known_family,
     kernel_features,
+    log_baseline_us,
     model_features,
     model_rows,
     model_totals,
     op_category,
 )
+from hwaware.predict.pretrain import PRETRAIN_ARCHS, PRETRAIN_SEED, pretraining_set
 from hwaware.predict.profile import AS_BUILT, versions
 
 MIN_TRAINING_MODELS = 20
@@ -65,7 +68,8 @@ KERNEL_ROUNDS = 600
 MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
                 "subsample": 0.9, "min_child_weight": 3.0, "lambda": 5.0, "seed": 0}
 MODEL_ROUNDS = 200
-PRIORS = ("physical", "none")
+PRETRAIN_ROUNDS = 300  # of the pretrained kernel regressor, before fine-tuning adds `rounds`
+PRIORS = ("physical", "none", "pretrained")
 FILES = ("kernel_model.json", "model_model.json")
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 
@@ -115,6 +119,7 @@ class TrainingSet:
     samples: list[Any]
     device: Device
     prior: str = "physical"  # the kernel label's baseline: PRIORS
+    base: xgb.Booster | None = None  # the pretrained kernel regressor fine-tuning continues
     kernel_rows: np.ndarray = field(init=False)
     kernel_log_ratio: np.ndarray = field(init=False)  # the label: log(measured us / baseline us)
     kernel_log_baseline: np.ndarray = field(init=False)
@@ -157,27 +162,30 @@ class LatencyPredictor:
     # ----------------------------------------------------------------- training
     @staticmethod
     def train(samples: Sequence[Any], device: Device, *, rounds: int = KERNEL_ROUNDS,
-              prior: str = "physical") -> LatencyPredictor:
+              prior: str = "physical", min_models: int = MIN_TRAINING_MODELS,
+              pretrain_archs: int = PRETRAIN_ARCHS) -> LatencyPredictor:
         """Fit both regressors on `samples` (profiled on `device`). `prior`: what the kernel
         regressor learns relative to: "physical" (`features.baseline_us`, free statistics of
-        the kernel: its FLOPs and bytes on the device), or "none" (its time itself; kept for
-        `bench/predictor.py`'s comparison of the two)."""
+        the kernel: its FLOPs and bytes on the device), "none" (its time itself), or
+        "pretrained" (its time, boosting on from a regressor pretrained on the baselines of
+        the kernels of `pretrain_archs` unmeasured architectures: `predict.pretrain`).
+        `min_models`: fewer samples are refused (`bench/predictor.py`'s learning curve goes
+        below the default)."""
         if prior not in PRIORS:
             raise PredictorError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
-        samples = [s for s in samples if s.device["key"] == device.key]
-        if len(samples) < MIN_TRAINING_MODELS:
-            raise PredictorError(
-                f"{len(samples)} profiled models exist for device {device.key}; training needs "
-                f"at least {MIN_TRAINING_MODELS}: run `hwaware profile --samples "
-                f"{MIN_TRAINING_MODELS * 5}` for this target first")
-        data = TrainingSet(list(samples), device, prior)
+        samples = _enough_samples(samples, device, min_models)
+        base, pretraining = (pretrained_kernel_model(device, pretrain_archs)
+                             if prior == "pretrained" else (None, None))
+        data = TrainingSet(list(samples), device, prior, base)
         oof = _out_of_fold_kernel_us(data, rounds)
-        kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds)
+        kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds, base)
         overhead = _fit_overhead(data, oof)
         model_rows, ratios = _model_rows(data, oof, overhead)
         model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
         manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead,
                     "kernel_prior": prior}
+        if pretraining is not None:
+            manifest["pretraining"] = pretraining
         return LatencyPredictor(kernel_model, model_model, manifest, measured_table(samples))
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
@@ -333,6 +341,33 @@ class LatencyPredictor:
 
 
 # ------------------------------------------------------------------------------- helpers
+def _enough_samples(samples: Sequence[Any], device: Device, least: int) -> list[Any]:
+    """The samples of `device`, or a `PredictorError` where they are fewer than `least`."""
+    own = [s for s in samples if s.device["key"] == device.key]
+    if len(own) < least:
+        raise PredictorError(
+            f"{len(own)} profiled models exist for device {device.key}; training needs "
+            f"at least {least}: run `hwaware profile --samples {least * 5}` for this target "
+            "first")
+    return own
+
+
+@functools.lru_cache(maxsize=4)
+def pretrained_kernel_model(device: Device, archs: int = PRETRAIN_ARCHS
+                            ) -> tuple[xgb.Booster, dict[str, Any]]:
+    """The kernel regressor pretrained for `device` on the log baselines of the kernels of
+    `archs` unmeasured architectures (`pretrain.pretraining_set`), and what the manifest
+    records of it. Fine-tuning boosts on from it (`xgb.train(xgb_model=...)` copies it): its
+    trees stay in the saved regressor, which then answers log microseconds like prior "none".
+    Continued boosting rather than the pretrained answer as an extra feature: trees cannot
+    extrapolate a feature either, and one booster saves and loads like the other priors."""
+    start = time.perf_counter()
+    data = pretraining_set(device, archs, PRETRAIN_SEED)
+    booster = _fit(data.rows, data.log_baseline_us, KERNEL_PARAMS, PRETRAIN_ROUNDS)
+    return booster, {**data.describe(), "rounds": PRETRAIN_ROUNDS,
+                     "seconds": round(time.perf_counter() - start, 1)}
+
+
 @functools.lru_cache(maxsize=200_000)
 def _cached_features(record: Any, device: Device) -> list[float]:
     """Kernel features, computed once per (kernel, device): search loops meet the same
@@ -344,9 +379,9 @@ def _cached_features(record: Any, device: Device) -> list[float]:
 def _log_baseline(record: Any, device: Device, prior: str) -> float:
     """log of the kernel's baseline microseconds (cached like its features: search loops
     price the same kernels again and again)."""
-    if prior == "none":
+    if prior != "physical":  # "none", "pretrained": the regressor answers log microseconds
         return 0.0
-    return math.log(baseline_us(record.flops, record.bytes_moved, device))
+    return log_baseline_us(record, device)
 
 
 def _inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -362,10 +397,11 @@ def _kind(record: Any) -> str:
     return f"{record.family} with {', '.join(ops)}" if ops else record.family
 
 
-def _fit(rows: np.ndarray, labels: np.ndarray, params: dict[str, Any], rounds: int
-         ) -> xgb.Booster:
+def _fit(rows: np.ndarray, labels: np.ndarray, params: dict[str, Any], rounds: int,
+         base: xgb.Booster | None = None) -> xgb.Booster:
+    """`rounds` rounds of boosting, on from `base` where given (which stays unchanged)."""
     matrix = xgb.DMatrix(rows, label=labels, feature_names=None)
-    return xgb.train(params, matrix, num_boost_round=rounds)
+    return xgb.train(params, matrix, num_boost_round=rounds, xgb_model=base)
 
 
 def measured_table(samples: Sequence[Any]) -> dict[str, float]:
@@ -389,7 +425,7 @@ def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
         if not held.any() or held.all():
             continue
         booster = _fit(data.kernel_rows[~held], data.kernel_log_ratio[~held], KERNEL_PARAMS,
-                       rounds)
+                       rounds, data.base)
         result[held] = np.exp(booster.inplace_predict(data.kernel_rows[held])
                               + data.kernel_log_baseline[held])
         table = measured_table([s for i, s in enumerate(data.samples) if fold_of_sample[i] != k])
