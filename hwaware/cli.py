@@ -9,7 +9,7 @@
     hwaware report DB [--session ID | --target KEY] --out report.html
     hwaware demo [--trials N] [--db PATH]
     hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
-    hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N]
+    hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N] [--prior P]
     hwaware farm tracker [--host H] [--port P]
     hwaware farm server --key K --tracker HOST:PORT [--host H] [--port P]
     hwaware farm status --tracker HOST:PORT [--json]
@@ -169,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_predictor_commands(sub: Any) -> None:
-    from hwaware.predict import COST_MODELS_DIR, DATA_DIR
+    from hwaware.predict import COST_MODELS_DIR, DATA_DIR, PRIORS
 
     pr = sub.add_parser("profile", help="measure sampled architectures for the latency predictor")
     pr.add_argument("--target", default="host")
@@ -195,6 +195,11 @@ def _add_predictor_commands(sub: Any) -> None:
     pd.add_argument("--models", default=str(COST_MODELS_DIR),
                     help="folder of predictors, one subfolder per device key")
     pd.add_argument("--json", action="store_true", help="eval: print the metrics as JSON")
+    pd.add_argument("--prior", choices=PRIORS, default="physical",
+                    help="train: the kernel regressor's prior (physical: ratios to FLOPs at "
+                    "peak plus bytes at bandwidth; none: times; pretrained: times, boosting on "
+                    "from a regressor pretrained on free statistics of unmeasured "
+                    "architectures)")
     pd.set_defaults(func=cmd_predictor)
 
 

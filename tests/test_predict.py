@@ -175,13 +175,15 @@ def test_pretraining_set_is_reproducible(tmp_path: Path) -> None:
 def test_prior_option_of_the_train_command() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser()
-    commands.add_arguments(parser)
-    assert commands.prior_of(parser.parse_args(["--prior", "pretrained"])) == "pretrained"
-    assert commands.prior_of(parser.parse_args([])) == "physical"
+    from hwaware.cli import _parser
+
+    parser = _parser()
+    args = parser.parse_args(["predictor", "train", "--prior", "pretrained"])
+    assert commands.prior_of(args) == "pretrained"
+    assert commands.prior_of(parser.parse_args(["predictor", "train"])) == "physical"
     assert commands.prior_of(argparse.Namespace()) == "physical"  # a parser without --prior
     with pytest.raises(SystemExit):
-        parser.parse_args(["--prior", "flops"])
+        parser.parse_args(["predictor", "train", "--prior", "flops"])
 
 
 def test_feature_version_mismatch_is_refused_naming_both(trained: LatencyPredictor,

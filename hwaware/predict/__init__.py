@@ -21,6 +21,9 @@ from pathlib import Path
 
 COST_MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "cost_models"
 DATA_DIR = COST_MODELS_DIR / "data"
+# What the kernel regressor learns times relative to (`predictor.py`): a physical baseline,
+# nothing, or a regressor pretrained on free statistics (`pretrain.py`)
+PRIORS = ("physical", "none", "pretrained")
 
 
 def device_dir(key: str, root: Path | None = None) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 
 from hwaware.predict.features import Device
 from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics, noise_floor
-from hwaware.predict.predictor import PRIORS, LatencyPredictor, PredictorError
+from hwaware.predict.predictor import LatencyPredictor, PredictorError
 from hwaware.predict.profile import Sample, all_data_files, read_samples
 
 HELD_OUT_SHARE = 5  # one in this many in-range architectures is held out
@@ -93,18 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prior_of(args: argparse.Namespace) -> str:
-    """The kernel prior to train with: `--prior` where the parser has it (`add_arguments`),
+    """The kernel prior to train with: `--prior` where the parser has it (`hwaware.cli`),
     else "physical" (`LatencyPredictor.train` refuses any other value, naming the choices)."""
     return str(getattr(args, "prior", None) or "physical")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This module's own options of `hwaware predictor` (for the parser in `hwaware.cli`)."""
-    parser.add_argument("--prior", choices=PRIORS, default="physical",
-                        help="train: the kernel regressor's prior (physical: ratios to FLOPs "
-                             "at peak plus bytes at bandwidth; none: times; pretrained: times, "
-                             "boosting on from a regressor pretrained on free statistics of "
-                             "unmeasured architectures)")
 
 
 def _train(device: Device, samples: list[Sample], models: Path, prior: str = "physical"

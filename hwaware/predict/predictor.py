@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from hwaware.predict import device_dir
+from hwaware.predict import PRIORS, device_dir
 from hwaware.predict.features import (
     CATEGORY_NAMES,
     FEATURE_SCHEMA_VERSION,
@@ -69,7 +69,6 @@ MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
                 "subsample": 0.9, "min_child_weight": 3.0, "lambda": 5.0, "seed": 0}
 MODEL_ROUNDS = 200
 PRETRAIN_ROUNDS = 300  # of the pretrained kernel regressor, before fine-tuning adds `rounds`
-PRIORS = ("physical", "none", "pretrained")
 FILES = ("kernel_model.json", "model_model.json")
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 
