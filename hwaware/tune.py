@@ -5,6 +5,9 @@ Goes in: a `Partition`, example inputs, a target, a database and a trial budget.
 
 The tasks are the fused TIR workloads of the kernels that hold a contraction (convolution,
 matmul, attention); element-wise and reduction kernels get a rule-based schedule instead.
+Budgets: each task's share of the trials follows its share of the model's work (`task_budgets`:
+FLOPs times the kernels that call it, half of the budget spread evenly), and MetaSchedule's
+gradient task scheduler weighs each task by the kernels that call it.
 Resuming: a task that already has its share of the budget in the database is skipped; one with
 part of it gets only the rest; MetaSchedule seeds its search from the stored records.
 Warm start: the search's XGBoost cost model is kept per target between sessions
@@ -159,10 +162,10 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
     from hwaware.tvm import cost_model, database, phases, schedules, search, setup
 
     session_id, trials = summary.session_id, summary.trials_requested
-    per_task = _per_task_budget(trials, len(tasks))
+    budgets = task_budgets(tasks, trials)
     before = {t.workload_hash: db.count_records(t.workload_hash, setup.TVM_VERSION,
                                                 target.key) for t in tasks}
-    remaining = {t.name: max(0, per_task - before[t.workload_hash]) for t in tasks}
+    remaining = {t.name: max(0, budgets[t.name] - before[t.workload_hash]) for t in tasks}
     todo = [t for t in tasks if remaining[t.name] > 0]
     db.start_session(session_id, target.key, model_name, trials)
     start = time.time()
@@ -178,7 +181,9 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
             search.tune_workloads(
                 {t.name: t.workload for t in todo}, {t.name: remaining[t.name] for t in todo},
                 tgt, adapter, session_id, progress.update, work_dir,
-                num_trials_per_iter=_batch_size(per_task), fixed_schedules=fixed_schedules,
+                num_trials_per_iter=_batch_size(max(budgets.values())),
+                weights={t.name: float(len(t.kernels)) for t in todo},
+                fixed_schedules=fixed_schedules,
                 runner=ms_runner,
                 cost_model_dir=None if cold_start else cost_model.model_dir(target.key),
             )
@@ -237,10 +242,23 @@ def _batch_size(per_task: int) -> int:
     return min(TRIALS_PER_ITER, per_task)
 
 
-def _per_task_budget(trials: int, n_tasks: int) -> int:
-    share = math.ceil(trials / n_tasks)
+def task_budgets(tasks: list[TuningTask], trials: int) -> dict[str, int]:
+    """Each task's share of `trials`, by its share of the model's work: FLOPs of one call times
+    the kernels that call it (a block repeated 16 times weighs 16 times). Half of the budget is
+    shared evenly (every task gets a search, however light), half by weight; shares above one
+    round are whole rounds (`TRIALS_PER_ITER`). The same tasks and trials always give the same
+    budgets, so a resumed session measures only what its first run did not."""
+    weights = [max(t.flops, 1) * len(t.kernels) for t in tasks]
+    total = sum(weights)
+    even = trials / 2 / len(tasks)
+    return {t.name: _whole_rounds(math.ceil(even + trials / 2 * w / total))
+            for t, w in zip(tasks, weights, strict=True)}
+
+
+def _whole_rounds(share: int) -> int:
+    """Shares above one round rounded to the nearest whole round."""
     if share > TRIALS_PER_ITER:
-        share = math.ceil(share / TRIALS_PER_ITER) * TRIALS_PER_ITER
+        share = round(share / TRIALS_PER_ITER) * TRIALS_PER_ITER
     return share
 
 

@@ -165,3 +165,38 @@ def test_crashing_and_hanging_candidates_are_recorded_as_failed(
     assert len(failed) >= 2 and all(r.error for r in failed)
     assert any("Timeout" in (r.error or "") for r in failed)
     assert len(rows) - len(failed) >= 1  # the session went on and measured the rest
+
+
+def test_budgets_follow_each_task_share_of_the_model() -> None:
+    """A task's trials follow its FLOPs times the kernels that call it; half the budget is
+    spread evenly, so the lightest task still gets a search; the same tasks always get the
+    same budgets (what resuming relies on)."""
+    from hwaware.tune import TRIALS_PER_ITER, TuningTask, task_budgets
+
+    def task(name: str, flops: int, calls: int) -> TuningTask:
+        return TuningTask(name, None, name, "matmul", [f"k{i}" for i in range(calls)], flops)
+
+    tasks = [task("heavy", 10_000_000, 1), task("repeated", 1_000_000, 10),
+             task("light", 10_000, 1)]
+    budgets = task_budgets(tasks, 192)
+    assert budgets == task_budgets(list(tasks), 192)
+    assert budgets["heavy"] == budgets["repeated"] > budgets["light"] >= 192 // 2 // 3
+    assert abs(sum(budgets.values()) - 192) <= len(tasks) * TRIALS_PER_ITER // 2
+    assert task_budgets(tasks[:1], 8) == {"heavy": 8}
+
+
+def test_each_task_stops_at_its_own_budget(tmp_path: Path) -> None:
+    """A real session over two matmul workloads of different sizes: each task measures at most
+    its budget, and the larger one gets the larger budget."""
+    from hwaware.tune import task_budgets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
+    x = torch.randn(1, 64)
+    summary = hwaware.tune(model, (x,), trials=24, db=tmp_path / "t.db", show_progress=False)
+    assert len(summary.tasks) == 2
+    budgets = task_budgets(summary.tasks, 24)  # type: ignore[arg-type]  # name/flops/kernels
+    heavy, light = sorted(summary.tasks, key=lambda t: -t.flops)
+    assert budgets[heavy.name] > budgets[light.name]
+    for t in summary.tasks:
+        assert 0 < t.trials_now <= budgets[t.name]

@@ -66,9 +66,10 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
     MAX_ALL_STORED_ROUNDS = 16
 
     def __init__(self, inner: Any, database: SqliteDatabase,
-                 fixed_schedules: FixedSchedules | None = None):
+                 fixed_schedules: FixedSchedules | None = None, budget: int | None = None):
         super().__init__()
         self.inner = inner
+        self.budget = budget  # this task's trials (tune_tasks has one maximum for all tasks)
         self.database = database
         self.fixed_schedules = fixed_schedules or {}
         self.workload_hash = ""
@@ -82,8 +83,8 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
 
     def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: Any,
                    database: Any = None, cost_model: Any = None) -> None:
-        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database,
-                              cost_model)
+        trials = max_trials if self.budget is None else min(max_trials, self.budget)
+        self.inner.pre_tuning(trials, num_trials_per_iter, design_spaces, database, cost_model)
 
     def post_tuning(self) -> None:
         self.inner.post_tuning()
@@ -108,7 +109,8 @@ class SkipStoredCandidates(ms.search_strategy.PySearchStrategy):
         self.inner.notify_runner_results(measure_candidates, results)
 
     def clone(self) -> Any:
-        return SkipStoredCandidates(self.inner.clone(), self.database, self.fixed_schedules)
+        return SkipStoredCandidates(self.inner.clone(), self.database, self.fixed_schedules,
+                                    self.budget)
 
     def _fixed_candidate(self) -> Any | None:
         """The fixed-decision schedule of the workload's rule, post-processed like a sampled
@@ -220,8 +222,12 @@ def tune_workloads(
     fixed_schedules: FixedSchedules | None = None,
     runner: Any = None,
     cost_model_dir: Path | None = None,
+    weights: dict[str, float] | None = None,
 ) -> None:
-    """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads.
+    """Run MetaSchedule (evolutionary search + XGBoost cost model) over the named workloads,
+    each within its own budget; `weights` (default 1): how many times the model runs each
+    workload, for the gradient task scheduler, which tunes next the task whose weighted
+    latency is falling fastest.
 
     The search population is half MetaSchedule's default: on a 2-core machine each generation
     of 512 costs ~6 s of feature extraction, as much as building the batch it picks.
@@ -239,7 +245,7 @@ def tune_workloads(
             mod=workloads[n], target=target, space_generator="post-order-apply",
             search_strategy=SkipStoredCandidates(ms.search_strategy.EvolutionarySearch(
                 population_size=population, genetic_num_iters=3, init_min_unmeasured=32,
-            ), database, fixed_schedules),
+            ), database, fixed_schedules, budgets[n]),
             task_name=n, num_threads=cores,
             logger=logging.getLogger(f"hwaware.ms.{n}"),
         )
@@ -254,7 +260,7 @@ def tune_workloads(
     model = search_cost_model.warm_model(cost_model_dir, database.target_key, cores)
     ms.tune_tasks(
         tasks=contexts,
-        task_weights=[1.0] * len(names),
+        task_weights=[(weights or {}).get(n, 1.0) for n in names],
         work_dir=work_dir,
         max_trials_global=total,
         max_trials_per_task=max(budgets.values()),
