@@ -45,7 +45,6 @@ from hwaware.target import Target
 
 log = logging.getLogger(__name__)
 
-RTOL, ATOL = 1e-3, 1e-4
 FUSED_FAMILIES = set(families())
 CONTRACTION_FAMILIES = set(CONTRACTIONS.values()) | FUSED_FAMILIES
 # A kernel moves to TVM only when clearly faster: each switch between PyTorch and TVM costs
@@ -585,14 +584,11 @@ def full_fp32() -> Iterator[None]:
 
 
 def _all_close(got: list[Any], expected: list[Any]) -> bool:
-    if len(got) != len(expected):
-        return False
-    for g, e in zip(got, expected, strict=True):
-        if g.shape != e.shape or g.dtype != e.dtype:
-            return False
-        if e.dtype.is_floating_point:
-            if not torch.allclose(g, e, rtol=RTOL, atol=ATOL, equal_nan=True):
-                return False
-        elif not torch.equal(g, e):
-            return False
-    return True
+    """A kernel's outputs against its PyTorch ops': the same check as `hwaware.verify` (an
+    absolute tolerance scaled by the largest value: ResNet-50's eight last fused blocks, with
+    outputs up to 43,000 under random weights, differed from PyTorch by at most 8e-7 times
+    their largest value, float32 rounding, and were refused at a flat 1e-4)."""
+    from hwaware.verify import leaf_difference
+
+    return len(got) == len(expected) and all(
+        leaf_difference(g, e) is None for g, e in zip(got, expected, strict=True))
