@@ -249,3 +249,30 @@ def test_a_loaded_model_redecides_on_this_machine(tmp_path: Path) -> None:
     eager_only.executable = None
     with pytest.raises(ValueError, match="no TVM kernels"):
         eager_only.redecide(*inputs)
+
+
+def test_kernel_check_tolerance_scales_with_the_outputs() -> None:
+    """A kernel is checked against its PyTorch ops within an absolute tolerance scaled by the
+    largest value (float32 rounding grows with it): large activations are not refused as
+    'differs from PyTorch', a real difference still is."""
+    from hwaware import build
+    from hwaware.build import KernelMismatchWarning
+
+    e = torch.randn(1000) * 1e4
+    assert build._all_close([e + 1e-3 * torch.randn(1000)], [e])
+    wrong = e.clone()
+    wrong[7] += 1e-2 * e.abs().max()
+    assert not build._all_close([wrong], [e])
+
+    model, (x,) = get_model("resnet_basic_block")  # 64 channels at 56 x 56
+    big = x * 1e3  # outputs up to ~5,000: a flat atol 1e-4 refused this kernel (12 values)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = hwaware.compile(model, (big,), db=None)
+    assert not [w for w in caught if issubclass(w.category, KernelMismatchWarning)]
+    assert any(k.family == "res_block" and k.impl == "tvm"
+               for k in compiled.program.kernels.values())
+    with torch.no_grad():
+        expected = model(big)
+        torch.testing.assert_close(compiled(big), expected, rtol=1e-3,
+                                   atol=1e-4 * float(expected.abs().max()))
