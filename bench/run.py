@@ -156,13 +156,16 @@ def quiet() -> Iterator[None]:
         os.close(saved)
 
 
-def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Path) -> Impl:
+def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Path,
+             export: Callable[..., str] = export_onnx) -> Impl:
+    """ONNX Runtime on `export(model, inputs, path)`'s graph; inputs named in0, in1, ... are
+    fed by index (an exporter may drop an input the graph does not use)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return Impl("onnxruntime", None, "skipped: onnxruntime not installed")
     try:
-        exporter = export_onnx(model, inputs, work / "model.onnx")
+        exporter = export(model, inputs, work / "model.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = CORES
         opts.inter_op_num_threads = 1
@@ -172,10 +175,13 @@ def make_ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], work: Pat
     except Exception as err:
         return Impl("onnxruntime", None, f"skipped, export failed: {first_line(err)}")
     names = [i.name for i in sess.get_inputs()]
-    if len(names) != len(inputs):
+    if all(re.fullmatch(r"in\d+", n) for n in names):
+        feeds = {n: inputs[int(n[2:])].numpy() for n in names}
+    elif len(names) == len(inputs):
+        feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
+    else:
         return Impl("onnxruntime", None, f"skipped: ONNX graph has {len(names)} inputs, "
                     f"model has {len(inputs)}")
-    feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
 
     def run() -> list[torch.Tensor]:
         return [torch.from_numpy(o) for o in sess.run(None, feeds)]
