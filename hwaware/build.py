@@ -39,7 +39,7 @@ from hwaware.db import TuningDatabase
 from hwaware.kernels import families, fixed_schedules, unique_name
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
-from hwaware.runner import Timing, time_until_clear
+from hwaware.runner import time_until_clear
 from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
 from hwaware.target import Target
 
@@ -55,6 +55,7 @@ MARGIN = 0.1
 # basic block (1.2x its PyTorch ops in the other runs) to PyTorch in one bench run of three.
 DECISION_QUANTILE = 0.25
 ONE_CALL = "k_whole"
+US = operator.attrgetter("us")  # of a runner.Timing
 
 
 class KernelMismatchWarning(UserWarning):
@@ -547,7 +548,7 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
     tvm, torch_side = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
     if not _tvm_wins(tvm.us, torch_side.us):  # a loss is timed again, each side keeping its best
         again = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
-        tvm, torch_side = min(tvm, again[0], key=_us_of), min(torch_side, again[1], key=_us_of)
+        tvm, torch_side = min(tvm, again[0], key=US), min(torch_side, again[1], key=US)
     tvm_us, torch_us = tvm.us, torch_side.us
     spec.tvm_us, spec.torch_us = tvm_us, torch_us
     spec.tvm_spread, spec.torch_spread = tvm.spread, torch_side.spread
@@ -555,10 +556,6 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
     if db is not None:
         db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
         db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
-
-
-def _us_of(timing: Timing) -> float:
-    return timing.us
 
 
 def _tvm_wins(tvm_us: float, torch_us: float) -> bool:

@@ -81,9 +81,15 @@ def device_sync() -> Callable[[], None]:
 def quantile_of(samples: list[float], q: float) -> float:
     """The q-quantile (0 < q < 1, in percent steps) of the samples, interpolated like numpy's
     default; q = 0.5 is the median."""
+    return quantiles_of(samples, [q])[0]
+
+
+def quantiles_of(samples: list[float], qs: Sequence[float]) -> list[float]:
+    """`quantile_of` for each of `qs`, the samples sorted once."""
     if len(samples) == 1:
-        return samples[0]
-    return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
+        return [samples[0] for _ in qs]
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return [cuts[round(q * 100) - 1] for q in qs]
 
 
 def time_in_blocks(fns: list[Callable[[], Any]], repeats: int, block: int = 10,
@@ -106,9 +112,8 @@ class Timing:
 
 
 def timing_of(samples: list[float], quantile: float) -> Timing:
-    q25, median, q75 = (quantile_of(samples, q) for q in (0.25, 0.5, 0.75))
-    return Timing(quantile_of(samples, quantile), (q75 - q25) / median if median > 0 else 0.0,
-                  len(samples))
+    chosen, q25, median, q75 = quantiles_of(samples, [quantile, 0.25, 0.5, 0.75])
+    return Timing(chosen, (q75 - q25) / median if median > 0 else 0.0, len(samples))
 
 
 # Timing rounds for one decision: the first in blocks of 10 (how a deployed model runs), the
