@@ -201,6 +201,21 @@ def test_find_leaves_reflect_padding_outside() -> None:
     assert "pad" in str(group[0].args[0].target) and group[0].args[0] not in group
 
 
+def test_register_hints_fill_the_registers_with_dividing_columns() -> None:
+    """The fixed register tile's columns divide the output width (fixed tile decisions are
+    divisors): 64 channels over 14 columns get 2 vectors x 7 columns (14 accumulators), not
+    the 4 x 2 that fixing 4 vectors first left; 40 channels keep 5 x 4."""
+    from hwaware.kernels.conv_kernel import ACCUMULATORS, register_hints
+
+    assert register_hints(64, 14) == (32, 7)
+    assert register_hints(40) == (40, 4) and register_hints(40, 28) == (40, 4)
+    for channels, width in [(64, 14), (160, 7), (96, 14), (24, 56), (320, 7), (48, 5)]:
+        tile, columns = register_hints(channels, width)
+        lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
+        assert width % columns == 0 and channels % tile == 0
+        assert (tile // lanes) * columns <= ACCUMULATORS
+
+
 # ------------------------------------------------------------------ lower + build
 SHAPES = [  # cin, cout, expand, k, stride, size, act[, squeeze-excite gate]
     (12, 12, 6, 3, 1, 15, nn.ReLU6),

@@ -17,7 +17,11 @@ computes expand, pad and dw for each tile (plus halo) inside the tile loop, dept
 expanded intermediate stays in cache. With a squeeze-excite it has two phases in the one
 kernel: parallel tiles of the depthwise output (each computing its expand conv and padding
 depth-first, so only the depthwise output is materialized), the pool and SE, then the tiled
-project conv reading the depthwise output and the gated weights. Sampled: the tile shape (a
+project conv reading the depthwise output and the gated weights. A small map (at most
+`SMALL_MAP` output pixels: 7x7) has the two phases too, with channel tiles: the first phase's
+parallel tiles are groups of expanded channels over the whole map (no halo to recompute), the
+project conv's are output-channel tiles (a 160-channel block at 7x7 ran 1.6x its row tiles,
+which left one core idle). Sampled: the tile shape (a
 full-width tile is a row band), the project conv's register block and vector width, the
 producers' vector widths and the unroll depth. A cuda space binds tiles to thread blocks and
 keeps the tile's intermediates in shared memory. `schedule_fixed` applies the same schedules
@@ -337,31 +341,47 @@ def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
     sch.vectorize(split_lanes(sch, decide, sch.get_loops(block)[-1])[1])
 
 
-def register_hints(channels: int) -> tuple[int, int]:
+def register_hints(channels: int, columns: int = 0) -> tuple[int, int]:
     """Fixed (channel tile, columns) of a (columns x channel vectors) register tile for a GEMM
-    with `channels` outputs: up to 5 vectors of the widest power-of-two lanes, and as many
-    columns (<= 8) as keep about ACCUMULATORS accumulators. (40 channels: 5 vectors x 4 columns
-    ran 1.1x the 1 x 7 that a 3-vector bound left, too few accumulators to hide FMA latency.)"""
+    with `channels` outputs over `columns` output columns (0: any): up to 5 vectors of the
+    widest power-of-two lanes and up to 8 columns, each dividing its extent (the fixed tile
+    decisions are divisors), with the most accumulators up to ACCUMULATORS, then the most
+    vectors. (40 channels: 5 vectors x 4 columns ran 1.1x the 1 x 7 that a 3-vector bound left,
+    too few accumulators to hide FMA latency. A 64-channel MobileNetV2 block at 14x14: 2 x 7
+    ran 1.5x the 4 x 2 that fixing the vectors first left, 132 vs 203 us on Zen 5.)"""
     lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
-    vectors = max(d for d in range(1, 6) if (channels // lanes) % d == 0)
-    return lanes * vectors, min(8, ACCUMULATORS // vectors)
+    vector_options = [d for d in range(1, 6) if (channels // lanes) % d == 0]
+    column_options = [c for c in range(1, 9) if not columns or columns % c == 0]
+    vectors, cols = max(((v, c) for v in vector_options for c in column_options
+                         if v * c <= ACCUMULATORS), key=lambda vc: (vc[0] * vc[1], vc[0]))
+    return lanes * vectors, cols
 
 
-def parallel_project_tiles(sch: Any, decide: Decide) -> Any:
+SMALL_MAP = 64  # output pixels at or below which a block's tiles split channels, not rows
+
+
+def parallel_project_tiles(sch: Any, decide: Decide, by_channels: bool = False) -> Any:
     """The project conv (GEMM) split into parallel output tiles, each a (columns x channel
     vectors) register block accumulating in registers, with the output epilogue inside; the
-    tile loop (where a depth-first schedule computes the earlier stages)."""
-    out_channels = sch.get(sch.get_loops(sch.get_sblock("proj"))[2]).extent
-    channels, columns = register_hints(int(out_channels))
+    tile loop (where a depth-first schedule computes the earlier stages). `by_channels`: the
+    parallel tiles are (spatial tile, output-channel tile) pairs, for maps too small to give
+    every core a spatial tile."""
+    _, ow, o, _ = sch.get_loops(sch.get_sblock("proj"))
+    channels, columns = register_hints(int(sch.get(o).extent), int(sch.get(ow).extent))
     tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
         sch, decide, {"oh": [8], "ow": [2, columns], "o": [channels]}, 64)
     vectors, lanes = split_lanes(sch, decide, o1)
-    sch.reorder(oh1, ow1, o0, r, ow2, vectors, lanes)
+    if by_channels:
+        sch.reorder(o0, oh1, ow1, r, ow2, vectors, lanes)
+        tile, register_tile = sch.fuse(tile, o0), ow1
+    else:
+        sch.reorder(oh1, ow1, o0, r, ow2, vectors, lanes)
+        register_tile = o0
     sch.vectorize(lanes)
     sch.unroll(vectors)
     sch.unroll(ow2)
     sch.parallel(tile)
-    accumulate_in_registers(sch, sch.get_sblock("proj"), o0, r)
+    accumulate_in_registers(sch, sch.get_sblock("proj"), register_tile, r)
     sch.annotate(tile, "pragma_auto_unroll_max_step", decide.choose(sch, UNROLL, UNROLL_P))
     sch.annotate(tile, "pragma_unroll_explicit", 1)
     sch.reverse_compute_at(sch.get_sblock("out"), tile, preserve_unit_loops=True)
@@ -372,20 +392,37 @@ def parallel_project_tiles(sch: Any, decide: Decide) -> Any:
     return tile
 
 
+def is_small_map(sch: Any) -> bool:
+    """Is the project conv's output map at most SMALL_MAP pixels? (7x7: row tiles would leave
+    a core idle or recompute the expand conv's halo for every row.)"""
+    oh, ow = sch.get_loops(sch.get_sblock("proj"))[:2]
+    return int(sch.get(oh).extent) * int(sch.get(ow).extent) <= SMALL_MAP
+
+
 def schedule_cpu(sch: Any, decide: Decide) -> Any:
     """The depth-first CPU schedule: per output tile (parallel), the expand conv for the tile
     plus halo, the padded activation and the depthwise conv into tile-sized buffers, then the
-    project conv with a (columns x channels) register block vectorized over channels."""
-    tile = parallel_project_tiles(sch, decide)
-    two_phase = _block(sch, "pool") is not None  # squeeze-excite: dw has its own tiles
-    anchor = _dw_tiles(sch, decide, _one_row_tile_per_core(sch, decide)) if two_phase else tile
+    project conv with a (columns x channels) register block vectorized over channels.
+    Two phases instead (the depthwise output materialized, then the project conv's tiles) with
+    a squeeze-excite, whose pool needs the whole depthwise output, and on a small map, where
+    the first phase's parallel tiles are channel groups over the whole map (the expand conv
+    then has no halo to recompute) and the second's are output-channel tiles."""
+    small = is_small_map(sch)
+    tile = parallel_project_tiles(sch, decide, by_channels=small)
+    two_phase = small or _block(sch, "pool") is not None
+    anchor = tile
+    if small:
+        anchor = _dw_channel_tiles(sch, decide)
+    elif two_phase:
+        anchor = _dw_tiles(sch, decide, _one_row_tile_per_core(sch, decide))
     for name in ("pad", "expand") if two_phase else ("dw", "pad", "expand"):
         block = _block(sch, name)  # depth-first: the tile's producers inside its loop
         if block is not None:
             sch.compute_at(block, anchor, preserve_unit_loops=True)
     if two_phase:
         sch.parallel(anchor)
-        pool = sch.get_sblock("pool")
+    pool = _block(sch, "pool")
+    if pool is not None:
         f, ri, rj = sch.get_loops(pool)
         sch.reorder(ri, rj, f)
     for name in ("dw", "pad", "expand", "pool", "gated"):
@@ -394,6 +431,15 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
             continue
         vectorize_channels(sch, decide, block)
     return sch
+
+
+def _dw_channel_tiles(sch: Any, decide: Decide) -> Any:
+    """Tile the depthwise output by channel groups (whole map per tile; up to 64 channels,
+    the largest dividing group for fixed decisions); returns the group loop."""
+    i, j, f = sch.get_loops(sch.get_sblock("dw"))
+    f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [64]))
+    sch.reorder(f0, i, j, f1)
+    return f0
 
 
 def _one_row_tile_per_core(sch: Any, decide: Decide) -> list[int]:

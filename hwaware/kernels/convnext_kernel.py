@@ -193,7 +193,7 @@ def _schedule_fc1(sch: Any, decide: Decide) -> None:
     the bias + activation runs on each register block as soon as its reduction ends."""
     fc1 = sch.get_sblock("fc1")
     _, i, j, f, r = sch.get_loops(fc1)
-    channels, columns = register_hints(int(sch.get(f).extent))
+    channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent))
     j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
     f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
     vectors, lanes = split_lanes(sch, decide, f1)
