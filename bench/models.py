@@ -2,8 +2,10 @@
 
 Per model: eager PyTorch, Inductor (`torch.compile`), ONNX Runtime, `hwaware.compile` and
 `torch.compile(backend="hwaware")`, both hwaware entry points untuned (trials=0, no database:
-what a new user gets). Models: the conformance corpus (`tests/conformance/models.py`: tiny
-configurations of transformers and PyTorch Geometric models, batch 1) and, with `--full`, the
+what a new user gets), or with `--trials N` tuned first (N measurements per model, into a
+fresh database both entry points compile with). Models: the conformance corpus
+(`tests/conformance/models.py`: tiny configurations of transformers and PyTorch Geometric
+models, batch 1) and, with `--full`, the
 full-size ResNet-50 and MobileNetV2 1.0 at 224 px and BERT-base at sequence 128 (transformers'
 default configurations, random weights). Each model runs in its own process (a compile that
 hangs or crashes costs that model only, under `--timeout`); its implementations are timed
@@ -107,9 +109,10 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: 
         return harness_export(copy.deepcopy(model), inputs, path)
 
 
-def make_dynamo_hwaware(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Impl:
-    """`torch.compile(model, backend="hwaware")`, untuned and without a database: the
-    registered backend as users call it (no recording wrapper on the timed calls)."""
+def make_dynamo_hwaware(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
+                        db: str | None = None) -> Impl:
+    """`torch.compile(model, backend="hwaware")` with the records in `db` (None: untuned, no
+    database): the registered backend as users call it (no wrapper on the timed calls)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -117,7 +120,7 @@ def make_dynamo_hwaware(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compiled = torch.compile(model, backend="hwaware", options={"db": None, "trials": 0})
+            compiled = torch.compile(model, backend="hwaware", options={"db": db, "trials": 0})
             with torch.no_grad():
                 compiled(*inputs)
     except Exception as err:  # a failure is a result to report
@@ -155,19 +158,25 @@ def coverage(compiled: Any, model: torch.nn.Module, inputs: tuple[torch.Tensor, 
             "fused_conv_pct": coverage_pct(fused, total) if fused else None}
 
 
-def bench_one(name: str, repeats: int) -> dict[str, Any]:
-    """Every implementation of one model, checked and timed interleaved; a JSON-able row."""
+def bench_one(name: str, repeats: int, trials: int = 0) -> dict[str, Any]:
+    """Every implementation of one model, checked and timed interleaved; a JSON-able row.
+    With `trials`, the model is first tuned (`hwaware.tune`, that many measurements in all)
+    into a fresh database that both entry points then compile with."""
     torch.set_num_threads(CORES)
     family, model, inputs = build_case(name)
     with torch.no_grad():
         expected = model(*inputs)
     with tempfile.TemporaryDirectory(prefix="hwaware-models-") as tmp:
+        db = str(Path(tmp) / "tuned.db") if trials else None
+        tuning = run.run_tuning(model, inputs, trials, db) if db else ""
         impls = [run.make_eager(model, inputs), run.make_inductor(model, inputs),
                  run.make_ort(model, inputs, Path(tmp), export_onnx)]
         start = time.perf_counter()
-        impls.append(run.make_hwaware(ENTRY_POINTS[0], model, inputs, None))
+        impls.append(run.make_hwaware(ENTRY_POINTS[0], model, inputs, db))
         impls[-1].note += f"; compile {time.perf_counter() - start:.0f} s"
-        impls.append(make_dynamo_hwaware(model, inputs))
+        if tuning:
+            impls[-1].note += f"; {tuning}"
+        impls.append(make_dynamo_hwaware(model, inputs, db))
         live = [(i, i.fn) for i in impls if i.fn is not None]
         live = [(i, fn) for i, fn in live if check(i, fn, expected)]
         floor = dynamo_floor(model, inputs) if impls[4].fn is not None else None
@@ -283,8 +292,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float
     head = [
         "# hwaware on whole real models, both entry points, against their peers", "",
         f"- cpu: {run._cpu_name()}, {CORES} cores (every runtime uses {CORES} threads)",
-        f"- torch {torch.__version__}; batch 1; untuned (trials=0, no database); medians of "
-        f"{args.repeats} interleaved calls; {wall_s / 60:.0f} min",
+        f"- torch {torch.__version__}; batch 1; "
+        + (f"tuned first ({args.trials} trials per model, a fresh database each)"
+           if args.trials else "untuned (trials=0, no database)")
+        + f"; medians of {args.repeats} interleaved calls; {wall_s / 60:.0f} min",
         f"- command: python bench/models.py {' '.join(sys.argv[1:])}",
         "- ratios: eager ms / implementation ms (above 1 is faster than eager); vs peer: "
         "the fastest correct peer's ms / hwaware's (above 1: hwaware is faster); only "
@@ -304,7 +315,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """bench_one(name) in a child process, under the timeout."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--one", name, "--json", out.name,
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--trials", str(args.trials)]
         try:
             proc = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -332,13 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", help="corpus families (default: all but dynamic)")
     p.add_argument("--full", action="store_true", help="add ResNet-50, MobileNetV2, BERT-base")
     p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--trials", type=int, default=0,
+                   help="tune each model first with this many measurements (default 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     p.add_argument("--out", default="bench/results/models.md")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        Path(args.json).write_text(json.dumps(bench_one(args.one, args.repeats)))
+        Path(args.json).write_text(json.dumps(bench_one(args.one, args.repeats, args.trials)))
         return 0
     start, rows = time.perf_counter(), []
     for name in selected(args):
