@@ -104,10 +104,10 @@ def _kernel_graph(gm: fx.GraphModule, group: list[fx.Node]) -> fx.GraphModule:
     return kg
 
 
-def _lowered(model: nn.Module, x: torch.Tensor, name: str) -> Any:
+def _lowered(model: nn.Module, x: torch.Tensor, name: str, target: str = "host") -> Any:
     gm = _graph(model, x)
     (group,) = conv.find(gm)
-    return conv.FAMILY.lower(_kernel_graph(gm, group), [x], get_target("host"), name)
+    return conv.FAMILY.lower(_kernel_graph(gm, group), [x], get_target(target), name)
 
 
 def _run(exe: Any, x: torch.Tensor) -> torch.Tensor:
@@ -368,14 +368,14 @@ def test_builds_for_other_targets(target_name: str) -> None:
     for model, size in [(InvertedResidual(16, 24, 6, 5, 2), 15), (InvertedResidual(8, 8, 1), 7),
                         (InvertedResidual(8, 8, 3, se=True), 7)]:
         x = torch.randn(1, int(model.body[0].in_channels), size, size)
-        mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}"), tgt)
+        mod = default_schedule(_lowered(model, x, f"hw_conv_{t.kind}", target_name), tgt)
         exe, _ = schedules.build_executable(mod, tgt, None)
         assert exe is not None
     # TF-same at stride 2: a (0, 1, 0, 1) zero pad before the depthwise conv, in the kernel
     from tests.test_real_patterns import PadBlock
     x = torch.randn(1, 8, 12, 12)
-    mod = default_schedule(_lowered(PadBlock((0, 1, 0, 1), stride=2), x, f"hw_conv_tf_{t.kind}"),
-                           tgt)
+    mod = default_schedule(_lowered(PadBlock((0, 1, 0, 1), stride=2), x, f"hw_conv_tf_{t.kind}",
+                                    target_name), tgt)
     assert schedules.build_executable(mod, tgt, None)[0] is not None
 
 
@@ -387,8 +387,8 @@ def test_schedule_space_is_generated(target_name: str, se: bool) -> None:
 
     t = get_target(target_name)
     tgt = setup.tvm_target(t.tvm, t.host_tvm)
-    mod = ir.fuse_for_tuning(_lowered(InvertedResidual(8, 8, se=se),
-                                              torch.randn(1, 8, 9, 9), "hw_conv_space"), tgt)
+    mod = ir.fuse_for_tuning(_lowered(InvertedResidual(8, 8, se=se), torch.randn(1, 8, 9, 9),
+                                      "hw_conv_space", target_name), tgt)
     (func,) = ir.prim_funcs(mod).values()
     setup.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
     ctx = ms.TuneContext(mod=ir.workload_of(func), target=tgt,

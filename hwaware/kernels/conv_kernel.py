@@ -64,6 +64,7 @@ UNROLL = [16, 0, 64]
 UNROLL_P = [1 / len(UNROLL)] * len(UNROLL)
 CUDA_THREADS = [64, 128, 256]
 OPAQUE = 8  # relax OpPatternKind::kOpaque
+SMALL_MAP = 784  # output pixels (28x28) at or below which a block runs in two whole-map phases
 
 
 # ------------------------------------------------------------------------------- compute
@@ -106,9 +107,10 @@ def _bias(conv: Conv) -> torch.Tensor:
     return conv.bias if conv.bias is not None else torch.zeros(out, dtype=torch.float32)
 
 
-def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
+def block_compute(block: Block, x: Any, consts: dict[str, Any], cpu: bool = True) -> Any:
     """The TE definition of the fused block on NCHW input `x`; `consts` holds the weights in
-    the kernel's layouts (see `_weights`). Returns the NCHW output tensor."""
+    the kernel's layouts (see `_weights`). Returns the NCHW output tensor. On a CPU target a
+    small map's expand conv is a reduction (`_expand_te`)."""
     _, c_in, h, w = (int(s) for s in x.shape)
     k = int(block.dw.weight.shape[-1])
     s = block.stride
@@ -124,12 +126,7 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
         return tirx.all(i >= top, i < h + top, j >= left, j < w + left)
 
     if block.expand is not None:
-        # an explicit sum, not a reduction: TIR cannot vectorize a reduction block that
-        # compute_at clipped to the tile's halo; the sum stays in registers too
-        expanded = te.compute(
-            (h, w, e), lambda i, j, f: _dot(
-                [x[0, c, i, j] for c in range(c_in)], [consts["w1"][c, f] for c in range(c_in)]),
-            name="expand", attrs=none)
+        expanded = _expand_te(x, consts["w1"], e, whole=cpu and oh * ow <= SMALL_MAP)
         act1 = block.expand_act
 
         def padded(i: Any, j: Any, f: Any) -> Any:
@@ -159,6 +156,22 @@ def block_compute(block: Block, x: Any, consts: dict[str, Any]) -> Any:
         return v + x[n, o, i, j] if block.residual else v
 
     return te.compute((1, c_out, oh, ow), output, name="out", attrs={"schedule_rule": RULE})
+
+
+def _expand_te(x: Any, w1: Any, e: int, whole: bool) -> Any:
+    """The expand (1x1) conv, channel-last (h, w, e). `whole` (a small map, computed whole per
+    channel group): a reduction the schedule register-tiles like the project conv. Otherwise
+    an explicit sum, not a reduction: TIR cannot vectorize a reduction block that compute_at
+    clipped to the tile's halo; the sum stays in registers too."""
+    _, c_in, h, w = (int(v) for v in x.shape)
+    if whole:
+        rc = te.reduce_axis((0, c_in), name="rc")
+        return te.compute((h, w, e), lambda i, j, f: te.sum(x[0, rc, i, j] * w1[rc, f], axis=rc),
+                          name="expand", attrs={"schedule_rule": "None"})
+    return te.compute(
+        (h, w, e), lambda i, j, f: _dot([x[0, c, i, j] for c in range(c_in)],
+                                        [w1[c, f] for c in range(c_in)]),
+        name="expand", attrs={"schedule_rule": "None"})
 
 
 def _gated_weights(se: SqueezeExcite, dw: Any, consts: dict[str, Any]) -> Any:
@@ -224,7 +237,9 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
     dw_node = next(n for n in graph.graph.nodes
                    if n.op == "call_function" and n.target is CONV and _conv_attrs(n)[3] > 1)
     block = _match(graph, dw_node)
-    return emit_one_call(graph, _weights(block), lambda x, c: block_compute(block, x, c), name)
+    cpu = getattr(target, "kind", "cpu") != "cuda"
+    return emit_one_call(graph, _weights(block), lambda x, c: block_compute(block, x, c, cpu),
+                         name)
 
 
 def emit_one_call(graph: fx.GraphModule, weights: dict[str, torch.Tensor],
@@ -357,9 +372,6 @@ def register_hints(channels: int, columns: int = 0) -> tuple[int, int]:
     return lanes * vectors, cols
 
 
-SMALL_MAP = 64  # output pixels at or below which a block's tiles split channels, not rows
-
-
 def parallel_project_tiles(sch: Any, decide: Decide, by_channels: bool = False) -> Any:
     """The project conv (GEMM) split into parallel output tiles, each a (columns x channel
     vectors) register block accumulating in registers, with the output epilogue inside; the
@@ -425,12 +437,36 @@ def schedule_cpu(sch: Any, decide: Decide) -> Any:
     if pool is not None:
         f, ri, rj = sch.get_loops(pool)
         sch.reorder(ri, rj, f)
-    for name in ("dw", "pad", "expand", "pool", "gated"):
+    expand = _block(sch, "expand")
+    whole_expand = expand is not None and _is_reduction(sch, expand)
+    if whole_expand:
+        _register_tile_expand(sch, decide, expand)
+    for name in ("dw", "pad", "pool", "gated") + (() if whole_expand else ("expand",)):
         block = _block(sch, name)
         if block is None:
             continue
         vectorize_channels(sch, decide, block)
     return sch
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    return any(int(v.iter_type) == 2 for v in sch.get(block).iter_vars)  # 2: kCommReduce
+
+
+def _register_tile_expand(sch: Any, decide: Decide, expand: Any) -> None:
+    """A small map's expand conv (a reduction, computed whole per channel group): a (columns
+    x channel vectors) register tile accumulating over the input channels, as the project
+    conv's."""
+    *_, i, j, f, r = sch.get_loops(expand)
+    channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent))
+    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
+    f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
+    vectors, lanes = split_lanes(sch, decide, f1)
+    sch.reorder(i, j0, f0, r, j1, vectors, lanes)
+    sch.vectorize(lanes)
+    sch.unroll(vectors)
+    sch.unroll(j1)
+    accumulate_in_registers(sch, expand, f0, r)
 
 
 def _dw_channel_tiles(sch: Any, decide: Decide) -> Any:
