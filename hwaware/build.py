@@ -4,7 +4,8 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
 `CompiledModel`. For each kernel:
 1. import its small FX graph into Relax (a kernel that fails to import stays in PyTorch);
 2. a kernel whose contraction has no tuned record stays in PyTorch (TVM without a schedule is
-   ~25x slower than eager; PyTorch's own kernel is the sensible default);
+   ~25x slower than eager; PyTorch's own kernel is the sensible default), unless a default
+   schedule serves it untuned (a small kernel, a dense matmul: `schedules.has_default_schedule`);
 3. build the rest into one library: tuned records from the database, a rule-based default
    schedule for element-wise and reduction kernels. The best record of each workload is first
    run against the workload's unscheduled definition on random inputs (`hwaware.tvm.check`:
@@ -518,15 +519,15 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
-    """Every contraction of the kernel has a tuned record, or is small enough for the
-    default schedule (`schedules.SmallSerial`), or the kernel is a fused family kernel with
-    its family's fixed-decision schedule."""
-    from hwaware.tvm.schedules import is_small
+    """Every contraction of the kernel has a tuned record, or a default schedule that needs
+    no tuning (small: `schedules.SmallSerial`; a dense matmul: `schedules.DenseMatmul`), or the
+    kernel is a fused family kernel with its family's fixed-decision schedule."""
+    from hwaware.tvm.schedules import has_default_schedule
     from hwaware.tvm.setup import TVM_VERSION
 
     return kernel.fused or all(
         db is not None and db.top_records(h, TVM_VERSION, target.key, 1)
-        or is_small(kernel.workloads[h])
+        or has_default_schedule(kernel.workloads[h], _tvm_target(target))
         for h in kernel.heavy
     )
 

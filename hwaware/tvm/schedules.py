@@ -3,8 +3,8 @@
 Goes in: a Relax module of fused kernels, a TVM target, the database adapter (or None) and the
 families' fixed-decision schedules. Comes out: the executable and the workloads that got a
 tuned record. A kernel without a record gets its family's fixed schedule, else a rule-based
-default (`SmallSerial` for small kernels, DLight's GEMV and reduction rules,
-`ParallelVectorize`): never an unscheduled kernel.
+default (`SmallSerial` for small kernels, `DenseMatmul` for Linear layers, DLight's GEMV and
+reduction rules, `ParallelVectorize`): never an unscheduled kernel.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [Tolerant(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
     else:
-        rules = [SmallSerial(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
+        rules = [SmallSerial(), DenseMatmul(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
                  ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
 
@@ -191,6 +191,27 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
                     _, inner = sch.split(loops[-1], factors=[None, lanes])
                     sch.vectorize(inner)
         return sch
+
+
+class DenseMatmul(ScheduleRule):  # type: ignore[misc]
+    """CPU default for a dense matmul kernel (a Linear layer and its epilogue): the register-
+    blocked GEMM of `hwaware.tvm.dense`."""
+
+    def apply(self, func: Any, target: Any, _: bool) -> Any:
+        from hwaware.tvm.dense import schedule_dense
+
+        try:
+            return schedule_dense(func, _vector_lanes(target))
+        except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors: RuntimeErrors
+            log.debug("no dense schedule (the next rule applies): %s", err)
+            return None
+
+
+def has_default_schedule(workload: tvm.IRModule, target: tvm.target.Target) -> bool:
+    """Whether a kernel's contraction gets a good schedule without tuning: small enough for
+    `SmallSerial`, or a dense matmul on a CPU (`DenseMatmul`)."""
+    return is_small(workload) or target.kind.name == "llvm" and \
+        DenseMatmul().apply(workload["main"], target, False) is not None
 
 
 def is_small(workload: tvm.IRModule) -> bool:

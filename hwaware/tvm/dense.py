@@ -1,0 +1,139 @@
+"""The untuned CPU schedule of a dense matmul kernel (a Linear layer and its epilogue).
+
+Goes in: a fused TIR kernel whose one contraction is C[..., i, j] = sum_k A[..., i, k] *
+B[..., k, j] (the weight already laid out k-major, as Relax legalizes `linear`), followed by
+element-wise epilogue blocks (bias, activation). Comes out: a schedule, or None where the kernel
+is not of that form (the next rule, or PyTorch, takes it).
+
+The schedule is the classic register-blocked GEMM: the output is split into (rows x column
+vectors) micro-tiles whose accumulators stay in registers for the whole k loop (`rows` A values
+broadcast and `vectors` B vectors loaded per k step), the tiles run in parallel with column
+panels outermost (a panel of B stays in L2 while the rows of A stream past), and the epilogue
+runs on each micro-tile as soon as its sums are done. Without it, a Linear layer whose
+contraction has no tuned record stays in PyTorch (on AMD CPUs PyTorch's CPU GEMM reaches a
+third of the cores' peak).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 6  # rows of A per micro-tile
+MAX_VECTORS = 4  # vectors of B (output columns) per micro-tile
+ACCUMULATORS = 24  # vector accumulators a micro-tile may hold (AVX-512 has 32 registers)
+MIN_ROWS = 4  # fewer rows (a GEMV) are DLight's GEMV rule's
+
+
+def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
+    """(block, i, j) of the kernel's one contraction if it is a dense matmul vectorizable over
+    its output columns: the last spatial iter j indexes the last dims of B and C, the reduction
+    k the last dim of A and the second-to-last of B."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    reductions = [b for b in blocks if any(int(v.iter_type) == 2 for v in sch.get(b).iter_vars)]
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    iters = list(sch.get(block).iter_vars)
+    kinds = [int(v.iter_type) for v in iters]
+    if len(iters) < 3 or kinds[-1] != 2 or any(k != 0 for k in kinds[:-1]):
+        return None
+    i, j, k = (v.var for v in iters[-3:])
+    written = sch.get(block).writes[0].source
+    reads = [r for r in sch.get(block).reads if not r.source.same_as(written)]
+    if len(reads) != 2 or not any(_last_index_is(r, k) for r in reads) or \
+            not any(_last_index_is(r, j) and _index_is(r, -2, k) for r in reads):
+        return None
+    loops = sch.get_loops(block)
+    if any(_extent(sch, loop) is None for loop in loops):
+        return None
+    return block, loops[-3], loops[-2]
+
+
+def schedule_dense(func: Any, lanes: int) -> Any:
+    """The register-blocked schedule of a dense matmul kernel, or None (see the module
+    docstring)."""
+    from tvm.s_tir import Schedule
+
+    from hwaware.kernels.lowering_common import accumulate_in_registers
+
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    found = find_matmul(sch)
+    if found is None:
+        return None
+    block, i, j = found
+    rows, vectors = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), lanes)
+    if rows < MIN_ROWS or vectors == 0:
+        return None
+    *batch, _, _, k = sch.get_loops(block)
+    i0, i1 = sch.split(i, [None, rows])
+    j0, j1, j2 = sch.split(j, [None, vectors, lanes])
+    sch.reorder(j0, i0, k, i1, j1, j2)
+    tile = sch.fuse(*batch, j0, i0)
+    sch.parallel(tile)
+    sch.vectorize(j2)
+    sch.unroll(j1)
+    sch.unroll(i1)
+    epilogue = _epilogue_names(sch, block)
+    accumulate_in_registers(sch, block, tile, k)
+    _epilogue_per_tile(sch, epilogue, tile)
+    return sch
+
+
+def micro_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
+    """(rows, vectors) of the micro-tile: each dividing its extent (n in vectors of `lanes`),
+    the most accumulators up to ACCUMULATORS, then the most rows. (0, 0) if n is not a whole
+    number of vectors."""
+    if n % lanes:
+        return 0, 0
+    options = [(r, v) for r in range(1, MAX_ROWS + 1) if m % r == 0
+               for v in range(1, MAX_VECTORS + 1) if (n // lanes) % v == 0 and
+               r * v <= ACCUMULATORS]
+    return max(options, key=lambda rv: (rv[0] * rv[1], rv[0]))
+
+
+def _epilogue_names(sch: Any, block: Any) -> list[str]:
+    """The blocks after the matmul (its element-wise epilogue), by name."""
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return names[names.index(sch.get(block).name_hint) + 1:]
+
+
+def _epilogue_per_tile(sch: Any, epilogue: list[str], tile: Any) -> None:
+    """The element-wise blocks after the matmul: all inlined into the last, which runs on each
+    tile right after its sums, vectorized over the tile's columns."""
+    if not epilogue:
+        return
+    for name in epilogue[:-1]:
+        sch.compute_inline(sch.get_sblock(name))
+    last = sch.get_sblock(epilogue[-1])
+    sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(last)[-1])
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses
+        return False
+
+
+def _last_index_is(region: Any, var: Any) -> bool:
+    return _index_is(region, -1, var)
+
+
+def _index_is(region: Any, position: int, var: Any) -> bool:
+    dims = list(region.region)
+    return len(dims) >= -position and dims[position].min.same_as(var) and \
+        int(dims[position].extent) == 1
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
