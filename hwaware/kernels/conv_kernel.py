@@ -456,10 +456,16 @@ def _is_reduction(sch: Any, block: Any) -> bool:
 
 
 def _register_tile_expand(sch: Any, decide: Decide, expand: Any) -> None:
-    """A small map's expand conv (a reduction, computed whole per channel group): a (columns
-    x channel vectors) register tile accumulating over the input channels, as the project
-    conv's."""
-    *_, i, j, f, r = sch.get_loops(expand)
+    """A small map's expand conv (a reduction, computed whole per channel group), register-
+    tiled like the project conv."""
+    register_tile_gemm(sch, decide, expand)
+
+
+def register_tile_gemm(sch: Any, decide: Decide, block: Any) -> Any:
+    """A channel-last GEMM block (loops ..., rows, columns, channels, reduction): a (columns x
+    channel vectors) register tile (`register_hints`) accumulating in registers over the
+    reduction; returns the loop that runs one register tile."""
+    *_, i, j, f, r = sch.get_loops(block)
     channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent))
     j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
     f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
@@ -468,7 +474,8 @@ def _register_tile_expand(sch: Any, decide: Decide, expand: Any) -> None:
     sch.vectorize(lanes)
     sch.unroll(vectors)
     sch.unroll(j1)
-    accumulate_in_registers(sch, expand, f0, r)
+    accumulate_in_registers(sch, block, f0, r)
+    return f0
 
 
 def _dw_channel_tiles(sch: Any, decide: Decide) -> Any:

@@ -39,13 +39,12 @@ from hwaware.kernels.conv_kernel import (
     _tile_proj,
     emit_one_call,
     parallel_project_tiles,
-    register_hints,
+    register_tile_gemm,
     split_lanes,
     vectorize_channels,
 )
 from hwaware.kernels.convnext import RULE, Block, _is, _match
 from hwaware.kernels.lowering_common import (
-    accumulate_in_registers,
     fixed_schedule,
     register_spaces,
     sampled_spaces,
@@ -191,17 +190,7 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
 def _schedule_fc1(sch: Any, decide: Decide) -> None:
     """fc1 per tile: (columns x hidden-channel vectors) register block, reduction outside it;
     the bias + activation runs on each register block as soon as its reduction ends."""
-    fc1 = sch.get_sblock("fc1")
-    _, i, j, f, r = sch.get_loops(fc1)
-    channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent))
-    j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
-    f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
-    vectors, lanes = split_lanes(sch, decide, f1)
-    sch.reorder(i, j0, f0, r, j1, vectors, lanes)
-    sch.vectorize(lanes)
-    sch.unroll(vectors)
-    sch.unroll(j1)
-    accumulate_in_registers(sch, fc1, f0, r)
+    f0 = register_tile_gemm(sch, decide, sch.get_sblock("fc1"))
     act = sch.get_sblock("act")
     sch.reverse_compute_at(act, f0, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(act)[-1])
