@@ -250,17 +250,18 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
     no kernel could go to TVM) and whether the whole graph may be tried as one TVM call."""
     inputs = kernel_inputs(part.program, example_inputs)
     imported = import_kernels(part, inputs, target, cache)
+    scheduled = {n: _has_schedules(k, db, target) for n, k in imported.items()}
     one_call = not part.host_ops and len(imported) == len(part.kernel_graphs) and all(
-        _has_schedules(k, db, target) for k in imported.values()) and not any(
+        scheduled.values()) and not any(
         k.family in FUSED_FAMILIES for k in part.program.kernels.values())  # it would unfuse
-    untuned = {part.program.kernels[n].signature for n, k in imported.items()
-               if not _has_schedules(k, db, target)}
+    untuned = {part.program.kernels[n].signature for n, ok in scheduled.items() if not ok}
     if untuned:  # run those contractions in PyTorch, their epilogues on TVM
         part = part.unfuse(untuned)
         inputs = kernel_inputs(part.program, example_inputs)
         imported = import_kernels(part, inputs, target, cache)
+        scheduled = {n: _has_schedules(k, db, target) for n, k in imported.items()}
     program = part.program
-    candidates = {n: k for n, k in imported.items() if k.builds and _has_schedules(k, db, target)}
+    candidates = {n: k for n, k in imported.items() if k.builds and scheduled[n]}
     for spec in program.kernels.values():
         spec.impl = "torch"
     tgt = _tvm_target(target)

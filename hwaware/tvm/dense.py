@@ -57,20 +57,12 @@ def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
 def schedule_dense(func: Any, lanes: int) -> Any:
     """The register-blocked schedule of a dense matmul kernel, or None (see the module
     docstring)."""
-    from tvm.s_tir import Schedule
-
     from hwaware.kernels.lowering_common import accumulate_in_registers
 
-    if not isinstance(func, tvm.tirx.PrimFunc):
+    planned = _plan(func, lanes)
+    if planned is None:
         return None
-    sch = Schedule(func)
-    found = find_matmul(sch)
-    if found is None:
-        return None
-    block, i, j = found
-    rows, vectors = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), lanes)
-    if rows < MIN_ROWS or vectors == 0:
-        return None
+    sch, block, i, j, (rows, vectors) = planned
     *batch, _, _, k = sch.get_loops(block)
     i0, i1 = sch.split(i, [None, rows])
     j0, j1, j2 = sch.split(j, [None, vectors, lanes])
@@ -84,6 +76,26 @@ def schedule_dense(func: Any, lanes: int) -> Any:
     accumulate_in_registers(sch, block, tile, k)
     _epilogue_per_tile(sch, epilogue, tile)
     return sch
+
+
+def takes(func: Any, lanes: int) -> bool:
+    """Whether `schedule_dense` schedules this kernel (the match alone, no schedule built)."""
+    return _plan(func, lanes) is not None
+
+
+def _plan(func: Any, lanes: int) -> tuple[Any, Any, Any, Any, tuple[int, int]] | None:
+    """(schedule, matmul block, i loop, j loop, micro-tile) of a kernel this rule takes."""
+    from tvm.s_tir import Schedule
+
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
+    found = find_matmul(sch)
+    if found is None:
+        return None
+    block, i, j = found
+    tile = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), lanes)
+    return None if tile[0] < MIN_ROWS or tile[1] == 0 else (sch, block, i, j, tile)
 
 
 def micro_tile(m: int, n: int, lanes: int) -> tuple[int, int]:

@@ -210,8 +210,10 @@ class DenseMatmul(ScheduleRule):  # type: ignore[misc]
 def has_default_schedule(workload: tvm.IRModule, target: tvm.target.Target) -> bool:
     """Whether a kernel's contraction gets a good schedule without tuning: small enough for
     `SmallSerial`, or a dense matmul on a CPU (`DenseMatmul`)."""
+    from hwaware.tvm.dense import takes
+
     return is_small(workload) or target.kind.name == "llvm" and \
-        DenseMatmul().apply(workload["main"], target, False) is not None
+        takes(workload["main"], _vector_lanes(target))
 
 
 def is_small(workload: tvm.IRModule) -> bool:
