@@ -33,7 +33,7 @@ def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
     """(block, i, j) of the kernel's one contraction if it is a dense matmul vectorizable over
     its output columns: the last spatial iter j indexes the last dims of B and C, the reduction
     k the last dim of A and the second-to-last of B."""
-    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []
     reductions = [b for b in blocks if any(int(v.iter_type) == 2 for v in sch.get(b).iter_vars)]
     if len(reductions) != 1:
         return None
@@ -49,7 +49,7 @@ def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
             not any(_last_index_is(r, j) and _index_is(r, -2, k) for r in reads):
         return None
     loops = sch.get_loops(block)
-    if any(_extent(sch, loop) is None for loop in loops):
+    if any(extent_of(sch, loop) is None for loop in loops):
         return None
     return block, loops[-3], loops[-2]
 
@@ -72,9 +72,9 @@ def schedule_dense(func: Any, lanes: int) -> Any:
     sch.vectorize(j2)
     sch.unroll(j1)
     sch.unroll(i1)
-    epilogue = _epilogue_names(sch, block)
+    epilogue = epilogue_names(sch, block)
     accumulate_in_registers(sch, block, tile, k)
-    _epilogue_per_tile(sch, epilogue, tile)
+    epilogue_per_tile(sch, epilogue, tile)
     return sch
 
 
@@ -110,13 +110,13 @@ def micro_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
     return max(options, key=lambda rv: (rv[0] * rv[1], rv[0]))
 
 
-def _epilogue_names(sch: Any, block: Any) -> list[str]:
+def epilogue_names(sch: Any, block: Any) -> list[str]:
     """The blocks after the matmul (its element-wise epilogue), by name."""
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     return names[names.index(sch.get(block).name_hint) + 1:]
 
 
-def _epilogue_per_tile(sch: Any, epilogue: list[str], tile: Any) -> None:
+def epilogue_per_tile(sch: Any, epilogue: list[str], tile: Any) -> None:
     """The element-wise blocks after the matmul: all inlined into the last, which runs on each
     tile right after its sums, vectorized over the tile's columns."""
     if not epilogue:
@@ -128,7 +128,7 @@ def _epilogue_per_tile(sch: Any, epilogue: list[str], tile: Any) -> None:
     sch.vectorize(sch.get_loops(last)[-1])
 
 
-def _has_root(sch: Any) -> bool:
+def has_root(sch: Any) -> bool:
     try:
         sch.get_sblock("root")
         return True
@@ -146,6 +146,6 @@ def _index_is(region: Any, position: int, var: Any) -> bool:
         int(dims[position].extent) == 1
 
 
-def _extent(sch: Any, loop: Any) -> int | None:
+def extent_of(sch: Any, loop: Any) -> int | None:
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None

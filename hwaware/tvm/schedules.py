@@ -3,7 +3,8 @@
 Goes in: a Relax module of fused kernels, a TVM target, the database adapter (or None) and the
 families' fixed-decision schedules. Comes out: the executable and the workloads that got a
 tuned record. A kernel without a record gets its family's fixed schedule, else a rule-based
-default (`SmallSerial` for small kernels, `DenseMatmul` for Linear layers, DLight's GEMV and
+default (`SmallSerial` for small kernels, `DenseMatmul` for Linear layers, `DirectConv` for
+small convolutions, DLight's GEMV and
 reduction rules, `ParallelVectorize`): never an unscheduled kernel.
 """
 
@@ -108,7 +109,7 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [Tolerant(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
     else:
-        rules = [SmallSerial(), DenseMatmul(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
+        rules = [SmallSerial(), DenseMatmul(), DirectConv(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
                  ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
 
@@ -207,13 +208,30 @@ class DenseMatmul(ScheduleRule):  # type: ignore[misc]
             return None
 
 
+class DirectConv(ScheduleRule):  # type: ignore[misc]
+    """CPU default for a standalone conv2d kernel (and its epilogue): the register-tiled direct
+    convolution of `hwaware.tvm.direct_conv`."""
+
+    def apply(self, func: Any, target: Any, _: bool) -> Any:
+        from hwaware.tvm.direct_conv import schedule_direct_conv
+
+        try:
+            return schedule_direct_conv(func, _vector_lanes(target))
+        except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors: RuntimeErrors
+            log.debug("no direct-conv schedule (the next rule applies): %s", err)
+            return None
+
+
 def has_default_schedule(workload: tvm.IRModule, target: tvm.target.Target) -> bool:
     """Whether a kernel's contraction gets a good schedule without tuning: small enough for
-    `SmallSerial`, or a dense matmul on a CPU (`DenseMatmul`)."""
-    from hwaware.tvm.dense import takes
+    `SmallSerial`, or on a CPU a dense matmul (`DenseMatmul`) or a small conv (`DirectConv`)."""
+    from hwaware.tvm import dense, direct_conv
 
-    return is_small(workload) or target.kind.name == "llvm" and \
-        takes(workload["main"], _vector_lanes(target))
+    if is_small(workload):
+        return True
+    lanes = _vector_lanes(target)
+    return target.kind.name == "llvm" and (dense.takes(workload["main"], lanes) or
+                                           direct_conv.takes(workload["main"], lanes))
 
 
 def is_small(workload: tvm.IRModule) -> bool:
