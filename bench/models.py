@@ -9,10 +9,15 @@ models, batch 1) and, with `--full`, the
 full-size ResNet-50 and MobileNetV2 1.0 at 224 px and BERT-base at sequence 128 (transformers'
 default configurations, random weights). Each model runs in its own process (a compile that
 hangs or crashes costs that model only, under `--timeout`); its implementations are timed
-interleaved (round robin, medians of `--repeats` calls) and checked against eager before and
-after. The report gives, per model, the ratios to eager and to the fastest correct peer, the
-share of eager's FLOPs on TVM kernels and, for CNNs, of the convolution FLOPs in fused block
-kernels; and per family the geometric means of those ratios.
+interleaved in blocks (turns of `BLOCK` back-to-back calls after one untimed call, the
+implementations' turns alternating; medians of `--repeats` calls) and checked against eager
+before and after. Blocks, not strict round robin: a runtime's worker threads spin for a while
+after each call (ONNX Runtime's, TVM's, PyTorch's OpenMP pool), and on 2 cores a call made right
+after another runtime's ran at a fraction of its speed (Dynamo's own per-call cost measured
+656 us interleaved call by call against 128 us in blocks on the tiny MobileNetV2); a user's
+model runs back to back. The report gives, per model, the ratios to eager and to the fastest
+correct peer, the share of eager's FLOPs on TVM kernels and, for CNNs, of the convolution FLOPs
+in fused block kernels; and per family the geometric means of those ratios.
 
     python bench/models.py --families cnn,attention --full --out bench/models-<cpu>.md
 """
@@ -53,9 +58,10 @@ CORES, Impl, check, first_line = run.CORES, run.Impl, run.check, run.first_line
 
 import torch  # noqa: E402
 
-from hwaware.runner import time_interleaved  # noqa: E402
+from hwaware.runner import time_in_blocks  # noqa: E402
 
 PEERS = ("inductor", "onnxruntime")
+BLOCK = 10  # back-to-back timed calls per turn
 ENTRY_POINTS = ("hwaware.compile", "torch.compile hwaware")
 FUSED_CONV_FAMILIES = ("conv_block", "res_block", "convnext_block")
 
@@ -180,7 +186,8 @@ def bench_one(name: str, repeats: int, trials: int = 0) -> dict[str, Any]:
         live = [(i, i.fn) for i in impls if i.fn is not None]
         live = [(i, fn) for i, fn in live if check(i, fn, expected)]
         floor = dynamo_floor(model, inputs) if impls[4].fn is not None else None
-        medians = time_interleaved([fn for _, fn in live] + ([floor] if floor else []), repeats)
+        medians = time_in_blocks([fn for _, fn in live] + ([floor] if floor else []), repeats,
+                                 block=BLOCK)
         for (impl, fn), us in zip(live, medians, strict=False):
             impl.interleaved_ms = us / 1e3
             check(impl, fn, expected)
@@ -295,7 +302,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float
         f"- torch {torch.__version__}; batch 1; "
         + (f"tuned first ({args.trials} trials per model, a fresh database each)"
            if args.trials else "untuned (trials=0, no database)")
-        + f"; medians of {args.repeats} interleaved calls; {wall_s / 60:.0f} min",
+        + f"; medians of {args.repeats} calls, interleaved in blocks of {BLOCK}"
+        + f"; {wall_s / 60:.0f} min",
         f"- command: python bench/models.py {' '.join(sys.argv[1:])}",
         "- ratios: eager ms / implementation ms (above 1 is faster than eager); vs peer: "
         "the fastest correct peer's ms / hwaware's (above 1: hwaware is faster); only "

@@ -72,6 +72,9 @@ class GraphVariants:
         self.symbolic = any(_is_symbolic(value) for value in example_inputs)
         self.frozen = [i for i in frozen_positions(gm, example_inputs)
                        if isinstance(example_inputs[i], torch.Tensor)]
+        # per call, the key's arguments picked in C (a static graph's sizes are none)
+        self.pick_frozen = _picker(self.frozen)
+        self.pick_sizes = _picker([i for i, a in enumerate(example_inputs) if type(a) is int])
         self.variants: dict[tuple[Any, ...], tuple[Callable[..., Any], list[Any]]] = {}
         self.shapes: set[tuple[Any, ...]] = set()
         self.weight_sets: set[tuple[Any, ...]] = set()
@@ -98,8 +101,8 @@ class GraphVariants:
         return getattr(entry[0], "hwaware_compiled", None) if entry else None
 
     def _key(self, args: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
-        sizes = _shape_key(args) if self.symbolic else tuple(a for a in args if type(a) is int)
-        return sizes, _frozen_identity([args[i] for i in self.frozen])
+        sizes = _shape_key(args) if self.symbolic else self.pick_sizes(args)
+        return sizes, _frozen_identity(self.pick_frozen(args))
 
     def _specialize(self, args: list[Any]) -> tuple[Callable[..., Any], list[Any]]:
         key = self._key(args)
@@ -164,7 +167,18 @@ def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.SymInt)
 
 
-def _frozen_identity(tensors: list[Any]) -> tuple[Any, ...]:
+def _picker(positions: list[int]) -> Callable[[Any], tuple[Any, ...]]:
+    """args -> the tuple of args[i] for i in `positions` (`operator.itemgetter`, which returns a
+    bare item for one position and fails for none)."""
+    if not positions:
+        return lambda _: ()
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+def _frozen_identity(tensors: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a build frozen from `tensors` is valid for: the same tensor objects, storages and
     version counters (an in-place update bumps it). Checked on every call: builtins mapped
     over the list (about 30 us for 200 parameters)."""
@@ -212,8 +226,10 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: list[Any],
     compiled = compile_captured(captured, opts["target"], opts["db"], int(opts["trials"]),
                                 bool(opts["show_progress"]), bool(opts["fuse"]))
 
+    pick = _picker(kept)
+
     def run(*args: Any) -> Any:
-        return compiled(*[args[i] for i in kept])
+        return compiled(*pick(args))
 
     run.hwaware_compiled = compiled  # type: ignore[attr-defined]
     run.hwaware_inputs = kept  # type: ignore[attr-defined]

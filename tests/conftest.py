@@ -1,10 +1,11 @@
-"""Shared fixtures: a fresh on-disk tuning database per test, deterministic torch settings, and
-the search cost models tuning sessions keep (`hwaware.tvm.cost_model`) in a temporary folder
-instead of the repository's `cost_models/`."""
+"""Shared fixtures: a fresh on-disk tuning database per test, deterministic torch settings, the
+host's TVM target (`llvm_host`), and the search cost models tuning sessions keep
+(`hwaware.tvm.cost_model`) in a temporary folder instead of the repository's `cost_models/`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,3 +36,13 @@ def db(db_path: Path) -> TuningDatabase:
     database = TuningDatabase(db_path)
     yield database
     database.close()
+
+
+@pytest.fixture(scope="module")
+def llvm_host() -> Any:
+    """The TVM target of this machine's CPU (with its host)."""
+    from hwaware.target import get_target
+    from hwaware.tvm import setup
+
+    t = get_target("host")
+    return setup.tvm_target(t.tvm, t.host_tvm)

@@ -81,3 +81,13 @@ def tiny_conv() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
     return model, (torch.randn(1, 4, 8, 8),)
+
+
+def fused_kernels(model: torch.nn.Module, x: torch.Tensor, tgt: Any) -> Any:
+    """`model` exported and imported into Relax, its kernels fused for tuning (an IRModule)."""
+    import tvm
+
+    from hwaware.tvm import ir
+
+    exported = torch.export.export(model.eval(), (x,))
+    return ir.fuse_for_tuning(tvm.IRModule({"main": ir.import_torch_program(exported)}), tgt)

@@ -10,24 +10,9 @@ import torch
 from torch import nn
 
 import hwaware
-from hwaware.tvm import dense, ir, schedules, setup
+from hwaware.tvm import dense, ir, schedules
 from hwaware.tvm import vm as tvm_vm
-from tests.helpers import assert_close_to_eager
-
-
-@pytest.fixture(scope="module")
-def host() -> Any:
-    from hwaware.target import get_target
-
-    t = get_target("host")
-    return setup.tvm_target(t.tvm, t.host_tvm)
-
-
-def _fused(model: nn.Module, x: torch.Tensor, tgt: Any) -> Any:
-    import tvm
-
-    exported = torch.export.export(model.eval(), (x,))
-    return ir.fuse_for_tuning(tvm.IRModule({"main": ir.import_torch_program(exported)}), tgt)
+from tests.helpers import assert_close_to_eager, fused_kernels
 
 
 def test_micro_tile_divides_and_fills_the_registers() -> None:
@@ -41,25 +26,25 @@ def test_micro_tile_divides_and_fills_the_registers() -> None:
 
 @pytest.mark.parametrize("shape", [(12, 40, 48, True), (16, 64, 96, False), (2, 8, 32, 64, True)],
                          ids=["gelu", "plain", "batched"])
-def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], host: Any) -> None:
+def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], llvm_host: Any) -> None:
     """Linear (+ GELU) kernels scheduled by the rule compute PyTorch's outputs, the bias and
     activation on each micro-tile; leading batch dims run in the parallel loop."""
     *lead, k, n, gelu = shape
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(k, n), *([nn.GELU()] if gelu else [])).eval()
     x = torch.randn(1, *lead, k)
-    mod = _fused(model, x, host)
+    mod = fused_kernels(model, x, llvm_host)
     scheduled = [name for name, f in ir.prim_funcs(mod).items()
                  if dense.schedule_dense(f, 16) is not None]
     assert any("matmul" in name for name in scheduled), list(ir.prim_funcs(mod))
-    exe, _ = schedules.build_executable(mod, host, None)  # DenseMatmul among its rules
+    exe, _ = schedules.build_executable(mod, llvm_host, None)  # DenseMatmul among its rules
     call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
     other = torch.randn_like(x)  # not the inputs it was lowered with
     with torch.no_grad():
         torch.testing.assert_close(call(other)[0], model(other), rtol=1e-4, atol=1e-5)
 
 
-def test_what_is_not_a_vectorizable_matmul_is_declined(host: Any) -> None:
+def test_what_is_not_a_vectorizable_matmul_is_declined(llvm_host: Any) -> None:
     """A reduction that is not a matmul (a row sum) and a matmul whose output columns are not
     whole vectors (40 of 16 lanes): the rule declines, and the next rule schedules them."""
     class RowSum(nn.Module):
@@ -70,10 +55,10 @@ def test_what_is_not_a_vectorizable_matmul_is_declined(host: Any) -> None:
 
     for model, x in [(RowSum(), torch.randn(1, 32, 48)),
                      (nn.Linear(48, 40), torch.randn(1, 32, 48))]:
-        funcs = ir.prim_funcs(_fused(model, x, host))
+        funcs = ir.prim_funcs(fused_kernels(model, x, llvm_host))
         assert funcs and all(dense.schedule_dense(f, 16) is None for f in funcs.values())
     (linear,) = [f for name, f in funcs.items() if "matmul" in name]
-    assert not schedules.has_default_schedule(tvm.IRModule({"main": linear}), host)  # torch's
+    assert not schedules.has_default_schedule(tvm.IRModule({"main": linear}), llvm_host)
 
 
 def test_untuned_linear_layers_are_built_on_tvm() -> None:

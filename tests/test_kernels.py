@@ -214,7 +214,8 @@ def test_a_fused_kernel_that_loses_is_built_as_ordinary_kernels(
     compiled = hwaware.compile(model, inputs, db=None)
     kernels = compiled.program.kernels.values()
     assert not any(k.family in build.FUSED_FAMILIES for k in kernels), compiled.report()
-    assert len(kernels) > 1
+    # ordinary kernels, or (each with an untuned schedule) all of them as one whole-model call
+    assert len(kernels) > 1 or [k.family for k in kernels] == ["whole"]
     ((signature, why),) = compiled.info.dissolved.items()
     assert signature.startswith(FAMILY_OF_ZOO_MODEL[name] + ":")
     assert why.startswith("not faster than PyTorch")

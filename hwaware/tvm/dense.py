@@ -74,7 +74,7 @@ def schedule_dense(func: Any, lanes: int) -> Any:
     sch.unroll(i1)
     epilogue = epilogue_names(sch, block)
     accumulate_in_registers(sch, block, tile, k)
-    epilogue_per_tile(sch, epilogue, tile)
+    epilogue_per_tile(sch, block, epilogue, tile)
     return sch
 
 
@@ -116,16 +116,25 @@ def epilogue_names(sch: Any, block: Any) -> list[str]:
     return names[names.index(sch.get(block).name_hint) + 1:]
 
 
-def epilogue_per_tile(sch: Any, epilogue: list[str], tile: Any) -> None:
-    """The element-wise blocks after the matmul: all inlined into the last, which runs on each
-    tile right after its sums, vectorized over the tile's columns."""
+def epilogue_per_tile(sch: Any, block: Any, epilogue: list[str], tile: Any) -> None:
+    """The element-wise blocks after the contraction `block`: all inlined into the last, which
+    runs on each tile right after its sums, vectorized over the tile's columns. An epilogue
+    whose output is not the contraction's shape (a padding for the next layer, as ONNX graphs
+    fuse it) stays one pass after the tiles: per tile it would never write the border, whose
+    values no tile computes."""
     if not epilogue:
         return
     for name in epilogue[:-1]:
         sch.compute_inline(sch.get_sblock(name))
     last = sch.get_sblock(epilogue[-1])
+    if _output_shape(sch, last) != _output_shape(sch, block):
+        return
     sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(last)[-1])
+
+
+def _output_shape(sch: Any, block: Any) -> list[int]:
+    return [int(d) for d in sch.get(block).writes[0].source.shape]
 
 
 def has_root(sch: Any) -> bool:

@@ -49,7 +49,8 @@ def find_conv(sch: Any) -> tuple[Any, int] | None:
     spatial iters (n, f, y, x), reduction iters (c, ry, rx), reading a 4-D input through
     (y, ry) and (x, rx) and a 4-D weight W[f, c, ry, rx]."""
     blocks = sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []
-    reductions = [b for b in blocks if any(int(v.iter_type) == REDUCE for v in sch.get(b).iter_vars)]
+    reductions = [b for b in blocks
+                  if any(int(v.iter_type) == REDUCE for v in sch.get(b).iter_vars)]
     if len(reductions) != 1:
         return None
     block = reductions[0]
@@ -80,7 +81,7 @@ def schedule_direct_conv(func: Any, lanes: int) -> Any:
     _inline_producers_but_padding(sch, block)
     n, f, y, x, c, ry, rx = sch.get_loops(block)
     f0, f1 = sch.split(f, [None, rows])
-    if pixels <= extent_of(sch, x):  # vectors along a row
+    if pixels <= int(sch.get(x).extent):  # vectors along a row
         x0, x1, x2 = sch.split(x, [None, vectors, pixels])
         sch.reorder(n, f0, y, x0, c, ry, rx, f1, x1, x2)
         tile = sch.fuse(n, f0, y, x0)
@@ -94,7 +95,7 @@ def schedule_direct_conv(func: Any, lanes: int) -> Any:
     sch.unroll(x1)
     sch.vectorize(x2)
     accumulate_in_registers(sch, block, tile, c)
-    epilogue_per_tile(sch, epilogue, tile)
+    epilogue_per_tile(sch, block, epilogue, tile)
     return sch
 
 

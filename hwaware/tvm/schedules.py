@@ -109,8 +109,8 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [Tolerant(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
     else:
-        rules = [SmallSerial(), DenseMatmul(), DirectConv(), NarrowVectors(dl.cpu.GEMV()), dl.cpu.Reduction(),
-                 ParallelVectorize()]
+        rules = [SmallSerial(), DenseMatmul(), DirectConv(), NarrowVectors(dl.cpu.GEMV()),
+                 dl.cpu.Reduction(), ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
 
 
