@@ -17,15 +17,24 @@ from tests.helpers import assert_close_to_eager, fused_kernels
 
 def test_micro_tile_divides_and_fills_the_registers() -> None:
     assert dense.micro_tile(128, 768, 16) == (4, 4)  # 16 accumulators (6 rows do not divide)
-    for m, n in [(128, 768), (196, 3072), (12, 48), (7, 64), (5, 80)]:
+    for m, n in [(128, 768), (196, 3072), (12, 48), (5, 80)]:
         rows, vectors = dense.micro_tile(m, n, 16)
         assert m % rows == 0 and (n // 16) % vectors == 0
         assert rows * vectors <= dense.ACCUMULATORS
     assert dense.micro_tile(8, 40, 16) == (0, 0)  # not whole vectors: not this rule's
 
 
-@pytest.mark.parametrize("shape", [(12, 40, 48, True), (16, 64, 96, False), (2, 8, 32, 64, True)],
-                         ids=["gelu", "plain", "batched"])
+def test_rows_without_a_filling_divisor_get_a_guarded_last_tile() -> None:
+    """17 or 197 rows (a ViT's patches and class token: primes) have no divisor of 4-6 rows:
+    the tile takes rows that do not divide, the fewest padded in the last tile."""
+    assert dense.micro_tile(17, 64, 16) == (6, 4)  # 18 rows: one padded
+    assert dense.micro_tile(197, 768, 16) == (6, 4)  # 198 rows: one padded
+    assert dense.micro_tile(7, 64, 16) == (4, 4)  # 8 rows (6 would pad five)
+
+
+@pytest.mark.parametrize("shape", [(12, 40, 48, True), (16, 64, 96, False), (2, 8, 32, 64, True),
+                                   (17, 64, 32, False), (197, 96, 64, True)],
+                         ids=["gelu", "plain", "batched", "17_rows", "197_rows"])
 def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], llvm_host: Any) -> None:
     """Linear (+ GELU) kernels scheduled by the rule compute PyTorch's outputs, the bias and
     activation on each micro-tile; leading batch dims run in the parallel loop."""

@@ -1,6 +1,7 @@
-"""Rewrite passes (hwaware/rewrite/): string-padded convolutions get explicit padding, and
-conversions to the dtype and device a tensor already has disappear; each model still equals
-eager PyTorch on inputs other than the compile inputs, with those ops no longer on the host."""
+"""Rewrite passes (hwaware/rewrite/): string-padded convolutions get explicit padding,
+conversions to the dtype and device a tensor already has disappear, and so do the metadata
+assertions torch.export leaves beside them; each model still equals eager PyTorch on inputs
+other than the compile inputs, with those ops no longer on the host."""
 
 from __future__ import annotations
 
@@ -45,9 +46,23 @@ class MaskConversions(nn.Module):
         return h + h.cumsum(-1).to(torch.float64).to(h.dtype)
 
 
+class StatedDtypes(nn.Module):
+    """`.to(dtype)` a tensor already has, as Llama's rotary embeddings write it: export leaves an
+    `aten._assert_tensor_metadata` beside each one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x)).to(torch.float32)
+        return (h * 2).to(x.dtype)
+
+
 @pytest.mark.parametrize(("make", "shape", "gone"), [
     (SamePadded, (1, 3, 12, 12), "aten.conv2d.padding"),
     (MaskConversions, (2, 8), "aten.to."),
+    (StatedDtypes, (2, 8), "aten._assert_tensor_metadata"),
 ])
 def test_rewritten_model_matches_eager_with_the_op_off_the_host(
         make: type, shape: tuple[int, ...], gone: str) -> None:
@@ -57,3 +72,16 @@ def test_rewritten_model_matches_eager_with_the_op_off_the_host(
     assert not any(gone in op for op in compiled.info.host_ops), compiled.info.host_ops
     for _ in range(2):
         assert_close_to_eager(model, compiled, torch.randn(shape))
+
+
+def test_a_metadata_assertion_the_graph_breaks_is_kept() -> None:
+    """Only assertions the traced tensors satisfy go: one stating another dtype (it would fail)
+    stays in the graph."""
+    from hwaware.rewrite.metadata_asserts import ASSERT_METADATA, drop_metadata_asserts
+
+    gm = torch.export.export(StatedDtypes().eval(), (torch.randn(2, 8),)).module()
+    asserts = [n for n in gm.graph.nodes if n.target is ASSERT_METADATA]
+    assert len(asserts) == 2
+    asserts[0].kwargs = {**asserts[0].kwargs, "dtype": torch.float64}
+    assert drop_metadata_asserts(gm) == 1
+    assert [n for n in gm.graph.nodes if n.target is ASSERT_METADATA] == asserts[:1]

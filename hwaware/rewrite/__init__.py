@@ -18,6 +18,7 @@ from hwaware.rewrite.explicit_padding import explicit_padding
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
 from hwaware.rewrite.fold_padding import fold_padding
 from hwaware.rewrite.functionalize import functionalize
+from hwaware.rewrite.metadata_asserts import drop_metadata_asserts
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # In-place ops become out-of-place, so no host op can write into a buffer TVM returned.
@@ -26,6 +27,10 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # where they change nothing and become plain casts where they change the dtype, so they no
     # longer split graphs between PyTorch and TVM.
     ("simplify_conversions", simplify_conversions),
+    # Metadata assertions torch.export leaves next to tensors (dtype, device) that the traced
+    # graph satisfies are removed: the input specs fix every tensor's metadata, and each one
+    # was a host op that kept the model from running as one TVM call.
+    ("drop_metadata_asserts", drop_metadata_asserts),
     # padding="same"/"valid" convolutions get explicit padding, which the conv kernels cover.
     ("explicit_padding", explicit_padding),
     # A zero pad written before a convolution (F.pad, TF-style "same") becomes the

@@ -27,6 +27,7 @@ MAX_ROWS = 6  # rows of A per micro-tile
 MAX_VECTORS = 4  # vectors of B (output columns) per micro-tile
 ACCUMULATORS = 24  # vector accumulators a micro-tile may hold (AVX-512 has 32 registers)
 MIN_ROWS = 4  # fewer rows (a GEMV) are DLight's GEMV rule's
+PARALLEL_MACS = 1 << 20  # smaller kernels stay on the calling thread (a pool wake-up costs more)
 
 
 def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
@@ -68,7 +69,8 @@ def schedule_dense(func: Any, lanes: int) -> Any:
     j0, j1, j2 = sch.split(j, [None, vectors, lanes])
     sch.reorder(j0, i0, k, i1, j1, j2)
     tile = sch.fuse(*batch, j0, i0)
-    sch.parallel(tile)
+    if macs(sch, block) >= PARALLEL_MACS:
+        sch.parallel(tile)
     sch.vectorize(j2)
     sch.unroll(j1)
     sch.unroll(i1)
@@ -99,14 +101,19 @@ def _plan(func: Any, lanes: int) -> tuple[Any, Any, Any, Any, tuple[int, int]] |
 
 
 def micro_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
-    """(rows, vectors) of the micro-tile: each dividing its extent (n in vectors of `lanes`),
-    the most accumulators up to ACCUMULATORS, then the most rows. (0, 0) if n is not a whole
-    number of vectors."""
+    """(rows, vectors) of the micro-tile: the vectors dividing n (in vectors of `lanes`), the
+    rows dividing m, for the most accumulators up to ACCUMULATORS, then the most rows. Where no
+    divisor of m gives MIN_ROWS (17 tokens, a ViT's 197: patches and a class token), rows that
+    do not divide it, the fewest padded rows in the last tile (TVM guards them). (0, 0) if n is
+    not a whole number of vectors."""
     if n % lanes:
         return 0, 0
-    options = [(r, v) for r in range(1, MAX_ROWS + 1) if m % r == 0
-               for v in range(1, MAX_VECTORS + 1) if (n // lanes) % v == 0 and
-               r * v <= ACCUMULATORS]
+    rows = [r for r in range(1, MAX_ROWS + 1) if m % r == 0]
+    if max(rows) < MIN_ROWS <= m:
+        waste = {r: -m % r for r in range(MIN_ROWS, MAX_ROWS + 1)}
+        rows = [min(waste, key=lambda r: (waste[r], -r))]
+    options = [(r, v) for r in rows for v in range(1, MAX_VECTORS + 1)
+               if (n // lanes) % v == 0 and r * v <= ACCUMULATORS]
     return max(options, key=lambda rv: (rv[0] * rv[1], rv[0]))
 
 
@@ -135,6 +142,14 @@ def epilogue_per_tile(sch: Any, block: Any, epilogue: list[str], tile: Any) -> N
 
 def _output_shape(sch: Any, block: Any) -> list[int]:
     return [int(d) for d in sch.get(block).writes[0].source.shape]
+
+
+def macs(sch: Any, block: Any) -> int:
+    """Multiply-adds of a contraction block: the product of its iteration extents."""
+    total = 1
+    for v in sch.get(block).iter_vars:
+        total *= int(v.dom.extent)
+    return total
 
 
 def has_root(sch: Any) -> bool:

@@ -29,14 +29,20 @@ from typing import Any
 
 import tvm
 
-from hwaware.tvm.dense import epilogue_names, epilogue_per_tile, extent_of, has_root
+from hwaware.tvm.dense import (
+    PARALLEL_MACS,
+    epilogue_names,
+    epilogue_per_tile,
+    extent_of,
+    has_root,
+    macs,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # output channels per register tile
 MAX_VECTORS = 3  # vectors of pixels per register tile
 ACCUMULATORS = 24  # vector accumulators a register tile may hold
-PARALLEL_MACS = 1 << 20  # below this a kernel stays on the calling thread
 # Above this the rule declines: on 2 Zen 5 cores it beat PyTorch 2-10x up to 0.6 M multiply-adds
 # and by 0-2.3x from 1 to 10 M (losing on stride-2 convs, 7-pixel rows), and lost 1.6-2x at
 # 14-115 M, where oneDNN's blocked kernels reach 170-225 GMAC/s to its 85-110.
@@ -89,7 +95,7 @@ def schedule_direct_conv(func: Any, lanes: int) -> Any:
         x0, x1, x2 = sch.split(sch.fuse(y, x), [None, vectors, pixels])
         sch.reorder(n, f0, x0, c, ry, rx, f1, x1, x2)
         tile = sch.fuse(n, f0, x0)
-    if _macs(sch, block) >= PARALLEL_MACS:
+    if macs(sch, block) >= PARALLEL_MACS:
         sch.parallel(tile)
     sch.unroll(f1)
     sch.unroll(x1)
@@ -114,7 +120,7 @@ def _plan(func: Any, lanes: int) -> tuple[Any, Any, tuple[int, int, int]] | None
     if found is None:
         return None
     block, _ = found
-    if _macs(sch, block) > MAX_MACS:
+    if macs(sch, block) > MAX_MACS:
         return None
     _, f, y, x, *_ = sch.get_loops(block)
     groups = _groups(sch, block)
@@ -155,13 +161,6 @@ def _inline_producers_but_padding(sch: Any, block: Any) -> None:
         if sch.get(producer).name_hint.startswith("pad"):
             continue
         sch.compute_inline(producer)
-
-
-def _macs(sch: Any, block: Any) -> int:
-    total = 1
-    for v in sch.get(block).iter_vars:
-        total *= int(v.dom.extent)
-    return total
 
 
 def _indexes_are(region: Any, variables: list[Any]) -> bool:
