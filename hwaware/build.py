@@ -209,8 +209,11 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     again as ordinary kernels (whose own TVM kernels may still win), not run op by op."""
     cache: dict[Any, KernelTasks | None] = {}
     while True:
-        part, executable, one_call = _build_kernels(part, target, db, example_inputs, info,
-                                                    measure, repeats, cache)
+        part, executable, one_call, unbuilt = _build_kernels(part, target, db, example_inputs,
+                                                             info, measure, repeats, cache)
+        if unbuilt:  # kernels TVM failed to build, cut around their contraction: build again
+            part = part.split(unbuilt)
+            continue
         lost = {k.signature: k for k in part.program.kernels.values()
                 if k.family in FUSED_FAMILIES and k.impl == "torch"}
         if not lost:
@@ -244,10 +247,11 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
 def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
                    example_inputs: list[torch.Tensor], info: BuildInfo, measure: bool,
                    repeats: int, cache: dict[Any, KernelTasks | None]
-                   ) -> tuple[Partition, Any, bool]:
+                   ) -> tuple[Partition, Any, bool, set[str]]:
     """Import, build and choose each kernel of `part` on its own: the partition the kernels
     came from (contractions without a schedule cut from their epilogues), the library (None if
-    no kernel could go to TVM) and whether the whole graph may be tried as one TVM call."""
+    no kernel could go to TVM), whether the whole graph may be tried as one TVM call, and the
+    signatures of kernels that failed to build and may be split (`Partition.split`)."""
     inputs = kernel_inputs(part.program, example_inputs)
     imported = import_kernels(part, inputs, target, cache)
     scheduled = {n: _has_schedules(k, db, target) for n, k in imported.items()}
@@ -265,20 +269,30 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
     for spec in program.kernels.values():
         spec.impl = "torch"
     tgt = _tvm_target(target)
+    splittable = {n for n in candidates if _splittable(program.kernels[n], part)}
     executable, built = _build_library(program, candidates, partial(
-        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info))
+        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info), quiet=splittable)
+    unbuilt = {program.kernels[n].signature for n in splittable - set(built)}
     one_call = one_call and len(built) == len(imported)
     if executable is None:
         info.tuned_workloads = []
-        return part, None, one_call
+        return part, None, one_call, unbuilt
     if not target.can_run_here:
         for name in built:  # build-only target: the library is for the device
             program.kernels[name].impl = "tvm"
-        return part, executable, one_call
+        return part, executable, one_call, unbuilt
     _choose_each(program, executable, list(built), inputs, db, target, measure, repeats)
     if db is not None:
         _commit_kernels(db, part, built, target)
-    return part, executable, one_call
+    return part, executable, one_call, unbuilt
+
+
+def _splittable(spec: KernelSpec, part: Partition) -> bool:
+    """Whether a kernel that fails to build is cut around its contraction and built again: an
+    ordinary kernel holding a contraction and other ops, not cut before."""
+    ops = [s for s in spec.steps if s.op not in VIEW_OPS]
+    return spec.family in CONTRACTIONS.values() and len(ops) > 1 and \
+        spec.signature not in part.split_signatures
 
 
 def _commit_kernels(db: TuningDatabase, part: Partition, built: dict[str, KernelTasks],
@@ -296,13 +310,14 @@ def _commit_kernels(db: TuningDatabase, part: Partition, built: dict[str, Kernel
 BuildFn = Callable[[dict[str, KernelTasks]], Any]  # kernels -> a library of them, or raises
 
 
-def _build_library(program: Program, candidates: dict[str, KernelTasks], build_fn: BuildFn
-                   ) -> tuple[Any, dict[str, KernelTasks]]:
+def _build_library(program: Program, candidates: dict[str, KernelTasks], build_fn: BuildFn,
+                   quiet: set[str] | None = None) -> tuple[Any, dict[str, KernelTasks]]:
     """The candidate kernels built into one library, and the kernels it holds (None and none
     if nothing built). When that build fails, halves of the kernels are built until each kernel
     that fails is found alone: those stay in PyTorch (one warning naming their ops; marked, so
     that later builds of this model leave them out) and the rest are built together again.
-    Kernels that build apart but not together all stay in PyTorch."""
+    Kernels that build apart but not together all stay in PyTorch. No warning names the
+    `quiet` ones (the caller builds them again in pieces)."""
     if not candidates:
         return None, {}
     try:
@@ -319,7 +334,8 @@ def _build_library(program: Program, candidates: dict[str, KernelTasks], build_f
             rest = {}
     for name in failed:
         candidates[name].builds = False
-    warn_fallback(program, failed, "could not be built by TVM")
+    warn_fallback(program, {n: e for n, e in failed.items() if n not in (quiet or ())},
+                  "could not be built by TVM")
     return executable, rest
 
 

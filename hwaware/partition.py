@@ -81,6 +81,7 @@ class Partition:
     # each kernel's nodes of the captured graph, by name: which ops a kernel runs, so that a
     # kernel of a later partition (unfused, dissolved) can be traced to the kernels it came from
     kernel_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    split_signatures: frozenset[str] = frozenset()
 
     def unfuse(self, signatures: set[str]) -> Partition:
         """The same graph, with each kernel named in `signatures` cut after its contraction:
@@ -88,23 +89,35 @@ class Partition:
         (element-wise/reduction ops that TVM's rule-based schedules handle well). Fused family
         kernels always have a schedule (their family's fixed one) and stay whole."""
         return partition(self.captured, self.supported_ops, self.unfuse_signatures | signatures,
-                         warn=False, fuse=self.fuse, dissolve=self.dissolved)
+                         warn=False, fuse=self.fuse, dissolve=self.dissolved,
+                         split=self.split_signatures)
 
     def dissolve(self, signatures: set[str]) -> Partition:
         """The same graph, with the fused family kernels named in `signatures` not formed: their
         ops become ordinary kernels, each built and chosen on its own (the build's fallback for
         a fused kernel that is wrong or slower than PyTorch on this target)."""
         return partition(self.captured, self.supported_ops, self.unfuse_signatures, warn=False,
-                         fuse=self.fuse, dissolve=self.dissolved | signatures)
+                         fuse=self.fuse, dissolve=self.dissolved | signatures,
+                         split=self.split_signatures)
+
+    def split(self, signatures: set[str]) -> Partition:
+        """The same graph, with each kernel named in `signatures` cut around its contraction:
+        the ops before it, the contraction and the ops after it, each a kernel of its own (the
+        build's fallback for a kernel TVM failed to build: an op TVM cannot build then takes
+        only its own piece to PyTorch, not the contraction it was fused with)."""
+        return partition(self.captured, self.supported_ops, self.unfuse_signatures, warn=False,
+                         fuse=self.fuse, dissolve=self.dissolved,
+                         split=self.split_signatures | signatures)
 
 
 def partition(captured: Captured, supported_ops: frozenset[str],
               unfuse: Collection[str] | None = None,
-              warn: bool = True, fuse: bool = True, dissolve: frozenset[str] = frozenset()
-              ) -> Partition:
+              warn: bool = True, fuse: bool = True, dissolve: frozenset[str] = frozenset(),
+              split: frozenset[str] = frozenset()) -> Partition:
     """Cut `captured` into kernels (see module docstring) and build the host program.
     `fuse=False` leaves out the fused kernel families (the unfused baseline); `dissolve` names
-    fused kernels (by signature) to leave out."""
+    fused kernels (by signature) to leave out; `unfuse` and `split` name kernels to cut after
+    their contraction, or before and after it."""
     gm = captured.graph_module
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     for node in nodes:
@@ -114,7 +127,10 @@ def partition(captured: Captured, supported_ops: frozenset[str],
     host_ops = _find_host_ops([n for n in nodes if n not in grouped], supported_ops, warn)
     runs = groups + _kernel_runs(nodes, host_ops, grouped)
     if unfuse:
-        runs = [piece for run in runs for piece in _cut_after_contraction(run, unfuse, gm)]
+        runs = [piece for run in runs for piece in _cut_at_contraction(run, unfuse, gm)]
+    if split:
+        runs = [piece for run in runs
+                for piece in _cut_at_contraction(run, split, gm, before=True)]
     builder = _ProgramBuilder(gm, captured)
     in_kernel = {n: i for i, run in enumerate(runs) for n in run}
     emitted: set[int] = set()
@@ -131,7 +147,7 @@ def partition(captured: Captured, supported_ops: frozenset[str],
             if sub_gm is not None:
                 kernel_graphs[name] = sub_gm
     return Partition(builder.finish(), kernel_graphs, sorted(host_ops), captured, supported_ops,
-                     fuse, frozenset(unfuse or ()), dissolve, kernel_nodes)
+                     fuse, frozenset(unfuse or ()), dissolve, kernel_nodes, split)
 
 
 def find_fused_groups(gm: fx.GraphModule, dissolve: frozenset[str] = frozenset()
@@ -238,14 +254,19 @@ def _indexes_outside(node: fx.Node, run: list[fx.Node]) -> bool:
     return op_name(node.target) == "getitem" and node.args[0] not in run
 
 
-def _cut_after_contraction(run: list[fx.Node], signatures: Collection[str], gm: fx.GraphModule
-                           ) -> list[list[fx.Node]]:
+def _cut_at_contraction(run: list[fx.Node], signatures: Collection[str], gm: fx.GraphModule,
+                        before: bool = False) -> list[list[fx.Node]]:
+    """`run` cut after its first contraction (and `before` it too) if its signature is in
+    `signatures`; else whole. Pieces of views alone are left to the host."""
     if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
         return [run]
-    cut = next(i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS) + 1
+    at = next((i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS), None)
+    if at is None:
+        return [run]
+    bounds = [0, at, at + 1, len(run)] if before else [0, at + 1, len(run)]
     pieces: list[list[fx.Node]] = []
-    _close(pieces, run[:cut])
-    _close(pieces, run[cut:])
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        _close(pieces, run[start:end])
     return pieces
 
 

@@ -106,13 +106,11 @@ def test_tuple_outputs_keep_their_type_through_save_and_load(tmp_path: Path) -> 
 
 
 def test_a_kernel_that_does_not_build_runs_in_pytorch_and_the_rest_on_tvm() -> None:
-    """TVM imports a bool + bool but its LLVM codegen refuses it: that kernel alone falls back,
-    with one warning naming its ops; the matmul kernel after it is still built on TVM. (A
-    kernel is a run of importable ops between host ops; here `nan_to_num`, which TVM does not
-    import, ends the failing kernel before the matmul. A kernel that held both would fall back
-    whole: the build does not yet cut a kernel that fails to build into smaller ones.)"""
-    model = OneOp(lambda m, x: m.lin(torch.nan_to_num(((x > 0) + (x < 0.5)).float() * x))
-                  .relu()).eval()
+    """TVM imports a bool + bool but its LLVM codegen refuses it. It is fused with the matmul
+    after it into one kernel, which then fails to build: the build cuts that kernel around its
+    contraction and builds the pieces again, so only the bool + bool's piece falls back, with
+    one warning naming its ops, and the matmul is still built on TVM."""
+    model = OneOp(lambda m, x: m.lin(((x > 0) + (x < 0.5)).float() * x).relu()).eval()
     with pytest.warns(build.KernelFallbackWarning, match=r"aten\.add\.Tensor.*could not be "
                       r"built") as record:
         compiled = hwaware.compile(model, (torch.randn(4, 8),), db=None, show_progress=False)
