@@ -91,3 +91,13 @@ def fused_kernels(model: torch.nn.Module, x: torch.Tensor, tgt: Any) -> Any:
 
     exported = torch.export.export(model.eval(), (x,))
     return ir.fuse_for_tuning(tvm.IRModule({"main": ir.import_torch_program(exported)}), tgt)
+
+
+def built_callable(mod: Any, tgt: Any) -> Any:
+    """`mod`'s kernels scheduled by the default rules (nothing tuned), built, as a torch
+    callable of its one input."""
+    from hwaware.tvm import schedules
+    from hwaware.tvm import vm as tvm_vm
+
+    exe, _ = schedules.build_executable(mod, tgt, None)
+    return tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)

@@ -11,8 +11,7 @@ from torch import nn
 
 import hwaware
 from hwaware.tvm import dense, ir, schedules
-from hwaware.tvm import vm as tvm_vm
-from tests.helpers import assert_close_to_eager, fused_kernels
+from tests.helpers import assert_close_to_eager, built_callable, fused_kernels
 
 
 def test_micro_tile_divides_and_fills_the_registers() -> None:
@@ -46,8 +45,7 @@ def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], llvm_host: Any) 
     scheduled = [name for name, f in ir.prim_funcs(mod).items()
                  if dense.schedule_dense(f, 16) is not None]
     assert any("matmul" in name for name in scheduled), list(ir.prim_funcs(mod))
-    exe, _ = schedules.build_executable(mod, llvm_host, None)  # DenseMatmul among its rules
-    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
+    call = built_callable(mod, llvm_host)  # DenseMatmul among its rules
     other = torch.randn_like(x)  # not the inputs it was lowered with
     with torch.no_grad():
         torch.testing.assert_close(call(other)[0], model(other), rtol=1e-4, atol=1e-5)
@@ -93,8 +91,7 @@ def test_gelu_epilogue_uses_a_vectorizable_erf(llvm_host: Any) -> None:
     mod = fused_kernels(model, x, llvm_host)
     scripts = [f.script() for f in ir.prim_funcs(mod).values()]
     assert scripts and not any("T.erf(" in s for s in scripts)
-    exe, _ = schedules.build_executable(mod, llvm_host, None)
-    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
+    call = built_callable(mod, llvm_host)
     wide = torch.linspace(-12, 12, 24 * 16).reshape(1, 24, 16)
     with torch.no_grad():
         torch.testing.assert_close(call(wide)[0], model(wide), rtol=1e-5, atol=2e-5)

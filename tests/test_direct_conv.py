@@ -12,8 +12,7 @@ from torch import nn
 
 import hwaware
 from hwaware.tvm import direct_conv, ir, schedules
-from hwaware.tvm import vm as tvm_vm
-from tests.helpers import assert_close_to_eager, fused_kernels
+from tests.helpers import assert_close_to_eager, built_callable, fused_kernels
 
 
 def test_pixel_vectors_never_cross_a_row_part_way() -> None:
@@ -46,8 +45,7 @@ def test_direct_conv_matches_pytorch(conv: tuple[int, ...], llvm_host: Any) -> N
     taken = [name for name, f in ir.prim_funcs(mod).items()
              if direct_conv.schedule_direct_conv(f, 16) is not None]
     assert any("conv" in name for name in taken), list(ir.prim_funcs(mod))
-    exe, _ = schedules.build_executable(mod, llvm_host, None)  # DirectConv among its rules
-    call = tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
+    call = built_callable(mod, llvm_host)  # DirectConv among its rules
     other = torch.randn_like(x)
     with torch.no_grad():
         torch.testing.assert_close(call(other)[0], model(other), rtol=1e-4, atol=1e-5)
