@@ -537,7 +537,7 @@ def _with_impls(program: Program, impls: dict[str, str]) -> Program:
 
 def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Target) -> bool:
     """Every contraction of the kernel has a tuned record, or a default schedule that needs
-    no tuning (small: `schedules.SmallSerial`; a dense matmul: `schedules.DenseMatmul`), or the
+    no tuning (`schedules.has_default_schedule`: small, a dense matmul, a small conv), or the
     kernel is a fused family kernel with its family's fixed-decision schedule."""
     from hwaware.tvm.schedules import has_default_schedule
     from hwaware.tvm.setup import TVM_VERSION

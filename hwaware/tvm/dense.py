@@ -27,32 +27,47 @@ MAX_ROWS = 6  # rows of A per micro-tile
 MAX_VECTORS = 4  # vectors of B (output columns) per micro-tile
 ACCUMULATORS = 24  # vector accumulators a micro-tile may hold (AVX-512 has 32 registers)
 MIN_ROWS = 4  # fewer rows (a GEMV) are DLight's GEMV rule's
+SPATIAL, REDUCE = 0, 2  # TIR iter types
 PARALLEL_MACS = 1 << 20  # smaller kernels stay on the calling thread (a pool wake-up costs more)
 
 
-def find_matmul(sch: Any) -> tuple[Any, Any, Any] | None:
-    """(block, i, j) of the kernel's one contraction if it is a dense matmul vectorizable over
-    its output columns: the last spatial iter j indexes the last dims of B and C, the reduction
-    k the last dim of A and the second-to-last of B."""
+def one_contraction(func: Any) -> tuple[Any, Any, list[Any]] | None:
+    """(schedule, block, operand reads) of a kernel with exactly one reduction block and static
+    loop extents; the reads are the block's other than its own accumulator."""
+    from tvm.s_tir import Schedule
+
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []
-    reductions = [b for b in blocks if any(int(v.iter_type) == 2 for v in sch.get(b).iter_vars)]
-    if len(reductions) != 1:
+    reductions = [b for b in blocks
+                  if any(int(v.iter_type) == REDUCE for v in sch.get(b).iter_vars)]
+    if len(reductions) != 1 or \
+            any(extent_of(sch, loop) is None for loop in sch.get_loops(reductions[0])):
         return None
     block = reductions[0]
+    written = sch.get(block).writes[0].source
+    return sch, block, [r for r in sch.get(block).reads if not r.source.same_as(written)]
+
+
+def find_matmul(func: Any) -> tuple[Any, Any, Any, Any] | None:
+    """(schedule, block, i, j) of the kernel's one contraction if it is a dense matmul
+    vectorizable over its output columns: the last spatial iter j indexes the last dims of B
+    and C, the reduction k the last dim of A and the second-to-last of B."""
+    found = one_contraction(func)
+    if found is None:
+        return None
+    sch, block, reads = found
     iters = list(sch.get(block).iter_vars)
     kinds = [int(v.iter_type) for v in iters]
-    if len(iters) < 3 or kinds[-1] != 2 or any(k != 0 for k in kinds[:-1]):
+    if len(iters) < 3 or kinds[-1] != REDUCE or any(k != SPATIAL for k in kinds[:-1]):
         return None
     i, j, k = (v.var for v in iters[-3:])
-    written = sch.get(block).writes[0].source
-    reads = [r for r in sch.get(block).reads if not r.source.same_as(written)]
     if len(reads) != 2 or not any(_last_index_is(r, k) for r in reads) or \
             not any(_last_index_is(r, j) and _index_is(r, -2, k) for r in reads):
         return None
     loops = sch.get_loops(block)
-    if any(extent_of(sch, loop) is None for loop in loops):
-        return None
-    return block, loops[-3], loops[-2]
+    return sch, block, loops[-3], loops[-2]
 
 
 def schedule_dense(func: Any, lanes: int) -> Any:
@@ -87,15 +102,10 @@ def takes(func: Any, lanes: int) -> bool:
 
 def _plan(func: Any, lanes: int) -> tuple[Any, Any, Any, Any, tuple[int, int]] | None:
     """(schedule, matmul block, i loop, j loop, micro-tile) of a kernel this rule takes."""
-    from tvm.s_tir import Schedule
-
-    if not isinstance(func, tvm.tirx.PrimFunc):
-        return None
-    sch = Schedule(func)
-    found = find_matmul(sch)
+    found = find_matmul(func)
     if found is None:
         return None
-    block, i, j = found
+    sch, block, i, j = found
     tile = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), lanes)
     return None if tile[0] < MIN_ROWS or tile[1] == 0 else (sch, block, i, j, tile)
 

@@ -27,15 +27,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import tvm
-
 from hwaware.tvm.dense import (
     PARALLEL_MACS,
+    REDUCE,
+    SPATIAL,
     epilogue_names,
     epilogue_per_tile,
     extent_of,
-    has_root,
     macs,
+    one_contraction,
 )
 
 log = logging.getLogger(__name__)
@@ -47,32 +47,24 @@ ACCUMULATORS = 24  # vector accumulators a register tile may hold
 # and by 0-2.3x from 1 to 10 M (losing on stride-2 convs, 7-pixel rows), and lost 1.6-2x at
 # 14-115 M, where oneDNN's blocked kernels reach 170-225 GMAC/s to its 85-110.
 MAX_MACS = 4 << 20
-SPATIAL, REDUCE = 0, 2  # TIR iter types
 
 
-def find_conv(sch: Any) -> tuple[Any, int] | None:
-    """(block, channels per group) of the kernel's one contraction if it is an NCHW conv2d:
-    spatial iters (n, f, y, x), reduction iters (c, ry, rx), reading a 4-D input through
-    (y, ry) and (x, rx) and a 4-D weight W[f, c, ry, rx]."""
-    blocks = sch.get_child_blocks(sch.get_sblock("root")) if has_root(sch) else []
-    reductions = [b for b in blocks
-                  if any(int(v.iter_type) == REDUCE for v in sch.get(b).iter_vars)]
-    if len(reductions) != 1:
+def find_conv(func: Any) -> tuple[Any, Any] | None:
+    """(schedule, block) of the kernel's one contraction if it is an NCHW conv2d: spatial
+    iters (n, f, y, x), reduction iters (c, ry, rx), reading a 4-D input and a 4-D weight
+    W[f, c, ry, rx]."""
+    found = one_contraction(func)
+    if found is None:
         return None
-    block = reductions[0]
+    sch, block, reads = found
     iters = list(sch.get(block).iter_vars)
     if [int(v.iter_type) for v in iters] != [SPATIAL] * 4 + [REDUCE] * 3:
         return None
-    written = sch.get(block).writes[0].source
-    reads = [r for r in sch.get(block).reads if not r.source.same_as(written)]
     f, c, ry, rx = (iters[i].var for i in (1, 4, 5, 6))
     weights = [r for r in reads if _indexes_are(r, [f, c, ry, rx])]
-    if len(reads) != 2 or len(weights) != 1 or len(reads[0].region) != 4 or \
-            len(reads[1].region) != 4:
+    if len(reads) != 2 or len(weights) != 1 or any(len(r.region) != 4 for r in reads):
         return None
-    if any(extent_of(sch, loop) is None for loop in sch.get_loops(block)):
-        return None
-    return block, int(iters[4].dom.extent)
+    return sch, block
 
 
 def schedule_direct_conv(func: Any, lanes: int) -> Any:
@@ -111,15 +103,10 @@ def takes(func: Any, lanes: int) -> bool:
 
 
 def _plan(func: Any, lanes: int) -> tuple[Any, Any, tuple[int, int, int]] | None:
-    from tvm.s_tir import Schedule
-
-    if not isinstance(func, tvm.tirx.PrimFunc):
-        return None
-    sch = Schedule(func)
-    found = find_conv(sch)
+    found = find_conv(func)
     if found is None:
         return None
-    block, _ = found
+    sch, block = found
     if macs(sch, block) > MAX_MACS:
         return None
     _, f, y, x, *_ = sch.get_loops(block)

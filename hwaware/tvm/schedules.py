@@ -109,7 +109,11 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         rules = [Tolerant(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
     else:
-        rules = [SmallSerial(), DenseMatmul(), DirectConv(), NarrowVectors(dl.cpu.GEMV()),
+        from hwaware.tvm.dense import schedule_dense
+        from hwaware.tvm.direct_conv import schedule_direct_conv
+
+        rules = [SmallSerial(), LanesRule("DenseMatmul", schedule_dense),
+                 LanesRule("DirectConv", schedule_direct_conv), NarrowVectors(dl.cpu.GEMV()),
                  dl.cpu.Reduction(), ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
 
@@ -194,31 +198,20 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
         return sch
 
 
-class DenseMatmul(ScheduleRule):  # type: ignore[misc]
-    """CPU default for a dense matmul kernel (a Linear layer and its epilogue): the register-
-    blocked GEMM of `hwaware.tvm.dense`."""
+class LanesRule(ScheduleRule):  # type: ignore[misc]
+    """A CPU default from a function (PrimFunc, vector lanes) -> schedule, or None where it
+    does not take the kernel (then, or where TVM raises, the next rule applies): `DenseMatmul`
+    (`hwaware.tvm.dense`, a Linear layer and its epilogue) and `DirectConv`
+    (`hwaware.tvm.direct_conv`, a standalone conv2d and its epilogue)."""
+
+    def __init__(self, name: str, schedule: Callable[[Any, int], Any]):
+        self.name, self.schedule = name, schedule
 
     def apply(self, func: Any, target: Any, _: bool) -> Any:
-        from hwaware.tvm.dense import schedule_dense
-
         try:
-            return schedule_dense(func, _vector_lanes(target))
+            return self.schedule(func, _vector_lanes(target))
         except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors: RuntimeErrors
-            log.debug("no dense schedule (the next rule applies): %s", err)
-            return None
-
-
-class DirectConv(ScheduleRule):  # type: ignore[misc]
-    """CPU default for a standalone conv2d kernel (and its epilogue): the register-tiled direct
-    convolution of `hwaware.tvm.direct_conv`."""
-
-    def apply(self, func: Any, target: Any, _: bool) -> Any:
-        from hwaware.tvm.direct_conv import schedule_direct_conv
-
-        try:
-            return schedule_direct_conv(func, _vector_lanes(target))
-        except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors: RuntimeErrors
-            log.debug("no direct-conv schedule (the next rule applies): %s", err)
+            log.debug("no %s schedule (the next rule applies): %s", self.name, err)
             return None
 
 
