@@ -238,6 +238,9 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
                              3 * repeats, DECISION_QUANTILE, MARGIN)
     info.plan_us[ONE_CALL], info.plan_spread[ONE_CALL] = times[0].us, times[0].spread
     if times[0].us * (1 + MARGIN) < times[1].us:
+        whole.kernel_plan = CompiledModel(chosen.program, chosen.executable,
+                                          replace(info, kernel_nodes=dict(info.kernel_nodes)),
+                                          target.kind)
         info.plan = ONE_CALL
         info.kernel_nodes = {ONE_CALL: [n for nodes in info.kernel_nodes.values() for n in nodes]}
         return whole

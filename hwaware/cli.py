@@ -173,7 +173,8 @@ def _add_predictor_commands(sub: Any) -> None:
 
     pr = sub.add_parser("profile", help="measure sampled architectures for the latency predictor")
     pr.add_argument("--target", default="host")
-    pr.add_argument("--space", default="all", help="all, cnn, mobilenet, resnet, transformer, gnn")
+    pr.add_argument("--space", default="all", help="all, cnn, mobilenet, resnet, transformer, "
+                    "gnn, or nas:<space> (a space of `hwaware nas`: nas:ofa-mbv3, ...)")
     pr.add_argument("--samples", type=int, default=100)
     pr.add_argument("--threads", type=int, default=None, help="default: all the target's cores")
     pr.add_argument("--split", choices=["train", "ood", "real"], default="train",

@@ -413,8 +413,10 @@ def _kernel_graph(gm: fx.GraphModule, run: list[fx.Node], inputs: list[fx.Node],
     return fx.GraphModule(root, graph)
 
 
-def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModule) -> str:
-    """A stable name for what a kernel computes: ops, argument structure, shapes and dtypes."""
+def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModule,
+                     family: str | None = None) -> str:
+    """A stable name for what a kernel computes: ops, argument structure, shapes and dtypes
+    (prefixed with `family`, by default the run's kernel family)."""
     index = {n: f"in{i}" for i, n in enumerate(inputs)}
     index.update({n: f"n{i}" for i, n in enumerate(run)})
 
@@ -431,7 +433,7 @@ def kernel_signature(run: list[fx.Node], inputs: list[fx.Node], gm: fx.GraphModu
     body = [[op_name(n.target), describe(list(n.args)), describe(sorted(n.kwargs.items()))]
             for n in run]
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{kernel_family(run)}:{digest}"
+    return f"{family or kernel_family(run)}:{digest}"
 
 
 def kernel_flops(run: list[fx.Node], gm: fx.GraphModule) -> int:

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,9 @@ class CompiledModel:
         self._run: Callable[[list[Any]], list[Any]] | None = None
         self._vm: Any = None
         self.verifier: Any = None  # hwaware.verify.Verifier while calls are being verified
+        # the per-kernel build a one-call plan won over (in memory only: profiling times its
+        # kernels one by one, which the one TVM call cannot show)
+        self.kernel_plan: CompiledModel | None = None
         self._expected = [(torch.Size(s["shape"]), torch_dtype(s["dtype"]))
                           for s in program.input_specs]
         n_out = len(program.output_slots)
@@ -416,6 +420,14 @@ def kernel_inputs(program: Program, example_inputs: list[Any]) -> dict[str, list
             spec = program.kernels[step.kernel]
             seen[spec.name] = [slots[i] for i in spec.inputs]
     return seen
+
+
+def host_step_calls(program: Program, example_inputs: list[Any]) -> list[Callable[[], None]]:
+    """Each host op step of `program`, in program order, as a call on the values it gets in a
+    run of `example_inputs` (to time the host ops one by one)."""
+    return [partial(_op_action(step, program.constants), list(slots))
+            for step, slots in step_through(program, example_inputs)
+            if isinstance(step, OpStep)]
 
 
 def step_through(program: Program, inputs: list[Any]

@@ -44,6 +44,22 @@ def test_a_linear_kernel_has_its_shapes_flops_and_bytes() -> None:
     assert record.arithmetic_intensity == pytest.approx(record.flops / record.bytes_moved)
 
 
+def test_host_ops_have_records_in_program_order() -> None:
+    from hwaware.predict import spaces
+
+    model, inputs = spaces.Architecture("gnn", {
+        "kind": "handwritten", "nodes": 50, "degree": 4, "features": 8, "hidden": [],
+        "classes": 4}).build()
+    found = decompose(model, inputs)
+    assert found.host_steps == len(found.host_records) > 0
+    assert all(r.family == "host" and len(r.ops) == 1 for r in found.host_records)
+    scatter = [r for r in found.host_records if r.ops[0] == "aten.index_add.default"]
+    assert scatter and all(r.bytes_moved > 0 and r.flops == 0 for r in scatter)
+    assert scatter[-1].output_shapes == ((50, 4),)
+    assert found.priced == found.kernels + found.host_records
+    assert {r.signature for r in found.kernels}.isdisjoint(r.signature for r in scatter)
+
+
 def test_a_record_of_another_schema_is_refused() -> None:
     doc = decompose(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),)).kernels[0].to_json()
     with pytest.raises(ValueError, match="schema 99"):

@@ -321,13 +321,36 @@ def test_profile_measures_and_attributes_real_builds(tmp_path: Path) -> None:
             import hwaware
 
             expected = hwaware.decompose(model, inputs)
-            assert [r.signature for r in s.records] == [k.signature for k in expected.kernels]
+            assert [r.signature for r in s.records] == [k.signature for k in expected.priced]
             assert all(us > 0 for us in s.kernel_us) and s.latency_us > 0
             assert db.model_measurements(DEVICE.key, s.id)[0].latency_us == s.measured_us
             measured = db.kernel_measurements(DEVICE.key, s.records[0].signature)
             assert [m.impl for m in measured].count(profile.AS_BUILT) == 1
     assert [s.id for s in profile.read_samples([out], DEVICE.key)] == [a.id for a in archs]
     assert profile.read_samples([out], "another-device") == []
+
+
+def test_profile_times_each_host_op(tmp_path: Path) -> None:
+    arch = spaces.Architecture("gnn", {"kind": "handwritten", "nodes": 40, "degree": 4,
+                                       "features": 8, "hidden": [], "classes": 4})
+    sample = profile.measure(arch, get_target("host"), DEVICE, None, repeats=10)
+    hosts = [(r, us) for r, us in zip(sample.records, sample.kernel_us, strict=True)
+             if r.family == "host"]
+    assert len(hosts) == sample.host_steps > 0
+    assert all(us > 0 for _, us in hosts)
+    assert "aten.index_add.default" in {r.ops[0] for r, _ in hosts}
+    assert profile.Sample.from_json(sample.to_json()).records == sample.records
+
+
+def test_profile_samples_the_search_spaces_too() -> None:
+    archs = spaces.sample("nas:ofa-mbv3", 3, seed=5)
+    assert len({a.id for a in archs}) == 3
+    assert [a.id for a in spaces.sample("nas:ofa-mbv3", 3, seed=5)] == [a.id for a in archs]
+    assert all(a.to_json()["space"] == "nas:ofa-mbv3" for a in archs)
+    with pytest.raises(ValueError, match="no out-of-range split"):
+        spaces.sample("nas:ofa-mbv3", 3, ood=True)
+    with pytest.raises(ValueError, match="nas:<a space"):
+        spaces.sample("no-such-family", 3)
 
 
 def test_attribution_charges_built_kernels_to_decomposed_ones() -> None:

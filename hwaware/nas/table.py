@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hwaware.decompose import KernelRecord
+from hwaware.decompose import HOST_FAMILY, KernelRecord
 from hwaware.nas.builders import Block, Chain
 from hwaware.nas.space import Space, get_space
 from hwaware.predict.cache import KernelRecordCache, code_fingerprint
@@ -176,10 +176,10 @@ class LatencyTable:
                        if k not in self.costs and self.kernel_cache.get(k) is None]
             if len(missing) > 1:
                 blocks = [ctx[1 if k[0] is not None else 0] for k, ctx in contexts]
-                per_block, host_steps = chain_kernels(self.space, blocks)
+                per_block = chain_kernels(self.space, blocks)
                 for (key, _), records in zip(contexts, per_block, strict=True):
-                    if key in missing and not host_steps:  # else: per block, host ops apart
-                        self.kernel_cache.put(key, records, 0)
+                    if key in missing:
+                        self.kernel_cache.put(key, records, host_steps_of(records))
             for key, context in contexts:
                 self.cost(key, context)
         return len(self.costs) - before
@@ -197,20 +197,21 @@ class LatencyTable:
 
 def block_kernels(space: Space, context: tuple[Block, ...], has_prev: bool
                   ) -> tuple[list[KernelRecord], int]:
-    """The kernels the middle block of `context` owns in the real decomposition of the chain,
-    and its host op steps."""
-    index = 1 if has_prev else 0
-    per_block, host_steps = chain_kernels(space, context)
-    if host_steps:  # host ops are rare; count the block's own
-        _, host_steps = chain_kernels(space, (context[index],))
-    return per_block[index], host_steps
+    """The kernels and host ops the middle block of `context` owns in the real decomposition
+    of the chain, and how many host op steps it has."""
+    records = chain_kernels(space, context)[1 if has_prev else 0]
+    return records, host_steps_of(records)
 
 
-def chain_kernels(space: Space, blocks: Sequence[Block]) -> tuple[list[list[KernelRecord]], int]:
+def host_steps_of(records: Sequence[KernelRecord]) -> int:
+    return sum(r.family == HOST_FAMILY for r in records)
+
+
+def chain_kernels(space: Space, blocks: Sequence[Block]) -> list[list[KernelRecord]]:
     """The real decomposition (capture -> rewrite -> partition) of the chain of `blocks`: each
-    block's kernels (those whose first op it owns) and the chain's host op steps."""
+    block's kernels and host ops (those whose first op it owns)."""
     from hwaware.capture import capture
-    from hwaware.decompose import decomposition_of, kernels_by_module, rewrite_and_partition
+    from hwaware.decompose import records_by_module, rewrite_and_partition
 
     builder = space.builder
     chain = Chain([builder.module(b) for b in blocks]).eval()
@@ -218,14 +219,14 @@ def chain_kernels(space: Space, blocks: Sequence[Block]) -> tuple[list[list[Kern
         captured = capture(chain, builder.block_inputs(blocks[0]))
     _, part = rewrite_and_partition(captured)
     per_block: list[list[KernelRecord]] = [[] for _ in blocks]
-    for path, record in kernels_by_module(part):
+    for path, record in records_by_module(part):
         parts = path.split(".")
         if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
             per_block[int(parts[1])].append(record)
         else:
             log.warning("kernel %s of a %s chain has no block; not charged", record.signature,
                         space.name)
-    return per_block, decomposition_of(part).host_steps
+    return per_block
 
 
 class BlockKernelCache(KernelRecordCache):

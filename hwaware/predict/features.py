@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 2  # 2: the kernel regressor predicts log(time / baseline_us)
+# 2: the kernel regressor predicts log(time / baseline_us); 3: host op records ("host")
+FEATURE_SCHEMA_VERSION = 3
 
-# Families the features name; any other family is "other" (and its kernels `unknown`).
+# Families the features name; any other family is "other" (and its kernels `unknown`). "host":
+# one op the host program runs in PyTorch (`hwaware.decompose.host_record`).
 FAMILIES = ("conv1d", "conv2d", "conv3d", "matmul", "sdpa", "reduction", "elementwise",
-            "conv_block", "res_block", "convnext_block", "attention", "gnn", "rgcn")
+            "conv_block", "res_block", "convnext_block", "attention", "gnn", "rgcn", "host")
 # Op categories, matched as substrings of the ATen op name in this order (first match wins).
 OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("conv", ("conv",)),

@@ -222,7 +222,7 @@ class LatencyPredictor:
         return self.predict_decomposition(decompose(model, example_inputs))
 
     def predict_decomposition(self, decomposition: Any) -> LatencyEstimate:
-        records = list(decomposition.kernels)
+        records = list(decomposition.priced)
         us, sources = self.kernel_times(records)
         unknown = [r for r, s in zip(records, sources, strict=True) if s == "unknown"]
         if unknown:

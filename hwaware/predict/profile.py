@@ -4,8 +4,9 @@ Goes in: architectures (`hwaware.predict.spaces`), a target and a thread count, 
 database. For each architecture: capture -> rewrite -> partition (the kernels
 `hwaware.decompose` reports), then the real build (each kernel on TVM or PyTorch as the build
 chooses, fused families dissolved where they lose), then three measurements on this machine:
-the whole compiled model, every built kernel alone with its real inputs, and the whole model
-again (two timings of one compiled model: the noise floor the predictor is judged beside).
+the whole compiled model, every built kernel and every host op step alone with its real
+inputs, and the whole model again (two timings of one compiled model: the noise floor the
+predictor is judged beside).
 
 Comes out: one `Sample` per architecture, appended to a JSONL file kept in the repository
 (`cost_models/data/<cpu kind>.jsonl`: the machines change CPU kind between sessions, and
@@ -13,8 +14,10 @@ measured data must outlive them) and to the database (`kernels`, `kernel_measure
 impl "as-built", `model_measurements` with impl "hwaware"). A built kernel's time is charged to
 the decomposed kernels it runs ops of (a contraction cut from its epilogue because it has no
 tuned schedule is two built kernels for one decomposed one), so labels match what `decompose`
-reports before any build. Profiling resumes: architectures already in the file for this device
-are skipped, and each sample is written as soon as it is measured.
+reports before any build. A model the build runs as one TVM call (`build.ONE_CALL`) has its
+kernels timed as the per-kernel build it was chosen over runs them: their own times, which the
+whole-model term then relates to the one call's. Profiling resumes: architectures already in
+the file for this device are skipped, and each sample is written as soon as it is measured.
 
 Timing is `runner.time_in_blocks` (blocks of back-to-back calls, as `bench/` does), reporting
 the lower quartile of the calls: on a shared machine, bursts of other work only add time, and
@@ -58,7 +61,7 @@ class Measurable(Protocol):
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SCHEMA_VERSION = 1
+SAMPLE_SCHEMA_VERSION = 2  # 2: `kernels` ends with the host ops' records and times
 AS_BUILT = "as-built"  # kernel_measurements.impl of a decomposed kernel's measured time
 TIMING_QUANTILE = 0.25
 
@@ -72,7 +75,8 @@ class Sample:
     split: str  # "train" (sampled in range), "ood" (beyond it) or "real" (zoo models)
     device: dict[str, Any]
     cpu: str
-    kernels: list[dict[str, Any]]  # KernelRecord fields plus "us": its measured time
+    kernels: list[dict[str, Any]]  # KernelRecord fields plus "us": its measured time; the
+    # kernels, then the host ops (family "host")
     host_steps: int
     latency_us: float  # the whole compiled model
     latency2_us: float  # the same compiled model timed again (noise)
@@ -82,6 +86,7 @@ class Sample:
     versions: dict[str, str]
     created_at: float = field(default_factory=time.time)
     schema_version: int = SAMPLE_SCHEMA_VERSION
+    plan: str = "per-kernel"  # the build's whole-model plan ("k_whole": one TVM call)
 
     @functools.cached_property
     def records(self) -> list[KernelRecord]:
@@ -186,14 +191,18 @@ def measure(arch: Measurable, target: Any, device: Device, db: Any, split: str =
         run_compiled, run_eager = partial(compiled.run_flat, flat), partial(model, *inputs)
         first, eager = time_in_blocks([run_compiled, run_eager], repeats,
                                       quantile=TIMING_QUANTILE)
-        built_us = _time_kernels(compiled, flat, repeats)
+        timed = compiled.kernel_plan or compiled  # one TVM call: its kernels built one by one
+        built_us, host_us = _time_kernels(timed, flat, repeats)
         (second,) = time_in_blocks([run_compiled], repeats, quantile=TIMING_QUANTILE)
-    labels, unattributed = attribute(part.kernel_nodes, compiled.info.kernel_nodes, built_us)
+    labels, unattributed = attribute(part.kernel_nodes, timed.info.kernel_nodes, built_us)
     kernels = [{**asdict(r), "us": labels.get(name, 0.0)}
                for name, r in zip(_decomposed_names(part), decomposition.kernels, strict=True)]
+    kernels += [{**asdict(r), "us": us} for r, us in zip(decomposition.host_records, host_us,
+                                                         strict=False)]
+    unattributed += sum(host_us[len(decomposition.host_records):])  # constant outputs' copies
     return Sample(arch.id, arch.to_json(), split, device.to_json(), cpu_kind(), kernels,
                   decomposition.host_steps, first, second, eager, unattributed, compile_s,
-                  versions())
+                  versions(), plan=compiled.info.plan)
 
 
 def _decomposed_names(part: Any) -> list[str]:
@@ -201,11 +210,13 @@ def _decomposed_names(part: Any) -> list[str]:
     return [n for n in part.program.kernels if n in part.kernel_graphs]
 
 
-def _time_kernels(compiled: Any, flat: list[Any], repeats: int) -> dict[str, float]:
+def _time_kernels(compiled: Any, flat: list[Any], repeats: int
+                  ) -> tuple[dict[str, float], list[float]]:
     """Each kernel of the built program alone, as it runs there (TVM or PyTorch), on the
-    inputs it gets in a run of `flat`."""
+    inputs it gets in a run of `flat`; and each of its host op steps alone, in program order
+    (the decomposition's host records, then any copies of constant outputs)."""
     from hwaware.runner import time_in_blocks
-    from hwaware.runtime import kernel_inputs, run_kernel_in_torch
+    from hwaware.runtime import host_step_calls, kernel_inputs, run_kernel_in_torch
 
     program = compiled.program
     inputs = kernel_inputs(program, flat)
@@ -217,11 +228,12 @@ def _time_kernels(compiled: Any, flat: list[Any], repeats: int) -> dict[str, flo
             calls[name] = partial(compiled.kernel_callable(name), *inputs[name])
         else:
             calls[name] = partial(run_kernel_in_torch, program, name, inputs[name])
-    if not calls:
-        return {}
-    times = time_in_blocks(list(calls.values()), max(20, repeats // 2),
+    hosts = host_step_calls(program, flat)
+    if not calls and not hosts:
+        return {}, []
+    times = time_in_blocks([*calls.values(), *hosts], max(20, repeats // 2),
                            quantile=TIMING_QUANTILE)
-    return dict(zip(calls, times, strict=True))
+    return dict(zip(calls, times[:len(calls)], strict=True)), list(times[len(calls):])
 
 
 def attribute(decomposed: dict[str, tuple[str, ...]], built: dict[str, list[str]],

@@ -288,12 +288,16 @@ def real_models() -> list[Architecture]:
     return [Architecture("zoo", {"name": n}) for n in REAL_MODELS]
 
 
-def sample(space: str, count: int, seed: int = 0, ood: bool = False) -> list[Architecture]:
-    """`count` distinct architectures of `space` ("all": round-robin over every family)."""
+def sample(space: str, count: int, seed: int = 0, ood: bool = False) -> list[Any]:
+    """`count` distinct architectures of `space` ("all": round-robin over every family;
+    "nas:<name>": of an architecture-search space, `hwaware.nas.get_space(name)`)."""
+    if space.startswith(NAS_PREFIX):
+        return _sample_search_space(space.removeprefix(NAS_PREFIX), count, seed, ood)
     names = list(SPACES) if space == "all" else [space]
     unknown = [n for n in names if n not in SPACES]
     if unknown:
-        raise ValueError(f"unknown search space {unknown[0]!r}; valid: all, {', '.join(SPACES)}")
+        raise ValueError(f"unknown search space {unknown[0]!r}; valid: all, {', '.join(SPACES)}"
+                         f", or {NAS_PREFIX}<a space of `hwaware nas`>")
     rng = random.Random(f"{space}-{seed}-{ood}")
     found: dict[str, Architecture] = {}
     for _ in range(count * 20):
@@ -303,3 +307,22 @@ def sample(space: str, count: int, seed: int = 0, ood: bool = False) -> list[Arc
         if len(found) == count:
             break
     return list(found.values())
+
+
+NAS_PREFIX = "nas:"
+
+
+def _sample_search_space(name: str, count: int, seed: int, ood: bool) -> list[Any]:
+    """`count` distinct architectures of the architecture-search space `name`, in the form the
+    profiler measures (`hwaware.nas.measure.SpaceArchitecture`). A search space has no range
+    to go beyond: `ood` is refused."""
+    from hwaware.nas.measure import SpaceArchitecture
+    from hwaware.nas.space import get_space
+
+    if ood:
+        raise ValueError(f"{NAS_PREFIX}{name}: a search space has no out-of-range split; "
+                         "profile it with --split train")
+    space = get_space(name)
+    found = {a.id: a for a in (SpaceArchitecture(space, arch)
+                               for arch in space.sample(count * 2, seed))}
+    return list(found.values())[:count]
