@@ -1,7 +1,7 @@
 """Latency predictor benchmark: accuracy, learning curve, few-shot transfer and speed.
 
     python bench/predictor.py [--target host] [--data cost_models/data] [--out FILE.md]
-                              [--curve-only] [--skip-speed]
+                              [--curve-only | --skip-curve] [--skip-speed]
 
 Reads the profiled samples (`hwaware profile` writes them to cost_models/data/*.jsonl) and
 reports, on this CPU:
@@ -203,6 +203,9 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--curve-only", action="store_true", help="the learning curve alone")
+    p.add_argument("--skip-curve", action="store_true",
+                   help="no learning curve (it decomposes 2000 unmeasured architectures for the "
+                   "pretrained prior the first time: about 8 minutes on 2 cores)")
     args = p.parse_args()
     base = Device.of(get_target(args.target), args.threads)
     with warnings.catch_warnings():
@@ -216,7 +219,8 @@ def main() -> int:
         parts.append(learning_curve(base, samples))
     else:
         predictor, text = accuracy(base, samples)
-        parts += [text, learning_curve(base, samples), transfer(predictor, samples)]
+        curve = [] if args.skip_curve else [learning_curve(base, samples)]
+        parts += [text, *curve, transfer(predictor, samples)]
         if not args.skip_speed:
             parts.append(speed(predictor, samples))
     report = "\n\n".join(parts) + "\n"

@@ -88,9 +88,13 @@ KERNEL_FEATURE_NAMES = (
 )
 MODEL_FEATURE_NAMES = (
     "kernels", "host_steps", *(f"kernels_{f}" for f in FAMILIES), "kernels_other",
-    "log_flops", "log_bytes", "log_weight_bytes", "log_kernel_sum_us", "log_largest_kernel_us",
+    "log_flops", "log_bytes", "log_weight_bytes", "log_kernel_sum_us", "log_host_us",
+    "log_largest_kernel_us", "host_share", "unfused_without_host_ops",
     "threads", "log_peak_gflops",
 )
+# Kernel families of hwaware's fused blocks: a model with none of them and no host op may be
+# built as one TVM call (`hwaware.build.ONE_CALL`), which runs faster than its kernels' sum.
+FUSED_FAMILIES = ("conv_block", "res_block", "convnext_block", "attention", "gnn", "rgcn")
 
 
 def _log2(x: float) -> float:
@@ -199,7 +203,7 @@ def kernel_matrix(records: Sequence[Any], device: Device) -> np.ndarray:
 # of its parts' (the largest kernel's time: their maximum). `model_rows` turns them into features.
 MODEL_TOTAL_NAMES = (
     "kernels", "host_steps", *(f"kernels_{f}" for f in FAMILIES), "kernels_other",
-    "flops", "bytes", "weight_bytes", "kernel_sum_us", "largest_kernel_us",
+    "flops", "bytes", "weight_bytes", "kernel_sum_us", "host_us", "largest_kernel_us",
 )
 LARGEST_KERNEL = MODEL_TOTAL_NAMES.index("largest_kernel_us")
 _LOGGED = slice(MODEL_TOTAL_NAMES.index("flops"), len(MODEL_TOTAL_NAMES))
@@ -215,6 +219,7 @@ def model_totals(records: Sequence[Any], host_steps: int, kernel_us: Sequence[fl
         float(len(records)), float(host_steps), *per_family, other,
         float(sum(r.flops for r in records)), float(sum(r.bytes_moved for r in records)),
         float(sum(r.weight_bytes for r in records)), float(sum(kernel_us)),
+        float(sum(us for r, us in zip(records, kernel_us, strict=True) if r.family == "host")),
         float(max(kernel_us, default=0.0)),
     ], dtype=np.float64)
 
@@ -224,9 +229,15 @@ def model_rows(totals: np.ndarray, device: Device) -> np.ndarray:
     per model."""
     totals = np.atleast_2d(np.asarray(totals, dtype=np.float64))
     logged = np.log2(1.0 + np.maximum(totals[:, _LOGGED], 0.0))
+    column = MODEL_TOTAL_NAMES.index
+    host_share = totals[:, column("host_us")] / np.maximum(totals[:, column("kernel_sum_us")],
+                                                          1e-9)
+    fused = totals[:, [column(f"kernels_{f}") for f in FUSED_FAMILIES]].sum(axis=1)
+    unfused = (fused == 0) & (totals[:, column("host_steps")] == 0)
     device_columns = np.broadcast_to([float(device.threads), _log2(device.peak_gflops)],
                                      (len(totals), 2))
-    return np.concatenate([totals[:, :_LOGGED.start], logged, device_columns],
+    return np.concatenate([totals[:, :_LOGGED.start], logged, host_share[:, None],
+                           unfused[:, None].astype(np.float64), device_columns],
                           axis=1).astype(np.float32)
 
 
