@@ -17,7 +17,8 @@ it is trained on out-of-fold kernel predictions, so it also corrects the kernel 
 systematic errors as they appear on unseen architectures.
 
 Comes out: a `LatencyEstimate`: `total_ms`, the whole-model term, and one `KernelEstimate` row
-per kernel (signature, family, shapes, ms, source).
+per kernel and per host op (family "host": an op the host program runs in PyTorch) with its
+signature, family, shapes, ms and source.
 
 Saved as XGBoost JSON (never pickle) plus `manifest.json`: feature schema version, device,
 versions, training size and metrics. `adapt` fits a few-shot correction for a device the
