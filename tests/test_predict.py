@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import hwaware
 from hwaware.db import TuningDatabase
 from hwaware.decompose import Decomposition, KernelRecord
 from hwaware.predict import commands, pretrain, profile, spaces
@@ -395,3 +396,13 @@ def test_shipped_predictors_load_and_predict(folder: Path) -> None:
     est = predictor.predict(model, inputs)
     assert est.total_ms > 0 and all(k.ms > 0 for k in est.kernels)
     assert est.total_ms == pytest.approx(sum(k.ms for k in est.kernels) + est.overhead_ms)
+
+
+def test_step_times_cover_every_step_of_a_whole_run() -> None:
+    from hwaware.zoo import get_model
+
+    model, inputs = get_model("resnet_basic_block")
+    compiled = hwaware.compile(model, inputs)
+    times = compiled.step_times_us(list(inputs), runs=5, quantile=0.25)
+    assert len(times) == len(compiled.program.steps) and all(t > 0 for t in times)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)

@@ -4,9 +4,10 @@ Goes in: architectures (`hwaware.predict.spaces`), a target and a thread count, 
 database. For each architecture: capture -> rewrite -> partition (the kernels
 `hwaware.decompose` reports), then the real build (each kernel on TVM or PyTorch as the build
 chooses, fused families dissolved where they lose), then three measurements on this machine:
-the whole compiled model, every built kernel and every host op step alone with its real
-inputs, and the whole model again (two timings of one compiled model: the noise floor the
-predictor is judged beside).
+the whole compiled model, every built kernel and every host op step where it runs (timed
+inside whole runs of the model: alone, a kernel finds its weights in cache from its previous
+call, and a large model ran 1.3-1.6x the sum of its kernels timed so), and the whole model
+again (two timings of one compiled model: the noise floor the predictor is judged beside).
 
 Comes out: one `Sample` per architecture, appended to a JSONL file kept in the repository
 (`cost_models/data/<cpu kind>.jsonl`: the machines change CPU kind between sessions, and
@@ -34,7 +35,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -61,7 +62,8 @@ class Measurable(Protocol):
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SCHEMA_VERSION = 2  # 2: `kernels` ends with the host ops' records and times
+SAMPLE_SCHEMA_VERSION = 3  # 2: `kernels` ends with the host ops' records and times; 3: each
+# kernel's and host op's time is taken inside whole runs of the model, not alone
 AS_BUILT = "as-built"  # kernel_measurements.impl of a decomposed kernel's measured time
 TIMING_QUANTILE = 0.25
 
@@ -212,28 +214,22 @@ def _decomposed_names(part: Any) -> list[str]:
 
 def _time_kernels(compiled: Any, flat: list[Any], repeats: int
                   ) -> tuple[dict[str, float], list[float]]:
-    """Each kernel of the built program alone, as it runs there (TVM or PyTorch), on the
-    inputs it gets in a run of `flat`; and each of its host op steps alone, in program order
-    (the decomposition's host records, then any copies of constant outputs)."""
-    from hwaware.runner import time_in_blocks
-    from hwaware.runtime import host_step_calls, kernel_inputs, run_kernel_in_torch
+    """Each kernel of the built program (TVM or PyTorch, as built) and each of its host op
+    steps, timed where it runs: inside whole runs of the program on `flat`
+    (`CompiledModel.step_times_us`); the host op steps in program order (the decomposition's
+    host records, then any copies of constant outputs)."""
+    from hwaware.program import KernelStep
 
-    program = compiled.program
-    inputs = kernel_inputs(program, flat)
-    calls: dict[str, Callable[[], Any]] = {}
-    for name, spec in program.kernels.items():
-        if name not in inputs:
-            continue
-        if spec.impl == "tvm":
-            calls[name] = partial(compiled.kernel_callable(name), *inputs[name])
+    steps = compiled.program.steps
+    times = compiled.step_times_us(flat, repeats, TIMING_QUANTILE)
+    kernels: dict[str, float] = {}
+    hosts: list[float] = []
+    for step, us in zip(steps, times, strict=True):
+        if isinstance(step, KernelStep):
+            kernels[step.kernel] = kernels.get(step.kernel, 0.0) + us
         else:
-            calls[name] = partial(run_kernel_in_torch, program, name, inputs[name])
-    hosts = host_step_calls(program, flat)
-    if not calls and not hosts:
-        return {}, []
-    times = time_in_blocks([*calls.values(), *hosts], max(20, repeats // 2),
-                           quantile=TIMING_QUANTILE)
-    return dict(zip(calls, times[:len(calls)], strict=True)), list(times[len(calls):])
+            hosts.append(us)
+    return kernels, hosts
 
 
 def attribute(decomposed: dict[str, tuple[str, ...]], built: dict[str, list[str]],
