@@ -11,6 +11,7 @@ import json
 import math
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -56,14 +57,21 @@ def _law_us(record: KernelRecord) -> float:
     return 3.0 + record.flops / 4e4 + record.bytes_moved / 2e3
 
 
+def _compute_bound_slower_us(record: KernelRecord) -> float:
+    """Another synthetic device: compute 2.5x slower, calls and memory as fast (one core of
+    two, or narrower vectors, does that)."""
+    return 3.0 + record.flops / 1.6e4 + record.bytes_moved / 2e3
+
+
 def _sample(i: int, device: Device = DEVICE, scale: float = 1.0, split: str = "train",
-            log2_sizes: tuple[float, float] = (8, 16)) -> profile.Sample:
+            log2_sizes: tuple[float, float] = (8, 16),
+            law: Callable[[KernelRecord], float] = _law_us) -> profile.Sample:
     rng = random.Random(i)
     records = [_record(rng.choice(list(FAMILY_OPS)), int(2 ** rng.uniform(*log2_sizes)), rng)
                for _ in range(rng.randint(2, 8))]
     host_steps = rng.randint(0, 3)
-    kernels = [{**asdict(r), "us": scale * _law_us(r)} for r in records]
-    total = scale * (sum(_law_us(r) for r in records) + 6.0 * host_steps + 4.0)
+    kernels = [{**asdict(r), "us": scale * law(r)} for r in records]
+    total = scale * (sum(law(r) for r in records) + 6.0 * host_steps + 4.0)
     return profile.Sample(
         id=f"synthetic-{i}", arch={"space": "synthetic", "config": {"i": i}}, split=split,
         device=device.to_json(), cpu="test", kernels=kernels, host_steps=host_steps,
@@ -263,6 +271,31 @@ def test_adapt_to_another_device_with_ten_samples(trained: LatencyPredictor) -> 
     assert before.within_10 < 0.2 and after.within_10 >= 0.8, (before, after)
     with pytest.raises(PredictorError, match="at least 3"):
         trained.adapt(slower[:2], OTHER)
+
+
+def test_adapting_corrects_kernels_by_kind_not_one_scale(trained: LatencyPredictor,
+                                                         tmp_path: Path) -> None:
+    """A device whose compute is slower but whose calls and memory are not: no one scale fits
+    both small and large models; the kernel correction learns which kernels slow down."""
+    other = [_sample(i, OTHER, law=_compute_bound_slower_us) for i in range(4000, 4060)]
+    adapted = trained.adapt(other[:10], OTHER)
+    rest = other[10:]
+    measured = [s.latency_us for s in rest]
+    after = metrics(list(adapted.predict_samples(rest)), measured)
+    one_scale = replace_kernel_labels(other[:10])
+    scaled = metrics(list(trained.adapt(one_scale, OTHER).predict_samples(rest)), measured)
+    assert after.within_10 >= 0.8 and after.within_10 > scaled.within_10 + 0.2, (after, scaled)
+    loaded = LatencyPredictor.load(directory=adapted.save(tmp_path / "adapted"))
+    assert np.array_equal(loaded.predict_samples(rest), adapted.predict_samples(rest))
+    assert loaded.manifest["adapted_from"] == DEVICE.key
+    again = loaded.adapt(other[10:20], OTHER)  # from the base, not on top of the first
+    assert again.manifest["adapted_from"] == DEVICE.key and again.key == OTHER.key
+
+
+def replace_kernel_labels(samples: list[profile.Sample]) -> list[profile.Sample]:
+    """The samples without kernel times (only whole-model latencies: one scale is all an
+    adaptation can fit)."""
+    return [replace(s, kernels=[{**k, "us": 0.0} for k in s.kernels]) for s in samples]
 
 
 # ----------------------------------------------------------------------- dynamic networks

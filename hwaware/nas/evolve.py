@@ -245,15 +245,13 @@ class Linas:
         """The base predictor with this session's database (its measured kernels now answer
         for themselves) and, from 3 measured models on, a correction fitted to them."""
         from hwaware.predict.features import Device
-        from hwaware.predict.predictor import LatencyPredictor
         from hwaware.target import get_target
 
         base = self.base
         device = Device.of(get_target(self.target), self.threads)
         if len([s for s in self.samples if s.device["key"] == device.key]) >= 3:
             base = base.adapt(self.samples, device)
-        return LatencyPredictor(base.kernel_model, base.model_model, base.manifest, base.table,
-                                self.db or base.db)
+        return base.with_db(self.db or base.db)
 
 
 def _start(space: Space, archive: Archive, population: int) -> Any:

@@ -72,6 +72,19 @@ MODEL_ROUNDS = 200
 PRETRAIN_ROUNDS = 300  # of the pretrained kernel regressor, before fine-tuning adds `rounds`
 FILES = ("kernel_model.json", "model_model.json")
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
+# An adapted predictor's own files: the kernel correction regressor, and the kernels measured
+# on its device (in the models it was adapted with)
+CORRECTION_FILE = "kernel_correction.json"
+DEVICE_TABLE_FILE = "device_kernel_table.json"
+# The kernel correction of `adapt`: the log ratio of a kernel's time on the new device to the
+# base predictor's estimate, a shallow, strongly regularised regressor (10 models give some
+# 50-500 kernels), so it learns how the device differs by kernel kind and size (a second
+# thread speeds up large kernels, not small ones; AVX-512 speeds up compute-bound ones) and
+# not the base estimates' own noise
+CORRECTION_PARAMS = {"objective": "reg:squarederror", "eta": 0.1, "max_depth": 2,
+                     "subsample": 1.0, "min_child_weight": 5.0, "lambda": 10.0, "seed": 0}
+CORRECTION_ROUNDS = 40
+MIN_CORRECTION_KERNELS = 10
 
 
 class PredictorError(ValueError):
@@ -146,10 +159,15 @@ class LatencyPredictor:
     """Kernel and whole-model regressors for one device (see module docstring)."""
 
     def __init__(self, kernel_model: xgb.Booster, model_model: xgb.Booster,
-                 manifest: dict[str, Any], table: dict[str, float], db: Any = None):
+                 manifest: dict[str, Any], table: dict[str, float], db: Any = None,
+                 kernel_correction: xgb.Booster | None = None,
+                 device_table: dict[str, float] | None = None):
         self.kernel_model = kernel_model
         self.model_model = model_model
         self.table = table  # kernels measured in the training data, by signature
+        # adapted: the base estimates' correction for this device, and its measured kernels
+        self.kernel_correction = kernel_correction
+        self.device_table = device_table or {}
         self.manifest = manifest
         self.db = db
         self.device = Device(**manifest["feature_device"])  # what the features describe
@@ -190,23 +208,59 @@ class LatencyPredictor:
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
         """This predictor corrected for `device` from a few of its measured models (few-shot
-        transfer without retraining): one scale, the median ratio of measured to predicted
-        latency, applied only where it stands out of the ratios' own spread (a correction
-        fitted to 10 noisy ratios made predictions worse than none on devices that differ
-        little). A fitted slope as well (log y = a + b log predicted) was worse still: with so
-        few points it fits the base predictor's errors. Needs at least 3 samples."""
+        transfer without retraining). Kernel level: the models' kernels measured on `device`
+        answer for themselves, and a shallow regressor of the log ratio of each of their times
+        to this predictor's estimate (`CORRECTION_PARAMS`) corrects every other kernel's
+        estimate; a device does not differ by one factor (one scale for all left 1-thread
+        rankings as they were: Spearman 0.93). Model level: one scale, the median ratio of
+        measured to predicted latency, applied only where it stands out of the ratios' own
+        spread (a correction fitted to 10 noisy ratios made predictions worse than none on
+        devices that differ little; a fitted slope as well fitted the base predictor's
+        errors). Needs at least 3 samples."""
         samples = [s for s in samples if s.device["key"] == device.key]
         if len(samples) < 3:
             raise PredictorError(f"{len(samples)} measured models of device {device.key}; "
                                  "adapting needs at least 3 (10-20 recommended)")
-        base = np.log(self.predict_samples(samples, corrected=False))
+        base = self.unadapted() if "adapted_from" in self.manifest else self
+        manifest = {**base.manifest, "device": device.to_json(), "correction": [0.0, 1.0],
+                    "adapted_from": base.key, "base_device": base.manifest["device"],
+                    "adapt_samples": len(samples), "created_at": time.time()}
+        adapted = LatencyPredictor(base.kernel_model, base.model_model, manifest, base.table,
+                                   self.db, base.kernel_correction_for(samples),
+                                   measured_table(samples))
+        predicted = np.log(adapted.predict_samples(samples, corrected=False))
         measured = np.log([s.measured_us for s in samples])
-        scale = _significant_median(measured - base)
-        manifest = {**self.manifest, "device": device.to_json(), "correction": [scale, 1.0],
-                    "adapted_from": self.key, "adapt_samples": len(samples),
-                    "created_at": time.time()}
+        adapted.correction = (_significant_median(measured - predicted), 1.0)
+        adapted.manifest["correction"] = list(adapted.correction)
+        return adapted
+
+    def kernel_correction_for(self, samples: Sequence[Any]) -> xgb.Booster | None:
+        """The kernel correction regressor fitted to the kernels of `samples` (measured on
+        another device): None where they hold fewer than `MIN_CORRECTION_KERNELS` timed
+        kernels."""
+        records = [r for s in samples for r, us in zip(s.records, s.kernel_us, strict=True)
+                   if us > 0]
+        if len(records) < MIN_CORRECTION_KERNELS:
+            return None
+        measured = np.asarray([us for s in samples for us in s.kernel_us if us > 0])
+        estimated, _ = self.kernel_times(records, use_db=False)
+        rows = np.asarray([_cached_features(r, self.device) for r in records], np.float32)
+        return _fit(rows, np.log(measured) - np.log(np.maximum(estimated, 1e-3)),
+                    CORRECTION_PARAMS, CORRECTION_ROUNDS)
+
+    def unadapted(self) -> LatencyPredictor:
+        """The predictor this one was adapted from (its kernel and whole-model regressors,
+        without this device's corrections and measured kernels)."""
+        manifest = {k: v for k, v in self.manifest.items()
+                    if k not in ("correction", "adapted_from", "adapt_samples", "base_device")}
+        manifest["device"] = self.manifest.get("base_device", self.manifest["device"])
         return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.table,
                                 self.db)
+
+    def with_db(self, db: Any) -> LatencyPredictor:
+        """This predictor answering with `db`'s measured kernels."""
+        return LatencyPredictor(self.kernel_model, self.model_model, self.manifest, self.table,
+                                db, self.kernel_correction, self.device_table)
 
     # -------------------------------------------------------------- prediction
     def predict(self, model: Any, example_inputs: Any, calibration: Sequence[Any] | None = None
@@ -242,27 +296,41 @@ class LatencyPredictor:
     def kernel_times(self, records: Sequence[Any], use_db: bool = True
                      ) -> tuple[np.ndarray, list[str]]:
         """Each kernel's microseconds and source: measured on this device (the database, then
-        the training data's table), else predicted (or unknown: predicted all the same)."""
-        us = self.predict_kernels(records)
+        the training data's table; adapted: the kernels measured on its device), else
+        predicted (or unknown: predicted all the same). An adapted predictor's estimates are
+        the base device's (its table, else its regressor) times the kernel correction."""
+        us = self.predict_kernels(records, corrected=False)
         sources = [self._source(r) for r in records]
         own_table = "adapted_from" not in self.manifest  # else: another device's times
         for i, record in enumerate(records):
-            measured = self._measured_us(record.signature) if use_db else None
-            if measured is not None:
-                us[i], sources[i] = measured, "measured"
-            elif record.signature in self.table:
+            if record.signature in self.table:
                 us[i] = self.table[record.signature]
                 sources[i] = "measured" if own_table else "predicted"
+        us *= self._correction_factors(records)
+        for i, record in enumerate(records):
+            measured = self._measured_us(record.signature) if use_db else None
+            if measured is None:
+                measured = self.device_table.get(record.signature)
+            if measured is not None:
+                us[i], sources[i] = measured, "measured"
         return us, sources
 
-    def predict_kernels(self, records: Sequence[Any]) -> np.ndarray:
-        """Predicted microseconds of many kernels at once (the regressor only)."""
+    def predict_kernels(self, records: Sequence[Any], corrected: bool = True) -> np.ndarray:
+        """Predicted microseconds of many kernels at once (the regressor only, and an adapted
+        predictor's kernel correction unless not `corrected`)."""
         if not records:
             return np.zeros(0)
         rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
         log_baselines = np.asarray([_log_baseline(r, self.device, self.prior)
                                     for r in records])
-        return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
+        us = np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
+        return us * self._correction_factors(records) if corrected else us
+
+    def _correction_factors(self, records: Sequence[Any]) -> np.ndarray | float:
+        if self.kernel_correction is None or not records:
+            return 1.0
+        rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
+        return np.exp(self.kernel_correction.inplace_predict(rows).astype(np.float64))
 
     def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:
         """Predicted whole-model microseconds of profiled samples, without the database (it
@@ -313,11 +381,19 @@ class LatencyPredictor:
         `cost_models/<device key>/`)."""
         out = Path(directory) if directory else device_dir(self.key)
         out.mkdir(parents=True, exist_ok=True)
-        for name, booster in zip(FILES, (self.kernel_model, self.model_model), strict=True):
-            booster.save_model(out / name)
-        (out / TABLE_FILE).write_text(json.dumps(self.table, sort_keys=True, indent=0))
+        boosters = {FILES[0]: self.kernel_model, FILES[1]: self.model_model,
+                    CORRECTION_FILE: self.kernel_correction}
+        tables = {TABLE_FILE: self.table, DEVICE_TABLE_FILE: self.device_table}
+        for name in (CORRECTION_FILE, DEVICE_TABLE_FILE):  # of an earlier adaptation
+            (out / name).unlink(missing_ok=True)
+        for name, booster in boosters.items():
+            if booster is not None:
+                booster.save_model(out / name)
+        for name, table in tables.items():
+            if table or name == TABLE_FILE:
+                (out / name).write_text(json.dumps(table, sort_keys=True, indent=0))
         files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-                 for name in (*FILES, TABLE_FILE)}
+                 for name in (*boosters, *tables) if (out / name).exists()}
         manifest = {**self.manifest, "files": files}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         self.manifest = manifest
@@ -337,7 +413,13 @@ class LatencyPredictor:
         manifest = _read_manifest(folder, target, key, threads)
         boosters = [_read_booster(folder / name, manifest) for name in FILES]
         table = _read_table(folder / TABLE_FILE, manifest)
-        return LatencyPredictor(boosters[0], boosters[1], manifest, table, open_db(db))
+        saved = manifest.get("files", {})
+        correction = _read_booster(folder / CORRECTION_FILE, manifest) \
+            if CORRECTION_FILE in saved else None
+        device_table = _read_table(folder / DEVICE_TABLE_FILE, manifest) \
+            if DEVICE_TABLE_FILE in saved else None
+        return LatencyPredictor(boosters[0], boosters[1], manifest, table, open_db(db),
+                                correction, device_table)
 
 
 # ------------------------------------------------------------------------------- helpers
