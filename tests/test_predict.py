@@ -373,6 +373,7 @@ def test_profile_times_each_host_op(tmp_path: Path) -> None:
     assert len(hosts) == sample.host_steps > 0
     assert all(us > 0 for _, us in hosts)
     assert "aten.index_add.default" in {r.ops[0] for r, _ in hosts}
+    assert sample.reference_us > 0 and sample.slowdown >= 1.0
     assert profile.Sample.from_json(sample.to_json()).records == sample.records
 
 
@@ -439,3 +440,22 @@ def test_step_times_cover_every_step_of_a_whole_run() -> None:
     times = compiled.step_times_us(list(inputs), runs=5, quantile=0.25)
     assert len(times) == len(compiled.program.steps) and all(t > 0 for t in times)
     torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_profiling_waits_while_the_machine_runs_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference workload's times as a busy machine gives them: the profiler waits until
+    it runs within the tolerance of the fastest seen."""
+    times = iter([100.0, 180.0, 170.0, 104.0])
+    monkeypatch.setattr(profile, "reference_us", lambda: next(times))
+    monkeypatch.setattr(profile, "CALM_WAIT_S", 0.0)
+    monkeypatch.setattr(profile, "_FASTEST_REFERENCE", {})
+    assert profile.wait_until_calm(2) == (1.0, 100.0)
+    assert profile.wait_until_calm(2) == (pytest.approx(1.04), 104.0)
+
+
+def test_samples_timed_on_a_slowed_machine_are_neither_trained_on_nor_judged_by() -> None:
+    samples = [replace(_sample(i), slowdown=1.5 if i % 3 == 0 else 1.02) for i in range(60)]
+    slowed = {s.id for s in samples if s.slowdown > profile.CALM_TOLERANCE}
+    kept = commands.training_samples(samples) + [
+        s for group in commands.evaluation_splits(samples).values() for s in group]
+    assert kept and not slowed & {s.id for s in kept}

@@ -32,19 +32,25 @@ def is_held_out(sample: Sample) -> bool:
     return sample.split != "train" or held_out_id(sample.id)
 
 
+def calm(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples timed while the machine ran at its usual speed (`Sample.timed_calm`): a
+    latency measured on a slowed machine is no ground truth to train on or judge by."""
+    return [s for s in samples if s.timed_calm]
+
+
 def held_out_id(arch_id: str) -> bool:
     """Whether an in-range architecture is held out of training (a hash of its id)."""
     return int(hashlib.sha1(arch_id.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0
 
 
 def training_samples(samples: Sequence[Sample]) -> list[Sample]:
-    return [s for s in samples if not is_held_out(s)]
+    return [s for s in calm(samples) if not is_held_out(s)]
 
 
 def evaluation_splits(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
     """Held-out samples by split: "held-out" (in range), "ood", "real"."""
     splits: dict[str, list[Sample]] = {"held-out": [], "ood": [], "real": []}
-    for s in samples:
+    for s in calm(samples):
         if is_held_out(s):
             splits["held-out" if s.split == "train" else s.split].append(s)
     return splits
