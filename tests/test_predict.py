@@ -454,7 +454,7 @@ def test_profiling_waits_while_the_machine_runs_slow(monkeypatch: pytest.MonkeyP
 
 
 def test_samples_timed_on_a_slowed_machine_are_neither_trained_on_nor_judged_by() -> None:
-    samples = [replace(_sample(i), slowdown=1.5 if i % 3 == 0 else 1.02) for i in range(60)]
+    samples = [replace(_sample(i), slowdown=1.8 if i % 3 == 0 else 1.02) for i in range(60)]
     slowed = {s.id for s in samples if s.slowdown > profile.CALM_TOLERANCE}
     kept = commands.training_samples(samples) + [
         s for group in commands.evaluation_splits(samples).values() for s in group]
