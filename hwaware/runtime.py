@@ -162,10 +162,11 @@ class CompiledModel:
         if direct is not None:
             return direct
         actions = [self._action(step, vm) for step in program.steps]
-        output_slots = program.output_slots
+        num, input_slots, output_slots = program.num_slots, program.input_slots, \
+            program.output_slots
 
         def run(flat: list[Any]) -> list[Any]:
-            slots = self._input_slots(flat)
+            slots = _filled_slots(num, input_slots, flat)
             _without_grad(_run_actions, actions, slots)
             return [slots[i] for i in output_slots]
 
@@ -240,19 +241,14 @@ class CompiledModel:
         vm = self._virtual_machine()
         actions = [self._action(step, vm) for step in self.program.steps]
         times: list[list[float]] = [[] for _ in actions]
+        program = self.program
         for run in range(STEP_TIMING_WARMUP + runs):
-            slots = self._input_slots(flat)
+            slots = _filled_slots(program.num_slots, program.input_slots, flat)
             kept = _without_grad(_run_actions_timed, actions, slots)
             if run >= STEP_TIMING_WARMUP:
                 for step_times, ns in zip(times, kept, strict=True):
                     step_times.append(ns / 1e3)
         return [quantile_of(t, quantile) for t in times]
-
-    def _input_slots(self, flat: list[Any]) -> list[Any]:
-        slots: list[Any] = [None] * self.program.num_slots
-        for slot, x in zip(self.program.input_slots, flat, strict=True):
-            slots[slot] = x
-        return slots
 
     # ---------------------------------------------------------------- report
     def redecide(self, *example_inputs: Any, repeats: int = 30) -> CompiledModel:
@@ -370,6 +366,14 @@ def _run_actions(actions: list[Callable[[list[Any]], None]], slots: list[Any]) -
         action(slots)
 
 
+def _filled_slots(num_slots: int, input_slots: list[int], flat: list[Any]) -> list[Any]:
+    """A run's slots with the inputs in place."""
+    slots: list[Any] = [None] * num_slots
+    for slot, x in zip(input_slots, flat, strict=True):
+        slots[slot] = x
+    return slots
+
+
 def _run_actions_timed(actions: list[Callable[[list[Any]], None]], slots: list[Any]
                        ) -> list[int]:
     """`_run_actions`, with each action's nanoseconds."""
@@ -462,9 +466,7 @@ def step_through(program: Program, inputs: list[Any]
                  ) -> Iterator[tuple[OpStep | KernelStep, list[Any]]]:
     """Run the whole program in PyTorch, yielding each step with the slots as they are just
     before it runs."""
-    slots: list[Any] = [None] * program.num_slots
-    for slot, x in zip(program.input_slots, inputs, strict=True):
-        slots[slot] = x
+    slots = _filled_slots(program.num_slots, program.input_slots, inputs)
     with torch.no_grad():
         for step in program.steps:
             yield step, slots

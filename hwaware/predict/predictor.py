@@ -211,8 +211,8 @@ class LatencyPredictor:
         transfer without retraining). Kernel level: the models' kernels measured on `device`
         answer for themselves, and a shallow regressor of the log ratio of each of their times
         to this predictor's estimate (`CORRECTION_PARAMS`) corrects every other kernel's
-        estimate; a device does not differ by one factor (one scale for all left 1-thread
-        rankings as they were: Spearman 0.93). Model level: one scale, the median ratio of
+        estimate; a device does not differ by one factor (and one scale cannot change a
+        ranking). Model level: one scale, the median ratio of
         measured to predicted latency, applied only where it stands out of the ratios' own
         spread (a correction fitted to 10 noisy ratios made predictions worse than none on
         devices that differ little; a fitted slope as well fitted the base predictor's
@@ -244,8 +244,7 @@ class LatencyPredictor:
             return None
         measured = np.asarray([us for s in samples for us in s.kernel_us if us > 0])
         estimated, _ = self.kernel_times(records, use_db=False)
-        rows = np.asarray([_cached_features(r, self.device) for r in records], np.float32)
-        return _fit(rows, np.log(measured) - np.log(np.maximum(estimated, 1e-3)),
+        return _fit(self._rows(records), np.log(measured) - np.log(np.maximum(estimated, 1e-3)),
                     CORRECTION_PARAMS, CORRECTION_ROUNDS)
 
     def unadapted(self) -> LatencyPredictor:
@@ -299,14 +298,15 @@ class LatencyPredictor:
         the training data's table; adapted: the kernels measured on its device), else
         predicted (or unknown: predicted all the same). An adapted predictor's estimates are
         the base device's (its table, else its regressor) times the kernel correction."""
-        us = self.predict_kernels(records, corrected=False)
+        rows = self._rows(records)
+        us = self._regressor_us(rows, records)
         sources = [self._source(r) for r in records]
         own_table = "adapted_from" not in self.manifest  # else: another device's times
         for i, record in enumerate(records):
             if record.signature in self.table:
                 us[i] = self.table[record.signature]
                 sources[i] = "measured" if own_table else "predicted"
-        us *= self._correction_factors(records)
+        us *= self._correction_factors(rows)
         for i, record in enumerate(records):
             measured = self._measured_us(record.signature) if use_db else None
             if measured is None:
@@ -318,18 +318,26 @@ class LatencyPredictor:
     def predict_kernels(self, records: Sequence[Any], corrected: bool = True) -> np.ndarray:
         """Predicted microseconds of many kernels at once (the regressor only, and an adapted
         predictor's kernel correction unless not `corrected`)."""
+        rows = self._rows(records)
+        us = self._regressor_us(rows, records)
+        return us * self._correction_factors(rows) if corrected else us
+
+    def _rows(self, records: Sequence[Any]) -> np.ndarray:
+        """The kernels' feature rows (cached per kernel: search loops meet them again)."""
+        return np.asarray([_cached_features(r, self.device) for r in records],
+                          dtype=np.float32).reshape(-1, len(KERNEL_FEATURE_NAMES))
+
+    def _regressor_us(self, rows: np.ndarray, records: Sequence[Any]) -> np.ndarray:
         if not records:
             return np.zeros(0)
-        rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
         log_baselines = np.asarray([_log_baseline(r, self.device, self.prior)
                                     for r in records])
-        us = np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
-        return us * self._correction_factors(records) if corrected else us
+        return np.exp(self.kernel_model.inplace_predict(rows).astype(np.float64) + log_baselines)
 
-    def _correction_factors(self, records: Sequence[Any]) -> np.ndarray | float:
-        if self.kernel_correction is None or not records:
+    def _correction_factors(self, rows: np.ndarray) -> np.ndarray | float:
+        """An adapted predictor's kernel correction (1 where it has none)."""
+        if self.kernel_correction is None or not len(rows):
             return 1.0
-        rows = np.asarray([_cached_features(r, self.device) for r in records], dtype=np.float32)
         return np.exp(self.kernel_correction.inplace_predict(rows).astype(np.float64))
 
     def predict_samples(self, samples: Sequence[Any], corrected: bool = True) -> np.ndarray:

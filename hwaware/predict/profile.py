@@ -218,7 +218,7 @@ def measure(arch: Measurable, target: Any, device: Device, db: Any, split: str =
         timed = compiled.kernel_plan or compiled  # one TVM call: its kernels built one by one
         built_us, host_us = _time_kernels(timed, flat, repeats)
         (second,) = time_in_blocks([run_compiled], repeats, quantile=TIMING_QUANTILE)
-        after = machine_slowdown(device.threads)
+        after, _ = machine_slowdown(device.threads)
     labels, unattributed = attribute(part.kernel_nodes, timed.info.kernel_nodes, built_us)
     kernels = [{**asdict(r), "us": labels.get(name, 0.0)}
                for name, r in zip(_decomposed_names(part), decomposition.kernels, strict=True)]
@@ -249,27 +249,29 @@ def reference_us() -> float:
     return us
 
 
-def machine_slowdown(n_threads: int) -> float:
-    """The reference workload's time now over the fastest seen at `n_threads` (>= 1)."""
-    return _slowdown_and_reference(n_threads)[0]
-
-
-def _slowdown_and_reference(n_threads: int) -> tuple[float, float]:
+def machine_slowdown(n_threads: int) -> tuple[float, float]:
+    """The reference workload's time now over the fastest seen at `n_threads` (>= 1), and
+    that time."""
     us = reference_us()
+    return us / _note_reference(n_threads, us), us
+
+
+def _note_reference(n_threads: int, us: float) -> float:
+    """The fastest reference at `n_threads`, `us` included."""
     fastest = _FASTEST_REFERENCE[n_threads] = min(us, _FASTEST_REFERENCE.get(n_threads, us))
-    return us / fastest, us
+    return fastest
 
 
 def wait_until_calm(n_threads: int) -> tuple[float, float]:
     """The slowdown and reference microseconds once the machine runs within
     `CALM_TOLERANCE` of its fastest (or after `CALM_TRIES` tries `CALM_WAIT_S` apart)."""
-    slowdown, us = _slowdown_and_reference(n_threads)
+    slowdown, us = machine_slowdown(n_threads)
     for _ in range(CALM_TRIES - 1):
         if slowdown <= CALM_TOLERANCE:
             break
         log.info("profile: the machine runs %.2fx slower than its fastest; waiting", slowdown)
         time.sleep(CALM_WAIT_S)
-        slowdown, us = _slowdown_and_reference(n_threads)
+        slowdown, us = machine_slowdown(n_threads)
     return slowdown, us
 
 
@@ -363,8 +365,7 @@ def _remember_fastest_reference(samples: Sequence[Sample], n_threads: int) -> No
     speed."""
     taken = [s.reference_us for s in samples if s.reference_us > 0]
     if taken:
-        _FASTEST_REFERENCE[n_threads] = min(min(taken), _FASTEST_REFERENCE.get(n_threads,
-                                                                                min(taken)))
+        _note_reference(n_threads, min(taken))
 
 
 def store(db: Any, sample: Sample) -> None:
