@@ -85,3 +85,36 @@ def test_a_metadata_assertion_the_graph_breaks_is_kept() -> None:
     asserts[0].kwargs = {**asserts[0].kwargs, "dtype": torch.float64}
     assert drop_metadata_asserts(gm) == 1
     assert [n for n in gm.graph.nodes if n.target is ASSERT_METADATA] == asserts[:1]
+
+
+class LogBucketedPositions(nn.Module):
+    """DeBERTa-v2's own log-bucketed relative positions (transformers' code) over positions that
+    come in as an integer input, beside PyTorch's other integer-to-float promotions: an int
+    tensor times a float scalar, a bool mask times a float, `where` mixing int and float."""
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+        relative = positions[:, None] - positions[None, :]
+        buckets = make_log_bucket_position(relative, bucket_size=8, max_position=64)
+        scaled = torch.exp(positions * -0.25)[None, :] + (relative > 2) * 1.5
+        return x + buckets + scaled + torch.where(relative > 0, relative, x)
+
+
+def test_integer_inputs_of_float_ops_are_promoted_and_stay_on_tvm() -> None:
+    """PyTorch promotes an int or bool input of a float element-wise op; TVM's importer did not,
+    and DeBERTa's embedding kernel (`log(int_positions / mid)`) fell back to PyTorch."""
+    import warnings
+
+    from hwaware.build import KernelFallbackWarning
+
+    torch.manual_seed(0)
+    model = LogBucketedPositions().eval()
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(12, 12), torch.randperm(40)[:12] * 3 - 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        compiled = hwaware.compile(model, inputs(), db=None, show_progress=False)
+    assert not compiled.info.host_ops, compiled.info.host_ops
+    for _ in range(3):
+        assert_close_to_eager(model, compiled, *inputs())

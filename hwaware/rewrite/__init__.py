@@ -13,7 +13,7 @@ from torch import fx
 from hwaware.capture import Captured
 from hwaware.rewrite.constants import fold_constants
 from hwaware.rewrite.conversions import simplify_conversions
-from hwaware.rewrite.explicit_dtypes import explicit_dtypes
+from hwaware.rewrite.explicit_dtypes import explicit_dtypes, explicit_promotions
 from hwaware.rewrite.explicit_padding import explicit_padding
 from hwaware.rewrite.fold_batchnorm import fold_batchnorm
 from hwaware.rewrite.fold_padding import fold_padding
@@ -43,6 +43,9 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # Ops that promote their input's dtype (a bool mask's cumsum is int64) say so, as TVM's
     # importer keeps the input's dtype otherwise.
     ("explicit_dtypes", explicit_dtypes),
+    # An integer or bool input of an element-wise op with a floating result (`positions / mid`)
+    # is cast to that result's dtype first, as PyTorch's type promotion computes it.
+    ("explicit_promotions", explicit_promotions),
     # Anything computed from weights alone (a linear layer's weight transpose, ...) is computed
     # once now, so no kernel recomputes it per call.
     ("fold_constants", fold_constants),
