@@ -453,6 +453,17 @@ def test_profiling_waits_while_the_machine_runs_slow(monkeypatch: pytest.MonkeyP
     assert profile.wait_until_calm(2) == (pytest.approx(1.04), 104.0)
 
 
+def test_a_sample_whose_timings_disagree_is_neither_trained_on_nor_judged_by() -> None:
+    """A stall the reference check missed: the model timed at its speed once, then its second
+    timing and its kernels 145x slower (a real sample: 110 us, then 16 ms)."""
+    good = _sample(1)
+    stalled = replace(good, latency2_us=good.latency_us * 145,
+                      kernels=[{**k, "us": k["us"] * 145} for k in good.kernels])
+    slow_kernels = replace(good, kernels=[{**k, "us": k["us"] * 3} for k in good.kernels])
+    assert good.timed_calm and not stalled.timed_calm and not slow_kernels.timed_calm
+    assert commands.calm([good, stalled, slow_kernels]) == [good]
+
+
 def test_samples_timed_on_a_slowed_machine_are_neither_trained_on_nor_judged_by() -> None:
     samples = [replace(_sample(i), slowdown=1.8 if i % 3 == 0 else 1.02) for i in range(60)]
     slowed = {s.id for s in samples if s.slowdown > profile.CALM_TOLERANCE}

@@ -76,6 +76,12 @@ TIMING_QUANTILE = 0.25
 # before or after its timing is measured once more, and a sample still slow is kept but
 # marked (`Sample.slowdown`), and left out of training and evaluation (`Sample.timed_calm`).
 CALM_TOLERANCE = 1.5
+# A sample's own consistency: its kernels' in-run times sum to at most 1.6x its latency (over 1
+# only where one TVM call runs faster than its kernels built one by one; under 1 where a
+# model's own call costs count); a machine that stalled between the model's first timing and
+# the rest left a sample timed at 110 us whose second timing and kernels took 16 ms, and the
+# reference check did not see it
+LABEL_TOLERANCE = 2.0
 CALM_WAIT_S = 2.0
 CALM_TRIES = 10
 _FASTEST_REFERENCE: dict[int, float] = {}  # threads -> the fastest reference microseconds seen
@@ -107,9 +113,14 @@ class Sample:
 
     @property
     def timed_calm(self) -> bool:
-        """Whether the machine ran at its usual speed while this model was timed (samples
-        from before the check count as calm)."""
-        return self.slowdown <= CALM_TOLERANCE
+        """Whether the machine ran at its usual speed while this model was timed: the
+        reference workload around it (samples from before that check pass it), the model's two
+        timings within `CALM_TOLERANCE` of each other, and its kernels' times summing to at
+        most `LABEL_TOLERANCE` times its latency."""
+        timings = max(self.latency_us, self.latency2_us) / max(self.measured_us, 1e-9)
+        labels = sum(self.kernel_us) / max(self.measured_us, 1e-9)
+        return (self.slowdown <= CALM_TOLERANCE and timings <= CALM_TOLERANCE
+                and labels <= LABEL_TOLERANCE)
 
     @functools.cached_property
     def records(self) -> list[KernelRecord]:
