@@ -118,3 +118,36 @@ def test_integer_inputs_of_float_ops_are_promoted_and_stay_on_tvm() -> None:
     assert not compiled.info.host_ops, compiled.info.host_ops
     for _ in range(3):
         assert_close_to_eager(model, compiled, *inputs())
+
+
+class AliasesAndScalarWheres(nn.Module):
+    """Ops TVM's importer lacks, as third-party models write them: ConvBERT's `torch.multiply`,
+    other aliases, and `where` with a Python scalar branch (MPNet's, BLOOM's), on float and
+    integer tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.multiply(self.fc(x), torch.sigmoid(x))
+        h = torch.subtract(h, torch.divide(x, 3.0))
+        h = torch.where(torch.greater(h, 0), h, -1e4)
+        h = h + torch.where(torch.less_equal(ids, 2), 0.5, ids)
+        return h + torch.where(torch.not_equal(ids, 1), 2.0, -2.0) + torch.absolute(x)
+
+
+def test_aliases_and_scalar_wheres_run_on_tvm_and_match_eager() -> None:
+    torch.manual_seed(0)
+    model = AliasesAndScalarWheres().eval()
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(4, 8), torch.randint(0, 5, (4, 8))
+    compiled = hwaware.compile(model, inputs(), db=None, show_progress=False)
+    assert not compiled.info.host_ops, compiled.info.host_ops
+    for _ in range(3):
+        assert_close_to_eager(model, compiled, *inputs())
+    with torch.no_grad():
+        model.fc.weight.mul_(-2.0)
+    compiled = hwaware.compile(model, inputs(), db=None, show_progress=False)
+    assert_close_to_eager(model, compiled, *inputs())

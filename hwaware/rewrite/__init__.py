@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import fx
 
 from hwaware.capture import Captured
+from hwaware.rewrite.canonical_ops import canonical_ops
 from hwaware.rewrite.constants import fold_constants
 from hwaware.rewrite.conversions import simplify_conversions
 from hwaware.rewrite.explicit_dtypes import explicit_dtypes, explicit_promotions
@@ -40,6 +41,9 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # BatchNorm after a convolution becomes the convolution's weight and bias (the TVM importer
     # would otherwise make batch_norm+relu its own kernel).
     ("fold_batchnorm", fold_batchnorm),
+    # Ops TVM's importer lacks become the equivalent ops it has: ATen's aliases (`multiply`)
+    # the ops they alias, `where` with a scalar branch a `where` of 0-d constants.
+    ("canonical_ops", canonical_ops),
     # Ops that promote their input's dtype (a bool mask's cumsum is int64) say so, as TVM's
     # importer keeps the input's dtype otherwise.
     ("explicit_dtypes", explicit_dtypes),

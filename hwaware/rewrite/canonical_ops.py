@@ -1,0 +1,92 @@
+"""Write ops that TVM's exported-program importer lacks as equivalent ops it has.
+
+- ATen's aliases (`multiply`, `subtract`, `divide`, `greater`, ...) become the ops they alias
+  (`mul`, `sub`, `div`, `gt`, ...), overload for overload: ConvBERT's `aten.multiply.Tensor`
+  ran on the host.
+- `where` with a Python scalar for a branch (`where.ScalarOther`, `where.ScalarSelf`,
+  `where.Scalar`) becomes `where.self` with the scalar as a 0-d constant of the result's dtype:
+  MPNet, GPT-Neo and BLOOM each ran one such `where` on the host, which split their graphs.
+
+Each rewrite happens only where the op it writes is one the importer translates
+(`hwaware.aten_ops`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from hwaware.aten_ops import SUPPORTED_ATEN_OPS
+
+aten = torch.ops.aten
+
+# alias -> the op it is (ATen's `native_functions.yaml` aliases)
+ALIASES = {
+    "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div",
+    "greater": "gt", "greater_equal": "ge", "less": "lt", "less_equal": "le",
+    "not_equal": "ne", "negative": "neg", "absolute": "abs", "clip": "clamp", "fix": "trunc",
+    "arccos": "acos", "arcsin": "asin", "arctan": "atan", "arccosh": "acosh",
+    "arcsinh": "asinh", "arctanh": "atanh", "arctan2": "atan2",
+}
+SCALAR_WHERES = ("ScalarOther", "ScalarSelf", "Scalar")
+
+
+def canonical_ops(gm: fx.GraphModule) -> int:
+    """Rewrite each aliased op and each `where` with a scalar branch (see the module
+    docstring). Returns the count."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        canonical = _canonical(node.target)
+        if canonical is not None:
+            node.target = canonical
+            changed += 1
+        elif _is_scalar_where(node.target):
+            _where_with_constants(gm, node)
+            changed += 1
+    return changed
+
+
+def _canonical(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """The op `op` aliases, with the same overload and arguments, where the importer has it."""
+    namespace, name = op._schema.name.split("::")
+    if namespace != "aten" or name not in ALIASES:
+        return None
+    packet = getattr(aten, ALIASES[name], None)
+    target = getattr(packet, op._overloadname, None) if packet is not None else None
+    if not isinstance(target, torch._ops.OpOverload) or \
+            f"{ALIASES[name]}.{op._overloadname}" not in SUPPORTED_ATEN_OPS:
+        return None
+    same = [a.name for a in target._schema.arguments] == [a.name for a in op._schema.arguments]
+    return target if same else None
+
+
+def _is_scalar_where(op: torch._ops.OpOverload) -> bool:
+    return op._schema.name == "aten::where" and op._overloadname in SCALAR_WHERES
+
+
+def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
+    """`where(condition, a, b)` with scalar `a` or `b` -> `where.self` with 0-d constants."""
+    dtype = node.meta["val"].dtype
+    condition, *branches = node.args
+    args: list[object] = [condition]
+    for value in branches:
+        if isinstance(value, fx.Node):
+            args.append(value)
+            continue
+        name = _free_name(gm, "_where_scalar")
+        constant = torch.tensor(value, dtype=dtype)
+        gm.register_buffer(name, constant)
+        with gm.graph.inserting_before(node):
+            get = gm.graph.get_attr(name)
+        get.meta["val"] = constant
+        args.append(get)
+    node.target, node.args = aten.where.self, tuple(args)
+
+
+def _free_name(gm: fx.GraphModule, prefix: str) -> str:
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
