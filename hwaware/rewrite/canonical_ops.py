@@ -70,7 +70,7 @@ def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
     """`where(condition, a, b)` with scalar `a` or `b` -> `where.self` with 0-d constants."""
     dtype = node.meta["val"].dtype
     condition, *branches = node.args
-    args: list[object] = [condition]
+    args: list[fx.node.Argument] = [condition]
     for value in branches:
         if isinstance(value, fx.Node):
             args.append(value)
