@@ -5,6 +5,8 @@ other than the compile inputs, with those ops no longer on the host."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -104,7 +106,6 @@ class LogBucketedPositions(nn.Module):
 def test_integer_inputs_of_float_ops_are_promoted_and_stay_on_tvm() -> None:
     """PyTorch promotes an int or bool input of a float element-wise op; TVM's importer did not,
     and DeBERTa's embedding kernel (`log(int_positions / mid)`) fell back to PyTorch."""
-    import warnings
 
     from hwaware.build import KernelFallbackWarning
 
@@ -151,3 +152,36 @@ def test_aliases_and_scalar_wheres_run_on_tvm_and_match_eager() -> None:
         model.fc.weight.mul_(-2.0)
     compiled = hwaware.compile(model, inputs(), db=None, show_progress=False)
     assert_close_to_eager(model, compiled, *inputs())
+
+
+class NegativeIndices(nn.Module):
+    """Falcon's fused-QKV split (`qkv[:, :, :, [-2]]`, `[-1]`), a negative `select` and a
+    constant index list mixing signs: TVM's gather read the negative entries out of bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).view(1, x.shape[1], 2, 4, 8)
+        query = qkv[:, :, :, :-2]
+        key = torch.broadcast_to(qkv[:, :, :, [-2]], query.shape)
+        value = torch.broadcast_to(qkv[:, :, :, [-1]], query.shape)
+        mixed = qkv[:, :, :, [-3, 0, -1]].flatten(2) + qkv.select(3, -4).flatten(2).sum(-1,
+                                                                                         True)
+        return torch.cat([t.flatten(2) for t in (query * key, value)], -1).sum(-1) + \
+            mixed.sum(-1)
+
+
+def test_negative_indices_are_counted_from_the_start_on_tvm() -> None:
+    from hwaware.build import KernelFallbackWarning, KernelMismatchWarning
+
+    torch.manual_seed(0)
+    model = NegativeIndices().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        warnings.simplefilter("error", KernelMismatchWarning)
+        compiled = hwaware.compile(model, (torch.randn(1, 6, 32),), db=None, show_progress=False)
+    assert not compiled.info.host_ops, compiled.info.host_ops
+    for _ in range(3):
+        assert_close_to_eager(model, compiled, torch.randn(1, 6, 32))

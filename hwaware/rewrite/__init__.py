@@ -20,6 +20,7 @@ from hwaware.rewrite.fold_batchnorm import fold_batchnorm
 from hwaware.rewrite.fold_padding import fold_padding
 from hwaware.rewrite.functionalize import functionalize
 from hwaware.rewrite.metadata_asserts import drop_metadata_asserts
+from hwaware.rewrite.negative_indices import indices_from_start
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # In-place ops become out-of-place, so no host op can write into a buffer TVM returned.
@@ -53,6 +54,9 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # Anything computed from weights alone (a linear layer's weight transpose, ...) is computed
     # once now, so no kernel recomputes it per call.
     ("fold_constants", fold_constants),
+    # Negative `select` indices and negative entries of constant `index` tensors count from the
+    # start: TVM's gather reads them out of bounds (Falcon's `qkv[..., [-2]]`).
+    ("indices_from_start", indices_from_start),
 ]
 
 

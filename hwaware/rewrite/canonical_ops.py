@@ -6,7 +6,6 @@
 - `where` with a Python scalar for a branch (`where.ScalarOther`, `where.ScalarSelf`,
   `where.Scalar`) becomes `where.self` with the scalar as a 0-d constant of the result's dtype:
   MPNet, GPT-Neo and BLOOM each ran one such `where` on the host, which split their graphs.
-
 Each rewrite happens only where the op it writes is one the importer translates
 (`hwaware.aten_ops`).
 """
@@ -75,7 +74,7 @@ def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
         if isinstance(value, fx.Node):
             args.append(value)
             continue
-        name = _free_name(gm, "_where_scalar")
+        name = free_name(gm, "_where_scalar")
         constant = torch.tensor(value, dtype=dtype)
         gm.register_buffer(name, constant)
         with gm.graph.inserting_before(node):
@@ -85,7 +84,7 @@ def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
     node.target, node.args = aten.where.self, tuple(args)
 
 
-def _free_name(gm: fx.GraphModule, prefix: str) -> str:
+def free_name(gm: fx.GraphModule, prefix: str) -> str:
     i = 0
     while hasattr(gm, f"{prefix}_{i}"):
         i += 1
