@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from hwaware.aten_ops import SUPPORTED_ATEN_OPS
+from hwaware.rewrite.constants import insert_constant
 
 aten = torch.ops.aten
 
@@ -74,18 +75,5 @@ def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
         if isinstance(value, fx.Node):
             args.append(value)
             continue
-        name = free_name(gm, "_where_scalar")
-        constant = torch.tensor(value, dtype=dtype)
-        gm.register_buffer(name, constant)
-        with gm.graph.inserting_before(node):
-            get = gm.graph.get_attr(name)
-        get.meta["val"] = constant
-        args.append(get)
+        args.append(insert_constant(gm, node, "_where_scalar", torch.tensor(value, dtype=dtype)))
     node.target, node.args = aten.where.self, tuple(args)
-
-
-def free_name(gm: fx.GraphModule, prefix: str) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}_{i}"):
-        i += 1
-    return f"{prefix}_{i}"

@@ -25,11 +25,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
             value = node.target(*args, **kwargs)  # type: ignore[operator]
         if not isinstance(value, torch.Tensor):
             continue
-        name = f"_folded_{folded}"
-        gm.register_buffer(name, value.detach().contiguous())
-        with gm.graph.inserting_before(node):
-            const = gm.graph.get_attr(name)
-        const.meta["val"] = value
+        const = insert_constant(gm, node, "_folded", value.detach().contiguous())
         node.replace_all_uses_with(const)
         gm.graph.erase_node(node)
         folded += 1
@@ -46,3 +42,17 @@ def _foldable(node: fx.Node) -> bool:
 
 def _value(gm: fx.GraphModule, node: fx.Node) -> Any:
     return _getattr_path(gm, str(node.target))
+
+
+def insert_constant(gm: fx.GraphModule, before: fx.Node, prefix: str, value: torch.Tensor
+                    ) -> fx.Node:
+    """`value` as a new buffer of `gm` (named `<prefix>_<n>`, the first n free), read by a new
+    get_attr node inserted before `before`."""
+    n = 0
+    while hasattr(gm, f"{prefix}_{n}"):
+        n += 1
+    gm.register_buffer(f"{prefix}_{n}", value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(f"{prefix}_{n}")
+    node.meta["val"] = value
+    return node

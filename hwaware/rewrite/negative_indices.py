@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from hwaware.rewrite.canonical_ops import free_name
+from hwaware.rewrite.constants import insert_constant
 
 aten = torch.ops.aten
 
@@ -62,11 +62,8 @@ def _constant_indices_from_start(gm: fx.GraphModule, node: fx.Node) -> int:
                 constant.dtype == torch.bool or not isinstance(size, int) or \
                 not bool((constant < 0).any()):
             continue
-        name = free_name(gm, "_index_from_start")
-        gm.register_buffer(name, torch.where(constant < 0, constant + size, constant))
-        with gm.graph.inserting_before(node):
-            new_indices[dim] = gm.graph.get_attr(name)
-        new_indices[dim].meta["val"] = getattr(gm, name)
+        new_indices[dim] = insert_constant(gm, node, "_index_from_start",
+                                           torch.where(constant < 0, constant + size, constant))
         rewritten += 1
     if rewritten:
         node.args = (source, new_indices, *node.args[2:])
