@@ -191,9 +191,19 @@ def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
     """An ordinary kernel: torch.export, then TVM's importer."""
     from hwaware.tvm import ir
 
+    return ir.module_of_functions({"main": _import_into_tvm(graph, inputs)})
+
+
+def _import_into_tvm(graph: Any, inputs: list[Any]) -> Any:
+    """A graph -> a Relax function: torch.export, then TVM's importer, with the index tensors
+    computed at run time wrapped as PyTorch counts negative ones."""
+    from hwaware.rewrite.negative_indices import runtime_indices_wrapped
+    from hwaware.tvm import ir
+
     with torch.no_grad():
-        exported = torch.export.export(graph, tuple(inputs), strict=False)
-    return ir.module_of_functions({"main": ir.import_torch_program(exported)})
+        exported = torch.export.export(runtime_indices_wrapped(graph), tuple(inputs),
+                                       strict=False)
+    return ir.import_torch_program(exported)
 
 
 def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
@@ -459,10 +469,7 @@ def _build_one_call(part: Partition, tgt: Any, adapter: Any, target: Target,
     from hwaware.tvm import ir, schedules
     from hwaware.tvm import vm as tvm_vm
 
-    graph, inputs = on_cpu(part.captured.graph_module, example_inputs)
-    with torch.no_grad():
-        exported = torch.export.export(graph, tuple(inputs), strict=False)
-    function = ir.import_torch_program(exported)
+    function = _import_into_tvm(*on_cpu(part.captured.graph_module, example_inputs))
     executable, _ = schedules.build_executable(
         ir.module_of_functions({ONE_CALL: function}), tgt, adapter)
     call = tvm_vm.torch_callable(tvm_vm.make_vm(executable, target.kind), ONE_CALL,

@@ -185,3 +185,29 @@ def test_negative_indices_are_counted_from_the_start_on_tvm() -> None:
     assert not compiled.info.host_ops, compiled.info.host_ops
     for _ in range(3):
         assert_close_to_eager(model, compiled, torch.randn(1, 6, 32))
+
+
+class LastTokenPooling(nn.Module):
+    """Last-token pooling as sentence-embedding code writes it (`hidden[arange(b), mask.sum(-1)
+    - 1]`): an all-padding row's index is -1 at run time, which PyTorch counts from the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.proj(x)
+        last = mask.sum(-1) - 1
+        rows = torch.arange(x.shape[0])
+        return hidden[rows, last] + hidden[:, last - 1].sum(1)
+
+
+def test_indices_computed_at_run_time_count_negative_entries_from_the_end() -> None:
+    torch.manual_seed(0)
+    model = LastTokenPooling().eval()
+    full = torch.ones(3, 5, dtype=torch.int64)
+    compiled = hwaware.compile(model, (torch.randn(3, 5, 16), full), db=None,
+                               show_progress=False)
+    empty_rows = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+    for mask in (empty_rows, full, torch.zeros(3, 5, dtype=torch.int64)):
+        assert_close_to_eager(model, compiled, torch.randn(3, 5, 16), mask)

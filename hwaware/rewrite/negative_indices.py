@@ -3,12 +3,17 @@
 `select(x, dim, -i)` and `index` with a constant index tensor holding negative entries get
 `size - i` instead: TVM's take/gather reads an index of -2 out of bounds and the kernel
 computed wrong values (Falcon's `qkv[:, :, :, [-2]]` key split, which verification caught and
-kept in PyTorch). Runs after constant folding, which makes the index tensors constants. An
-index tensor computed at run time is left as it is (PyTorch wraps its negative entries; TVM
-does not).
+kept in PyTorch). Runs after constant folding, which makes the index tensors constants.
+
+An index tensor computed at run time (`hidden[rows, mask.sum(-1) - 1]` on an all-padding row)
+can only be wrapped at run time: `runtime_indices_wrapped` gives the graph TVM imports a
+`remainder(i, size)` on each such index, as PyTorch counts it. It runs on the graph handed to
+TVM's importer, after partitioning, so the fused families still see the ops they match.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import fx
@@ -68,3 +73,48 @@ def _constant_indices_from_start(gm: fx.GraphModule, node: fx.Node) -> int:
     if rewritten:
         node.args = (source, new_indices, *node.args[2:])
     return rewritten
+
+
+_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default)
+
+
+def runtime_indices_wrapped(graph: fx.GraphModule) -> fx.GraphModule:
+    """`graph`, or a copy of it sharing its weights, in which every integer index tensor of an
+    `index` / `index_put` that is not a constant is `remainder(index, size)`: PyTorch counts a
+    negative index from the end, TVM's take reads it out of bounds (a wrong value, or a
+    segfault). Index lists with a bool mask (which spans several dims) are left as they are."""
+    wraps = [(node, dim, index, size) for node in graph.graph.nodes
+             if node.op == "call_function" and node.target in _INDEXING
+             for dim, index, size in _runtime_indices(node)]
+    if not wraps:
+        return graph
+    copied = fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    by_name = {node.name: node for node in copied.graph.nodes}
+    for node, dim, index, size in wraps:
+        target, source = by_name[node.name], by_name[index.name]
+        with copied.graph.inserting_before(target):
+            wrapped = copied.graph.call_function(aten.remainder.Scalar, (source, size))
+        indices = list(target.args[1])
+        indices[dim] = wrapped
+        target.args = (target.args[0], indices, *target.args[2:])
+    copied.recompile()
+    return copied
+
+
+def _runtime_indices(node: fx.Node) -> list[tuple[int, fx.Node, int]]:
+    """(dim, index node, dim's size) of each integer index of `node` computed at run time."""
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    indices = node.args[1]
+    if not isinstance(value, torch.Tensor) or not isinstance(indices, (list, tuple)):
+        return []
+    dtypes = [_dtype(index) for index in indices if index is not None]
+    if any(dtype is None or dtype == torch.bool or dtype == torch.uint8 for dtype in dtypes):
+        return []
+    return [(dim, index, value.shape[dim]) for dim, index in enumerate(indices)
+            if isinstance(index, fx.Node) and index.op != "get_attr" and
+            isinstance(value.shape[dim], int)]
+
+
+def _dtype(index: object) -> torch.dtype | None:
+    value = index.meta.get("val") if isinstance(index, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
