@@ -12,6 +12,7 @@ from torch import fx
 
 from hwaware.capture import Captured
 from hwaware.rewrite.canonical_ops import canonical_ops
+from hwaware.rewrite.common_subexpressions import merge_common_subexpressions
 from hwaware.rewrite.constants import fold_constants
 from hwaware.rewrite.conversions import simplify_conversions
 from hwaware.rewrite.explicit_dtypes import explicit_dtypes, explicit_promotions
@@ -57,6 +58,9 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # Negative `select` indices and negative entries of constant `index` tensors count from the
     # start: TVM's gather reads them out of bounds (Falcon's `qkv[..., [-2]]`).
     ("indices_from_start", indices_from_start),
+    # A subexpression computed again (PyG's GCN normalises the same edges in every layer,
+    # much of it data-dependent and so on the host) is computed once.
+    ("merge_common_subexpressions", merge_common_subexpressions),
 ]
 
 
