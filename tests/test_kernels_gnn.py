@@ -67,6 +67,9 @@ def layer(kind: str, f: int) -> torch.nn.Module:
         "sage_mean": lambda: pyg.SAGEConv(f, 12),
         "sage_max": lambda: pyg.SAGEConv(f, 12, aggr="max"),
         "gat": lambda: pyg.GATConv(f, 5, heads=3),
+        "gatv2": lambda: pyg.GATv2Conv(f, 5, heads=3),
+        "gatv2_shared": lambda: pyg.GATv2Conv(f, 4, heads=2, share_weights=True, concat=False,
+                                              negative_slope=0.1),
     }[kind]()
 
 
@@ -148,6 +151,8 @@ def only_kernel(model: torch.nn.Module, args: tuple[Any, ...]) -> Kernel:
     ("sage_max", {"index_select", "scatter_reduce", "new_zeros"}),
     ("gat", {"index_select", "leaky_relu", "scatter_reduce", "exp", "scatter_add", "div",
              "mul", "unsqueeze"}),
+    ("gatv2", {"index_select", "add", "leaky_relu", "mul", "sum", "scatter_reduce", "exp",
+               "scatter_add", "div", "unsqueeze"}),
 ])
 def test_find_recognises_pyg_layers(kind: str, expected: set[str]) -> None:
     x, edges = graph(10, 30, 7)
@@ -215,7 +220,8 @@ SHAPES = [  # (nodes, edges, features, isolated nodes)
 ]
 
 
-@pytest.mark.parametrize("kind", ["gcn", "sage_mean", "sage_max", "gat"])
+@pytest.mark.parametrize("kind", ["gcn", "sage_mean", "sage_max", "gat", "gatv2",
+                                  "gatv2_shared"])
 @pytest.mark.parametrize("n,e,f,isolated", SHAPES)
 def test_lowered_kernel_equals_eager_and_pyg(kind: str, n: int, e: int, f: int,
                                              isolated: int) -> None:
@@ -312,7 +318,7 @@ def test_gpu_candidates_bind_only_rows_to_thread_blocks(kind: str) -> None:
 
 
 @pytest.mark.parametrize("target_name,kind", [("cuda-sm90", "gcn"), ("cuda-sm90", "gat"),
-                                              ("arm64-neon", "gat")])
+                                              ("cuda-sm90", "gatv2"), ("arm64-neon", "gat")])
 def test_builds_for_cuda_and_arm(target_name: str, kind: str) -> None:
     x, edges = graph(10, 30, 20)
     kernel = only_kernel(layer(kind, 20), (x, edges))

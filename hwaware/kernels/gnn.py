@@ -8,6 +8,8 @@ Pattern in (the rewritten ATen graph; what `torch.export` makes of PyG layers):
 - GAT: `index_select` of the per-node source and destination scores, `leaky_relu`, PyG's edge
   softmax (`scatter_reduce amax`, `exp`, `scatter_add` + eps, divide) and the weighted scatter of
   `index_select(feat, 0, src)` (multi-head, `feat` is N x H x C).
+- GATv2: the same softmax and scatter, with PyG GATv2Conv's per-edge score
+  `sum(leaky_relu(x_r[dst] + x_l[src]) * att, -1)` (x_l, x_r N x H x C; x_l also the message).
 Index vectors that are `select`s of an edge_index used only by the group join it.
 
 This module is the TVM-free half (`find`, the `Match` it makes, edge-count bounds); kernel out:
@@ -48,7 +50,8 @@ class EdgeIndex:
 @dataclass
 class Match:
     """One recognised aggregation. `kind` is "spmm" (reduce sum/mean/max of `weight * x[src]`
-    into dst) or "gat" (x = feat N x H x C, a_src/a_dst the per-node scores)."""
+    into dst), "gat" (x = feat N x H x C, a_src/a_dst the per-node scores) or "gatv2" (x = x_l,
+    x_dst = x_r, both N x H x C, att the H x C score weights)."""
 
     kind: str
     out: fx.Node
@@ -61,10 +64,13 @@ class Match:
     a_dst: fx.Node | None = None
     slope: float = 0.2
     nodes: set[fx.Node] = field(default_factory=set)
+    x_dst: fx.Node | None = None
+    att: fx.Node | None = None
 
     def inputs(self) -> list[fx.Node]:
         """The tensors the kernel reads (edge_index once even if both vectors come from it)."""
-        found = [self.x, self.src.node, self.dst.node, self.weight, self.a_src, self.a_dst]
+        found = [self.x, self.src.node, self.dst.node, self.weight, self.a_src, self.a_dst,
+                 self.x_dst, self.att]
         return list(dict.fromkeys(n for n in found if n is not None))
 
 
@@ -240,21 +246,31 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _match_gat(node: fx.Node) -> Match | None:
-    """PyG GATConv's aggregation: softmax-weighted scatter of `feat[src]` (feat N x H x C)."""
+    """PyG GATConv's and GATv2Conv's aggregation: softmax-weighted scatter of `feat[src]`
+    (feat N x H x C), the softmax over the edges into each dst of a per-edge score."""
     used: set[fx.Node] = {node}
     scatter = _scatter(node, used)
     if scatter is None or scatter[0] != "sum" or _op(scatter[2]) != "aten.mul.Tensor":
         return None
-    _, dst, mul = scatter
-    alpha, gathered = mul.args[0], _gather(mul.args[1], used, 3)
-    if gathered is None or _op(alpha) != "aten.unsqueeze.default":
+    mul: Any = scatter[2]
+    dst = scatter[1]
+    alpha, message = mul.args[:2] if _op(mul.args[0]) == "aten.unsqueeze.default" \
+        else mul.args[1::-1]
+    gathered = _gather(message, used, 3)
+    if gathered is None or _op(alpha) != "aten.unsqueeze.default" or alpha.args[1] != -1:
         return None
     used.update((mul, alpha))
     feat, src = gathered
-    softmax = _edge_softmax(alpha.args[0], used, dst)
-    if softmax is None:
+    logits = _edge_softmax(alpha.args[0], used, dst)
+    if logits is None:
         return None
-    scores, slope = softmax
+    if _op(logits) != "aten.leaky_relu.default":
+        return _match_gatv2(node, logits, feat, src, dst, used)
+    used.add(logits)
+    scores: Any = logits.args[0]
+    slope = float(_arg(logits, 1, "negative_slope", 0.01))
+    if _op(scores) != "aten.add.Tensor":
+        return None
     a_src = _gather(scores.args[0], used, 2)
     a_dst = _gather(scores.args[1], used, 2)
     if a_src is None or a_dst is None or not _same_index(a_src[1], src) or \
@@ -264,9 +280,38 @@ def _match_gat(node: fx.Node) -> Match | None:
     return Match("gat", node, feat, src, dst, "sum", None, a_src[0], a_dst[0], slope, used)
 
 
-def _edge_softmax(alpha: Any, used: set[fx.Node], dst: EdgeIndex
-                  ) -> tuple[fx.Node, float] | None:
-    """PyG's `softmax(leaky_relu(a_src[src] + a_dst[dst]), dst)`: (the add, the slope)."""
+def _match_gatv2(node: fx.Node, logits: fx.Node, feat: fx.Node, src: EdgeIndex,
+                 dst: EdgeIndex, used: set[fx.Node]) -> Match | None:
+    """GATv2's score `sum(mul(leaky_relu(add(x_r[dst], x_l[src])), att), [-1])`, where x_l[src]
+    is the message's own gather (`feat` is x_l)."""
+    dims: Any = logits.args[1]
+    if _op(logits) != "aten.sum.dim_IntList" or list(dims) not in ([-1], [2]) or \
+            _arg(logits, 2, "keepdim", False) or _op(logits.args[0]) != "aten.mul.Tensor":
+        return None
+    weighted: Any = logits.args[0]
+    lrelu: Any
+    lrelu, att = weighted.args[:2] if _op(weighted.args[0]) == "aten.leaky_relu.default" \
+        else weighted.args[1::-1]
+    if _op(lrelu) != "aten.leaky_relu.default" or _op(lrelu.args[0]) != "aten.add.Tensor" or \
+            not isinstance(att, fx.Node) or _val(att).ndim != 3 or _val(att).shape[0] != 1:
+        return None
+    tried = set(used)
+    pair = [_gather(a, tried, 3) for a in lrelu.args[0].args[:2]]
+    if any(p is None for p in pair):
+        return None
+    by_role = {("src" if p[0] is feat and _same_index(p[1], src) else "dst"): p
+               for p in pair if p is not None}
+    x_dst = by_role.get("dst")
+    if "src" not in by_role or x_dst is None or not _same_index(x_dst[1], dst):
+        return None
+    used |= tried | {logits, weighted, lrelu, lrelu.args[0]}
+    return Match("gatv2", node, feat, src, dst, "sum", None, None, None,
+                 float(_arg(lrelu, 1, "negative_slope", 0.01)), used, x_dst[0], att)
+
+
+def _edge_softmax(alpha: Any, used: set[fx.Node], dst: EdgeIndex) -> fx.Node | None:
+    """PyG's `softmax(logits, dst)` (max-shifted exp over each dst's edges, + eps in the sum,
+    optionally through dropout that is off): the per-edge logits node."""
     if _op(alpha) == "aten.dropout.default" and (alpha.args[1] == 0 or not alpha.args[2]):
         used.add(alpha)
         alpha = alpha.args[0]
@@ -283,7 +328,7 @@ def _edge_softmax(alpha: Any, used: set[fx.Node], dst: EdgeIndex
     sub = ex.args[0]
     if _op(sub) != "aten.sub.Tensor":
         return None
-    lrelu, peak = sub.args[0], _gathered_by(sub.args[1], dst, used)
+    logits, peak = sub.args[0], _gathered_by(sub.args[1], dst, used)
     maxed = _scatter(peak, used) if isinstance(peak, fx.Node) else None
     if maxed is None or maxed[0] != "max" or not _same_index(maxed[1], dst):
         return None
@@ -291,11 +336,10 @@ def _edge_softmax(alpha: Any, used: set[fx.Node], dst: EdgeIndex
     if _op(fed) == "aten.detach.default":
         used.add(fed)
         fed = fed.args[0]
-    if fed is not lrelu or _op(lrelu) != "aten.leaky_relu.default" or \
-            _op(lrelu.args[0]) != "aten.add.Tensor":
+    if fed is not logits:
         return None
-    used.update((alpha, ex, denom, denom.args[0], sub, peak, lrelu))
-    return lrelu.args[0], float(_arg(lrelu, 1, "negative_slope", 0.01))
+    used.update((alpha, ex, denom, denom.args[0], sub, peak))
+    return logits  # type: ignore[no-any-return]
 
 
 def _gathered_by(node: Any, dst: EdgeIndex, used: set[fx.Node]) -> Any:
@@ -372,6 +416,13 @@ def _unsupported(match: Match) -> str | None:
         return "the edge count has no upper bound"
     if match.kind == "gat" and _val(match.a_src).shape[1] != _val(match.x).shape[1]:
         return "score and feature heads differ"
+    if match.kind == "gatv2" and (
+            _val(match.x_dst).shape[1:] != _val(match.x).shape[1:] or
+            _val(match.att).shape[1:] != _val(match.x).shape[1:] or
+            _val(match.out).shape[1:] != _val(match.x).shape[1:] or
+            _val(match.x_dst).shape[0] != _val(match.out).shape[0] or
+            any(_val(n).dtype != torch.float32 for n in (match.x_dst, match.att))):
+        return "source, destination and score shapes differ"
     return None
 
 

@@ -7,7 +7,8 @@ or scheduled, turns one into a Relax `main` (edge glue + one PrimFunc).
 
 Kernel out: one PrimFunc per group. It turns the COO edges into CSR by a counting sort (serial,
 O(E + N)), then runs one row block per destination node, parallel over rows and vectorized over
-the feature dim; no E x F message tensor is made. GAT does scores, max, exp-sum and the weighted
+the feature dim; no E x F message tensor is made. GAT and GATv2 (one row body, each with its
+own per-edge score) do scores, max, exp-sum and the weighted
 sum per destination row (per head) in that same row block.
 
 Edge counts: PyG's self-loop handling makes E data-dependent (`u0 + N`). Relax `main` takes E as
@@ -30,6 +31,7 @@ from typing import Any
 
 from torch import fx
 from tvm import relax, te, tirx
+from tvm.ir import Range
 from tvm.script import tirx as T
 
 from hwaware.kernels.gnn import GAT_EPS, RULE, Match, _matches, _val, edge_bound
@@ -162,84 +164,137 @@ def spmm_func(s: Shapes, reduce: str) -> Any:
     return spmm
 
 
-def gat_func(s: Shapes, slope: float) -> Any:
-    """PyG GATConv's aggregation per destination row i and head h: e = leaky_relu(a_src[j, h]
-    + a_dst[i, h]), alpha = softmax over i's edges (+1e-16 in the sum), out = sum alpha x[j]."""
-    M, N, H, C, EC = s.M, s.N, s.H, s.C, s.EC  # noqa: N806
+def _edge_softmax_body(s: Shapes) -> Any:
+    """TIR macro, the body of an attention aggregation: the edges sorted into CSR, then one row
+    block per destination row i; per head h, alpha = softmax over i's edges of the score that
+    `edge_score(score, vh, vi, k, col, x, score_a, score_b)` leaves in score[vh] for edge
+    k[0] (+1e-16 in the sum), and out = sum alpha x[j]. The max pass and the exp pass each
+    compute an edge's score (a row block may not write a buffer it reads, so none is stored
+    between them)."""
+    N, H, C, EC = s.N, s.H, s.C, s.EC  # noqa: N806
     csr = _csr_macro(s)
 
+    @T.macro
+    def body(edge_score, x, score_a, score_b, src, dst, w, ne, out):  # type: ignore[no-untyped-def]
+        rowptr = T.alloc_buffer((N + 1,), "int32")
+        pos = T.alloc_buffer((N,), "int32")
+        col = T.alloc_buffer((EC,), "int32")
+        wsort = T.alloc_buffer((EC,), "float32")
+        csr(src, dst, w, ne, rowptr, pos, col, wsort)
+        for i in range(N):
+            with T.sblock("gat"):
+                vi = T.axis.spatial(N, i)
+                T.reads(rowptr[vi:vi + 2], whole(col), whole(x), whole(score_a), whole(score_b))
+                T.writes(out[vi, 0:H, 0:C])
+                T.sblock_attr({"schedule_rule": RULE})
+                k = T.alloc_buffer((1,), "int32", scope="local")
+                peak = T.alloc_buffer((H,), "float32", scope="local")
+                total = T.alloc_buffer((H,), "float32", scope="local")
+                score = T.alloc_buffer((H,), "float32", scope="local")
+                p = T.alloc_buffer((H,), "float32", scope="local")
+                acc = T.alloc_buffer((H, C), "float32", scope="local")
+                for h in range(H):
+                    with T.sblock("gat_init"):
+                        vh = T.axis.spatial(H, h)
+                        peak[vh] = T.min_value("float32")
+                        total[vh] = T.float32(0)
+                k[0] = rowptr[vi]
+                while k[0] < rowptr[vi + 1]:
+                    for h in range(H):
+                        with T.sblock("gat_max"):
+                            vh = T.axis.spatial(H, h)
+                            T.reads(whole(col), whole(x), whole(score_a), whole(score_b))
+                            T.writes(score[vh], peak[vh])
+                            edge_score(score, vh, vi, k, col, x, score_a, score_b)
+                            peak[vh] = T.max(peak[vh], score[vh])
+                    k[0] = k[0] + 1
+                for h, c in T.grid(H, C):
+                    with T.sblock("gat_zero"):
+                        vh, vc = T.axis.remap("SS", [h, c])
+                        acc[vh, vc] = T.float32(0)
+                k[0] = rowptr[vi]
+                while k[0] < rowptr[vi + 1]:
+                    for h in range(H):
+                        with T.sblock("gat_exp"):
+                            vh = T.axis.spatial(H, h)
+                            T.reads(whole(col), whole(x), whole(score_a), whole(score_b),
+                                    peak[vh])
+                            T.writes(score[vh], p[vh], total[vh])
+                            edge_score(score, vh, vi, k, col, x, score_a, score_b)
+                            p[vh] = T.exp(score[vh] - peak[vh])
+                            total[vh] = total[vh] + p[vh]
+                    for h, c in T.grid(H, C):
+                        with T.sblock("gat_acc"):
+                            vh, vc = T.axis.remap("SS", [h, c])
+                            T.reads(whole(col), x[0:x.shape[0], vh, vc], p[vh])
+                            T.writes(acc[vh, vc])
+                            acc[vh, vc] = acc[vh, vc] + p[vh] * x[col[k[0]], vh, vc]
+                    k[0] = k[0] + 1
+                for h, c in T.grid(H, C):
+                    with T.sblock("gat_out"):
+                        vh, vc = T.axis.remap("SS", [h, c])
+                        out[vi, vh, vc] = acc[vh, vc] / (total[vh] + T.float32(GAT_EPS))
+
+    return body
+
+
+def whole(buffer: Any) -> Any:
+    """A buffer's whole region (for a block's reads, whatever the buffer's rank)."""
+    return tirx.BufferRegion(buffer, [Range.from_min_extent(0, extent)
+                                      for extent in buffer.shape])
+
+
+def _leaky_relu(value: Any, slope: float) -> Any:
+    return T.if_then_else(value > T.float32(0), value, value * T.float32(slope))
+
+
+def gat_func(s: Shapes, slope: float) -> Any:
+    """PyG GATConv's aggregation: score e = leaky_relu(a_src[j, h] + a_dst[i, h]) (score_a =
+    a_src, score_b = a_dst)."""
+    M, N, H, C, EC = s.M, s.N, s.H, s.C, s.EC  # noqa: N806
+    body = _edge_softmax_body(s)
+
+    @T.macro
+    def edge_score(score, vh, vi, k, col, x, a_src, a_dst):  # type: ignore[no-untyped-def]
+        score[vh] = _leaky_relu(a_src[col[k[0]], vh] + a_dst[vi, vh], slope)
+
     @T.prim_func(private=True, s_tir=True)
-    def gat(x: T.Buffer((M, H, C), "float32"), a_src: T.Buffer((M, H), "float32"),
-            a_dst: T.Buffer((N, H), "float32"), src: T.Buffer((EC,), "int32"),
+    def gat(x: T.Buffer((M, H, C), "float32"), score_a: T.Buffer((M, H), "float32"),
+            score_b: T.Buffer((N, H), "float32"), src: T.Buffer((EC,), "int32"),
             dst: T.Buffer((EC,), "int32"), w: T.Buffer((EC,), "float32"),
             ne: T.Buffer((1,), "int32"), out: T.Buffer((N, H, C), "float32")) -> None:
         T.func_attr({"tirx.noalias": True})
         with T.sblock("root"):
             T.sblock_attr({"schedule_rule": "None"})  # no default parallel/vectorize
-            rowptr = T.alloc_buffer((N + 1,), "int32")
-            pos = T.alloc_buffer((N,), "int32")
-            col = T.alloc_buffer((EC,), "int32")
-            wsort = T.alloc_buffer((EC,), "float32")
-            csr(src, dst, w, ne, rowptr, pos, col, wsort)
-            for i in range(N):
-                with T.sblock("gat"):
-                    vi = T.axis.spatial(N, i)
-                    T.reads(rowptr[vi:vi + 2], col[0:EC], x[0:M, 0:H, 0:C], a_src[0:M, 0:H],
-                            a_dst[vi, 0:H])
-                    T.writes(out[vi, 0:H, 0:C])
-                    T.sblock_attr({"schedule_rule": RULE})
-                    k = T.alloc_buffer((1,), "int32", scope="local")
-                    peak = T.alloc_buffer((H,), "float32", scope="local")
-                    total = T.alloc_buffer((H,), "float32", scope="local")
-                    p = T.alloc_buffer((H,), "float32", scope="local")
-                    acc = T.alloc_buffer((H, C), "float32", scope="local")
-                    for h in range(H):
-                        with T.sblock("gat_init"):
-                            vh = T.axis.spatial(H, h)
-                            peak[vh] = T.min_value("float32")
-                            total[vh] = T.float32(0)
-                    k[0] = rowptr[vi]
-                    while k[0] < rowptr[vi + 1]:
-                        for h in range(H):
-                            with T.sblock("gat_max"):
-                                vh = T.axis.spatial(H, h)
-                                T.reads(col[0:EC], a_src[0:M, vh], a_dst[vi, vh])
-                                T.writes(peak[vh])
-                                peak[vh] = T.max(peak[vh], T.if_then_else(
-                                    a_src[col[k[0]], vh] + a_dst[vi, vh] > T.float32(0),
-                                    a_src[col[k[0]], vh] + a_dst[vi, vh],
-                                    (a_src[col[k[0]], vh] + a_dst[vi, vh]) * T.float32(slope)))
-                        k[0] = k[0] + 1
-                    for h, c in T.grid(H, C):
-                        with T.sblock("gat_zero"):
-                            vh, vc = T.axis.remap("SS", [h, c])
-                            acc[vh, vc] = T.float32(0)
-                    k[0] = rowptr[vi]
-                    while k[0] < rowptr[vi + 1]:
-                        for h in range(H):
-                            with T.sblock("gat_exp"):
-                                vh = T.axis.spatial(H, h)
-                                T.reads(col[0:EC], a_src[0:M, vh], a_dst[vi, vh], peak[vh])
-                                T.writes(p[vh], total[vh])
-                                p[vh] = T.exp(T.if_then_else(
-                                    a_src[col[k[0]], vh] + a_dst[vi, vh] > T.float32(0),
-                                    a_src[col[k[0]], vh] + a_dst[vi, vh],
-                                    (a_src[col[k[0]], vh] + a_dst[vi, vh]) * T.float32(slope))
-                                    - peak[vh])
-                                total[vh] = total[vh] + p[vh]
-                        for h, c in T.grid(H, C):
-                            with T.sblock("gat_acc"):
-                                vh, vc = T.axis.remap("SS", [h, c])
-                                T.reads(col[0:EC], x[0:M, vh, vc], p[vh])
-                                T.writes(acc[vh, vc])
-                                acc[vh, vc] = acc[vh, vc] + p[vh] * x[col[k[0]], vh, vc]
-                        k[0] = k[0] + 1
-                    for h, c in T.grid(H, C):
-                        with T.sblock("gat_out"):
-                            vh, vc = T.axis.remap("SS", [h, c])
-                            out[vi, vh, vc] = acc[vh, vc] / (total[vh] + T.float32(GAT_EPS))
+            body(edge_score, x, score_a, score_b, src, dst, w, ne, out)
 
     return gat
+
+
+def gatv2_func(s: Shapes, slope: float) -> Any:
+    """PyG GATv2Conv's aggregation: score e = sum_c att[h, c] * leaky_relu(x[j, h, c] +
+    x_dst[i, h, c]) (x = x_l, also the message; score_a = x_dst, score_b = att, 1 x H x C)."""
+    M, N, H, C, EC = s.M, s.N, s.H, s.C, s.EC  # noqa: N806
+    body = _edge_softmax_body(s)
+
+    @T.macro
+    def edge_score(score, vh, vi, k, col, x, x_dst, att):  # type: ignore[no-untyped-def]
+        score[vh] = T.float32(0)
+        for c in range(C):
+            score[vh] = score[vh] + att[0, vh, c] * _leaky_relu(
+                x[col[k[0]], vh, c] + x_dst[vi, vh, c], slope)
+
+    @T.prim_func(private=True, s_tir=True)
+    def gatv2(x: T.Buffer((M, H, C), "float32"), score_a: T.Buffer((N, H, C), "float32"),
+              score_b: T.Buffer((1, H, C), "float32"), src: T.Buffer((EC,), "int32"),
+              dst: T.Buffer((EC,), "int32"), w: T.Buffer((EC,), "float32"),
+              ne: T.Buffer((1,), "int32"), out: T.Buffer((N, H, C), "float32")) -> None:
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            T.sblock_attr({"schedule_rule": "None"})  # no default parallel/vectorize
+            body(edge_score, x, score_a, score_b, src, dst, w, ne, out)
+
+    return gatv2
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -362,11 +417,12 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():
+            shapes = _shapes(match, edge_capacity(edge_bound(match) or 0))
             args = [_tensor(bb, n, var_of, graph) for n in _dense_inputs(match)]
             edges = _edge_glue(bb, match, var_of, graph, name)
-            shapes = _shapes(match, edge_capacity(edge_bound(match) or 0))
             func = spmm_func(shapes, match.reduce) if match.kind == "spmm" else \
-                gat_func(shapes, match.slope)
+                gat_func(shapes, match.slope) if match.kind == "gat" else \
+                gatv2_func(shapes, match.slope)
             gv = bb.add_func(func, name)
             out = bb.emit(relax.call_tir(gv, [*args, *edges], _out_info(match)))
             result = bb.emit_output(relax.Tuple([out]))
@@ -375,7 +431,10 @@ def lower(graph: fx.GraphModule, inputs: list[Any], target: Any, name: str) -> A
 
 
 def _dense_inputs(match: Match) -> list[fx.Node]:
-    return [match.x] if match.kind == "spmm" else [match.x, match.a_src, match.a_dst]  # type: ignore[list-item]
+    dense: dict[str, list[fx.Node | None]] = {
+        "spmm": [match.x], "gat": [match.x, match.a_src, match.a_dst],
+        "gatv2": [match.x, match.x_dst, match.att]}
+    return [n for n in dense[match.kind] if n is not None]
 
 
 def _shapes(match: Match, capacity: int) -> Shapes:
