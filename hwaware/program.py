@@ -10,9 +10,10 @@ plain JSON for numbers, strings, booleans and None.
 
 A program names only allowed ops (`resolve_op`): PyTorch operators of the namespaces the
 compiler emits (`TORCH_OP_NAMESPACES`, looked up in PyTorch's operator registry and checked to
-be operator overloads), `getitem`, and the `operator` functions of symbolic-size arithmetic
-(`HOST_OPERATORS`). Anything else, when a program is read, raises `DisallowedOpError` naming
-the op and the file: a program file is data, never a way to call arbitrary Python.
+be operator overloads), `getitem`, and the `operator` and `torch.sym_*` functions of
+symbolic-size arithmetic (`HOST_OPERATORS`, `SIZE_FUNCTIONS`). Anything else, when a
+program is read, raises `DisallowedOpError` naming the op and the file: a program file is
+data, never a way to call arbitrary Python.
 """
 
 from __future__ import annotations
@@ -321,6 +322,10 @@ HOST_OPERATORS: dict[str, Callable[..., Any]] = {
         operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
         operator.and_, operator.or_, operator.xor, operator.not_, operator.invert,
         operator.lshift, operator.rshift, operator.truth)}
+# torch's functions on symbolic sizes (Dynamo's graphs sum data-dependent sizes with sym_sum)
+SIZE_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    f.__name__: f for f in (torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not,
+                            torch.sym_int, torch.sym_float)}
 _TORCH_OP = re.compile(r"([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -334,6 +339,12 @@ def resolve_op(op: str) -> Any:
         if fn is None:
             raise DisallowedOpError(f"op {op!r} is not allowed (allowed operator functions: "
                                     f"{sorted(HOST_OPERATORS)})")
+        return fn
+    if op.startswith("torch.sym_"):
+        fn = SIZE_FUNCTIONS.get(op.removeprefix("torch."))
+        if fn is None:
+            raise DisallowedOpError(f"op {op!r} is not allowed (allowed size functions: "
+                                    f"{sorted(SIZE_FUNCTIONS)})")
         return fn
     return _torch_op(op)
 
@@ -378,6 +389,8 @@ def op_name(target: Any) -> str:
     name = str(getattr(target, "__name__", ""))
     if HOST_OPERATORS.get(name) is target:
         return f"operator.{name}"
+    if SIZE_FUNCTIONS.get(name) is target:
+        return f"torch.{name}"
     if not isinstance(target, torch._ops.OpOverload):
         raise TypeError(f"the host program cannot call {target!r}")
     return str(target)

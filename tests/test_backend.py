@@ -237,3 +237,25 @@ def test_weight_sets_past_the_limit_run_eagerly_with_one_warning() -> None:
         model[0].weight.add_(1.0)
     with pytest.warns(UserWarning, match=r"max_weight_sets"):
         assert_close_to_eager(model, compiled, x)
+
+
+def test_data_dependent_sizes_in_one_dynamo_graph_compile_and_match_eager() -> None:
+    """With Dynamo told to capture data-dependent shapes (PyG's self-loop removal is a
+    `nonzero`), a GCN reaches the backend as one graph whose sizes are summed by
+    `torch.sym_sum`; it compiles (no eager fallback) and matches eager on other graphs."""
+    pyg = pytest.importorskip("torch_geometric.nn")
+    torch.manual_seed(0)
+    model = pyg.models.GCN(8, 16, num_layers=2, out_channels=4).eval()
+
+    def graph(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(12, 8, generator=generator), \
+            torch.randint(0, 12, (2, 40), generator=generator)
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                    capture_scalar_outputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedOpWarning)
+        warnings.filterwarnings("error", message="hwaware: could not compile")
+        compiled = torch.compile(model, backend="hwaware", options={"db": None})
+        for seed in (0, 1, 2):
+            assert_close_to_eager(model, compiled, *graph(seed))
