@@ -201,9 +201,26 @@ def _import_into_tvm(graph: Any, inputs: list[Any]) -> Any:
     from hwaware.tvm import ir
 
     with torch.no_grad():
-        exported = torch.export.export(runtime_indices_wrapped(graph), tuple(inputs),
-                                       strict=False)
+        exported = torch.export.export(runtime_indices_wrapped(graph),
+                                       tuple(_own_storages(inputs)), strict=False)
     return ir.import_torch_program(exported)
+
+
+def _own_storages(inputs: list[Any]) -> list[Any]:
+    """The example inputs, each tensor on a storage of its own: torch.export of a graph two of
+    whose inputs share one (a view of another input: GPT-2's position ids, once equal `arange`s
+    were merged) made a guard function that TVM's re-export failed in ('NoneType' object has
+    no attribute 'size')."""
+    seen: set[int] = set()
+    owned = []
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage().data_ptr()
+            if storage in seen:
+                value = value.clone()
+            seen.add(storage)
+        owned.append(value)
+    return owned
 
 
 def _lower_fused(family: str, graph: Any, inputs: list[Any], target: Target) -> Any:
