@@ -326,6 +326,8 @@ HOST_OPERATORS: dict[str, Callable[..., Any]] = {
 SIZE_FUNCTIONS: dict[str, Callable[..., Any]] = {
     f.__name__: f for f in (torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_not,
                             torch.sym_int, torch.sym_float)}
+# the Python functions a program may call, by the module prefix it names them with
+HOST_FUNCTIONS = {"operator": HOST_OPERATORS, "torch": SIZE_FUNCTIONS}
 _TORCH_OP = re.compile(r"([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -334,17 +336,13 @@ def resolve_op(op: str) -> Any:
     "operator.mul" -> operator.mul. Raises `DisallowedOpError` for any other name."""
     if op == "getitem":
         return operator.getitem
-    if op.startswith("operator."):  # arithmetic on symbolic sizes
-        fn = HOST_OPERATORS.get(op.removeprefix("operator."))
+    prefix, _, name = op.partition(".")
+    functions = HOST_FUNCTIONS.get(prefix)
+    if functions is not None:  # arithmetic on symbolic sizes
+        fn = functions.get(name)
         if fn is None:
-            raise DisallowedOpError(f"op {op!r} is not allowed (allowed operator functions: "
-                                    f"{sorted(HOST_OPERATORS)})")
-        return fn
-    if op.startswith("torch.sym_"):
-        fn = SIZE_FUNCTIONS.get(op.removeprefix("torch."))
-        if fn is None:
-            raise DisallowedOpError(f"op {op!r} is not allowed (allowed size functions: "
-                                    f"{sorted(SIZE_FUNCTIONS)})")
+            raise DisallowedOpError(f"op {op!r} is not allowed (allowed {prefix} functions: "
+                                    f"{sorted(functions)})")
         return fn
     return _torch_op(op)
 
@@ -387,10 +385,9 @@ def op_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     name = str(getattr(target, "__name__", ""))
-    if HOST_OPERATORS.get(name) is target:
-        return f"operator.{name}"
-    if SIZE_FUNCTIONS.get(name) is target:
-        return f"torch.{name}"
+    for prefix, functions in HOST_FUNCTIONS.items():
+        if functions.get(name) is target:
+            return f"{prefix}.{name}"
     if not isinstance(target, torch._ops.OpOverload):
         raise TypeError(f"the host program cannot call {target!r}")
     return str(target)
