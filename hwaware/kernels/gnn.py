@@ -51,7 +51,7 @@ class EdgeIndex:
 class Match:
     """One recognised aggregation. `kind` is "spmm" (reduce sum/mean/max of `weight * x[src]`
     into dst), "gat" (x = feat N x H x C, a_src/a_dst the per-node scores) or "gatv2" (x = x_l,
-    x_dst = x_r, both N x H x C, att the H x C score weights)."""
+    x_dst = x_r, both N x H x C, att the 1 x H x C score weights)."""
 
     kind: str
     out: fx.Node
