@@ -8,7 +8,9 @@ Reports, on this CPU, with the latency predictor shipped for the target:
    and a single query of a new architecture whose blocks are known;
 2. table vs measured: N held-out random architectures per space compiled by hwaware and timed
    (`hwaware.nas.measure`, the profiler), the table's answer beside the measured latency;
-3. search on `ofa-mbv3` (objective: parameters, a stand-in any callable replaces): hypervolume
+3. (`--between-sessions FILE`, alone) those stored architectures compiled and timed again now:
+   how far ground truth moves between sessions, beside the noise of two timings in one;
+4. search on `ofa-mbv3` (objective: parameters, a stand-in any callable replaces): hypervolume
    of NSGA-II against random search at equal evaluations (median of 5 seeds), the time of a
    1,000-evaluation search, and the latency-constrained result against the best of 1,000
    random samples under the same limit; a Pareto plot (`bench/nas-pareto-<cpu>.png`), with
@@ -104,6 +106,37 @@ def accuracy_of(predictor: str | None, target: str, measured: list) -> str:
     return ("## Table vs measured compiled latency (held-out random architectures)\n\n"
             "| space | models | within ±10% | within ±5% | MAPE | noise (two timings) |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def between_sessions(predictor: str | None, target: str, stored: list, out: Path) -> str:
+    """`stored` samples timed again now (into `out`): how far one architecture's ground truth
+    moves between sessions, beside the two-timings noise of one session, and the table against
+    both measurements."""
+    again: list = []
+    for name in SPACES:
+        space = LatencyTable(target, space=name, predictor=predictor).space
+        then = [s for s in stored if s.space == f"nas:{name}"]
+        timed = measure(space, [s.arch["config"] for s in then], out, target)
+        again += zip(then, timed, strict=True)
+    pairs = [(old, new) for old, new in again if new is not None]
+    lines = []
+    for name in SPACES:
+        moved = [abs(new.measured_us / old.measured_us - 1) for old, new in pairs
+                 if old.space == f"nas:{name}"]
+        within = [abs(s.latency_us - s.latency2_us) / s.measured_us
+                  for pair in pairs if pair[0].space == f"nas:{name}" for s in pair]
+        if moved:
+            lines.append(f"| {name} | {len(moved)} | {_share(moved, 0.10):.0%} | "
+                         f"{_share(moved, 0.05):.0%} | {statistics.median(moved):.1%} | "
+                         f"{max(moved):.1%} | {statistics.median(within):.1%} |")
+    return ("## Between sessions: the same architectures compiled and timed again\n\n"
+            "Stored ground truth (`bench/nas-<cpu>.jsonl`) against a new measurement of each "
+            "architecture now (new build, new timing).\n\n"
+            "| space | models | now within ±10% of then | within ±5% | median change | "
+            "largest change | noise in one session (two timings) |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+            + accuracy_of(predictor, target, [new for _, new in pairs])
+            .replace("(held-out random architectures)", "(the same architectures, timed now)"))
 
 
 def search_figures(table: LatencyTable) -> tuple[str, SearchResult]:
@@ -208,6 +241,9 @@ def main() -> None:
     parser.add_argument("--accuracy-only", action="store_true",
                         help="only the table against every architecture already measured in "
                         "bench/nas-<cpu>.jsonl (none of them is in the predictor's data)")
+    parser.add_argument("--between-sessions", type=Path, metavar="FILE.jsonl",
+                        help="only time every architecture of bench/nas-<cpu>.jsonl again, "
+                        "into FILE.jsonl, and report how far its latency moved")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     kind = cpu_kind()
@@ -216,6 +252,11 @@ def main() -> None:
         data = Path(__file__).parent / f"nas-{kind}.jsonl"
         samples = [Sample.from_json(line) for line in data.read_text().splitlines()]
         print(accuracy_of(args.predictor, args.target, samples))
+        return
+    if args.between_sessions:
+        data = Path(__file__).parent / f"nas-{kind}.jsonl"
+        stored = [Sample.from_json(line) for line in data.read_text().splitlines()]
+        print(between_sessions(args.predictor, args.target, stored, args.between_sessions))
         return
     table = LatencyTable(args.target, space="ofa-mbv3", predictor=args.predictor)
     sections = [f"# Architecture search on {kind} ({platform.processor() or platform.machine()}"

@@ -10,7 +10,9 @@ plain JSON for numbers, strings, booleans and None.
 
 A program names only allowed ops (`resolve_op`): PyTorch operators of the namespaces the
 compiler emits (`TORCH_OP_NAMESPACES`, looked up in PyTorch's operator registry and checked to
-be operator overloads), `getitem`, and the `operator` and `torch.sym_*` functions of
+be operator overloads), custom operators that a library imported in this process defined with
+`torch.library.custom_op` (`python_custom_op`; a saved model that calls one loads once that
+library is imported), `getitem`, and the `operator` and `torch.sym_*` functions of
 symbolic-size arithmetic (`HOST_OPERATORS`, `SIZE_FUNCTIONS`). Anything else, when a
 program is read, raises `DisallowedOpError` naming the op and the file: a program file is
 data, never a way to call arbitrary Python.
@@ -134,6 +136,13 @@ class Program:
         yield from (s for s in self.steps if isinstance(s, OpStep))
         for kernel in self.kernels.values():
             yield from kernel.steps
+
+    def custom_operator_modules(self) -> list[str]:
+        """The Python modules that define the custom operators this program calls (what a
+        process must import before it loads a saved model that calls them)."""
+        found = (_TORCH_OP.fullmatch(step.op) for step in self.op_steps())
+        return sorted({defining_module(m[1], m[2]) for m in found
+                       if m is not None and python_custom_op(m[1], m[2])})
 
     def check_ops(self, where: str) -> None:
         """Raise `DisallowedOpError` naming the first op outside the allowlist and `where`."""
@@ -348,17 +357,19 @@ def resolve_op(op: str) -> Any:
 
 
 def _torch_op(op: str) -> torch._ops.OpOverload:
-    """An operator overload from PyTorch's registry, for an op name of an allowed namespace.
-    The name must be registered with PyTorch's dispatcher before any attribute is looked up, so
-    dunder operators (`aten.__and__.Tensor`, what `x & y` exports to) resolve and nothing else
-    of the namespace objects (`aten.__class__`) can."""
+    """An operator overload from PyTorch's registry, for an op name of an allowed namespace or
+    a Python custom operator (`python_custom_op`). The name must be registered with PyTorch's
+    dispatcher before any attribute is looked up, so dunder operators (`aten.__and__.Tensor`,
+    what `x & y` exports to) resolve and nothing else of the namespace objects
+    (`aten.__class__`) can."""
     match = _TORCH_OP.fullmatch(op)
-    if match is None or match[1] not in TORCH_OP_NAMESPACES or \
-            not _registered(*match.groups()) or \
-            op.rpartition(".")[0] in REFUSED_TORCH_OPS:
+    if match is None or op.rpartition(".")[0] in REFUSED_TORCH_OPS or not (
+            match[1] in TORCH_OP_NAMESPACES and _registered(*match.groups())
+            or python_custom_op(*match.groups()[:2])):
         raise DisallowedOpError(f"op {op!r} is not allowed (a program may name PyTorch operators "
-                                f"of {sorted(TORCH_OP_NAMESPACES)}, 'getitem' and "
-                                "'operator.<arithmetic>')")
+                                f"of {sorted(TORCH_OP_NAMESPACES)}, custom operators defined "
+                                "with torch.library.custom_op, 'getitem' and "
+                                "'operator.<arithmetic>')" + _unregistered_hint(match))
     namespace, name, overload = match.groups()
     try:
         found = getattr(getattr(getattr(torch.ops, namespace), name), overload)
@@ -367,6 +378,30 @@ def _torch_op(op: str) -> torch._ops.OpOverload:
     if not isinstance(found, torch._ops.OpOverload):
         raise DisallowedOpError(f"op {op!r} is not a PyTorch operator overload")
     return found
+
+
+def python_custom_op(namespace: str, name: str) -> bool:
+    """Whether `namespace::name` is a custom operator that Python code outside torch defined
+    with `torch.library.custom_op` in this process (Hugging Face's MoE `grouped_mm_fallback`).
+    Such an op resolves only where its library has been imported: a program file cannot make
+    one exist, and torch's own internal namespaces stay refused."""
+    return defining_module(namespace, name).partition(".")[0] not in ("", "torch")
+
+
+def defining_module(namespace: str, name: str) -> str:
+    """The Python module whose `torch.library.custom_op` defined `namespace::name` ("" when no
+    Python custom operator of that name is registered)."""
+    from torch._library import custom_ops
+
+    definition = custom_ops.OPDEFS.get(f"{namespace}::{name}")
+    return str(getattr(getattr(definition, "_init_fn", None), "__module__", "") or "")
+
+
+def _unregistered_hint(match: re.Match[str] | None) -> str:
+    if match is None or match[1] in TORCH_OP_NAMESPACES or _registered(*match.groups()):
+        return ""
+    return (f"; if it is a custom operator, it is not registered in this process: import the "
+            f"library that defines namespace {match[1]!r} first")
 
 
 def _registered(namespace: str, name: str, overload: str) -> bool:

@@ -121,6 +121,43 @@ def test_integer_inputs_of_float_ops_are_promoted_and_stay_on_tvm() -> None:
         assert_close_to_eager(model, compiled, *inputs())
 
 
+class IntegerIndexArithmetic(nn.Module):
+    """Index arithmetic as Mixtral's and Qwen2-MoE's routers write it (transformers' MoE code):
+    `perm // top_k` and a rounding `div` on int64, an integer `clamp` with one bound, and an
+    int64 0-d count added to int32 positions (PyTorch keeps int32: a 0-d tensor does not promote
+    a dimensioned one)."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, perm = torch.sort(ids)
+        rows = (perm // 2).clamp(max=x.shape[0] - 1)
+        buckets = torch.div(ids, 3, rounding_mode="floor").clamp(min=0)
+        shifted = positions + (ids > 4).sum() + positions * 2
+        return x[rows] * buckets[:, None], shifted
+
+
+def test_integer_operands_keep_pytorchs_dtypes_and_stay_on_tvm() -> None:
+    """TVM's importer made `int64 // 2`'s 2 an int32 constant (Mixtral's router kernel failed to
+    import), filled an integer clamp's missing bound with infinity, and promoted `int64_0d +
+    int32` to int64 (the kernel differed from PyTorch): each kernel ran in PyTorch."""
+    from hwaware.build import KernelFallbackWarning
+
+    model = IntegerIndexArithmetic().eval()
+    def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(16, 4, generator=g), torch.randint(-5, 20, (16,), generator=g),
+                torch.randint(0, 9, (6,), generator=g, dtype=torch.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        compiled = hwaware.compile(model, inputs(0), db=None, show_progress=False)
+    assert all(k.impl == "tvm" for k in compiled.program.kernels.values()), \
+        compiled.report()
+    for seed in (1, 2, 3):
+        got, want = compiled(*inputs(seed)), model(*inputs(seed))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 class AliasesAndScalarWheres(nn.Module):
     """Ops TVM's importer lacks, as third-party models write them: ConvBERT's `torch.multiply`,
     other aliases, and `where` with a Python scalar branch (MPNet's, BLOOM's), on float and

@@ -407,6 +407,58 @@ def test_a_correct_save_loads_in_a_fresh_process_and_matches_eager(kind: str,
     assert done.stdout.split()[-2:] == ["ok", "3"]
 
 
+# ------------------------------------------------------------------ custom operators
+class CallsCustomOperator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.ops.hwaware_test.running_max(torch.relu(self.fc1(x))) * 0.5)
+
+
+FRESH_LOAD_IMPORTING = "import tests.custom_operators\n" + FRESH_LOAD
+
+
+def test_a_custom_operator_runs_in_pytorch_and_its_save_loads_where_it_is_defined(
+        tmp_path: Path) -> None:
+    """A third-party custom operator (torch.library.custom_op) runs in PyTorch with one warning
+    naming it; the saved model loads in a process that imported the library defining it, and is
+    refused, naming the operator's namespace, in one that did not."""
+    import tests.custom_operators  # noqa: F401  (defines hwaware_test::running_max)
+
+    torch.manual_seed(0)
+    model = CallsCustomOperator().eval()
+    with pytest.warns(UserWarning, match="hwaware_test.running_max"):
+        compiled = hwaware.compile(model, (torch.randn(2, 8),), db=None, show_progress=False)
+    assert compiled.program.custom_operator_modules() == ["tests.custom_operators"]
+    xs = [torch.randn(2, 8) * 3, -torch.rand(2, 8), torch.rand(2, 8) + 1]
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.save({"x": xs, "y": [model(x) for x in xs]}, tmp_path / "case.pt")
+    saved = compiled.save(tmp_path / "saved")
+    for script, ok in ((FRESH_LOAD_IMPORTING, True), (FRESH_LOAD, False)):
+        done = subprocess.run([sys.executable, "-c", script, str(saved), str(tmp_path / "case.pt")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        if ok:
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            assert "DisallowedOpError" in done.stderr and \
+                "import the library that defines namespace 'hwaware_test'" in done.stderr
+
+
+def test_operators_of_torchs_own_namespaces_stay_refused() -> None:
+    """Only custom operators defined outside torch widen the allowlist: torch's own internal
+    namespaces (collectives, prims defined in Python, ...) do not resolve from a program."""
+    from hwaware.program import resolve_op
+
+    for op in ("_c10d_functional.all_reduce.default", "quantized.add.default",
+               "streams.fork.default", "onnx_symbolic._symbolic.default"):
+        with pytest.raises(DisallowedOpError):
+            resolve_op(op)
+
+
 # ----------------------------------------------------------- no unsafe deserialisation
 UNSAFE_MODULES = {"pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
 # exec / eval of hwaware's own code made at compile time (or from a checked tree on load), never

@@ -6,6 +6,8 @@
 - `where` with a Python scalar for a branch (`where.ScalarOther`, `where.ScalarSelf`,
   `where.Scalar`) becomes `where.self` with the scalar as a 0-d constant of the result's dtype:
   MPNet, GPT-Neo and BLOOM each ran one such `where` on the host, which split their graphs.
+- `clamp` of an integer tensor with one bound gets the dtype's extreme for the other: the
+  importer filled it with infinity, which no integer holds, and the kernel failed to import.
 Each rewrite happens only where the op it writes is one the importer translates
 (`hwaware.aten_ops`).
 """
@@ -45,6 +47,9 @@ def canonical_ops(gm: fx.GraphModule) -> int:
         elif _is_scalar_where(node.target):
             _where_with_constants(gm, node)
             changed += 1
+        elif _is_integer_clamp_with_one_bound(node):
+            _clamp_with_both_bounds(node)
+            changed += 1
     return changed
 
 
@@ -77,3 +82,24 @@ def _where_with_constants(gm: fx.GraphModule, node: fx.Node) -> None:
             continue
         args.append(insert_constant(gm, node, "_where_scalar", torch.tensor(value, dtype=dtype)))
     node.target, node.args = aten.where.self, tuple(args)
+
+
+def _is_integer_clamp_with_one_bound(node: fx.Node) -> bool:
+    out = node.meta.get("val")
+    return node.target is aten.clamp.default and isinstance(out, torch.Tensor) and \
+        not out.dtype.is_floating_point and out.dtype != torch.bool and \
+        (_clamp_bounds(node).count(None) == 1)
+
+
+def _clamp_bounds(node: fx.Node) -> list[fx.node.Argument]:
+    bounds = list(node.args[1:3]) + [None] * (3 - len(node.args))
+    names = ("min", "max")
+    return [node.kwargs.get(name, bound) for name, bound in zip(names, bounds, strict=True)]
+
+
+def _clamp_with_both_bounds(node: fx.Node) -> None:
+    """`clamp(x, min=a)` -> `clamp(x, a, <dtype max>)` (and the same for a missing `min`)."""
+    info = torch.iinfo(node.meta["val"].dtype)
+    low, high = _clamp_bounds(node)
+    node.args = (node.args[0], info.min if low is None else low, info.max if high is None else high)
+    node.kwargs = {}

@@ -5,17 +5,23 @@
   int64 unless told otherwise; TVM's importer keeps the input's dtype when no `dtype` is given,
   and a bool cumsum (GPT-2's and Llama's position ids: `mask.cumsum(-1)`) then fails in LLVM
   codegen.
-- Element-wise ops with a floating result and an integer or bool tensor input (true division of
-  positions, `idx * 0.5`, `mask * 1.5`) get that input cast to the result's dtype first, which is
-  what PyTorch's type promotion computes. TVM's importer kept the integer dtype, and the kernel
+- Element-wise ops get each tensor operand in the dtype PyTorch computes them in (the result's,
+  or a comparison's promoted dtype), cast first where it differs, which is what PyTorch's type
+  promotion computes. TVM's importer kept an integer input's dtype in a float op, and the kernel
   then failed to import (DeBERTa's log-bucketed relative positions: `log(int_positions / mid)`
-  made its embedding kernel run in PyTorch).
+  made its embedding kernel run in PyTorch); it promoted `int64_0d + int32_vector` to int64,
+  where PyTorch keeps int32 (a 0-d tensor does not promote a dimensioned one), so the kernel
+  differed. Python numbers in tensor arguments become 0-d constants of that dtype where the
+  importer would make them int32 or float32 of another (Mixtral's `int64_perm // 2` failed to
+  import).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
+
+from hwaware.rewrite.constants import insert_constant
 
 aten = torch.ops.aten
 
@@ -34,44 +40,90 @@ def explicit_dtypes(gm: fx.GraphModule) -> int:
 # Arguments of element-wise ops that are meant to be bool (never cast): `where`'s condition,
 # `masked_fill`'s mask
 _BOOL_ARGUMENTS = ("condition", "mask")
+# Comparisons: a bool result, computed in the operands' promoted dtype
+_COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+# Element-wise ops that ATen does not tag `pointwise`
+_UNTAGGED_ELEMENTWISE = frozenset({"aten::floor_divide"})
+# The dtypes TVM's importer gives a Python number: as an operand of a tensor of another dtype,
+# some ops (`floor_divide`, rounding `div`) failed to import ("Binary operators must have the
+# same datatype": Mixtral's `perm // top_k` on int64)
+_IMPORTER_SCALAR_DTYPES = (torch.float32, torch.int32)
 
 
 def explicit_promotions(gm: fx.GraphModule) -> int:
-    """Cast each integer or bool tensor input of an element-wise op whose result is floating to
-    the result's dtype (a plain `aten.to.dtype` before the op). Returns how many casts."""
-    casts = 0
+    """Cast each tensor operand of an element-wise op that has another dtype than the one
+    PyTorch computes the op in to that dtype (a plain `aten.to.dtype` before the op), and make
+    each Python-number operand in a tensor argument a 0-d constant of that dtype where the
+    importer would give it another. Returns how many operands changed."""
+    changed = 0
     for node in list(gm.graph.nodes):
-        for position, source in _promoted_inputs(node):
-            dtype = node.meta["val"].dtype
-            with gm.graph.inserting_before(node):
-                cast = gm.graph.call_function(aten.to.dtype, (source, dtype))
-            cast.meta["val"] = source.meta["val"].to(dtype)
-            args = list(node.args)
-            args[position] = cast
-            node.args = tuple(args)
-            casts += 1
-    return casts
+        dtype = _compute_dtype(node)
+        if dtype is None:
+            continue
+        for position, operand in _operands(node):
+            if isinstance(operand, fx.Node) and _dtype_of(operand) not in (None, dtype):
+                _replace_arg(node, position, _cast(gm, node, operand, dtype))
+                changed += 1
+            elif _is_number(operand) and dtype not in _IMPORTER_SCALAR_DTYPES:
+                value = torch.tensor(operand, dtype=dtype)
+                _replace_arg(node, position, insert_constant(gm, node, "_operand", value))
+                changed += 1
+    return changed
 
 
-def _promoted_inputs(node: fx.Node) -> list[tuple[int, fx.Node]]:
-    """(position, input) of each integer or bool tensor argument of an element-wise op with a
-    floating result."""
+def _compute_dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype PyTorch computes an element-wise op in: its result's, or for a comparison its
+    tensor operands' promoted dtype. None for any other node."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or \
-            torch.Tag.pointwise not in target.tags:
-        return []
     out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or \
+            not _elementwise(target) or not isinstance(out, torch.Tensor) or \
+            "dtype" in [a.name for a in target._schema.arguments]:
+        return None
+    if out.dtype != torch.bool:
+        return out.dtype
+    if target._schema.name.partition("::")[2] not in _COMPARISONS:
+        return None
+    values = [a.meta["val"] for _, a in _operands(node)
+              if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    return torch.result_type(values[0], values[1]) if len(values) == 2 else None
+
+
+def _elementwise(op: torch._ops.OpOverload) -> bool:
+    return torch.Tag.pointwise in op.tags or op._schema.name in _UNTAGGED_ELEMENTWISE
+
+
+def _operands(node: fx.Node) -> list[tuple[int, fx.node.Argument]]:
+    """(position, argument) of each positional argument of a tensor-typed schema slot that is
+    not a bool condition or mask."""
+    if not isinstance(node.target, torch._ops.OpOverload):
         return []
-    names = [a.name for a in target._schema.arguments]
+    schema = node.target._schema.arguments
     return [(i, arg) for i, arg in enumerate(node.args)
-            if isinstance(arg, fx.Node) and i < len(names) and names[i] not in _BOOL_ARGUMENTS
-            and _is_integral(arg.meta.get("val"))]
+            if i < len(schema) and schema[i].name not in _BOOL_ARGUMENTS
+            and isinstance(schema[i].type, torch.TensorType)]
 
 
-def _is_integral(value: object) -> bool:
-    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and \
-        not value.dtype.is_complex
+def _dtype_of(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("val")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cast(gm: fx.GraphModule, before: fx.Node, source: fx.Node, dtype: torch.dtype) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        cast = gm.graph.call_function(aten.to.dtype, (source, dtype))
+    cast.meta["val"] = source.meta["val"].to(dtype)
+    return cast
+
+
+def _replace_arg(node: fx.Node, position: int, value: fx.Node) -> None:
+    args = list(node.args)
+    args[position] = value
+    node.args = tuple(args)
 
 
 def _promotes(node: fx.Node) -> bool:
