@@ -27,6 +27,7 @@ from onnx import numpy_helper
 log = logging.getLogger(__name__)
 
 MAX_FOLD_BYTES = 16 << 20
+MAX_FOLD_ROUNDS = 64  # folding and shape inference rounds (it stops when a round folds nothing)
 NEVER_FOLD = frozenset({
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
     "Bernoulli", "Dropout",  # Dropout: training mode and its mask output
@@ -40,11 +41,26 @@ Known = dict[str, "onnx.TensorProto | np.ndarray"]
 def fold_constants(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
                    ) -> onnx.ModelProto:
     """`model` with every foldable node replaced by an initializer (a new model; the argument
-    is not changed). The result has its value infos inferred again."""
+    is not changed). The result has its value infos inferred again. Folding and shape inference
+    alternate until nothing more folds: a shape that becomes static only once an earlier
+    computed shape is folded (Phi-3's second layer slices a projection by a size computed from
+    the first) needs another round."""
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     _set_input_shapes(folded.graph, input_shapes)
     folded = _infer(folded)
+    for _ in range(MAX_FOLD_ROUNDS):
+        before = len(folded.graph.node)
+        folded = _infer(_fold_once(folded))
+        if len(folded.graph.node) == before:
+            break
+    n_folded = len(model.graph.node) - len(folded.graph.node)
+    log.debug("folded %d of %d ONNX nodes into constants", n_folded, len(model.graph.node))
+    return folded
+
+
+def _fold_once(folded: onnx.ModelProto) -> onnx.ModelProto:
+    """One pass over the nodes in order, folding each whose inputs are known (in place)."""
     known: Known = {t.name: t for t in folded.graph.initializer}
     shapes = _static_shapes(folded.graph)
     opsets = {o.domain or "": o.version for o in folded.opset_import}
@@ -57,9 +73,7 @@ def fold_constants(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[i
         else:
             known.update(zip(node.output, values, strict=True))
     _rewrite_graph(folded.graph, kept, known)
-    n_folded = len(model.graph.node) - len(folded.graph.node)
-    log.debug("folded %d of %d ONNX nodes into constants", n_folded, len(model.graph.node))
-    return _infer(folded)
+    return folded
 
 
 def _set_input_shapes(graph: onnx.GraphProto, input_shapes: Mapping[str, Sequence[int]]) -> None:

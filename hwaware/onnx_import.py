@@ -320,7 +320,11 @@ def import_graph(graph: OnnxGraph, target: Target) -> ImportedOnnx:
         log.debug("TVM's ONNX importer printed: %s", printed.getvalue())
         raise TvmUnsupportedError(f"{graph.path}: TVM's ONNX importer failed on "
                                   f"{_failing_op(err)}: {_first_line(err)}") from err
-    fused = ir.fuse_for_tuning(module, setup.resolve(target).tvm)
+    try:
+        fused = ir.fuse_for_tuning(module, setup.resolve(target).tvm)
+    except Exception as err:  # TVM's passes raise many error types
+        raise TvmUnsupportedError(f"{graph.path}: TVM's fusion passes failed on the imported "
+                                  f"graph: {_first_line(err)}") from err
     workloads = fused_workloads(fused)
     return ImportedOnnx(
         graph=graph, module=module, tasks=contraction_tasks(workloads),
