@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import hwaware
 from tests.helpers import assert_close_to_eager
@@ -293,3 +293,25 @@ def test_random_ops_are_never_merged() -> None:
     graph = capture(TwoDraws(), (torch.randn(4, 4),)).graph_module
     draws = [n for n in graph.graph.nodes if "rand" in str(n.target)]
     assert len(draws) == 2 and merge_common_subexpressions(graph) == 0
+
+
+def test_a_pass_that_fails_is_undone_and_the_model_still_compiles(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite pass that raises halfway, after changing the graph, is undone with one warning
+    naming it, and the model compiles to the right numbers without it."""
+    from hwaware import rewrite as rewrite_module
+
+    def breaks_halfway(gm: fx.GraphModule) -> int:
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.relu.default:
+                node.target = torch.ops.aten.sigmoid.default  # wrong, and left behind
+        raise RuntimeError("a pass bug on a graph it did not expect")
+
+    monkeypatch.setattr(rewrite_module, "PASSES",
+                        [("breaks_halfway", breaks_halfway), *rewrite_module.PASSES])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.warns(rewrite_module.RewriteSkippedWarning, match="breaks_halfway.*RuntimeError"):
+        compiled = hwaware.compile(model, (torch.randn(2, 8),), db=None, show_progress=False)
+    for _ in range(3):
+        assert_close_to_eager(model, compiled, torch.randn(2, 8) * 3)

@@ -6,6 +6,8 @@ sees fewer, larger kernels. Dynamic-to-static passes (issue 3) are added to `PAS
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 
 from torch import fx
@@ -22,6 +24,8 @@ from hwaware.rewrite.fold_padding import fold_padding
 from hwaware.rewrite.functionalize import functionalize
 from hwaware.rewrite.metadata_asserts import drop_metadata_asserts
 from hwaware.rewrite.negative_indices import indices_from_start
+
+log = logging.getLogger(__name__)
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
     # In-place ops become out-of-place, so no host op can write into a buffer TVM returned.
@@ -64,11 +68,35 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule], int]]] = [
 ]
 
 
+class RewriteSkippedWarning(UserWarning):
+    """A rewrite pass failed on a model; the model is compiled without that pass."""
+
+
 def rewrite(captured: Captured) -> dict[str, int]:
-    """Run every pass in order; returns how many places each pass changed."""
+    """Run every pass in order; returns how many places each pass changed. A pass that raises
+    on a model nobody tested it on is undone (the graph as it was before it) with one warning
+    naming it: the model compiles without that rewrite, never fails to compile because of it."""
+    gm = captured.graph_module
     changed = {}
     for name, rewrite_pass in PASSES:
-        changed[name] = rewrite_pass(captured.graph_module)
-    captured.graph_module.graph.lint()
-    captured.graph_module.recompile()
+        before = _copy(gm.graph)
+        try:
+            changed[name] = rewrite_pass(gm)
+        except Exception as err:  # a bug in a pass, on a graph it did not expect
+            gm.graph, changed[name] = before, 0
+            log.debug("rewrite pass %s failed", name, exc_info=True)
+            first_line = next(iter(str(err).splitlines()), "")[:200]
+            warnings.warn(f"hwaware: rewrite pass {name} failed on this model "
+                          f"({type(err).__name__}: {first_line}); it compiles without that "
+                          "rewrite", RewriteSkippedWarning, stacklevel=4)
+    gm.graph.lint()
+    gm.recompile()
     return changed
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes (with their meta); the module's weights are shared, not copied."""
+    copy = fx.Graph(owning_module=graph.owning_module)
+    output = copy.graph_copy(graph, {})
+    copy.output(output)
+    return copy
