@@ -15,6 +15,9 @@ module whose type is not registered yet, when the module's top-level package is 
 container type as eager comes back. Comes out: the spec to run with, where a container still
 unknown is read from the portable spec, i.e. comes back as a dict; the loader collects those
 types and warns once for all the models it loads (`warn_dict_fallback`).
+
+The same import of recorded modules serves the modules that define a saved program's custom
+operators (`import_recorded_modules`), which must be registered before the program is read.
 """
 
 from __future__ import annotations
@@ -161,6 +164,19 @@ def _import_recorded(modules: dict[str, str]) -> None:
         if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE and \
                 isinstance(imported, types.ModuleType):
             _register_found_namedtuple(imported, name)
+
+
+def import_recorded_modules(modules: list[str], what: str) -> None:
+    """Import each recorded module whose top-level package is installed here (the modules that
+    define a saved model's custom operators: as trusted as its `kernels.so`); one that is not
+    installed or fails to import is skipped (the program's check then names what is missing)."""
+    for module in modules:
+        if not _installed(module):
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - the op check names what is still missing
+            log.info("importing %s for %s failed: %s", module, what, err)
 
 
 def _register_found_namedtuple(module: Any, name: str) -> None:

@@ -318,7 +318,9 @@ class CompiledModel:
         torch.save(self.program.constants, out / "weights.pt")
         meta = {"format_version": SAVE_FORMAT_VERSION, "device_kind": self._device_kind,
                 "has_library": self.executable is not None,
-                "outputs": outputs.describe(self.out_spec).to_json(), **self.info.__dict__}
+                "outputs": outputs.describe(self.out_spec).to_json(),
+                "operator_modules": self.program.custom_operator_modules(),
+                **self.info.__dict__}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         return written
 
@@ -336,6 +338,7 @@ def load_compiled(src: Path, missing: dict[str, str]) -> CompiledModel:
         raise ValueError(f"{src}: save format {meta.get('format_version')} is not supported "
                          f"(this hwaware reads {list(READ_FORMAT_VERSIONS)})")
     constants = torch.load(src / "weights.pt", weights_only=True)
+    outputs.import_recorded_modules(meta.get("operator_modules", []), "custom operators")
     program_file = src / "program.json"
     program = Program.from_json(program_file.read_text(), constants, str(program_file))
     saved = outputs.OutputTypes.from_json(meta["outputs"]) if "outputs" in meta else None

@@ -189,11 +189,8 @@ class Worker:
         result_file.unlink(missing_ok=True)
         runners = getattr(self.compiled, "runners", {}).values()
         needs_model = any(r.eager_reason is not None for r in runners)  # eager regions
-        operators = sorted({m for cm in compiled_programs(self.compiled)
-                            for m in cm.program.custom_operator_modules()})
         torch.save({"inputs": self.case.inputs, "expected": [asdict(r) for r in self.refs],
-                    "model_case": self.name if needs_model else "",
-                    "operator_modules": operators}, case_file)
+                    "model_case": self.name if needs_model else ""}, case_file)
         with open(self.work / "load_check.log", "w") as log:
             proc = subprocess.run(
                 [sys.executable, "-X", "faulthandler", "-m", "tests.conformance.load_check",

@@ -1,9 +1,7 @@
 """The save -> load check, in a fresh process: `hwaware.load` a saved model and compare its
 outputs with eager PyTorch's, without the model's own code (except a dynamic model with regions
 in eager PyTorch: CASE_FILE's `model_case` names the corpus model to build again and pass as
-`hwaware.load(..., model=)`, as its user would; and a model that calls custom operators, such
-as Hugging Face's MoE `grouped_mm_fallback`, imports CASE_FILE's `operator_modules`, the modules
-that define them, first, as its user must).
+`hwaware.load(..., model=)`, as its user would).
 
     python -m tests.conformance.load_check MODEL_DIR CASE_FILE RESULT_FILE
 
@@ -18,7 +16,6 @@ the `model_case` above).
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -54,8 +51,6 @@ def check(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
 def _load_and_run(model_dir: str, case: dict[str, Any]) -> dict[str, Any]:
     import hwaware
 
-    for module in case.get("operator_modules", []):  # custom operators the model calls
-        importlib.import_module(module)
     original = _original_model(case.get("model_case", ""))
     start = time.perf_counter()
     model = hwaware.load(model_dir, model=original)
