@@ -106,6 +106,37 @@ def test_rewrite_failing_unexpectedly_falls_back_to_eager_not_to_a_wrong_static_
         assert_close_to_eager(model, cm, *x)
 
 
+class DefaultedArguments(nn.Module):
+    """PyG's GraphUNet style: `forward(x, edge_index, batch=None, edge_weight=None)`, called
+    with the first two, filling the rest in the body, and deciding on a tensor value."""
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor | None = None, scale: float = 2.0,
+                name: str = "relu") -> torch.Tensor:
+        if batch is None:
+            batch = x.new_zeros(x.shape[0])
+        h = x * scale + batch[:, None]
+        return torch.relu(h) if name == "relu" and bool(h.sum() > 0) else h
+
+
+def test_a_whole_eager_forward_keeps_its_defaulted_arguments(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A forward that runs as one eager region is called as its user calls it: with its
+    defaulted arguments left out (GraphUNet's compiled model raised "missing 2 required
+    positional arguments"), given, or saved and loaded."""
+    def broken(*_: Any) -> None:
+        raise KeyError("a bug in split")
+
+    monkeypatch.setattr(driver, "split", broken)
+    model = DefaultedArguments().eval()
+    cm, caught = _compile_recording(model, (torch.randn(4, 3),))
+    assert len(caught) == 1 and "all of it is one region" in caught[0]
+    loaded = hwaware.load(cm.save(tmp_path / "saved"), model=model)
+    for args in [(torch.randn(4, 3),), (-torch.rand(4, 3) - 1,),
+                 (torch.randn(4, 3), torch.ones(4), 0.5), (torch.randn(4, 3), None, 3.0, "id")]:
+        for compiled_model in (cm, loaded):
+            torch.testing.assert_close(compiled_model(*args), model(*args))
+
+
 def test_host_program_disagreeing_with_eager_falls_back_to_eager(
         monkeypatch: pytest.MonkeyPatch) -> None:
     real = driver.explore

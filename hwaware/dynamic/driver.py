@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -269,10 +270,13 @@ def eager_model(model: torch.nn.Module, inputs: Sequence[Any], target: Target,
     info = RegionInfo("region_0", params, ["out"], where_raised(cause, model), WHOLE_FORWARD)
     runner = RegionRunner(info, _whole_forward, model)
     runner.mark_eager(reason, strict)
-    names = ", ".join(params)
-    host = f"def forward({names}):\n    out, = region_0({names})\n    return out"
+    required = len(params) - len(defaults)
+    signature = ", ".join(params[:required] + [
+        f"{p}={v!r}" for p, v in zip(params[required:], defaults, strict=True)])
+    host = f"def forward({signature}):\n    out, = region_0({', '.join(params)})\n    return out"
     return DynamicModel(host, {"region_0": runner}, identified(DynamicInfo(
-        type(model).__name__, target.name, params, ExploreStats(), defaults=defaults), model))
+        type(model).__name__, target.name, params, ExploreStats(), defaults=len(defaults)),
+        model))
 
 
 WHOLE_FORWARD = "def region_0(self, *args):\n    return (self(*args),)"  # eager_model's region
@@ -339,11 +343,15 @@ def _source_file(cls: type) -> str | None:
         return None
 
 
-def _call_params(model: torch.nn.Module, n_inputs: int) -> tuple[list[str], int]:
-    """Names of the forward's positional parameters and how many have defaults (x0, x1, ...
-    for a forward taking *args)."""
+def _call_params(model: torch.nn.Module, n_inputs: int) -> tuple[list[str], list[Any]]:
+    """Names of the forward's positional parameters and the defaults of the last ones (x0,
+    x1, ... and none for a forward taking *args). Defaults that are not literals (None, numbers,
+    strings) are left out, as the staged forward does: callers pass every argument then."""
     sig = inspect.signature(model.forward)
     ps = list(sig.parameters.values())
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps):
-        return [f"x{i}" for i in range(n_inputs)], 0
-    return [p.name for p in ps], sum(p.default is not p.empty for p in ps)
+        return [f"x{i}" for i in range(n_inputs)], []
+    defaults = [p.default for p in ps if p.default is not p.empty]
+    literal = all(d is None or isinstance(d, (bool, int, str)) or
+                  isinstance(d, float) and math.isfinite(d) for d in defaults)
+    return [p.name for p in ps], defaults if literal else []
