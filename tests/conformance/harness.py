@@ -11,7 +11,9 @@ Entry points, in the order a worker runs them (`ENTRY_POINTS`):
   PyTorch loads with `model=` the case's model, built again there, as its user would.
 - `torch_compile`: `torch.compile(model, backend=..., options={"db": None, "trials": 0})`,
   where the backend is the registered `hwaware` backend wrapped to record the graphs it compiles
-  (`observe.RecordingBackend`): the coverage figure needs their programs.
+  (`observe.RecordingBackend`): the coverage figure needs their programs. `na` when it raises
+  and torch.compile with PyTorch's own `eager` backend raises on the model too (a Dynamo bug:
+  PyG's GraphUNet trips one in Dynamo's stride bookkeeping).
 - `onnx`: `torch.onnx.export`, then `hwaware.compile("model.onnx", db=None)`. `na` when the export
   fails, or when the exported file itself disagrees with eager in ONNX Runtime (when installed):
   those are torch's limits (a traced graph keeps one path of a dynamic model), not hwaware's.
@@ -222,6 +224,10 @@ class Worker:
             return compiled
 
         result = checked(first_call, self.first_mismatch)
+        raised = result.status == "fail" and not result.error.startswith("input ")
+        if raised and (dynamo_error := self.dynamo_alone_error()):
+            return EntryResult("na", f"torch.compile fails with backend='eager' too (Dynamo's "
+                               f"limit, not hwaware's): {dynamo_error}")
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         result.fallbacks = backend.fell_back()
         result.notes = (f"{len(backend.graphs)} graphs ({result.fallbacks} eager), "
@@ -234,6 +240,19 @@ class Worker:
         except Exception:  # noqa: BLE001 - the failure is recorded above already
             pass
         return result
+
+    def dynamo_alone_error(self) -> str | None:
+        """The error torch.compile with PyTorch's own `eager` backend raises on this model's
+        inputs (Dynamo's limit, not hwaware's), or None when it runs."""
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(self.case.model, backend="eager")
+            with torch.no_grad():
+                for x in self.case.inputs:
+                    compiled(*x)
+        except Exception as err:  # noqa: BLE001 - the error is the answer
+            return describe_error(err)
+        return None
 
     def onnx(self) -> EntryResult:
         import hwaware
