@@ -9,7 +9,8 @@ Reports, on this CPU, with the latency predictor shipped for the target:
 2. table vs measured: N held-out random architectures per space compiled by hwaware and timed
    (`hwaware.nas.measure`, the profiler), the table's answer beside the measured latency;
 3. (`--between-sessions FILE`, alone) those stored architectures compiled and timed again now:
-   how far ground truth moves between sessions, beside the noise of two timings in one;
+   how far ground truth moves between sessions, beside the noise of two timings in one, and the
+   table against the new timings;
 4. search on `ofa-mbv3` (objective: parameters, a stand-in any callable replaces): hypervolume
    of NSGA-II against random search at equal evaluations (median of 5 seeds), the time of a
    1,000-evaluation search, and the latency-constrained result against the best of 1,000
