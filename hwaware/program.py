@@ -340,9 +340,12 @@ HOST_FUNCTIONS = {"operator": HOST_OPERATORS, "torch": SIZE_FUNCTIONS}
 _TORCH_OP = re.compile(r"([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def resolve_op(op: str) -> Any:
+def resolve_op(op: str, in_process: bool = False) -> Any:
     """"aten.add.Tensor" -> torch.ops.aten.add.Tensor; "getitem" -> operator.getitem;
-    "operator.mul" -> operator.mul. Raises `DisallowedOpError` for any other name."""
+    "operator.mul" -> operator.mul. Raises `DisallowedOpError` for any other name.
+    `in_process`: for running a program built in this process from the user's own model, or one
+    already checked when it was read: then any operator PyTorch's dispatcher has resolves (a C++
+    custom operator such as torchvision's `nms` runs; `save` still refuses to write it)."""
     if op == "getitem":
         return operator.getitem
     prefix, _, name = op.partition(".")
@@ -353,19 +356,21 @@ def resolve_op(op: str) -> Any:
             raise DisallowedOpError(f"op {op!r} is not allowed (allowed {prefix} functions: "
                                     f"{sorted(functions)})")
         return fn
-    return _torch_op(op)
+    return _torch_op(op, in_process)
 
 
-def _torch_op(op: str) -> torch._ops.OpOverload:
+def _torch_op(op: str, in_process: bool = False) -> torch._ops.OpOverload:
     """An operator overload from PyTorch's registry, for an op name of an allowed namespace or
     a Python custom operator (`python_custom_op`). The name must be registered with PyTorch's
     dispatcher before any attribute is looked up, so dunder operators (`aten.__and__.Tensor`,
     what `x & y` exports to) resolve and nothing else of the namespace objects
     (`aten.__class__`) can."""
     match = _TORCH_OP.fullmatch(op)
-    if match is None or op.rpartition(".")[0] in REFUSED_TORCH_OPS or not (
-            match[1] in TORCH_OP_NAMESPACES and _registered(*match.groups())
-            or python_custom_op(*match.groups()[:2])):
+    registered = match is not None and _registered(*match.groups())
+    if match is None or not (in_process and registered) and (
+            op.rpartition(".")[0] in REFUSED_TORCH_OPS or not (
+                match[1] in TORCH_OP_NAMESPACES and registered
+                or python_custom_op(*match.groups()[:2]))):
         raise DisallowedOpError(f"op {op!r} is not allowed (a program may name PyTorch operators "
                                 f"of {sorted(TORCH_OP_NAMESPACES)}, custom operators defined "
                                 "with torch.library.custom_op, 'getitem' and "
@@ -407,6 +412,8 @@ def _unregistered_hint(match: re.Match[str] | None) -> str:
 def _registered(namespace: str, name: str, overload: str) -> bool:
     """Whether PyTorch's dispatcher has the operator `namespace::name.overload`."""
     qualified = f"{namespace}::{name}" + ("" if overload == "default" else f".{overload}")
+    if qualified not in _dispatcher_ops():
+        _dispatcher_ops.cache_clear()  # a library imported since may have registered it
     return qualified in _dispatcher_ops()
 
 

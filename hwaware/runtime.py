@@ -398,7 +398,7 @@ def _spread(v: float | None) -> str:
 
 
 def _op_action(step: OpStep, constants: dict[str, torch.Tensor]) -> Callable[[list[Any]], None]:
-    fn = resolve_op(step.op)
+    fn = resolve_op(step.op, in_process=True)  # a program read from a file was checked then
     out = step.out
     args = [bind_arg(a, constants) for a in step.args]
     kwargs = {k: bind_arg(v, constants) for k, v in step.kwargs.items()}

@@ -448,6 +448,31 @@ def test_a_custom_operator_runs_in_pytorch_and_its_save_loads_where_it_is_instal
         "import the library that defines namespace 'hwaware_test'" in done.stderr
 
 
+class CallsLibraryOperator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.ops.hwaware_test_lib.clipped_square(self.fc(x)))
+
+
+def test_an_operator_a_program_file_cannot_name_runs_but_is_not_saved(tmp_path: Path) -> None:
+    """An operator registered another way than `custom_op` (C++ extensions: torchvision's `nms`)
+    runs in PyTorch in this process; `save` refuses to write a program that names it, naming
+    the op, instead of writing one `load` would refuse."""
+    import tests.custom_operators  # noqa: F401  (registers hwaware_test_lib::clipped_square)
+
+    torch.manual_seed(0)
+    model = CallsLibraryOperator().eval()
+    compiled = hwaware.compile(model, (torch.randn(2, 8),), db=None, show_progress=False)
+    with torch.no_grad():
+        for x in (torch.randn(2, 8) * 3, torch.rand(2, 8)):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(DisallowedOpError, match="hwaware_test_lib.clipped_square"):
+        compiled.save(tmp_path / "saved")
+
+
 def test_operators_of_torchs_own_namespaces_stay_refused() -> None:
     """Only custom operators defined outside torch widen the allowlist: torch's own internal
     namespaces (collectives, prims defined in Python, ...) do not resolve from a program."""

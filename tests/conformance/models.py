@@ -6,8 +6,10 @@ several example input tuples). The first input tuple is what every entry point c
 the others have the same shapes and different values (for dynamic networks, values that take
 every path). Nothing is downloaded: every model is built from a config.
 
-Families: `attention` (encoders and vision transformers), `decoder` (causal LMs), `encdec`
-(encoder-decoders), `cnn` (convolutional vision models), `gnn` (PyTorch Geometric) and
+Families: `attention` (encoders, vision transformers and speech encoders on raw waveforms),
+`decoder` (causal LMs, mixture-of-experts and state-space ones included), `encdec`
+(encoder-decoders, Whisper on audio features), `cnn` (convolutional vision models), `gnn`
+(PyTorch Geometric layers and models, some with edge features) and
 `dynamic` (the dynamic-network styles of `tests/conformance/dynamic_styles.py`, when present).
 
 Third-party packages are imported inside the factories, so importing this module is cheap and
