@@ -238,7 +238,8 @@ def test_a_loaded_model_redecides_on_this_machine(tmp_path: Path) -> None:
     model, inputs = get_model("resnet_basic_block", small=True)
     hwaware.compile(model, inputs, db=None).save(tmp_path / "m")
     loaded = hwaware.load(tmp_path / "m")
-    built = [k for k in loaded.program.kernels.values() if k.impl == "tvm"]
+    # in the library and checked (on TVM, or in PyTorch where a busy machine timed TVM slower)
+    built = [k for k in loaded.program.kernels.values() if k.tvm_us is not None]
     assert built
     for k in built:
         k.tvm_us = k.torch_us = k.tvm_spread = None
