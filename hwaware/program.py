@@ -366,11 +366,7 @@ def _torch_op(op: str, in_process: bool = False) -> torch._ops.OpOverload:
     what `x & y` exports to) resolve and nothing else of the namespace objects
     (`aten.__class__`) can."""
     match = _TORCH_OP.fullmatch(op)
-    registered = match is not None and _registered(*match.groups())
-    if match is None or not (in_process and registered) and (
-            op.rpartition(".")[0] in REFUSED_TORCH_OPS or not (
-                match[1] in TORCH_OP_NAMESPACES and registered
-                or python_custom_op(*match.groups()[:2]))):
+    if match is None or not _allowed(match, in_process):
         raise DisallowedOpError(f"op {op!r} is not allowed (a program may name PyTorch operators "
                                 f"of {sorted(TORCH_OP_NAMESPACES)}, custom operators defined "
                                 "with torch.library.custom_op, 'getitem' and "
@@ -383,6 +379,19 @@ def _torch_op(op: str, in_process: bool = False) -> torch._ops.OpOverload:
     if not isinstance(found, torch._ops.OpOverload):
         raise DisallowedOpError(f"op {op!r} is not a PyTorch operator overload")
     return found
+
+
+def _allowed(match: re.Match[str], in_process: bool) -> bool:
+    """Whether the op `match` names may run: in a program built in this process, any op the
+    dispatcher has; in a program read from a file, an op of an allowed namespace that is not
+    refused, or a Python custom operator."""
+    namespace, name, overload = match.groups()
+    registered = _registered(namespace, name, overload)
+    if in_process:
+        return registered
+    if f"{namespace}.{name}" in REFUSED_TORCH_OPS:
+        return False
+    return namespace in TORCH_OP_NAMESPACES and registered or python_custom_op(namespace, name)
 
 
 def python_custom_op(namespace: str, name: str) -> bool:
