@@ -55,7 +55,8 @@ MARGIN = 0.1
 # in phases of seconds; medians of three blocks, one in a slow phase, sent the fused ResNet
 # basic block (1.2x its PyTorch ops in the other runs) to PyTorch in one bench run of three.
 DECISION_QUANTILE = 0.25
-ONE_CALL = "k_whole"
+ONE_CALL = "k_whole"  # the kernel (and TVM function) of a model run as one TVM call
+CHAINED = "chained"  # the plan that runs every kernel of the library in one TVM call
 US = operator.attrgetter("us")  # of a runner.Timing
 
 
@@ -256,22 +257,35 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
         return CompiledModel(program, executable, info, target.kind)
     _choose_whole_program(program, executable, info, target, example_inputs, repeats)
     chosen = CompiledModel(program, executable, info, target.kind)
-    tgt = _tvm_target(target)
-    whole = _one_call_model(part, chosen, tgt, _adapter(db, target), info, target,
-                            example_inputs) if one_call else None
-    if whole is None:
+    wholes = {CHAINED: _chained_model(chosen, target, example_inputs)}
+    if one_call:
+        wholes[ONE_CALL] = _one_call_model(part, chosen, _tvm_target(target),
+                                           _adapter(db, target), info, target, example_inputs)
+    return _fastest_call(chosen, {n: m for n, m in wholes.items() if m is not None},
+                         example_inputs, repeats)
+
+
+def _fastest_call(chosen: CompiledModel, wholes: dict[str, CompiledModel],
+                  example_inputs: list[torch.Tensor], repeats: int) -> CompiledModel:
+    """`chosen` (the kernels called one by one), or the fastest of the `wholes` (the model in
+    one TVM call, by plan name) where it is `MARGIN` faster, timed interleaved."""
+    if not wholes:
         return chosen
-    times = time_until_clear([partial(m, *example_inputs) for m in (whole, chosen)],
+    info, names = chosen.info, list(wholes)
+    times = time_until_clear([partial(m, *example_inputs) for m in (*wholes.values(), chosen)],
                              3 * repeats, DECISION_QUANTILE, MARGIN)
-    info.plan_us[ONE_CALL], info.plan_spread[ONE_CALL] = times[0].us, times[0].spread
-    if times[0].us * (1 + MARGIN) < times[1].us:
-        whole.kernel_plan = CompiledModel(chosen.program, chosen.executable,
-                                          replace(info, kernel_nodes=dict(info.kernel_nodes)),
-                                          target.kind)
-        info.plan = ONE_CALL
-        info.kernel_nodes = {ONE_CALL: [n for nodes in info.kernel_nodes.values() for n in nodes]}
-        return whole
-    return chosen
+    for name, timing in zip(names, times, strict=False):
+        info.plan_us[name], info.plan_spread[name] = timing.us, timing.spread
+    best = min(range(len(names)), key=lambda i: times[i].us)
+    if times[best].us * (1 + MARGIN) >= times[-1].us:
+        return chosen
+    whole = wholes[names[best]]
+    whole.kernel_plan = CompiledModel(chosen.program, chosen.executable,
+                                      replace(info, kernel_nodes=dict(info.kernel_nodes)),
+                                      whole._device_kind)
+    info.plan = names[best]
+    info.kernel_nodes = {ONE_CALL: [n for nodes in info.kernel_nodes.values() for n in nodes]}
+    return whole
 
 
 def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
@@ -301,7 +315,8 @@ def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
     tgt = _tvm_target(target)
     splittable = {n for n in candidates if _splittable(program.kernels[n], part)}
     executable, built = _build_library(program, candidates, partial(
-        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info), quiet=splittable)
+        _build_module, tgt=tgt, adapter=_adapter(db, target), info=info,
+        chain=program if chainable(program) else None), quiet=splittable)
     unbuilt = {program.kernels[n].signature for n in splittable - set(built)}
     one_call = one_call and len(built) == len(imported)
     if executable is None:
@@ -387,18 +402,70 @@ def _failing_kernels(kernels: dict[str, KernelTasks], error: BaseException, buil
     return failed
 
 
-def _build_module(kernels: dict[str, KernelTasks], tgt: Any, adapter: Any, info: BuildInfo
-                  ) -> Any:
+def _build_module(kernels: dict[str, KernelTasks], tgt: Any, adapter: Any, info: BuildInfo,
+                  chain: Program | None = None) -> Any:
     """One library of `kernels`, each a public function by its kernel name (records the tuned
-    workloads it applied in `info`)."""
-    from hwaware.tvm import ir, schedules
+    workloads it applied in `info`). With `chain` (a program of kernel steps only), when it
+    holds every kernel of it, the library also has the function `ONE_CALL` calling them in the
+    program's order (left out, with a debug message, where that does not build)."""
+    from hwaware.tvm import ir
 
     mod = ir.module_of_functions({n: k.function for n, k in kernels.items()},
-                                         {v: f for k in kernels.values()
-                                          for v, f in k.prim_funcs.items()})
+                                 {v: f for k in kernels.values() for v, f in k.prim_funcs.items()})
+    if chain is not None and {s.kernel for s in chain.steps if isinstance(s, KernelStep)} \
+            <= set(kernels):
+        try:
+            return _build_scheduled(ir.with_chain(mod, ONE_CALL, *_chain_of(chain)), tgt,
+                                    adapter, info)
+        except Exception as err:  # TVM's passes and codegens raise many error types
+            log.debug("no chained build: %s", err)
+    return _build_scheduled(mod, tgt, adapter, info)
+
+
+def _build_scheduled(mod: Any, tgt: Any, adapter: Any, info: BuildInfo) -> Any:
+    from hwaware.tvm import schedules
+
     executable, applied = schedules.build_executable(mod, tgt, adapter, fixed_schedules())
     info.tuned_workloads = sorted(applied)
     return executable
+
+
+def chainable(program: Program) -> bool:
+    """Whether `program` can run as one chain of its kernels: kernel steps only (no host op),
+    and outputs that are neither inputs nor repeated (one TVM call returns fresh tensors)."""
+    outputs = program.output_slots
+    return all(isinstance(s, KernelStep) for s in program.steps) and \
+        len(set(outputs)) == len(outputs) and not set(outputs) & set(program.input_slots)
+
+
+def _chain_of(program: Program) -> tuple[list[tuple[int, list[int], str]],
+                                         list[tuple[str, list[int], list[int]]], list[int]]:
+    """`program`'s inputs, kernel calls and outputs as `ir.with_chain` takes them."""
+    inputs = [(slot, list(spec["shape"]), str(spec["dtype"]))
+              for slot, spec in zip(program.input_slots, program.input_specs, strict=True)]
+    calls = [(s.kernel, list(s.inputs), list(s.outputs)) for s in program.steps
+             if isinstance(s, KernelStep)]
+    return inputs, calls, list(program.output_slots)
+
+
+def _chained_model(chosen: CompiledModel, target: Target, example_inputs: list[torch.Tensor]
+                   ) -> CompiledModel | None:
+    """The model as one call of its library's chain of kernels (`ONE_CALL`, see
+    `_build_module`): offered when every kernel passed its check against PyTorch (so each runs
+    on TVM in it), kept if it matches PyTorch (None where the library has no chain)."""
+    program = chosen.program
+    if chosen.executable is None or not chainable(program) or \
+            any(k.tvm_us is None for k in program.kernels.values()):
+        return None
+    whole = CompiledModel(_whole_program(program), chosen.executable, chosen.info, target.kind)
+    try:
+        got = whole.run_flat(list(example_inputs))
+        matches = _all_close(got, run_kernel_in_torch(whole.program, ONE_CALL,
+                                                      list(example_inputs)))
+    except Exception as err:  # no chain in the library, or a VM error
+        log.debug("no chained call: %s", err)
+        return None
+    return whole if matches else None
 
 
 def _choose_each(program: Program, executable: Any, names: list[str],
@@ -461,8 +528,7 @@ def _one_call_model(part: Partition, chosen: CompiledModel, tgt: Any, adapter: A
     or small enough for the default one); kept only if it matches PyTorch (and None whenever a
     step of it raises)."""
     program = chosen.program
-    if len(set(program.output_slots)) != len(program.output_slots) or \
-            set(program.output_slots) & set(program.input_slots):
+    if not chainable(program):
         return None
     try:
         executable, got = _build_one_call(part, tgt, adapter, target, example_inputs,

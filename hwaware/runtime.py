@@ -282,6 +282,9 @@ class CompiledModel:
             lines.append(f"fused kernel {signature} {why}: its ops are built as ordinary kernels")
         if self.info.host_ops:
             lines.append(f"ops TVM cannot import (run in PyTorch): {', '.join(self.info.host_ops)}")
+        if self.kernel_plan is not None:  # one TVM call: show the kernels it was chosen over
+            kernels = list(self.kernel_plan.program.kernels.values())
+            lines.append(f"one TVM call won over calling these {len(kernels)} kernels one by one:")
         lines.append(f"{'kernel':<22}{'family':<12}{'runs on':<9}{'tvm us':>10}{'':<7}"
                      f"{'torch us':>10}")
         for k in kernels:

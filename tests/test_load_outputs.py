@@ -301,3 +301,27 @@ def test_load_imports_only_recorded_modules_of_installed_packages(
     missing.clear()
     assert outputs.loadable_spec(text, outputs.describe(spec), missing) == text
     assert imported == ["hwaware.no_such_module"] and missing == {}
+
+
+def test_a_decoder_of_kernels_only_runs_as_one_chained_tvm_call(tmp_path: Path) -> None:
+    """transformers' GPT-2 (kernels only, no host op, fused attention among them) is offered as
+    one TVM call chaining its library's kernels, the fused ones kept: it computes eager's
+    outputs on other inputs, and does in a fresh process after a save."""
+    from hwaware import build
+    from tests.conformance.models import get_case
+
+    case = get_case("gpt2")
+    compiled = hwaware.compile(case.model, case.inputs[0], db=None, show_progress=False)
+    assert build.CHAINED in compiled.info.plan_us, compiled.report()  # offered and timed
+    per_kernel = compiled.kernel_plan or compiled
+    assert any(k.family == "attention" for k in per_kernel.program.kernels.values())
+    chained = build._chained_model(per_kernel, compiled.info.built_for(), list(case.inputs[0]))
+    assert chained is not None and list(chained.program.kernels) == [build.ONE_CALL]
+    others = [tuple(x) for x in case.inputs[1:]]
+    for inputs in others:
+        with torch.no_grad():
+            torch.testing.assert_close(pytree.tree_leaves(chained(*inputs)),
+                                       pytree.tree_leaves(case.model(*inputs)),
+                                       rtol=1e-3, atol=1e-4)
+    result = run_fresh(chained.save(tmp_path / "gpt2"), case.model, others, tmp_path)
+    assert result["type"] == qualified_type(case.model(*others[0]))

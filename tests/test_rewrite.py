@@ -94,11 +94,18 @@ class LogBucketedPositions(nn.Module):
     come in as an integer input, beside PyTorch's other integer-to-float promotions: an int
     tensor times a float scalar, a bool mask times a float, `where` mixing int and float."""
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+    def __init__(self) -> None:
+        super().__init__()
+        # imported here, not in forward: transformers imported while torch.export traces
+        # leaves its output classes unregistered as pytrees, and later exports of transformers
+        # models in this process fail on their outputs
+        from transformers.models.deberta_v2 import modeling_deberta_v2
 
+        self.log_buckets = modeling_deberta_v2.make_log_bucket_position
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         relative = positions[:, None] - positions[None, :]
-        buckets = make_log_bucket_position(relative, bucket_size=8, max_position=64)
+        buckets = self.log_buckets(relative, bucket_size=8, max_position=64)
         scaled = torch.exp(positions * -0.25)[None, :] + (relative > 2) * 1.5
         return x + buckets + scaled + torch.where(relative > 0, relative, x)
 
@@ -315,3 +322,40 @@ def test_a_pass_that_fails_is_undone_and_the_model_still_compiles(
         compiled = hwaware.compile(model, (torch.randn(2, 8),), db=None, show_progress=False)
     for _ in range(3):
         assert_close_to_eager(model, compiled, torch.randn(2, 8) * 3)
+
+
+class Powers(nn.Module):
+    """Powers as real models write them: GPT-2's GELU (`pow(x, 3.0)`), RMSNorm's `pow(2)`, a
+    square root, an inverse square root and a reciprocal written as powers, one exponent with
+    no cheaper form (2.5), and an integer tensor raised to a float power (promoted: kept)."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        gelu = 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * torch.pow(x, 3.0))))
+        variance = x.pow(2).mean(-1, keepdim=True)
+        roots = x.abs().pow(0.5) + (variance + 1e-6).pow(-0.5) + (x.abs() + 1).pow(-1)
+        return gelu * roots + x.abs().pow(2.5) + ids.pow(2.0)
+
+
+def test_powers_become_the_products_pytorch_computes_them_with() -> None:
+    """`pow` to 2, 3, 0.5, -0.5 and -1 is rewritten into the ops ATen's own kernels use for
+    those exponents, so the rewritten graph gives eager's numbers bit for bit (TVM would call
+    `powf` per element, unvectorized); other exponents and promoted integer bases stay `pow`."""
+    from hwaware.capture import capture
+    from hwaware.rewrite.canonical_ops import canonical_ops
+
+    model = Powers().eval()
+    example = (torch.randn(4, 16), torch.randint(0, 5, (4, 16)))
+    graph = capture(model, example).graph_module
+    assert canonical_ops(graph) == 5
+    graph.recompile()
+    left = [n.args[1] for n in graph.graph.nodes if n.target is torch.ops.aten.pow.Tensor_Scalar]
+    assert sorted(left) == [2.0, 2.5]  # the integer base's 2.0, and 2.5
+    for _ in range(3):
+        inputs = (torch.randn(4, 16) * 3, torch.randint(-4, 5, (4, 16)))
+        with torch.no_grad():
+            got = graph(*inputs)
+            assert torch.equal(got[0] if isinstance(got, tuple | list) else got,
+                               model(*inputs))
+    compiled = hwaware.compile(model, example, db=None, show_progress=False)
+    assert not compiled.info.host_ops, compiled.info.host_ops
+    assert_close_to_eager(model, compiled, torch.randn(4, 16), torch.randint(-4, 5, (4, 16)))

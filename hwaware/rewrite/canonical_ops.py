@@ -8,6 +8,10 @@
   MPNet, GPT-Neo and BLOOM each ran one such `where` on the host, which split their graphs.
 - `clamp` of an integer tensor with one bound gets the dtype's extreme for the other: the
   importer filled it with infinity, which no integer holds, and the kernel failed to import.
+- `pow` of a floating tensor to 2, 3, 0.5, -0.5 or -1 becomes the ops PyTorch's own CPU and CUDA
+  kernels compute it with (`x * x`, `x * x * x`, `sqrt`, `rsqrt`, `reciprocal`): TVM calls
+  `powf` per element, which LLVM cannot vectorize; GPT-2's GELU (`pow(x, 3.0)`) took 9 us of
+  a 2 us kernel, and RMSNorm's `pow(x, 2)` sits in every Llama and T5 layer.
 Each rewrite happens only where the op it writes is one the importer translates
 (`hwaware.aten_ops`).
 """
@@ -49,6 +53,9 @@ def canonical_ops(gm: fx.GraphModule) -> int:
             changed += 1
         elif _is_integer_clamp_with_one_bound(node):
             _clamp_with_both_bounds(node)
+            changed += 1
+        elif _special_power(node) is not None:
+            _power_as_products(gm, node)
             changed += 1
     return changed
 
@@ -103,3 +110,42 @@ def _clamp_with_both_bounds(node: fx.Node) -> None:
     low, high = _clamp_bounds(node)
     node.args = (node.args[0], info.min if low is None else low, info.max if high is None else high)
     node.kwargs = {}
+
+
+# exponent -> how PyTorch's `pow_tensor_scalar` kernels compute it (ATen's PowKernel)
+POWERS = {2.0: "square", 3.0: "cube", 0.5: "sqrt", -0.5: "rsqrt", -1.0: "reciprocal"}
+
+
+def _special_power(node: fx.Node) -> str | None:
+    """How a `pow(x, exponent)` node of a floating tensor is computed without `pow` (a key of
+    `POWERS`'s values), or None."""
+    if node.target is not aten.pow.Tensor_Scalar or len(node.args) != 2 or node.kwargs:
+        return None
+    base, exponent = node.args
+    value = node.meta.get("val")
+    if not isinstance(base, fx.Node) or not isinstance(value, torch.Tensor) or \
+            not value.dtype.is_floating_point or isinstance(exponent, bool) or \
+            not isinstance(exponent, (int, float)):
+        return None
+    base_value = base.meta.get("val")
+    if not isinstance(base_value, torch.Tensor) or base_value.dtype != value.dtype:
+        return None  # an integer base promoted by a float exponent
+    return POWERS.get(float(exponent))
+
+
+def _power_as_products(gm: fx.GraphModule, node: fx.Node) -> None:
+    """`pow(x, e)` -> `x * x`, `(x * x) * x`, `sqrt(x)`, `rsqrt(x)` or `reciprocal(x)`."""
+    base = node.args[0]
+    assert isinstance(base, fx.Node)
+    form = _special_power(node)
+    if form in ("square", "cube"):
+        node.target, node.args = aten.mul.Tensor, (base, base)
+        if form == "cube":
+            with gm.graph.inserting_after(node):
+                cube = gm.graph.call_function(aten.mul.Tensor, (node, base))
+            cube.meta = dict(node.meta)
+            node.replace_all_uses_with(cube, delete_user_cb=lambda user: user is not cube)
+        return
+    node.target = {"sqrt": aten.sqrt.default, "rsqrt": aten.rsqrt.default,
+                   "reciprocal": aten.reciprocal.default}[str(form)]
+    node.args = (base,)

@@ -58,6 +58,34 @@ def module_of_functions(functions: dict[str, relax.Function],
     return tvm.IRModule(entries)
 
 
+def with_chain(mod: tvm.IRModule, name: str, inputs: list[tuple[int, list[int], str]],
+               calls: list[tuple[str, list[int], list[int]]], outputs: list[int]) -> tvm.IRModule:
+    """`mod` (a module of kernel functions) plus a public Relax function `name` that calls them
+    in order: one VM call runs the whole program, each kernel still built and scheduled as its
+    own function (fused families included). Values are numbered: `inputs` are the function's
+    parameters (number, shape, dtype), each of `calls` is (kernel function, numbers of its
+    arguments, numbers of its results), `outputs` the numbers it returns, as a tuple."""
+    builder = relax.BlockBuilder(mod)
+    params = [relax.Var(f"in{number}", relax.TensorType(shape, dtype))
+              for number, shape, dtype in inputs]
+    with builder.function(name, params):
+        values = {number: param for (number, _, _), param in zip(inputs, params, strict=True)}
+        for kernel, arguments, results in calls:
+            callee = builder.get().get_global_var(kernel)
+            relax.expr._update_type(callee, builder.get()[callee].ty)  # a Relax call needs it
+            result = builder.emit(relax.Call(callee, [values[a] for a in arguments]))
+            if isinstance(result.ty, relax.TupleType):
+                for i, number in enumerate(results):
+                    values[number] = builder.emit(relax.TupleGetItem(result, i))
+            else:
+                (number,) = results
+                values[number] = result
+        builder.emit_func_output(relax.Tuple([values[o] for o in outputs]))
+    chained = builder.get()
+    chained[name] = chained[name].with_attr("global_symbol", name)
+    return chained
+
+
 def prim_funcs_by_var(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]:
     """A module's TIR functions, keyed by the GlobalVars its Relax functions call them by."""
     return {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
@@ -88,7 +116,7 @@ def _dispatch_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 def _legalize_passes() -> list[tvm.transform.Pass]:
     return [
-        relax.transform.LegalizeOps(customize_legalize_map=FAST_ERF_LEGALIZATIONS),
+        relax.transform.LegalizeOps(customize_legalize_map=FAST_LEGALIZATIONS),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -113,20 +141,49 @@ def _gelu_fast_erf(bb: Any, call: Any) -> Any:
     return bb.call_te(gelu, x, primfunc_name_hint="gelu")
 
 
-def _erf_fast(bb: Any, call: Any) -> Any:
-    """`erf` itself (a model writing GELU out, `x * 0.5 * (1 + erf(x / sqrt 2))`): the same."""
+def _gelu_tanh_fast(bb: Any, call: Any) -> Any:
+    """GELU (tanh form, `nn.GELU(approximate="tanh")`) with `fast_tanh` for float32, as TVM
+    writes it otherwise."""
+    import math
+
     from tvm import topi
 
     if str(call.ty.dtype) != "float32":
-        return _tvm_legalization("relax.erf")(bb, call)
-    return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
+        return _tvm_legalization("relax.nn.gelu_tanh")(bb, call)
+
+    def gelu_tanh(t: Any) -> Any:
+        def c(v: float) -> Any:
+            return tvm.tirx.const(v, "float32")
+        inner = c(math.sqrt(2.0 / math.pi)) * t * (c(1.0) + c(0.044715) * t * t)
+        return c(0.5) * t * (c(1.0) + topi.fast_tanh(inner))
+
+    return bb.call_te(gelu_tanh, call.args[0], primfunc_name_hint="gelu_tanh")
+
+
+def _fast_float32(op: str, fast: str) -> Any:
+    """A legalization of the unary `op` by TVM's vectorizable `topi.<fast>` for float32 (other
+    dtypes as TVM legalizes them): `erf` (a model writing GELU out, `x * 0.5 * (1 + erf(x /
+    sqrt 2))`) and `tanh` (GPT-2's GELU: a scalar libm call per element cost its 8x128 GELU
+    epilogue twice the matmul; `fast_tanh` is within 5 ulp, 3e-7, of PyTorch's)."""
+
+    def legalize(bb: Any, call: Any) -> Any:
+        from tvm import topi
+
+        if str(call.ty.dtype) != "float32":
+            return _tvm_legalization(op)(bb, call)
+        return bb.call_te(getattr(topi, fast), call.args[0],
+                          primfunc_name_hint=op.removeprefix("relax."))
+
+    return legalize
 
 
 def _tvm_legalization(op: str) -> Any:
     return tvm.ir.Op.get(op).get_attr("FLegalize")
 
 
-FAST_ERF_LEGALIZATIONS = {"relax.nn.gelu": _gelu_fast_erf, "relax.erf": _erf_fast}
+FAST_LEGALIZATIONS = {"relax.nn.gelu": _gelu_fast_erf, "relax.nn.gelu_tanh": _gelu_tanh_fast,
+                      "relax.erf": _fast_float32("relax.erf", "fast_erf"),
+                      "relax.tanh": _fast_float32("relax.tanh", "fast_tanh")}
 
 
 def prim_funcs(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:

@@ -3,9 +3,9 @@
 Goes in: a Relax module of fused kernels, a TVM target, the database adapter (or None) and the
 families' fixed-decision schedules. Comes out: the executable and the workloads that got a
 tuned record. A kernel without a record gets its family's fixed schedule, else a rule-based
-default (`SmallSerial` for small kernels, `DenseMatmul` for Linear layers, `DirectConv` for
-small convolutions, DLight's GEMV and
-reduction rules, `ParallelVectorize`): never an unscheduled kernel.
+default (`DenseMatmul` for Linear layers, on the calling thread when small; `SmallSerial` for
+other small kernels; `DirectConv` for small convolutions; DLight's GEMV and reduction rules;
+`ParallelVectorize`): never an unscheduled kernel.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def default_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         from hwaware.tvm.dense import schedule_dense
         from hwaware.tvm.direct_conv import schedule_direct_conv
 
-        rules = [SmallSerial(), LanesRule("DenseMatmul", schedule_dense),
+        rules = [LanesRule("DenseMatmul", schedule_dense), SmallSerial(),
                  LanesRule("DirectConv", schedule_direct_conv), NarrowVectors(dl.cpu.GEMV()),
                  dl.cpu.Reduction(), ParallelVectorize()]
     return dl.ApplyDefaultSchedule(*rules)(mod)
