@@ -54,8 +54,8 @@ def canonical_ops(gm: fx.GraphModule) -> int:
         elif _is_integer_clamp_with_one_bound(node):
             _clamp_with_both_bounds(node)
             changed += 1
-        elif _special_power(node) is not None:
-            _power_as_products(gm, node)
+        elif (form := _special_power(node)) is not None:
+            _power_as_products(gm, node, form)
             changed += 1
     return changed
 
@@ -133,11 +133,11 @@ def _special_power(node: fx.Node) -> str | None:
     return POWERS.get(float(exponent))
 
 
-def _power_as_products(gm: fx.GraphModule, node: fx.Node) -> None:
-    """`pow(x, e)` -> `x * x`, `(x * x) * x`, `sqrt(x)`, `rsqrt(x)` or `reciprocal(x)`."""
+def _power_as_products(gm: fx.GraphModule, node: fx.Node, form: str) -> None:
+    """`pow(x, e)` -> `x * x`, `(x * x) * x`, `sqrt(x)`, `rsqrt(x)` or `reciprocal(x)` (`form`,
+    from `_special_power`)."""
     base = node.args[0]
     assert isinstance(base, fx.Node)
-    form = _special_power(node)
     if form in ("square", "cube"):
         node.target, node.args = aten.mul.Tensor, (base, base)
         if form == "cube":
@@ -147,5 +147,5 @@ def _power_as_products(gm: fx.GraphModule, node: fx.Node) -> None:
             node.replace_all_uses_with(cube, delete_user_cb=lambda user: user is not cube)
         return
     node.target = {"sqrt": aten.sqrt.default, "rsqrt": aten.rsqrt.default,
-                   "reciprocal": aten.reciprocal.default}[str(form)]
+                   "reciprocal": aten.reciprocal.default}[form]
     node.args = (base,)

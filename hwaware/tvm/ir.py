@@ -124,66 +124,60 @@ def _legalize_passes() -> list[tvm.transform.Pass]:
     ]
 
 
-def _gelu_fast_erf(bb: Any, call: Any) -> Any:
-    """GELU (erf form) with TVM's vectorizable `fast_erf` for float32 (a rational polynomial on
-    [-4, 4], within 5e-7 of erf): LLVM makes `erf` a scalar libm call per element, which cost a
-    GELU epilogue more than its 196x192x768 matmul. Other dtypes legalize as TVM does."""
+def _float32_legalization(op: str, compute: Any) -> Any:
+    """A legalization of the unary `op` by the TE `compute` for float32, and as TVM legalizes it
+    for other dtypes. LLVM makes `erf` and `tanh` scalar libm calls per element; TVM's rational
+    `fast_erf` (within 5e-7 of erf) and `fast_tanh` (within 5 ulp, 3e-7, of PyTorch's) vectorize:
+    the scalar calls cost a 196x192x768 Linear's GELU epilogue more than its matmul, and
+    GPT-2's 8x128 GELU (tanh form) twice its matmul."""
+
+    def legalize(bb: Any, call: Any) -> Any:
+        if str(call.ty.dtype) != "float32":
+            return _tvm_legalization(op)(bb, call)
+        return bb.call_te(compute, call.args[0], primfunc_name_hint=op.rpartition(".")[2])
+
+    return legalize
+
+
+def _const(v: float) -> Any:
+    return tvm.tirx.const(v, "float32")
+
+
+def _gelu_erf(t: Any) -> Any:
     from tvm import topi
 
-    x = call.args[0]
-    if str(call.ty.dtype) != "float32":
-        return _tvm_legalization("relax.nn.gelu")(bb, call)
-
-    def gelu(t: Any) -> Any:
-        erf = topi.fast_erf(t * tvm.tirx.const(0.5**0.5, "float32"))
-        return t * (tvm.tirx.const(0.5, "float32") + erf * tvm.tirx.const(0.5, "float32"))
-
-    return bb.call_te(gelu, x, primfunc_name_hint="gelu")
+    return t * (_const(0.5) + topi.fast_erf(t * _const(0.5**0.5)) * _const(0.5))
 
 
-def _gelu_tanh_fast(bb: Any, call: Any) -> Any:
-    """GELU (tanh form, `nn.GELU(approximate="tanh")`) with `fast_tanh` for float32, as TVM
-    writes it otherwise."""
+def _gelu_tanh(t: Any) -> Any:
+    """`nn.GELU(approximate="tanh")`, written as TVM writes it."""
     import math
 
     from tvm import topi
 
-    if str(call.ty.dtype) != "float32":
-        return _tvm_legalization("relax.nn.gelu_tanh")(bb, call)
-
-    def gelu_tanh(t: Any) -> Any:
-        def c(v: float) -> Any:
-            return tvm.tirx.const(v, "float32")
-        inner = c(math.sqrt(2.0 / math.pi)) * t * (c(1.0) + c(0.044715) * t * t)
-        return c(0.5) * t * (c(1.0) + topi.fast_tanh(inner))
-
-    return bb.call_te(gelu_tanh, call.args[0], primfunc_name_hint="gelu_tanh")
+    inner = _const(math.sqrt(2.0 / math.pi)) * t * (_const(1.0) + _const(0.044715) * t * t)
+    return _const(0.5) * t * (_const(1.0) + topi.fast_tanh(inner))
 
 
-def _fast_float32(op: str, fast: str) -> Any:
-    """A legalization of the unary `op` by TVM's vectorizable `topi.<fast>` for float32 (other
-    dtypes as TVM legalizes them): `erf` (a model writing GELU out, `x * 0.5 * (1 + erf(x /
-    sqrt 2))`) and `tanh` (GPT-2's GELU: a scalar libm call per element cost its 8x128 GELU
-    epilogue twice the matmul; `fast_tanh` is within 5 ulp, 3e-7, of PyTorch's)."""
-
-    def legalize(bb: Any, call: Any) -> Any:
+def _topi(name: str) -> Any:
+    def compute(t: Any) -> Any:
         from tvm import topi
 
-        if str(call.ty.dtype) != "float32":
-            return _tvm_legalization(op)(bb, call)
-        return bb.call_te(getattr(topi, fast), call.args[0],
-                          primfunc_name_hint=op.removeprefix("relax."))
+        return getattr(topi, name)(t)
 
-    return legalize
+    return compute
 
 
 def _tvm_legalization(op: str) -> Any:
     return tvm.ir.Op.get(op).get_attr("FLegalize")
 
 
-FAST_LEGALIZATIONS = {"relax.nn.gelu": _gelu_fast_erf, "relax.nn.gelu_tanh": _gelu_tanh_fast,
-                      "relax.erf": _fast_float32("relax.erf", "fast_erf"),
-                      "relax.tanh": _fast_float32("relax.tanh", "fast_tanh")}
+FAST_LEGALIZATIONS = {
+    "relax.nn.gelu": _float32_legalization("relax.nn.gelu", _gelu_erf),
+    "relax.nn.gelu_tanh": _float32_legalization("relax.nn.gelu_tanh", _gelu_tanh),
+    "relax.erf": _float32_legalization("relax.erf", _topi("fast_erf")),
+    "relax.tanh": _float32_legalization("relax.tanh", _topi("fast_tanh")),
+}
 
 
 def prim_funcs(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
