@@ -46,7 +46,12 @@ from hwaware.predict.commands import (  # noqa: E402
 from hwaware.predict.features import Device  # noqa: E402
 from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics  # noqa: E402
 from hwaware.predict.predictor import PRIORS, LatencyPredictor  # noqa: E402
-from hwaware.predict.profile import Sample, all_data_files, read_samples  # noqa: E402
+from hwaware.predict.profile import (  # noqa: E402
+    Sample,
+    all_data_files,
+    cpu_kind,
+    read_samples,
+)
 from hwaware.target import get_target  # noqa: E402
 
 CURVE_SIZES = (5, 10, 20, 40, 80, 160)
@@ -54,6 +59,7 @@ CURVE_DRAWS = 3
 CURVE_SPLITS = ("held-out", "ood")
 BARS = (("within_10", 0.95, "±10% >= 95%"), ("spearman", 0.95, "Spearman >= 0.95"))
 ADAPT_SAMPLES = 10
+MIN_TRANSFER_BASE = 50  # training models a device needs to be transferred from
 DRAWS = 3
 
 
@@ -166,6 +172,36 @@ def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
             "the new device; metrics on its held-out models)\n\n" + "\n".join(rows))
 
 
+def transfer_into(base: Device, samples: list[Sample]) -> str:
+    """The other direction: a predictor trained on each other device with enough data (another
+    CPU kind), adapted to `base` (this machine) with its measurements, judged on `base`'s
+    held-out models, beside `base`'s own predictor trained on all its training models."""
+    own = [s for s in samples if s.device["key"] == base.key]
+    pool, held = training_samples(own), evaluation_splits(own)["held-out"]
+    rows = ["| trained on | its models | adapt samples | draw | ±10% | ±5% | MAPE | Spearman | "
+            "Kendall | unadapted ±10% | unadapted Spearman |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    others = sorted({s.device["key"] for s in samples} - {base.key})
+    for key in others:
+        theirs = training_samples([s for s in samples if s.device["key"] == key])
+        if len(theirs) < MIN_TRANSFER_BASE or len(pool) < ADAPT_SAMPLES or len(held) < 5:
+            continue
+        trained = LatencyPredictor.train(theirs, Device(**theirs[0].device))
+        measured = [s.measured_us for s in held]
+        raw = metrics(list(trained.predict_samples(held)), measured)
+        for draw in range(DRAWS):
+            picked = [pool[i] for i in np.random.default_rng(draw).permutation(
+                len(pool))[:ADAPT_SAMPLES]]
+            m = metrics(list(trained.adapt(picked, base).predict_samples(held)), measured)
+            rows.append(f"| {key} | {len(theirs)} | {ADAPT_SAMPLES} | {draw} | "
+                        f"{100 * m.within_10:.1f}% | {100 * m.within_5:.1f}% | {m.mape:.1f}% | "
+                        f"{m.spearman:.3f} | {m.kendall:.3f} | {100 * raw.within_10:.1f}% | "
+                        f"{raw.spearman:.3f} |")
+    return (f"## Few-shot transfer into {base.key} (a predictor of another device adapted with "
+            f"{ADAPT_SAMPLES} measurements of this one; metrics on its {len(held)} held-out "
+            "models)\n\n" + "\n".join(rows))
+
+
 def speed(predictor: LatencyPredictor, samples: list[Sample]) -> str:
     import hwaware
     from hwaware.zoo import get_model
@@ -211,7 +247,7 @@ def main() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         samples = read_samples(all_data_files(Path(args.data)))
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{platform.machine()} {cpu_kind()}"
     parts = [f"# Latency predictor on {cpu} ({base.key})\n\nCommand: `python bench/predictor.py "
              f"{' '.join(sys.argv[1:])}`. Samples: {len(samples)} in {args.data}. Latencies are "
              "lower quartiles of blocks of back-to-back calls (`hwaware.predict.profile`)."]
@@ -220,7 +256,7 @@ def main() -> int:
     else:
         predictor, text = accuracy(base, samples)
         curve = [] if args.skip_curve else [learning_curve(base, samples)]
-        parts += [text, *curve, transfer(predictor, samples)]
+        parts += [text, *curve, transfer(predictor, samples), transfer_into(base, samples)]
         if not args.skip_speed:
             parts.append(speed(predictor, samples))
     report = "\n\n".join(parts) + "\n"

@@ -189,6 +189,8 @@ def _add_predictor_commands(sub: Any) -> None:
     pd.add_argument("action", choices=["train", "eval", "adapt"])
     pd.add_argument("--target", default="host")
     pd.add_argument("--threads", type=int, default=None)
+    pd.add_argument("--device", default=None, help="a device key of the data instead of "
+                    "--target/--threads (a device measured on another machine)")
     pd.add_argument("--samples", type=int, default=10, help="adapt: measurements to adapt with")
     pd.add_argument("--base", default=None, help="adapt: the device key to adapt from "
                     "(default: the trained predictor with the most training data)")

@@ -373,7 +373,7 @@ def test_profile_times_each_host_op(tmp_path: Path) -> None:
     assert len(hosts) == sample.host_steps > 0
     assert all(us > 0 for _, us in hosts)
     assert "aten.index_add.default" in {r.ops[0] for r, _ in hosts}
-    assert sample.reference_us > 0 and sample.slowdown >= 1.0
+    assert sample.reference_us > 0 and sample.gather_reference_us > 0 and sample.slowdown >= 1.0
     assert profile.Sample.from_json(sample.to_json()).records == sample.records
 
 
@@ -417,6 +417,26 @@ def test_cli_train_and_eval_on_profiled_data(tmp_path: Path, capsys: pytest.Capt
     assert "hwaware predictor train" in capsys.readouterr().err
 
 
+def test_cli_trains_a_device_measured_on_another_machine(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """`--device KEY` trains the predictor of a device of the data that is not this machine's
+    (its facts come from its samples); an unknown key names the keys the data has."""
+    from hwaware.cli import main
+
+    far = replace(DEVICE, key="llvm-far-away-8c", threads=8, peak_gflops=999.0)
+    data, models = tmp_path / "data", tmp_path / "models"
+    data.mkdir()
+    (data / "far.jsonl").write_text("".join(_sample(i, far).to_json() + "\n" for i in range(60)))
+    args = ["predictor", "train", "--device", far.key, "--data", str(data), "--models",
+            str(models)]
+    assert main(args) == 0
+    assert LatencyPredictor.load(directory=models / far.key).manifest["feature_device"] == \
+        far.to_json()
+    capsys.readouterr()
+    assert main([*args[:2], "--device", "nowhere", *args[4:]]) == 2
+    assert far.key in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("folder", sorted(p.parent for p in Path(
     __file__).resolve().parent.parent.joinpath("cost_models").glob("*/manifest.json")),
     ids=lambda p: p.name)
@@ -443,14 +463,18 @@ def test_step_times_cover_every_step_of_a_whole_run() -> None:
 
 
 def test_profiling_waits_while_the_machine_runs_slow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reference workload's times as a busy machine gives them: the profiler waits until
-    it runs within the tolerance of the fastest seen."""
-    times = iter([100.0, 180.0, 170.0, 104.0])
-    monkeypatch.setattr(profile, "reference_us", lambda: next(times))
+    """The reference workloads' times as a busy machine gives them: the profiler waits until
+    each runs within the tolerance of its fastest seen. The gather reference slows alone (the
+    host's slow placement of the two vCPUs), and that is enough to wait."""
+    times = iter([(100.0, 250.0, 390.0), (104.0, 1300.0, 390.0), (180.0, 900.0, 400.0),
+                  (103.0, 260.0, 380.0)])  # compute, gather, gather on one thread
+    calls = iter(w for triple in times for w in triple)
+    monkeypatch.setattr(profile, "reference_us", lambda workload: next(calls))
     monkeypatch.setattr(profile, "CALM_WAIT_S", 0.0)
     monkeypatch.setattr(profile, "_FASTEST_REFERENCE", {})
-    assert profile.wait_until_calm(2) == (1.0, 100.0)
-    assert profile.wait_until_calm(2) == (pytest.approx(1.04), 104.0)
+    assert profile.wait_until_calm(2) == (1.0, {"compute": 100.0, "gather": 250.0})
+    assert profile.wait_until_calm(2) == (pytest.approx(1.04),
+                                          {"compute": 103.0, "gather": 260.0})
 
 
 def test_a_sample_whose_timings_disagree_is_neither_trained_on_nor_judged_by() -> None:
@@ -462,6 +486,26 @@ def test_a_sample_whose_timings_disagree_is_neither_trained_on_nor_judged_by() -
     slow_kernels = replace(good, kernels=[{**k, "us": k["us"] * 3} for k in good.kernels])
     assert good.timed_calm and not stalled.timed_calm and not slow_kernels.timed_calm
     assert commands.calm([good, stalled, slow_kernels]) == [good]
+
+
+def test_a_new_devices_first_slow_state_is_seen_without_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first reference of a device that has none runs in the slow placement: its two
+    threads run the gather 3.3x slower than one thread does."""
+    monkeypatch.setattr(profile, "_FASTEST_REFERENCE", {})
+    times = iter([100.0, 1300.0, 390.0])
+    monkeypatch.setattr(profile, "reference_us", lambda workload: next(times))
+    assert profile.machine_slowdown(2)[0] == pytest.approx(1300.0 / 390.0)
+
+
+def test_samples_whose_references_were_slow_are_judged_again_with_the_whole_data_set() -> None:
+    """A process that started slow took its slow references for the machine's speed; the
+    whole data set shows them 5x the fastest, and those samples are left out."""
+    samples = [replace(_sample(i), reference_us=200.0, slowdown=1.0,
+                       gather_reference_us=1300.0 if i < 5 else 260.0) for i in range(20)]
+    assert commands.calm(samples) == samples[5:]
+    old = [replace(s, reference_us=0.0, gather_reference_us=0.0) for s in samples]
+    assert commands.calm(old) == old  # samples without references: judged by the rest
 
 
 def test_samples_timed_on_a_slowed_machine_are_neither_trained_on_nor_judged_by() -> None:

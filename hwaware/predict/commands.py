@@ -22,7 +22,7 @@ import numpy as np
 from hwaware.predict.features import Device
 from hwaware.predict.metrics import TABLE_HEADER, Metrics, metrics, noise_floor
 from hwaware.predict.predictor import LatencyPredictor, PredictorError
-from hwaware.predict.profile import Sample, all_data_files, read_samples
+from hwaware.predict.profile import Sample, all_data_files, calm_samples, read_samples
 
 HELD_OUT_SHARE = 5  # one in this many in-range architectures is held out
 
@@ -33,9 +33,9 @@ def is_held_out(sample: Sample) -> bool:
 
 
 def calm(samples: Sequence[Sample]) -> list[Sample]:
-    """The samples timed while the machine ran at its usual speed (`Sample.timed_calm`): a
+    """The samples timed while the machine ran at its usual speed (`profile.calm_samples`): a
     latency measured on a slowed machine is no ground truth to train on or judge by."""
-    return [s for s in samples if s.timed_calm]
+    return calm_samples(samples)
 
 
 def held_out_id(arch_id: str) -> bool:
@@ -86,8 +86,12 @@ def table(results: dict[str, Metrics]) -> str:
 def run(args: argparse.Namespace) -> int:
     from hwaware.target import get_target
 
-    device = Device.of(get_target(args.target), args.threads)
-    samples = read_samples(all_data_files(Path(args.data)), device.key)
+    files = all_data_files(Path(args.data))
+    if getattr(args, "device", None):
+        device = device_of_data(args.device, files)
+    else:
+        device = Device.of(get_target(args.target), args.threads)
+    samples = read_samples(files, device.key)
     models = Path(args.models)
     if args.action == "train":
         return _train(device, samples, models, prior_of(args))
@@ -96,6 +100,17 @@ def run(args: argparse.Namespace) -> int:
                                           directory=models / device.key)
         return _print(evaluate(predictor, samples), args.json)
     return _adapt(args, device, samples, models)
+
+
+def device_of_data(key: str, files: Sequence[Path]) -> Device:
+    """The device its samples in `files` were measured on, by key (a device of another
+    machine: its facts are in its samples, not in this machine's targets)."""
+    samples = read_samples(files, key)
+    if not samples:
+        known = sorted({s.device["key"] for s in read_samples(files)})
+        raise PredictorError(f"no profiled samples of device {key!r}; the data has: "
+                             f"{', '.join(known) or 'none'}")
+    return Device(**samples[0].device)
 
 
 def prior_of(args: argparse.Namespace) -> str:
@@ -124,6 +139,9 @@ def _adapt(args: argparse.Namespace, device: Device, samples: list[Sample], mode
     base_dir = models / args.base if args.base else best_trained(models, exclude=device.key)
     base = LatencyPredictor.load(directory=base_dir)
     pool = training_samples(samples)
+    if len(pool) < args.samples and getattr(args, "device", None):
+        raise PredictorError(f"{len(pool)} measured models of {device.key} in the data; "
+                             f"adapting needs {args.samples}: profile them on its machine")
     if len(pool) < args.samples:
         pool += _profile_for_adapting(args, device, args.samples - len(pool), pool)
     picked = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))[: args.samples]]

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-# 2: the kernel regressor predicts log(time / baseline_us); 3: host op records ("host")
-FEATURE_SCHEMA_VERSION = 3
+# 2: the kernel regressor predicts log(time / baseline_us); 3: host op records ("host"); 4: the
+# one-call feature is "no host op" (the chained plan takes fused kernels too)
+FEATURE_SCHEMA_VERSION = 4
 
 # Families the features name; any other family is "other" (and its kernels `unknown`). "host":
 # one op the host program runs in PyTorch (`hwaware.decompose.host_record`).
@@ -89,12 +90,9 @@ KERNEL_FEATURE_NAMES = (
 MODEL_FEATURE_NAMES = (
     "kernels", "host_steps", *(f"kernels_{f}" for f in FAMILIES), "kernels_other",
     "log_flops", "log_bytes", "log_weight_bytes", "log_kernel_sum_us", "log_host_us",
-    "log_largest_kernel_us", "host_share", "unfused_without_host_ops",
+    "log_largest_kernel_us", "host_share", "without_host_ops",
     "threads", "log_peak_gflops",
 )
-# Kernel families of hwaware's fused blocks: a model with none of them and no host op may be
-# built as one TVM call (`hwaware.build.ONE_CALL`), which runs faster than its kernels' sum.
-FUSED_FAMILIES = ("conv_block", "res_block", "convnext_block", "attention", "gnn", "rgcn")
 
 
 def _log2(x: float) -> float:
@@ -232,12 +230,13 @@ def model_rows(totals: np.ndarray, device: Device) -> np.ndarray:
     column = MODEL_TOTAL_NAMES.index
     host_share = totals[:, column("host_us")] / np.maximum(totals[:, column("kernel_sum_us")],
                                                           1e-9)
-    fused = totals[:, [column(f"kernels_{f}") for f in FUSED_FAMILIES]].sum(axis=1)
-    unfused = (fused == 0) & (totals[:, column("host_steps")] == 0)
+    # a model of kernels only may be built as one TVM call (`hwaware.build.ONE_CALL`, the
+    # chained plan), which runs faster than its kernels' sum
+    one_call = totals[:, column("host_steps")] == 0
     device_columns = np.broadcast_to([float(device.threads), _log2(device.peak_gflops)],
                                      (len(totals), 2))
     return np.concatenate([totals[:, :_LOGGED.start], logged, host_share[:, None],
-                           unfused[:, None].astype(np.float64), device_columns],
+                           one_call[:, None].astype(np.float64), device_columns],
                           axis=1).astype(np.float32)
 
 

@@ -35,7 +35,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -66,10 +66,15 @@ SAMPLE_SCHEMA_VERSION = 3  # 2: `kernels` ends with the host ops' records and ti
 # kernel's and host op's time is taken inside whole runs of the model, not alone
 AS_BUILT = "as-built"  # kernel_measurements.impl of a decomposed kernel's measured time
 TIMING_QUANTILE = 0.25
-# The machine's speed, checked around each model with a fixed reference workload
+# The machine's speed, checked around each model with fixed reference workloads
 # (`machine_slowdown`): on this shared 2-vCPU machine whole minutes ran 1.3-2x slower (a
 # model re-timed later: 154 -> 93 us, every kernel alike), which a quantile of one model's
-# calls cannot see. Before a model, the profiler waits while the reference is more than
+# calls cannot see. Two references, as the slow states hurt two kinds of work unequally: a
+# matmul and a convolution ("compute"), and a gather and scatter-add over a node table
+# ("gather"): in the host's slow state the gather ran 1000-1400 us where it runs 235-270 us,
+# and a GNN model 2x slower, while the compute reference moved only 1.25-1.35x (two threads
+# sharing cache lines suffer from the vCPUs' placement; one thread does not). Before a model,
+# the profiler waits while a reference is more than
 # `CALM_TOLERANCE` over the fastest seen on this device (not less: right after a large model
 # the reference itself runs 1.15-1.4x slower in the same process, and a tolerance of 1.3 made
 # large models wait and be measured twice for nothing); a model whose reference was slow
@@ -83,8 +88,10 @@ CALM_TOLERANCE = 1.5
 # reference check did not see it
 LABEL_TOLERANCE = 2.0
 CALM_WAIT_S = 2.0
-CALM_TRIES = 10
-_FASTEST_REFERENCE: dict[int, float] = {}  # threads -> the fastest reference microseconds seen
+CALM_TRIES = 30  # a slow state lasted from seconds to minutes
+REFERENCE_WORKLOADS = ("compute", "gather")
+# (threads, reference workload) -> the fastest microseconds seen
+_FASTEST_REFERENCE: dict[tuple[int, str], float] = {}
 
 
 @dataclass
@@ -108,8 +115,9 @@ class Sample:
     created_at: float = field(default_factory=time.time)
     schema_version: int = SAMPLE_SCHEMA_VERSION
     plan: str = "per-kernel"  # the build's whole-model plan ("k_whole": one TVM call)
-    reference_us: float = 0.0  # the reference workload just before the timing (0: not taken)
-    slowdown: float = 0.0  # the reference's worst time around the timing over its fastest
+    reference_us: float = 0.0  # the compute reference just before the timing (0: not taken)
+    slowdown: float = 0.0  # the references' worst time around the timing over their fastest
+    gather_reference_us: float = 0.0  # the gather reference just before it (0: not taken)
 
     @property
     def timed_calm(self) -> bool:
@@ -238,52 +246,75 @@ def measure(arch: Measurable, target: Any, device: Device, db: Any, split: str =
     unattributed += sum(host_us[len(decomposition.host_records):])  # constant outputs' copies
     return Sample(arch.id, arch.to_json(), split, device.to_json(), cpu_kind(), kernels,
                   decomposition.host_steps, first, second, eager, unattributed, compile_s,
-                  versions(), plan=compiled.info.plan, reference_us=reference,
-                  slowdown=max(before, after))
+                  versions(), plan=compiled.info.plan, reference_us=reference["compute"],
+                  slowdown=max(before, after), gather_reference_us=reference["gather"])
 
 
-def reference_us() -> float:
-    """A fixed workload's microseconds (lower quartile): a 192x192 matmul and a 3x3
-    convolution of 32 channels at 28x28, at PyTorch's current thread count."""
+@functools.cache
+def _reference_work(workload: str) -> Callable[[], None]:
+    """A reference workload (`REFERENCE_WORKLOADS`) as a call: "compute", a 192x192 matmul
+    and a 3x3 convolution of 32 channels at 28x28; "gather", rows of a 4096x64 table gathered
+    along 16384 edges and scatter-added back (a GNN layer's message passing)."""
+    generator = torch.Generator().manual_seed(0)
+    if workload == "compute":
+        a = torch.randn(192, 192, generator=generator)
+        x, w = torch.randn(1, 32, 28, 28, generator=generator), torch.randn(32, 32, 3, 3)
+
+        def compute() -> None:
+            with torch.no_grad():
+                torch.mm(a, a)
+                torch.nn.functional.conv2d(x, w, padding=1)
+        return compute
+    table, out = torch.randn(4096, 64, generator=generator), torch.zeros(4096, 64)
+    edges = torch.randint(0, 4096, (16384,), generator=generator)
+
+    def gather() -> None:
+        out.zero_()
+        out.index_add_(0, edges, table.index_select(0, edges))
+    return gather
+
+
+def reference_us(workload: str = "compute") -> float:
+    """A reference workload's microseconds (lower quartile) at PyTorch's current thread
+    count."""
     from hwaware.runner import time_in_blocks
 
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(192, 192, generator=generator)
-    x, w = torch.randn(1, 32, 28, 28, generator=generator), torch.randn(32, 32, 3, 3)
-
-    def work() -> None:
-        with torch.no_grad():
-            torch.mm(a, a)
-            torch.nn.functional.conv2d(x, w, padding=1)
-
-    (us,) = time_in_blocks([work], 40, quantile=TIMING_QUANTILE)
+    (us,) = time_in_blocks([_reference_work(workload)], 40, quantile=TIMING_QUANTILE)
     return us
 
 
-def machine_slowdown(n_threads: int) -> tuple[float, float]:
-    """The reference workload's time now over the fastest seen at `n_threads` (>= 1), and
-    that time."""
-    us = reference_us()
-    return us / _note_reference(n_threads, us), us
+def machine_slowdown(n_threads: int) -> tuple[float, dict[str, float]]:
+    """The worst of the reference workloads' times now over the fastest seen at `n_threads`
+    (>= 1), and those times. With more than one thread, also the gather reference's time over
+    its time on one thread: threads that slow each other down are the slow placement, seen
+    without any history (a new device's first models; 1300 vs 390 us there, 265 vs 390 us in
+    the fast state)."""
+    times = {w: reference_us(w) for w in REFERENCE_WORKLOADS}
+    slowdown = max(us / _note_reference(n_threads, w, us) for w, us in times.items())
+    if n_threads > 1:
+        with threads(1):
+            slowdown = max(slowdown, times["gather"] / reference_us("gather"))
+    return slowdown, times
 
 
-def _note_reference(n_threads: int, us: float) -> float:
-    """The fastest reference at `n_threads`, `us` included."""
-    fastest = _FASTEST_REFERENCE[n_threads] = min(us, _FASTEST_REFERENCE.get(n_threads, us))
+def _note_reference(n_threads: int, workload: str, us: float) -> float:
+    """The fastest time of a reference workload at `n_threads`, `us` included."""
+    key = (n_threads, workload)
+    fastest = _FASTEST_REFERENCE[key] = min(us, _FASTEST_REFERENCE.get(key, us))
     return fastest
 
 
-def wait_until_calm(n_threads: int) -> tuple[float, float]:
-    """The slowdown and reference microseconds once the machine runs within
-    `CALM_TOLERANCE` of its fastest (or after `CALM_TRIES` tries `CALM_WAIT_S` apart)."""
-    slowdown, us = machine_slowdown(n_threads)
+def wait_until_calm(n_threads: int) -> tuple[float, dict[str, float]]:
+    """The slowdown and reference times once the machine runs within `CALM_TOLERANCE` of its
+    fastest (or after `CALM_TRIES` tries `CALM_WAIT_S` apart)."""
+    slowdown, times = machine_slowdown(n_threads)
     for _ in range(CALM_TRIES - 1):
         if slowdown <= CALM_TOLERANCE:
             break
         log.info("profile: the machine runs %.2fx slower than its fastest; waiting", slowdown)
         time.sleep(CALM_WAIT_S)
-        slowdown, us = machine_slowdown(n_threads)
-    return slowdown, us
+        slowdown, times = machine_slowdown(n_threads)
+    return slowdown, times
 
 
 def _decomposed_names(part: Any) -> list[str]:
@@ -370,13 +401,33 @@ def profile(archs: Sequence[Measurable], target: Any, device: Device, db: Any, o
     return new
 
 
+def calm_samples(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples timed while the machine ran at its usual speed: `Sample.timed_calm`, and
+    their references before the timing within `CALM_TOLERANCE` of the fastest of any sample
+    of their device (judged again with the whole data set: a profiling process that started
+    on a slow machine judged its first models by their own slow references)."""
+    fastest: dict[tuple[str, str], float] = {}
+    for s in samples:
+        for workload, us in _references(s).items():
+            key = (s.device["key"], workload)
+            fastest[key] = min(us, fastest.get(key, us))
+    return [s for s in samples if s.timed_calm and all(
+        us <= CALM_TOLERANCE * fastest[(s.device["key"], w)] for w, us in _references(s).items())]
+
+
+def _references(sample: Sample) -> dict[str, float]:
+    """The reference times taken before a sample's timing (those it has)."""
+    taken = {"compute": sample.reference_us, "gather": sample.gather_reference_us}
+    return {w: us for w, us in taken.items() if us > 0}
+
+
 def _remember_fastest_reference(samples: Sequence[Sample], n_threads: int) -> None:
-    """The fastest reference of earlier samples of this device (from other processes): a
+    """The fastest references of earlier samples of this device (from other processes): a
     process that starts on a slow machine is then still judged by the machine's usual
     speed."""
-    taken = [s.reference_us for s in samples if s.reference_us > 0]
-    if taken:
-        _note_reference(n_threads, min(taken))
+    for s in samples:
+        for workload, us in _references(s).items():
+            _note_reference(n_threads, workload, us)
 
 
 def store(db: Any, sample: Sample) -> None:
