@@ -57,6 +57,7 @@ MARGIN = 0.1
 DECISION_QUANTILE = 0.25
 ONE_CALL = "k_whole"  # the kernel (and TVM function) of a model run as one TVM call
 CHAINED = "chained"  # the plan that runs every kernel of the library in one TVM call
+KERNEL_CALLS = "kernel-calls"  # the chosen kernel-by-kernel program, timed beside one-call plans
 US = operator.attrgetter("us")  # of a runner.Timing
 
 
@@ -274,7 +275,7 @@ def _fastest_call(chosen: CompiledModel, wholes: dict[str, CompiledModel],
     info, names = chosen.info, list(wholes)
     times = time_until_clear([partial(m, *example_inputs) for m in (*wholes.values(), chosen)],
                              3 * repeats, DECISION_QUANTILE, MARGIN)
-    for name, timing in zip(names, times, strict=False):
+    for name, timing in zip([*names, KERNEL_CALLS], times, strict=True):
         info.plan_us[name], info.plan_spread[name] = timing.us, timing.spread
     best = min(range(len(names)), key=lambda i: times[i].us)
     if times[best].us * (1 + MARGIN) >= times[-1].us:

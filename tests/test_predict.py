@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import hwaware
+from hwaware.build import MARGIN
 from hwaware.db import TuningDatabase
 from hwaware.decompose import Decomposition, KernelRecord
 from hwaware.predict import commands, pretrain, profile, spaces
@@ -32,6 +33,7 @@ from hwaware.predict.predictor import (
     LatencyPredictor,
     PredictorError,
     UnknownKernelWarning,
+    measured_table,
     pretrained_kernel_model,
 )
 from hwaware.target import get_target
@@ -79,6 +81,21 @@ def _sample(i: int, device: Device = DEVICE, scale: float = 1.0, split: str = "t
         compile_s=0.0, versions={})
 
 
+def _one_call_sample(i: int) -> profile.Sample:
+    """A synthetic model the build also timed as one TVM call: without host ops one call
+    saves each kernel's 3 us call cost and runs the kernels 5% faster, and the build chose it
+    where `MARGIN` (10%) faster (small models: yes; large ones: no)."""
+    s = _sample(i)
+    calls = s.latency_us
+    if s.host_steps:
+        return replace(s, plan="all-tvm", plan_us={"all-tvm": calls})
+    one = 0.95 * sum(us - 3.0 for us in s.kernel_us) + 4.0
+    plan = "chained" if one * (1 + MARGIN) < calls else "all-tvm"
+    chosen = one if plan == "chained" else calls
+    return replace(s, plan=plan, latency_us=chosen, latency2_us=chosen * 1.01,
+                   plan_us={"all-tvm": calls, "chained": one, "kernel-calls": calls})
+
+
 @pytest.fixture(scope="module")
 def trained() -> LatencyPredictor:
     return LatencyPredictor.train([_sample(i) for i in range(80)], DEVICE, rounds=300)
@@ -113,6 +130,52 @@ def test_save_load_round_trip_gives_identical_predictions(trained: LatencyPredic
     assert manifest["training"]["models"] == 80
     assert {"tvm", "torch", "xgboost"} <= set(manifest["versions"])
     assert not list(out.glob("*.pkl")) and not list(out.glob("*.pickle"))
+
+
+def test_the_whole_model_plan_is_chosen_as_the_build_chooses_it(tmp_path: Path) -> None:
+    """Samples keep the build's timing of every plan it weighed: the predictor learns the
+    model as kernel calls and as one TVM call apart, and takes the one call where the build
+    would (no host op, `MARGIN` faster); it round-trips through save/load."""
+    samples = [_one_call_sample(i) for i in range(120)]
+    assert {s.plan for s in samples} == {"chained", "all-tvm"}
+    one_call = samples[0] if samples[0].plan == "chained" else next(
+        s for s in samples if s.plan == "chained")
+    assert one_call.plan_latencies() == (pytest.approx(one_call.plan_us["kernel-calls"]),
+                                         one_call.measured_us)
+    predictor = LatencyPredictor.train(samples, DEVICE, rounds=300)
+    assert predictor.one_call_model is not None
+    assert predictor.manifest["training"]["one_call_models"] == sum(
+        s.plan_latencies()[1] is not None for s in samples)
+    held = [_one_call_sample(i) for i in range(1000, 1060)]
+    predicted = predictor.predict_samples(held)
+    m = metrics(list(predicted), [s.measured_us for s in held])
+    assert m.within_10 >= 0.8 and m.spearman >= 0.95, m
+    chained = [p for p, s in zip(predicted, held, strict=True) if s.plan == "chained"]
+    calls = [s.plan_us["kernel-calls"] for s in held if s.plan == "chained"]
+    assert np.median(np.asarray(chained) / calls) < 0.9  # priced as one call, not as calls
+    loaded = LatencyPredictor.load(directory=predictor.save(tmp_path / "p"))
+    assert np.array_equal(loaded.predict_samples(held), predicted)
+
+
+def test_a_joint_predictor_learns_two_devices_apart() -> None:
+    """Trained on two devices' samples (each described by its own device's features), the
+    predictor of one device prices its held-out models by that device's law, not an average
+    of both, and answers as measured from its own device's kernels only."""
+    mine = [_sample(i) for i in range(60)]
+    theirs = [_sample(i, OTHER, law=_compute_bound_slower_us) for i in range(100, 160)]
+    joint = LatencyPredictor.train(mine + theirs, DEVICE, rounds=300, joint=True)
+    assert joint.manifest["training"]["devices"] == {DEVICE.key: 60, OTHER.key: 60}
+    assert joint.table == measured_table(mine)
+    for device, law, first in ((DEVICE, _law_us, 1000), (OTHER, _compute_bound_slower_us, 2000)):
+        held = [_sample(i, device, law=law) for i in range(first, first + 40)]
+        predictor = joint if device == DEVICE else LatencyPredictor.train(
+            mine + theirs, OTHER, rounds=300, joint=True)
+        m = metrics(list(predictor.predict_samples(held)), [s.latency_us for s in held])
+        assert m.within_10 >= 0.8, (device.key, m)
+    alone = LatencyPredictor.train(mine + theirs, DEVICE, rounds=50)
+    assert alone.manifest["training"]["models"] == 60  # not joint: its own device's only
+    with pytest.raises(PredictorError, match="training needs at least"):
+        LatencyPredictor.train(theirs[:5], DEVICE, joint=True)
 
 
 def test_kernel_prior_is_saved_and_a_bad_one_is_refused(tmp_path: Path) -> None:
@@ -357,6 +420,7 @@ def test_profile_measures_and_attributes_real_builds(tmp_path: Path) -> None:
             expected = hwaware.decompose(model, inputs)
             assert [r.signature for r in s.records] == [k.signature for k in expected.priced]
             assert all(us > 0 for us in s.kernel_us) and s.latency_us > 0
+            assert s.plan in s.plan_us and s.measured_us in s.plan_latencies()
             assert db.model_measurements(DEVICE.key, s.id)[0].latency_us == s.measured_us
             measured = db.kernel_measurements(DEVICE.key, s.records[0].signature)
             assert [m.impl for m in measured].count(profile.AS_BUILT) == 1

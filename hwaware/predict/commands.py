@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     samples = read_samples(files, device.key)
     models = Path(args.models)
     if args.action == "train":
-        return _train(device, samples, models, prior_of(args))
+        joint = bool(getattr(args, "joint", False))
+        return _train(device, read_samples(files) if joint else samples, models,
+                      prior_of(args), joint)
     if args.action == "eval":
         predictor = LatencyPredictor.load(args.target, threads=args.threads,
                                           directory=models / device.key)
@@ -119,16 +121,21 @@ def prior_of(args: argparse.Namespace) -> str:
     return str(getattr(args, "prior", None) or "physical")
 
 
-def _train(device: Device, samples: list[Sample], models: Path, prior: str = "physical"
-           ) -> int:
-    predictor = LatencyPredictor.train(training_samples(samples), device, prior=prior)
+def _train(device: Device, samples: list[Sample], models: Path, prior: str = "physical",
+           joint: bool = False) -> int:
+    """Train `device`'s predictor on the training share of `samples` (of every device in them
+    where `joint`) and judge it on `device`'s held-out ones."""
+    predictor = LatencyPredictor.train(training_samples(samples), device, prior=prior,
+                                       joint=joint)
+    samples = [s for s in samples if s.device["key"] == device.key]
     results = evaluate(predictor, samples)
     predictor.manifest["metrics"] = {k: m.to_json() for k, m in results.items()}
     out = predictor.save(models / device.key)
     print(table(results))
+    devices = predictor.manifest["training"].get("devices", {device.key: 0})
     print(f"trained on {predictor.manifest['training']['models']} models "
-          f"({predictor.manifest['training']['kernels']} kernels, kernel prior {prior}); "
-          f"saved to {out}")
+          f"({predictor.manifest['training']['kernels']} kernels, kernel prior {prior}, "
+          f"{len(devices)} device(s)); saved to {out}")
     return 0
 
 

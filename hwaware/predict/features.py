@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 
 # 2: the kernel regressor predicts log(time / baseline_us); 3: host op records ("host"); 4: the
-# one-call feature is "no host op" (the chained plan takes fused kernels too)
-FEATURE_SCHEMA_VERSION = 4
+# one-call feature is "no host op" (the chained plan takes fused kernels too); 5: how the
+# kernel's channels, last dim and reduction fill the device's vectors, its conv window and
+# output pixels
+FEATURE_SCHEMA_VERSION = 5
 
 # Families the features name; any other family is "other" (and its kernels `unknown`). "host":
 # one op the host program runs in PyTorch (`hwaware.decompose.host_record`).
@@ -85,6 +87,8 @@ KERNEL_FEATURE_NAMES = (
     "conv_stride", "log_conv_groups", "depthwise_convs", "log_roofline_us",
     *(f"log_in_dim{i}" for i in range(SHAPE_SLOTS)),
     *(f"log_out_dim{i}" for i in range(SHAPE_SLOTS)),
+    "out_channel_lanes", "in_channel_lanes", "out_last_dim_lanes", "reduction_lanes",
+    "conv_window", "log_out_pixels",
     "threads", "vector_bits", "log_peak_gflops", "log_bandwidth", "log_l2", "log_l3",
 )
 MODEL_FEATURE_NAMES = (
@@ -115,18 +119,28 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(max(d, 1) for d in shape) if shape else 1
 
 
-def _conv_attributes(attributes: str) -> tuple[float, float, float]:
-    """Largest stride, largest groups and how many depthwise-style (grouped) convolutions."""
-    stride, groups, grouped = 1, 1, 0
+def _convs(attributes: str) -> list[tuple[int, int]]:
+    """(largest stride, groups) of each convolution of a kernel's attributes."""
+    convs = []
     for op, args, _ in json.loads(attributes):
         if "conv" not in op or not isinstance(args, list):
             continue
         s = args[3] if len(args) > 3 and isinstance(args[3], list) else [1]
         g = args[-1] if isinstance(args[-1], int) else 1
-        stride = max(stride, *(int(v) for v in s if isinstance(v, int)))
-        groups = max(groups, g)
-        grouped += g > 1
-    return float(stride), _log2(groups), float(grouped)
+        convs.append((max([1, *(int(v) for v in s if isinstance(v, int))]), g))
+    return convs
+
+
+def _conv_attributes(attributes: str) -> tuple[float, float, float]:
+    """Largest stride, largest groups and how many depthwise-style (grouped) convolutions."""
+    convs = _convs(attributes)
+    stride = max((s for s, _ in convs), default=1)
+    return float(stride), _log2(_conv_groups(attributes)), float(sum(g > 1 for _, g in convs))
+
+
+def _conv_groups(attributes: str) -> int:
+    """The largest groups of a kernel's convolutions (1 where none)."""
+    return max((g for _, g in _convs(attributes)), default=1)
 
 
 def roofline_us(flops: int, bytes_moved: int, device: Device) -> float:
@@ -175,8 +189,37 @@ def kernel_features(record: Any, device: Device) -> list[float]:
         *_conv_attributes(record.attributes),
         _log2(roofline_us(record.flops, record.bytes_moved, device)),
         *_dims(record.input_shapes), *_dims(record.output_shapes),
-        *_device_features(device),
+        *_vector_fit(record, device, largest_out), *_device_features(device),
     ]
+
+
+def _lanes_filled(n: float, lanes: int) -> float:
+    """log2 of the largest power-of-two share of a vector that `n` elements fill evenly (of
+    `lanes`): 16 channels fill a 16-lane vector (4), 24 fill 8 lanes at a time (3), 7 one (0).
+    Untuned schedules vectorize and tile by the vector: a misfit dim leaves lanes idle."""
+    return math.log2(math.gcd(max(int(round(n)), 1), lanes))
+
+
+def _vector_fit(record: Any, device: Device, largest_out: int) -> list[float]:
+    """How the kernel's output and input channels (dim 1 of a 4-D shape, else the last dim),
+    its output's last dim and its reduction length fill the device's FP32 vectors
+    (`_lanes_filled`), its conv window (the reduction over input channels per group: 3 for a
+    3x3 conv; 0 when not a conv) and log2 of its output pixels (rows of other shapes)."""
+    lanes = max(device.vector_bits // 32, 1)
+    first_in = list(record.input_shapes[0]) if record.input_shapes else [1]
+    first_out = list(record.output_shapes[0]) if record.output_shapes else [1]
+    in_channels, out_channels = (shape[1] if len(shape) == 4 else shape[-1]
+                                 for shape in (first_in, first_out))
+    reduction = record.flops / (2 * largest_out)
+    window = 0.0
+    if "conv" in record.family and len(first_in) == 4:
+        groups = max(_conv_groups(record.attributes), 1)
+        window = math.sqrt(max(reduction * groups / max(in_channels, 1), 0.0))
+    pixels = math.prod(first_out[-2:]) if len(first_out) == 4 else (
+        first_out[-2] if len(first_out) >= 2 else 1)
+    return [_lanes_filled(out_channels, lanes), _lanes_filled(in_channels, lanes),
+            _lanes_filled(first_out[-1], lanes), _lanes_filled(reduction, lanes), window,
+            _log2(pixels)]
 
 
 def _dims(shapes: Sequence[Sequence[int]]) -> list[float]:

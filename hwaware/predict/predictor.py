@@ -14,7 +14,11 @@ of its ops was never seen in training (still estimated by the same regressor, wi
 never a silent zero). A second, whole-model regressor predicts the ratio of the measured model
 latency to the sum of its kernels' times (host ops, calls, thread wake-ups, cache effects);
 it is trained on out-of-fold kernel predictions, so it also corrects the kernel regressor's
-systematic errors as they appear on unseen architectures.
+systematic errors as they appear on unseen architectures. The build runs a model as its kernels
+called one by one, or, where it has no host op and that is `MARGIN` faster, as one TVM call
+(`hwaware.build`); the profiler keeps the build's timing of both plans, so there are two such
+regressors, one per plan (the one-call one where the data has `MIN_ONE_CALL_MODELS` models
+timed both ways), and the prediction chooses between them as the build does.
 
 Comes out: a `LatencyEstimate`: `total_ms`, the whole-model term, and one `KernelEstimate` row
 per kernel and per host op (family "host": an op the host program runs in PyTorch) with its
@@ -33,6 +37,7 @@ import json
 import math
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
+from hwaware.build import MARGIN
 from hwaware.predict import PRIORS, device_dir
 from hwaware.predict.features import (
     CATEGORY_NAMES,
@@ -71,6 +77,10 @@ MODEL_PARAMS = {"objective": "reg:squarederror", "eta": 0.05, "max_depth": 3,
 MODEL_ROUNDS = 200
 PRETRAIN_ROUNDS = 300  # of the pretrained kernel regressor, before fine-tuning adds `rounds`
 FILES = ("kernel_model.json", "model_model.json")
+# The whole-model regressor of the model run as one TVM call (`profile.ONE_CALL_PLANS`); the
+# predictor chooses between it and the kernel calls as the build does (`hwaware.build.MARGIN`)
+ONE_CALL_FILE = "one_call_model.json"
+MIN_ONE_CALL_MODELS = 10  # fewer models timed as one call: no such regressor (kernel calls only)
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 # An adapted predictor's own files: the kernel correction regressor, and the kernels measured
 # on its device (in the models it was adapted with)
@@ -127,7 +137,8 @@ class LatencyEstimate:
 
 @dataclass
 class TrainingSet:
-    """Samples (`profile.Sample`) flattened for XGBoost."""
+    """Samples (`profile.Sample`) flattened for XGBoost. Samples of other devices than `device`
+    (a joint predictor's) are described by their own device's features."""
 
     samples: list[Any]
     device: Device
@@ -138,13 +149,16 @@ class TrainingSet:
     kernel_log_baseline: np.ndarray = field(init=False)
     kernel_owner: np.ndarray = field(init=False)  # the sample index of each kernel row
     signatures: list[str] = field(init=False)
+    devices: list[Device] = field(init=False)  # each sample's
 
     def __post_init__(self) -> None:
         rows, labels, baselines, owners, self.signatures = [], [], [], [], []
-        for i, s in enumerate(self.samples):
+        self.devices = [self.device if s.device["key"] == self.device.key else Device(**s.device)
+                        for s in self.samples]
+        for i, (s, device) in enumerate(zip(self.samples, self.devices, strict=True)):
             for record, us in zip(s.records, s.kernel_us, strict=True):
-                rows.append(kernel_features(record, self.device))
-                baselines.append(_log_baseline(record, self.device, self.prior))
+                rows.append(kernel_features(record, device))
+                baselines.append(_log_baseline(record, device, self.prior))
                 labels.append(math.log(max(us, 1e-3)) - baselines[-1])
                 owners.append(i)
                 self.signatures.append(record.signature)
@@ -161,9 +175,11 @@ class LatencyPredictor:
     def __init__(self, kernel_model: xgb.Booster, model_model: xgb.Booster,
                  manifest: dict[str, Any], table: dict[str, float], db: Any = None,
                  kernel_correction: xgb.Booster | None = None,
-                 device_table: dict[str, float] | None = None):
+                 device_table: dict[str, float] | None = None,
+                 one_call_model: xgb.Booster | None = None):
         self.kernel_model = kernel_model
-        self.model_model = model_model
+        self.model_model = model_model  # the model as kernel calls
+        self.one_call_model = one_call_model  # the model as one TVM call (None: never)
         self.table = table  # kernels measured in the training data, by signature
         # adapted: the base estimates' correction for this device, and its measured kernels
         self.kernel_correction = kernel_correction
@@ -181,30 +197,45 @@ class LatencyPredictor:
     @staticmethod
     def train(samples: Sequence[Any], device: Device, *, rounds: int = KERNEL_ROUNDS,
               prior: str = "physical", min_models: int = MIN_TRAINING_MODELS,
-              pretrain_archs: int = PRETRAIN_ARCHS) -> LatencyPredictor:
+              pretrain_archs: int = PRETRAIN_ARCHS, joint: bool = False) -> LatencyPredictor:
         """Fit both regressors on `samples` (profiled on `device`). `prior`: what the kernel
         regressor learns relative to: "physical" (`features.baseline_us`, free statistics of
         the kernel: its FLOPs and bytes on the device), "none" (its time itself), or
         "pretrained" (its time, boosting on from a regressor pretrained on the baselines of
         the kernels of `pretrain_archs` unmeasured architectures: `predict.pretrain`).
         `min_models`: fewer samples are refused (`bench/predictor.py`'s learning curve goes
-        below the default)."""
+        below the default). `joint`: train on the samples of every device in `samples`, each
+        described by its own device's features (one regressor learns how kernels differ
+        between CPU kinds and thread counts; the kernels measured on `device` alone answer
+        as measured), else on `device`'s alone."""
         if prior not in PRIORS:
             raise PredictorError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
-        samples = _enough_samples(samples, device, min_models)
+        own = _enough_samples(samples, device, 0 if joint else min_models)
+        samples = list(samples) if joint else own
+        if len(samples) < min_models:
+            raise PredictorError(f"{len(samples)} profiled models in all; training needs at "
+                                 f"least {min_models}")
         base, pretraining = (pretrained_kernel_model(device, pretrain_archs)
                              if prior == "pretrained" else (None, None))
         data = TrainingSet(list(samples), device, prior, base)
         oof = _out_of_fold_kernel_us(data, rounds)
         kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds, base)
-        overhead = _fit_overhead(data, oof)
-        model_rows, ratios = _model_rows(data, oof, overhead)
-        model_model = _fit(model_rows, ratios, MODEL_PARAMS, MODEL_ROUNDS)
+        calls_us, one_call_us = zip(*(s.plan_latencies() for s in samples), strict=True)
+        overhead = _fit_overhead(data, oof, calls_us)
+        model_model = _fit(*_model_rows(data, oof, overhead, calls_us), MODEL_PARAMS,
+                           MODEL_ROUNDS)
+        one_call_rows, one_call_ratios = _model_rows(data, oof, overhead, one_call_us)
+        one_call_model = (_fit(one_call_rows, one_call_ratios, MODEL_PARAMS, MODEL_ROUNDS)
+                          if len(one_call_ratios) >= MIN_ONE_CALL_MODELS else None)
         manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead,
                     "kernel_prior": prior}
+        manifest["training"]["one_call_models"] = len(one_call_ratios)
+        if joint:
+            manifest["training"]["devices"] = dict(Counter(s.device["key"] for s in samples))
         if pretraining is not None:
             manifest["pretraining"] = pretraining
-        return LatencyPredictor(kernel_model, model_model, manifest, measured_table(samples))
+        return LatencyPredictor(kernel_model, model_model, manifest, measured_table(own),
+                                one_call_model=one_call_model)
 
     def adapt(self, samples: Sequence[Any], device: Device) -> LatencyPredictor:
         """This predictor corrected for `device` from a few of its measured models (few-shot
@@ -227,7 +258,7 @@ class LatencyPredictor:
                     "adapt_samples": len(samples), "created_at": time.time()}
         adapted = LatencyPredictor(base.kernel_model, base.model_model, manifest, base.table,
                                    self.db, base.kernel_correction_for(samples),
-                                   measured_table(samples))
+                                   measured_table(samples), base.one_call_model)
         predicted = np.log(adapted.predict_samples(samples, corrected=False))
         measured = np.log([s.measured_us for s in samples])
         adapted.correction = (_significant_median(measured - predicted), 1.0)
@@ -254,12 +285,13 @@ class LatencyPredictor:
                     if k not in ("correction", "adapted_from", "adapt_samples", "base_device")}
         manifest["device"] = self.manifest.get("base_device", self.manifest["device"])
         return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.table,
-                                self.db)
+                                self.db, one_call_model=self.one_call_model)
 
     def with_db(self, db: Any) -> LatencyPredictor:
         """This predictor answering with `db`'s measured kernels."""
         return LatencyPredictor(self.kernel_model, self.model_model, self.manifest, self.table,
-                                db, self.kernel_correction, self.device_table)
+                                db, self.kernel_correction, self.device_table,
+                                self.one_call_model)
 
     # -------------------------------------------------------------- prediction
     def predict(self, model: Any, example_inputs: Any, calibration: Sequence[Any] | None = None
@@ -357,14 +389,21 @@ class LatencyPredictor:
 
     def total_us_of_totals(self, totals: np.ndarray, corrected: bool = True) -> np.ndarray:
         """Whole-model microseconds of many models at once from their additive totals
-        (`features.model_totals`, one row per model): the kernels' sum, the linear overhead
-        term, the whole-model regressor's ratio and the device correction."""
-        ratio = self.model_model.inplace_predict(model_rows(totals, self.device))
+        (`features.model_totals`, one row per model): the kernels' sum plus the linear
+        overhead term, times the whole-model regressor's ratio (of the model as kernel calls,
+        or as one TVM call where it has no host op and that is `MARGIN` faster, as the build
+        chooses), and the device correction."""
+        rows = model_rows(totals, self.device)
         per_kernel, per_host_step, per_call = self.overhead
         column = MODEL_TOTAL_NAMES.index
-        base = (totals[:, column("kernel_sum_us")] + per_kernel * totals[:, column("kernels")]
-                + per_host_step * totals[:, column("host_steps")] + per_call)
-        total = np.maximum(base, 1e-3) * np.exp(np.asarray(ratio, dtype=np.float64))
+        base = np.maximum(totals[:, column("kernel_sum_us")]
+                          + per_kernel * totals[:, column("kernels")]
+                          + per_host_step * totals[:, column("host_steps")] + per_call, 1e-3)
+        total = base * np.exp(self.model_model.inplace_predict(rows).astype(np.float64))
+        if self.one_call_model is not None:
+            one_call = base * np.exp(self.one_call_model.inplace_predict(rows).astype(np.float64))
+            chosen = (totals[:, column("host_steps")] == 0) & (one_call * (1 + MARGIN) < total)
+            total = np.where(chosen, one_call, total)
         if corrected and self.correction != (0.0, 1.0):
             a, b = self.correction
             total = np.exp(a + b * np.log(np.maximum(total, 1e-3)))
@@ -390,9 +429,9 @@ class LatencyPredictor:
         out = Path(directory) if directory else device_dir(self.key)
         out.mkdir(parents=True, exist_ok=True)
         boosters = {FILES[0]: self.kernel_model, FILES[1]: self.model_model,
-                    CORRECTION_FILE: self.kernel_correction}
+                    CORRECTION_FILE: self.kernel_correction, ONE_CALL_FILE: self.one_call_model}
         tables = {TABLE_FILE: self.table, DEVICE_TABLE_FILE: self.device_table}
-        for name in (CORRECTION_FILE, DEVICE_TABLE_FILE):  # of an earlier adaptation
+        for name in (CORRECTION_FILE, DEVICE_TABLE_FILE, ONE_CALL_FILE):  # of an earlier save
             (out / name).unlink(missing_ok=True)
         for name, booster in boosters.items():
             if booster is not None:
@@ -422,12 +461,12 @@ class LatencyPredictor:
         boosters = [_read_booster(folder / name, manifest) for name in FILES]
         table = _read_table(folder / TABLE_FILE, manifest)
         saved = manifest.get("files", {})
-        correction = _read_booster(folder / CORRECTION_FILE, manifest) \
-            if CORRECTION_FILE in saved else None
+        correction, one_call = (_read_booster(folder / name, manifest) if name in saved else None
+                                for name in (CORRECTION_FILE, ONE_CALL_FILE))
         device_table = _read_table(folder / DEVICE_TABLE_FILE, manifest) \
             if DEVICE_TABLE_FILE in saved else None
         return LatencyPredictor(boosters[0], boosters[1], manifest, table, open_db(db),
-                                correction, device_table)
+                                correction, device_table, one_call)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -518,9 +557,12 @@ def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
                        rounds, data.base)
         result[held] = np.exp(booster.inplace_predict(data.kernel_rows[held])
                               + data.kernel_log_baseline[held])
-        table = measured_table([s for i, s in enumerate(data.samples) if fold_of_sample[i] != k])
+        tables = {key: measured_table([s for i, s in enumerate(data.samples)
+                                       if fold_of_sample[i] != k and s.device["key"] == key])
+                  for key in {d.key for d in data.devices}}
         for row in np.flatnonzero(held):
-            known = table.get(data.signatures[row])
+            owner = data.kernel_owner[row]
+            known = tables[data.devices[owner].key].get(data.signatures[row])
             if known is not None:
                 result[row] = known
     return result
@@ -534,32 +576,40 @@ def _base_us(kernel_us: Any, kernels: int, host_steps: int, overhead: list[float
                + per_call, 1e-3)
 
 
-def _fit_overhead(data: TrainingSet, kernel_us: np.ndarray) -> list[float]:
+def _fit_overhead(data: TrainingSet, kernel_us: np.ndarray, latencies: Sequence[float | None]
+                  ) -> list[float]:
     """Non-negative least squares of (model latency - kernels' sum) on the counts of kernel
-    calls and host op steps and a constant: the additive part of the whole-model term. Each
-    model's row is divided by its latency (relative errors: the gaps of models of tens of
-    milliseconds must not set a per-call cost for models of a hundred microseconds)."""
+    calls and host op steps and a constant: the additive part of the whole-model term, fitted
+    to the models' `latencies` as kernel calls (None: not known). Each model's row is divided
+    by its latency (relative errors: the gaps of models of tens of milliseconds must not set a
+    per-call cost for models of a hundred microseconds)."""
     from scipy.optimize import nnls
 
     rows, gaps, weights = [], [], []
-    for i, s in enumerate(data.samples):
+    for i, (s, latency) in enumerate(zip(data.samples, latencies, strict=True)):
+        if latency is None:
+            continue
         us = kernel_us[data.kernel_owner == i]
         rows.append([float(len(us)), float(s.host_steps), 1.0])
-        gaps.append(s.measured_us - float(np.sum(us)))
-        weights.append(1.0 / s.measured_us)
+        gaps.append(latency - float(np.sum(us)))
+        weights.append(1.0 / latency)
     w = np.asarray(weights)
     coefficients, _ = nnls(np.asarray(rows) * w[:, None], np.asarray(gaps) * w)
     return [float(c) for c in coefficients]
 
 
-def _model_rows(data: TrainingSet, kernel_us: np.ndarray, overhead: list[float]
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _model_rows(data: TrainingSet, kernel_us: np.ndarray, overhead: list[float],
+                latencies: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-model regressor's rows and labels (log of each model's latency in one plan,
+    None where not known, over its kernels' sum plus the linear overhead term)."""
     rows, ratios = [], []
-    for i, s in enumerate(data.samples):
+    for i, (s, latency) in enumerate(zip(data.samples, latencies, strict=True)):
+        if latency is None:
+            continue
         us = kernel_us[data.kernel_owner == i]
-        rows.append(model_features(s.records, s.host_steps, list(us), data.device))
+        rows.append(model_features(s.records, s.host_steps, list(us), data.devices[i]))
         base = _base_us(us, len(us), s.host_steps, overhead)
-        ratios.append(math.log(s.measured_us) - math.log(base))
+        ratios.append(math.log(latency) - math.log(base))
     return (np.asarray(rows, dtype=np.float32).reshape(-1, len(MODEL_FEATURE_NAMES)),
             np.asarray(ratios, dtype=np.float32))
 

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
+from hwaware.build import CHAINED, KERNEL_CALLS, ONE_CALL
 from hwaware.decompose import KernelRecord
 from hwaware.predict import DATA_DIR
 from hwaware.predict.features import Device
@@ -66,6 +67,9 @@ SAMPLE_SCHEMA_VERSION = 3  # 2: `kernels` ends with the host ops' records and ti
 # kernel's and host op's time is taken inside whole runs of the model, not alone
 AS_BUILT = "as-built"  # kernel_measurements.impl of a decomposed kernel's measured time
 TIMING_QUANTILE = 0.25
+# The build's plans that run the whole model as one TVM call, chosen over the kernel calls
+# where `hwaware.build.MARGIN` faster
+ONE_CALL_PLANS = (CHAINED, ONE_CALL)
 # The machine's speed, checked around each model with fixed reference workloads
 # (`machine_slowdown`): on this shared 2-vCPU machine whole minutes ran 1.3-2x slower (a
 # model re-timed later: 154 -> 93 us, every kernel alike), which a quantile of one model's
@@ -118,6 +122,10 @@ class Sample:
     reference_us: float = 0.0  # the compute reference just before the timing (0: not taken)
     slowdown: float = 0.0  # the references' worst time around the timing over their fastest
     gather_reference_us: float = 0.0  # the gather reference just before it (0: not taken)
+    # the build's timings of each whole-model plan it weighed (`BuildInfo.plan_us`: the
+    # kernel-by-kernel assignments, then the one-call plans beside the chosen kernel calls,
+    # "kernel-calls"), microseconds; empty in samples from before it was kept
+    plan_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def timed_calm(self) -> bool:
@@ -140,6 +148,23 @@ class Sample:
         """The model's ground-truth latency: the lower of its two timings (each a lower
         quartile; noise on a shared machine only adds time). Their gap is the noise floor."""
         return min(self.latency_us, self.latency2_us)
+
+    def plan_latencies(self) -> tuple[float | None, float | None]:
+        """The model's latency as kernel calls (the build's best kernel-by-kernel program) and
+        as its fastest one-call plan (`ONE_CALL_PLANS`), from the build's timings of the plans
+        it weighed scaled to `measured_us`; None where that plan was not timed. Samples from
+        before `plan_us` was kept: the chosen plan's latency stands for the kernel calls (the
+        whole-model regressor learns both plans as one), and none for one call."""
+        if not self.plan_us:
+            return self.measured_us, None
+        calls = self.plan_us.get(KERNEL_CALLS)
+        one_calls = [self.plan_us[p] for p in ONE_CALL_PLANS if p in self.plan_us]
+        if self.plan in ONE_CALL_PLANS:
+            chosen = self.plan_us.get(self.plan)
+            return (self.measured_us * calls / chosen if calls and chosen else None,
+                    self.measured_us)
+        return (self.measured_us,
+                self.measured_us * min(one_calls) / calls if one_calls and calls else None)
 
     @property
     def kernel_us(self) -> list[float]:
@@ -247,7 +272,8 @@ def measure(arch: Measurable, target: Any, device: Device, db: Any, split: str =
     return Sample(arch.id, arch.to_json(), split, device.to_json(), cpu_kind(), kernels,
                   decomposition.host_steps, first, second, eager, unattributed, compile_s,
                   versions(), plan=compiled.info.plan, reference_us=reference["compute"],
-                  slowdown=max(before, after), gather_reference_us=reference["gather"])
+                  slowdown=max(before, after), gather_reference_us=reference["gather"],
+                  plan_us=dict(compiled.info.plan_us))
 
 
 @functools.cache
