@@ -64,13 +64,22 @@ DRAWS = 3
 
 
 def accuracy(base: Device, samples: list[Sample]) -> tuple[LatencyPredictor, str]:
+    """This device's held-out metrics, trained on its models alone and jointly on every
+    device's (the shipped way); the predictor trained alone (transfer starts from it)."""
     own = [s for s in samples if s.device["key"] == base.key]
-    predictor = LatencyPredictor.train(training_samples(own), base)
-    text = (f"## Accuracy on {base.key}\n\nTrained on {len(training_samples(own))} models "
-            f"({predictor.manifest['training']['kernels']} kernels); held out: "
+    alone = LatencyPredictor.train(training_samples(own), base)
+    joint = LatencyPredictor.train(training_samples(samples), base, joint=True)
+    devices = joint.manifest["training"]["devices"]
+    text = (f"## Accuracy on {base.key}\n\nHeld out: "
             + ", ".join(f"{k} {len(v)}" for k, v in evaluation_splits(own).items())
-            + ".\n\n" + table(evaluate(predictor, own)))
-    return predictor, text
+            + f".\n\n### Trained on this device's {len(training_samples(own))} models alone "
+            f"({alone.manifest['training']['kernels']} kernels)\n\n"
+            + table(evaluate(alone, own))
+            + f"\n\n### Trained jointly on {joint.manifest['training']['models']} models of "
+            f"{len(devices)} devices (the shipped way: `hwaware predictor train`)\n\n"
+            + ", ".join(f"{k} {n}" for k, n in sorted(devices.items())) + ".\n\n"
+            + table(evaluate(joint, own)))
+    return alone, text
 
 
 def learning_curve(base: Device, samples: list[Sample]) -> str:
@@ -147,6 +156,9 @@ def _needed(curve: list[tuple[int, float]], bar: float) -> str:
 
 
 def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
+    """`base_predictor` (trained on its device alone) adapted to each other device with a few
+    of its measurements, beside the joint predictor of all devices trained with that
+    device's own training models (draw "joint")."""
     keys = sorted({s.device["key"] for s in samples} - {base_predictor.key})
     rows = ["| device | adapt samples | draw | ±10% | ±5% | MAPE | Spearman | Kendall | "
             "unadapted ±10% | unadapted Spearman |", "|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -161,13 +173,16 @@ def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
         measured = [s.measured_us for s in held]
         raw = metrics(list(base_predictor.predict_samples(held)), measured)
         for draw in range(DRAWS):
-            picked = [pool[i] for i in np.random.default_rng(draw).permutation(
-                len(pool))[:ADAPT_SAMPLES]]
-            adapted = base_predictor.adapt(picked, device)
+            adapted = base_predictor.adapt(_picked(pool, draw), device)
             m = metrics(list(adapted.predict_samples(held)), measured)
             rows.append(f"| {key} | {ADAPT_SAMPLES} | {draw} | {100 * m.within_10:.1f}% | "
                         f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | "
                         f"{m.kendall:.3f} | {100 * raw.within_10:.1f}% | {raw.spearman:.3f} |")
+        joint = LatencyPredictor.train(training_samples(samples), device, joint=True)
+        m = metrics(list(joint.predict_samples(held)), measured)
+        rows.append(f"| {key} | {len(pool)} (joint) | joint | {100 * m.within_10:.1f}% | "
+                    f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | "
+                    f"{m.kendall:.3f} | | |")
     return (f"## Few-shot transfer from {base_predictor.key} ({ADAPT_SAMPLES} measurements of "
             "the new device; metrics on its held-out models)\n\n" + "\n".join(rows))
 
@@ -182,24 +197,48 @@ def transfer_into(base: Device, samples: list[Sample]) -> str:
             "Kendall | unadapted ±10% | unadapted Spearman |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     others = sorted({s.device["key"] for s in samples} - {base.key})
-    for key in others:
-        theirs = training_samples([s for s in samples if s.device["key"] == key])
-        if len(theirs) < MIN_TRANSFER_BASE or len(pool) < ADAPT_SAMPLES or len(held) < 5:
-            continue
-        trained = LatencyPredictor.train(theirs, Device(**theirs[0].device))
-        measured = [s.measured_us for s in held]
+    if len(pool) < ADAPT_SAMPLES or len(held) < 5:
+        return f"## Few-shot transfer into {base.key}\n\nToo few samples of it."
+    measured = [s.measured_us for s in held]
+    cpu = own[0].cpu if own else ""
+    everyone_else = training_samples([s for s in samples if s.cpu != cpu])  # other CPU kinds
+    bases = [(key, theirs, LatencyPredictor.train(theirs, Device(**theirs[0].device)))
+             for key in others
+             for theirs in [training_samples([s for s in samples if s.device["key"] == key])]
+             if len(theirs) >= MIN_TRANSFER_BASE]
+    kinds = sorted({s.cpu for s in everyone_else})
+    bases.append((f"joint: every other CPU kind ({', '.join(kinds)})", everyone_else,
+                  LatencyPredictor.train(everyone_else, base, joint=True)))
+    for name, theirs, trained in bases:
         raw = metrics(list(trained.predict_samples(held)), measured)
         for draw in range(DRAWS):
-            picked = [pool[i] for i in np.random.default_rng(draw).permutation(
-                len(pool))[:ADAPT_SAMPLES]]
+            picked = _picked(pool, draw)
             m = metrics(list(trained.adapt(picked, base).predict_samples(held)), measured)
-            rows.append(f"| {key} | {len(theirs)} | {ADAPT_SAMPLES} | {draw} | "
-                        f"{100 * m.within_10:.1f}% | {100 * m.within_5:.1f}% | {m.mape:.1f}% | "
-                        f"{m.spearman:.3f} | {m.kendall:.3f} | {100 * raw.within_10:.1f}% | "
-                        f"{raw.spearman:.3f} |")
-    return (f"## Few-shot transfer into {base.key} (a predictor of another device adapted with "
-            f"{ADAPT_SAMPLES} measurements of this one; metrics on its {len(held)} held-out "
-            "models)\n\n" + "\n".join(rows))
+            rows.append(_transfer_row(name, len(theirs), f"{ADAPT_SAMPLES}", draw, m, raw))
+    for draw in range(DRAWS):  # the few measurements trained on with everyone else's
+        picked = _picked(pool, draw)
+        joint = LatencyPredictor.train(everyone_else + picked, base, joint=True)
+        m = metrics(list(joint.predict_samples(held)), measured)
+        rows.append(_transfer_row("joint: every other CPU kind and the 10 of this device",
+                                  len(everyone_else), f"{ADAPT_SAMPLES} (trained on)", draw, m,
+                                  None))
+    return (f"## Few-shot transfer into {base.key} (a predictor of other devices adapted with "
+            f"{ADAPT_SAMPLES} measurements of this one, or trained with them; metrics on its "
+            f"{len(held)} held-out models)\n\n" + "\n".join(rows))
+
+
+def _picked(pool: list[Sample], draw: int) -> list[Sample]:
+    """`ADAPT_SAMPLES` of `pool`, drawn by `draw`."""
+    order = np.random.default_rng(draw).permutation(len(pool))
+    return [pool[i] for i in order[:ADAPT_SAMPLES]]
+
+
+def _transfer_row(name: str, models: int, adapt: str, draw: int, m: Metrics,
+                  raw: Metrics | None) -> str:
+    unadapted = f"{100 * raw.within_10:.1f}% | {raw.spearman:.3f}" if raw else " | "
+    return (f"| {name} | {models} | {adapt} | {draw} | {100 * m.within_10:.1f}% | "
+            f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | {m.kendall:.3f} | "
+            f"{unadapted} |")
 
 
 def speed(predictor: LatencyPredictor, samples: list[Sample]) -> str:

@@ -10,7 +10,7 @@
     hwaware demo [--trials N] [--db PATH]
     hwaware profile [--target T] [--space S] [--samples N] [--threads K] [--split SPLIT]
     hwaware predictor train|eval|adapt [--target T] [--threads K] [--samples N] [--prior P]
-                                       [--joint]
+                                       [--alone]
     hwaware farm tracker [--host H] [--port P]
     hwaware farm server --key K --tracker HOST:PORT [--host H] [--port P]
     hwaware farm status --tracker HOST:PORT [--json]
@@ -199,9 +199,9 @@ def _add_predictor_commands(sub: Any) -> None:
     pd.add_argument("--models", default=str(COST_MODELS_DIR),
                     help="folder of predictors, one subfolder per device key")
     pd.add_argument("--json", action="store_true", help="eval: print the metrics as JSON")
-    pd.add_argument("--joint", action="store_true",
-                    help="train: on the samples of every device in the data, each described "
-                    "by its own device (CPU kind, threads, vector width), for this device")
+    pd.add_argument("--alone", action="store_true",
+                    help="train: on this device's samples only (default: jointly on every "
+                    "device's in the data, each described by its own device's features)")
     pd.add_argument("--prior", choices=PRIORS, default="physical",
                     help="train: the kernel regressor's prior (physical: ratios to FLOPs at "
                     "peak plus bytes at bandwidth; none: times; pretrained: times, boosting on "

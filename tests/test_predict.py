@@ -484,18 +484,27 @@ def test_cli_train_and_eval_on_profiled_data(tmp_path: Path, capsys: pytest.Capt
 def test_cli_trains_a_device_measured_on_another_machine(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     """`--device KEY` trains the predictor of a device of the data that is not this machine's
-    (its facts come from its samples); an unknown key names the keys the data has."""
+    (its facts come from its samples), jointly on every device's training samples unless
+    `--alone`; an unknown key names the keys the data has."""
     from hwaware.cli import main
 
     far = replace(DEVICE, key="llvm-far-away-8c", threads=8, peak_gflops=999.0)
     data, models = tmp_path / "data", tmp_path / "models"
     data.mkdir()
-    (data / "far.jsonl").write_text("".join(_sample(i, far).to_json() + "\n" for i in range(60)))
+    far_samples = [_sample(i, far) for i in range(60)]
+    (data / "far.jsonl").write_text("".join(s.to_json() + "\n" for s in far_samples))
+    (data / "here.jsonl").write_text("".join(_sample(i).to_json() + "\n" for i in range(30)))
     args = ["predictor", "train", "--device", far.key, "--data", str(data), "--models",
             str(models)]
     assert main(args) == 0
-    assert LatencyPredictor.load(directory=models / far.key).manifest["feature_device"] == \
-        far.to_json()
+    trained = LatencyPredictor.load(directory=models / far.key).manifest
+    assert trained["feature_device"] == far.to_json()
+    assert trained["training"]["devices"] == {
+        far.key: len(commands.training_samples(far_samples)),
+        DEVICE.key: len(commands.training_samples([_sample(i) for i in range(30)]))}
+    assert main([*args, "--alone"]) == 0
+    alone = LatencyPredictor.load(directory=models / far.key).manifest["training"]
+    assert "devices" not in alone and alone["models"] == trained["training"]["devices"][far.key]
     capsys.readouterr()
     assert main([*args[:2], "--device", "nowhere", *args[4:]]) == 2
     assert far.key in capsys.readouterr().err

@@ -3,7 +3,10 @@
 Goes in: the profiled samples in `cost_models/data/*.jsonl` (`hwaware profile` makes them) and a
 target with a thread count (the device). Samples are split once and for all by a hash of their
 architecture id: a fifth of the in-range architectures is held out of training, and the
-out-of-range (`ood`) and real (`zoo`) samples are never trained on. Comes out: the predictor in
+out-of-range (`ood`) and real (`zoo`) samples are never trained on. A predictor is trained
+jointly on the training samples of every device in the data, each described by its own device's
+features (`--alone`: its own device's only): on the CPU kinds measured so far that predicts each
+device's held-out models better than its own samples alone. Comes out: the predictor in
 `cost_models/<device key>/` with its held-out metrics in its manifest (train), the metrics
 table (eval), or a predictor for a new device adapted from another's with a few of its
 measurements (adapt).
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     samples = read_samples(files, device.key)
     models = Path(args.models)
     if args.action == "train":
-        joint = bool(getattr(args, "joint", False))
+        joint = not getattr(args, "alone", False)
         return _train(device, read_samples(files) if joint else samples, models,
                       prior_of(args), joint)
     if args.action == "eval":
