@@ -208,7 +208,7 @@ def transfer_into(base: Device, samples: list[Sample]) -> str:
              if len(theirs) >= MIN_TRANSFER_BASE]
     kinds = sorted({s.cpu for s in everyone_else})
     bases.append((f"joint: every other CPU kind ({', '.join(kinds)})", everyone_else,
-                  LatencyPredictor.train(everyone_else, base, joint=True)))
+                  LatencyPredictor.train(everyone_else, base, joint=True, min_models=0)))
     for name, theirs, trained in bases:
         raw = metrics(list(trained.predict_samples(held)), measured)
         for draw in range(DRAWS):
@@ -217,7 +217,7 @@ def transfer_into(base: Device, samples: list[Sample]) -> str:
             rows.append(_transfer_row(name, len(theirs), f"{ADAPT_SAMPLES}", draw, m, raw))
     for draw in range(DRAWS):  # the few measurements trained on with everyone else's
         picked = _picked(pool, draw)
-        joint = LatencyPredictor.train(everyone_else + picked, base, joint=True)
+        joint = LatencyPredictor.train(everyone_else + picked, base, joint=True, min_models=0)
         m = metrics(list(joint.predict_samples(held)), measured)
         rows.append(_transfer_row("joint: every other CPU kind and the 10 of this device",
                                   len(everyone_else), f"{ADAPT_SAMPLES} (trained on)", draw, m,

@@ -203,18 +203,18 @@ class LatencyPredictor:
         the kernel: its FLOPs and bytes on the device), "none" (its time itself), or
         "pretrained" (its time, boosting on from a regressor pretrained on the baselines of
         the kernels of `pretrain_archs` unmeasured architectures: `predict.pretrain`).
-        `min_models`: fewer samples are refused (`bench/predictor.py`'s learning curve goes
-        below the default). `joint`: train on the samples of every device in `samples`, each
-        described by its own device's features (one regressor learns how kernels differ
-        between CPU kinds and thread counts; the kernels measured on `device` alone answer
-        as measured), else on `device`'s alone."""
+        `min_models`: fewer samples of `device` are refused, also when `joint` (a device
+        without them is adapted to: `adapt`; `bench/predictor.py` goes below the default).
+        `joint`: train on the samples of every device in `samples`, each described by its own
+        device's features (one regressor learns how kernels differ between CPU kinds and
+        thread counts; only the kernels measured on `device` answer as measured), else on
+        `device`'s alone."""
         if prior not in PRIORS:
             raise PredictorError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
-        own = _enough_samples(samples, device, 0 if joint else min_models)
+        own = _enough_samples(samples, device, min_models)
         samples = list(samples) if joint else own
-        if len(samples) < min_models:
-            raise PredictorError(f"{len(samples)} profiled models in all; training needs at "
-                                 f"least {min_models}")
+        if not samples:
+            raise PredictorError("no profiled models to train on")
         base, pretraining = (pretrained_kernel_model(device, pretrain_archs)
                              if prior == "pretrained" else (None, None))
         data = TrainingSet(list(samples), device, prior, base)
