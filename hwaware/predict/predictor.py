@@ -80,7 +80,7 @@ FILES = ("kernel_model.json", "model_model.json")
 # The whole-model regressor of the model run as one TVM call (`profile.ONE_CALL_PLANS`); the
 # predictor chooses between it and the kernel calls as the build does (`hwaware.build.MARGIN`)
 ONE_CALL_FILE = "one_call_model.json"
-MIN_ONE_CALL_MODELS = 10  # fewer models timed as one call: no such regressor (kernel calls only)
+MIN_ONE_CALL_MODELS = 10  # fewer of the device's models timed as one call: kernel calls only
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 # An adapted predictor's own files: the kernel correction regressor, and the kernels measured
 # on its device (in the models it was adapted with)
@@ -225,8 +225,12 @@ class LatencyPredictor:
         model_model = _fit(*_model_rows(data, oof, overhead, calls_us), MODEL_PARAMS,
                            MODEL_ROUNDS)
         one_call_rows, one_call_ratios = _model_rows(data, oof, overhead, one_call_us)
+        # only where `device`'s own samples have the build's plan timings: without them its
+        # models' latencies (whichever plan the build chose) all trained the kernel-call one
+        timed_here = sum(u is not None and s.device["key"] == device.key
+                         for s, u in zip(samples, one_call_us, strict=True))
         one_call_model = (_fit(one_call_rows, one_call_ratios, MODEL_PARAMS, MODEL_ROUNDS)
-                          if len(one_call_ratios) >= MIN_ONE_CALL_MODELS else None)
+                          if timed_here >= MIN_ONE_CALL_MODELS else None)
         manifest = {**_manifest(device, device, samples, data), "overhead_us": overhead,
                     "kernel_prior": prior}
         manifest["training"]["one_call_models"] = len(one_call_ratios)
