@@ -178,7 +178,8 @@ def transfer(base_predictor: LatencyPredictor, samples: list[Sample]) -> str:
             rows.append(f"| {key} | {ADAPT_SAMPLES} | {draw} | {100 * m.within_10:.1f}% | "
                         f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | "
                         f"{m.kendall:.3f} | {100 * raw.within_10:.1f}% | {raw.spearman:.3f} |")
-        joint = LatencyPredictor.train(training_samples(samples), device, joint=True)
+        joint = LatencyPredictor.train(training_samples(samples), device, joint=True,
+                                       min_models=1)
         m = metrics(list(joint.predict_samples(held)), measured)
         rows.append(f"| {key} | {len(pool)} (joint) | joint | {100 * m.within_10:.1f}% | "
                     f"{100 * m.within_5:.1f}% | {m.mape:.1f}% | {m.spearman:.3f} | "
