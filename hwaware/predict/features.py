@@ -131,16 +131,16 @@ def _convs(attributes: str) -> list[tuple[int, int]]:
     return convs
 
 
-def _conv_attributes(attributes: str) -> tuple[float, float, float]:
-    """Largest stride, largest groups and how many depthwise-style (grouped) convolutions."""
-    convs = _convs(attributes)
+def _conv_attributes(convs: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """Largest stride, log2 of the largest groups and how many depthwise-style (grouped)
+    convolutions, of a kernel's `_convs`."""
     stride = max((s for s, _ in convs), default=1)
-    return float(stride), _log2(_conv_groups(attributes)), float(sum(g > 1 for _, g in convs))
+    return float(stride), _log2(_largest_groups(convs)), float(sum(g > 1 for _, g in convs))
 
 
-def _conv_groups(attributes: str) -> int:
+def _largest_groups(convs: list[tuple[int, int]]) -> int:
     """The largest groups of a kernel's convolutions (1 where none)."""
-    return max((g for _, g in _convs(attributes)), default=1)
+    return max((g for _, g in convs), default=1)
 
 
 def roofline_us(flops: int, bytes_moved: int, device: Device) -> float:
@@ -180,16 +180,17 @@ def kernel_features(record: Any, device: Device) -> list[float]:
     largest_out = max((_numel(s) for s in record.output_shapes), default=1)
     last_dim = record.output_shapes[0][-1] if record.output_shapes and \
         record.output_shapes[0] else 1
+    convs = _convs(record.attributes)
     return [
         *family, *counts.values(), float(len(record.ops)),
         _log2(record.flops), _log2(record.bytes_moved), _log2(record.weight_bytes),
         _log2(in_elems), _log2(out_elems), _log2(record.flops / (2 * largest_out)),
         _log2(last_dim), record.arithmetic_intensity,
         float(len(record.input_shapes)), float(len(record.output_shapes)),
-        *_conv_attributes(record.attributes),
+        *_conv_attributes(convs),
         _log2(roofline_us(record.flops, record.bytes_moved, device)),
         *_dims(record.input_shapes), *_dims(record.output_shapes),
-        *_vector_fit(record, device, largest_out), *_device_features(device),
+        *_vector_fit(record, device, largest_out, convs), *_device_features(device),
     ]
 
 
@@ -200,7 +201,8 @@ def _lanes_filled(n: float, lanes: int) -> float:
     return math.log2(math.gcd(max(int(round(n)), 1), lanes))
 
 
-def _vector_fit(record: Any, device: Device, largest_out: int) -> list[float]:
+def _vector_fit(record: Any, device: Device, largest_out: int,
+                convs: list[tuple[int, int]]) -> list[float]:
     """How the kernel's output and input channels (dim 1 of a 4-D shape, else the last dim),
     its output's last dim and its reduction length fill the device's FP32 vectors
     (`_lanes_filled`), its conv window (the reduction over input channels per group: 3 for a
@@ -213,7 +215,7 @@ def _vector_fit(record: Any, device: Device, largest_out: int) -> list[float]:
     reduction = record.flops / (2 * largest_out)
     window = 0.0
     if "conv" in record.family and len(first_in) == 4:
-        groups = max(_conv_groups(record.attributes), 1)
+        groups = max(_largest_groups(convs), 1)
         window = math.sqrt(max(reduction * groups / max(in_channels, 1), 0.0))
     pixels = math.prod(first_out[-2:]) if len(first_out) == 4 else (
         first_out[-2] if len(first_out) >= 2 else 1)
