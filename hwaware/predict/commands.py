@@ -5,10 +5,11 @@ target with a thread count (the device). Samples are split once and for all by a
 architecture id: a fifth of the in-range architectures is held out of training, and the
 out-of-range (`ood`) and real (`zoo`) samples are never trained on. A predictor is trained
 jointly on the training samples of every device in the data, each described by its own device's
-features (`--alone`: its own device's only): on the CPU kinds measured so far that predicts each
-device's held-out models better than its own samples alone. Comes out: the predictor in
-`cost_models/<device key>/` with its held-out metrics in its manifest (train), the metrics
-table (eval), or a predictor for a new device adapted from another's with a few of its
+features (`--alone`: its own device's only): on the three CPU kinds measured so far that gives
+lower MAPE and higher Spearman on each device's held-out models than its own samples alone
+(within ±10%: better on one, slightly worse on two; `bench/predictor.py`). Comes out: the
+predictor in `cost_models/<device key>/` with its held-out metrics in its manifest (train), the
+metrics table (eval), or a predictor for a new device adapted from another's with a few of its
 measurements (adapt).
 """
 
@@ -94,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
         device = device_of_data(args.device, files)
     else:
         device = Device.of(get_target(args.target), args.threads)
-    samples = read_samples(files, device.key)
+    everyone = read_samples(files)
+    samples = [s for s in everyone if s.device["key"] == device.key]
     models = Path(args.models)
     if args.action == "train":
         joint = not getattr(args, "alone", False)
-        return _train(device, read_samples(files) if joint else samples, models,
-                      prior_of(args), joint)
+        return _train(device, everyone if joint else samples, models, prior_of(args), joint)
     if args.action == "eval":
         predictor = LatencyPredictor.load(args.target, threads=args.threads,
                                           directory=models / device.key)
