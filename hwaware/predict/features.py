@@ -215,7 +215,7 @@ def _vector_fit(record: Any, device: Device, largest_out: int,
     reduction = record.flops / (2 * largest_out)
     window = 0.0
     if "conv" in record.family and len(first_in) == 4:
-        groups = max(_largest_groups(convs), 1)
+        groups = _largest_groups(convs)
         window = math.sqrt(max(reduction * groups / max(in_channels, 1), 0.0))
     pixels = math.prod(first_out[-2:]) if len(first_out) == 4 else (
         first_out[-2] if len(first_out) >= 2 else 1)
