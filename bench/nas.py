@@ -239,9 +239,10 @@ def main() -> None:
                         help="predictor folders of other devices, for the device-specific "
                         "spaces section (e.g. from `hwaware predictor train --target x86-avx2`)")
     parser.add_argument("--keep", type=float, default=0.8)
-    parser.add_argument("--accuracy-only", action="store_true",
+    parser.add_argument("--accuracy-only", nargs="?", const="", metavar="FILE.jsonl",
                         help="only the table against every architecture already measured in "
-                        "bench/nas-<cpu>.jsonl (none of them is in the predictor's data)")
+                        "FILE.jsonl (default: bench/nas-<cpu>.jsonl; none of them is in the "
+                        "predictor's data)")
     parser.add_argument("--between-sessions", type=Path, metavar="FILE.jsonl",
                         help="only time every architecture of bench/nas-<cpu>.jsonl again, "
                         "into FILE.jsonl, and report how far its latency moved")
@@ -249,8 +250,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     kind = cpu_kind()
     out = Path(args.out or Path(__file__).parent / f"nas-{kind}.md")
-    if args.accuracy_only:
-        data = Path(__file__).parent / f"nas-{kind}.jsonl"
+    if args.accuracy_only is not None:
+        data = Path(args.accuracy_only or Path(__file__).parent / f"nas-{kind}.jsonl")
         samples = [Sample.from_json(line) for line in data.read_text().splitlines()]
         print(accuracy_of(args.predictor, args.target, samples))
         return
