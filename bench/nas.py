@@ -228,6 +228,10 @@ def _per_call_us(fn: object, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def _read_samples(path: Path) -> list:
+    return [Sample.from_json(line) for line in path.read_text().splitlines()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="host")
@@ -250,14 +254,13 @@ def main() -> None:
     warnings.simplefilter("ignore")
     kind = cpu_kind()
     out = Path(args.out or Path(__file__).parent / f"nas-{kind}.md")
+    timed = Path(__file__).parent / f"nas-{kind}.jsonl"  # architectures timed on this CPU kind
     if args.accuracy_only is not None:
-        data = Path(args.accuracy_only or Path(__file__).parent / f"nas-{kind}.jsonl")
-        samples = [Sample.from_json(line) for line in data.read_text().splitlines()]
+        samples = _read_samples(Path(args.accuracy_only or timed))
         print(accuracy_of(args.predictor, args.target, samples))
         return
     if args.between_sessions:
-        data = Path(__file__).parent / f"nas-{kind}.jsonl"
-        stored = [Sample.from_json(line) for line in data.read_text().splitlines()]
+        stored = _read_samples(timed)
         print(between_sessions(args.predictor, args.target, stored, args.between_sessions))
         return
     table = LatencyTable(args.target, space="ofa-mbv3", predictor=args.predictor)
