@@ -452,6 +452,27 @@ def test_profile_samples_the_search_spaces_too() -> None:
         spaces.sample("no-such-family", 3)
 
 
+def test_block_family_samples_real_scale_blocks_that_fuse_as_real_ones_do() -> None:
+    archs = spaces.sample("block", 60, seed=3)
+    assert [a.id for a in spaces.sample("block", 60, seed=3)] == [a.id for a in archs]
+    assert {a.config["block"] for a in archs} == set(spaces.BLOCK_BUILDERS)
+    assert all(spaces.block_macs(a.config) <= spaces.BLOCK_MACS for a in archs)
+    assert max(spaces.block_macs(a.config) for a in archs) > 50e6  # real scale, not toy
+    import hwaware
+
+    image = {"cin": 16, "resolution": 8, "stride": 1}
+    fused = {  # a small config of each fused kind -> the family its kernel must be
+        "res": ({**image, "cout": 16, "bottleneck": 4}, "res_block"),
+        "mbconv": ({**image, "cout": 16, "expand": 4, "kernel": 3, "se": True}, "conv_block"),
+        "convnext": ({"cin": 16, "resolution": 8, "kernel": 7}, "convnext_block"),
+        "attention": ({"heads": 2, "head_dim": 8, "seq": 16, "causal": True}, "attention"),
+        "encoder": ({"d_model": 32, "heads": 2, "ffn_ratio": 2, "tokens": 8}, "attention"),
+    }
+    for kind, (config, family) in fused.items():
+        model, inputs = spaces.Architecture("block", {"block": kind, **config}).build()
+        assert family in {r.family for r in hwaware.decompose(model, inputs).kernels}, kind
+
+
 def test_attribution_charges_built_kernels_to_decomposed_ones() -> None:
     decomposed = {"k0_conv2d": ("conv", "relu"), "k1_matmul": ("mm",)}
     built = {"k0_conv2d": ["conv"], "k1_elementwise": ["relu"], "k2_x": ["mm", "extra"],

@@ -1,14 +1,18 @@
 """Architecture families the latency predictor is trained and checked on.
 
-Goes in: a family name ("cnn", "mobilenet", "resnet", "transformer", "gnn"), a random generator
-and whether to sample in the training range or beyond it (`ood`: wider, deeper, larger inputs,
-the predictor's out-of-distribution split). Comes out: an `Architecture`, a JSON config that
-builds the same `nn.Module` with the same random weights and example inputs on every machine.
+Goes in: a family name ("cnn", "mobilenet", "resnet", "transformer", "gnn", "block"), a random
+generator and whether to sample in the training range or beyond it (`ood`: wider, deeper,
+larger inputs, the predictor's out-of-distribution split). Comes out: an `Architecture`, a
+JSON config that builds the same `nn.Module` with the same random weights and example inputs
+on every machine.
 
 These are parametric families in the style of the usual NAS spaces (plain CNNs, MobileNetV2
 inverted residuals with optional squeeze-excite, ResNet basic/bottleneck stages, pre-norm
-transformer encoders, GCN stacks); the architecture-search issue replaces them with its
-device-specific spaces. Every model is eval-mode, batch 1, float32.
+transformer encoders, GCN stacks), small whole networks; and "block": one block of the kinds
+real networks are made of (convolution, residual, inverted residual, ConvNeXt, encoder layer,
+attention, MLP, GNN layer) at the sizes they run at (ImageNet stages, BERT-base-sized layers,
+graphs of thousands of nodes), as nn-Meter samples its kernels, so that kernels as large as
+real models' are measured, not extrapolated to. Every model is eval-mode, batch 1, float32.
 """
 
 from __future__ import annotations
@@ -209,6 +213,78 @@ def build_gnn(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model, (torch.randn(cfg["nodes"], cfg["features"]), edges)
 
 
+# ------------------------------------------------------------------------ real-scale blocks
+class _ConvNeXtStyle(nn.Module):
+    """A ConvNeXt block: kxk depthwise conv, channels-last LayerNorm, 4x Linear MLP with GELU,
+    layer scale, residual."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.scale = nn.Parameter(torch.empty(dim).uniform_(0.1, 0.6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.depthwise(x).permute(0, 2, 3, 1))) * self.scale
+        return x + y.permute(0, 3, 1, 2)
+
+
+class _AttentionOnly(nn.Module):
+    """Scaled dot-product attention on per-head q, k, v [1, H, S, D], written out, with the
+    causal mask as a boolean buffer applied by `masked_fill`."""
+
+    def __init__(self, seq: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.register_buffer("future", torch.ones(seq, seq, dtype=torch.bool).triu(1))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if self.causal:
+            future: torch.Tensor = self.future  # type: ignore[assignment]
+            scores = scores.masked_fill(future, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def _block_image(cfg: Config) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(1, cfg["cin"], cfg["resolution"], cfg["resolution"]),)
+
+
+def _build_conv_block(cfg: Config) -> nn.Module:
+    groups = cfg["cin"] if cfg["depthwise"] else 1
+    return nn.Sequential(*conv_bn_act(cfg["cin"], cfg["cout"], cfg["kernel"], cfg["stride"],
+                                      groups))
+
+
+BLOCK_BUILDERS: dict[str, Callable[[Config], nn.Module]] = {
+    "conv": _build_conv_block,
+    "res": lambda c: _ResBlock(c["cin"], c["cout"], c["stride"], c["bottleneck"]),
+    "mbconv": lambda c: _MBConv(c["cin"], c["cout"], c["expand"], c["kernel"], c["stride"],
+                                c["se"]),
+    "convnext": lambda c: _ConvNeXtStyle(c["cin"], c["kernel"]),
+    "encoder": lambda c: EncoderLayer(c["d_model"], c["heads"], c["d_model"] * c["ffn_ratio"]),
+    "attention": lambda c: _AttentionOnly(c["seq"], c["causal"]),
+    "mlp": lambda c: nn.Sequential(nn.Linear(c["d_model"], c["hidden"]), nn.GELU(),
+                                   nn.Linear(c["hidden"], c["d_model"])),
+    "gnn": lambda c: _GNNStack(c["kind"], [c["features"], c["out"]]),
+}
+
+
+def build_block(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """One block of a real network at real scale (`sample_block`)."""
+    model = randomize_batchnorm(BLOCK_BUILDERS[cfg["block"]](cfg))
+    if cfg["block"] in ("encoder", "mlp"):
+        return model, (torch.randn(1, cfg["tokens"], cfg["d_model"]),)
+    if cfg["block"] == "attention":
+        shape = (1, cfg["heads"], cfg["seq"], cfg["head_dim"])
+        return model, tuple(torch.randn(shape) for _ in range(3))
+    if cfg["block"] == "gnn":
+        edges = random_graph(cfg["nodes"], cfg["nodes"] * cfg["degree"])
+        return model, (torch.randn(cfg["nodes"], cfg["features"]), edges)
+    return model, _block_image(cfg)
+
+
 # ------------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class Space:
@@ -264,6 +340,106 @@ def sample_gnn(rng: random.Random, ood: bool) -> Config:
             "classes": rng.choice([4, 8, 16])}
 
 
+# One block of the size real networks run (ImageNet CNN stages, BERT-base-sized layers,
+# graphs of thousands of nodes), where the families above are small whole networks; at most
+# this many multiply-accumulates, so that profiling one stays within seconds
+BLOCK_MACS = 400e6
+CHANNELS = [16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512]
+RESOLUTIONS = [7, 14, 28, 56, 112]
+
+
+def _conv_config(rng: random.Random, ood: bool) -> Config:
+    cin = _pick(rng, ood, CHANNELS, [640, 768, 1024])
+    depthwise = rng.random() < 0.3
+    return {"cin": cin, "cout": cin if depthwise else rng.choice(CHANNELS),
+            "kernel": rng.choice([1, 1, 3, 3, 5, 7]), "stride": rng.choice([1, 1, 2]),
+            "depthwise": depthwise}
+
+
+def _res_config(rng: random.Random, ood: bool) -> Config:
+    cout = _pick(rng, ood, [32, 64, 96, 128, 192, 256, 384, 512], [768, 1024])
+    stride = rng.choice([1, 1, 2])
+    return {"cin": cout // stride if rng.random() < 0.7 else cout, "cout": cout,
+            "stride": stride, "bottleneck": rng.choice([0, 4])}
+
+
+def _mbconv_config(rng: random.Random, ood: bool) -> Config:
+    widths = [16, 24, 32, 40, 48, 64, 80, 96, 112, 160, 192, 320]
+    cin = _pick(rng, ood, widths, [384, 448])
+    return {"cin": cin, "cout": rng.choice([cin, cin, rng.choice(widths)]),
+            "expand": rng.choice([1, 3, 4, 6]), "kernel": rng.choice([3, 5, 7]),
+            "stride": rng.choice([1, 1, 2]), "se": rng.random() < 0.4}
+
+
+def _encoder_config(rng: random.Random, ood: bool) -> Config:
+    d = _pick(rng, ood, [128, 192, 256, 384, 512, 768], [1024])
+    return {"d_model": d, "heads": d // rng.choice([32, 64]), "ffn_ratio": rng.choice([2, 4]),
+            "tokens": _pick(rng, ood, [16, 32, 64, 128, 197, 256], [384, 512])}
+
+
+BLOCK_SAMPLERS: dict[str, Callable[[random.Random, bool], Config]] = {
+    "conv": _conv_config,
+    "res": _res_config,
+    "mbconv": _mbconv_config,
+    "convnext": lambda rng, ood: {"cin": _pick(rng, ood, [48, 64, 96, 128, 192, 256, 384],
+                                               [512, 768]), "kernel": rng.choice([3, 5, 7])},
+    "encoder": _encoder_config,
+    "attention": lambda rng, ood: {
+        "heads": rng.choice([2, 4, 8, 12, 16]), "head_dim": rng.choice([32, 64, 64, 80, 128]),
+        "seq": _pick(rng, ood, [32, 64, 128, 197, 256, 384], [512, 768]),
+        "causal": rng.random() < 0.5},
+    "mlp": lambda rng, ood: {"d_model": (d := _pick(rng, ood, [256, 384, 512, 768], [1024])),
+                             "hidden": d * rng.choice([2, 4]),
+                             "tokens": rng.choice([1, 8, 32, 64, 128, 256])},
+    "gnn": lambda rng, ood: {
+        "kind": rng.choice(["handwritten", "gcn", "sage", "gat"]),
+        "nodes": _pick(rng, ood, [2000, 5000, 10000, 20000], [40000]),
+        "degree": rng.choice([4, 8, 10]), "features": rng.choice([32, 64, 128]),
+        "out": rng.choice([16, 32, 64, 128])},
+}
+
+
+def block_macs(cfg: Config) -> float:
+    """About how many multiply-accumulates a block's config costs (for `BLOCK_MACS`)."""
+    kind, c = cfg["block"], cfg
+    pixels = c.get("resolution", 1) ** 2
+    out_pixels = pixels / c.get("stride", 1) ** 2
+    if kind == "conv":
+        per_output = c["kernel"] ** 2 * (1 if c["depthwise"] else c["cin"])
+        return float(c["cout"] * per_output * out_pixels)
+    if kind == "res":
+        mid = max(8, c["cout"] // c["bottleneck"]) if c["bottleneck"] else c["cout"]
+        return float(9 * mid * (c["cin"] + mid) * out_pixels + 2 * c["cin"] * c["cout"] * pixels)
+    if kind == "mbconv":
+        hidden = c["cin"] * c["expand"]
+        return float(hidden * (c["cin"] * pixels + (c["kernel"] ** 2 + c["cout"]) * out_pixels))
+    if kind == "convnext":
+        return float(c["cin"] * (c["kernel"] ** 2 + 8 * c["cin"]) * pixels)
+    if kind in ("encoder", "mlp"):
+        d, tokens = c["d_model"], c["tokens"]
+        hidden = c["hidden"] if kind == "mlp" else d * c["ffn_ratio"]
+        attention = 4 * d * d + 2 * tokens * d if kind == "encoder" else 0
+        return float(tokens * (attention + 2 * d * hidden))
+    if kind == "attention":
+        return float(2 * c["heads"] * c["seq"] ** 2 * c["head_dim"])
+    return float(c["nodes"] * c["features"] * c["out"] * (1 + c["degree"] / c["out"]))
+
+
+def sample_block(rng: random.Random, ood: bool) -> Config:
+    """One block of a real network's kind and size (`BLOCK_SAMPLERS`), its input resolution
+    drawn among those that keep it under `BLOCK_MACS`."""
+    while True:
+        kind = rng.choice(list(BLOCK_SAMPLERS))
+        cfg = {"block": kind, **BLOCK_SAMPLERS[kind](rng, ood)}
+        if kind in ("conv", "res", "mbconv", "convnext"):
+            fitting = [r for r in RESOLUTIONS if block_macs({**cfg, "resolution": r}) <= BLOCK_MACS]
+            if not fitting:
+                continue
+            cfg["resolution"] = rng.choice(fitting)
+        if block_macs(cfg) <= BLOCK_MACS:
+            return cfg
+
+
 def build_zoo(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return ZOO[cfg["name"]].build()
 
@@ -274,6 +450,7 @@ SPACES: dict[str, Space] = {s.name: s for s in (
     Space("resnet", sample_resnet, build_resnet),
     Space("transformer", sample_transformer, build_transformer),
     Space("gnn", sample_gnn, build_gnn),
+    Space("block", sample_block, build_block),
 )}
 # The built-in zoo's models at their real shapes: held out of training entirely.
 REAL_MODELS = ("resnet_basic_block", "resnet_bottleneck", "mobilenetv2_block",
