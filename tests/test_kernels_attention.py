@@ -186,6 +186,12 @@ CASES = {
                                   torch.randn(1, 2, 9, 24))),
     "sdpa_seq1": (SDPA(), (torch.randn(2, 3, 1, 64),) * 3),
     "sdpa_causal_77_d64": (SDPA(causal=True), (torch.randn(1, 2, 77, 64),) * 3),
+    # head dims that 32 does not divide: p.v's vectorised tile is 16 (80, 48), 4 (36) or the
+    # whole head dim (12)
+    "sdpa_causal_33_d80": (SDPA(causal=True), (torch.randn(1, 3, 33, 80),) * 3),
+    "sdpa_40_d48": (SDPA(), (torch.randn(1, 2, 40, 48),) * 3),
+    "sdpa_causal_21_d36": (SDPA(causal=True), (torch.randn(1, 2, 21, 36),) * 3),
+    "sdpa_19_d12": (SDPA(), (torch.randn(1, 3, 19, 12),) * 3),
     "sdpa_additive_mask_scale": (SDPA(scale=0.2), (torch.randn(2, 2, 17, 24),
                                                    torch.randn(2, 2, 33, 24),
                                                    torch.randn(2, 2, 33, 16),

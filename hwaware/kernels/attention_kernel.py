@@ -233,11 +233,21 @@ def _indent(text: str, spaces: int) -> str:
 # Register-tile factors the CPU space samples (the first is the untuned default); every pair
 # keeps 4-16 AVX-512 accumulators, so no sample spills.
 QK_TILES = ((8, 4), (32, 16))  # q.k: keys (unrolled) x query rows (vectorised)
-PV_TILES = ((4, 2), (64, 32))  # p.v: query rows (unrolled) x head dim (vectorised)
-def _tile(sch: Any, loop: Any, candidates: tuple[int, ...], fixed: bool) -> list[Any]:
+PV_TILES = ((4, 2), (64, 32, 16, 8, 4))  # p.v: query rows (unrolled) x head dim (vectorised)
+# (16, 8 and 4 for head dims that 32 does not divide: a tile of the whole head dim, 48, 80, 24,
+# 36 or 20 wide, ran these kernels 1.4-2.5x slower, slower than eager; at most `ONE_VECTOR`
+# wide, the whole head dim is one tile: 12 ran 1.25x faster as one tile than as three of 4)
+ONE_VECTOR = 16  # FP32 lanes of an AVX-512 register
+
+
+def _tile(sch: Any, loop: Any, candidates: tuple[int, ...], fixed: bool,
+          whole_up_to: int = 0) -> list[Any]:
     """Split `loop` by an inner factor sampled from `candidates` (those that divide its extent;
-    the first is the fixed decision), else by its largest divisor <= the largest candidate."""
+    the first is the fixed decision), else by its largest divisor <= the largest candidate;
+    a loop of at most `whole_up_to` iterations is one tile."""
     extent = int(sch.get(loop).extent)
+    if extent <= whole_up_to:
+        candidates = (extent,)
     fits = [c for c in candidates if extent % c == 0] or \
         [max(f for f in range(1, min(max(candidates), extent) + 1) if extent % f == 0)]
     inner = sch.sample_categorical(fits, [1 / len(fits)] * len(fits),
@@ -256,7 +266,7 @@ def _register_tile(sch: Any, name: str, tiles: tuple[tuple[int, ...], tuple[int,
     unrolled, b1 vectorised, the reduction between the tile loops and the tile."""
     block, (a, b, r) = _loops(sch, name, 3)
     a0, a1 = _tile(sch, a, tiles[0], fixed)
-    b0, b1 = _tile(sch, b, tiles[1], fixed)
+    b0, b1 = _tile(sch, b, tiles[1], fixed, whole_up_to=ONE_VECTOR)
     sch.reorder(a0, b0, r, a1, b1)
     sch.unroll(a1)
     sch.vectorize(b1)
