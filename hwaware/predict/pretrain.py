@@ -5,12 +5,13 @@ kernel regressor learns a proxy target that costs nothing to compute, then conti
 the measured kernels (`LatencyPredictor.train(prior="pretrained")`).
 
 Goes in: a device, how many architectures (`PRETRAIN_ARCHS`) and a seed. The architectures are
-drawn from the predictor's parametric spaces (`spaces.sample`, an equal share per family;
-one in `OOD_SHARE` beyond the training range, so the proxy covers kernels larger than any
-measured) and decomposed (capture -> rewrite -> partition: nothing is compiled or measured);
-each architecture's kernels are cached on disk (`cache.KernelRecordCache`, keyed by its id and
-the decomposing code's fingerprint), so only the first run pays for the decompositions. Comes
-out: a `PretrainingSet`: the distinct kernels (first seen first, by signature), their feature
+drawn from the predictor's parametric spaces (`spaces.sample`, an equal share per whole-network
+family, `spaces.NETWORK_FAMILIES`; one in `OOD_SHARE` beyond the training range, so the proxy
+covers kernels larger than any measured) and decomposed (capture -> rewrite -> partition:
+nothing is compiled or measured); each architecture's kernels are cached on disk
+(`cache.KernelRecordCache`, keyed by its id and the decomposing code's fingerprint), so only
+the first run pays for the decompositions.
+Comes out: a `PretrainingSet`: the distinct kernels (first seen first, by signature), their feature
 rows (`features.kernel_features`) and the proxy target, the log of the kernel's physical
 baseline on the device (`features.log_baseline_us`: FLOPs at peak plus bytes at bandwidth plus a
 call's floor). FLOPs or bytes alone are features already and not on a time scale; the baseline
@@ -31,7 +32,7 @@ import numpy as np
 from hwaware.decompose import KernelRecord
 from hwaware.predict.cache import KernelRecordCache, code_fingerprint
 from hwaware.predict.features import Device, kernel_matrix, log_baseline_us
-from hwaware.predict.spaces import SPACES, Architecture, sample
+from hwaware.predict.spaces import NETWORK_FAMILIES, Architecture, sample
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def pretraining_archs(count: int = PRETRAIN_ARCHS, seed: int = PRETRAIN_SEED
     beyond = count // OOD_SHARE
     archs = []
     for ood, total in ((False, count - beyond), (True, beyond)):
-        for i, name in enumerate(SPACES):
-            share = total // len(SPACES) + (i < total % len(SPACES))
+        for i, name in enumerate(NETWORK_FAMILIES):
+            share = total // len(NETWORK_FAMILIES) + (i < total % len(NETWORK_FAMILIES))
             archs += sample(name, share, seed=seed, ood=ood)
     return archs
 

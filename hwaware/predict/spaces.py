@@ -452,6 +452,9 @@ SPACES: dict[str, Space] = {s.name: s for s in (
     Space("gnn", sample_gnn, build_gnn),
     Space("block", sample_block, build_block),
 )}
+# What "all" samples: the whole networks. "block" is profiled when asked for by name: trained
+# on, its one-block models taught the whole-model regressor noise (`bench/data/README.md`)
+NETWORK_FAMILIES = ("cnn", "mobilenet", "resnet", "transformer", "gnn")
 # The built-in zoo's models at their real shapes: held out of training entirely.
 REAL_MODELS = ("resnet_basic_block", "resnet_bottleneck", "mobilenetv2_block",
                "mobilenetv3_block_se", "convnext_block", "small_cnn", "transformer_encoder_layer",
@@ -466,11 +469,11 @@ def real_models() -> list[Architecture]:
 
 
 def sample(space: str, count: int, seed: int = 0, ood: bool = False) -> list[Any]:
-    """`count` distinct architectures of `space` ("all": round-robin over every family;
+    """`count` distinct architectures of `space` ("all": round-robin over `NETWORK_FAMILIES`;
     "nas:<name>": of an architecture-search space, `hwaware.nas.get_space(name)`)."""
     if space.startswith(NAS_PREFIX):
         return _sample_search_space(space.removeprefix(NAS_PREFIX), count, seed, ood)
-    names = list(SPACES) if space == "all" else [space]
+    names = list(NETWORK_FAMILIES) if space == "all" else [space]
     unknown = [n for n in names if n not in SPACES]
     if unknown:
         raise ValueError(f"unknown search space {unknown[0]!r}; valid: all, {', '.join(SPACES)}"
