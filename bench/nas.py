@@ -8,9 +8,9 @@ Reports, on this CPU, with the latency predictor shipped for the target:
    and a single query of a new architecture whose blocks are known;
 2. table vs measured: N held-out random architectures per space compiled by hwaware and timed
    (`hwaware.nas.measure`, the profiler), the table's answer beside the measured latency;
-3. (`--between-sessions FILE`, alone) those stored architectures compiled and timed again now:
-   how far ground truth moves between sessions, beside the noise of two timings in one, and the
-   table against the new timings;
+3. (`--between-sessions FILE`, alone) the stored architectures (`--stored`, default the CPU's
+   `bench/nas-<cpu>.jsonl`) compiled and timed again now: how far ground truth moves between
+   sessions, beside the noise of two timings in one, and the table against the new timings;
 4. search on `ofa-mbv3` (objective: parameters, a stand-in any callable replaces): hypervolume
    of NSGA-II against random search at equal evaluations (median of 5 seeds), the time of a
    1,000-evaluation search, and the latency-constrained result against the best of 1,000
@@ -248,8 +248,12 @@ def main() -> None:
                         "FILE.jsonl (default: bench/nas-<cpu>.jsonl; none of them is in the "
                         "predictor's data)")
     parser.add_argument("--between-sessions", type=Path, metavar="FILE.jsonl",
-                        help="only time every architecture of bench/nas-<cpu>.jsonl again, "
-                        "into FILE.jsonl, and report how far its latency moved")
+                        help="only time every stored architecture (--stored) again, into "
+                        "FILE.jsonl (those already in it are read back), and report how far "
+                        "its latency moved")
+    parser.add_argument("--stored", type=Path, metavar="FILE.jsonl",
+                        help="the timed architectures --between-sessions starts from "
+                        "(default: bench/nas-<cpu>.jsonl)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     kind = cpu_kind()
@@ -260,7 +264,7 @@ def main() -> None:
         print(accuracy_of(args.predictor, args.target, samples))
         return
     if args.between_sessions:
-        stored = _read_samples(timed)
+        stored = _read_samples(args.stored or timed)
         print(between_sessions(args.predictor, args.target, stored, args.between_sessions))
         return
     table = LatencyTable(args.target, space="ofa-mbv3", predictor=args.predictor)
