@@ -234,9 +234,9 @@ def _indent(text: str, spaces: int) -> str:
 # keeps 4-16 AVX-512 accumulators, so no sample spills.
 QK_TILES = ((8, 4), (32, 16))  # q.k: keys (unrolled) x query rows (vectorised)
 PV_TILES = ((4, 2), (64, 32, 16, 8, 4))  # p.v: query rows (unrolled) x head dim (vectorised)
-# (16, 8 and 4 for head dims that 32 does not divide: a tile of the whole head dim, 48, 80, 24,
-# 36 or 20 wide, ran these kernels 1.4-2.5x slower, slower than eager; at most `ONE_VECTOR`
-# wide, the whole head dim is one tile: 12 ran 1.25x faster as one tile than as three of 4)
+# (16, 8 and 4 for head dims that 32 does not divide: a tile of the whole head dim, 20 to 80
+# wide, ran these kernels 1.1-2.2x slower, slower than eager; at most `ONE_VECTOR` wide, the
+# whole head dim is one tile: 12 ran 1.25x faster as one tile than as three of 4)
 ONE_VECTOR = 16  # FP32 lanes of an AVX-512 register
 
 
