@@ -119,8 +119,8 @@ def _head(ch: int, classes: int = 10) -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, classes)]
 
 
-def _image(cfg: Config) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(1, 3, cfg["resolution"], cfg["resolution"]),)
+def _image(cfg: Config, channels: int = 3) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(1, channels, cfg["resolution"], cfg["resolution"]),)
 
 
 def build_cnn(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -214,6 +214,8 @@ def build_gnn(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 # ------------------------------------------------------------------------ real-scale blocks
+# Written here in their own style, not taken from the zoo: the zoo's models are the real models
+# held out of training.
 class _ConvNeXtStyle(nn.Module):
     """A ConvNeXt block: kxk depthwise conv, channels-last LayerNorm, 4x Linear MLP with GELU,
     layer scale, residual."""
@@ -247,10 +249,6 @@ class _AttentionOnly(nn.Module):
         return torch.matmul(scores.softmax(dim=-1), v)
 
 
-def _block_image(cfg: Config) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(1, cfg["cin"], cfg["resolution"], cfg["resolution"]),)
-
-
 def _build_conv_block(cfg: Config) -> nn.Module:
     groups = cfg["cin"] if cfg["depthwise"] else 1
     return nn.Sequential(*conv_bn_act(cfg["cin"], cfg["cout"], cfg["kernel"], cfg["stride"],
@@ -269,20 +267,21 @@ BLOCK_BUILDERS: dict[str, Callable[[Config], nn.Module]] = {
                                    nn.Linear(c["hidden"], c["d_model"])),
     "gnn": lambda c: _GNNStack(c["kind"], [c["features"], c["out"]]),
 }
+IMAGE_BLOCKS = ("conv", "res", "mbconv", "convnext")  # blocks of an image [1, cin, res, res]
 
 
 def build_block(cfg: Config) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """One block of a real network at real scale (`sample_block`)."""
     model = randomize_batchnorm(BLOCK_BUILDERS[cfg["block"]](cfg))
+    if cfg["block"] in IMAGE_BLOCKS:
+        return model, _image(cfg, cfg["cin"])
     if cfg["block"] in ("encoder", "mlp"):
         return model, (torch.randn(1, cfg["tokens"], cfg["d_model"]),)
     if cfg["block"] == "attention":
         shape = (1, cfg["heads"], cfg["seq"], cfg["head_dim"])
         return model, tuple(torch.randn(shape) for _ in range(3))
-    if cfg["block"] == "gnn":
-        edges = random_graph(cfg["nodes"], cfg["nodes"] * cfg["degree"])
-        return model, (torch.randn(cfg["nodes"], cfg["features"]), edges)
-    return model, _block_image(cfg)
+    edges = random_graph(cfg["nodes"], cfg["nodes"] * cfg["degree"])  # "gnn"
+    return model, (torch.randn(cfg["nodes"], cfg["features"]), edges)
 
 
 # ------------------------------------------------------------------------------- sampling
@@ -399,9 +398,9 @@ BLOCK_SAMPLERS: dict[str, Callable[[random.Random, bool], Config]] = {
 }
 
 
-def block_macs(cfg: Config) -> float:
+def block_macs(c: Config) -> float:
     """About how many multiply-accumulates a block's config costs (for `BLOCK_MACS`)."""
-    kind, c = cfg["block"], cfg
+    kind = c["block"]
     pixels = c.get("resolution", 1) ** 2
     out_pixels = pixels / c.get("stride", 1) ** 2
     if kind == "conv":
@@ -431,7 +430,7 @@ def sample_block(rng: random.Random, ood: bool) -> Config:
     while True:
         kind = rng.choice(list(BLOCK_SAMPLERS))
         cfg = {"block": kind, **BLOCK_SAMPLERS[kind](rng, ood)}
-        if kind in ("conv", "res", "mbconv", "convnext"):
+        if kind in IMAGE_BLOCKS:
             fitting = [r for r in RESOLUTIONS if block_macs({**cfg, "resolution": r}) <= BLOCK_MACS]
             if not fitting:
                 continue
