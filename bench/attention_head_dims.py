@@ -1,11 +1,11 @@
-"""Fused attention across head dims: hwaware against eager and PyTorch's SDPA, in one run.
+"""Fused attention across head dims: hwaware against eager, Inductor and SDPA, in one run.
 
 Per head dim (one attention core softmax(q k^T / sqrt(d)) v on per-head q, k, v of
 [1, heads, seq, head dim], written out as models write it, `hwaware.predict.spaces`' "attention"
-block): eager PyTorch, `F.scaled_dot_product_attention` (PyTorch's fused kernel) and
-`hwaware.compile` untuned (trials=0, no database: what a new user gets; the build runs the
-kernel on TVM or PyTorch, whichever it timed faster, and the notes say which). Head dims that 32
-does not divide are where the kernel's head-dim tile matters (session 32).
+block): eager PyTorch, torch.compile (Inductor), `F.scaled_dot_product_attention` (PyTorch's
+fused kernel) and `hwaware.compile` untuned (trials=0, no database: what a new user gets; the
+build runs the kernel on TVM or PyTorch, whichever it timed faster, and the notes say which).
+Head dims that 32 does not divide are where the kernel's head-dim tile matters (session 32).
 
 Every output is checked against eager; timings are medians of `--repeats` calls, interleaved
 (round robin), in milliseconds; ratios are eager's time over each implementation's.
@@ -31,6 +31,7 @@ from run import (  # noqa: E402
     _versions,
     make_eager,
     make_hwaware,
+    make_inductor,
     measure,
     write_report,
 )
@@ -53,17 +54,17 @@ def row(head_dim: int, args: argparse.Namespace) -> str:
     model, inputs = arch.build()
     with torch.no_grad():
         expected = model(*inputs)
-    impls = [make_eager(model, inputs), sdpa(args.causal, inputs),
+    impls = [make_eager(model, inputs), make_inductor(model, inputs), sdpa(args.causal, inputs),
              make_hwaware("hwaware", model, inputs, db=None)]
     measure(impls, expected, args.repeats)
     eager = impls[0].interleaved_ms
     cells = [_ms(i.interleaved_ms) + ("" if i.correct else " **wrong**") for i in impls]
     ratios = [_ratio(eager, i.interleaved_ms) for i in impls[1:]]
     flops = 4 * args.heads * args.seq * args.seq * head_dim / (2 if args.causal else 1)
-    best = impls[2].interleaved_ms
+    best = impls[-1].interleaved_ms
     gflops = f"{flops / best / 1e6:.0f}" if best else "-"
     return f"| {head_dim} | {' | '.join(cells)} | {' | '.join(ratios)} | {gflops} | " \
-           f"{impls[2].note} |"
+           f"{impls[-1].note} |"
 
 
 def main() -> int:
@@ -82,9 +83,9 @@ def main() -> int:
         f"- {_versions()}; batch 1, {args.heads} heads, sequence {args.seq}"
         f"{', causal' if args.causal else ''}; medians of {args.repeats} interleaved calls, ms",
         f"- command: python bench/attention_head_dims.py {' '.join(sys.argv[1:])}", "",
-        "| head dim | eager | sdpa | hwaware | sdpa vs eager | hwaware vs eager | hwaware "
-        "GFLOP/s | hwaware's build |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|", *rows, ""])
+        "| head dim | eager | inductor | sdpa | hwaware | inductor vs eager | sdpa vs eager | "
+        "hwaware vs eager | hwaware GFLOP/s | hwaware's build |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", *rows, ""])
     write_report(text, args.out or str(Path(__file__).parent
                                        / f"attention-head-dims-{cpu_kind()}.md"))
     return 0
