@@ -508,9 +508,7 @@ def _adapter(db: TuningDatabase | None, target: Target) -> Any:
 
     if db is None:
         return None
-    resolved = setup.resolve(target)
-    verify = target.can_run_here and resolved.tvm.kind.name == "llvm"
-    return database.SqliteDatabase.of(db, resolved, verify=verify)
+    return database.SqliteDatabase.checked(db, setup.resolve(target))
 
 
 def _why_left(spec: KernelSpec) -> str:

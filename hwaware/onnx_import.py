@@ -397,9 +397,8 @@ def build_onnx(imported: ImportedOnnx, target: Target, db: TuningDatabase | None
 
     resolved = setup.resolve(target)
     tgt = resolved.tvm
-    verify = target.can_run_here and tgt.kind.name == "llvm"  # see build._adapter
-    adapter = database.SqliteDatabase.of(db, resolved, verify=verify) if db is not None else None
-    if adapter is not None and verify:  # here: the build's forked child must not write to db
+    adapter = database.SqliteDatabase.checked(db, resolved) if db is not None else None
+    if adapter is not None and adapter.verify:  # here: the build's forked child must not write
         adapter.check_best([task.workload for task in imported.tasks])
     if target.can_run_here:
         executable, applied = build_with_time_limit(imported, tgt, adapter)

@@ -216,6 +216,26 @@ def test_a_wrong_best_record_is_excluded_before_the_build_uses_it(
     assert not [w for w in again if issubclass(w.category, WrongRecordWarning)]
 
 
+def test_a_tuning_session_re_ranks_only_records_that_compute(
+    wrong_best: tuple[Path, Any, str, str],
+) -> None:
+    """The re-measure at the end of a tuning session checks the records it re-ranks: the
+    wrong best one is marked failed, not re-timed, and the session's best is the right one."""
+    from hwaware.tvm import database, search
+    from hwaware.tvm.setup import TVM_VERSION, resolve
+
+    path, task, bad_key, _ = wrong_best
+    with TuningDatabase(path) as db:
+        checked = database.SqliteDatabase.checked(db, resolve(get_target("host")))
+        with warnings.catch_warnings():  # WrongRecordWarning, once a process (see above)
+            warnings.simplefilter("ignore", database.WrongRecordWarning)
+            search.remeasure_top_records(task.workload, checked)
+        (best,) = db.top_records(task.workload_hash, TVM_VERSION, get_target("host").key, 5)
+        assert best.mean_us == pytest.approx(2.0)
+        error = db.db.execute("SELECT error FROM records WHERE candidate = ?",
+                              [bad_key]).fetchone()[0]
+    assert error.startswith("wrong results")
+
 def test_fault_tests_leave_no_worker_behind() -> None:
     """The killed workers of the first test are gone (none of this process's children is a
     popen worker still running)."""

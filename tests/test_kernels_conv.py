@@ -246,6 +246,25 @@ def test_default_schedule_matches_eager(shape: tuple[Any, ...], host: tuple[Any,
         torch.testing.assert_close(_run(exe, x), model(x), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("shape", [(12, 12, 6, 3, 1, 7), (16, 24, 6, 3, 2, 16)],
+                         ids=["whole_map", "depth_first"])
+def test_searched_schedules_split_perfectly_and_compute_the_block(
+        shape: tuple[int, ...], host: tuple[Any, Any]) -> None:
+    """Schedules as the search makes them (sampled, tile sizes mutated) split every loop
+    perfectly and compute the block on this machine's threads. A lane count kept while a
+    mutation shrank its tile once left predicated splits whose copy-out stages wrote other
+    parallel tiles' outputs: a race, wrong results in 23 of 128 tuned records (session 34)."""
+    from tests.helpers import assert_searched_schedules_split_perfectly
+
+    cin, cout, expand, k, stride, size = shape
+    torch.manual_seed(3)
+    model = InvertedResidual(cin, cout, expand, k, stride).eval()
+    mod = ir.fuse_for_tuning(_lowered(model, torch.randn(1, cin, size, size), "hw_conv_searched"),
+                             host[1])
+    workload = ir.workload_of(next(iter(ir.prim_funcs(mod).values())))
+    assert_searched_schedules_split_perfectly(workload, host[1])
+
+
 def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
     model = InvertedResidual(12, 12)
     x = torch.randn(1, 12, 7, 7)

@@ -184,6 +184,18 @@ def test_gelu_has_no_libm_calls(approximate: str, host: tuple[Any, Any]) -> None
     assert not {c for c in calls if c.rstrip("f").endswith(("erf", "tanh"))}, calls
 
 
+def test_searched_schedules_split_perfectly_and_compute_the_block(host: tuple[Any, Any]) -> None:
+    """Schedules as the search makes them (sampled, tile sizes mutated) split every loop
+    perfectly and compute the block on this machine's threads (see conv_block's test)."""
+    from tests.helpers import assert_searched_schedules_split_perfectly
+
+    torch.manual_seed(3)
+    mod = ir.fuse_for_tuning(_lowered(ConvNeXtBlock(24), torch.randn(1, 24, 10, 10),
+                                      "hw_convnext_searched"), host[1])
+    workload = ir.workload_of(next(iter(ir.prim_funcs(mod).values())))
+    assert_searched_schedules_split_perfectly(workload, host[1])
+
+
 def test_zoo_convnext_block_compiles_to_one_checked_kernel() -> None:
     """The whole pipeline (capture, partition, lower, untuned build, check against eager)."""
     import hwaware

@@ -343,15 +343,24 @@ def _tile_proj(sch: Any, decide: Decide, hints: dict[str, list[int]], max_inner:
 
 
 ACCUMULATORS = 24  # register-tile accumulators the fixed decisions aim at (AVX-512 has 32)
+MAX_LANES = 16  # FP32 lanes of an AVX-512 register
 
 
 def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
-    """Split a channel loop of a register tile into (vectors, lanes): lanes a power of two <= 16
-    dividing its extent (the largest for fixed decisions). LLVM keeps a register tile of such
-    vectors in registers; a 12- or 48-lane vector accumulator compiles to lane shuffles."""
+    """Split a channel loop into (vectors, lanes), a perfect tile: fixed decisions take the
+    largest power of two <= MAX_LANES dividing its extent (LLVM keeps a register tile of such
+    vectors in registers; a 12- or 48-lane vector accumulator compiles to lane shuffles), the
+    search any divisor <= MAX_LANES.
+
+    Perfect, not a categorical lane count: the loop is often a sampled tile, whose extent the
+    search mutates while a categorical decision stays as it was. A lane count that no longer
+    divides the extent left a predicated split, whose cache-write copy and reverse_compute_at
+    stages TVM sizes by the loop extents, not the predicate: they wrote other parallel tiles'
+    outputs, a race that gave wrong results on 2 threads (session 34: 23 of 128 records of one
+    MobileNetV2 block). A perfect-tile decision stays perfect when an outer tile changes."""
     extent = int(sch.get(loop).extent)
-    lanes = [v for v in (16, 8, 4, 2) if extent % v == 0] or [1]
-    return list(sch.split(loop, [None, decide.choose(sch, lanes, [1.0 / len(lanes)] * len(lanes))]))
+    widest = max(v for v in (16, 8, 4, 2, 1) if extent % v == 0)
+    return list(sch.split(loop, decide.tile(sch, loop, 2, MAX_LANES, [widest])))
 
 
 def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:

@@ -49,6 +49,13 @@ class SqliteDatabase(ms.database.PyDatabase):
         not is excluded, marked failed in the database, with one warning naming it."""
         return cls(db, target.tvm, target.key, device, verify)
 
+    @classmethod
+    def checked(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None
+                ) -> SqliteDatabase:
+        """`of` with `verify` wherever it can check: on a CPU target that runs here."""
+        return cls.of(db, target, device,
+                      verify=target.target.can_run_here and target.tvm.kind.name == "llvm")
+
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self.db.has_workload(workload_hash(mod), TVM_VERSION)
 
@@ -76,15 +83,17 @@ class SqliteDatabase(ms.database.PyDatabase):
         asked = top_k
         while True:
             rows = self.db.top_records(whash, TVM_VERSION, self.target_key, asked)
-            usable = []
-            for row, record in replay_records(rows, workload, self.target):
-                if not self.verify or self._computes(workload, row, record):
-                    usable.append(record)
-                if len(usable) == top_k:
-                    return usable
-            if len(rows) < asked:
-                return usable
+            usable = self.computing(rows, workload)
+            if len(usable) >= top_k or len(rows) < asked:
+                return [record for _, record in usable[:top_k]]
             asked *= 2
+
+    def computing(self, rows: list[RecordRow], workload: ms.database.Workload
+                  ) -> list[tuple[RecordRow, Any]]:
+        """Those of `rows` that replay on `workload` (`replay_records`) and, with `verify`,
+        compute its outputs (`_computes`: a wrong one is marked failed), as (row, record)."""
+        return [(row, record) for row, record in replay_records(rows, workload, self.target)
+                if not self.verify or self._computes(workload, row, record)]
 
     def check_best(self, workloads: Sequence[tvm.IRModule]) -> None:
         """With `verify`: check the best record of each workload now (`_computes`), so that a
@@ -94,8 +103,8 @@ class SqliteDatabase(ms.database.PyDatabase):
 
     def _computes(self, workload: ms.database.Workload, row: RecordRow, record: Any) -> bool:
         """Whether `record` computes `workload`'s outputs (`check.contained_mismatch`, once per
-        record and process); one that does not is marked failed in the database, so that no
-        later build or search uses it, with one warning naming it."""
+        record and process); one that does not is marked failed in this database, so that no
+        later build or search uses it, with one warning (per process) naming it."""
         from hwaware.tvm.check import contained_mismatch
 
         key = (row.workload_hash, row.target_key, row.trace_json)
@@ -108,8 +117,9 @@ class SqliteDatabase(ms.database.PyDatabase):
                 _VERDICTS[key] = None
             if _VERDICTS[key] is not None:
                 _warn_wrong(row, str(_VERDICTS[key]))
-                if not self.db.read_only:
-                    self.db.mark_failed(row, f"wrong results: {_VERDICTS[key]}")
+        if _VERDICTS[key] is not None and not self.db.read_only and row.mean_us is not None:
+            # in every database it is found in, not only the first this process checked
+            self.db.mark_failed(row, f"wrong results: {_VERDICTS[key]}")
         return _VERDICTS[key] is None
 
     def get_all_tuning_records(self) -> list[Any]:

@@ -25,7 +25,7 @@ from tvm.s_tir import meta_schedule as ms
 from hwaware.db import RecordRow
 from hwaware.runner import LocalRunner
 from hwaware.tvm import cost_model as search_cost_model
-from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row, replay_records
+from hwaware.tvm.database import RecordingCallback, SqliteDatabase, record_row
 from hwaware.tvm.ir import plain_json, workload_hash
 from hwaware.tvm.rpc import RpcRunner, kernel_evaluations
 from hwaware.tvm.schedules import FixedSchedules, fixed_schedule_of
@@ -146,7 +146,10 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
                                      k)
     if not stored or database.target.kind.name != "llvm":
         return
-    replayed = _replayed(workload, stored, database.target)
+    # with the adapter's `verify`, a record that computes wrong numbers is marked failed here
+    replayed = _replayed(workload, database.computing(stored, ms.database.Workload(workload)))
+    if not replayed:
+        return
     rows, schedules = [r for r, _ in replayed], [s for _, s in replayed]
     fixed = _postprocessed_fixed(workload, database.target, fixed_schedules or {})
     fixed_trace = None if fixed is None else plain_json(fixed.trace.as_json())
@@ -171,11 +174,11 @@ def remeasure_top_records(workload: tvm.IRModule, database: SqliteDatabase, k: i
         database.db.remeasure(row, secs, database.device)
 
 
-def _replayed(workload: tvm.IRModule, rows: list[RecordRow], target: tvm.target.Target
+def _replayed(workload: tvm.IRModule, records: list[tuple[RecordRow, Any]]
               ) -> list[tuple[RecordRow, Any]]:
-    """The schedules of the stored records that replay on `workload`, with their rows."""
+    """The schedules of stored records (replayed on `workload`), with their rows."""
     replayed = []
-    for row, record in replay_records(rows, ms.database.Workload(workload), target):
+    for row, record in records:
         sch = tvm.s_tir.Schedule(workload)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
         replayed.append((row, sch))
