@@ -103,49 +103,13 @@ def built_callable(mod: Any, tgt: Any) -> Any:
     return tvm_vm.torch_callable(tvm_vm.make_vm(exe, "cpu"), "main", 1)
 
 
-def searched_schedules(workload: Any, target: Any, count: int, mutations: int = 3) -> list[Any]:
-    """`count` schedules of `workload`'s design space as MetaSchedule's evolutionary search
-    makes them: a fresh sample each (its own seed) whose tile sizes TVM's own `MutateTileSize`
-    then changed `mutations` times, replayed from the trace as a stored record is."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from hwaware.tvm import setup
-
-    setup.import_tensor_intrinsics()  # else TuneContext imports them slowly (~55 s)
-    schedules = []
-    for seed in range(1, count + 1):
-        context = ms.TuneContext(mod=workload, target=target, space_generator="post-order-apply",
-                                 task_name="searched", rand_state=seed)
-        (space,) = context.generate_design_space()
-        mutator = ms.mutator.MutateTileSize()
-        mutator._initialize_with_tune_context(context)
-        trace = space.trace
-        for _ in range(mutations):
-            trace = mutator.apply(trace) or trace
-        sch = tvm.s_tir.Schedule(workload)
-        trace.apply_to_schedule(sch, remove_postproc=True)
-        schedules.append(sch)
-    return schedules
-
-
-def predicated_blocks(sch: Any) -> int:
-    """How many blocks of a scheduled module run under a predicate (`T.where`): what a split
-    by a factor that does not divide its loop leaves."""
-    return str(sch.mod.script()).count("T.where(")
-
-
 def assert_searched_schedules_split_perfectly(workload: Any, target: Any, count: int = 12,
                                              built: int = 4) -> None:
-    """`count` `searched_schedules` of `workload` have no predicated block, and the first
-    `built` of them, built and run on this machine's threads, compute the workload's outputs
-    (`hwaware.tvm.check.record_mismatch`)."""
-    from tvm.s_tir import meta_schedule as ms
+    """`count` searched schedules of `workload` (`hwaware.tvm.space_audit`) have no predicated
+    block, and the first `built` of them, built and run on this machine's threads, compute
+    the workload's outputs."""
+    from hwaware.tvm.space_audit import audit
 
-    from hwaware.tvm.check import record_mismatch
-
-    for i, sch in enumerate(searched_schedules(workload, target, count)):
-        assert predicated_blocks(sch) == 0, sch.trace
-        if i < built:
-            record = ms.database.TuningRecord(sch.trace, ms.database.Workload(workload))
-            assert record_mismatch(workload, record, target) is None, sch.trace
+    found = audit(workload, target, count, built)
+    assert found.predicated == [0] * count
+    assert found.wrong == [None] * built
