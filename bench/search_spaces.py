@@ -1,11 +1,12 @@
 """Do the schedules the search can make compute the right numbers? Every family's space, audited.
 
 For each built-in zoo model (tiny shapes), each of its tuning workloads with a family schedule
-rule (conv_block, res_block, convnext, attention, gnn, rgcn) is audited by
-`hwaware.tvm.space_audit`: `--schedules` schedules as MetaSchedule's evolutionary search makes
-them (a fresh design-space sample, its tile sizes then mutated by TVM's `MutateTileSize`),
-counted for predicated blocks (what a split that does not divide its loop leaves), and
-`--built` of them built and run on this machine's threads against the unscheduled workload.
+rule (`hwaware.kernels.families`: conv_block, convnext_block, res_block, attention, gnn, rgcn)
+is audited by `hwaware.tvm.space_audit`: `--schedules` schedules as MetaSchedule's evolutionary
+search makes them (a fresh design-space sample, its tile sizes then mutated by TVM's
+`MutateTileSize`), counted for predicated blocks (what a split that does not divide its loop
+leaves), and `--built` of them built and run on this machine's threads against the
+unscheduled workload.
 A wrong schedule here is a record the tuner could store and, where nothing checks it (a farm
 device, a GPU), a build could apply. Session 34 found conv_block's and ConvNeXt's lane splits
 racing this way; the fast subset of this check is in the kernel tests.
@@ -27,18 +28,18 @@ from run import CORES, _cpu_name, _versions, write_report  # noqa: E402
 
 from hwaware.capture import capture  # noqa: E402
 from hwaware.decompose import rewrite_and_partition  # noqa: E402
+from hwaware.kernels import families  # noqa: E402
 from hwaware.target import get_target  # noqa: E402
 from hwaware.tune import TuningTask, extract_tasks  # noqa: E402
 from hwaware.tvm import setup  # noqa: E402
 from hwaware.tvm.space_audit import audit  # noqa: E402
 from hwaware.zoo import ZOO, get_model  # noqa: E402
 
-FAMILIES = ("conv_block", "res_block", "convnext", "attention", "gnn", "rgcn")
-
 
 def family_tasks() -> list[tuple[str, TuningTask]]:
     """(zoo model, task) for every distinct family workload of the zoo's tiny models."""
     target, seen, found = get_target("host"), set(), []
+    fused = set(families())
     for name in sorted(ZOO):
         model, inputs = get_model(name, small=True)
         captured = capture(model.eval(), inputs)
@@ -46,7 +47,7 @@ def family_tasks() -> list[tuple[str, TuningTask]]:
             warnings.simplefilter("ignore")
             _, part = rewrite_and_partition(captured, True)
         for task in extract_tasks(part, captured.example_inputs, target):
-            if task.family in FAMILIES and task.workload_hash not in seen:
+            if task.family in fused and task.workload_hash not in seen:
                 seen.add(task.workload_hash)
                 found.append((name, task))
     return found

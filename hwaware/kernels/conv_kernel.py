@@ -363,6 +363,17 @@ def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     return list(sch.split(loop, decide.tile(sch, loop, 2, MAX_LANES, [widest])))
 
 
+def split_whole_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
+    """Split a loop of the workload's own extent (no sampled tile sets it, so no mutation
+    changes it) into (vectors, lanes): lanes a power of two <= MAX_LANES dividing it, sampled
+    (the widest for fixed decisions). Not `split_lanes`: its perfect tile may pick 1 lane, and
+    ConvNeXt's vector partial sums (rfactor) with 1 lane failed LLVM's verifier (1 candidate
+    in 90)."""
+    extent = int(sch.get(loop).extent)
+    lanes = [v for v in (16, 8, 4, 2) if extent % v == 0] or [1]
+    return list(sch.split(loop, [None, decide.choose(sch, lanes, [1.0 / len(lanes)] * len(lanes))]))
+
+
 def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
     """Vectorize an element-wise stage over its innermost (channel) loop, `split_lanes` wide."""
     sch.vectorize(split_lanes(sch, decide, sch.get_loops(block)[-1])[1])

@@ -40,7 +40,7 @@ from hwaware.kernels.conv_kernel import (
     emit_one_call,
     parallel_project_tiles,
     register_tile_gemm,
-    split_lanes,
+    split_whole_lanes,
     vectorize_channels,
 )
 from hwaware.kernels.convnext import RULE, Block, _is, _match
@@ -223,7 +223,7 @@ def _vector_partial_sums(sch: Any, decide: Decide, block: Any) -> Any:
     """A sum over the channels (the innermost loop) as lane-wise partial sums over channel
     vectors (the rfactor block returned, to vectorize once placed), then one horizontal sum
     per pixel: a scalar sum of C channels is a chain of C dependent adds."""
-    _, lanes = split_lanes(sch, decide, sch.get_loops(block)[-1])
+    _, lanes = split_whole_lanes(sch, decide, sch.get_loops(block)[-1])
     return sch.rfactor(lanes, 2)  # partial sums [rows, columns, lanes]
 
 
