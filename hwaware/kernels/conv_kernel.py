@@ -358,8 +358,7 @@ def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     stages TVM sizes by the loop extents, not the predicate: they wrote other parallel tiles'
     outputs, a race that gave wrong results on 2 threads (session 34: 23 of 128 records of one
     MobileNetV2 block). A perfect-tile decision stays perfect when an outer tile changes."""
-    extent = int(sch.get(loop).extent)
-    widest = max(v for v in (16, 8, 4, 2, 1) if extent % v == 0)
+    widest = _power_of_two_lanes(int(sch.get(loop).extent))[0]
     return list(sch.split(loop, decide.tile(sch, loop, 2, MAX_LANES, [widest])))
 
 
@@ -369,9 +368,13 @@ def split_whole_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     (the widest for fixed decisions). Not `split_lanes`: its perfect tile may pick 1 lane, and
     ConvNeXt's vector partial sums (rfactor) with 1 lane failed LLVM's verifier (1 candidate
     in 90)."""
-    extent = int(sch.get(loop).extent)
-    lanes = [v for v in (16, 8, 4, 2) if extent % v == 0] or [1]
+    lanes = _power_of_two_lanes(int(sch.get(loop).extent))
     return list(sch.split(loop, [None, decide.choose(sch, lanes, [1.0 / len(lanes)] * len(lanes))]))
+
+
+def _power_of_two_lanes(extent: int) -> list[int]:
+    """The powers of two <= MAX_LANES dividing `extent` (1 when none does), widest first."""
+    return [v for v in (16, 8, 4, 2) if v <= MAX_LANES and extent % v == 0] or [1]
 
 
 def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:

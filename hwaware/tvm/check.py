@@ -102,17 +102,23 @@ def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Targ
     workload's outputs within the tolerance on random inputs, else what differs (or how its
     kernel fails to build or run). A workload this check cannot feed (symbolic shapes, a dtype
     numpy lacks) passes unchecked. In this process: see `contained_mismatch`."""
+    return records_mismatch(workload, [record], target)[0]
+
+
+def records_mismatch(workload: tvm.IRModule, records: list[Any], target: tvm.target.Target
+                     ) -> list[str | None]:
+    """`record_mismatch` of each record, the unscheduled reference built and run once."""
     args = _random_args(workload)
     if args is None:
         log.debug("record check skipped: a parameter of the workload has no static shape or "
                   "numpy dtype")
-        return None
+        return [None] * len(records)
     expected = _run(tvm.compile(workload, target=target), args)
 
-    def apply(sch: Any) -> None:
-        record.trace.apply_to_schedule(sch, remove_postproc=False)
+    def applier(record: Any) -> Any:
+        return lambda sch: record.trace.apply_to_schedule(sch, remove_postproc=False)
 
-    return _compare(workload, apply, target, expected)
+    return [_compare(workload, applier(record), target, expected) for record in records]
 
 
 def _compare(workload: tvm.IRModule, apply: Any, target: tvm.target.Target,

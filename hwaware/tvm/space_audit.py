@@ -4,7 +4,7 @@ Goes in: a workload (a fused TIR function with a family's schedule rule, or any 
 and a CPU target. Comes out: schedules as MetaSchedule's evolutionary search makes them (a
 fresh sample of the design space, then TVM's own `MutateTileSize` applied, replayed from the
 trace as a stored record is), how many of their blocks run under a predicate, and whether each
-computes the workload's outputs (`hwaware.tvm.check.record_mismatch`).
+computes the workload's outputs (`hwaware.tvm.check.records_mismatch`).
 
 Why: a schedule rule is written against the tile sizes it samples, but the search mutates them
 later while every other decision stays. A lane count sampled for one tile that no longer
@@ -63,9 +63,10 @@ def audit(workload: tvm.IRModule, target: tvm.target.Target, count: int, built: 
           ) -> SpaceAudit:
     """`count` searched schedules of `workload` counted for predicated blocks; the first
     `built` of them built and run on this machine against the unscheduled workload."""
-    from hwaware.tvm.check import record_mismatch
+    from hwaware.tvm.check import records_mismatch
 
     schedules = searched_schedules(workload, target, count)
-    wrong = [record_mismatch(workload, ms.database.TuningRecord(
-        sch.trace, ms.database.Workload(workload)), target) for sch in schedules[:built]]
-    return SpaceAudit([predicated_blocks(sch) for sch in schedules], wrong)
+    records = [ms.database.TuningRecord(sch.trace, ms.database.Workload(workload))
+               for sch in schedules[:built]]
+    return SpaceAudit([predicated_blocks(sch) for sch in schedules],
+                      records_mismatch(workload, records, target))
