@@ -14,11 +14,15 @@ of its ops was never seen in training (still estimated by the same regressor, wi
 never a silent zero). A second, whole-model regressor predicts the ratio of the measured model
 latency to the sum of its kernels' times (host ops, calls, thread wake-ups, cache effects);
 it is trained on out-of-fold kernel predictions, so it also corrects the kernel regressor's
-systematic errors as they appear on unseen architectures. The build runs a model as its kernels
-called one by one, or, where it has no host op and that is `MARGIN` faster, as one TVM call
-(`hwaware.build`); the profiler keeps the build's timing of both plans, so there are two such
-regressors, one per plan (the one-call one where the data has `MIN_ONE_CALL_MODELS` models
-timed both ways), and the prediction chooses between them as the build does.
+systematic errors as they appear on unseen architectures. One-block models (the `block`
+family: one block of a real network at real scale, `KERNEL_ONLY_SPACES`) train the kernel
+regressor only: their kernels are the real-scale ones the whole networks lack, but a one-kernel
+model's whole-model ratio is mostly noise, and learning it made whole networks' estimates
+worse. The build runs a model as its kernels called one by one, or, where it has no host op
+and that is `MARGIN` faster, as one TVM call (`hwaware.build`); the profiler keeps the build's
+timing of both plans, so there are two such regressors, one per plan (the one-call one where
+the data has `MIN_ONE_CALL_MODELS` models timed both ways), and the prediction chooses between
+them as the build does.
 
 Comes out: a `LatencyEstimate`: `total_ms`, the whole-model term, and one `KernelEstimate` row
 per kernel and per host op (family "host": an op the host program runs in PyTorch) with its
@@ -80,6 +84,9 @@ FILES = ("kernel_model.json", "model_model.json")
 # The whole-model regressor of the model run as one TVM call (`profile.ONE_CALL_PLANS`); the
 # predictor chooses between it and the kernel calls as the build does (`hwaware.build.MARGIN`)
 ONE_CALL_FILE = "one_call_model.json"
+# profiled families whose models label kernels only, not the whole-model term (see above;
+# bench/data/README.md has the figures)
+KERNEL_ONLY_SPACES = frozenset({"block"})
 MIN_ONE_CALL_MODELS = 10  # fewer of the device's models timed as one call: kernel calls only
 TABLE_FILE = "kernel_table.json"  # signature -> measured microseconds, from the training data
 # An adapted predictor's own files: the kernel correction regressor, and the kernels measured
@@ -220,7 +227,7 @@ class LatencyPredictor:
         data = TrainingSet(list(samples), device, prior, base)
         oof = _out_of_fold_kernel_us(data, rounds)
         kernel_model = _fit(data.kernel_rows, data.kernel_log_ratio, KERNEL_PARAMS, rounds, base)
-        calls_us, one_call_us = zip(*(s.plan_latencies() for s in samples), strict=True)
+        calls_us, one_call_us = zip(*(_whole_model_labels(s) for s in samples), strict=True)
         overhead = _fit_overhead(data, oof, calls_us)
         model_model = _fit(*_model_rows(data, oof, overhead, calls_us), MODEL_PARAMS,
                            MODEL_ROUNDS)
@@ -570,6 +577,12 @@ def _out_of_fold_kernel_us(data: TrainingSet, rounds: int) -> np.ndarray:
             if known is not None:
                 result[row] = known
     return result
+
+
+def _whole_model_labels(sample: Any) -> tuple[float | None, float | None]:
+    """The sample's latency as kernel calls and as one call, the whole-model regressors'
+    labels (`Sample.plan_latencies`); none for a sample of `KERNEL_ONLY_SPACES`."""
+    return (None, None) if sample.space in KERNEL_ONLY_SPACES else sample.plan_latencies()
 
 
 def _base_us(kernel_us: Any, kernels: int, host_steps: int, overhead: list[float]) -> float:
