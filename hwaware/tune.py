@@ -188,8 +188,9 @@ def _run_session(tasks: list[TuningTask], target: Target, db: TuningDatabase,
                 cost_model_dir=None if cold_start else cost_model.model_dir(target.key),
             )
         remeasure_start = time.time()
-        # checked: a best record that computes wrong numbers is marked failed, not re-ranked
-        checked = database.SqliteDatabase.checked(db, resolved, adapter.device)
+        # checked (on the farm device that measured them, if one did): a best record that
+        # computes wrong numbers is marked failed, not re-ranked
+        checked = database.SqliteDatabase.checked(db, resolved, adapter.device, farm)
         for t in todo:  # fused kernels: re-rank their best records like for like
             if schedules.fixed_schedule_of(t.workload["main"], fixed_schedules) is not None:
                 _remeasure(t, checked, fixed_schedules, remeasure_runner)

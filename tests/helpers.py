@@ -83,6 +83,68 @@ def tiny_conv() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(1, 4, 8, 8),)
 
 
+def wrong_best_database(path: Path) -> tuple[Any, str, str]:
+    """A database at `path` whose only workload (`tiny_conv`'s task) has two real records: a
+    correct one (2 us) and, as the best (1 us), one whose trace stores the convolution's sums
+    as int32 (`unsafe_set_dtype`): it replays and builds, and computes wrong numbers. Returns
+    the task and the candidate keys of the wrong record and of the right one."""
+    import json
+
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from hwaware.capture import capture
+    from hwaware.db import candidate_key
+    from hwaware.decompose import rewrite_and_partition
+    from hwaware.target import get_target
+    from hwaware.tune import extract_tasks
+    from hwaware.tvm.database import record_row
+    from hwaware.tvm.ir import plain_json, workload_json
+    from hwaware.tvm.setup import TVM_VERSION
+
+    model, (x,) = tiny_conv()
+    target = get_target("host")
+    _, part = rewrite_and_partition(capture(model, [x]), True)
+    (task,) = extract_tasks(part, [x], target)
+    good = tvm.s_tir.Schedule(task.workload)
+    good.parallel(good.get_loops(good.get_sblock("conv2d_nchw"))[1])
+    bad = tvm.s_tir.Schedule(task.workload)
+    bad.unsafe_set_dtype(bad.get_sblock("conv2d_nchw"), 0, "int32")
+    args = [plain_json(a.as_json()) for a in ArgInfo.from_entry_func(task.workload)]
+    traces = {name: plain_json(s.trace.as_json()) for name, s in (("good", good), ("bad", bad))}
+    with TuningDatabase(path) as db:
+        db.commit_workload(task.workload_hash, TVM_VERSION, workload_json(task.workload))
+        for name, us in (("good", 2.0), ("bad", 1.0)):
+            db.commit_record(record_row(task.workload_hash, target.key, traces[name], args,
+                                        [us * 1e-6], None, "test", None))
+    return (task, candidate_key(json.dumps(traces["bad"])),
+            candidate_key(json.dumps(traces["good"])))
+
+
+def crashing_record_workload() -> tuple[Any, str, str]:
+    """A workload and the traces of two records of it: one whose kernel segfaults (its trace
+    stores computed indices as uint8: they lose their high bits and index >= 2 GB before the
+    buffer) and a right one."""
+    import json
+
+    import tvm
+    from tvm import te
+
+    from hwaware.tvm.ir import plain_json
+
+    a = te.placeholder((64,), "float32", name="A")
+    far = 1 << 23  # i + (i + 64) * far = i (mod 256): the index, once its high bits are gone
+    index = te.compute((64,), lambda i: i + (i + 64) * far, name="t")
+    b = te.compute((64,), lambda i: a[index[i] - (i + 64) * far], name="b")
+    workload = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    crash = tvm.s_tir.Schedule(workload)
+    crash.unsafe_set_dtype(crash.get_sblock("t"), 0, "uint8")
+    fine = tvm.s_tir.Schedule(workload)
+    fine.compute_inline(fine.get_sblock("t"))
+    crash_trace, fine_trace = (json.dumps(plain_json(s.trace.as_json())) for s in (crash, fine))
+    return workload, crash_trace, fine_trace
+
+
 def fused_kernels(model: torch.nn.Module, x: torch.Tensor, tgt: Any) -> Any:
     """`model` exported and imported into Relax, its kernels fused for tuning (an IRModule)."""
     import tvm

@@ -1,7 +1,7 @@
 """The device farm over TVM RPC, on loopback: a real tracker and two real servers started with
 `hwaware farm`, a tuning session measured across them, and one server killed (SIGKILL) in the
 middle of it: the session finishes on the other, and every record it had committed stays, each
-naming the farm's device."""
+naming the farm's device; tuned records checked on a farm device, a crashing one included."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from torch import nn
 import hwaware
 from hwaware import farm
 from hwaware.cli import main as cli_main
-from hwaware.db import TuningDatabase
+from hwaware.db import TuningDatabase, candidate_key
+from tests.helpers import crashing_record_workload, wrong_best_database
 
 KEY = "loopfarm"
 
@@ -186,3 +187,37 @@ def test_help_says_a_server_runs_any_code(capsys: pytest.CaptureFixture[str]) ->
         with pytest.raises(SystemExit):
             cli_main([*command, "--help"])
         assert "runs whatever code a client sends" in " ".join(capsys.readouterr().out.split())
+
+
+def test_tuned_records_are_checked_on_a_farm_device(loopback_farm: LoopbackFarm,
+                                                    tmp_path: Path) -> None:
+    """The records a session measured on the farm are checked on a farm device (the reference
+    and the record built here, run there, compared here): a right record passes, a wrong one
+    is named with its error, one whose kernel segfaults breaks only its own session and is
+    named too: its server serves again (TVM's own server loop would stop for good). The
+    session's re-measure uses this check (`checked` with the farm)."""
+    from hwaware.target import get_target
+    from hwaware.tvm import check, database
+    from hwaware.tvm.setup import TVM_VERSION, resolve
+
+    resolved = resolve(get_target("host"))
+    on_farm = farm.Farm.of(loopback_farm.tracker, KEY)
+    alive = [p for p in loopback_farm.servers if p.poll() is None]
+    served = sum(_sessions_served(log) for log in loopback_farm.logs)
+    task, bad_key, good_key = wrong_best_database(tmp_path / "wrong.db")
+    with TuningDatabase(tmp_path / "wrong.db") as db:
+        rows = db.top_records(task.workload_hash, TVM_VERSION, resolved.key, 2)
+        checked = database.SqliteDatabase.checked(db, resolved, on_farm.device, on_farm)
+    assert checked.verify and checked.farm == on_farm
+    traces = {candidate_key(row.trace_json): row.trace_json for row in rows}
+    assert check.farm_mismatch(task.workload, traces[good_key], resolved.tvm, on_farm) is None
+    wrong = check.farm_mismatch(task.workload, traces[bad_key], resolved.tvm, on_farm)
+    assert wrong is not None and "max abs error" in wrong
+    workload, crash, fine = crashing_record_workload()
+    crashed = check.farm_mismatch(workload, crash, resolved.tvm, on_farm)
+    assert crashed is not None and "on the farm device" in crashed
+    assert check.farm_mismatch(workload, fine, resolved.tvm, on_farm) is None
+    assert sum(_sessions_served(log) for log in loopback_farm.logs) >= served + 6
+    assert all(p.poll() is None for p in alive)
+    assert any("serving again" in log.read_text() for log in loopback_farm.logs)
+    _wait_for_servers(loopback_farm.tracker, len(alive), alive)

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from torch import nn
 
 import hwaware
 from hwaware.db import TuningDatabase
 from hwaware.target import get_target
-from tests.helpers import assert_close_to_eager
+from tests.helpers import (
+    assert_close_to_eager,
+    crashing_record_workload,
+    tiny_conv,
+    wrong_best_database,
+)
 
 tvm = pytest.importorskip("tvm")
 
@@ -120,47 +123,12 @@ def test_segfaulting_and_hanging_candidates_are_recorded_failed(tmp_path: Path) 
     db.close()
 
 
-def _tiny_conv() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval(), \
-        torch.randn(1, 4, 8, 8)
-
-
 @pytest.fixture()
 def wrong_best(tmp_path: Path) -> tuple[Path, Any, str, str]:
-    """A database whose only workload (the tiny conv's) has two real records: a correct one
-    (2 us) and, as the best (1 us), one whose trace stores the convolution's sums as int32
-    (`unsafe_set_dtype`): it replays and builds, and computes wrong numbers."""
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    from hwaware.capture import capture
-    from hwaware.db import candidate_key
-    from hwaware.decompose import rewrite_and_partition
-    from hwaware.tune import extract_tasks
-    from hwaware.tvm.database import record_row
-    from hwaware.tvm.ir import plain_json, workload_json
-    from hwaware.tvm.setup import TVM_VERSION
-
-    model, x = _tiny_conv()
-    target = get_target("host")
-    _, part = rewrite_and_partition(capture(model, [x]), True)
-    (task,) = extract_tasks(part, [x], target)
-    good = tvm.s_tir.Schedule(task.workload)
-    good.parallel(good.get_loops(good.get_sblock("conv2d_nchw"))[1])
-    bad = tvm.s_tir.Schedule(task.workload)
-    bad.unsafe_set_dtype(bad.get_sblock("conv2d_nchw"), 0, "int32")
-    args = [plain_json(a.as_json()) for a in ArgInfo.from_entry_func(task.workload)]
-    traces = {name: plain_json(s.trace.as_json()) for name, s in (("good", good), ("bad", bad))}
+    """`tests.helpers.wrong_best_database`: the tiny conv's task with a right record and, as
+    the best, a wrong one; (path, task, the wrong one's candidate key, the right one's)."""
     path = tmp_path / "wrong.db"
-    with TuningDatabase(path) as db:
-        db.commit_workload(task.workload_hash, TVM_VERSION, workload_json(task.workload))
-        for name, us in (("good", 2.0), ("bad", 1.0)):
-            db.commit_record(record_row(task.workload_hash, target.key, traces[name], args,
-                                        [us * 1e-6], None, "test", None))
-    import json
-
-    return (path, task, candidate_key(json.dumps(traces["bad"])),
-            candidate_key(json.dumps(traces["good"])))
+    return (path, *wrong_best_database(path))
 
 
 def test_record_check_tells_the_wrong_record_from_the_right_one(
@@ -191,7 +159,7 @@ def test_a_wrong_best_record_is_excluded_before_the_build_uses_it(
     from hwaware.tvm.setup import TVM_VERSION
 
     path, task, bad_key, good_key = wrong_best
-    model, x = _tiny_conv()
+    model, (x,) = tiny_conv()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = hwaware.compile(model, (x,), db=path, trials=0)
@@ -247,12 +215,11 @@ def test_fault_tests_leave_no_worker_behind() -> None:
 
 
 def test_a_crashing_best_record_is_excluded_and_the_check_survives(tmp_path: Path) -> None:
-    """A best record whose kernel segfaults (its trace stores computed indices as uint8: they
-    lose their high bits and index >= 2 GB before the buffer) is excluded by the check, which
-    runs in a worker process; the next best record is handed out."""
+    """A best record whose kernel segfaults (`tests.helpers.crashing_record_workload`) is
+    excluded by the check, which runs in a worker process; the next best record is handed
+    out."""
     import json
 
-    from tvm import te
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
@@ -260,22 +227,13 @@ def test_a_crashing_best_record_is_excluded_and_the_check_survives(tmp_path: Pat
     from hwaware.tvm import database, setup
     from hwaware.tvm.ir import plain_json, workload_hash, workload_json
 
-    a = te.placeholder((64,), "float32", name="A")
-    far = 1 << 23  # i + (i + 64) * far = i (mod 256): the index, once its high bits are gone
-    index = te.compute((64,), lambda i: i + (i + 64) * far, name="t")
-    b = te.compute((64,), lambda i: a[index[i] - (i + 64) * far], name="b")
-    workload = tvm.IRModule({"main": te.create_prim_func([a, b])})
-    crash = tvm.s_tir.Schedule(workload)
-    crash.unsafe_set_dtype(crash.get_sblock("t"), 0, "uint8")
-    fine = tvm.s_tir.Schedule(workload)
-    fine.compute_inline(fine.get_sblock("t"))
+    workload, *traces = crashing_record_workload()
     target = get_target("host")
     resolved = setup.resolve(target)
     whash = workload_hash(workload)
     args = [plain_json(x.as_json()) for x in ArgInfo.from_entry_func(workload)]
     db = TuningDatabase(tmp_path / "c.db")
     db.commit_workload(whash, setup.TVM_VERSION, workload_json(workload))
-    traces = [json.dumps(plain_json(s.trace.as_json())) for s in (crash, fine)]
     for trace, us in zip(traces, (1.0, 2.0), strict=True):
         db.commit_record(database.record_row(whash, target.key, json.loads(trace), args,
                                              [us * 1e-6], None, "test", None))

@@ -12,6 +12,11 @@ from another database. The runner times candidates and never looks at their outp
 record can be the fastest (doing less work is fast). The build (`SqliteDatabase(verify=True)`)
 checks the best record of each workload with `contained_mismatch` before applying it.
 
+On a device farm (`farm_mismatch`): the records a tuning session measured on a farm device are
+checked there, for a target this machine may not run: the reference and the record are built
+here for the farm's target, uploaded to one of its devices, run on the same random inputs, and
+their outputs compared here.
+
 Tolerance: rtol 1e-3, atol 1e-4 scaled by the reference's largest magnitude when above 1 (as
 `hwaware.verify`: summation order alone moves large float32 sums by more than a fixed atol);
 rtol 1e-2, atol 1e-3 for float16. Integer outputs must be equal.
@@ -96,6 +101,41 @@ def _record_in_worker(mod_json: str, trace_json: str, target_json: Any) -> str |
     return _compare(workload, apply, tvm.target.Target(target_json), expected)
 
 
+_FARM_EXPECTED: dict[tuple[str, str, str], list[np.ndarray]] = {}  # workload, farm, target
+
+
+def farm_mismatch(workload: tvm.IRModule, trace_json: str, target: tvm.target.Target,
+                  farm: Any) -> str | None:
+    """`contained_mismatch` on a device of `farm` (a CPU target): the unscheduled reference
+    (built and run once per workload, farm and target) and the record with trace `trace_json`
+    are built here, run there (`rpc.remote_outputs`) and compared here. A record whose kernel
+    fails there or breaks the device's session (a crash; a hang past the farm's session
+    timeout) gets a verdict saying so; if the reference cannot be built or run there, or the
+    farm cannot be reached, the record passes unchecked (logged)."""
+    from hwaware.tvm import rpc
+
+    args = _random_args(workload)
+    if args is None:
+        return None
+    key = (tvm.ir.save_json(workload), farm.tracker + "/" + farm.key, str(target))
+    try:
+        if key not in _FARM_EXPECTED:
+            (expected,) = rpc.remote_outputs(farm, [tvm.compile(workload, target=target)], args)
+            _FARM_EXPECTED[key] = expected
+    except Exception as err:  # the build, the farm, the session: TVM raises many types
+        log.warning("could not check a tuning record on the farm %s (the reference): %s: %s",
+                    farm.tracker, type(err).__name__, _last_line(err))
+        return None
+
+    def apply(sch: Any) -> None:
+        tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json), sch)
+
+    def run(lib: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return next(rpc.remote_outputs(farm, [lib], arrays))
+
+    return _compare(workload, apply, target, _FARM_EXPECTED[key], run, "on the farm device")
+
+
 def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Target
                     ) -> str | None:
     """None when `record` (a MetaSchedule `TuningRecord` of `workload`) computes the
@@ -122,9 +162,10 @@ def records_mismatch(workload: tvm.IRModule, records: list[Any], target: tvm.tar
 
 
 def _compare(workload: tvm.IRModule, apply: Any, target: tvm.target.Target,
-             expected: list[np.ndarray]) -> str | None:
-    """The workload scheduled by `apply`, built and run on the random inputs: None if its
-    buffers after the call match `expected`, else the first that differs."""
+             expected: list[np.ndarray], run: Any = None, where: str = "") -> str | None:
+    """The workload scheduled by `apply`, built and run (by `run`, default `_run`: here) on
+    the random inputs: None if its buffers after the call match `expected`, else the first
+    that differs."""
     from hwaware.tvm.setup import fast_build
 
     args = _random_args(workload)
@@ -133,16 +174,20 @@ def _compare(workload: tvm.IRModule, apply: Any, target: tvm.target.Target,
     try:
         sch = tvm.s_tir.Schedule(workload)
         apply(sch)
-        got = _run(fast_build(sch.mod, target, None), args)
+        got = (run or _run)(fast_build(sch.mod, target, None), args)
     except Exception as err:  # TVM's schedule, build and run raise many error types
-        return f"its kernel fails to build or run: {type(err).__name__}: " + \
-            (str(err).strip().splitlines() or [""])[-1][:200]
+        return (f"its kernel fails to build or run{' ' + where if where else ''}: "
+                f"{type(err).__name__}: {_last_line(err)}")
     names = [p.name for p in workload["main"].params]
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         why = _difference(g, e)
         if why:
             return f"parameter {i} ({names[i]}): {why}"
     return None
+
+
+def _last_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[-1][:200]
 
 
 def _random_args(workload: tvm.IRModule) -> list[np.ndarray] | None:

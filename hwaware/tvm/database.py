@@ -31,30 +31,35 @@ class SqliteDatabase(ms.database.PyDatabase):
     commits name `device` as where they were measured (default: the database's, this machine)."""
 
     def __init__(self, db: TuningDatabase, target: tvm.target.Target, target_key: str,
-                 device: str | None = None, verify: bool = False):
+                 device: str | None = None, verify: bool = False, farm: Any = None):
         super().__init__()
         self.db = db
         self.target = target
         self.target_key = target_key
         self.device = device or db.device
         self.verify = verify
+        self.farm = farm  # with `verify`: records are checked on this farm's device instead
         self._workloads: dict[str, ms.database.Workload] = {}
 
     @classmethod
     def of(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None,
-           verify: bool = False) -> SqliteDatabase:
+           verify: bool = False, farm: Any = None) -> SqliteDatabase:
         """The adapter of `db` for a resolved target (its TVM target and database key).
-        `verify` (for a build on a CPU target that runs here): every record it hands out has
-        been checked to compute its workload's outputs (`hwaware.tvm.check`); one that does
-        not is excluded, marked failed in the database, with one warning naming it."""
-        return cls(db, target.tvm, target.key, device, verify)
+        `verify` (for a build on a CPU target that runs here, or one a `farm` runs): every
+        record it hands out has been checked to compute its workload's outputs
+        (`hwaware.tvm.check`, on the farm's device where a farm is given); one that does not
+        is excluded, marked failed in the database, with one warning naming it."""
+        return cls(db, target.tvm, target.key, device, verify, farm)
 
     @classmethod
-    def checked(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None
-                ) -> SqliteDatabase:
-        """`of` with `verify` wherever it can check: on a CPU target that runs here."""
-        return cls.of(db, target, device,
-                      verify=target.target.can_run_here and target.tvm.kind.name == "llvm")
+    def checked(cls, db: TuningDatabase, target: ResolvedTarget, device: str | None = None,
+                farm: Any = None) -> SqliteDatabase:
+        """`of` with `verify` wherever it can check: on a CPU target that runs here, or on
+        the device of `farm` (a CPU target; the records it measured are checked there)."""
+        cpu = target.tvm.kind.name == "llvm"
+        return cls.of(db, target, device, verify=cpu and (farm is not None
+                                                          or target.target.can_run_here),
+                      farm=farm)
 
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self.db.has_workload(workload_hash(mod), TVM_VERSION)
@@ -102,15 +107,19 @@ class SqliteDatabase(ms.database.PyDatabase):
             self.get_top_k(ms.database.Workload(mod), 1)
 
     def _computes(self, workload: ms.database.Workload, row: RecordRow, record: Any) -> bool:
-        """Whether `record` computes `workload`'s outputs (`check.contained_mismatch`, once per
-        record and process); one that does not is marked failed in this database, so that no
-        later build or search uses it, with one warning (per process) naming it."""
-        from hwaware.tvm.check import contained_mismatch
+        """Whether `record` computes `workload`'s outputs (`check.contained_mismatch`, or
+        `check.farm_mismatch` on the farm's device; once per record and process); one that
+        does not is marked failed in this database, so that no later build or search uses it,
+        with one warning (per process) naming it."""
+        from hwaware.tvm.check import contained_mismatch, farm_mismatch
 
         key = (row.workload_hash, row.target_key, row.trace_json)
         if key not in _VERDICTS:
             try:
-                _VERDICTS[key] = contained_mismatch(workload.mod, row.trace_json, self.target)
+                _VERDICTS[key] = (
+                    farm_mismatch(workload.mod, row.trace_json, self.target, self.farm)
+                    if self.farm is not None else
+                    contained_mismatch(workload.mod, row.trace_json, self.target))
             except Exception as err:  # the reference failed: the record stays, unchecked
                 log.warning("could not check tuning record %s of workload %s: %s",
                             candidate_key(row.trace_json), row.workload_hash, err)

@@ -1,17 +1,22 @@
 """The device farm over TVM RPC: tracker, servers, and measuring on the farm's devices.
 
 Goes in: a `Farm` (tracker address, device key). Comes out: the tracker and server processes
-(`serve_tracker`, `serve_device`: TVM's own `tvm.rpc.Tracker` / `tvm.rpc.Server`), the
+(`serve_tracker`, `serve_device`: TVM's own `tvm.rpc.Tracker` and server loop, the loop run
+again after a session whose kernel crashed), the
 tracker's summary, MetaSchedule's `RPCRunner` for a tuning session (`tuning_runner`), and
 `RpcRunner`, hwaware's `Runner` on a farm device, with `kernel_evaluations`: built kernels
-uploaded to a device and timed there by TVM's time evaluator (the re-measure of top records).
+uploaded to a device and timed there by TVM's time evaluator (the re-measure of top records),
+and `remote_outputs`: built kernels run on a device on given inputs, their buffers fetched back
+(a tuned record's check on the device it was tuned for, `hwaware.tvm.check.farm_mismatch`).
 
 A TVM RPC server runs whatever a client sends: bind it to a network you trust.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 from tvm import rpc
 from tvm.ir.utils import derived_object
@@ -44,10 +50,40 @@ def serve_tracker(host: str, port: int) -> None:
 
 def serve_device(key: str, tracker: tuple[str, int], host: str, port: int) -> None:
     """Run a TVM RPC server for this machine, registered under `key` with the tracker, until
-    this process is killed."""
-    server = rpc.Server(host, port, port + SERVER_PORT_RANGE, key=key, tracker_addr=tracker)
-    log.info("TVM RPC server %r on %s:%d, tracker %s:%d", key, host, server.port, *tracker)
-    server.proc.join()
+    this process is killed: TVM's own listen loop (each session in a forked process), run
+    again whenever it stops. TVM's loop ends for good when a session's process dies (a kernel
+    that segfaults: its `_serving` raises out of the loop) while the server process lives on,
+    bound and deregistered: one crashing candidate would take the device out of the farm."""
+    from tvm.rpc import server as tvm_server
+
+    sock = _listening_socket(host, port)
+    bound = sock.getsockname()[1]
+    log.info("TVM RPC server %r on %s:%d, tracker %s:%d", key, host, bound, *tracker)
+    home = os.getcwd()
+    while True:
+        try:
+            tvm_server._listen_loop(sock, bound, key, tracker, None, None)
+        except RuntimeError as err:  # "Child process ... exited unsuccessfully"
+            os.chdir(home)  # the session had moved into its work folder
+            log.warning("a session's process died (%s); serving again", err)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on the first free port from `port` on (`SERVER_PORT_RANGE` ports)."""
+    for candidate in range(port, port + SERVER_PORT_RANGE):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE:
+                raise
+            continue
+        sock.listen(1)
+        return sock
+    raise OSError(f"no free port in [{port}, {port + SERVER_PORT_RANGE}) on {host}")
 
 
 def tracker_summary(tracker: tuple[str, int]) -> dict[str, Any]:
@@ -158,6 +194,22 @@ def kernel_evaluations(libs: Sequence[Any], args_info: Any, runner: RpcRunner | 
                   for i, lib in enumerate(libs)]
         fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
         yield _evaluations(remote, session.cpu(), args_info, fill, min_repeat_ms)
+
+
+def remote_outputs(farm: Farm, libs: Sequence[Any], args: Sequence[np.ndarray]
+                   ) -> Iterator[list[np.ndarray]]:
+    """Each built kernel (CPU) run once on one farm device (one session, held while the
+    caller iterates) on copies of `args`: every buffer after the call, outputs and inputs, in
+    order. A kernel is uploaded and run only when its turn comes, so the outputs of those before
+    it are in hand if it breaks the session (a crash, or a hang past the session timeout)."""
+    session = rpc_config(farm).connect_server()
+    device = session.cpu()
+    with tempfile.TemporaryDirectory(prefix="hwaware-rpc-") as tmp:
+        for i, lib in enumerate(libs):
+            remote = _uploaded(session, lib, Path(tmp) / f"kernel{i}.tar")
+            tensors = [tvm.runtime.tensor(a, device) for a in args]
+            remote["main"](*tensors)
+            yield [t.numpy() for t in tensors]
 
 
 def _uploaded(session: Any, lib: Any, path: Path) -> Any:
