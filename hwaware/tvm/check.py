@@ -131,9 +131,10 @@ def farm_mismatch(workload: tvm.IRModule, trace_json: str, target: tvm.target.Ta
         tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json), sch)
 
     def run(lib: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return next(rpc.remote_outputs(farm, [lib], arrays))
+        (got,) = rpc.remote_outputs(farm, [lib], arrays)
+        return got
 
-    return _compare(workload, apply, target, _FARM_EXPECTED[key], run, "on the farm device")
+    return _compare(workload, apply, target, _FARM_EXPECTED[key], run, "(on the farm device)")
 
 
 def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Target
