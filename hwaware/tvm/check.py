@@ -94,11 +94,14 @@ def _record_in_worker(mod_json: str, trace_json: str, target_json: Any) -> str |
     expected = _EXPECTED[mod_json]
     if expected is None:
         return None  # nothing to feed it: unchecked
+    return _compare(workload, _trace_applier(trace_json), tvm.target.Target(target_json),
+                    expected)
 
-    def apply(sch: Any) -> None:
-        tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json), sch)
 
-    return _compare(workload, apply, tvm.target.Target(target_json), expected)
+def _trace_applier(trace_json: str) -> Any:
+    """A function applying the record's trace (JSON) to a schedule of its workload."""
+    return lambda sch: tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json),
+                                                                       sch)
 
 
 _FARM_EXPECTED: dict[tuple[str, str, str], list[np.ndarray]] = {}  # workload, farm, target
@@ -108,33 +111,32 @@ def farm_mismatch(workload: tvm.IRModule, trace_json: str, target: tvm.target.Ta
                   farm: Any) -> str | None:
     """`contained_mismatch` on a device of `farm` (a CPU target): the unscheduled reference
     (built and run once per workload, farm and target) and the record with trace `trace_json`
-    are built here, run there (`rpc.remote_outputs`) and compared here. A record whose kernel
+    are built here, each run there in a session of its own (`rpc.remote_outputs`) and
+    compared here. A record whose kernel
     fails there or breaks the device's session (a crash; a hang past the farm's session
     timeout) gets a verdict saying so; if the reference cannot be built or run there, or the
     farm cannot be reached, the record passes unchecked (logged)."""
     from hwaware.tvm import rpc
+    from hwaware.tvm.ir import workload_hash
 
     args = _random_args(workload)
     if args is None:
         return None
-    key = (tvm.ir.save_json(workload), farm.tracker + "/" + farm.key, str(target))
+    key = (workload_hash(workload), farm.tracker + "/" + farm.key, str(target))
     try:
         if key not in _FARM_EXPECTED:
-            (expected,) = rpc.remote_outputs(farm, [tvm.compile(workload, target=target)], args)
-            _FARM_EXPECTED[key] = expected
+            _FARM_EXPECTED[key] = rpc.remote_outputs(
+                farm, tvm.compile(workload, target=target), args)
     except Exception as err:  # the build, the farm, the session: TVM raises many types
         log.warning("could not check a tuning record on the farm %s (the reference): %s: %s",
                     farm.tracker, type(err).__name__, _last_line(err))
         return None
 
-    def apply(sch: Any) -> None:
-        tvm.s_tir.schedule.Trace.apply_json_to_schedule(json.loads(trace_json), sch)
-
     def run(lib: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        (got,) = rpc.remote_outputs(farm, [lib], arrays)
-        return got
+        return rpc.remote_outputs(farm, lib, arrays)
 
-    return _compare(workload, apply, target, _FARM_EXPECTED[key], run, "(on the farm device)")
+    return _compare(workload, _trace_applier(trace_json), target, _FARM_EXPECTED[key], run,
+                    "(on the farm device)")
 
 
 def record_mismatch(workload: tvm.IRModule, record: Any, target: tvm.target.Target

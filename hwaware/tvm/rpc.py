@@ -6,7 +6,7 @@ again after a session whose kernel crashed), the
 tracker's summary, MetaSchedule's `RPCRunner` for a tuning session (`tuning_runner`), and
 `RpcRunner`, hwaware's `Runner` on a farm device, with `kernel_evaluations`: built kernels
 uploaded to a device and timed there by TVM's time evaluator (the re-measure of top records),
-and `remote_outputs`: built kernels run on a device on given inputs, their buffers fetched back
+and `remote_outputs`: a built kernel run on a device on given inputs, its buffers fetched back
 (a tuned record's check on the device it was tuned for, `hwaware.tvm.check.farm_mismatch`).
 
 A TVM RPC server runs whatever a client sends: bind it to a network you trust.
@@ -196,20 +196,17 @@ def kernel_evaluations(libs: Sequence[Any], args_info: Any, runner: RpcRunner | 
         yield _evaluations(remote, session.cpu(), args_info, fill, min_repeat_ms)
 
 
-def remote_outputs(farm: Farm, libs: Sequence[Any], args: Sequence[np.ndarray]
-                   ) -> Iterator[list[np.ndarray]]:
-    """Each built kernel (CPU) run once on one farm device (one session, held while the
-    caller iterates) on copies of `args`: every buffer after the call, outputs and inputs, in
-    order. A kernel is uploaded and run only when its turn comes, so the outputs of those before
-    it are in hand if it breaks the session (a crash, or a hang past the session timeout)."""
+def remote_outputs(farm: Farm, lib: Any, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A built kernel (CPU) run once on one farm device, in a session of its own, on copies of
+    `args`: every buffer after the call, outputs and inputs, in order. A kernel that crashes or
+    hangs there breaks its session only (raised here)."""
     session = rpc_config(farm).connect_server()
     device = session.cpu()
     with tempfile.TemporaryDirectory(prefix="hwaware-rpc-") as tmp:
-        for i, lib in enumerate(libs):
-            remote = _uploaded(session, lib, Path(tmp) / f"kernel{i}.tar")
-            tensors = [tvm.runtime.tensor(a, device) for a in args]
-            remote["main"](*tensors)
-            yield [t.numpy() for t in tensors]
+        remote = _uploaded(session, lib, Path(tmp) / "kernel.tar")
+        tensors = [tvm.runtime.tensor(a, device) for a in args]
+        remote["main"](*tensors)
+        return [t.numpy() for t in tensors]
 
 
 def _uploaded(session: Any, lib: Any, path: Path) -> Any:
