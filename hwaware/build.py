@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from hwaware.db import TuningDatabase
+from hwaware.index_guard import whole_program_checks
 from hwaware.kernels import families, fixed_schedules, unique_name
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
@@ -589,7 +590,8 @@ def _whole_program(program: Program) -> Program:
     signature = "whole:" + hashlib.sha256(parts.encode()).hexdigest()[:16]
     spec = KernelSpec(ONE_CALL, "whole", signature, program.input_slots,
                       program.output_slots, torch_steps, impl="tvm",
-                      flops=sum(k.flops for k in program.kernels.values()))
+                      flops=sum(k.flops for k in program.kernels.values()),
+                      index_checks=whole_program_checks(program))
     return replace(program, steps=[KernelStep(ONE_CALL, program.input_slots,
                                               program.output_slots)],
                    kernels={ONE_CALL: spec})

@@ -31,6 +31,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from hwaware.capture import Captured
+from hwaware.index_guard import index_checks
 from hwaware.program import (
     KernelSpec,
     KernelStep,
@@ -344,6 +345,7 @@ class _ProgramBuilder:
             name=name, family=family, signature=kernel_signature(run, inputs, self.gm),
             inputs=[self.slot(n) for n in inputs], outputs=[self.slot(n) for n in outputs],
             steps=steps, flops=kernel_flops(run, self.gm),
+            index_checks=index_checks(run, inputs),
         )
         self.kernels[name] = spec
         self.steps.append(KernelStep(name, spec.inputs, spec.outputs))

@@ -72,6 +72,8 @@ class KernelSpec:
     # the timings' spreads (`runner.Timing.spread`): how far the choice above can be trusted
     tvm_spread: float | None = None
     torch_spread: float | None = None
+    # indices from its inputs checked before its TVM kernel runs (`index_guard.IndexCheck`)
+    index_checks: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass

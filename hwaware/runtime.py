@@ -26,7 +26,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from hwaware import manifest, onnx_reference, outputs
+from hwaware.index_guard import out_of_range
 from hwaware.program import (
+    KernelSpec,
     KernelStep,
     OpStep,
     Program,
@@ -208,8 +210,11 @@ class CompiledModel:
         from hwaware.tvm import vm as tvm_vm
 
         call = tvm_vm.torch_callable(vm, step.kernel, len(step.outputs))
+        checks = program.kernels[step.kernel].index_checks
 
         def run(flat: list[Any]) -> list[Any]:
+            if checks and out_of_range(checks, flat):  # PyTorch raises, or wraps negatives
+                return _without_grad(run_kernel_in_torch, program, step.kernel, flat)
             return _without_grad(call, *flat)
 
         return run
@@ -221,7 +226,8 @@ class CompiledModel:
         if spec.impl == "tvm" and vm is not None:
             from hwaware.tvm import vm as tvm_vm
 
-            return _tvm_action(tvm_vm.torch_callable(vm, spec.name, len(step.outputs)), step)
+            call = tvm_vm.torch_callable(vm, spec.name, len(step.outputs))
+            return _tvm_action(call, step, spec, self.program.constants)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
@@ -437,11 +443,20 @@ def _no_torch_action(kernel: str) -> Callable[[list[Any]], None]:
     return action
 
 
-def _tvm_action(call: Callable[..., list[Any]], step: KernelStep) -> Callable[[list[Any]], None]:
-    inputs, outputs = step.inputs, step.outputs
+def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSpec,
+                constants: dict[str, torch.Tensor]) -> Callable[[list[Any]], None]:
+    """Run the TVM kernel; where an index among its inputs is out of range
+    (`index_guard`), its PyTorch ops instead, which raise PyTorch's error (or wrap negative
+    indices as PyTorch does)."""
+    inputs, outputs, checks = step.inputs, step.outputs, spec.index_checks
+    in_torch = _torch_kernel_action(spec.steps, constants) if checks else None
 
     def action(slots: list[Any]) -> None:
-        results = call(*[slots[i] for i in inputs])
+        args = [slots[i] for i in inputs]
+        if in_torch is not None and out_of_range(checks, args):
+            in_torch(slots)
+            return
+        results = call(*args)
         for slot, value in zip(outputs, results, strict=True):
             slots[slot] = value
 
