@@ -31,7 +31,8 @@ from torch import fx
 
 from hwaware.program import KernelStep, OpStep, Program, op_name
 
-# [input position, [[dim, index] of `select`s applied to that input, in order], exclusive bound]
+# [input position, [[dim, index] of `select`s applied to that input, in order], exclusive bound,
+#  optionally the lowest index allowed (0 if absent; -bound for ONNX, which counts from the back)]
 IndexCheck = list[Any]
 
 # ops whose output holds the same index values as their first argument (or a subset of them)
@@ -149,17 +150,21 @@ def _merged(checks: list[IndexCheck]) -> list[IndexCheck]:
     return merged
 
 
-def out_of_range(checks: list[IndexCheck], inputs: list[Any]) -> bool:
-    """Whether any guarded index among a kernel's `inputs` is negative or not below its bound."""
-    for i, selects, bound in checks:
+def out_of_range(checks: list[IndexCheck], inputs: list[Any]) -> str | None:
+    """The first guarded index among a kernel's `inputs` outside its range (below its lower
+    bound, 0 unless the check allows negatives, or not below its bound), described; else None."""
+    for check in checks:
+        i, selects, bound = check[:3]
+        lowest = check[3] if len(check) > 3 else 0
         index = inputs[i]
         for dim, at in selects:
             index = index.select(dim, at)
         if index.numel():
-            low, high = torch.aminmax(index)
-            if int(low) < 0 or int(high) >= bound:
-                return True
-    return False
+            low, high = (int(v) for v in torch.aminmax(index))
+            if low < lowest or high >= bound:
+                return f"input {i} holds index {low if low < lowest else high}, outside " \
+                    f"[{lowest}, {bound})"
+    return None
 
 
 def whole_program_checks(program: Program) -> list[IndexCheck]:
@@ -185,3 +190,36 @@ def whole_program_checks(program: Program) -> list[IndexCheck]:
 
 def _slot_of(arg: Any) -> Any:
     return arg.get("v") if isinstance(arg, dict) else None
+
+
+# ONNX ops that index axis `axis` (default 0) of input 0 with input 1, negatives from the back
+_ONNX_BY_AXIS = {"Gather", "GatherElements", "ScatterElements"}
+_ONNX_SAME_VALUES = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand",
+                     "Transpose", "Cast"}
+
+
+def onnx_index_checks(model: Any, inputs: list[str], shapes: dict[str, tuple[int, ...]]
+                      ) -> list[IndexCheck]:
+    """The guards of an ONNX graph run as one kernel: indices of `Gather`, `GatherElements`
+    and `ScatterElements` that come from graph `inputs` (through ops that keep values), against
+    their axis's size (from `shapes`, the static shapes of inputs, or an initializer's)."""
+    sizes = dict(shapes)
+    sizes.update({t.name: tuple(t.dims) for t in model.graph.initializer})
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    position = {name: i for i, name in enumerate(inputs)}
+    found: list[IndexCheck] = []
+    for node in model.graph.node:
+        if node.op_type not in _ONNX_BY_AXIS or len(node.input) < 2:
+            continue
+        shape = sizes.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        source = node.input[1]
+        while source in made_by and made_by[source].op_type in _ONNX_SAME_VALUES:
+            source = made_by[source].input[0]
+        if shape is None or source not in position or not -len(shape) <= axis < len(shape):
+            continue
+        bound = int(shape[axis])
+        check = [position[source], [], bound, -bound]
+        if check not in found:
+            found.append(check)
+    return found

@@ -46,6 +46,7 @@ from torch.utils import _pytree as pytree
 from hwaware import onnx_reference
 from hwaware.db import DEFAULT_DB_PATH, DbArg, TuningDatabase, open_db
 from hwaware.farm import Farm
+from hwaware.index_guard import onnx_index_checks
 from hwaware.onnx_fold import fold_constants
 from hwaware.program import KernelSpec, KernelStep, Program
 from hwaware.runtime import BuildInfo, CompiledModel
@@ -498,8 +499,10 @@ def onnx_program(graph: OnnxGraph, impl: str, flops: int = 0) -> Program:
     tuple)."""
     n_in, n_out = len(graph.inputs), graph.num_outputs
     in_slots, out_slots = list(range(n_in)), list(range(n_in, n_in + n_out))
+    names = [i.name for i in graph.inputs]
+    checks = onnx_index_checks(graph.model, names, {i.name: i.shape for i in graph.inputs})
     spec = KernelSpec(KERNEL_NAME, FAMILY, graph.signature, in_slots, out_slots, steps=[],
-                      impl=impl, flops=flops)
+                      impl=impl, flops=flops, index_checks=checks)
     out_spec = pytree.tree_flatten(0 if n_out == 1 else tuple(range(n_out)))[1]
     return Program(
         input_slots=in_slots,

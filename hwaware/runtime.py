@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils import _pytree as pytree
@@ -210,10 +210,13 @@ class CompiledModel:
         from hwaware.tvm import vm as tvm_vm
 
         call = tvm_vm.torch_callable(vm, step.kernel, len(step.outputs))
-        checks = program.kernels[step.kernel].index_checks
+        spec = program.kernels[step.kernel]
+        checks = spec.index_checks
 
         def run(flat: list[Any]) -> list[Any]:
             if checks and out_of_range(checks, flat):  # PyTorch raises, or wraps negatives
+                if not spec.steps:
+                    _raise_out_of_range(spec, flat)
                 return _without_grad(run_kernel_in_torch, program, step.kernel, flat)
             return _without_grad(call, *flat)
 
@@ -449,11 +452,13 @@ def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSp
     (`index_guard`), its PyTorch ops instead, which raise PyTorch's error (or wrap negative
     indices as PyTorch does)."""
     inputs, outputs, checks = step.inputs, step.outputs, spec.index_checks
-    in_torch = _torch_kernel_action(spec.steps, constants) if checks else None
+    in_torch = _torch_kernel_action(spec.steps, constants) if checks and spec.steps else None
 
     def action(slots: list[Any]) -> None:
         args = [slots[i] for i in inputs]
-        if in_torch is not None and out_of_range(checks, args):
+        if checks and out_of_range(checks, args):
+            if in_torch is None:
+                _raise_out_of_range(spec, args)
             in_torch(slots)
             return
         results = call(*args)
@@ -461,6 +466,12 @@ def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSp
             slots[slot] = value
 
     return action
+
+
+def _raise_out_of_range(spec: KernelSpec, inputs: list[Any]) -> NoReturn:
+    """An out-of-range index of a kernel with no PyTorch ops (an ONNX graph): the error ONNX
+    Runtime and PyTorch give, never a read past the end."""
+    raise IndexError(f"kernel {spec.name}: {out_of_range(spec.index_checks, inputs)}")
 
 
 def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> list[Any]:

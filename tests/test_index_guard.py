@@ -74,7 +74,8 @@ def _raises_as_eager(model: nn.Module, compiled: object, *inputs: torch.Tensor) 
         compiled(*inputs)  # type: ignore[operator]
 
 
-def test_an_embedding_id_beyond_the_vocabulary_raises_indexerror_and_the_process_lives() -> None:
+def test_an_embedding_id_beyond_the_vocabulary_raises_indexerror_and_the_process_lives(
+        tmp_path: Path) -> None:
     # in a child process: before the guard, TVM's "fast" take read past the table and the
     # process died (SIGSEGV), which would take the test run with it
     script = textwrap.dedent("""
@@ -94,13 +95,27 @@ def test_an_embedding_id_beyond_the_vocabulary_raises_indexerror_and_the_process
                 print("no error for", bad)
             except IndexError as err:
                 print("IndexError", bad)
+        ids = torch.randint(0, 50, (2, 7))
+        torch.onnx.export(model, (ids,), "{onnx}", dynamo=False)
+        from_onnx = hwaware.compile("{onnx}", target="host", db=None)
+        ids[1, 3] = 3
+        assert torch.allclose(from_onnx(ids), model(ids), atol=1e-5)
+        for bad in (10**9, 50, -51):
+            ids[0, 2] = bad
+            try:
+                from_onnx(ids)
+                print("no error for", bad)
+            except IndexError as err:
+                print("IndexError", bad)
         print("alive")
-    """)
+    """).replace("{onnx}", str(tmp_path / "embed.onnx"))
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["IndexError", "1000000000", "IndexError", "50",
-                                   "IndexError", "-1", "alive"], done.stdout
+    torch_ids, onnx_ids = ["1000000000", "50", "-1"], ["1000000000", "50", "-51"]  # ONNX
+    # counts negative indices from the back: -1..-50 are in range there
+    expected = [w for i in torch_ids + onnx_ids for w in ("IndexError", i)] + ["alive"]
+    assert done.stdout.split() == expected, done.stdout + done.stderr[-2000:]
 
 
 def test_negative_indices_wrap_as_in_pytorch_and_past_the_end_raises() -> None:
