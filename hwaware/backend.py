@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,28 @@ from torch import fx
 from hwaware.db import DEFAULT_DB_PATH
 
 log = logging.getLogger(__name__)
+
+CAPTURE_FLAG_VARIABLE = "TORCHDYNAMO_CAPTURE_DYNAMIC_OUTPUT_SHAPE_OPS"
+
+
+def capture_dynamic_output_shapes() -> None:
+    """Let Dynamo keep ops whose output size depends on the data (`nonzero`, a boolean mask)
+    inside the graph, with unbacked sizes, as `torch.export` does for `hwaware.compile`,
+    instead of breaking the graph there. PyTorch Geometric removes self loops with a boolean
+    mask in every GCN-normalised layer: a 2-layer GCN was 9 Dynamo graphs with eager ops
+    between them (1 with the flag), and the torch.compile entry point ran slower than eager.
+    Set when this backend is loaded (`torch.compile(backend="hwaware")` loads it through its
+    entry point, before tracing), unless the environment sets it: then it stays the user's.
+    Not `capture_scalar_outputs`: with it, Dynamo itself raised on a top-1 MoE router of the
+    conformance corpus (a `.item()` used as an index) and split a counted while loop into 5
+    graphs."""
+    from torch._dynamo import config
+
+    if CAPTURE_FLAG_VARIABLE not in os.environ:
+        config.capture_dynamic_output_shape_ops = True
+
+
+capture_dynamic_output_shapes()
 
 OPTIONS = {"target": "host", "db": str(DEFAULT_DB_PATH), "trials": 0, "fallback": True,
            "fuse": True, "max_shapes": 8, "max_weight_sets": 32, "verify": 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +260,26 @@ def test_data_dependent_sizes_in_one_dynamo_graph_compile_and_match_eager() -> N
         compiled = torch.compile(model, backend="hwaware", options={"db": None})
         for seed in (0, 1, 2):
             assert_close_to_eager(model, compiled, *graph(seed))
+
+
+def test_pyg_gcn_is_one_dynamo_graph_and_matches_eager(tmp_path: Path) -> None:
+    """PyG's GCNConv drops self loops with a boolean mask (`nonzero`): Dynamo broke the graph
+    there (9 graphs for 2 layers, eager ops between them) until the backend let it capture
+    data-dependent output shapes; other graphs, other weights: still eager's numbers."""
+    pytest.importorskip("torch_geometric")
+    from torch._dynamo.utils import counters
+
+    from tests.conformance.models import GNNS
+
+    torch._dynamo.reset()
+    counters.clear()
+    case = GNNS["gcn"].build()
+    model = case.model.eval()
+    compiled = torch.compile(model, backend="hwaware", options={"db": str(tmp_path / "g.db")})
+    with torch.no_grad():
+        for inputs in case.inputs:
+            torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+        model.convs[0].lin.weight.mul_(-0.5)
+        torch.testing.assert_close(compiled(*case.inputs[1]), model(*case.inputs[1]),
+                                   rtol=1e-4, atol=1e-5)

@@ -74,39 +74,37 @@ def _raises_as_eager(model: nn.Module, compiled: object, *inputs: torch.Tensor) 
         compiled(*inputs)  # type: ignore[operator]
 
 
+def print_index_errors(compiled: Any, ids: torch.Tensor, values: tuple[int, ...]) -> None:
+    """For the child process below: call `compiled` with one id set to each of `values`,
+    printing "IndexError <value>" or "no error for <value>"."""
+    for bad in values:
+        ids[1, 3] = bad
+        try:
+            compiled(ids)
+            print("no error for", bad)
+        except IndexError:
+            print("IndexError", bad)
+
+
 def test_an_embedding_id_beyond_the_vocabulary_raises_indexerror_and_the_process_lives(
         tmp_path: Path) -> None:
     # in a child process: before the guard, TVM's "fast" take read past the table and the
     # process died (SIGSEGV), which would take the test run with it
     script = textwrap.dedent("""
         import torch, hwaware
-        from tests.test_index_guard import EmbedProject
+        from tests.test_index_guard import EmbedProject, _on_tvm, print_index_errors
         torch.manual_seed(0)
         model = EmbedProject().eval()
-        from tests.test_index_guard import _on_tvm
         compiled = _on_tvm(hwaware.compile(model, (torch.randint(0, 50, (2, 7)),),
                                            target="host", db=None))
         ids = torch.randint(0, 50, (2, 7))
         assert torch.allclose(compiled(ids), model(ids), atol=1e-5)
-        for bad in (10**9, 50, -1):
-            ids[1, 3] = bad
-            try:
-                compiled(ids)
-                print("no error for", bad)
-            except IndexError as err:
-                print("IndexError", bad)
+        print_index_errors(compiled, ids, (10**9, 50, -1))
         ids = torch.randint(0, 50, (2, 7))
         torch.onnx.export(model, (ids,), "{onnx}", dynamo=False)
         from_onnx = hwaware.compile("{onnx}", target="host", db=None)
-        ids[1, 3] = 3
         assert torch.allclose(from_onnx(ids), model(ids), atol=1e-5)
-        for bad in (10**9, 50, -51):
-            ids[0, 2] = bad
-            try:
-                from_onnx(ids)
-                print("no error for", bad)
-            except IndexError as err:
-                print("IndexError", bad)
+        print_index_errors(from_onnx, ids, (10**9, 50, -51))
         print("alive")
     """).replace("{onnx}", str(tmp_path / "embed.onnx"))
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
