@@ -214,9 +214,10 @@ class CompiledModel:
         checks = spec.index_checks
 
         def run(flat: list[Any]) -> list[Any]:
-            if checks and out_of_range(checks, flat):  # PyTorch raises, or wraps negatives
+            why = checks and out_of_range(checks, flat)
+            if why:  # in PyTorch, which raises, or wraps negatives
                 if not spec.steps:
-                    _raise_out_of_range(spec, flat)
+                    _raise_out_of_range(spec, why)
                 return _without_grad(run_kernel_in_torch, program, step.kernel, flat)
             return _without_grad(call, *flat)
 
@@ -456,9 +457,10 @@ def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSp
 
     def action(slots: list[Any]) -> None:
         args = [slots[i] for i in inputs]
-        if checks and out_of_range(checks, args):
+        why = checks and out_of_range(checks, args)
+        if why:
             if in_torch is None:
-                _raise_out_of_range(spec, args)
+                _raise_out_of_range(spec, why)
             in_torch(slots)
             return
         results = call(*args)
@@ -468,10 +470,10 @@ def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSp
     return action
 
 
-def _raise_out_of_range(spec: KernelSpec, inputs: list[Any]) -> NoReturn:
+def _raise_out_of_range(spec: KernelSpec, why: str) -> NoReturn:
     """An out-of-range index of a kernel with no PyTorch ops (an ONNX graph): the error ONNX
     Runtime and PyTorch give, never a read past the end."""
-    raise IndexError(f"kernel {spec.name}: {out_of_range(spec.index_checks, inputs)}")
+    raise IndexError(f"kernel {spec.name}: {why}")
 
 
 def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> list[Any]:
