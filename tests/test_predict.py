@@ -550,6 +550,30 @@ def test_cli_trains_a_device_measured_on_another_machine(tmp_path: Path,
     assert far.key in capsys.readouterr().err
 
 
+def test_cli_adapt_judges_on_every_sample_of_the_device_it_did_not_adapt_with(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The base predictor never saw the device it is adapted to: the adapted one is judged on
+    every calm sample of that device but the ones it was adapted with (not only the fifth
+    `is_held_out` keeps out of training), and `predictor eval` of it judges the same ones."""
+    from hwaware.cli import main
+
+    far = replace(DEVICE, key="llvm-far-away-8c", threads=8, peak_gflops=999.0)
+    data, models = tmp_path / "data", tmp_path / "models"
+    data.mkdir()
+    (data / "here.jsonl").write_text("".join(_sample(i).to_json() + "\n" for i in range(60)))
+    far_samples = [_sample(i, far, scale=2.0) for i in range(100, 130)]
+    (data / "far.jsonl").write_text("".join(s.to_json() + "\n" for s in far_samples))
+    common = ["--data", str(data), "--models", str(models)]
+    assert main(["predictor", "train", *common]) == 0
+    assert main(["predictor", "adapt", "--device", far.key, "--samples", "10", *common]) == 0
+    manifest = LatencyPredictor.load(directory=models / far.key).manifest
+    assert len(manifest["adapted_with"]) == 10
+    assert manifest["metrics"]["held-out"]["n"] == len(far_samples) - 10
+    capsys.readouterr()
+    assert main(["predictor", "eval", "--json", "--device", far.key, *common]) == 0
+    assert json.loads(capsys.readouterr().out)["held-out"]["n"] == len(far_samples) - 10
+
+
 @pytest.mark.parametrize("folder", sorted(p.parent for p in Path(
     __file__).resolve().parent.parent.joinpath("cost_models").glob("*/manifest.json")),
     ids=lambda p: p.name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +51,24 @@ def training_samples(samples: Sequence[Sample]) -> list[Sample]:
     return [s for s in calm(samples) if not is_held_out(s)]
 
 
-def evaluation_splits(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
-    """Held-out samples by split: "held-out" (in range), "ood", "real"."""
+def evaluation_splits(samples: Sequence[Sample], adapted_with: Collection[str] | None = None
+                      ) -> dict[str, list[Sample]]:
+    """Held-out samples by split: "held-out" (in range), "ood", "real". For a predictor adapted
+    to this device (`adapted_with`: the ids of the samples it was adapted with), every calm
+    sample but those: its base was trained on other devices and saw none of this one's."""
     splits: dict[str, list[Sample]] = {"held-out": [], "ood": [], "real": []}
     for s in calm(samples):
-        if is_held_out(s):
+        if is_held_out(s) if adapted_with is None else s.id not in adapted_with:
             splits["held-out" if s.split == "train" else s.split].append(s)
     return splits
 
 
 def evaluate(predictor: LatencyPredictor, samples: Sequence[Sample]) -> dict[str, Metrics]:
-    """Metrics per split and per family of the held-out samples, and the noise floor (the
-    second timing of each held-out model against its first)."""
+    """Metrics per split and per family of the held-out samples (`evaluation_splits`; an
+    adapted predictor's manifest names the samples it was adapted with), and the noise floor
+    (the second timing of each held-out model against its first)."""
     results: dict[str, Metrics] = {}
-    splits = evaluation_splits(samples)
+    splits = evaluation_splits(samples, predictor.manifest.get("adapted_with"))
     for name, group in splits.items():
         if group:
             results[name] = _metrics_of(predictor, group)

@@ -266,7 +266,8 @@ class LatencyPredictor:
         base = self.unadapted() if "adapted_from" in self.manifest else self
         manifest = {**base.manifest, "device": device.to_json(), "correction": [0.0, 1.0],
                     "adapted_from": base.key, "base_device": base.manifest["device"],
-                    "adapt_samples": len(samples), "created_at": time.time()}
+                    "adapt_samples": len(samples), "created_at": time.time(),
+                    "adapted_with": sorted(s.id for s in samples)}
         adapted = LatencyPredictor(base.kernel_model, base.model_model, manifest, base.table,
                                    self.db, base.kernel_correction_for(samples),
                                    measured_table(samples), base.one_call_model)
@@ -293,7 +294,8 @@ class LatencyPredictor:
         """The predictor this one was adapted from (its kernel and whole-model regressors,
         without this device's corrections and measured kernels)."""
         manifest = {k: v for k, v in self.manifest.items()
-                    if k not in ("correction", "adapted_from", "adapt_samples", "base_device")}
+                    if k not in ("correction", "adapted_from", "adapt_samples", "base_device",
+                                 "adapted_with")}
         manifest["device"] = self.manifest.get("base_device", self.manifest["device"])
         return LatencyPredictor(self.kernel_model, self.model_model, manifest, self.table,
                                 self.db, one_call_model=self.one_call_model)
