@@ -118,25 +118,55 @@ def timing_of(samples: list[float], quantile: float) -> Timing:
 
 # Timing rounds for one decision: the first in blocks of 10 (how a deployed model runs), the
 # next ones in blocks of 2 (near-ties re-timed interleaved, so a slow phase of a shared machine
-# hits both sides), until the choice is clear or the rounds run out.
+# hits both sides), until the choice is clear, the rounds run out or the time budget is spent.
 DECISION_BLOCKS = (10, 2, 2, 2)
 TIGHT_SPREAD = 0.05
+# The timed runs one decision may spend, in seconds. Without a budget, a whole-model decision
+# (3 plans, 90 runs a round, up to 4 rounds; `hwaware.build`) took up to 1,512 runs of the
+# model: on a noisy machine, where no round settles a near-tie, 216 s of a 265 s compile of a
+# small MobileNetV2; a full-size model's runs take 45-110 ms each. A slow model gets fewer
+# runs, each of which averages over more work.
+DECISION_BUDGET_S = 3.0
 
 
 def time_until_clear(fns: list[Callable[[], Any]], repeats: int, quantile: float,
-                     margin: float = 0.0) -> list[Timing]:
+                     margin: float = 0.0, budget_s: float = DECISION_BUDGET_S) -> list[Timing]:
     """Each of `fns` timed for a choice between them, the first chosen only when `margin`
     faster (`Timing`s, over the samples of every round): rounds of about `repeats` runs each
-    (`DECISION_BLOCKS`) until the choice is clear (`is_clear`)."""
+    (`DECISION_BLOCKS`) until the choice is clear (`is_clear`), fewer runs where their timed
+    time would pass `budget_s` (the first round's first block always runs, and tells what a run
+    costs)."""
     samples: list[list[float]] = [[] for _ in fns]
     timings: list[Timing] = []
     for block in DECISION_BLOCKS:
-        for kept, new in zip(samples, LocalRunner(block=block).run_us(fns, repeats), strict=True):
-            kept += new
+        runs = repeats
+        if not samples[0]:
+            _time_more(fns, block, block, samples)
+            runs -= block
+        affordable = _affordable_runs(samples, budget_s)
+        _time_more(fns, min(runs, affordable - affordable % block), block, samples)
         timings = [timing_of(s, quantile) for s in samples]
-        if is_clear(timings, margin):
+        if is_clear(timings, margin) or affordable < block:
             break
     return timings
+
+
+def _time_more(fns: list[Callable[[], Any]], runs: int, block: int,
+               samples: list[list[float]]) -> None:
+    """`runs` more runs of each of `fns` in blocks of `block`, added to `samples` (none where
+    `runs` is under one block)."""
+    if runs < block:
+        return
+    for kept, new in zip(samples, LocalRunner(block=block).run_us(fns, runs), strict=True):
+        kept += new
+
+
+def _affordable_runs(samples: list[list[float]], budget_s: float) -> int:
+    """How many more runs of every function fit in what is left of `budget_s`, at their mean
+    time so far."""
+    spent_us = sum(map(sum, samples))
+    one_of_each_us = max(sum(sum(s) / len(s) for s in samples), 1e-3)
+    return max(0, int((budget_s * 1e6 - spent_us) / one_of_each_us))
 
 
 def is_clear(timings: list[Timing], margin: float) -> bool:

@@ -219,6 +219,30 @@ def test_a_choice_is_timed_again_until_noise_cannot_turn_it(
     assert a.spread == pytest.approx(expected_spread)
 
 
+@pytest.mark.parametrize(("budget_s", "runs"), [(3.0, 10), (10.0, 40), (1e9, 80)])
+def test_a_choice_between_slow_sides_stops_at_its_time_budget(
+        budget_s: float, runs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sides of 100-150 ms a run, inside each other's noise (never clear): the first block
+    of 10 runs each tells what a run costs (2.5 s for both), and no more rounds are timed than
+    the budget affords: 3 s, the first block alone; 10 s, the rest of the first round and one
+    round of 20; no budget, the four rounds of 20."""
+    import itertools
+
+    from hwaware import runner
+
+    calls = {"a": itertools.cycle([1e5, 1.4e5]), "b": itertools.cycle([1.1e5, 1.5e5])}
+    order: list[str] = []
+    fns = [lambda: order.append("a"), lambda: order.append("b")]
+
+    def durations() -> Any:
+        while True:
+            yield next(calls[order[-1]])
+
+    _scripted_clock(monkeypatch, durations())
+    a, b = runner.time_until_clear(fns, 20, quantile=0.25, budget_s=budget_s)
+    assert a.samples == b.samples == runs
+
+
 def test_is_clear_weighs_the_margin_and_the_spreads() -> None:
     from hwaware.runner import Timing, is_clear
 
