@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh on-disk tuning database per test, deterministic torch settings, the
 host's TVM target (`llvm_host`), and the search cost models tuning sessions keep
-(`hwaware.tvm.cost_model`) in a temporary folder instead of the repository's `cost_models/`."""
+(`hwaware.tvm.cost_model`) in a temporary folder instead of the repository's `cost_models/`, and
+a latency profiler that does not sleep while it waits for a calm machine."""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from hwaware.db import TuningDatabase
 def _search_models_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     with pytest.MonkeyPatch.context() as mp:  # session-wide: module fixtures tune too
         mp.setenv("HWAWARE_SEARCH_MODELS_DIR", str(tmp_path_factory.mktemp("cost_models")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _profile_without_sleeping() -> None:
+    """The latency profiler measures for real in tests, but checks once, without waiting, that
+    the machine runs at its usual speed (it waits `CALM_WAIT_S`, 2 s, up to `CALM_TRIES`, 30
+    times, before each model): on a noisy machine the profiling tests spent minutes waiting
+    (141 s for two tiny models on a Zen 3 VM). The waiting has its own test, on scripted
+    references (`test_profiling_waits_while_the_machine_runs_slow`)."""
+    from hwaware.predict import profile
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(profile, "CALM_WAIT_S", 0.0)
+        mp.setattr(profile, "CALM_TRIES", 1)
         yield
 
 
