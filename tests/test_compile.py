@@ -188,6 +188,23 @@ def _scripted_clock(monkeypatch: pytest.MonkeyPatch, durations: Any) -> None:
     monkeypatch.setattr(runner.time, "perf_counter", perf_counter)
 
 
+def _scripted_sides(monkeypatch: pytest.MonkeyPatch, first: list[float], second: list[float]
+                    ) -> list[Any]:
+    """Two sides to time on a scripted clock: each side's calls cycle through its durations
+    (microseconds)."""
+    import itertools
+
+    calls = {"a": itertools.cycle(first), "b": itertools.cycle(second)}
+    order: list[str] = []
+
+    def durations() -> Any:
+        while True:
+            yield next(calls[order[-1]])
+
+    _scripted_clock(monkeypatch, durations())
+    return [lambda: order.append("a"), lambda: order.append("b")]
+
+
 @pytest.mark.parametrize(("first", "second", "rounds"), [
     ([10.0], [20.0], 1),                 # steady and far apart: settled by the first round
     ([10.0, 10.4], [10.2, 10.6], 1),     # a near-tie measured precisely (spreads under 5%)
@@ -199,20 +216,10 @@ def test_a_choice_is_timed_again_until_noise_cannot_turn_it(
     """`time_until_clear` times again, in smaller alternating blocks, while the two sides'
     difference is within their spreads; each Timing keeps every round's samples and reports
     the spread. The clock is scripted (each side's calls cycle through its durations)."""
-    import itertools
-
     from hwaware import runner
 
-    calls = {"a": itertools.cycle(first), "b": itertools.cycle(second)}
-    order: list[str] = []
-    fns = [lambda: order.append("a"), lambda: order.append("b")]
-
-    def durations() -> Any:
-        while True:
-            yield next(calls[order[-1]])
-
-    _scripted_clock(monkeypatch, durations())
-    a, b = runner.time_until_clear(fns, 20, quantile=0.25)
+    a, b = runner.time_until_clear(_scripted_sides(monkeypatch, first, second), 20,
+                                   quantile=0.25)
     assert a.samples == b.samples == 20 * rounds
     assert a.us == pytest.approx(min(first)) and b.us == pytest.approx(min(second))
     expected_spread = (max(first) - min(first)) / (sum(first) / len(first))
@@ -226,19 +233,9 @@ def test_a_choice_between_slow_sides_stops_at_its_time_budget(
     of 10 runs each tells what a run costs (2.5 s for both), and no more rounds are timed than
     the budget affords: 3 s, the first block alone; 10 s, the rest of the first round and one
     round of 20; no budget, the four rounds of 20."""
-    import itertools
-
     from hwaware import runner
 
-    calls = {"a": itertools.cycle([1e5, 1.4e5]), "b": itertools.cycle([1.1e5, 1.5e5])}
-    order: list[str] = []
-    fns = [lambda: order.append("a"), lambda: order.append("b")]
-
-    def durations() -> Any:
-        while True:
-            yield next(calls[order[-1]])
-
-    _scripted_clock(monkeypatch, durations())
+    fns = _scripted_sides(monkeypatch, [1e5, 1.4e5], [1.1e5, 1.5e5])
     a, b = runner.time_until_clear(fns, 20, quantile=0.25, budget_s=budget_s)
     assert a.samples == b.samples == runs
 
