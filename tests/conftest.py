@@ -1,7 +1,7 @@
 """Shared fixtures: a fresh on-disk tuning database per test, deterministic torch settings, the
 host's TVM target (`llvm_host`), and the search cost models tuning sessions keep
 (`hwaware.tvm.cost_model`) in a temporary folder instead of the repository's `cost_models/`, and
-a latency profiler that does not sleep while it waits for a calm machine."""
+a latency profiler that checks once for a calm machine instead of waiting for one."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _search_models_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _profile_without_sleeping() -> None:
+def _profile_without_waiting() -> None:
     """The latency profiler measures for real in tests, but checks once, without waiting, that
     the machine runs at its usual speed (it waits `CALM_WAIT_S`, 2 s, up to `CALM_TRIES`, 30
     times, before each model): on a noisy machine the profiling tests spent minutes waiting
@@ -31,7 +31,6 @@ def _profile_without_sleeping() -> None:
     from hwaware.predict import profile
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(profile, "CALM_WAIT_S", 0.0)
         mp.setattr(profile, "CALM_TRIES", 1)
         yield
 
