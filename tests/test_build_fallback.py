@@ -237,7 +237,6 @@ def test_decoder_models_compile_and_match_eager(kind: str) -> None:
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-3, atol=1e-4)
     kernels = compiled.program.kernels.values()
-    assert any(k.impl == "tvm" for k in kernels), compiled.report()
     assert _checked_on_tvm(compiled, "cumsum"), compiled.report()  # the position ids
     # a contraction (a small matmul, or the fused attention) too: the untuned large ones stay
     # in PyTorch by design

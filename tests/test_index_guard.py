@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import hwaware
-from hwaware.build import ONE_CALL
 from hwaware.capture import capture
 from hwaware.decompose import as_inputs, rewrite_and_partition
+from tests.helpers import on_tvm
 from tests.test_kernels_gnn import IndexAdd, graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +54,9 @@ class Bipartite(nn.Module):
 
 
 def _on_tvm(compiled: Any) -> Any:
-    """`compiled` with every kernel that passed its check on TVM (where each runs is chosen by
-    timing, which a busy machine can tip): the guards under test are on the TVM side."""
-    kernels = compiled.program.kernels.values()
-    for kernel in kernels:
-        if kernel.tvm_us is not None or kernel.name == ONE_CALL:
-            kernel.impl = "tvm"
-    compiled._run = None
-    assert any(k.impl == "tvm" and k.index_checks for k in kernels)
+    """`compiled` with its checked kernels on TVM: the guards under test are on the TVM side."""
+    on_tvm(compiled)
+    assert any(k.impl == "tvm" and k.index_checks for k in compiled.program.kernels.values())
     return compiled
 
 

@@ -74,7 +74,7 @@ def test_tuning_stores_the_fused_kernel_as_one_workload(tuned_attention: tuple[P
 
 
 def test_tuned_fused_kernel_is_built_checked_and_timed(tuned_attention: tuple[Path, object],
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, tvm_wins: None) -> None:
     db_path, summary = tuned_attention
     model, inputs = get_model("attention_core", small=True)
     compiled = hwaware.compile(model, inputs, db=db_path)
@@ -88,7 +88,8 @@ def test_tuned_fused_kernel_is_built_checked_and_timed(tuned_attention: tuple[Pa
 
 
 @pytest.mark.parametrize("name", ["attention_core", "gat_layer"])
-def test_untuned_fused_kernel_runs_with_its_family_default_schedule(name: str) -> None:
+def test_untuned_fused_kernel_runs_with_its_family_default_schedule(name: str, tvm_wins: None
+                                                                   ) -> None:
     model, inputs = get_model(name, small=True)
     compiled = hwaware.compile(model, inputs, db=None)
     family = FAMILY_OF_ZOO_MODEL[name]
