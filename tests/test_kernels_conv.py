@@ -275,7 +275,7 @@ def test_lower_is_one_call_kept_whole_by_fusion(host: tuple[Any, Any]) -> None:
     assert conv.RULE in ir.schedule_rules(func)
 
 
-def test_zoo_mobilenetv3_block_se_compiles_to_one_checked_kernel() -> None:
+def test_zoo_mobilenetv3_block_se_compiles_to_one_checked_kernel(tvm_wins: None) -> None:
     """The whole pipeline (capture, partition, lower, untuned build, check against eager)."""
     import hwaware
     from hwaware.zoo import get_model

@@ -303,7 +303,8 @@ def test_load_imports_only_recorded_modules_of_installed_packages(
     assert imported == ["hwaware.no_such_module"] and missing == {}
 
 
-def test_a_decoder_of_kernels_only_runs_as_one_chained_tvm_call(tmp_path: Path) -> None:
+def test_a_decoder_of_kernels_only_runs_as_one_chained_tvm_call(tmp_path: Path,
+                                                              tvm_wins: None) -> None:
     """transformers' GPT-2 (kernels only, no host op, fused attention among them) is offered as
     one TVM call chaining its library's kernels, the fused ones kept: it computes eager's
     outputs on other inputs, and does in a fresh process after a save."""
