@@ -36,16 +36,14 @@ def _profile_without_waiting() -> None:
 
 
 @pytest.fixture
-def tvm_wins() -> None:
+def tvm_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every kernel that matches PyTorch counts as faster on TVM, so no fused kernel is
     dissolved for losing its timing: for tests of what a fused or TVM kernel computes, whose
     subject is not the choice. The timings still run and are stored; a busy machine (the other
     test worker) tipped a tuned fused attention kernel and a fused ResNet block to PyTorch."""
     from hwaware import build
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build, "_tvm_wins", lambda tvm_us, torch_us: True)
-        yield
+    monkeypatch.setattr(build, "_tvm_wins", lambda tvm_us, torch_us: True)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ import hwaware
 from hwaware import build
 from hwaware.program import KernelSpec, OpStep, Program
 from hwaware.runtime import CompiledModel
+from tests.helpers import checked_on_tvm
 
 Fn = Callable[[nn.Module, torch.Tensor], Any]
 
@@ -73,9 +74,8 @@ def _assert_matches(name: str, got: Any, expected: Any, x: torch.Tensor) -> None
 
 
 def _checked_on_tvm(compiled: CompiledModel, op: str) -> bool:
-    """Whether a kernel holding `op` was built by TVM, ran on it and matched PyTorch (its timing
-    was taken, or it is the one-call whole model)."""
-    return any(any(op in s.op for s in k.steps) and (k.impl == "tvm" or k.tvm_us is not None)
+    """Whether a kernel holding `op` was built by TVM and matched PyTorch (`checked_on_tvm`)."""
+    return any(any(op in s.op for s in k.steps) and checked_on_tvm(k)
                for k in compiled.program.kernels.values())
 
 
