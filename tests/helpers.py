@@ -37,6 +37,13 @@ def checked_on_tvm(kernel: Any) -> bool:
     return kernel.tvm_us is not None or kernel.name == ONE_CALL
 
 
+def kernels_built(compiled: Any) -> list[Any]:
+    """The kernels `compiled` was built as, one by one: where the build chose to run the whole
+    model as one TVM call (a timing choice: `build.CHAINED` or `build.ONE_CALL` won by
+    `MARGIN`), the kernels it was chosen over, which its `kernel_plan` keeps."""
+    return list((compiled.kernel_plan or compiled).program.kernels.values())
+
+
 def on_tvm(compiled: Any) -> Any:
     """`compiled` with every kernel that passed its check against PyTorch on TVM. Where each
     kernel runs is chosen by timing, which a busy machine (or the other test worker) can tip

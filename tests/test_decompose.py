@@ -11,6 +11,7 @@ import hwaware
 from hwaware.decompose import Decomposition, KernelRecord, decompose
 from hwaware.tvm.setup import TVM_VERSION
 from hwaware.zoo import get_model
+from tests.helpers import kernels_built
 
 
 @pytest.mark.parametrize("name, family", [("mobilenetv2_block", "conv_block"),
@@ -23,8 +24,7 @@ def test_records_name_the_kernels_the_build_compiles(name: str, family: str) -> 
         found = decompose(model, inputs)
         compiled = hwaware.compile(model, inputs, db=None, show_progress=False)
     assert isinstance(found, Decomposition) and family in {k.family for k in found.kernels}
-    per_kernel = compiled.kernel_plan or compiled  # a model run as one TVM call keeps its kernels
-    built = {k.signature for k in per_kernel.program.kernels.values()} | \
+    built = {k.signature for k in kernels_built(compiled)} | \
         set(compiled.info.dissolved)  # a fused kernel slower than PyTorch here is dissolved
     assert {k.signature for k in found.kernels if k.family == family} <= built
     for record in found.kernels:

@@ -11,6 +11,7 @@ from torch import nn
 
 import hwaware
 from hwaware.tvm import dense, ir, schedules
+from hwaware.tvm.isa import AVX2, AVX512, vector_unit
 from tests.helpers import (
     assert_close_to_eager,
     built_callable,
@@ -20,21 +21,28 @@ from tests.helpers import (
 )
 
 
-def test_micro_tile_divides_and_fills_the_registers() -> None:
-    assert dense.micro_tile(128, 768, 16) == (4, 4)  # 16 accumulators (6 rows do not divide)
+@pytest.mark.parametrize("unit", [AVX512, AVX2], ids=["avx512", "avx2"])
+def test_micro_tile_divides_and_fills_the_registers(unit: Any) -> None:
     for m, n in [(128, 768), (196, 3072), (12, 48), (5, 80)]:
-        rows, vectors = dense.micro_tile(m, n, 16)
-        assert m % rows == 0 and (n // 16) % vectors == 0
-        assert rows * vectors <= dense.ACCUMULATORS
-    assert dense.micro_tile(8, 40, 16) == (0, 0)  # not whole vectors: not this rule's
+        rows, vectors = dense.micro_tile(m, n, unit)
+        assert m % rows == 0 and (n // unit.lanes) % vectors == 0
+        assert rows * vectors <= unit.accumulators
+    assert dense.micro_tile(8, 36, unit) == (0, 0)  # not whole vectors: not this rule's
+
+
+def test_micro_tile_follows_the_register_file() -> None:
+    """AVX-512's 32 registers take a 4 x 4 tile of 16-lane vectors (6 rows do not divide 128);
+    AVX2's 16 registers a 4 x 3 tile of 8-lane vectors: 16 accumulators there spill."""
+    assert dense.micro_tile(128, 768, AVX512) == (4, 4)
+    assert dense.micro_tile(128, 768, AVX2) == (4, 3)
 
 
 def test_rows_without_a_filling_divisor_get_a_guarded_last_tile() -> None:
     """17 or 197 rows (a ViT's patches and class token: primes) have no divisor of 4-6 rows:
     the tile takes rows that do not divide, the fewest padded in the last tile."""
-    assert dense.micro_tile(17, 64, 16) == (6, 4)  # 18 rows: one padded
-    assert dense.micro_tile(197, 768, 16) == (6, 4)  # 198 rows: one padded
-    assert dense.micro_tile(7, 64, 16) == (4, 4)  # 8 rows (6 would pad five)
+    assert dense.micro_tile(17, 64, AVX512) == (6, 4)  # 18 rows: one padded
+    assert dense.micro_tile(197, 768, AVX512) == (6, 4)  # 198 rows: one padded
+    assert dense.micro_tile(7, 64, AVX512) == (4, 4)  # 8 rows (6 would pad five)
 
 
 @pytest.mark.parametrize("shape", [(12, 40, 48, True), (16, 64, 96, False), (2, 8, 32, 64, True),
@@ -49,7 +57,7 @@ def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], llvm_host: Any) 
     x = torch.randn(1, *lead, k)
     mod = fused_kernels(model, x, llvm_host)
     scheduled = [name for name, f in ir.prim_funcs(mod).items()
-                 if dense.schedule_dense(f, 16) is not None]
+                 if dense.schedule_dense(f, AVX512) is not None]
     assert any("matmul" in name for name in scheduled), list(ir.prim_funcs(mod))
     call = built_callable(mod, llvm_host)  # DenseMatmul among its rules
     other = torch.randn_like(x)  # not the inputs it was lowered with
@@ -69,7 +77,7 @@ def test_what_is_not_a_vectorizable_matmul_is_declined(llvm_host: Any) -> None:
     for model, x in [(RowSum(), torch.randn(1, 32, 48)),
                      (nn.Linear(48, 40), torch.randn(1, 32, 48))]:
         funcs = ir.prim_funcs(fused_kernels(model, x, llvm_host))
-        assert funcs and all(dense.schedule_dense(f, 16) is None for f in funcs.values())
+        assert funcs and all(dense.schedule_dense(f, AVX512) is None for f in funcs.values())
     (linear,) = [f for name, f in funcs.items() if "matmul" in name]
     assert not schedules.has_default_schedule(tvm.IRModule({"main": linear}), llvm_host)
 
@@ -135,7 +143,7 @@ def test_small_linear_layers_get_the_register_blocked_schedule(llvm_host: Any) -
     with llvm_host:
         mod = schedules.default_schedule(fused, llvm_host)
     (matmul,) = [f for name, f in ir.prim_funcs(mod).items() if "matmul" in name]
-    dense_schedule = dense.schedule_dense(unscheduled, schedules._vector_lanes(llvm_host))
+    dense_schedule = dense.schedule_dense(unscheduled, vector_unit(llvm_host))
     assert tvm_ffi.structural_equal(matmul.body, dense_schedule.mod["main"].body)
     assert "T.parallel" not in matmul.script()
     call = built_callable(fused_kernels(model, x, llvm_host), llvm_host)

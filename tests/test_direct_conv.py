@@ -12,6 +12,7 @@ from torch import nn
 
 import hwaware
 from hwaware.tvm import direct_conv, ir, schedules
+from hwaware.tvm.isa import AVX512
 from tests.helpers import (
     assert_close_to_eager,
     built_callable,
@@ -49,7 +50,7 @@ def test_direct_conv_matches_pytorch(conv: tuple[int, ...], llvm_host: Any) -> N
     x = torch.randn(1, cin, size, size)
     mod = fused_kernels(model, x, llvm_host)
     taken = [name for name, f in ir.prim_funcs(mod).items()
-             if direct_conv.schedule_direct_conv(f, 16) is not None]
+             if direct_conv.schedule_direct_conv(f, AVX512) is not None]
     assert any("conv" in name for name in taken), list(ir.prim_funcs(mod))
     call = built_callable(mod, llvm_host)  # DirectConv among its rules
     other = torch.randn_like(x)
@@ -80,7 +81,7 @@ def test_a_padding_epilogue_is_written_whole(llvm_host: Any) -> None:
 
     model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)))
     (func,) = ir.prim_funcs(fused_kernels(model, torch.randn(1, 8, 8, 8), llvm_host)).values()
-    scheduled = direct_conv.schedule_direct_conv(func, 16)
+    scheduled = direct_conv.schedule_direct_conv(func, AVX512)
     assert scheduled is not None
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal([int(d) for d in p.shape]).astype("float32")
@@ -100,7 +101,7 @@ def test_what_is_not_a_small_conv_is_declined(llvm_host: Any) -> None:
     for model, x in [(nn.Linear(48, 32), torch.randn(1, 16, 48)),
                      (big, torch.randn(1, 64, 28, 28))]:
         funcs = ir.prim_funcs(fused_kernels(model, x, llvm_host))
-        assert funcs and not any(direct_conv.takes(f, 16) for f in funcs.values())
+        assert funcs and not any(direct_conv.takes(f, AVX512) for f in funcs.values())
     (conv,) = funcs.values()
     assert not schedules.has_default_schedule(tvm.IRModule({"main": conv}), llvm_host)
 

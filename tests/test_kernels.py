@@ -18,7 +18,7 @@ from hwaware.partition import partition
 from hwaware.rewrite import rewrite
 from hwaware.tvm.setup import TVM_VERSION
 from hwaware.zoo import get_model
-from tests.helpers import assert_close_to_eager
+from tests.helpers import assert_close_to_eager, kernels_built
 
 FAMILY_OF_ZOO_MODEL = {
     "mobilenetv2_block": "conv_block",
@@ -78,7 +78,7 @@ def test_tuned_fused_kernel_is_built_checked_and_timed(tuned_attention: tuple[Pa
     db_path, summary = tuned_attention
     model, inputs = get_model("attention_core", small=True)
     compiled = hwaware.compile(model, inputs, db=db_path)
-    (fused,) = [k for k in compiled.program.kernels.values() if k.family == "attention"]
+    (fused,) = [k for k in kernels_built(compiled) if k.family == "attention"]
     assert fused.tvm_us is not None, compiled.report()  # matched PyTorch, then timed
     task = next(t for t in summary.tasks if t.family == "attention")  # type: ignore[attr-defined]
     assert task.workload_hash in compiled.info.tuned_workloads
@@ -93,7 +93,7 @@ def test_untuned_fused_kernel_runs_with_its_family_default_schedule(name: str, t
     model, inputs = get_model(name, small=True)
     compiled = hwaware.compile(model, inputs, db=None)
     family = FAMILY_OF_ZOO_MODEL[name]
-    (fused,) = [k for k in compiled.program.kernels.values() if k.family == family]
+    (fused,) = [k for k in kernels_built(compiled) if k.family == family]
     assert fused.tvm_us is not None, compiled.report()  # built, matched PyTorch, timed
     assert_close_to_eager(model, compiled, *inputs)
 
@@ -183,7 +183,7 @@ def test_a_fused_kernel_that_loses_is_timed_again_before_it_is_dissolved(
     monkeypatch.setattr(build, "time_until_clear", first_decision_scripted)
     model, inputs = get_model("resnet_basic_block", small=True)
     compiled = hwaware.compile(model, inputs, db=None)
-    fused = [k for k in compiled.program.kernels.values() if k.family == "res_block"]
+    fused = [k for k in kernels_built(compiled) if k.family == "res_block"]
     if kept:
         assert [(k.impl, k.tvm_us, k.torch_us) for k in fused] == [("tvm", 80.0, 100.0)]
         assert not compiled.info.dissolved

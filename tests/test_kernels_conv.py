@@ -201,19 +201,27 @@ def test_find_leaves_reflect_padding_outside() -> None:
     assert "pad" in str(group[0].args[0].target) and group[0].args[0] not in group
 
 
-def test_register_hints_fill_the_registers_with_dividing_columns() -> None:
+@pytest.mark.parametrize("unit", ["avx512", "avx2"])
+def test_register_hints_fill_the_registers_with_dividing_columns(unit: str) -> None:
     """The fixed register tile's columns divide the output width (fixed tile decisions are
-    divisors): 64 channels over 14 columns get 2 vectors x 7 columns (14 accumulators), not
-    the 4 x 2 that fixing 4 vectors first left; 40 channels keep 5 x 4."""
-    from hwaware.kernels.conv_kernel import ACCUMULATORS, register_hints
+    divisors) and its accumulators fit the registers: on AVX-512, 64 channels over 14 columns
+    get 2 vectors x 7 columns (14 accumulators), not the 4 x 2 that fixing 4 vectors first
+    left; 40 channels keep 5 x 4. AVX2's 12 accumulators hold vectors of 8 lanes."""
+    from hwaware.kernels.conv_kernel import register_hints
+    from hwaware.tvm import isa
 
-    assert register_hints(64, 14) == (32, 7)
-    assert register_hints(40) == (40, 4) and register_hints(40, 28) == (40, 4)
+    vector_unit = {"avx512": isa.AVX512, "avx2": isa.AVX2}[unit]
+    if vector_unit == isa.AVX512:
+        assert register_hints(64, 14, vector_unit) == (32, 7)
+        assert register_hints(40, 0, vector_unit) == (40, 4)
+        assert register_hints(40, 28, vector_unit) == (40, 4)
+    else:
+        assert register_hints(64, 14, vector_unit) == (32, 2)  # 4 x 2: 2 x 7 would spill
     for channels, width in [(64, 14), (160, 7), (96, 14), (24, 56), (320, 7), (48, 5)]:
-        tile, columns = register_hints(channels, width)
-        lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
+        tile, columns = register_hints(channels, width, vector_unit)
+        lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0 and v <= vector_unit.lanes)
         assert width % columns == 0 and channels % tile == 0
-        assert (tile // lanes) * columns <= ACCUMULATORS
+        assert (tile // lanes) * columns <= vector_unit.accumulators
 
 
 # ------------------------------------------------------------------ lower + build
@@ -279,11 +287,11 @@ def test_zoo_mobilenetv3_block_se_compiles_to_one_checked_kernel(tvm_wins: None)
     """The whole pipeline (capture, partition, lower, untuned build, check against eager)."""
     import hwaware
     from hwaware.zoo import get_model
-    from tests.helpers import assert_close_to_eager
+    from tests.helpers import assert_close_to_eager, kernels_built
 
     model, inputs = get_model("mobilenetv3_block_se", small=True)
     compiled = hwaware.compile(model, inputs, db=None)
-    kernels = list(compiled.program.kernels.values())
+    kernels = kernels_built(compiled)
     fused = [k for k in kernels if k.family == "conv_block"]
     assert len(fused) == 1 and fused[0].tvm_us is not None, compiled.report()
     assert_close_to_eager(model, compiled, *inputs)

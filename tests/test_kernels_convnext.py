@@ -200,11 +200,11 @@ def test_zoo_convnext_block_compiles_to_one_checked_kernel() -> None:
     """The whole pipeline (capture, partition, lower, untuned build, check against eager)."""
     import hwaware
     from hwaware.zoo import get_model
-    from tests.helpers import assert_close_to_eager
+    from tests.helpers import assert_close_to_eager, kernels_built
 
     model, inputs = get_model("convnext_block", small=True)
     compiled = hwaware.compile(model, inputs, db=None)
-    kernels = list(compiled.program.kernels.values())
+    kernels = kernels_built(compiled)
     fused = [k for k in kernels if k.family == "convnext_block"]
     assert len(fused) == 1 and fused[0].tvm_us is not None, compiled.report()
     assert_close_to_eager(model, compiled, *inputs)

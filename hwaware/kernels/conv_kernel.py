@@ -59,6 +59,7 @@ from hwaware.kernels.lowering_common import (
     register_spaces,
     sampled_spaces,
 )
+from hwaware.tvm.isa import VectorUnit, current_vector_unit
 
 # Explicit-unroll steps the schedule samples from. Not 256 or 512: LLVM took over 40 s to build
 # 2 of 3 MobileNetV2 blocks unrolled 512 steps (5 of 10 at 256) against 0.1-10 s otherwise, so
@@ -342,15 +343,11 @@ def _tile_proj(sch: Any, decide: Decide, hints: dict[str, list[int]], max_inner:
     return sch.fuse(oh0, ow_parts[0]), [oh1, *ow_parts[1:], *o_parts, r]
 
 
-ACCUMULATORS = 24  # register-tile accumulators the fixed decisions aim at (AVX-512 has 32)
-MAX_LANES = 16  # FP32 lanes of an AVX-512 register
-
-
 def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     """Split a channel loop into (vectors, lanes), a perfect tile: fixed decisions take the
-    largest power of two <= MAX_LANES dividing its extent (LLVM keeps a register tile of such
-    vectors in registers; a 12- or 48-lane vector accumulator compiles to lane shuffles), the
-    search any divisor <= MAX_LANES.
+    largest power of two <= the target's lanes (`isa.current_vector_unit`) dividing its extent
+    (LLVM keeps a register tile of such vectors in registers; a 12- or 48-lane vector
+    accumulator compiles to lane shuffles), the search any divisor <= those lanes.
 
     Perfect, not a categorical lane count: the loop is often a sampled tile, whose extent the
     search mutates while a categorical decision stays as it was. A lane count that no longer
@@ -359,12 +356,13 @@ def split_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     outputs, a race that gave wrong results on 2 threads (session 34: 23 of 128 records of one
     MobileNetV2 block). A perfect-tile decision stays perfect when an outer tile changes."""
     widest = _power_of_two_lanes(int(sch.get(loop).extent))[0]
-    return list(sch.split(loop, decide.tile(sch, loop, 2, MAX_LANES, [widest])))
+    max_lanes = current_vector_unit().lanes
+    return list(sch.split(loop, decide.tile(sch, loop, 2, max_lanes, [widest])))
 
 
 def split_whole_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
     """Split a loop of the workload's own extent (no sampled tile sets it, so no mutation
-    changes it) into (vectors, lanes): lanes a power of two <= MAX_LANES dividing it, sampled
+    changes it) into (vectors, lanes): lanes a power of two <= the target's dividing it, sampled
     (the widest for fixed decisions). Not `split_lanes`: its perfect tile may pick 1 lane, and
     ConvNeXt's vector partial sums (rfactor) with 1 lane failed LLVM's verifier (1 candidate
     in 90)."""
@@ -373,8 +371,10 @@ def split_whole_lanes(sch: Any, decide: Decide, loop: Any) -> list[Any]:
 
 
 def _power_of_two_lanes(extent: int) -> list[int]:
-    """The powers of two <= MAX_LANES dividing `extent` (1 when none does), widest first."""
-    return [v for v in (16, 8, 4, 2) if v <= MAX_LANES and extent % v == 0] or [1]
+    """The powers of two <= the target's lanes dividing `extent` (1 when none does), widest
+    first."""
+    max_lanes = current_vector_unit().lanes
+    return [v for v in (16, 8, 4, 2) if v <= max_lanes and extent % v == 0] or [1]
 
 
 def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
@@ -382,19 +382,20 @@ def vectorize_channels(sch: Any, decide: Decide, block: Any) -> None:
     sch.vectorize(split_lanes(sch, decide, sch.get_loops(block)[-1])[1])
 
 
-def register_hints(channels: int, columns: int = 0) -> tuple[int, int]:
+def register_hints(channels: int, columns: int, unit: VectorUnit) -> tuple[int, int]:
     """Fixed (channel tile, columns) of a (columns x channel vectors) register tile for a GEMM
-    with `channels` outputs over `columns` output columns (0: any): up to 5 vectors of the
-    widest power-of-two lanes and up to 8 columns, each dividing its extent (the fixed tile
-    decisions are divisors), with the most accumulators up to ACCUMULATORS, then the most
-    vectors. (40 channels: 5 vectors x 4 columns ran 1.1x the 1 x 7 that a 3-vector bound left,
-    too few accumulators to hide FMA latency. A 64-channel MobileNetV2 block at 14x14: 2 x 7
-    ran 1.5x the 4 x 2 that fixing the vectors first left, 132 vs 203 us on Zen 5.)"""
-    lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0)
+    with `channels` outputs over `columns` output columns (0: any) on vector `unit`: up to 5
+    vectors of the widest power-of-two lanes (up to the unit's) and up to 8 columns, each
+    dividing its extent (the fixed tile decisions are divisors), with the most accumulators up
+    to `unit.accumulators`, then the most vectors. (40 channels: 5 vectors x 4 columns ran
+    1.1x the 1 x 7 that a 3-vector bound left, too few accumulators to hide FMA latency. A
+    64-channel MobileNetV2 block at 14x14: 2 x 7 ran 1.5x the 4 x 2 that fixing the vectors
+    first left, 132 vs 203 us on Zen 5.)"""
+    lanes = max(v for v in (16, 8, 4, 2, 1) if channels % v == 0 and v <= unit.lanes)
     vector_options = [d for d in range(1, 6) if (channels // lanes) % d == 0]
     column_options = [c for c in range(1, 9) if not columns or columns % c == 0]
     vectors, cols = max(((v, c) for v in vector_options for c in column_options
-                         if v * c <= ACCUMULATORS), key=lambda vc: (vc[0] * vc[1], vc[0]))
+                         if v * c <= unit.accumulators), key=lambda vc: (vc[0] * vc[1], vc[0]))
     return lanes * vectors, cols
 
 
@@ -405,7 +406,8 @@ def parallel_project_tiles(sch: Any, decide: Decide, by_channels: bool = False) 
     parallel tiles are (spatial tile, output-channel tile) pairs, for maps too small to give
     every core a spatial tile."""
     _, ow, o, _ = sch.get_loops(sch.get_sblock("proj"))
-    channels, columns = register_hints(int(sch.get(o).extent), int(sch.get(ow).extent))
+    channels, columns = register_hints(int(sch.get(o).extent), int(sch.get(ow).extent),
+                                       current_vector_unit())
     tile, (oh1, ow1, ow2, o0, o1, r) = _tile_proj(
         sch, decide, {"oh": [8], "ow": [2, columns], "o": [channels]}, 64)
     vectors, lanes = split_lanes(sch, decide, o1)
@@ -489,7 +491,8 @@ def register_tile_gemm(sch: Any, decide: Decide, block: Any) -> Any:
     channel vectors) register tile (`register_hints`) accumulating in registers over the
     reduction; returns the loop that runs one register tile."""
     *_, i, j, f, r = sch.get_loops(block)
-    channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent))
+    channels, columns = register_hints(int(sch.get(f).extent), int(sch.get(j).extent),
+                                       current_vector_unit())
     j0, j1 = sch.split(j, decide.tile(sch, j, 2, 8, [columns]))
     f0, f1 = sch.split(f, decide.tile(sch, f, 2, 64, [channels]))
     vectors, lanes = split_lanes(sch, decide, f1)

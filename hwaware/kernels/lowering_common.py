@@ -48,12 +48,14 @@ def fixed_schedule(schedules: dict[str, Callable[[Any, Any], Any]],
                    decisions: Callable[[str, int], Any]) -> Callable[[Any, Any], Any]:
     """A family's `schedule_fixed` when its space is `schedules[kind](sch, decisions)`: the
     PrimFunc scheduled by the space for the target's kind ("cpu" or "cuda") with the fixed
-    `decisions(kind, cores)` in place of sampled ones (returns the Schedule)."""
+    `decisions(kind, cores)` in place of sampled ones (returns the Schedule). The target is in
+    scope meanwhile (the vector unit the schedules size their tiles by, `isa`)."""
 
     def schedule_fixed(func: Any, target: Any) -> Any:
         kind = "cuda" if target.kind.name == "cuda" else "cpu"
         sch = s_tir.Schedule(func)
-        schedules[kind](sch, decisions(kind, target_cores(target)))
+        with target:
+            schedules[kind](sch, decisions(kind, target_cores(target)))
         return sch
 
     return schedule_fixed

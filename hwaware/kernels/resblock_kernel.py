@@ -54,10 +54,11 @@ from hwaware.kernels.lowering_common import (
     target_cores,
 )
 from hwaware.kernels.resblock import ADD_OPS, RULE, Conv, _match_add, _op, _tensor_meta
+from hwaware.tvm.isa import current_vector_unit
 
 MAX_REGISTER_TILE = 16  # output columns per micro-kernel
 MAX_CHANNEL_BLOCKS = 4  # output-channel vectors per micro-kernel
-MAX_ACCUMULATORS = 28  # vector accumulators of a micro-kernel (32 AVX-512 registers, 4 spare)
+SPARE_REGISTERS = 4  # beside a micro-kernel's accumulators: 28 of AVX-512's 32, 12 of AVX2's 16
 UNROLL_STEPS = (0, 16, 64)
 WINOGRAD_TILE = 4  # output tile m of Winograd F(m x m, 3 x 3) on CPU targets (0: direct only)
 
@@ -429,11 +430,13 @@ def _register_tile(sch: Any, block: Any, cb: Any, w: Any, c: Any, reduction: Any
 
 
 def _split_register_tile(sch: Any, cb: Any, w: Any, tile: Tiler) -> tuple[list[Any], Any]:
-    """(cb_o, cb_i, w_o, w_i): channel blocks, then columns, of a micro-kernel of at most
-    MAX_ACCUMULATORS vectors (the column bound follows the channel blocks chosen, so no sample
-    spills its accumulators); and the sampled column factors."""
+    """(cb_o, cb_i, w_o, w_i): channel blocks, then columns, of a micro-kernel of as many
+    accumulators as the target's vector registers hold (`isa.current_vector_unit`, less
+    SPARE_REGISTERS; the column bound follows the channel blocks chosen, so no sample spills
+    its accumulators); and the sampled column factors."""
     cb_o, cb_i = sch.split(cb, tile(sch, cb, 2, MAX_CHANNEL_BLOCKS, "channels"))
-    columns = min(MAX_REGISTER_TILE, MAX_ACCUMULATORS // int(sch.get(cb_i).extent))
+    accumulators = current_vector_unit().registers - SPARE_REGISTERS
+    columns = max(1, min(MAX_REGISTER_TILE, accumulators // int(sch.get(cb_i).extent)))
     column_factors = tile(sch, w, 2, columns, "columns")
     w_o, w_i = sch.split(w, column_factors)
     return [cb_o, cb_i, w_o, w_i], column_factors
@@ -670,8 +673,9 @@ def schedule_fixed(func: Any, target: Any) -> Any:
     if target.kind.name == "cuda":
         schedule_cuda(sch, anchor, _fixed_choice(128))
     else:
-        schedule_cpu(sch, anchor, _fixed_tile(target_cores(target)),
-                     _fixed_choice(UNROLL_STEPS[1]))
+        with target:  # its vector registers bound the micro-kernels
+            schedule_cpu(sch, anchor, _fixed_tile(target_cores(target)),
+                         _fixed_choice(UNROLL_STEPS[1]))
     return sch
 
 

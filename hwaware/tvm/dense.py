@@ -21,11 +21,12 @@ from typing import Any
 
 import tvm
 
+from hwaware.tvm.isa import VectorUnit
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 6  # rows of A per micro-tile
 MAX_VECTORS = 4  # vectors of B (output columns) per micro-tile
-ACCUMULATORS = 24  # vector accumulators a micro-tile may hold (AVX-512 has 32 registers)
 MIN_ROWS = 4  # fewer rows (a GEMV) are DLight's GEMV rule's
 SPATIAL, REDUCE = 0, 2  # TIR iter types
 PARALLEL_MACS = 1 << 20  # smaller kernels stay on the calling thread (a pool wake-up costs more)
@@ -70,18 +71,18 @@ def find_matmul(func: Any) -> tuple[Any, Any, Any, Any] | None:
     return sch, block, loops[-3], loops[-2]
 
 
-def schedule_dense(func: Any, lanes: int) -> Any:
-    """The register-blocked schedule of a dense matmul kernel, or None (see the module
-    docstring)."""
+def schedule_dense(func: Any, unit: VectorUnit) -> Any:
+    """The register-blocked schedule of a dense matmul kernel for vector `unit`, or None (see
+    the module docstring)."""
     from hwaware.kernels.lowering_common import accumulate_in_registers
 
-    planned = _plan(func, lanes)
+    planned = _plan(func, unit)
     if planned is None:
         return None
     sch, block, i, j, (rows, vectors) = planned
     *batch, _, _, k = sch.get_loops(block)
     i0, i1 = sch.split(i, [None, rows])
-    j0, j1, j2 = sch.split(j, [None, vectors, lanes])
+    j0, j1, j2 = sch.split(j, [None, vectors, unit.lanes])
     sch.reorder(j0, i0, k, i1, j1, j2)
     tile = sch.fuse(*batch, j0, i0)
     if macs(sch, block) >= PARALLEL_MACS:
@@ -95,35 +96,36 @@ def schedule_dense(func: Any, lanes: int) -> Any:
     return sch
 
 
-def takes(func: Any, lanes: int) -> bool:
+def takes(func: Any, unit: VectorUnit) -> bool:
     """Whether `schedule_dense` schedules this kernel (the match alone, no schedule built)."""
-    return _plan(func, lanes) is not None
+    return _plan(func, unit) is not None
 
 
-def _plan(func: Any, lanes: int) -> tuple[Any, Any, Any, Any, tuple[int, int]] | None:
+def _plan(func: Any, unit: VectorUnit) -> tuple[Any, Any, Any, Any, tuple[int, int]] | None:
     """(schedule, matmul block, i loop, j loop, micro-tile) of a kernel this rule takes."""
     found = find_matmul(func)
     if found is None:
         return None
     sch, block, i, j = found
-    tile = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), lanes)
+    tile = micro_tile(int(sch.get(i).extent), int(sch.get(j).extent), unit)
     return None if tile[0] < MIN_ROWS or tile[1] == 0 else (sch, block, i, j, tile)
 
 
-def micro_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
-    """(rows, vectors) of the micro-tile: the vectors dividing n (in vectors of `lanes`), the
-    rows dividing m, for the most accumulators up to ACCUMULATORS, then the most rows. Where no
+def micro_tile(m: int, n: int, unit: VectorUnit) -> tuple[int, int]:
+    """(rows, vectors) of the micro-tile: the vectors dividing n (in vectors of `unit`'s
+    lanes), the rows dividing m, for the most accumulators up to `unit.accumulators`, then the
+    most rows. Where no
     divisor of m gives MIN_ROWS (17 tokens, a ViT's 197: patches and a class token), rows that
     do not divide it, the fewest padded rows in the last tile (TVM guards them). (0, 0) if n is
     not a whole number of vectors."""
-    if n % lanes:
+    if n % unit.lanes:
         return 0, 0
     rows = [r for r in range(1, MAX_ROWS + 1) if m % r == 0]
     if max(rows) < MIN_ROWS <= m:
         waste = {r: -m % r for r in range(MIN_ROWS, MAX_ROWS + 1)}
         rows = [min(waste, key=lambda r: (waste[r], -r))]
     options = [(r, v) for r in rows for v in range(1, MAX_VECTORS + 1)
-               if (n // lanes) % v == 0 and r * v <= ACCUMULATORS]
+               if (n // unit.lanes) % v == 0 and r * v <= unit.accumulators]
     return max(options, key=lambda rv: (rv[0] * rv[1], rv[0]))
 
 

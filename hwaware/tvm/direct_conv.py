@@ -37,12 +37,12 @@ from hwaware.tvm.dense import (
     macs,
     one_contraction,
 )
+from hwaware.tvm.isa import VectorUnit
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # output channels per register tile
 MAX_VECTORS = 3  # vectors of pixels per register tile
-ACCUMULATORS = 24  # vector accumulators a register tile may hold
 # Above this the rule declines: on 2 Zen 5 cores it beat PyTorch 2-10x up to 0.6 M multiply-adds
 # and by 0-2.3x from 1 to 10 M (losing on stride-2 convs, 7-pixel rows), and lost 1.6-2x at
 # 14-115 M, where oneDNN's blocked kernels reach 170-225 GMAC/s to its 85-110.
@@ -67,9 +67,10 @@ def find_conv(func: Any) -> tuple[Any, Any] | None:
     return sch, block
 
 
-def schedule_direct_conv(func: Any, lanes: int) -> Any:
-    """The direct-convolution schedule of a conv2d kernel, or None (see the module docstring)."""
-    planned = _plan(func, lanes)
+def schedule_direct_conv(func: Any, unit: VectorUnit) -> Any:
+    """The direct-convolution schedule of a conv2d kernel for vector `unit`, or None (see the
+    module docstring)."""
+    planned = _plan(func, unit)
     if planned is None:
         return None
     sch, block, (rows, vectors, pixels) = planned
@@ -97,12 +98,12 @@ def schedule_direct_conv(func: Any, lanes: int) -> Any:
     return sch
 
 
-def takes(func: Any, lanes: int) -> bool:
+def takes(func: Any, unit: VectorUnit) -> bool:
     """Whether `schedule_direct_conv` schedules this kernel (the match alone)."""
-    return _plan(func, lanes) is not None
+    return _plan(func, unit) is not None
 
 
-def _plan(func: Any, lanes: int) -> tuple[Any, Any, tuple[int, int, int]] | None:
+def _plan(func: Any, unit: VectorUnit) -> tuple[Any, Any, tuple[int, int, int]] | None:
     found = find_conv(func)
     if found is None:
         return None
@@ -114,11 +115,11 @@ def _plan(func: Any, lanes: int) -> tuple[Any, Any, tuple[int, int, int]] | None
     per_group = extent_of(sch, f) // groups  # type: ignore[operator]
     rows = max(r for r in range(1, MAX_ROWS + 1) if per_group % r == 0)
     height, width = extent_of(sch, y), extent_of(sch, x)
-    pixels = vector_of_pixels(height, width, lanes)  # type: ignore[arg-type]
+    pixels = vector_of_pixels(height, width, unit.lanes)  # type: ignore[arg-type]
     along_row = width // pixels if pixels <= width else height * width // pixels  # type: ignore
     vectors = max(v for v in range(1, MAX_VECTORS + 1)
-                  if along_row % v == 0 and rows * v <= ACCUMULATORS)
-    return (sch, block, (rows, vectors, pixels)) if pixels >= min(4, lanes) else None
+                  if along_row % v == 0 and rows * v <= unit.accumulators)
+    return (sch, block, (rows, vectors, pixels)) if pixels >= min(4, unit.lanes) else None
 
 
 def vector_of_pixels(height: int, width: int, lanes: int) -> int:

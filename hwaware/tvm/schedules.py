@@ -20,6 +20,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from hwaware.tvm.ir import fuse_passes, prim_funcs, schedule_rules, workload_hash, workload_of
+from hwaware.tvm.isa import VectorUnit, vector_unit
 
 if TYPE_CHECKING:
     from hwaware.tvm.database import SqliteDatabase
@@ -186,7 +187,7 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
         if infos is None or any(_iterations(sch, i) > SMALL_KERNEL_ITERATIONS for i in infos):
             return None  # also when a loop extent is symbolic
         infos = try_inline(sch, infos)
-        lanes = max(1, _vector_lanes(target))
+        lanes = vector_unit(target).lanes
         for info in infos:
             loops = sch.get_loops(info.block_rv)
             kinds = info.dom_kind()
@@ -199,17 +200,17 @@ class SmallSerial(ScheduleRule):  # type: ignore[misc]
 
 
 class LanesRule(ScheduleRule):  # type: ignore[misc]
-    """A CPU default from a function (PrimFunc, vector lanes) -> schedule, or None where it
+    """A CPU default from a function (PrimFunc, `isa.VectorUnit`) -> schedule, or None where it
     does not take the kernel (then, or where TVM raises, the next rule applies): `DenseMatmul`
     (`hwaware.tvm.dense`, a Linear layer and its epilogue) and `DirectConv`
     (`hwaware.tvm.direct_conv`, a standalone conv2d and its epilogue)."""
 
-    def __init__(self, name: str, schedule: Callable[[Any, int], Any]):
+    def __init__(self, name: str, schedule: Callable[[Any, VectorUnit], Any]):
         self.name, self.schedule = name, schedule
 
     def apply(self, func: Any, target: Any, _: bool) -> Any:
         try:
-            return self.schedule(func, _vector_lanes(target))
+            return self.schedule(func, vector_unit(target))
         except (RuntimeError, ValueError, AssertionError) as err:  # TVM errors: RuntimeErrors
             log.debug("no %s schedule (the next rule applies): %s", self.name, err)
             return None
@@ -222,9 +223,10 @@ def has_default_schedule(workload: tvm.IRModule, target: tvm.target.Target) -> b
 
     if is_small(workload):
         return True
-    lanes = _vector_lanes(target)
-    return target.kind.name == "llvm" and (dense.takes(workload["main"], lanes) or
-                                           direct_conv.takes(workload["main"], lanes))
+    if target.kind.name != "llvm":
+        return False
+    unit = vector_unit(target)
+    return dense.takes(workload["main"], unit) or direct_conv.takes(workload["main"], unit)
 
 
 def is_small(workload: tvm.IRModule) -> bool:
@@ -270,17 +272,11 @@ class ParallelVectorize(ScheduleRule):  # type: ignore[misc]
         if infos is None:
             return None
         infos = try_inline(sch, infos)
-        lanes = max(1, _vector_lanes(target))
+        lanes = vector_unit(target).lanes
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
         for info in infos:
             _parallel_vectorize_block(sch, info, lanes, cores)
         return sch
-
-
-def _vector_lanes(target: Any) -> int:
-    from tvm.target.codegen import llvm_get_vector_width
-
-    return max(1, int(llvm_get_vector_width(target)) // 32)
 
 
 def _parallel_vectorize_block(sch: Any, info: Any, lanes: int, cores: int) -> None:

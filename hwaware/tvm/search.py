@@ -261,20 +261,21 @@ def tune_workloads(
     ]
     total = sum(budgets[n] for n in names)
     model = search_cost_model.warm_model(cost_model_dir, database.target_key, cores)
-    ms.tune_tasks(
-        tasks=contexts,
-        task_weights=[(weights or {}).get(n, 1.0) for n in names],
-        work_dir=work_dir,
-        max_trials_global=total,
-        max_trials_per_task=max(budgets.values()),
-        num_trials_per_iter=num_trials_per_iter,
-        builder=ms.builder.LocalBuilder(f_build=f_build or fast_build, max_workers=cores,
-                                        timeout_sec=builder_timeout_s),
-        runner=runner or ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
-        database=database,
-        cost_model=model,
-        measure_callbacks=callbacks,
-        task_scheduler="gradient",
-    )
+    with target:  # the families' sampled spaces size their register tiles by it (`isa`)
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=[(weights or {}).get(n, 1.0) for n in names],
+            work_dir=work_dir,
+            max_trials_global=total,
+            max_trials_per_task=max(budgets.values()),
+            num_trials_per_iter=num_trials_per_iter,
+            builder=ms.builder.LocalBuilder(f_build=f_build or fast_build, max_workers=cores,
+                                            timeout_sec=builder_timeout_s),
+            runner=runner or ms.runner.LocalRunner(timeout_sec=runner_timeout_s),
+            database=database,
+            cost_model=model,
+            measure_callbacks=callbacks,
+            task_scheduler="gradient",
+        )
     if cost_model_dir is not None:
         search_cost_model.save(model, cost_model_dir, database.target_key)
