@@ -36,3 +36,15 @@ def test_the_sampled_spaces_read_the_target_in_scope() -> None:
     with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
         assert current_vector_unit() == AVX2
     assert vector_unit(tvm.target.Target({"kind": "cuda", "arch": "sm_90"})) == AVX512
+
+
+@pytest.mark.parametrize(("mcpu", "widths"), [("cascadelake", (64, 32, 16, 8, 4)),
+                                              ("znver3", (16, 8, 4))])
+def test_attention_keeps_the_p_v_tiles_its_registers_hold(mcpu: str, widths: tuple[int, ...]
+                                                          ) -> None:
+    """4 query rows x 64 head dims are 16 AVX-512 accumulators but 32 of AVX2's 16 registers:
+    on AVX2 the p.v tile keeps the widths of at most 12 accumulators."""
+    from hwaware.kernels.attention_kernel import PV_TILES, _fitting_widths
+
+    with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+        assert _fitting_widths(PV_TILES) == (PV_TILES[0], widths)

@@ -43,6 +43,7 @@ from hwaware.kernels.attention import (
     plan_of,
 )
 from hwaware.kernels.lowering_common import Space, register_spaces
+from hwaware.tvm.isa import current_vector_unit
 
 ONE_BLOCK_MAX_KEYS = 512  # up to this many keys, one key block (K and V of a head fit in L2)
 QUERY_TILE = 64           # rows per query tile: K and V blocks are loaded once per tile
@@ -230,8 +231,9 @@ def _indent(text: str, spaces: int) -> str:
 
 
 # ---------------------------------------------------------------------- schedule spaces
-# Register-tile factors the CPU space samples (the first is the untuned default); every pair
-# keeps 4-16 AVX-512 accumulators, so no sample spills.
+# Register-tile factors the CPU space samples (the first that fits is the untuned default);
+# every pair keeps 4-16 AVX-512 accumulators, so no sample spills; on a smaller register file
+# the p.v widths that would spill are left out (`_fitting_widths`).
 QK_TILES = ((8, 4), (32, 16))  # q.k: keys (unrolled) x query rows (vectorised)
 PV_TILES = ((4, 2), (64, 32, 16, 8, 4))  # p.v: query rows (unrolled) x head dim (vectorised)
 # (16, 8 and 4 for head dims that 32 does not divide: a tile of the whole head dim, 20 to 80
@@ -253,6 +255,17 @@ def _tile(sch: Any, loop: Any, candidates: tuple[int, ...], fixed: bool,
     inner = sch.sample_categorical(fits, [1 / len(fits)] * len(fits),
                                    decision=0 if fixed else None)
     return list(sch.split(loop, [None, inner]))
+
+
+def _fitting_widths(tiles: tuple[tuple[int, ...], tuple[int, ...]]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`tiles` without the vectorised widths whose register tile, at the most unrolled rows,
+    holds more accumulators than the target's vector registers do (`isa`): AVX2's 12 keep p.v
+    widths of 16, 8 and 4 lanes, AVX-512's 24 all of them."""
+    unit = current_vector_unit()
+    rows, widths = tiles
+    fit = tuple(w for w in widths if max(rows) * -(-w // unit.lanes) <= unit.accumulators)
+    return rows, fit or widths[-1:]
 
 
 def _loops(sch: Any, name: str, count: int) -> tuple[Any, list[Any]]:
@@ -291,7 +304,7 @@ def schedule_cpu(sch: Any, block: Any, fixed: bool = False) -> list[Any]:
     outer = sch.fuse(*sch.get_loops(block))
     sch.parallel(outer)
     _register_tile(sch, "qk", QK_TILES, fixed)
-    _register_tile(sch, "pv", PV_TILES, fixed)
+    _register_tile(sch, "pv", _fitting_widths(PV_TILES), fixed)
     for name in ("row_max", "row_sum"):
         _vertical_reduction(sch, name)
     for name in ("q_load", "k_load", "v_load", "score", "exp", "store"):
@@ -331,7 +344,8 @@ def schedule_fixed(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
 
     space = schedule_cuda if target.kind.name == "cuda" else schedule_cpu
     sch = Schedule(func)
-    space(sch, sch.get_sblock("attention"), fixed=True)
+    with target:  # its vector registers bound the register tiles
+        space(sch, sch.get_sblock("attention"), fixed=True)
     return sch
 
 

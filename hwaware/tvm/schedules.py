@@ -280,6 +280,11 @@ class ParallelVectorize(ScheduleRule):  # type: ignore[misc]
 
 
 def _parallel_vectorize_block(sch: Any, info: Any, lanes: int, cores: int) -> None:
+    """Run the block's spatial loops fused in parallel, vectorized by `lanes` where its rows
+    (the innermost spatial loop) are whole vectors. A vector that crosses rows indexes each
+    lane with a division and a modulo that TVM's simplifier often keeps, and the lanes load one
+    by one: a ReLU over 256 x 28 x 28 ran 205-234 us in 8-lane vectors, 25-29 us in 4-lane ones
+    or as a plain loop (which LLVM vectorizes itself; on 2 Zen 3 cores, 8 shapes)."""
     loops = sch.get_loops(info.block_rv)
     kinds = info.dom_kind()
     spatial = [lp for lp, k in zip(loops, kinds, strict=False) if k == "S"]
@@ -293,9 +298,11 @@ def _parallel_vectorize_block(sch: Any, info: Any, lanes: int, cores: int) -> No
         if lead:
             sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
         return
+    row = _extent(sch, spatial[-1])
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     extent = _extent(sch, fused)
-    if info.is_injective() and extent is not None and extent >= lanes * 2 and extent % lanes == 0:
+    if info.is_injective() and extent is not None and extent >= lanes * 2 and \
+            row is not None and row % lanes == 0:
         outer, inner = sch.split(fused, factors=[None, lanes])
         sch.parallel(outer)
         sch.vectorize(inner)
