@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from hwaware import onednn
 from hwaware.db import TuningDatabase
 from hwaware.index_guard import whole_program_checks
 from hwaware.kernels import families, fixed_schedules, unique_name
@@ -255,6 +256,8 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
         part = part.dissolve(set(lost))
     program = part.program
     info.kernel_nodes = {name: list(nodes) for name, nodes in part.kernel_nodes.items()}
+    if target.kind == "cpu" and target.can_run_here and measure:
+        _choose_onednn(program, example_inputs, repeats)
     if executable is None or not target.can_run_here or not measure:
         return CompiledModel(program, executable, info, target.kind)
     _choose_whole_program(program, executable, info, target, example_inputs, repeats)
@@ -580,6 +583,30 @@ def redecide(model: CompiledModel, example_inputs: list[Any], repeats: int = 30)
                           repeats)
 
 
+def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats: int) -> None:
+    """Each kernel left in PyTorch that is one convolution of a constant weight
+    (`onednn.takes`) runs through oneDNN with its weight reordered once where that matches
+    PyTorch's op and is `MARGIN` faster, timed interleaved (`torch_us`: the op's time)."""
+    names = [k.name for k in program.kernels.values()
+             if k.impl == "torch" and onednn.takes(k, program.constants)]
+    if not names:
+        return
+    inputs = kernel_inputs(program, example_inputs)
+    for name in names:
+        spec = program.kernels[name]
+        conv = onednn.convolution(spec.steps[0], program.constants)
+        x = inputs[name][spec.inputs.index(spec.steps[0].args[0]["v"])]
+        eager = partial(run_kernel_in_torch, program, name, inputs[name])
+        with torch.no_grad():
+            if not _all_close([conv(x)], eager()):
+                continue
+            ours, theirs = time_until_clear([partial(conv, x), eager], repeats,
+                                            DECISION_QUANTILE, MARGIN)
+        spec.torch_us, spec.torch_spread = theirs.us, theirs.spread
+        if ours.us * (1 + MARGIN) < theirs.us:
+            spec.impl = onednn.IMPL
+
+
 def _whole_program(program: Program) -> Program:
     """`program` as one kernel, `ONE_CALL`, whose PyTorch steps are all of its steps."""
     torch_steps: list[OpStep] = []
@@ -610,7 +637,8 @@ def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, ta
     plans = {
         "per-kernel": per_kernel,
         "all-tvm": {**per_kernel, **{n: "tvm" for n in verified}},
-        "all-torch": {n: "torch" for n in per_kernel},
+        "all-torch": {n: onednn.IMPL if impl == onednn.IMPL else "torch"
+                      for n, impl in per_kernel.items()},
     }
     models = [CompiledModel(_with_impls(program, plan), executable, info, target.kind)
               for plan in plans.values()]

@@ -65,7 +65,7 @@ class KernelSpec:
     inputs: list[int]
     outputs: list[int]
     steps: list[OpStep]
-    impl: str = "torch"  # "torch", "tvm", or "onnx-reference" (see onnx_reference.py)
+    impl: str = "torch"  # "torch", "tvm", "onednn" (onednn.py) or "onnx-reference" (its module)
     flops: int = 0
     tvm_us: float | None = None
     torch_us: float | None = None

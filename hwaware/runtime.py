@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import torch
 from torch.utils import _pytree as pytree
 
-from hwaware import manifest, onnx_reference, outputs
+from hwaware import manifest, onednn, onnx_reference, outputs
 from hwaware.index_guard import out_of_range
 from hwaware.program import (
     KernelSpec,
@@ -232,6 +232,8 @@ class CompiledModel:
 
             call = tvm_vm.torch_callable(vm, spec.name, len(step.outputs))
             return _tvm_action(call, step, spec, self.program.constants)
+        if spec.impl == onednn.IMPL:  # a convolution with its weight reordered once
+            return onednn.action(spec, self.program.constants)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
