@@ -67,7 +67,8 @@ def test_dense_schedule_matches_pytorch(shape: tuple[Any, ...], llvm_host: Any) 
 
 def test_what_is_not_a_vectorizable_matmul_is_declined(llvm_host: Any) -> None:
     """A reduction that is not a matmul (a row sum) and a matmul whose output columns are not
-    whole vectors (40 of 16 lanes): the rule declines, and the next rule schedules them."""
+    whole vectors (38: not of 4, 8 or 16 lanes): the rule declines, and the next rule
+    schedules them."""
     class RowSum(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.sum(-1)
@@ -75,7 +76,7 @@ def test_what_is_not_a_vectorizable_matmul_is_declined(llvm_host: Any) -> None:
     import tvm
 
     for model, x in [(RowSum(), torch.randn(1, 32, 48)),
-                     (nn.Linear(48, 40), torch.randn(1, 32, 48))]:
+                     (nn.Linear(48, 38), torch.randn(1, 32, 48))]:
         funcs = ir.prim_funcs(fused_kernels(model, x, llvm_host))
         assert funcs and all(dense.schedule_dense(f, AVX512) is None for f in funcs.values())
     (linear,) = [f for name, f in funcs.items() if "matmul" in name]
