@@ -8,11 +8,10 @@ reordered into oneDNN's blocked layout once, for the input's shape, as Inductor 
 freezes a model. PyTorch eager's `conv2d` reorders the weight on every call, which on small
 maps with many channels costs more than the convolution.
 
-The build times it against the eager op and keeps the faster (`KernelSpec.impl` is `IMPL`,
-the eager op's time stays `torch_us`, this one's `tvm_us`: the time of the implementation
-the build offered against PyTorch's ops). The kernel's PyTorch steps stay its reference and
-fallback. A oneDNN tensor is not saved: a loaded model reorders the weight again on its first
-call.
+The build checks it against the eager op, times both and keeps it where it is clearly faster
+(`KernelSpec.impl` is then `IMPL`; `torch_us` holds the eager op's time, `tvm_us` stays None:
+no TVM code runs). The kernel's PyTorch steps stay its reference and fallback. A oneDNN
+tensor is not saved: a loaded model reorders the weight again on its first call.
 """
 
 from __future__ import annotations
