@@ -29,7 +29,7 @@ import hashlib
 import logging
 import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -42,8 +42,14 @@ from hwaware.index_guard import whole_program_checks
 from hwaware.kernels import families, fixed_schedules, unique_name
 from hwaware.partition import CONTRACTIONS, VIEW_OPS, Partition
 from hwaware.program import KernelSpec, KernelStep, OpStep, Program
-from hwaware.runner import time_until_clear
-from hwaware.runtime import BuildInfo, CompiledModel, kernel_inputs, run_kernel_in_torch
+from hwaware.runner import Timing, time_until_clear
+from hwaware.runtime import (
+    BuildInfo,
+    CompiledModel,
+    any_layout_slots,
+    kernel_inputs,
+    run_kernel_in_torch,
+)
 from hwaware.target import Target
 
 log = logging.getLogger(__name__)
@@ -256,11 +262,12 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
         part = part.dissolve(set(lost))
     program = part.program
     info.kernel_nodes = {name: list(nodes) for name, nodes in part.kernel_nodes.items()}
+    on_onednn: list[str] = []
     if target.kind == "cpu" and target.can_run_here and measure:
-        _choose_onednn(program, example_inputs, repeats)
+        on_onednn = _choose_onednn(program, example_inputs, repeats)
     if executable is None or not target.can_run_here or not measure:
         return CompiledModel(program, executable, info, target.kind)
-    _choose_whole_program(program, executable, info, target, example_inputs, repeats)
+    _choose_whole_program(program, executable, info, target, example_inputs, repeats, on_onednn)
     chosen = CompiledModel(program, executable, info, target.kind)
     wholes = {CHAINED: _chained_model(chosen, target, example_inputs)}
     if one_call:
@@ -583,28 +590,38 @@ def redecide(model: CompiledModel, example_inputs: list[Any], repeats: int = 30)
                           repeats)
 
 
-def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats: int) -> None:
-    """Each kernel left in PyTorch that is one convolution of a constant weight
-    (`onednn.takes`) runs through oneDNN with its weight reordered once where that matches
-    PyTorch's op and is `MARGIN` faster, timed interleaved (`torch_us`: the op's time)."""
-    names = [k.name for k in program.kernels.values()
-             if k.impl == "torch" and onednn.takes(k, program.constants)]
+def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats: int
+                   ) -> list[str]:
+    """Each kernel left in PyTorch that oneDNN can run (`onednn.takes`: a convolution of a
+    constant weight and its epilogue) runs through oneDNN where that matches its PyTorch ops
+    and is `MARGIN` faster, timed interleaved (`torch_us`: the PyTorch ops' time). Chosen from
+    the last kernel back, so that each kernel's readers are decided: a result PyTorch reads is
+    timed with its conversion from channels-last (`onednn` module docstring). Returns the
+    kernels that oneDNN runs correctly, chosen or not."""
+    order = [s.kernel for s in reversed(program.steps) if isinstance(s, KernelStep)]
+    names = [n for n in dict.fromkeys(order) if program.kernels[n].impl == "torch"
+             and onednn.takes(program.kernels[n], program.constants)]
     if not names:
-        return
+        return []
     inputs = kernel_inputs(program, example_inputs)
+    correct: list[str] = []
     for name in names:
         spec = program.kernels[name]
-        conv = onednn.convolution(spec.steps[0], program.constants)
-        x = inputs[name][spec.inputs.index(spec.steps[0].args[0]["v"])]
-        eager = partial(run_kernel_in_torch, program, name, inputs[name])
+        keep = set(spec.outputs) <= any_layout_slots(program, tvm_loaded=True)
+        call = onednn.kernel_function(spec, program.constants, keep_channels_last=keep)
         with torch.no_grad():
-            if not _all_close([conv(x)], eager()):
+            try:
+                timed = _matches_pytorch(program, name, call, inputs[name]) and \
+                    _timed_against_pytorch(program, name, call, inputs[name], repeats)
+            except RuntimeError as err:  # oneDNN refuses it (an unsupported attribute)
+                log.debug("kernel %s stays in PyTorch: oneDNN raised %s", name, err)
                 continue
-            ours, theirs = time_until_clear([partial(conv, x), eager], repeats,
-                                            DECISION_QUANTILE, MARGIN)
-        spec.torch_us, spec.torch_spread = theirs.us, theirs.spread
-        if ours.us * (1 + MARGIN) < theirs.us:
-            spec.impl = onednn.IMPL
+        if timed:
+            ours, theirs = timed
+            spec.torch_us, spec.torch_spread = theirs.us, theirs.spread
+            spec.impl = onednn.IMPL if _faster(ours.us, theirs.us) else "torch"
+            correct.append(name)
+    return correct
 
 
 def _whole_program(program: Program) -> Program:
@@ -625,11 +642,14 @@ def _whole_program(program: Program) -> Program:
 
 
 def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, target: Target,
-                          example_inputs: list[torch.Tensor], repeats: int) -> None:
-    """Time the whole model under three assignments and keep the fastest: each kernel's own
-    choice, every verified kernel on TVM, everything in PyTorch. Kernels timed one by one miss
-    how the two runtimes' thread pools disturb each other inside one inference (PyTorch's OpenMP
-    threads spin after each op and slow the next TVM kernel); the whole program shows it."""
+                          example_inputs: list[torch.Tensor], repeats: int,
+                          on_onednn: Collection[str] = ()) -> None:
+    """Time the whole model under each assignment and keep the fastest: each kernel's own
+    choice, every verified kernel on TVM, everything in PyTorch, and (given `on_onednn`, the
+    kernels oneDNN runs correctly) every verified kernel on TVM and those on oneDNN. Kernels
+    timed one by one miss how the two runtimes' thread pools disturb each other inside one
+    inference (PyTorch's OpenMP threads spin after each op and slow the next TVM kernel), and
+    that consecutive oneDNN kernels pass channels-last results; the whole program shows it."""
     verified = [k.name for k in program.kernels.values() if k.tvm_us is not None]
     if not verified:
         return
@@ -640,6 +660,8 @@ def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, ta
         "all-torch": {n: onednn.IMPL if impl == onednn.IMPL else "torch"
                       for n, impl in per_kernel.items()},
     }
+    if on_onednn:
+        plans["all-tvm-onednn"] = {**plans["all-tvm"], **{n: onednn.IMPL for n in on_onednn}}
     models = [CompiledModel(_with_impls(program, plan), executable, info, target.kind)
               for plan in plans.values()]
     times = time_until_clear([partial(m, *example_inputs) for m in models], 3 * repeats,
@@ -674,37 +696,57 @@ def _has_schedules(kernel: KernelTasks, db: TuningDatabase | None, target: Targe
 def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs: list[Any],
             db: TuningDatabase | None, target: Target, measure: bool, repeats: int) -> None:
     spec = program.kernels[name]
-    with full_fp32():
-        expected = run_kernel_in_torch(program, name, inputs)
-    got = call(*inputs)
-    if not _all_close(got, expected):
+    if not _matches_pytorch(program, name, call, inputs):
         warnings.warn(f"hwaware: TVM kernel {name} ({spec.family}) differs from PyTorch; "
                       "it runs in PyTorch", KernelMismatchWarning, stacklevel=3)
         return
     if not measure:
         spec.impl = "tvm"
         return
-    sides = [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)]
-    tvm, torch_side = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
-    if not _tvm_wins(tvm.us, torch_side.us):  # a loss is timed again, each side keeping its best
-        again = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
-        tvm, torch_side = min(tvm, again[0], key=US), min(torch_side, again[1], key=US)
-    tvm_us, torch_us = tvm.us, torch_side.us
-    spec.tvm_us, spec.torch_us = tvm_us, torch_us
+    tvm, torch_side = _timed_against_pytorch(program, name, call, inputs, repeats)
+    spec.tvm_us, spec.torch_us = tvm.us, torch_side.us
     spec.tvm_spread, spec.torch_spread = tvm.spread, torch_side.spread
-    spec.impl = "tvm" if _tvm_wins(tvm_us, torch_us) else "torch"
+    spec.impl = "tvm" if _tvm_wins(tvm.us, torch_side.us) else "torch"
     if db is not None:
-        db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm_us, spec.family)
-        db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_us, spec.family)
+        db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm.us, spec.family)
+        db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_side.us,
+                                     spec.family)
+
+
+def _matches_pytorch(program: Program, name: str, call: Callable[..., list[Any]],
+                     inputs: list[Any]) -> bool:
+    """Whether `call` (another implementation of kernel `name`) gives its PyTorch ops'
+    outputs on `inputs` (`_all_close`)."""
+    with full_fp32():
+        expected = run_kernel_in_torch(program, name, inputs)
+    return _all_close(call(*inputs), expected)
+
+
+def _timed_against_pytorch(program: Program, name: str, call: Callable[..., list[Any]],
+                           inputs: list[Any], repeats: int) -> tuple[Timing, Timing]:
+    """`call` and kernel `name`'s PyTorch ops timed interleaved until the choice is clear
+    (`time_until_clear`); a loss is timed again, each side keeping its best."""
+    sides = [lambda: call(*inputs), lambda: run_kernel_in_torch(program, name, inputs)]
+    ours, theirs = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
+    if not _faster(ours.us, theirs.us):
+        again = time_until_clear(sides, repeats, DECISION_QUANTILE, MARGIN)
+        ours, theirs = min(ours, again[0], key=US), min(theirs, again[1], key=US)
+    return ours, theirs
 
 
 def _tvm_wins(tvm_us: float, torch_us: float) -> bool:
-    """Whether a TVM kernel is clearly (MARGIN) faster than its ops in PyTorch. The timings come
-    from `time_until_clear`: a near-tie or a noisy side is timed again, more interleaved, before
-    a choice stands (noise on a shared machine only adds time, in phases that can hit one
-    side's blocks alone: the fused ResNet basic block, 1.1-1.4x faster than its PyTorch ops in
-    four bench runs, timed 0.61x in a fifth and was dissolved)."""
-    return tvm_us * (1 + MARGIN) < torch_us
+    """Whether a TVM kernel is clearly faster than its ops in PyTorch (`_faster`)."""
+    return _faster(tvm_us, torch_us)
+
+
+def _faster(ours_us: float, torch_us: float) -> bool:
+    """Whether a kernel's TVM (or oneDNN) code is clearly (MARGIN) faster than its ops in
+    PyTorch. The timings come from `time_until_clear`: a near-tie or a noisy side is timed
+    again, more interleaved, before a choice stands (noise on a shared machine only adds time,
+    in phases that can hit one side's blocks alone: the fused ResNet basic block, 1.1-1.4x
+    faster than its PyTorch ops in four bench runs, timed 0.61x in a fifth and was
+    dissolved)."""
+    return ours_us * (1 + MARGIN) < torch_us
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from hwaware import onednn
 from hwaware.capture import Captured
 from hwaware.index_guard import index_checks
 from hwaware.program import (
@@ -258,17 +259,57 @@ def _indexes_outside(node: fx.Node, run: list[fx.Node]) -> bool:
 def _cut_at_contraction(run: list[fx.Node], signatures: Collection[str], gm: fx.GraphModule,
                         before: bool = False) -> list[list[fx.Node]]:
     """`run` cut after its first contraction (and `before` it too) if its signature is in
-    `signatures`; else whole. Pieces of views alone are left to the host."""
+    `signatures`; else whole. Cut after (not `before`), a convolution keeps the ops oneDNN
+    applies as it writes its output (`_post_op_count`): the piece left to PyTorch then runs
+    as one oneDNN call where the build finds that faster. Pieces of views alone are left to
+    the host."""
     if kernel_signature(run, _external_inputs(run, set(run)), gm) not in signatures:
         return [run]
     at = next((i for i, n in enumerate(run) if op_name(n.target) in CONTRACTIONS), None)
     if at is None:
         return [run]
-    bounds = [0, at, at + 1, len(run)] if before else [0, at + 1, len(run)]
+    end = at + 1 if before else at + 1 + _post_op_count(run, at)
+    bounds = [0, at, end, len(run)] if before else [0, end, len(run)]
     pieces: list[list[fx.Node]] = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        _close(pieces, run[start:end])
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        _close(pieces, run[start:stop])
     return pieces
+
+
+def _post_op_count(run: list[fx.Node], at: int) -> int:
+    """How many ops after the convolution `run[at]` oneDNN can apply as it writes its output
+    (`onednn`): each reads the one before, which nothing else reads; a binary op with a
+    tensor of the output's shape, then an activation."""
+    value, count, binary, unary = run[at], 0, False, False
+    if op_name(value.target) != onednn.CONV:
+        return 0
+    for node in run[at + 1:]:
+        name = op_name(node.target)
+        if list(value.users) != [node]:
+            break
+        if not binary and not unary and onednn.binary_post_op(name, dict(node.kwargs)) and \
+                _same_shape_operand(node, value):
+            binary = True
+        elif not unary and node.args[:1] == (value,) and onednn.unary_post_op(
+                name, node.args[1:], dict(node.kwargs)):
+            unary = True
+        else:
+            break
+        value, count = node, count + 1
+    return count
+
+
+def _same_shape_operand(node: fx.Node, value: fx.Node) -> bool:
+    """Whether the binary op `node` reads `value` (first, for a subtraction) and a tensor of
+    its shape and dtype."""
+    if len(node.args) != 2 or value not in node.args or node.args[0] is node.args[1] or \
+            (op_name(node.target) == "aten.sub.Tensor" and node.args[0] is not value):
+        return False
+    other = node.args[1] if node.args[0] is value else node.args[0]
+    mine = value.meta.get("val")
+    theirs = other.meta.get("val") if isinstance(other, fx.Node) else None
+    return isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and \
+        mine.shape == theirs.shape and mine.dtype == theirs.dtype
 
 
 def _close(runs: list[list[fx.Node]], run: list[fx.Node]) -> None:

@@ -163,7 +163,7 @@ class CompiledModel:
         direct = self._direct_call(vm)
         if direct is not None:
             return direct
-        actions = [self._action(step, vm) for step in program.steps]
+        actions = self._actions(vm)
         num, input_slots, output_slots = program.num_slots, program.input_slots, \
             program.output_slots
 
@@ -223,7 +223,12 @@ class CompiledModel:
 
         return run
 
-    def _action(self, step: OpStep | KernelStep, vm: Any) -> Callable[[list[Any]], None]:
+    def _actions(self, vm: Any) -> list[Callable[[list[Any]], None]]:
+        any_layout = any_layout_slots(self.program, vm is not None)
+        return [self._action(step, vm, any_layout) for step in self.program.steps]
+
+    def _action(self, step: OpStep | KernelStep, vm: Any, any_layout: set[int]
+                ) -> Callable[[list[Any]], None]:
         if isinstance(step, OpStep):
             return _op_action(step, self.program.constants)
         spec = self.program.kernels[step.kernel]
@@ -233,7 +238,8 @@ class CompiledModel:
             call = tvm_vm.torch_callable(vm, spec.name, len(step.outputs))
             return _tvm_action(call, step, spec, self.program.constants)
         if spec.impl == onednn.IMPL:  # a convolution with its weight reordered once
-            return onednn.action(spec, self.program.constants)
+            return onednn.action(spec, self.program.constants,
+                                 keep_channels_last=set(step.outputs) <= any_layout)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
@@ -251,7 +257,7 @@ class CompiledModel:
         from hwaware.runner import quantile_of
 
         vm = self._virtual_machine()
-        actions = [self._action(step, vm) for step in self.program.steps]
+        actions = self._actions(vm)
         times: list[list[float]] = [[] for _ in actions]
         program = self.program
         for run in range(STEP_TIMING_WARMUP + runs):
@@ -377,6 +383,32 @@ def _without_grad(fn: Callable[..., Any], *args: Any) -> Any:
         with torch.no_grad():
             return fn(*args)
     return fn(*args)
+
+
+def any_layout_slots(program: Program, tvm_loaded: bool) -> set[int]:
+    """The slots whose every reader takes a tensor in any layout: a oneDNN kernel, or a TVM
+    kernel (it copies a strided input into a fresh one) that never falls back to its PyTorch
+    ops; not a program output."""
+    readers: dict[int, list[OpStep | KernelStep]] = {}
+    for step in program.steps:
+        for slot in step.inputs if isinstance(step, KernelStep) else _slots_read(step):
+            readers.setdefault(slot, []).append(step)
+
+    def any_layout(step: OpStep | KernelStep) -> bool:
+        if isinstance(step, OpStep):
+            return False
+        spec = program.kernels[step.kernel]
+        return spec.impl == onednn.IMPL or \
+            spec.impl == "tvm" and tvm_loaded and not spec.index_checks
+    outputs = set(program.output_slots)
+    return {slot for slot, steps in readers.items()
+            if slot not in outputs and all(any_layout(s) for s in steps)}
+
+
+def _slots_read(step: OpStep) -> set[int]:
+    return {leaf["v"] for leaf in pytree.tree_leaves(
+        [step.args, step.kwargs], is_leaf=lambda a: isinstance(a, dict) and "v" in a)
+        if isinstance(leaf, dict) and "v" in leaf}
 
 
 def _run_actions(actions: list[Callable[[list[Any]], None]], slots: list[Any]) -> None:

@@ -1,16 +1,22 @@
-"""Convolutions left in PyTorch run by oneDNN with their weights reordered once
-(`hwaware.onednn`): what it takes, that it computes PyTorch's convolution, and that a compiled
-model running its convolutions this way equals eager on other inputs and after a save."""
+"""Convolutions left in PyTorch run by oneDNN with their weights reordered once and their
+epilogue fused (`hwaware.onednn`): what the partition leaves with a convolution, what oneDNN
+takes, that it computes the kernel's PyTorch ops, that results stay channels-last only where
+every reader takes any layout, and that a compiled model running its convolutions this way
+equals eager on other inputs, after a save and with its weights changed."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hwaware
 from hwaware import onednn
+from hwaware.runtime import any_layout_slots, kernel_inputs, run_kernel_in_torch
 from tests.helpers import assert_close_to_eager
 
 
@@ -24,49 +30,136 @@ def _big_convs() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(1, 48, 40, 40)
 
 
-def _convs_in_torch(compiled: object) -> list[object]:
-    program = compiled.program  # type: ignore[attr-defined]
+class Epilogues(nn.Module):
+    """Convolutions as real models write them, each followed by what oneDNN fuses: a TF-style
+    asymmetric zero pad before a stride-2 conv and ReLU6 after it (MobileNet stems), a
+    residual add then ReLU (ResNet), GELU (tanh), SiLU, clamp, leaky ReLU, a subtraction of
+    another tensor, and a conv whose output is read twice (so nothing is fused after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 48, 3, stride=2)
+        self.convs = nn.ModuleList(nn.Conv2d(48, 48, 3, padding=1) for _ in range(7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.convs
+        y = F.relu6(self.stem(F.pad(x, (0, 1, 0, 1))))
+        y = F.relu(c[0](y) + y)
+        y = F.gelu(c[1](y), approximate="tanh")
+        y = F.silu(c[2](y))
+        y = torch.clamp(c[3](y), -1.0, 2.0)
+        y = F.leaky_relu(c[4](y), 0.2)
+        y = c[5](y) - y
+        twice = c[6](y)
+        return torch.sigmoid(twice) * twice
+
+
+def _epilogues() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Epilogues().eval(), torch.randn(1, 3, 128, 128)  # a stem over MAX_MACS
+
+
+def _compiled_on_onednn(model: nn.Module, x: torch.Tensor) -> Any:
+    """`model` compiled, every kernel oneDNN takes forced onto it (whatever the timing chose)."""
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
+    for kernel in _taken(compiled):
+        kernel.impl = onednn.IMPL
+    compiled._run = None
+    return compiled
+
+
+def _taken(compiled: Any) -> list[Any]:
+    program = compiled.program
     return [k for k in program.kernels.values()
             if k.impl in ("torch", onednn.IMPL) and onednn.takes(k, program.constants)]
 
 
-def test_each_conv_left_in_pytorch_is_taken_and_computes_pytorchs_conv() -> None:
+def test_each_conv_left_in_pytorch_is_taken_with_its_activation() -> None:
     model, x = _big_convs()
     compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
-    convs = _convs_in_torch(compiled)
-    assert len(convs) == 3, compiled.report()
+    convs = _taken(compiled)
+    assert [[s.op for s in k.steps] for k in convs] == [
+        [onednn.CONV, "aten.relu.default"]] * 2 + [[onednn.CONV]], compiled.report()
+    assert not [k for k in compiled.program.kernels.values() if k not in convs]
+
+
+def test_every_epilogue_is_fused_and_computes_the_kernels_pytorch_ops() -> None:
+    """Each kernel oneDNN takes gives its PyTorch ops' result on inputs of another batch and
+    map size (the weight is reordered again), whether its result stays channels-last or not."""
+    model, x = _epilogues()
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
     program = compiled.program
-    other = torch.randn(2, 48, 20, 20)  # another batch and map size: reordered again
+    fused = {tuple(s.op for s in k.steps if s.op != onednn.CONV) for k in _taken(compiled)}
+    assert fused >= {("aten.pad.default", "aten.relu6.default"),
+                     ("aten.add.Tensor", "aten.relu.default"), ("aten.gelu.default",),
+                     ("aten.silu.default",), ("aten.clamp.default",),
+                     ("aten.leaky_relu.default",), ("aten.sub.Tensor",), ()}, compiled.report()
+    read_twice = [k for k in program.kernels.values() if "aten.sigmoid.default" in
+                  [s.op for s in k.steps]]
+    assert read_twice and all(onednn.CONV not in [s.op for s in k.steps] for k in read_twice)
+    inputs = kernel_inputs(program, [torch.randn(2, 3, 134, 130)])
     with torch.no_grad():
-        y = other
-        for layer, kernel in zip([model[0], model[2], model[4]], convs, strict=True):
-            conv = onednn.convolution(kernel.steps[0], program.constants)  # type: ignore[attr-defined]
-            got = conv(y)
-            torch.testing.assert_close(got, layer(y), rtol=1e-4, atol=1e-4)
-            y = torch.relu(layer(y))
+        for kernel in _taken(compiled):
+            expected = run_kernel_in_torch(program, kernel.name, inputs[kernel.name])
+            for keep in (True, False):
+                call = onednn.kernel_function(kernel, program.constants, keep)
+                got = call(*inputs[kernel.name])
+                torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+                assert got[0].is_contiguous() or keep
 
 
+def test_results_stay_channels_last_only_between_readers_that_take_any_layout() -> None:
+    model, x = _epilogues()
+    compiled = _compiled_on_onednn(model, x)
+    program = compiled.program
+    kept = any_layout_slots(program, tvm_loaded=True)
+    onednn_out = {o for k in _taken(compiled) for o in k.outputs}
+    assert onednn_out & kept, "consecutive oneDNN kernels pass channels-last results"
+    assert not set(program.output_slots) & kept
+    readers_in_torch = {slot for k in program.kernels.values() if k.impl == "torch"
+                        for slot in k.inputs}
+    assert not readers_in_torch & kept
+
+
+def test_a_view_after_a_onednn_conv_reads_a_contiguous_result() -> None:
+    """A host view (a flatten that PyTorch writes as `view`) needs contiguous memory."""
+
+    class ConvThenView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(48, 64, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            return y.view(y.shape[0], -1)[:, :100] * 2
+
+    torch.manual_seed(0)
+    model, x = ConvThenView().eval(), torch.randn(1, 48, 40, 40)
+    compiled = _compiled_on_onednn(model, x)
+    assert _taken(compiled)
+    assert_close_to_eager(model, compiled, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("build", [_big_convs, _epilogues])
 def test_a_model_running_its_convs_on_onednn_equals_eager_and_survives_save_load(
-        tmp_path: Path) -> None:
+        tmp_path: Path, build: Any) -> None:
     """Whatever the timing chose, the convs forced onto oneDNN: the model equals eager on
-    other inputs, with the weights changed and the model compiled again, and loaded from disk
-    (a oneDNN tensor is not saved: the weights are reordered again)."""
-    model, x = _big_convs()
-    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
-    for kernel in _convs_in_torch(compiled):
-        kernel.impl = onednn.IMPL  # type: ignore[attr-defined]
-    compiled._run = None
+    other inputs, loaded from disk (a oneDNN tensor is not saved: the weights are reordered
+    again), and compiled again with the weights changed."""
+    model, x = build()
+    compiled = _compiled_on_onednn(model, x)
+    count = len(_taken(compiled))
+    assert count >= 3
     assert_close_to_eager(model, compiled, torch.randn_like(x))
     loaded = hwaware.load(compiled.save(tmp_path / "saved"))
-    assert [k.impl for k in _convs_in_torch(loaded)] == [onednn.IMPL] * 3
+    assert [k.impl for k in _taken(loaded)] == [onednn.IMPL] * count
     assert_close_to_eager(model, loaded, torch.randn_like(x))
     with torch.no_grad():
-        model[0].weight.mul_(-0.5)
-    again = hwaware.compile(model, (x,), db=None, show_progress=False)
-    for kernel in _convs_in_torch(again):
-        kernel.impl = onednn.IMPL  # type: ignore[attr-defined]
-    again._run = None
-    assert_close_to_eager(model, again, torch.randn_like(x))
+        for p in model.parameters():
+            p.mul_(-0.5)
+    assert_close_to_eager(model, _compiled_on_onednn(model, x), torch.randn_like(x))
 
 
 def test_a_conv_whose_weight_is_an_input_is_not_taken() -> None:
@@ -74,10 +167,10 @@ def test_a_conv_whose_weight_is_an_input_is_not_taken() -> None:
 
     class WeightIn(nn.Module):
         def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.conv2d(x, w, padding=1)
+            return F.relu(F.conv2d(x, w, padding=1))
 
     model = WeightIn().eval()
     inputs = (torch.randn(1, 48, 24, 24), torch.randn(48, 48, 3, 3))
     compiled = hwaware.compile(model, inputs, db=None, show_progress=False)
-    assert not _convs_in_torch(compiled), compiled.report()
+    assert not _taken(compiled), compiled.report()
     assert_close_to_eager(model, compiled, *(torch.randn_like(t) for t in inputs))
