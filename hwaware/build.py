@@ -646,7 +646,7 @@ def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, ta
                           on_onednn: Collection[str] = ()) -> None:
     """Time the whole model under each assignment and keep the fastest: each kernel's own
     choice, every verified kernel on TVM, everything in PyTorch, and (given `on_onednn`, the
-    kernels oneDNN runs correctly) every verified kernel on TVM and those on oneDNN. Kernels
+    kernels oneDNN runs correctly) each of the first two with those on oneDNN. Kernels
     timed one by one miss how the two runtimes' thread pools disturb each other inside one
     inference (PyTorch's OpenMP threads spin after each op and slow the next TVM kernel), and
     that consecutive oneDNN kernels pass channels-last results; the whole program shows it."""
@@ -660,8 +660,10 @@ def _choose_whole_program(program: Program, executable: Any, info: BuildInfo, ta
         "all-torch": {n: onednn.IMPL if impl == onednn.IMPL else "torch"
                       for n, impl in per_kernel.items()},
     }
-    if on_onednn:
-        plans["all-tvm-onednn"] = {**plans["all-tvm"], **{n: onednn.IMPL for n in on_onednn}}
+    for name in ("per-kernel", "all-tvm"):  # consecutive oneDNN kernels pass channels-last
+        plan = {**plans[name], **{n: onednn.IMPL for n in on_onednn}}
+        if plan not in plans.values():
+            plans[f"{name}-onednn"] = plan
     models = [CompiledModel(_with_impls(program, plan), executable, info, target.kind)
               for plan in plans.values()]
     times = time_until_clear([partial(m, *example_inputs) for m in models], 3 * repeats,
