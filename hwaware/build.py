@@ -46,7 +46,7 @@ from hwaware.runner import Timing, time_until_clear
 from hwaware.runtime import (
     BuildInfo,
     CompiledModel,
-    any_layout_slots,
+    channels_last_slots,
     kernel_inputs,
     run_kernel_in_torch,
 )
@@ -607,7 +607,7 @@ def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats
     correct: list[str] = []
     for name in names:
         spec = program.kernels[name]
-        keep = set(spec.outputs) <= any_layout_slots(program, tvm_loaded=True)
+        keep = set(spec.outputs) <= channels_last_slots(program)
         call = onednn.kernel_function(spec, program.constants, keep_channels_last=keep)
         with torch.no_grad():
             try:

@@ -14,9 +14,10 @@ on every call, and writes each epilogue op's result in a pass of its own.
 
 oneDNN computes in channels-last (NHWC) and returns channels-last tensors: converting each
 result back to NCHW costs a pass over it, and the next oneDNN convolution would convert it
-again. So a result stays channels-last where every reader takes any layout (another oneDNN
-kernel; a TVM kernel copies a strided input itself, `hwaware.tvm.vm`), and is made contiguous
-where PyTorch ops or the caller read it (a view needs contiguous memory).
+again. So a result stays channels-last where only oneDNN kernels read it, and is made
+contiguous once (`hwaware.layout`: PyTorch's own copy is 5-10x slower) where PyTorch ops, TVM
+kernels or the caller read it (a view needs contiguous memory; a TVM kernel takes compact
+tensors).
 
 The build checks it against the kernel's PyTorch ops, times both and keeps it where it is
 clearly faster (`KernelSpec.impl` is then `IMPL`; `torch_us` holds the PyTorch ops' time,
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from hwaware.layout import to_contiguous
 from hwaware.program import KernelSpec, OpStep
 
 IMPL = "onednn"  # KernelSpec.impl of a kernel run this way
@@ -192,7 +194,7 @@ def kernel_function(spec: KernelSpec, constants: dict[str, torch.Tensor],
 
     def call(*inputs: torch.Tensor) -> list[torch.Tensor]:
         y = run(inputs[at], None if other is None else inputs[other])
-        return [y if keep_channels_last else y.contiguous()]
+        return [y if keep_channels_last else to_contiguous(y)]
 
     return call
 
@@ -200,7 +202,7 @@ def kernel_function(spec: KernelSpec, constants: dict[str, torch.Tensor],
 def action(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_last: bool
            ) -> Callable[[list[Any]], None]:
     """A host-program action running `spec` (see `takes`); its result is left channels-last
-    only where `keep_channels_last` (every reader takes any layout)."""
+    only where `keep_channels_last` (only oneDNN kernels read it)."""
     chain = chain_of(spec, constants)
     assert chain is not None, f"oneDNN does not take kernel {spec.name}"
     run = convolution(chain, constants)
@@ -208,7 +210,7 @@ def action(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_l
 
     def action(slots: list[Any]) -> None:
         y = run(slots[source], None if other is None else slots[other])
-        slots[out] = y if keep_channels_last else y.contiguous()
+        slots[out] = y if keep_channels_last else to_contiguous(y)
 
     return action
 

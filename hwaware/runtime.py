@@ -224,10 +224,10 @@ class CompiledModel:
         return run
 
     def _actions(self, vm: Any) -> list[Callable[[list[Any]], None]]:
-        any_layout = any_layout_slots(self.program, vm is not None)
-        return [self._action(step, vm, any_layout) for step in self.program.steps]
+        channels_last = channels_last_slots(self.program)
+        return [self._action(step, vm, channels_last) for step in self.program.steps]
 
-    def _action(self, step: OpStep | KernelStep, vm: Any, any_layout: set[int]
+    def _action(self, step: OpStep | KernelStep, vm: Any, channels_last: set[int]
                 ) -> Callable[[list[Any]], None]:
         if isinstance(step, OpStep):
             return _op_action(step, self.program.constants)
@@ -239,7 +239,7 @@ class CompiledModel:
             return _tvm_action(call, step, spec, self.program.constants)
         if spec.impl == onednn.IMPL:  # a convolution with its weight reordered once
             return onednn.action(spec, self.program.constants,
-                                 keep_channels_last=set(step.outputs) <= any_layout)
+                                 keep_channels_last=set(step.outputs) <= channels_last)
         if spec.impl == onnx_reference.IMPL:  # an ONNX graph TVM could not import or build
             return onnx_reference.reference_action(spec.name, step.inputs, step.outputs,
                                                    self.program.constants)
@@ -385,24 +385,18 @@ def _without_grad(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def any_layout_slots(program: Program, tvm_loaded: bool) -> set[int]:
-    """The slots whose every reader takes a tensor in any layout: a oneDNN kernel, or a TVM
-    kernel (it copies a strided input into a fresh one) that never falls back to its PyTorch
-    ops; not a program output."""
+def channels_last_slots(program: Program) -> set[int]:
+    """The slots that only oneDNN kernels read (they take channels-last tensors as they come),
+    not program outputs. Any other reader wants NCHW-contiguous memory, made once where the
+    value is written: a PyTorch view needs it, and a TVM kernel would copy each time it reads."""
     readers: dict[int, list[OpStep | KernelStep]] = {}
     for step in program.steps:
         for slot in step.inputs if isinstance(step, KernelStep) else _slots_read(step):
             readers.setdefault(slot, []).append(step)
-
-    def any_layout(step: OpStep | KernelStep) -> bool:
-        if isinstance(step, OpStep):
-            return False
-        spec = program.kernels[step.kernel]
-        return spec.impl == onednn.IMPL or \
-            spec.impl == "tvm" and tvm_loaded and not spec.index_checks
     outputs = set(program.output_slots)
-    return {slot for slot, steps in readers.items()
-            if slot not in outputs and all(any_layout(s) for s in steps)}
+    return {slot for slot, steps in readers.items() if slot not in outputs and all(
+        isinstance(s, KernelStep) and program.kernels[s.kernel].impl == onednn.IMPL
+        for s in steps)}
 
 
 def _slots_read(step: OpStep) -> set[int]:

@@ -85,22 +85,29 @@ def openmp_launcher() -> ctypes.CDLL | None:
     possible here, see the module docstring)."""
     if os.environ.get("HWAWARE_THREAD_POOL", "openmp") == "tvm":
         return None
+    return openmp_library("openmp_launch", LAUNCHER_SOURCE)
+
+
+def openmp_library(name: str, source: str) -> ctypes.CDLL | None:
+    """The C `source` (OpenMP code) built once per machine into the cache folder as library
+    `name`, linked to the libgomp this process loaded (PyTorch's), and loaded; None where it
+    cannot be: no libgomp, no C compiler, a build error, an unwritable cache folder."""
     runtime = _loaded_libgomp()
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if runtime is None or compiler is None:
-        log.debug("kernels keep TVM's thread pool: libgomp %s, C compiler %s", runtime, compiler)
+        log.debug("no %s: libgomp %s, C compiler %s", name, runtime, compiler)
         return None
-    key = hashlib.sha256(f"{LAUNCHER_SOURCE}{runtime}{compiler}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"openmp_launch_{key}.so"
+    key = hashlib.sha256(f"{source}{runtime}{compiler}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"{name}_{key}.so"
     try:
         if not path.exists() and not build_c_library(
-                compiler, LAUNCHER_SOURCE, ["-O2", "-fopenmp"],
+                compiler, source, ["-O2", "-fopenmp"],
                 [str(runtime), f"-Wl,-rpath,{runtime.parent}"], path):
-            log.debug("kernels keep TVM's thread pool: the launcher did not build")
+            log.debug("no %s: it did not build", name)
             return None
         return ctypes.CDLL(str(path))
     except OSError as err:  # an unwritable cache folder, a library that does not load
-        log.debug("kernels keep TVM's thread pool: %s", err)
+        log.debug("no %s: %s", name, err)
         return None
 
 

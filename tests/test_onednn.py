@@ -16,7 +16,7 @@ from torch import nn
 
 import hwaware
 from hwaware import onednn
-from hwaware.runtime import any_layout_slots, kernel_inputs, run_kernel_in_torch
+from hwaware.runtime import channels_last_slots, kernel_inputs, run_kernel_in_torch
 from tests.helpers import assert_close_to_eager
 
 
@@ -110,17 +110,17 @@ def test_every_epilogue_is_fused_and_computes_the_kernels_pytorch_ops() -> None:
                 assert got[0].is_contiguous() or keep
 
 
-def test_results_stay_channels_last_only_between_readers_that_take_any_layout() -> None:
+def test_results_stay_channels_last_only_where_only_onednn_reads_them() -> None:
     model, x = _epilogues()
     compiled = _compiled_on_onednn(model, x)
     program = compiled.program
-    kept = any_layout_slots(program, tvm_loaded=True)
+    kept = channels_last_slots(program)
     onednn_out = {o for k in _taken(compiled) for o in k.outputs}
     assert onednn_out & kept, "consecutive oneDNN kernels pass channels-last results"
     assert not set(program.output_slots) & kept
-    readers_in_torch = {slot for k in program.kernels.values() if k.impl == "torch"
-                        for slot in k.inputs}
-    assert not readers_in_torch & kept
+    other_readers = {slot for k in program.kernels.values() if k.impl != onednn.IMPL
+                     for slot in k.inputs}
+    assert other_readers & onednn_out and not other_readers & kept
 
 
 def test_a_view_after_a_onednn_conv_reads_a_contiguous_result() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from hwaware import threads
+from hwaware import layout, threads
 
 SHARED_ATTR = "_hwaware_shared_threads"
 _ALIGNMENT = 64  # TVM's kAllocAlignment: compiled kernels may assume it
@@ -67,8 +67,7 @@ def torch_callable(vm: Any, name: str, num_outputs: int | None = None
         return o if isinstance(o, torch.Tensor) else to_torch(o)
 
     def call(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        args = [t if t.is_contiguous() and not t.data_ptr() % _ALIGNMENT
-                else t.clone(memory_format=torch.contiguous_format)  # fresh, aligned storage
+        args = [t if t.is_contiguous() and not t.data_ptr() % _ALIGNMENT else _compact(t)
                 for t in tensors]
         out = func(*args)
         if isinstance(out, (torch.Tensor, tvm.runtime.Tensor)):
@@ -77,6 +76,16 @@ def torch_callable(vm: Any, name: str, num_outputs: int | None = None
         return [as_torch(get_item(out, i)) for i in range(n)]
 
     return call
+
+
+def _compact(t: Any) -> Any:
+    """`t` in fresh, aligned, contiguous storage (a channels-last result of oneDNN or a
+    user's channels-last input through the fast converter)."""
+    import torch
+
+    if t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    return layout.to_contiguous(t)  # new storage, aligned as every allocation
 
 
 def export_executable(executable: Any, path: str, cross: bool = False) -> None:
