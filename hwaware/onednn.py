@@ -186,15 +186,12 @@ def kernel_function(spec: KernelSpec, constants: dict[str, torch.Tensor],
                     keep_channels_last: bool) -> Callable[..., list[torch.Tensor]]:
     """`spec` (see `takes`) through oneDNN as a call on its inputs, in `spec.inputs` order,
     returning [its output] as `action` leaves it: how the build checks and times it."""
-    chain = chain_of(spec, constants)
-    assert chain is not None, f"oneDNN does not take kernel {spec.name}"
-    run = convolution(chain, constants)
+    chain, run = _finished(spec, constants, keep_channels_last)
     at = spec.inputs.index(chain.source)
     other = None if chain.post.other is None else spec.inputs.index(chain.post.other)
 
     def call(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        y = run(inputs[at], None if other is None else inputs[other])
-        return [y if keep_channels_last else to_contiguous(y)]
+        return [run(inputs[at], None if other is None else inputs[other])]
 
     return call
 
@@ -203,16 +200,24 @@ def action(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_l
            ) -> Callable[[list[Any]], None]:
     """A host-program action running `spec` (see `takes`); its result is left channels-last
     only where `keep_channels_last` (only oneDNN kernels read it)."""
-    chain = chain_of(spec, constants)
-    assert chain is not None, f"oneDNN does not take kernel {spec.name}"
-    run = convolution(chain, constants)
+    chain, run = _finished(spec, constants, keep_channels_last)
     source, other, out = chain.source, chain.post.other, chain.out
 
     def action(slots: list[Any]) -> None:
-        y = run(slots[source], None if other is None else slots[other])
-        slots[out] = y if keep_channels_last else to_contiguous(y)
+        slots[out] = run(slots[source], None if other is None else slots[other])
 
     return action
+
+
+def _finished(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_last: bool
+              ) -> tuple[ConvChain, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]:
+    """`spec`'s chain and its `convolution`, the result made contiguous unless kept."""
+    chain = chain_of(spec, constants)
+    assert chain is not None, f"oneDNN does not take kernel {spec.name}"
+    conv = convolution(chain, constants)
+    if keep_channels_last:
+        return chain, conv
+    return chain, lambda x, other: to_contiguous(conv(x, other))
 
 
 def convolution(chain: ConvChain, constants: dict[str, torch.Tensor]
