@@ -495,13 +495,21 @@ def _choose_each(program: Program, executable: Any, names: list[str],
     except Exception as err:  # the VM refuses the library: every kernel stays in PyTorch
         failed = {name: err for name in names}
         names = []
+    timed: dict[str, str] = {}  # signature -> the kernel whose timings stand for it
     for name in names:
+        spec = program.kernels[name]
         try:
             call = tvm_vm.torch_callable(vm, name)
-            _choose(program, name, call, inputs[name], db, target, measure, repeats)
+            twin = timed.get(spec.signature)
+            if twin is None:
+                _choose(program, name, call, inputs[name], db, target, measure, repeats)
+            else:
+                _choose_like(program, name, twin, call, inputs[name])
         except Exception as err:  # a kernel that raises on its example inputs
-            program.kernels[name].impl = "torch"
+            spec.impl = "torch"
             failed[name] = err
+        if spec.tvm_us is not None:
+            timed.setdefault(spec.signature, name)
     warn_fallback(program, failed, "failed when run on TVM")
 
 
@@ -605,22 +613,30 @@ def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats
         return []
     inputs = kernel_inputs(program, example_inputs)
     correct: list[str] = []
+    timed: dict[tuple[str, bool], str] = {}  # (signature, layout kept) -> the kernel timed
     for name in names:
         spec = program.kernels[name]
         keep = set(spec.outputs) <= channels_last_slots(program)
         call = onednn.kernel_function(spec, program.constants, keep_channels_last=keep)
+        twin = timed.get((spec.signature, keep))
         with torch.no_grad():
             try:
-                timed = _matches_pytorch(program, name, call, inputs[name]) and \
-                    _timed_against_pytorch(program, name, call, inputs[name], repeats)
+                ok = _matches_pytorch(program, name, call, inputs[name])
+                timing = _timed_against_pytorch(program, name, call, inputs[name], repeats) \
+                    if ok and twin is None else None
             except Exception as err:  # oneDNN refuses it: the kernel stays in PyTorch
                 log.debug("kernel %s stays in PyTorch: oneDNN raised %s", name, err)
                 continue
-        if timed:
-            ours, theirs = timed
+        if timing is not None:
+            ours, theirs = timing
             spec.torch_us, spec.torch_spread = theirs.us, theirs.spread
             spec.impl = onednn.IMPL if _faster(ours.us, theirs.us) else "torch"
-            correct.append(name)
+            timed[spec.signature, keep] = name
+        elif ok and twin is not None:  # a repeated layer: placed as its twin (`_choose_like`)
+            done = program.kernels[twin]
+            spec.impl, spec.torch_us, spec.torch_spread = done.impl, done.torch_us, \
+                done.torch_spread
+        correct += [name] if ok else []
     return correct
 
 
@@ -699,8 +715,7 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
             db: TuningDatabase | None, target: Target, measure: bool, repeats: int) -> None:
     spec = program.kernels[name]
     if not _matches_pytorch(program, name, call, inputs):
-        warnings.warn(f"hwaware: TVM kernel {name} ({spec.family}) differs from PyTorch; "
-                      "it runs in PyTorch", KernelMismatchWarning, stacklevel=3)
+        _warn_mismatch(spec)
         return
     if not measure:
         spec.impl = "tvm"
@@ -713,6 +728,25 @@ def _choose(program: Program, name: str, call: Callable[..., list[Any]], inputs:
         db.commit_kernel_measurement(spec.signature, target.key, "tvm", tvm.us, spec.family)
         db.commit_kernel_measurement(spec.signature, target.key, "torch", torch_side.us,
                                      spec.family)
+
+
+def _choose_like(program: Program, name: str, twin: str, call: Callable[..., list[Any]],
+                 inputs: list[Any]) -> None:
+    """Kernel `name` placed as the kernel `twin` of the same signature was (the same ops on
+    the same shapes, other weights: a repeated layer), after its own check against PyTorch:
+    timing it again would time the same code on the same shapes. A model of 12 identical
+    layers is timed once per distinct kernel, not 12 times."""
+    spec, done = program.kernels[name], program.kernels[twin]
+    if not _matches_pytorch(program, name, call, inputs):
+        _warn_mismatch(spec)
+        return
+    spec.impl, spec.tvm_us, spec.torch_us = done.impl, done.tvm_us, done.torch_us
+    spec.tvm_spread, spec.torch_spread = done.tvm_spread, done.torch_spread
+
+
+def _warn_mismatch(spec: KernelSpec) -> None:
+    warnings.warn(f"hwaware: TVM kernel {spec.name} ({spec.family}) differs from PyTorch; "
+                  "it runs in PyTorch", KernelMismatchWarning, stacklevel=4)
 
 
 def _matches_pytorch(program: Program, name: str, call: Callable[..., list[Any]],

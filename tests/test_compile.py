@@ -148,6 +148,46 @@ def test_repeated_blocks_with_different_weights_stay_distinct() -> None:
     assert_close_to_eager(model, compiled, x)
 
 
+def _repeated_layers() -> tuple[nn.Module, torch.Tensor]:
+    """Three layers of one shape with their own weights: kernels that share signatures."""
+    layers = [m for _ in range(3) for m in (nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16))]
+    return nn.Sequential(*layers).eval(), torch.randn(4, 16)
+
+
+def test_a_repeated_layer_is_timed_once_and_each_copy_checked(
+        monkeypatch: pytest.MonkeyPatch, tvm_wins: None) -> None:
+    from hwaware import build
+
+    timed: list[str] = []
+    checked: list[str] = []
+    real_timed, real_check = build._timed_against_pytorch, build._matches_pytorch
+
+    def timing(program: Any, name: str, *args: Any) -> Any:
+        timed.append(program.kernels[name].signature)
+        return real_timed(program, name, *args)
+
+    def check(program: Any, name: str, *args: Any) -> bool:
+        checked.append(name)
+        return real_check(program, name, *args) and name != last  # the last copy differs
+
+    model, x = _repeated_layers()
+    program = partition(capture(model, (x,)), supported_aten_ops()).program
+    last = list(program.kernels)[-1]
+    monkeypatch.setattr(build, "_timed_against_pytorch", timing)
+    monkeypatch.setattr(build, "_matches_pytorch", check)
+    with pytest.warns(build.KernelMismatchWarning, match=last):
+        compiled = hwaware.compile(model, (x,), db=None)
+    kernels = (compiled.kernel_plan or compiled).program.kernels
+    signatures = [k.signature for k in kernels.values()]
+    assert len(timed) == len(set(timed)) == len(set(signatures)) < len(signatures)
+    assert set(checked) >= set(kernels)  # every copy checked against its own PyTorch ops
+    assert kernels[last].impl == "torch"
+    for spec in (k for k in kernels.values() if k.name != last):
+        first = next(k for k in kernels.values() if k.signature == spec.signature)
+        assert spec.tvm_us == first.tvm_us is not None and spec.impl == first.impl
+    assert_close_to_eager(model, compiled, torch.randn(4, 16))
+
+
 def test_build_decisions_use_the_lower_quartile(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernel placement compares lower quartiles: a slow phase of the machine (noise only adds
     time) that takes up to half of one function's samples does not flip the choice. The clock

@@ -174,3 +174,37 @@ def test_a_conv_whose_weight_is_an_input_is_not_taken() -> None:
     compiled = hwaware.compile(model, inputs, db=None, show_progress=False)
     assert not _taken(compiled), compiled.report()
     assert_close_to_eager(model, compiled, *(torch.randn_like(t) for t in inputs))
+
+
+def test_repeated_convs_are_timed_once_per_layout_and_each_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three convs of one shape with their own weights: the two whose results only oneDNN
+    reads share one timing, the last (its result is the model's output, made contiguous) has
+    its own; each is checked against its own PyTorch ops, and the model equals eager."""
+    from hwaware import build
+
+    timed: list[str] = []
+    checked: list[str] = []
+    real_timed, real_check = build._timed_against_pytorch, build._matches_pytorch
+
+    def timing(program: Any, name: str, *args: Any) -> Any:
+        timed.append(name)
+        return real_timed(program, name, *args)
+
+    def check(program: Any, name: str, *args: Any) -> bool:
+        checked.append(name)
+        return real_check(program, name, *args)
+
+    monkeypatch.setattr(build, "_timed_against_pytorch", timing)
+    monkeypatch.setattr(build, "_matches_pytorch", check)
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(3) for m in (nn.Conv2d(64, 64, 3, padding=1),
+                                                           nn.ReLU()))).eval()
+    x = torch.randn(1, 64, 40, 40)
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
+    convs = _taken(compiled)
+    assert len(convs) == 3 and set(checked) >= {k.name for k in convs}, compiled.report()
+    assert len([n for n in timed if n in {k.name for k in convs}]) == 2
+    assert all(k.torch_us is not None for k in convs)
+    assert_close_to_eager(model, compiled, torch.randn_like(x))
