@@ -600,12 +600,12 @@ def redecide(model: CompiledModel, example_inputs: list[Any], repeats: int = 30)
 
 def _choose_onednn(program: Program, example_inputs: list[torch.Tensor], repeats: int
                    ) -> list[str]:
-    """Each kernel left in PyTorch that oneDNN can run (`onednn.takes`: a convolution of a
-    constant weight and its epilogue) runs through oneDNN where that matches its PyTorch ops
-    and is `MARGIN` faster, timed interleaved (`torch_us`: the PyTorch ops' time). Chosen from
-    the last kernel back, so that each kernel's readers are decided: a result PyTorch reads is
-    timed with its conversion from channels-last (`onednn` module docstring). Returns the
-    kernels that oneDNN runs correctly, chosen or not."""
+    """Each kernel left in PyTorch that oneDNN can run (`onednn.takes`: a convolution or linear
+    layer of a constant weight, with its epilogue) runs through oneDNN where that matches its
+    PyTorch ops and is `MARGIN` faster, timed interleaved (`torch_us`: the PyTorch ops' time).
+    Chosen from the last kernel back, so that each kernel's readers are decided: a result
+    PyTorch reads is timed with its conversion from channels-last (`onednn` module docstring).
+    Returns the kernels that oneDNN runs correctly, chosen or not."""
     order = [s.kernel for s in reversed(program.steps) if isinstance(s, KernelStep)]
     names = [n for n in dict.fromkeys(order) if program.kernels[n].impl == "torch"
              and onednn.takes(program.kernels[n], program.constants)]

@@ -1,23 +1,27 @@
-"""Convolutions left in PyTorch, run by oneDNN with their weights reordered once and their
-element-wise epilogue fused.
+"""Convolutions and linear layers left in PyTorch, run by oneDNN with their weights reordered
+once and their element-wise epilogue fused.
 
 Stage: 3 (partition) asks which ops after a convolution oneDNN fuses (`post_op_count`), 5
-(build) offers it, 6 (run) runs it. Goes in: a kernel that runs in PyTorch made of a 2-D
-convolution (`aten.conv2d.default`) of a constant float32 weight, optionally after a zero pad
-and before oneDNN's post-ops: one binary op with a tensor of the output's shape (add, sub,
-mul), then one activation (relu, hardtanh/clamp, silu, gelu, hardswish, hardsigmoid, sigmoid,
-tanh, leaky_relu). Comes out: a host-program action calling oneDNN's convolution
-(`torch.ops.mkldnn._convolution_pointwise`) with the weight reordered into oneDNN's blocked
-layout once, for the input's shape, and the epilogue applied as the convolution writes its
-output, as Inductor does when it freezes a model. PyTorch eager's `conv2d` reorders the weight
-on every call, and writes each epilogue op's result in a pass of its own.
+(build) offers it, 6 (run) runs it. Goes in: a kernel that runs in PyTorch holding a 2-D
+convolution (`aten.conv2d.default`) or a linear layer (`aten.linear.default`) of a constant
+float32 weight, optionally a zero pad before the convolution, and oneDNN's post-ops after it:
+one binary op with another tensor (add, sub, mul), then one activation (relu, hardtanh/clamp,
+silu, gelu, hardswish, hardsigmoid, sigmoid, tanh, leaky_relu); a linear layer takes one or
+the other. Comes out: a host-program action running the kernel's PyTorch steps before the
+layer, one oneDNN call (`torch.ops.mkldnn._convolution_pointwise`, `_linear_pointwise`) with
+the weight reordered into oneDNN's blocked layout once (per input shape), the epilogue applied
+as it writes its output, then the kernel's PyTorch steps after it (a view into heads, a
+LayerNorm), as Inductor does when it freezes a model. PyTorch eager's `conv2d` reorders the
+weight on every call, and writes each epilogue op's result in a pass of its own. The
+partition leaves an untuned convolution with its post-ops alone in its kernel; a linear
+layer's kernel is the partition's whole kernel (its contraction and the ops up to the next).
 
-oneDNN computes in channels-last (NHWC) and returns channels-last tensors: converting each
-result back to NCHW costs a pass over it, and the next oneDNN convolution would convert it
-again. So a result stays channels-last where only oneDNN kernels read it, and is made
-contiguous once (`hwaware.layout`: PyTorch's own copy is 5-10x slower) where PyTorch ops, TVM
-kernels or the caller read it (a view needs contiguous memory; a TVM kernel takes compact
-tensors).
+oneDNN's convolution computes in channels-last (NHWC) and returns channels-last tensors:
+converting each result back to NCHW costs a pass over it, and the next oneDNN convolution
+would convert it again. So a convolution's result stays channels-last where only oneDNN
+convolutions read it (`channels_last_inputs`), and is made contiguous once (`hwaware.layout`:
+PyTorch's own copy is 5-10x slower) where PyTorch ops, TVM kernels or the caller read it (a
+view needs contiguous memory; a TVM kernel takes compact tensors).
 
 The build checks it against the kernel's PyTorch ops, times both and keeps it where it is
 clearly faster (`KernelSpec.impl` is then `IMPL`; `torch_us` holds the PyTorch ops' time,
@@ -35,10 +39,12 @@ from typing import Any
 import torch
 
 from hwaware.layout import to_contiguous
-from hwaware.program import KernelSpec, OpStep
+from hwaware.program import KernelSpec, OpStep, slots_read
 
 IMPL = "onednn"  # KernelSpec.impl of a kernel run this way
 CONV = "aten.conv2d.default"
+LINEAR = "aten.linear.default"
+CONTRACTIONS = {CONV: 4, LINEAR: 2}  # the op -> its weight's dims
 PADS = ("aten.pad.default", "aten.constant_pad_nd.default")
 _DEFAULTS = [None, [1, 1], [0, 0], [1, 1], 1]  # conv2d's bias, stride, padding, dilation, groups
 BINARY_POST_OPS = {"aten.add.Tensor": "add", "aten.sub.Tensor": "sub", "aten.mul.Tensor": "mul"}
@@ -95,16 +101,23 @@ def binary_post_op(op: str, kwargs: dict[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------- which kernels (stage 5)
 @dataclass(frozen=True)
-class ConvChain:
-    """A kernel oneDNN runs: the input in slot `source`, a zero `pad` before the convolution
-    (F.pad's left, right, top, bottom; () for none), the `conv` step and its `post` ops; the
-    result goes to slot `out`."""
+class Chain:
+    """A kernel as oneDNN runs it: PyTorch's `head` steps, then one oneDNN call (the input in
+    slot `source`, a zero `pad` before a convolution: F.pad's left, right, top, bottom, () for
+    none; the `contraction` step and its `post` ops) writing slot `out`, then PyTorch's `tail`
+    steps. A convolution kernel of the partition's cut (`post_op_count`) is the call alone."""
 
+    head: tuple[OpStep, ...]
     source: int
     pad: tuple[int, ...]
-    conv: OpStep
+    contraction: OpStep
     post: PostOps
     out: int
+    tail: tuple[OpStep, ...]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.contraction.op == CONV
 
 
 def takes(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> bool:
@@ -112,35 +125,50 @@ def takes(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> bool:
     return torch.backends.mkldnn.is_available() and chain_of(spec, constants) is not None
 
 
-def chain_of(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> ConvChain | None:
-    """`spec`'s steps as a `ConvChain`, or None where they are not one: other ops, a weight
-    that is not a constant float32 CPU tensor, a value of the chain read elsewhere."""
+def channels_last_inputs(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> set[int]:
+    """The input slots that `spec`, where it runs on oneDNN, takes channels-last as they come:
+    those its convolution alone reads (its PyTorch steps may need contiguous memory)."""
+    chain = chain_of(spec, constants) if spec.impl == IMPL else None
+    if chain is None or not chain.is_conv:
+        return set()
+    by_pytorch = {slot for step in chain.head + chain.tail for slot in slots_read(step)}
+    return {s for s in (chain.source, chain.post.other) if s is not None} - by_pytorch
+
+
+def chain_of(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> Chain | None:
+    """`spec`'s steps as a `Chain`, or None where they hold no convolution or linear layer of
+    a constant float32 CPU weight."""
     steps = list(spec.steps)
+    at = next((i for i, s in enumerate(steps) if s.op in CONTRACTIONS and
+               _constant_weight(s, constants) and isinstance(s.args[0], dict) and
+               "v" in s.args[0] and not s.kwargs), None)
+    if at is None:
+        return None
+    readers = _reader_counts(spec)
+    source, start = steps[at].args[0]["v"], at
     pad: tuple[int, ...] = ()
-    if steps and steps[0].op in PADS:
-        zero_pad = _zero_pad(steps[0])
-        if zero_pad is None or len(steps) < 2 or steps[1].args[:1] != [{"v": steps[0].out}]:
-            return None
-        pad, steps[1] = zero_pad, _reading(steps[1], steps[0].args[0])
-        steps.pop(0)
-    if not steps or steps[0].op != CONV or steps[0].kwargs or not _constant_weight(
-            steps[0], constants) or not (isinstance(steps[0].args[0], dict)
-                                         and "v" in steps[0].args[0]):
-        return None
-    conv, post, value = steps[0], PostOps(), steps[0].out
-    for step in steps[1:]:
-        extended = _extended(post, step, value, spec.inputs)
-        if extended is None:
-            return None
-        post, value = extended, step.out
-    if spec.outputs != [value]:
-        return None
-    return ConvChain(conv.args[0]["v"], pad, conv, post, value)
+    if at and steps[at - 1].op in PADS and steps[at - 1].out == source and \
+            readers[source] == 1 and steps[at].op == CONV:
+        zero_pad = _zero_pad(steps[at - 1])
+        if zero_pad is not None:
+            source, pad, start = steps[at - 1].args[0]["v"], zero_pad, at - 1
+    post, value, end = PostOps(), steps[at].out, at + 1
+    for step in steps[at + 1:]:
+        extended = _extended(post, step, value, steps[at].op == CONV)
+        if extended is None or readers[value] != 1:
+            break
+        post, value, end = extended, step.out, end + 1
+    return Chain(tuple(steps[:start]), source, pad, steps[at], post, value,
+                 tuple(steps[end:]))
 
 
-def _reading(step: OpStep, source: Any) -> OpStep:
-    """`step` with its first argument replaced by `source` (the pad folded into the chain)."""
-    return OpStep(step.op, [source, *step.args[1:]], step.kwargs, step.out)
+def _reader_counts(spec: KernelSpec) -> dict[int, int]:
+    """How many times each slot is read by `spec`'s steps, or from outside (its outputs)."""
+    counts: dict[int, int] = {slot: 1 for slot in spec.outputs}
+    for step in spec.steps:
+        for slot in slots_read(step):
+            counts[slot] = counts.get(slot, 0) + 1
+    return counts
 
 
 def _zero_pad(step: OpStep) -> tuple[int, ...] | None:
@@ -154,28 +182,30 @@ def _zero_pad(step: OpStep) -> tuple[int, ...] | None:
     return tuple(pad)
 
 
-def _constant_weight(conv: OpStep, constants: dict[str, torch.Tensor]) -> bool:
-    weight = _constant(conv.args[1], constants) if len(conv.args) > 1 else None
-    bias = _conv_args(conv)[0]
-    return weight is not None and weight.dim() == 4 and weight.dtype == torch.float32 and \
-        not weight.is_cuda and (bias is None or _constant(bias, constants) is not None)
+def _constant_weight(step: OpStep, constants: dict[str, torch.Tensor]) -> bool:
+    weight = _constant(step.args[1], constants) if len(step.args) > 1 else None
+    bias = _contraction_args(step)[0]
+    return weight is not None and weight.dim() == CONTRACTIONS[step.op] and \
+        weight.dtype == torch.float32 and not weight.is_cuda and \
+        (bias is None or _constant(bias, constants) is not None)
 
 
-def _extended(post: PostOps, step: OpStep, value: int, inputs: list[int]) -> PostOps | None:
+def _extended(post: PostOps, step: OpStep, value: int, conv: bool) -> PostOps | None:
     """`post` with `step` (reading the chain's `value`) added, None where oneDNN cannot: a
-    binary op only before the activation, its other operand a kernel input; one activation."""
+    binary op with another tensor only before the activation (a linear layer takes one or the
+    other); one activation."""
     mine = {"v": value}
     binary = binary_post_op(step.op, step.kwargs)
     if binary is not None and post.binary is None and post.unary == "none" and \
             len(step.args) == 2 and mine in step.args:
         other = step.args[1] if step.args[0] == mine else step.args[0]
         if binary == "sub" and step.args[0] != mine or not isinstance(other, dict) or \
-                other.get("v") not in inputs:
+                "v" not in other or other == mine:
             return None
         return PostOps(binary, other["v"])
     unary = unary_post_op(step.op, step.args[1:], step.kwargs) if step.args[:1] == [mine] \
         else None
-    if unary is None or post.unary != "none":
+    if unary is None or post.unary != "none" or post.binary is not None and not conv:
         return None
     attr, scalars, algorithm = unary
     return PostOps(post.binary, post.other, attr, tuple(scalars), algorithm)
@@ -185,47 +215,47 @@ def _extended(post: PostOps, step: OpStep, value: int, inputs: list[int]) -> Pos
 def kernel_function(spec: KernelSpec, constants: dict[str, torch.Tensor],
                     keep_channels_last: bool) -> Callable[..., list[torch.Tensor]]:
     """`spec` (see `takes`) through oneDNN as a call on its inputs, in `spec.inputs` order,
-    returning [its output] as `action` leaves it: how the build checks and times it."""
-    chain, run = _finished(spec, constants, keep_channels_last)
-    at = spec.inputs.index(chain.source)
-    other = None if chain.post.other is None else spec.inputs.index(chain.post.other)
+    returning its outputs as `action` leaves them: how the build checks and times it."""
+    run = action(spec, constants, keep_channels_last)
 
     def call(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return [run(inputs[at], None if other is None else inputs[other])]
+        slots = dict(zip(spec.inputs, inputs, strict=True))
+        run(slots)  # type: ignore[arg-type]
+        return [slots[i] for i in spec.outputs]
 
     return call
 
 
 def action(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_last: bool
            ) -> Callable[[list[Any]], None]:
-    """A host-program action running `spec` (see `takes`); its result is left channels-last
-    only where `keep_channels_last` (only oneDNN kernels read it)."""
-    chain, run = _finished(spec, constants, keep_channels_last)
+    """A host-program action running `spec` (see `takes`); a convolution's result is left
+    channels-last only where `keep_channels_last` (only oneDNN convolutions read it)."""
+    from hwaware.runtime import torch_steps_action
+
+    chain = chain_of(spec, constants)
+    assert chain is not None, f"oneDNN does not take kernel {spec.name}"
+    call = convolution(chain, constants) if chain.is_conv else linear(chain, constants)
+    if chain.is_conv and not (keep_channels_last and not chain.tail):
+        conv = call
+        call = lambda x, other: to_contiguous(conv(x, other))  # noqa: E731
     source, other, out = chain.source, chain.post.other, chain.out
+    head, tail = torch_steps_action(chain.head, constants), torch_steps_action(chain.tail,
+                                                                               constants)
 
     def action(slots: list[Any]) -> None:
-        slots[out] = run(slots[source], None if other is None else slots[other])
+        head(slots)
+        slots[out] = call(slots[source], None if other is None else slots[other])
+        tail(slots)
 
     return action
 
 
-def _finished(spec: KernelSpec, constants: dict[str, torch.Tensor], keep_channels_last: bool
-              ) -> tuple[ConvChain, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]:
-    """`spec`'s chain and its `convolution`, the result made contiguous unless kept."""
-    chain = chain_of(spec, constants)
-    assert chain is not None, f"oneDNN does not take kernel {spec.name}"
-    conv = convolution(chain, constants)
-    if keep_channels_last:
-        return chain, conv
-    return chain, lambda x, other: to_contiguous(conv(x, other))
-
-
-def convolution(chain: ConvChain, constants: dict[str, torch.Tensor]
+def convolution(chain: Chain, constants: dict[str, torch.Tensor]
                 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """`chain` as a function of its input (and the binary op's other operand), through
-    oneDNN with the reordered weight cached per input shape."""
-    bias_arg, stride, padding, dilation, groups = _conv_args(chain.conv)
-    weight = constants[chain.conv.args[1]["c"]]
+    """`chain`'s convolution as a function of its input (and the binary op's other operand),
+    through oneDNN with the reordered weight cached per input shape."""
+    bias_arg, stride, padding, dilation, groups = _contraction_args(chain.contraction)
+    weight = constants[chain.contraction.args[1]["c"]]
     bias = None if bias_arg is None else constants[bias_arg["c"]]
     pad, padding = _padding(chain.pad, list(padding))
     post = chain.post
@@ -250,6 +280,31 @@ def convolution(chain: ConvChain, constants: dict[str, torch.Tensor]
     return conv
 
 
+def linear(chain: Chain, constants: dict[str, torch.Tensor]
+           ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """`chain`'s linear layer as a function of its input (and the binary op's other operand),
+    through oneDNN with the weight reordered once per number of rows."""
+    bias_arg = _contraction_args(chain.contraction)[0]
+    weight = constants[chain.contraction.args[1]["c"]]
+    bias = None if bias_arg is None else constants[bias_arg["c"]]
+    post = chain.post
+    packed: dict[int, torch.Tensor] = {}
+
+    def run(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.numel() // x.shape[-1]
+        if rows not in packed:
+            packed[rows] = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        if post.binary is None:
+            return torch.ops.mkldnn._linear_pointwise(  # type: ignore[no-any-return]
+                x, packed[rows], bias, post.unary, list(post.scalars), post.algorithm)
+        assert other is not None
+        return torch.ops.mkldnn._linear_pointwise.binary(  # type: ignore[no-any-return]
+            x, other.contiguous(), packed[rows], bias, post.binary)
+
+    return run
+
+
 def _padding(pad: tuple[int, ...], padding: list[int]) -> tuple[tuple[int, ...], list[int]]:
     """A symmetric zero pad folded into the convolution's own padding; an asymmetric one
     (TF-style "same" at stride 2) kept, applied before."""
@@ -268,10 +323,11 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _conv_args(step: OpStep) -> list[Any]:
-    """conv2d's (bias, stride, padding, dilation, groups), defaults filled in."""
+def _contraction_args(step: OpStep) -> list[Any]:
+    """conv2d's (bias, stride, padding, dilation, groups), defaults filled in; linear's
+    (bias,)."""
     given = list(step.args[2:])
-    return given + _DEFAULTS[len(given):]
+    return given + (_DEFAULTS[len(given):] if step.op == CONV else [None][len(given):])
 
 
 def _constant(arg: Any, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:

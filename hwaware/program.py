@@ -45,6 +45,13 @@ class OpStep:
     out: int
 
 
+def slots_read(step: OpStep) -> list[int]:
+    """The slots `step` reads, in argument order (a slot read twice is listed twice)."""
+    return [leaf["v"] for leaf in pytree.tree_leaves(
+        [step.args, step.kwargs], is_leaf=lambda a: isinstance(a, dict) and "v" in a)
+        if isinstance(leaf, dict) and "v" in leaf]
+
+
 @dataclass(frozen=True)
 class KernelStep:
     """Run kernel `kernel` on slots `inputs`; its results go to slots `outputs`."""

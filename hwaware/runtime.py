@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,6 +35,7 @@ from hwaware.program import (
     bind_arg,
     load_tree_spec,
     resolve_op,
+    slots_read,
     torch_dtype,
 )
 
@@ -245,7 +246,7 @@ class CompiledModel:
                                                    self.program.constants)
         if not spec.steps:  # a kernel with no PyTorch steps (an ONNX graph) never runs in torch
             return _no_torch_action(spec.name)
-        return _torch_kernel_action(spec.steps, self.program.constants)
+        return torch_steps_action(spec.steps, self.program.constants)
 
     def step_times_us(self, flat: list[Any], runs: int, quantile: float) -> list[float]:
         """Each step's microseconds where it runs: inside `runs` back-to-back whole runs of
@@ -386,23 +387,19 @@ def _without_grad(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def channels_last_slots(program: Program) -> set[int]:
-    """The slots that only oneDNN kernels read (they take channels-last tensors as they come),
-    not program outputs. Any other reader wants NCHW-contiguous memory, made once where the
-    value is written: a PyTorch view needs it, and a TVM kernel would copy each time it reads."""
+    """The slots that only oneDNN convolutions read (they take channels-last tensors as they
+    come: `onednn.channels_last_inputs`), not program outputs. Any other reader wants
+    NCHW-contiguous memory, made once where the value is written: a PyTorch view needs it,
+    and a TVM kernel would copy each time it reads."""
     readers: dict[int, list[OpStep | KernelStep]] = {}
     for step in program.steps:
-        for slot in step.inputs if isinstance(step, KernelStep) else _slots_read(step):
+        for slot in step.inputs if isinstance(step, KernelStep) else slots_read(step):
             readers.setdefault(slot, []).append(step)
     outputs = set(program.output_slots)
+    takes = {name: onednn.channels_last_inputs(spec, program.constants)
+             for name, spec in program.kernels.items() if spec.impl == onednn.IMPL}
     return {slot for slot, steps in readers.items() if slot not in outputs and all(
-        isinstance(s, KernelStep) and program.kernels[s.kernel].impl == onednn.IMPL
-        for s in steps)}
-
-
-def _slots_read(step: OpStep) -> set[int]:
-    return {leaf["v"] for leaf in pytree.tree_leaves(
-        [step.args, step.kwargs], is_leaf=lambda a: isinstance(a, dict) and "v" in a)
-        if isinstance(leaf, dict) and "v" in leaf}
+        isinstance(s, KernelStep) and slot in takes.get(s.kernel, ()) for s in steps)}
 
 
 def _run_actions(actions: list[Callable[[list[Any]], None]], slots: list[Any]) -> None:
@@ -455,8 +452,9 @@ def _op_action(step: OpStep, constants: dict[str, torch.Tensor]) -> Callable[[li
     return action_with_kwargs
 
 
-def _torch_kernel_action(steps: list[OpStep], constants: dict[str, torch.Tensor]
-                         ) -> Callable[[list[Any]], None]:
+def torch_steps_action(steps: Sequence[OpStep], constants: dict[str, torch.Tensor]
+                       ) -> Callable[[Any], None]:
+    """PyTorch ops run one by one on the slots (a list, or a dict of the slots they use)."""
     actions = [_op_action(s, constants) for s in steps]
 
     def action(slots: list[Any]) -> None:
@@ -481,7 +479,7 @@ def _tvm_action(call: Callable[..., list[Any]], step: KernelStep, spec: KernelSp
     (`index_guard`), its PyTorch ops instead, which raise PyTorch's error (or wrap negative
     indices as PyTorch does)."""
     inputs, outputs, checks = step.inputs, step.outputs, spec.index_checks
-    in_torch = _torch_kernel_action(spec.steps, constants) if checks and spec.steps else None
+    in_torch = torch_steps_action(spec.steps, constants) if checks and spec.steps else None
 
     def action(slots: list[Any]) -> None:
         args = [slots[i] for i in inputs]
@@ -510,7 +508,7 @@ def run_kernel_in_torch(program: Program, kernel: str, inputs: list[Any]) -> lis
     slots: list[Any] = [None] * program.num_slots
     for slot, x in zip(spec.inputs, inputs, strict=True):
         slots[slot] = x
-    _torch_kernel_action(spec.steps, program.constants)(slots)
+    torch_steps_action(spec.steps, program.constants)(slots)
     return [slots[i] for i in spec.outputs]
 
 
@@ -534,6 +532,6 @@ def step_through(program: Program, inputs: list[Any]
             yield step, slots
             if isinstance(step, KernelStep):
                 spec = program.kernels[step.kernel]
-                _torch_kernel_action(spec.steps, program.constants)(slots)
+                torch_steps_action(spec.steps, program.constants)(slots)
             else:
                 _op_action(step, program.constants)(slots)

@@ -208,3 +208,68 @@ def test_repeated_convs_are_timed_once_per_layout_and_each_checked(
     assert len([n for n in timed if n in {k.name for k in convs}]) == 2
     assert all(k.torch_us is not None for k in convs)
     assert_close_to_eager(model, compiled, torch.randn_like(x))
+
+
+class Encoder(nn.Module):
+    """Linear layers as transformer encoders write them: a projection of a scaled input split
+    into heads (a multiplication before it, a view and a transpose after it), GELU, a residual
+    add then LayerNorm, a pooler reading the first token with tanh, and a linear layer whose
+    result is read twice (nothing fused after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.pool, self.twice = (nn.Linear(64, 64) for _ in range(3))
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
+        self.norm = nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        heads = self.query(x * 0.5).view(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
+        y = self.norm(self.down(F.gelu(self.up(x))) + x)
+        pooled = torch.tanh(self.pool(y[:, 0]))
+        twice = self.twice(y)
+        return heads, torch.sigmoid(twice) * twice, pooled
+
+
+def _linear_kernels(compiled: Any) -> list[Any]:
+    program = compiled.program
+    return [k for k in program.kernels.values() if onednn.takes(k, program.constants)
+            and onednn.LINEAR in [s.op for s in k.steps]]
+
+
+def test_linear_layers_run_on_onednn_with_their_epilogue_and_equal_their_pytorch_ops() -> None:
+    """Each kernel holding a linear layer runs as PyTorch's steps before it, one oneDNN call
+    of the layer with its activation or residual add, and PyTorch's steps after it; on
+    other inputs it gives its PyTorch ops' results."""
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 24, 64)
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
+    program = compiled.program
+    kernels = _linear_kernels(compiled)
+    chains = [onednn.chain_of(k, program.constants) for k in kernels]
+    posts = {(c.post.binary, c.post.unary) for c in chains if c is not None}
+    assert len(kernels) == 5 and posts >= {(None, "gelu"), ("add", "none"), (None, "tanh"),
+                                           (None, "none")}, compiled.report()
+    assert any(c is not None and c.head and c.tail for c in chains)
+    inputs = kernel_inputs(program, [torch.randn(2, 24, 64)])
+    with torch.no_grad():
+        for kernel in kernels:
+            expected = run_kernel_in_torch(program, kernel.name, inputs[kernel.name])
+            got = onednn.kernel_function(kernel, program.constants, False)(*inputs[kernel.name])
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_running_its_linear_layers_on_onednn_equals_eager_after_save_load(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 24, 64)
+    compiled = hwaware.compile(model, (x,), db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
+    for kernel in _linear_kernels(compiled):
+        kernel.impl = onednn.IMPL
+    compiled._run = None
+    assert_close_to_eager(model, compiled, torch.randn_like(x))
+    loaded = hwaware.load(compiled.save(tmp_path / "saved"))
+    assert len([k for k in _linear_kernels(loaded) if k.impl == onednn.IMPL]) == 5
+    assert_close_to_eager(model, loaded, torch.randn_like(x))
