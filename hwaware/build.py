@@ -89,47 +89,69 @@ class KernelTasks:
     builds: bool = True  # False once TVM failed to build it alone: later builds leave it out
 
 
+@dataclass
+class ImportCache:
+    """Imports kept across a build's re-partitions: each kernel's (`_import_key`), and each
+    kernel structure's with its weights left as parameters (`_structure_key`), into which the
+    weights of every kernel of that structure are bound (`ir.bind_weights`): TVM's importer
+    takes about a second a kernel, and a deep model repeats a few structures many times."""
+
+    kernels: dict[Any, KernelTasks | None] = field(default_factory=dict)
+    structures: dict[Any, Any] = field(default_factory=dict)
+
+
 def import_kernels(part: Partition, inputs: dict[str, list[Any]], target: Target,
-                   cache: dict[Any, KernelTasks | None] | None = None) -> dict[str, KernelTasks]:
+                   cache: ImportCache | None = None) -> dict[str, KernelTasks]:
     """Each kernel graph -> Relax function + its fused workloads. Failures stay in PyTorch.
-    Kernels with the same signature (repeated blocks, or the same kernel in a re-partition) are
-    imported once through `cache`."""
-    cache = {} if cache is None else cache
+    Kernels with the same signature and weights (the same kernel in a re-partition) are
+    imported once, kernels of one structure with other weights bound into one import
+    (`ImportCache`)."""
+    cache = ImportCache() if cache is None else cache
     imported = {}
     for name, graph in part.kernel_graphs.items():
         key = _import_key(part.program.kernels[name], graph)
-        if key not in cache:
-            cache[key] = _import_kernel(part, name, graph, inputs[name], target)
-        kernel = cache[key]
+        if key not in cache.kernels:
+            cache.kernels[key] = _import_kernel(part, name, graph, inputs[name], target,
+                                                cache.structures)
+        kernel = cache.kernels[key]
         if kernel is not None:
             imported[name] = kernel
     return imported
 
 
 def _import_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
-    """What makes two kernels one import: the signature names ops and shapes, not which of
-    their values leave the kernel (the same RMSNorm returns its normalized input or not,
-    depending on the graph around it) nor the weights (their storage tells)."""
+    """What makes two kernels one import: their structure (`_structure_key`) and their
+    weights (their storage tells)."""
+    return (*_structure_key(spec, graph), tuple(b.data_ptr() for b in graph.buffers()))
+
+
+def _structure_key(spec: KernelSpec, graph: Any) -> tuple[Any, ...]:
+    """What makes two kernels one import but for their weights: the signature names ops and
+    shapes, not which of their values leave the kernel (the same RMSNorm returns its
+    normalized input or not, depending on the graph around it) nor which weights are one
+    tensor."""
     position = {step.out: i for i, step in enumerate(spec.steps)}
+    storages = [b.data_ptr() for b in graph.buffers()]
     return (spec.signature, tuple(position.get(slot) for slot in spec.outputs),
-            tuple(b.data_ptr() for b in graph.buffers()))
+            tuple(storages.index(ptr) for ptr in storages))
 
 
-def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target
-                   ) -> KernelTasks | None:
+def _import_kernel(part: Partition, name: str, graph: Any, inputs: list[Any], target: Target,
+                   structures: dict[Any, Any]) -> KernelTasks | None:
     from hwaware.tvm import ir
 
-    family = part.program.kernels[name].family
+    spec = part.program.kernels[name]
     graph, inputs = on_cpu(graph, inputs)
     try:
-        module = _lower_fused(family, graph, inputs, target) if family in FUSED_FAMILIES \
-            else _lower_torch(graph, inputs)
-        workloads, heavy = _workloads(module, family, _tvm_target(target))
+        module = _lower_fused(spec.family, graph, inputs, target) \
+            if spec.family in FUSED_FAMILIES else _lower_torch(
+                graph, inputs, structures, _structure_key(spec, graph))
+        workloads, heavy = _workloads(module, spec.family, _tvm_target(target))
     except Exception as err:  # the importer and the lowerings raise many error types
         warn_fallback(part.program, {name: err}, "could not be imported into TVM")
         return None
     return KernelTasks(module["main"], workloads, heavy, ir.prim_funcs_by_var(module),
-                       family in FUSED_FAMILIES)
+                       spec.family in FUSED_FAMILIES)
 
 
 def _workloads(module: Any, family: str, tgt: Any) -> tuple[dict[str, Any], set[str]]:
@@ -197,23 +219,50 @@ def on_cpu(graph: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
     return graph, [x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
-def _lower_torch(graph: Any, inputs: list[Any]) -> Any:
-    """An ordinary kernel: torch.export, then TVM's importer."""
+def _lower_torch(graph: Any, inputs: list[Any], structures: dict[Any, Any], key: Any) -> Any:
+    """An ordinary kernel: torch.export, then TVM's importer, once per structure `key` with
+    the weights as parameters, each kernel's weights then bound into that import. Where the
+    importer takes no weights as parameters (an op whose conversion needs a constant), the
+    kernel is imported with its weights, as one of its own."""
     from hwaware.tvm import ir
 
+    if structures.get(key, True) is not None:
+        try:
+            exported = _exported(_weights_as_parameters(graph), inputs)
+            if key not in structures:
+                structures[key] = ir.import_torch_program_unbound(exported)
+            bound = ir.bind_weights(structures[key], ir.weight_parameters(exported))
+            return ir.module_of_functions({"main": bound})
+        except Exception as err:  # the importer raises many error types
+            log.debug("kernel imported with its weights bound by TVM's importer: %s", err)
+            structures.setdefault(key, None)
     return ir.module_of_functions({"main": _import_into_tvm(graph, inputs)})
 
 
+def _weights_as_parameters(graph: Any) -> Any:
+    """The kernel graph with its weights (buffers) as parameters, which TVM's importer can
+    leave unbound."""
+    root = torch.nn.Module()
+    for name, value in graph.named_buffers():
+        root.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    return torch.fx.GraphModule(root, copy.deepcopy(graph.graph))
+
+
 def _import_into_tvm(graph: Any, inputs: list[Any]) -> Any:
-    """A graph -> a Relax function: torch.export, then TVM's importer, with the index tensors
-    computed at run time wrapped as PyTorch counts negative ones."""
-    from hwaware.rewrite.negative_indices import runtime_indices_wrapped
+    """A graph -> a Relax function with its weights as constants."""
     from hwaware.tvm import ir
 
+    return ir.import_torch_program(_exported(graph, inputs))
+
+
+def _exported(graph: Any, inputs: list[Any]) -> Any:
+    """torch.export of a graph, with the index tensors computed at run time wrapped as
+    PyTorch counts negative ones."""
+    from hwaware.rewrite.negative_indices import runtime_indices_wrapped
+
     with torch.no_grad():
-        exported = torch.export.export(runtime_indices_wrapped(graph),
-                                       tuple(_own_storages(inputs)), strict=False)
-    return ir.import_torch_program(exported)
+        return torch.export.export(runtime_indices_wrapped(graph), tuple(_own_storages(inputs)),
+                                   strict=False)
 
 
 def _own_storages(inputs: list[Any]) -> list[Any]:
@@ -244,7 +293,7 @@ def build(part: Partition, target: Target, db: TuningDatabase | None,
     """Build the library and choose, per kernel, TVM or PyTorch (see module docstring). A fused
     family kernel that differs from PyTorch or loses to it is dissolved, and its ops are built
     again as ordinary kernels (whose own TVM kernels may still win), not run op by op."""
-    cache: dict[Any, KernelTasks | None] = {}
+    cache = ImportCache()
     while True:
         part, executable, one_call, unbuilt = _build_kernels(part, target, db, example_inputs,
                                                              info, measure, repeats, cache)
@@ -302,8 +351,7 @@ def _fastest_call(chosen: CompiledModel, wholes: dict[str, CompiledModel],
 
 def _build_kernels(part: Partition, target: Target, db: TuningDatabase | None,
                    example_inputs: list[torch.Tensor], info: BuildInfo, measure: bool,
-                   repeats: int, cache: dict[Any, KernelTasks | None]
-                   ) -> tuple[Partition, Any, bool, set[str]]:
+                   repeats: int, cache: ImportCache) -> tuple[Partition, Any, bool, set[str]]:
     """Import, build and choose each kernel of `part` on its own: the partition the kernels
     came from (contractions without a schedule cut from their epilogues), the library (None if
     no kernel could go to TVM), whether the whole graph may be tried as one TVM call, and the

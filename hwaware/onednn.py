@@ -3,7 +3,8 @@ once and their element-wise epilogue fused.
 
 Stage: 3 (partition) asks which ops after a convolution oneDNN fuses (`post_op_count`), 5
 (build) offers it, 6 (run) runs it. Goes in: a kernel that runs in PyTorch holding a 2-D
-convolution (`aten.conv2d.default`) or a linear layer (`aten.linear.default`) of a constant
+convolution (`aten.conv2d.default`) or a linear layer (`aten.linear.default`, or `addmm`,
+`mm`, `matmul` of a constant (in, out) weight as GPT-2's Conv1D writes it) of a constant
 float32 weight, optionally a zero pad before the convolution, and oneDNN's post-ops after it:
 one binary op with another tensor (add, sub, mul), then one activation (relu, hardtanh/clamp,
 silu, gelu, hardswish, hardsigmoid, sigmoid, tanh, leaky_relu); a linear layer takes one or
@@ -44,7 +45,12 @@ from hwaware.program import KernelSpec, OpStep, slots_read
 IMPL = "onednn"  # KernelSpec.impl of a kernel run this way
 CONV = "aten.conv2d.default"
 LINEAR = "aten.linear.default"
-CONTRACTIONS = {CONV: 4, LINEAR: 2}  # the op -> its weight's dims
+# a linear layer's op -> the positions of its input, weight and bias arguments, and whether
+# the weight is stored (in, out) as a matmul's right operand (GPT-2's Conv1D is an addmm, some
+# models write x @ W) rather than (out, in) as in nn.Linear
+LINEAR_OPS: dict[str, tuple[int, int, int | None, bool]] = {
+    LINEAR: (0, 1, 2, False), "aten.addmm.default": (1, 2, 0, True),
+    "aten.mm.default": (0, 1, None, True), "aten.matmul.default": (0, 1, None, True)}
 PADS = ("aten.pad.default", "aten.constant_pad_nd.default")
 _DEFAULTS = [None, [1, 1], [0, 0], [1, 1], 1]  # conv2d's bias, stride, padding, dilation, groups
 BINARY_POST_OPS = {"aten.add.Tensor": "add", "aten.sub.Tensor": "sub", "aten.mul.Tensor": "mul"}
@@ -139,13 +145,11 @@ def chain_of(spec: KernelSpec, constants: dict[str, torch.Tensor]) -> Chain | No
     """`spec`'s steps as a `Chain`, or None where they hold no convolution or linear layer of
     a constant float32 CPU weight."""
     steps = list(spec.steps)
-    at = next((i for i, s in enumerate(steps) if s.op in CONTRACTIONS and
-               _constant_weight(s, constants) and isinstance(s.args[0], dict) and
-               "v" in s.args[0] and not s.kwargs), None)
+    at = next((i for i, s in enumerate(steps) if _of_constant_weight(s, constants)), None)
     if at is None:
         return None
     readers = _reader_counts(spec)
-    source, start = steps[at].args[0]["v"], at
+    source, start = _operands(steps[at])[0]["v"], at
     pad: tuple[int, ...] = ()
     if at and steps[at - 1].op in PADS and steps[at - 1].out == source and \
             readers[source] == 1 and steps[at].op == CONV:
@@ -182,12 +186,25 @@ def _zero_pad(step: OpStep) -> tuple[int, ...] | None:
     return tuple(pad)
 
 
-def _constant_weight(step: OpStep, constants: dict[str, torch.Tensor]) -> bool:
-    weight = _constant(step.args[1], constants) if len(step.args) > 1 else None
-    bias = _contraction_args(step)[0]
-    return weight is not None and weight.dim() == CONTRACTIONS[step.op] and \
-        weight.dtype == torch.float32 and not weight.is_cuda and \
-        (bias is None or _constant(bias, constants) is not None)
+def _of_constant_weight(step: OpStep, constants: dict[str, torch.Tensor]) -> bool:
+    """Whether `step` is a convolution or linear layer of a computed input and a constant
+    float32 CPU weight (and bias)."""
+    if step.op != CONV and step.op not in LINEAR_OPS or step.kwargs:
+        return False
+    source, weight_arg, bias_arg = _operands(step)
+    weight, bias = _constant(weight_arg, constants), _constant(bias_arg, constants)
+    return isinstance(source, dict) and "v" in source and weight is not None and \
+        weight.dim() == (4 if step.op == CONV else 2) and weight.dtype == torch.float32 and \
+        not weight.is_cuda and (bias_arg is None or bias is not None and bias.dim() == 1)
+
+
+def _operands(step: OpStep) -> tuple[Any, Any, Any]:
+    """A convolution's or linear layer's (input, weight, bias) arguments (bias None if none)."""
+    if step.op == CONV:
+        return step.args[0], step.args[1] if len(step.args) > 1 else None, _conv_args(step)[0]
+    at_input, at_weight, at_bias, _ = LINEAR_OPS[step.op]
+    args = step.args + [None] * 3
+    return args[at_input], args[at_weight], None if at_bias is None else args[at_bias]
 
 
 def _extended(post: PostOps, step: OpStep, value: int, conv: bool) -> PostOps | None:
@@ -254,7 +271,7 @@ def convolution(chain: Chain, constants: dict[str, torch.Tensor]
                 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """`chain`'s convolution as a function of its input (and the binary op's other operand),
     through oneDNN with the reordered weight cached per input shape."""
-    bias_arg, stride, padding, dilation, groups = _contraction_args(chain.contraction)
+    bias_arg, stride, padding, dilation, groups = _conv_args(chain.contraction)
     weight = constants[chain.contraction.args[1]["c"]]
     bias = None if bias_arg is None else constants[bias_arg["c"]]
     pad, padding = _padding(chain.pad, list(padding))
@@ -284,8 +301,10 @@ def linear(chain: Chain, constants: dict[str, torch.Tensor]
            ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """`chain`'s linear layer as a function of its input (and the binary op's other operand),
     through oneDNN with the weight reordered once per number of rows."""
-    bias_arg = _contraction_args(chain.contraction)[0]
-    weight = constants[chain.contraction.args[1]["c"]]
+    _, weight_arg, bias_arg = _operands(chain.contraction)
+    weight = constants[weight_arg["c"]]
+    if LINEAR_OPS[chain.contraction.op][3]:  # stored (in, out)
+        weight = weight.t().contiguous()
     bias = None if bias_arg is None else constants[bias_arg["c"]]
     post = chain.post
     packed: dict[int, torch.Tensor] = {}
@@ -323,11 +342,10 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _contraction_args(step: OpStep) -> list[Any]:
-    """conv2d's (bias, stride, padding, dilation, groups), defaults filled in; linear's
-    (bias,)."""
+def _conv_args(step: OpStep) -> list[Any]:
+    """conv2d's (bias, stride, padding, dilation, groups), defaults filled in."""
     given = list(step.args[2:])
-    return given + (_DEFAULTS[len(given):] if step.op == CONV else [None][len(given):])
+    return given + _DEFAULTS[len(given):]
 
 
 def _constant(arg: Any, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:

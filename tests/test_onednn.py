@@ -178,9 +178,10 @@ def test_a_conv_whose_weight_is_an_input_is_not_taken() -> None:
 
 def test_repeated_convs_are_timed_once_per_layout_and_each_checked(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three convs of one shape with their own weights: the two whose results only oneDNN
-    reads share one timing, the last (its result is the model's output, made contiguous) has
-    its own; each is checked against its own PyTorch ops, and the model equals eager."""
+    """Three convs of one shape with their own weights, each chosen onto oneDNN: the two whose
+    results only oneDNN reads share one timing, the last (its result is the model's output,
+    made contiguous) has its own; each is checked against its own PyTorch ops, and the model
+    equals eager."""
     from hwaware import build
 
     timed: list[str] = []
@@ -197,6 +198,7 @@ def test_repeated_convs_are_timed_once_per_layout_and_each_checked(
 
     monkeypatch.setattr(build, "_timed_against_pytorch", timing)
     monkeypatch.setattr(build, "_matches_pytorch", check)
+    monkeypatch.setattr(build, "_faster", lambda ours_us, torch_us: True)  # each on oneDNN
     torch.manual_seed(0)
     model = nn.Sequential(*(m for _ in range(3) for m in (nn.Conv2d(64, 64, 3, padding=1),
                                                            nn.ReLU()))).eval()
@@ -273,3 +275,26 @@ def test_a_model_running_its_linear_layers_on_onednn_equals_eager_after_save_loa
     loaded = hwaware.load(compiled.save(tmp_path / "saved"))
     assert len([k for k in _linear_kernels(loaded) if k.impl == onednn.IMPL]) == 5
     assert_close_to_eager(model, loaded, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "llama", "vit"])
+def test_third_party_models_forced_onto_onednn_equal_eager(name: str) -> None:
+    """Real transformers models (random weights from small configs; GPT-2 writes its linear
+    layers as `addmm` of an (in, out) weight, T5 and Llama without bias): every kernel oneDNN
+    takes, whatever the timing chose (TVM, PyTorch or oneDNN), forced onto oneDNN; the model
+    equals eager on its other inputs."""
+    from tests.conformance.models import CASES
+
+    case = CASES[name]()
+    first, *others = case.inputs
+    compiled = hwaware.compile(case.model, first, db=None, show_progress=False)
+    compiled = compiled.kernel_plan or compiled
+    program = compiled.program
+    forced = [k for k in program.kernels.values() if onednn.takes(k, program.constants)]
+    assert any(set(onednn.LINEAR_OPS) & {s.op for s in k.steps} for k in forced), \
+        compiled.report()
+    for kernel in forced:
+        kernel.impl = onednn.IMPL
+    compiled._run = None
+    for inputs in others:
+        assert_close_to_eager(case.model, compiled, *inputs)

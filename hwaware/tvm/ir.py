@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+import torch
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -25,6 +26,47 @@ def import_torch_program(exported: Any) -> relax.Function:
 
     mod = from_exported_program(exported, keep_params_as_input=False)
     return mod["main"]
+
+
+def import_torch_program_unbound(exported: Any) -> relax.Function:
+    """A torch.export ExportedProgram whose weights are parameters -> a Relax function taking
+    them as its last parameters (after `num_input` inputs), to bind with `bind_weights`: one
+    import serves every kernel of one structure (the layers of a deep model), where importing
+    each costs about a second."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(exported, keep_params_as_input=True)["main"].without_attr(
+        "params")
+
+
+def weight_parameters(exported: Any) -> dict[str, Any]:
+    """An ExportedProgram's parameters by the names its graph (and so the Relax function
+    `import_torch_program_unbound` makes of it) gives their inputs."""
+    kind = torch.export.graph_signature.InputKind.PARAMETER
+    return {spec.arg.name: exported.state_dict[spec.target]
+            for spec in exported.graph_signature.input_specs if spec.kind is kind}
+
+
+def bind_weights(function: relax.Function, weights: dict[str, Any]) -> relax.Function:
+    """`function` (from `import_torch_program_unbound`) with its weight parameters bound to
+    `weights` (torch tensors by parameter name) as constants: what `import_torch_program`
+    returns for the graph those weights come from. Raises KeyError for a parameter that
+    `weights` lacks, ValueError for a shape or dtype that differs."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    first = int(function.attrs["num_input"])
+    binding = {}
+    for param in function.params[first:]:
+        tensor = weights[param.name]
+        shape, dtype = [int(d) for d in param.ty.shape], str(param.ty.dtype)
+        if shape != list(tensor.shape) or dtype != str(tensor.dtype).removeprefix("torch."):
+            raise ValueError(f"weight {param.name}: {list(tensor.shape)} {tensor.dtype} "
+                             f"where the import has {shape} {dtype}")
+        binding[param.name] = ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor)
+    if len(binding) != len(weights):
+        raise KeyError(f"weights {sorted(set(weights) - set(binding))} are not parameters")
+    bound = relax.transform.BindParams("main", binding)(tvm.IRModule({"main": function}))
+    return bound["main"].without_attr("num_input")
 
 
 def import_onnx(model: Any, shapes: dict[str, list[int]], dtypes: dict[str, str],
