@@ -3,6 +3,8 @@
 Goes in: a `Partition`, the target, the tuning database and example inputs. Comes out: a
 `CompiledModel`. For each kernel:
 1. import its small FX graph into Relax (a kernel that fails to import stays in PyTorch);
+   kernels of one structure (a deep model's repeated layers) share one import, into which
+   each one's weights are bound (`ImportCache`);
 2. a kernel whose contraction has no tuned record stays in PyTorch (TVM without a schedule is
    ~25x slower than eager; PyTorch's own kernel is the sensible default), unless a default
    schedule serves it untuned (a small kernel, a dense matmul: `schedules.has_default_schedule`);
@@ -15,7 +17,8 @@ Goes in: a `Partition`, the target, the tuning database and example inputs. Come
    their ops) and the rest are built again;
 4. run each TVM kernel on the real intermediate values of the example inputs: a result that
    differs from PyTorch's (or an error) keeps the kernel in PyTorch (with a warning); otherwise
-   time both, interleaved, and keep the faster. Every timing goes into the database.
+   time both, interleaved, and keep the faster. Every timing goes into the database. Kernels
+   of one signature (the same ops on the same shapes) are timed once, each checked.
 5. a fused family kernel kept in PyTorch (wrong, or not faster) is dissolved: its ops are
    partitioned again as ordinary kernels and steps 1-4 run on them, so the group is no slower
    than the unfused build (rather than running as its PyTorch ops one by one).
